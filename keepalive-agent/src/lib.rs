@@ -1,0 +1,3 @@
+//! keepalive-agent: makes TCP keep-alive visible.
+pub mod event;
+pub mod timeline;

@@ -1,0 +1,3 @@
+//! The timeline engine: a pure state machine, events in, records out. No I/O.
+pub mod types;
+pub use types::*;

@@ -1,0 +1,323 @@
+//! Types shared by the eBPF programs (`keepalive-ebpf`) and the agent (`keepalive-agent`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side writes [`RawEvent`]s into a BPF ring
+//! buffer (or an iterator's seq file) and the agent reads them back byte for byte. The agent hands
+//! the programs an [`Offsets`] value as a read-only global before loading them: every kernel struct
+//! offset and enum value the programs use is resolved from the running kernel's BTF, none is
+//! compiled in.
+//!
+//! The `user` feature adds the `aya::Pod` impls the agent needs; the eBPF side builds `no_std`
+//! without it.
+#![no_std]
+
+/// Where one field of a kernel struct lives, relative to the start of the object the program holds
+/// a pointer to (for example `struct sock`, which is also the start of `tcp_sock`).
+///
+/// `size == 0` means the field does not exist on this kernel; reading it yields 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Field {
+    /// Byte offset from the start of the containing object.
+    pub off: u32,
+    /// Size in bytes: 1, 2, 4, 8 or 16 (addresses). 0: absent.
+    pub size: u32,
+}
+
+impl Field {
+    pub const ABSENT: Field = Field { off: 0, size: 0 };
+
+    pub const fn new(off: u32, size: u32) -> Self {
+        Field { off, size }
+    }
+
+    pub const fn present(&self) -> bool {
+        self.size != 0
+    }
+}
+
+/// Kernel layout facts resolved at start-up from BTF (and `/proc/kallsyms` for addresses), handed to
+/// every program as the read-only global `OFFSETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// Address of `tcp_keepalive_timer` (the function of `sk->sk_timer`), from `/proc/kallsyms`.
+    pub tcp_keepalive_timer: u64,
+
+    // struct timer_list
+    /// `timer_list.function`.
+    pub timer_function: Field,
+    /// `timer_list.expires` (jiffies).
+    pub timer_expires: Field,
+    /// `timer_list.entry.pprev`: non-NULL while the timer is pending.
+    pub timer_pprev: Field,
+
+    // struct sock / sock_common (offsets from the start of struct sock)
+    /// `sock.sk_timer`: the keep-alive timer embedded in the socket.
+    pub sk_timer: Field,
+    pub skc_family: Field,
+    pub skc_state: Field,
+    /// Local port, host byte order.
+    pub skc_num: Field,
+    /// Remote port, network byte order.
+    pub skc_dport: Field,
+    pub skc_rcv_saddr: Field,
+    pub skc_daddr: Field,
+    pub skc_v6_rcv_saddr: Field,
+    pub skc_v6_daddr: Field,
+    /// `sock_common.skc_net` (a `possible_net_t`, i.e. a `struct net *`).
+    pub skc_net: Field,
+    pub sk_protocol: Field,
+    pub sk_flags: Field,
+    pub sk_err: Field,
+    /// `sock.sk_lock.owned`: the socket is owned by a process (the timer only re-arms).
+    pub sk_lock_owned: Field,
+
+    // struct inet_connection_sock
+    pub icsk_probes_out: Field,
+    pub icsk_user_timeout: Field,
+    pub icsk_ack_lrcvtime: Field,
+
+    // struct tcp_sock
+    pub tp_packets_out: Field,
+    pub tp_write_seq: Field,
+    pub tp_snd_nxt: Field,
+    pub tp_rcv_tstamp: Field,
+    pub tp_keepalive_time: Field,
+    pub tp_keepalive_intvl: Field,
+    pub tp_keepalive_probes: Field,
+
+    // struct net
+    /// `net.ns.inum`: the network namespace's inode number.
+    pub net_ns_inum: Field,
+    pub net_keepalive_time: Field,
+    pub net_keepalive_intvl: Field,
+    pub net_keepalive_probes: Field,
+
+    // enum values
+    /// Bit number of `SOCK_KEEPOPEN` in `sk_flags` (enum sock_flags).
+    pub sock_keepopen_bit: u32,
+    /// Bit number of `SOCK_DEAD` in `sk_flags`.
+    pub sock_dead_bit: u32,
+    pub tcp_established: u32,
+    pub tcp_syn_sent: u32,
+    pub tcp_close: u32,
+    pub tcp_listen: u32,
+    /// `IPPROTO_TCP`.
+    pub ipproto_tcp: u32,
+    /// `AF_INET6` (addresses are read from the v6 fields).
+    pub af_inet6: u32,
+    /// 1 when the `tcp_send_reset` tracepoint carries a third argument (the reset reason, 6.10+).
+    pub reset_has_reason: u32,
+    pub _pad: u32,
+}
+
+/// What produced a [`RawEvent`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// One run of `tcp_keepalive_timer` on a socket: state read at timer entry and at timer exit.
+    Timer = 1,
+    /// A segment arrived while keep-alive probes were outstanding (`tcp:tcp_probe` with
+    /// `icsk_probes_out > 0`): the peer answered.
+    Ack = 2,
+    /// The socket sent a reset (`tcp:tcp_send_reset`); `FLAG_ACTIVE` when it was
+    /// `tcp_send_active_reset` (no incoming skb).
+    ResetSent = 3,
+    /// A reset arrived from the peer (`tcp:tcp_receive_reset`).
+    ResetReceived = 4,
+    /// `sock:inet_sk_error_report`: a socket error was reported (`err` holds `sk_err`).
+    Error = 5,
+    /// `sock:inet_sock_set_state` to SYN_SENT, ESTABLISHED or CLOSE (`state` old, `new_state` new).
+    State = 6,
+    /// `cgroup/setsockopt` saw a keep-alive option.
+    Setsockopt = 7,
+    /// `iter/tcp` start-up snapshot of one existing socket.
+    Snapshot = 8,
+    /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused.
+    Destroy = 9,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Timer,
+            2 => Self::Ack,
+            3 => Self::ResetSent,
+            4 => Self::ResetReceived,
+            5 => Self::Error,
+            6 => Self::State,
+            7 => Self::Setsockopt,
+            8 => Self::Snapshot,
+            9 => Self::Destroy,
+            _ => return None,
+        })
+    }
+}
+
+/// Number of event kinds, for per-kind counters (index = kind value).
+pub const EVENT_KINDS: usize = 10;
+
+/// `SOCK_KEEPOPEN` was set (at timer entry / at the event).
+pub const FLAG_KEEPOPEN: u32 = 1 << 0;
+/// `SOCK_DEAD` was set (orphaned socket).
+pub const FLAG_DEAD: u32 = 1 << 1;
+/// The socket was owned by a process: the timer only re-armed itself 50 ms later.
+pub const FLAG_OWNED: u32 = 1 << 2;
+/// The keep-alive timer was pending when the event was read (timer exit: it was re-armed).
+pub const FLAG_TIMER_PENDING: u32 = 1 << 3;
+/// `reason` holds a kernel `enum sk_rst_reason` value.
+pub const FLAG_HAS_REASON: u32 = 1 << 4;
+/// The reset was active (`tcp_send_active_reset`: no incoming segment).
+pub const FLAG_ACTIVE: u32 = 1 << 5;
+/// `pid`, `tid`, `comm` and `cgroup_id` describe the process that caused the event.
+pub const FLAG_PROCESS: u32 = 1 << 6;
+/// `SOCK_KEEPOPEN` at timer exit.
+pub const FLAG_KEEPOPEN_AFTER: u32 = 1 << 7;
+
+/// One event from the kernel. Fixed size; fields that do not apply to a kind are 0.
+///
+/// Times: `ts_ns` and `exit_ts_ns` are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC). Jiffies values
+/// (`jiffies`, `timer_expires`, keep-alive times) are converted with the kernel's HZ in user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Monotonic time of the event (timer entry for [`EventKind::Timer`]).
+    pub ts_ns: u64,
+    /// Monotonic time at timer exit ([`EventKind::Timer`] only).
+    pub exit_ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub sk: u64,
+    /// `bpf_get_current_cgroup_id()` with `FLAG_PROCESS`.
+    pub cgroup_id: u64,
+    /// Jiffies when the event was read (timer: the timer base clock at expiry).
+    pub jiffies: u64,
+    /// `sk_timer.expires` after the event (timer exit; snapshot: as found).
+    pub timer_expires: u64,
+    /// Local address (IPv4 in the first 4 bytes, network order).
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+    /// Task name with `FLAG_PROCESS`.
+    pub comm: [u8; 16],
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// Process id (tgid) with `FLAG_PROCESS`.
+    pub pid: u32,
+    /// Thread id with `FLAG_PROCESS`.
+    pub tid: u32,
+    /// `tp->keepalive_time` in jiffies (0: the namespace's sysctl applies).
+    pub keepalive_time: u32,
+    /// `tp->keepalive_intvl` in jiffies (0: sysctl).
+    pub keepalive_intvl: u32,
+    /// `net.ipv4.tcp_keepalive_time` of the socket's namespace, jiffies.
+    pub sysctl_time: u32,
+    /// `net.ipv4.tcp_keepalive_intvl` of the socket's namespace, jiffies.
+    pub sysctl_intvl: u32,
+    /// `icsk_user_timeout` in milliseconds (0: unset).
+    pub user_timeout_ms: u32,
+    /// `tp->packets_out`: segments in flight, unacknowledged.
+    pub packets_out: u32,
+    /// `write_seq - snd_nxt`: bytes queued but not yet sent.
+    pub unsent: u32,
+    /// Jiffies since the last segment was received (`max(rcv_tstamp, lrcvtime)`), at timer entry.
+    pub idle_jiffies: u32,
+    /// `sk_err` (error, timer exit) or errno.
+    pub err: i32,
+    /// Reset reason (`enum sk_rst_reason`) with `FLAG_HAS_REASON`.
+    pub reason: u32,
+    /// setsockopt: level.
+    pub level: i32,
+    /// setsockopt: option name.
+    pub optname: i32,
+    /// setsockopt: the value passed (an int).
+    pub optval: i32,
+    /// Local port (host order).
+    pub sport: u16,
+    /// Remote port (host order).
+    pub dport: u16,
+    /// [`EventKind`] value.
+    pub kind: u8,
+    /// Address family (`AF_INET`, `AF_INET6`).
+    pub family: u8,
+    /// TCP state at the event (timer entry; old state for [`EventKind::State`]).
+    pub state: u8,
+    /// TCP state after (timer exit; new state for [`EventKind::State`]).
+    pub new_state: u8,
+    /// `icsk_probes_out` at the event (timer entry).
+    pub probes_out: u8,
+    /// `icsk_probes_out` at timer exit.
+    pub probes_out_after: u8,
+    /// `tp->keepalive_probes` (0: sysctl).
+    pub keepalive_probes: u8,
+    /// `net.ipv4.tcp_keepalive_probes` of the socket's namespace.
+    pub sysctl_probes: u8,
+}
+
+impl RawEvent {
+    pub const fn zeroed() -> Self {
+        RawEvent {
+            ts_ns: 0,
+            exit_ts_ns: 0,
+            sk: 0,
+            cgroup_id: 0,
+            jiffies: 0,
+            timer_expires: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            flags: 0,
+            netns: 0,
+            pid: 0,
+            tid: 0,
+            keepalive_time: 0,
+            keepalive_intvl: 0,
+            sysctl_time: 0,
+            sysctl_intvl: 0,
+            user_timeout_ms: 0,
+            packets_out: 0,
+            unsent: 0,
+            idle_jiffies: 0,
+            err: 0,
+            reason: 0,
+            level: 0,
+            optname: 0,
+            optval: 0,
+            sport: 0,
+            dport: 0,
+            kind: 0,
+            family: 0,
+            state: 0,
+            new_state: 0,
+            probes_out: 0,
+            probes_out_after: 0,
+            keepalive_probes: 0,
+            sysctl_probes: 0,
+        }
+    }
+}
+
+/// Size of one [`RawEvent`] record in bytes.
+pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
+
+/// Index in the per-CPU `LOST` counter array: events dropped because the ring buffer was full,
+/// counted per [`EventKind`] value (index 0 is unused).
+pub const LOST_SLOTS: u32 = EVENT_KINDS as u32;
+
+// Socket option constants (uapi, stable ABI).
+pub const SOL_SOCKET: i32 = 1;
+pub const SO_KEEPALIVE: i32 = 9;
+pub const SOL_TCP: i32 = 6;
+pub const TCP_KEEPIDLE: i32 = 4;
+pub const TCP_KEEPINTVL: i32 = 5;
+pub const TCP_KEEPCNT: i32 = 6;
+pub const TCP_USER_TIMEOUT: i32 = 18;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integer structs without padding holes that matter to the kernel.
+    unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::Field {}
+    unsafe impl aya::Pod for super::RawEvent {}
+}

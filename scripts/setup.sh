@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything keepalive needs on a fresh Debian 12 machine (run as root).
+# Installs: apt packages (LLVM 22 for bpf-linker, nftables and iproute2 for the tests, QEMU and
+# busybox for the kernel matrix, python3-venv for the OTLP receivers), the nightly rust-src
+# component, and bpf-linker built against Debian's LLVM 22.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+
+APT_PACKAGES=(
+    llvm-22-dev libclang-22-dev libpolly-22-dev zlib1g-dev libzstd-dev libxml2-dev
+    nftables iproute2 procps
+    qemu-system-x86 busybox-static cpio
+    python3-venv
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing apt packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    log "apt packages present"
+fi
+
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    log "adding rust-src to the nightly toolchain"
+    rustup component add rust-src --toolchain nightly
+else
+    log "nightly rust-src present"
+fi
+
+BPF_LINKER_VERSION=0.13.0
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    log "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (a few minutes)"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features llvm-22
+else
+    log "bpf-linker present: $(bpf-linker --version)"
+fi
+log "done"
