@@ -208,6 +208,9 @@ pub struct Event {
     pub netns: u32,
     /// Local and remote address; `None` while unknown (e.g. setsockopt before connect).
     pub addrs: Option<(SocketAddr, SocketAddr)>,
+    /// Happened inside a `tcp_keepalive_timer` run on this socket; the [`EventBody::Timer`] event of
+    /// that run arrives after it (it is emitted at timer exit).
+    pub in_timer: bool,
     pub body: EventBody,
 }
 

@@ -173,6 +173,10 @@ pub const FLAG_ACTIVE: u32 = 1 << 5;
 pub const FLAG_PROCESS: u32 = 1 << 6;
 /// `SOCK_KEEPOPEN` at timer exit.
 pub const FLAG_KEEPOPEN_AFTER: u32 = 1 << 7;
+/// The event happened inside a run of `tcp_keepalive_timer` on the same socket (a reset, error or
+/// close caused by the timer). The [`EventKind::Timer`] record of that run, emitted at timer exit,
+/// follows it in the ring buffer: the agent orders the timer's classification first.
+pub const FLAG_IN_TIMER: u32 = 1 << 8;
 
 /// One event from the kernel. Fixed size; fields that do not apply to a kind are 0.
 ///

@@ -1,0 +1,138 @@
+//! Kernel monotonic time → wall-clock time.
+//!
+//! Every kernel event carries `bpf_ktime_get_ns()`, i.e. CLOCK_MONOTONIC. The agent converts it with
+//! an offset `REALTIME - MONOTONIC` measured in user space: it reads the two clocks in the order
+//! MONOTONIC, REALTIME, MONOTONIC several times and keeps the sample with the narrowest bracket, so
+//! the offset is known to within that bracket (typically well under a microsecond). The offset is
+//! re-measured periodically ([`WallClock::refresh`]) so that NTP steps of the wall clock are
+//! followed; converted times are then exact to within the bracket plus any wall-clock slew since the
+//! last refresh.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Converts CLOCK_MONOTONIC nanoseconds to wall-clock time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WallClock {
+    /// REALTIME - MONOTONIC, in nanoseconds.
+    offset_ns: i128,
+    /// Width of the bracket the offset was measured in (uncertainty), ns.
+    uncertainty_ns: u64,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; clock ids are constants supported by Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Current CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
+impl WallClock {
+    /// Measures the offset now.
+    pub fn measure() -> Self {
+        let mut best = WallClock { offset_ns: 0, uncertainty_ns: u64::MAX };
+        for _ in 0..16 {
+            let m1 = clock_ns(libc::CLOCK_MONOTONIC);
+            let r = clock_ns(libc::CLOCK_REALTIME);
+            let m2 = clock_ns(libc::CLOCK_MONOTONIC);
+            let width = (m2 - m1).max(0) as u64;
+            if width < best.uncertainty_ns {
+                best = WallClock { offset_ns: r - (m1 + m2) / 2, uncertainty_ns: width };
+            }
+        }
+        best
+    }
+
+    /// A clock with a fixed offset (tests).
+    pub fn with_offset_ns(offset_ns: i128) -> Self {
+        WallClock { offset_ns, uncertainty_ns: 0 }
+    }
+
+    /// Re-measures the offset (call every few seconds).
+    pub fn refresh(&mut self) {
+        *self = Self::measure();
+    }
+
+    pub fn uncertainty_ns(&self) -> u64 {
+        self.uncertainty_ns
+    }
+
+    /// Wall-clock nanoseconds since the Unix epoch for a monotonic timestamp.
+    pub fn to_unix_ns(&self, mono_ns: u64) -> i128 {
+        mono_ns as i128 + self.offset_ns
+    }
+
+    /// Wall-clock time for a monotonic timestamp.
+    pub fn to_system_time(&self, mono_ns: u64) -> SystemTime {
+        let ns = self.to_unix_ns(mono_ns);
+        if ns >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(ns as u64)
+        } else {
+            UNIX_EPOCH
+        }
+    }
+}
+
+/// Formats Unix nanoseconds as RFC 3339 UTC with microseconds: `2026-11-21T13:45:01.123456Z`.
+pub fn rfc3339(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (unix_ns.rem_euclid(1_000_000_000) / 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        (sod % 3600) / 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days` algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        // 2000-02-29T12:34:56.789012Z (leap day)
+        assert_eq!(rfc3339(951_827_696_789_012_345), "2000-02-29T12:34:56.789012Z");
+        assert_eq!(rfc3339(1_795_000_000_000_000_000), "2026-11-18T11:06:40.000000Z");
+    }
+
+    #[test]
+    fn conversion_tracks_system_time() {
+        let clock = WallClock::measure();
+        let mono = monotonic_now_ns();
+        let wall = clock.to_system_time(mono);
+        let now = SystemTime::now();
+        let diff = now.duration_since(wall).unwrap_or_else(|e| e.duration());
+        assert!(diff < Duration::from_millis(50), "converted time off by {diff:?}");
+        assert!(clock.uncertainty_ns() < 1_000_000);
+    }
+
+    #[test]
+    fn fixed_offset() {
+        let c = WallClock::with_offset_ns(1_000);
+        assert_eq!(c.to_unix_ns(5), 1_005);
+    }
+}
