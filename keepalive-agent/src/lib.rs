@@ -1,4 +1,10 @@
 //! keepalive-agent: makes TCP keep-alive visible.
+pub mod attach;
 pub mod clock;
+pub mod container;
+pub mod decode;
 pub mod event;
+pub mod kernel;
+pub mod output;
+pub mod runtime;
 pub mod timeline;

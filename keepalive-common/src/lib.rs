@@ -108,7 +108,10 @@ pub struct Offsets {
     pub af_inet6: u32,
     /// 1 when the `tcp_send_reset` tracepoint carries a third argument (the reset reason, 6.10+).
     pub reset_has_reason: u32,
-    pub _pad: u32,
+    /// Bit `1 << state` set for the TCP states the start-up snapshot reports (full, connected
+    /// sockets: not LISTEN, SYN_SENT, CLOSE, TIME_WAIT or request sockets). Set by the loader from the
+    /// BTF state names.
+    pub snapshot_state_mask: u32,
 }
 
 /// What produced a [`RawEvent`].

@@ -1,11 +1,79 @@
+//! keepalive eBPF programs: the tracepoint path.
+//!
+//! Reaches the four kernel functions keep-alive depends on without kprobes or fentry:
+//! - `tcp_keepalive_timer`: `timer:timer_expire_entry/exit` filtered on the timer's function
+//!   ([`timer`]);
+//! - `tcp_write_wakeup` (the probe): `icsk_probes_out` read at timer entry and exit ([`timer`]); the
+//!   answer: `tcp:tcp_probe` while probes are outstanding ([`sock_events`]);
+//! - `tcp_send_active_reset`: `tcp:tcp_send_reset` with no incoming skb ([`sock_events`]);
+//! - setsockopt of keep-alive options: `cgroup/setsockopt` ([`sockopt`]);
+//! plus socket errors, state changes, destruction ([`sock_events`]) and an `iter/tcp` start-up
+//! snapshot ([`snapshot`]).
+//!
+//! Every kernel struct offset comes from the read-only global [`OFFSETS`], filled by the agent from
+//! the running kernel's BTF before load. Programs are passive: they only read.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+mod read;
+mod snapshot;
+mod sock_events;
+mod sockopt;
+mod timer;
 
-#[raw_tracepoint(tracepoint = "timer_expire_entry")]
-pub fn timer_expire_entry(_ctx: RawTracePointContext) -> i32 {
-    0
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use keepalive_common::{Offsets, RawEvent, LOST_SLOTS};
+
+/// Kernel layout, resolved from BTF by the agent (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = unsafe { core::mem::zeroed() };
+
+/// Events to user space. The agent sets the size at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Events that did not fit in [`EVENTS`], per CPU, per event kind.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+/// Per-CPU state of the `tcp_keepalive_timer` run in progress on this CPU (timer callbacks do not
+/// nest on a CPU): the socket and the event filled at timer entry, completed at timer exit.
+#[repr(C)]
+pub struct TimerScratch {
+    /// The socket whose keep-alive timer is running on this CPU, 0 if none.
+    pub sk: u64,
+    pub ev: RawEvent,
+}
+
+#[map]
+static TIMER_SCRATCH: PerCpuArray<TimerScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for building one event outside the ring buffer (snapshot iterator).
+#[map]
+static EVENT_SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads one field of the global [`OFFSETS`] so the loader's value is used, not the zero
+/// initializer (the verifier sees the frozen read-only map and folds it to a constant).
+macro_rules! off {
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        // SAFETY: reading a plain global.
+        let v = unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::OFFSETS.$field)) };
+        v
+    }};
+}
+pub(crate) use off;
+
+/// Counts an event lost because the ring buffer was full.
+#[inline(always)]
+pub(crate) fn count_lost(kind: u8) {
+    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
 }
 
 #[cfg(not(test))]
@@ -16,4 +84,4 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+static LICENSE: [u8; 4] = *b"GPL\0";

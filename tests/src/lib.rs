@@ -1,1 +1,136 @@
+//! Integration-test harness for keepalive.
+//!
+//! Tests run as root on the real kernel with the real `keepalive-agent` binary and real TCP
+//! connections inside a network namespace the test creates (loopback addresses only).
+//!
+//! Pieces:
+//! - [`Env`]: serialises tests (global lock), checks for root, creates a [`NetNs`] and a
+//!   [`Cgroup`] (the test process is moved into it) and removes both on drop.
+//! - [`agent::Agent`]: spawns the agent, waits for `ready`, collects its JSON events.
+//! - [`tcp`]: servers and keep-alive clients inside the namespace.
+//! - [`events`]: helpers to read the agent's JSON timeline.
+pub mod agent;
+pub mod cgroup;
+pub mod events;
+pub mod netns;
+pub mod tcp;
 
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{bail, Context as _, Result};
+
+pub use agent::{agent_binary, Agent};
+pub use cgroup::Cgroup;
+pub use netns::NetNs;
+
+/// Integration tests move the whole test process into a cgroup and share the namespace name
+/// space: they must not run concurrently.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Takes the global test lock. A test that panicked while holding it does not poison the others.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Panics with a clear message unless the process runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        panic!(
+            "integration tests need root (euid is {euid}): they create network namespaces, \
+             cgroups and nft rules and load eBPF programs"
+        );
+    }
+}
+
+/// Everything a test needs: the global lock, a fresh network namespace and a cgroup holding the
+/// test process. Fields drop in declaration order: the process leaves the cgroup first, then the
+/// namespace is deleted, then the lock is released.
+pub struct Env {
+    pub cgroup: Cgroup,
+    pub ns: NetNs,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let serial = serial();
+        require_root();
+        let ns = NetNs::new().expect("creating the test network namespace");
+        let cgroup = Cgroup::new().expect("creating the test cgroup");
+        Env {
+            cgroup,
+            ns,
+            _serial: serial,
+        }
+    }
+}
+
+impl Default for Env {
+    fn default() -> Env {
+        Env::new()
+    }
+}
+
+/// Runs a command, returns its stdout; fails with its stderr when it exits non-zero.
+pub(crate) fn run_cmd(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The comm (thread name, as the kernel sees it) of the calling thread.
+pub fn thread_comm() -> String {
+    std::fs::read_to_string("/proc/thread-self/comm")
+        .expect("reading /proc/thread-self/comm")
+        .trim_end()
+        .to_string()
+}
+
+/// The comm of the process (its main thread).
+pub fn process_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("reading /proc/self/comm")
+        .trim_end()
+        .to_string()
+}
+
+/// Raises the soft RLIMIT_NOFILE to at least `want` (up to the hard limit); returns the new soft
+/// limit.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        panic!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= want {
+        return lim.rlim_cur;
+    }
+    if lim.rlim_max < want {
+        // Root may raise the hard limit too (up to fs.nr_open).
+        lim.rlim_max = want;
+    }
+    lim.rlim_cur = want;
+    // SAFETY: lim is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        panic!(
+            "setrlimit(RLIMIT_NOFILE, {want}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    want
+}

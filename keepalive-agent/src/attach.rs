@@ -1,0 +1,405 @@
+//! Loading the eBPF programs and attaching them according to the attach plan.
+//!
+//! The plan is data ([`PLAN`]): for each hook — a fact the agent needs from the kernel — the
+//! strategies that can reach it, in order of preference. [`attach`] walks the table once at
+//! start-up, keeps the first strategy that loads and attaches, and records why the others were not
+//! used. A hook that nothing reaches is reported with what the user will not see; the agent runs
+//! with the rest.
+
+use std::{
+    fs::File,
+    io::Read as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockopt, Iter, RawTracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
+use log::{debug, info, warn};
+
+/// The compiled eBPF object (built by build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
+
+/// A way to reach a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Raw tracepoints: (program, tracepoint) pairs that must all attach.
+    RawTracepoints(&'static [(&'static str, &'static str)]),
+    /// A `cgroup/setsockopt` program on the agent's cgroup (the cgroup2 root by default).
+    CgroupSockopt(&'static str),
+    /// A BPF iterator program over `target` (e.g. `tcp`), run once at start-up.
+    Iter { program: &'static str, target: &'static str },
+}
+
+impl Strategy {
+    /// Short name for reports (`tracepoint`, `cgroup`, `iterator`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Strategy::RawTracepoints(_) => "tracepoint",
+            Strategy::CgroupSockopt(_) => "cgroup",
+            Strategy::Iter { .. } => "iterator",
+        }
+    }
+
+    /// What it attaches to, for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Strategy::RawTracepoints(pairs) => pairs
+                .iter()
+                .map(|(_, tp)| format!("raw_tp/{tp}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            Strategy::CgroupSockopt(_) => "cgroup/setsockopt".to_string(),
+            Strategy::Iter { target, .. } => format!("iter/{target}"),
+        }
+    }
+}
+
+/// One fact the agent needs from the kernel, and the strategies that reach it, best first.
+#[derive(Debug)]
+pub struct Hook {
+    /// Short name (`keepalive_timer`).
+    pub name: &'static str,
+    /// The kernel function(s) whose behaviour the hook observes.
+    pub reaches: &'static str,
+    /// What the user does not see when no strategy attaches.
+    pub without: &'static str,
+    pub strategies: &'static [Strategy],
+}
+
+/// The attach plan. Strategies are tried in order; the first that loads and attaches wins.
+pub const PLAN: &[Hook] = &[
+    Hook {
+        name: "keepalive_timer",
+        reaches: "tcp_keepalive_timer, tcp_write_wakeup (probes via icsk_probes_out)",
+        without: "no timer firings: no probes, suppressed firings, idle re-arms or keep-alive timeouts",
+        strategies: &[Strategy::RawTracepoints(&[
+            ("timer_expire_entry", "timer_expire_entry"),
+            ("timer_expire_exit", "timer_expire_exit"),
+        ])],
+    },
+    Hook {
+        name: "probe_answer",
+        reaches: "tcp_rcv_established (segments received while probes are out)",
+        without: "answers to probes only inferred at the next timer firing (one interval late)",
+        strategies: &[Strategy::RawTracepoints(&[("tcp_probe", "tcp_probe")])],
+    },
+    Hook {
+        name: "active_reset",
+        reaches: "tcp_send_active_reset, tcp_v4/v6_send_reset",
+        without: "no reset events (the timeout itself is still seen)",
+        strategies: &[Strategy::RawTracepoints(&[("tcp_send_reset", "tcp_send_reset")])],
+    },
+    Hook {
+        name: "peer_reset",
+        reaches: "tcp_reset (reset received)",
+        without: "no peer_reset events",
+        strategies: &[Strategy::RawTracepoints(&[("tcp_receive_reset", "tcp_receive_reset")])],
+    },
+    Hook {
+        name: "socket_error",
+        reaches: "sk_error_report (ETIMEDOUT, ECONNRESET...)",
+        without: "no error events",
+        strategies: &[Strategy::RawTracepoints(&[(
+            "inet_sk_error_report",
+            "inet_sk_error_report",
+        )])],
+    },
+    Hook {
+        name: "lifecycle",
+        reaches: "tcp_set_state (connect, established, close), tcp_v4_destroy_sock",
+        without: "no open/close events; settings made before connect are not reported",
+        strategies: &[Strategy::RawTracepoints(&[
+            ("inet_sock_set_state", "inet_sock_set_state"),
+            ("tcp_destroy_sock", "tcp_destroy_sock"),
+        ])],
+    },
+    Hook {
+        name: "setsockopt",
+        reaches: "sock_setsockopt / do_tcp_setsockopt (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT)",
+        without: "no process attribution of settings; changes still seen at the next timer firing",
+        strategies: &[Strategy::CgroupSockopt("setsockopt")],
+    },
+    Hook {
+        name: "snapshot",
+        reaches: "all TCP sockets at start-up (bpf_iter_tcp)",
+        without: "connections opened before the agent started are seen only from their next timer firing",
+        strategies: &[Strategy::Iter { program: "snapshot_tcp", target: "tcp" }],
+    },
+];
+
+/// Errors while loading or attaching.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("the eBPF object is empty: the agent was built with AYA_BUILD_SKIP")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no cgroup v2 hierarchy is mounted (looked in {0})")]
+    NoCgroup2(String),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the start-up snapshot: {0}")]
+    Snapshot(String),
+    #[error("no hook could be attached")]
+    NothingAttached,
+}
+
+/// Options for [`attach`].
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ringbuf_bytes: u32,
+    /// cgroup v2 directory for the setsockopt program; `None`: the cgroup2 root.
+    pub cgroup: Option<PathBuf>,
+    /// Skip the `snapshot` hook.
+    pub no_snapshot: bool,
+}
+
+/// What happened to one hook.
+#[derive(Debug, Clone)]
+pub struct HookOutcome {
+    pub hook: &'static Hook,
+    /// The strategy that attached, if any.
+    pub chosen: Option<Strategy>,
+    /// Strategies tried before it, and why each was not used.
+    pub rejected: Vec<(Strategy, String)>,
+}
+
+impl HookOutcome {
+    /// One line for `check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let mut s = match &self.chosen {
+            Some(st) => format!("{:<16} {:<10} {}", self.hook.name, st.kind(), st.describe()),
+            None => format!("{:<16} {:<10} {}", self.hook.name, "NONE", self.hook.without),
+        };
+        for (st, why) in &self.rejected {
+            s.push_str(&format!("\n{:<16} {:<10} not used: {} ({why})", "", st.kind(), st.describe()));
+        }
+        s
+    }
+}
+
+/// Loaded and attached programs. Dropping it detaches everything (nothing is pinned).
+pub struct Probes {
+    ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+    pub outcomes: Vec<HookOutcome>,
+    snapshot_ready: bool,
+}
+
+/// The cgroup2 mount point, from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&text)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Loads the object with the kernel's offsets and attaches every hook it can.
+pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(AttachError::NoObject);
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", offsets, true)
+        .map_max_entries("EVENTS", opts.ringbuf_bytes)
+        .load(EBPF_OBJECT)?;
+    let btf = Btf::from_sys_fs().ok();
+    let cgroup = match &opts.cgroup {
+        Some(p) => Some(p.clone()),
+        None => cgroup2_mount(),
+    };
+    let mut outcomes = Vec::new();
+    let mut snapshot_ready = false;
+    for hook in PLAN {
+        let mut outcome = HookOutcome { hook, chosen: None, rejected: Vec::new() };
+        if opts.no_snapshot && hook.name == "snapshot" {
+            continue;
+        }
+        for st in hook.strategies {
+            match try_strategy(&mut ebpf, st, btf.as_ref(), cgroup.as_deref()) {
+                Ok(()) => {
+                    outcome.chosen = Some(*st);
+                    if matches!(st, Strategy::Iter { .. }) {
+                        snapshot_ready = true;
+                    }
+                    break;
+                }
+                Err(why) => {
+                    debug!("hook {}: {} failed: {why}", hook.name, st.describe());
+                    outcome.rejected.push((*st, why));
+                }
+            }
+        }
+        match &outcome.chosen {
+            Some(st) => info!("hook {}: {} via {}", hook.name, st.kind(), st.describe()),
+            None => warn!("hook {}: not reachable on this kernel: {}", hook.name, hook.without),
+        }
+        outcomes.push(outcome);
+    }
+    if outcomes.iter().all(|o| o.chosen.is_none()) {
+        return Err(AttachError::NothingAttached);
+    }
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(AttachError::Map {
+        name: "EVENTS",
+        source: aya::maps::MapError::InvalidName { name: "EVENTS".into() },
+    })?)
+    .map_err(|source| AttachError::Map { name: "EVENTS", source })?;
+    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(AttachError::Map {
+        name: "LOST",
+        source: aya::maps::MapError::InvalidName { name: "LOST".into() },
+    })?)
+    .map_err(|source| AttachError::Map { name: "LOST", source })?;
+    Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready })
+}
+
+fn try_strategy(
+    ebpf: &mut Ebpf,
+    st: &Strategy,
+    btf: Option<&Btf>,
+    cgroup: Option<&Path>,
+) -> Result<(), String> {
+    match *st {
+        Strategy::RawTracepoints(pairs) => {
+            for (prog, tp) in pairs {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} missing from the object"))?
+                    .try_into()
+                    .map_err(|e| format!("{prog}: {e}"))?;
+                p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
+                p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?;
+            }
+            Ok(())
+        }
+        Strategy::CgroupSockopt(prog) => {
+            let path = cgroup.ok_or("no cgroup v2 hierarchy is mounted")?;
+            let file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+            let p: &mut CgroupSockopt = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| format!("program {prog} missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("{prog}: {e}"))?;
+            p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
+            // Through a BPF link (5.7+) the program joins whatever else is attached there; the
+            // link flags must be 0, which is what `Single` maps to.
+            p.attach(file, CgroupAttachMode::Single)
+                .map_err(|e| format!("attaching {prog} to {}: {}", path.display(), error_chain(&e)))?;
+            Ok(())
+        }
+        Strategy::Iter { program, target } => {
+            let btf = btf.ok_or("kernel BTF unavailable")?;
+            let p: &mut Iter = ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("program {program} missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("{program}: {e}"))?;
+            p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
+            Ok(())
+        }
+    }
+}
+
+/// `e` and its sources, joined.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+impl Probes {
+    /// Runs the start-up snapshot iterator and returns its raw records (empty when the snapshot
+    /// hook is not attached).
+    pub fn snapshot(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
+        if !self.snapshot_ready {
+            return Ok(Vec::new());
+        }
+        let p: &mut Iter = self
+            .ebpf
+            .program_mut("snapshot_tcp")
+            .ok_or_else(|| AttachError::Snapshot("program missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| AttachError::Snapshot(e.to_string()))?;
+        let link_id = p.attach().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
+        let link = p.take_link(link_id).map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
+        let mut file = link.into_file().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf)
+            .map_err(|e| AttachError::Snapshot(format!("reading the iterator: {e}")))?;
+        if buf.len() % RAW_EVENT_SIZE != 0 {
+            return Err(AttachError::Snapshot(format!(
+                "iterator returned {} bytes, not a multiple of the record size {RAW_EVENT_SIZE}",
+                buf.len()
+            )));
+        }
+        Ok(buf.chunks_exact(RAW_EVENT_SIZE).map(<[u8]>::to_vec).collect())
+    }
+
+    /// Events lost because the ring buffer was full, per event kind, summed over CPUs.
+    pub fn lost_counts(&self) -> [u64; LOST_SLOTS as usize] {
+        let mut out = [0u64; LOST_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.lost.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Hooks that attached.
+    pub fn attached(&self) -> impl Iterator<Item = &HookOutcome> {
+        self.outcomes.iter().filter(|o| o.chosen.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let mi = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                  32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                  41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_cgroup2_mount("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn every_hook_has_a_strategy_and_unique_name() {
+        let mut names: Vec<_> = PLAN.iter().map(|h| h.name).collect();
+        assert!(PLAN.iter().all(|h| !h.strategies.is_empty()));
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), PLAN.len());
+    }
+}

@@ -1,0 +1,654 @@
+//! Kernel records ([`RawEvent`]) → typed [`Event`]s.
+//!
+//! The decoder knows the kernel's numbering (TCP states, reset reasons, address families, HZ) through
+//! [`DecodeTables`], built from BTF at start-up; it assumes nothing about which program produced a
+//! record. Bytes come from a BPF ring buffer or from an iterator's seq file: one record is exactly
+//! [`RAW_EVENT_SIZE`] bytes, with no alignment guarantee.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+use keepalive_common::{
+    EventKind, RawEvent, FLAG_ACTIVE, FLAG_DEAD, FLAG_HAS_REASON, FLAG_IN_TIMER, FLAG_KEEPOPEN,
+    FLAG_OWNED, FLAG_PROCESS, FLAG_TIMER_PENDING, RAW_EVENT_SIZE, SOL_SOCKET, SOL_TCP,
+    SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
+};
+
+use crate::event::{
+    DecodeTables, Event, EventBody, Process, SockOpt, SockSettings, TcpState, TimerFiring,
+};
+
+/// Why a kernel record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The record does not have the size of a [`RawEvent`] (truncated read, or the agent and the
+    /// eBPF object disagree on the layout).
+    #[error("event record is {got} bytes, expected {expected}")]
+    BadLength { got: usize, expected: usize },
+    /// The `kind` byte is not an [`EventKind`].
+    #[error("unknown event kind {kind} (socket {sk:#x})")]
+    UnknownKind { kind: u8, sk: u64 },
+    /// The socket has ports but its family is neither `AF_INET` nor `AF_INET6`.
+    #[error("unknown address family {family} in {kind:?} event (socket {sk:#x})")]
+    UnknownFamily {
+        family: u8,
+        kind: EventKind,
+        sk: u64,
+    },
+    /// A setsockopt event for an option that is not a keep-alive option.
+    #[error(
+        "setsockopt level {level} option {optname} is not a keep-alive option (socket {sk:#x})"
+    )]
+    UnknownSockOpt { level: i32, optname: i32, sk: u64 },
+    /// An event that always happens in process context came without `FLAG_PROCESS`.
+    #[error("{kind:?} event without process information (socket {sk:#x})")]
+    MissingProcess { kind: EventKind, sk: u64 },
+}
+
+/// Turns raw kernel records into [`Event`]s.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    tables: DecodeTables,
+    /// `tables.hz`, at least 1.
+    hz: u64,
+    /// Kernel state value → state, for every possible byte.
+    states: [TcpState; 256],
+}
+
+impl Decoder {
+    pub fn new(tables: DecodeTables) -> Self {
+        let mut states = [TcpState::Unknown(0); 256];
+        for (v, s) in states.iter_mut().enumerate() {
+            *s = TcpState::Unknown(v as u8);
+        }
+        for &(v, s) in &tables.tcp_states {
+            states[usize::from(v)] = s;
+        }
+        let hz = u64::from(tables.hz.max(1));
+        Decoder { tables, hz, states }
+    }
+
+    pub fn tables(&self) -> &DecodeTables {
+        &self.tables
+    }
+
+    /// Decodes one record as read from a ring buffer or a seq file (any alignment).
+    pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        if bytes.len() != RAW_EVENT_SIZE {
+            return Err(DecodeError::BadLength {
+                got: bytes.len(),
+                expected: RAW_EVENT_SIZE,
+            });
+        }
+        // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes, `read_unaligned` has no
+        // alignment requirement, and RawEvent is plain integers and byte arrays, so every bit
+        // pattern is a valid value.
+        let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
+        self.decode(&raw)
+    }
+
+    /// Decodes one record.
+    pub fn decode(&self, raw: &RawEvent) -> Result<Event, DecodeError> {
+        let kind = EventKind::from_u8(raw.kind).ok_or(DecodeError::UnknownKind {
+            kind: raw.kind,
+            sk: raw.sk,
+        })?;
+        let addrs = self.addrs(raw, kind)?;
+        let flags = raw.flags;
+        let state = self.state(raw.state);
+        let body = match kind {
+            EventKind::Timer => EventBody::Timer(TimerFiring {
+                state_before: state,
+                state_after: self.state(raw.new_state),
+                keepopen: flags & FLAG_KEEPOPEN != 0,
+                dead: flags & FLAG_DEAD != 0,
+                owned: flags & FLAG_OWNED != 0,
+                probes_before: raw.probes_out,
+                probes_after: raw.probes_out_after,
+                packets_out: raw.packets_out,
+                unsent: raw.unsent,
+                idle_ms: self.jiffies_to_ms(u64::from(raw.idle_jiffies)),
+                settings: self.settings(raw),
+                err_after: raw.err,
+                next_in_ms: self.timer_in_ms(raw),
+                exit_ts_ns: raw.exit_ts_ns,
+            }),
+            EventKind::Ack => EventBody::Ack {
+                probes: raw.probes_out,
+            },
+            EventKind::ResetSent => EventBody::ResetSent {
+                active: flags & FLAG_ACTIVE != 0,
+                reason: (flags & FLAG_HAS_REASON != 0).then(|| self.reset_reason(raw.reason)),
+                state,
+            },
+            EventKind::ResetReceived => EventBody::ResetReceived { state },
+            EventKind::Error => EventBody::Error {
+                errno: raw.err.saturating_abs(),
+                state,
+            },
+            EventKind::State => EventBody::State {
+                old: state,
+                new: self.state(raw.new_state),
+                settings: self.settings(raw),
+                process: process(raw),
+            },
+            EventKind::Setsockopt => EventBody::Setsockopt {
+                option: sockopt(raw.level, raw.optname).ok_or(DecodeError::UnknownSockOpt {
+                    level: raw.level,
+                    optname: raw.optname,
+                    sk: raw.sk,
+                })?,
+                value: raw.optval,
+                state,
+                process: process(raw).ok_or(DecodeError::MissingProcess { kind, sk: raw.sk })?,
+            },
+            EventKind::Snapshot => EventBody::Snapshot {
+                state,
+                settings: self.settings(raw),
+                probes_out: raw.probes_out,
+                timer_in_ms: self.timer_in_ms(raw),
+            },
+            EventKind::Destroy => EventBody::Destroy,
+        };
+        Ok(Event {
+            ts_ns: raw.ts_ns,
+            sk: raw.sk,
+            netns: raw.netns,
+            addrs,
+            in_timer: flags & FLAG_IN_TIMER != 0,
+            body,
+        })
+    }
+
+    fn state(&self, v: u8) -> TcpState {
+        self.states[usize::from(v)]
+    }
+
+    fn jiffies_to_ms(&self, jiffies: u64) -> u64 {
+        // u128: no overflow for any 64-bit jiffies value.
+        (u128::from(jiffies) * 1000 / u128::from(self.hz)) as u64
+    }
+
+    /// Time until `timer_expires` from `jiffies`, when the timer is pending. Jiffies wrap: the
+    /// difference is taken modulo 2^64 and read as signed; an expiry already past gives 0.
+    fn timer_in_ms(&self, raw: &RawEvent) -> Option<u64> {
+        if raw.flags & FLAG_TIMER_PENDING == 0 {
+            return None;
+        }
+        let delta = raw.timer_expires.wrapping_sub(raw.jiffies) as i64;
+        Some(self.jiffies_to_ms(delta.max(0) as u64))
+    }
+
+    fn settings(&self, raw: &RawEvent) -> SockSettings {
+        let secs = |jiffies: u32| (jiffies != 0).then(|| (u64::from(jiffies) / self.hz) as u32);
+        SockSettings {
+            keepalive: raw.flags & FLAG_KEEPOPEN != 0,
+            idle_s: secs(raw.keepalive_time),
+            intvl_s: secs(raw.keepalive_intvl),
+            cnt: (raw.keepalive_probes != 0).then_some(u32::from(raw.keepalive_probes)),
+            user_timeout_ms: raw.user_timeout_ms,
+            idle_default_s: (u64::from(raw.sysctl_time) / self.hz) as u32,
+            intvl_default_s: (u64::from(raw.sysctl_intvl) / self.hz) as u32,
+            cnt_default: u32::from(raw.sysctl_probes),
+        }
+    }
+
+    fn reset_reason(&self, v: u32) -> String {
+        match self.tables.reset_reasons.iter().find(|(n, _)| *n == v) {
+            Some((_, name)) => name.clone(),
+            None => format!("unknown_{v}"),
+        }
+    }
+
+    /// Local and remote address; `None` while the socket has neither port (not bound, not
+    /// connected), whatever its family field says.
+    fn addrs(
+        &self,
+        raw: &RawEvent,
+        kind: EventKind,
+    ) -> Result<Option<(SocketAddr, SocketAddr)>, DecodeError> {
+        if raw.sport == 0 && raw.dport == 0 {
+            return Ok(None);
+        }
+        if raw.family == self.tables.af_inet {
+            let v4 = |a: &[u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+            Ok(Some((
+                SocketAddr::new(v4(&raw.saddr).into(), raw.sport),
+                SocketAddr::new(v4(&raw.daddr).into(), raw.dport),
+            )))
+        } else if raw.family == self.tables.af_inet6 {
+            // v4-mapped addresses (::ffff:a.b.c.d) stay IPv6: that is what the socket is.
+            let v6 = |a: &[u8; 16], port| {
+                SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(*a), port, 0, 0))
+            };
+            Ok(Some((v6(&raw.saddr, raw.sport), v6(&raw.daddr, raw.dport))))
+        } else {
+            Err(DecodeError::UnknownFamily {
+                family: raw.family,
+                kind,
+                sk: raw.sk,
+            })
+        }
+    }
+}
+
+fn process(raw: &RawEvent) -> Option<Process> {
+    (raw.flags & FLAG_PROCESS != 0).then_some(Process {
+        pid: raw.pid,
+        tid: raw.tid,
+        comm: raw.comm,
+        cgroup_id: raw.cgroup_id,
+    })
+}
+
+fn sockopt(level: i32, optname: i32) -> Option<SockOpt> {
+    Some(match (level, optname) {
+        (SOL_SOCKET, SO_KEEPALIVE) => SockOpt::KeepAlive,
+        (SOL_TCP, TCP_KEEPIDLE) => SockOpt::KeepIdle,
+        (SOL_TCP, TCP_KEEPINTVL) => SockOpt::KeepIntvl,
+        (SOL_TCP, TCP_KEEPCNT) => SockOpt::KeepCnt,
+        (SOL_TCP, TCP_USER_TIMEOUT) => SockOpt::UserTimeout,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    const HZ: u32 = 250;
+
+    fn decoder() -> Decoder {
+        Decoder::new(DecodeTables::linux_defaults())
+    }
+
+    fn raw(kind: EventKind) -> RawEvent {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind as u8;
+        r.ts_ns = 1_000;
+        r.sk = 0xffff_8880_1234_5600;
+        r.netns = 4026531840;
+        r.family = 2;
+        r.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        r.sport = 40000;
+        r.dport = 8080;
+        r
+    }
+
+    fn as_bytes(r: &RawEvent) -> Vec<u8> {
+        // SAFETY: RawEvent is plain data without padding (176 bytes of integers).
+        unsafe { std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }
+            .to_vec()
+    }
+
+    #[test]
+    fn ipv4_addresses_and_ports() {
+        let ev = decoder().decode(&raw(EventKind::Destroy)).unwrap();
+        let (l, r) = ev.addrs.unwrap();
+        assert_eq!(l, "127.0.0.1:40000".parse::<SocketAddr>().unwrap());
+        assert_eq!(r, "127.0.0.2:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(ev.sk, 0xffff_8880_1234_5600);
+        assert_eq!(ev.netns, 4026531840);
+        assert_eq!(ev.ts_ns, 1_000);
+        assert!(!ev.in_timer);
+        assert_eq!(ev.body, EventBody::Destroy);
+    }
+
+    #[test]
+    fn ipv6_addresses_and_v4_mapped_stay_v6() {
+        let mut r = raw(EventKind::Destroy);
+        r.family = 10;
+        r.saddr = Ipv6Addr::LOCALHOST.octets();
+        r.daddr = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        let (l, rem) = decoder().decode(&r).unwrap().addrs.unwrap();
+        assert_eq!(l, "[::1]:40000".parse::<SocketAddr>().unwrap());
+        assert_eq!(rem.ip(), IpAddr::V6("::ffff:127.0.0.1".parse().unwrap()));
+        assert_eq!(rem.port(), 8080);
+    }
+
+    #[test]
+    fn no_ports_means_no_addresses_even_without_family() {
+        let mut r = raw(EventKind::Destroy);
+        r.sport = 0;
+        r.dport = 0;
+        r.family = 0;
+        assert_eq!(decoder().decode(&r).unwrap().addrs, None);
+        // A bound but unconnected socket has addresses (remote port 0).
+        let mut r = raw(EventKind::Destroy);
+        r.dport = 0;
+        let (_, rem) = decoder().decode(&r).unwrap().addrs.unwrap();
+        assert_eq!(rem.port(), 0);
+    }
+
+    #[test]
+    fn unknown_family_with_ports_is_an_error() {
+        let mut r = raw(EventKind::Ack);
+        r.family = 1; // AF_UNIX
+        assert_eq!(
+            decoder().decode(&r),
+            Err(DecodeError::UnknownFamily {
+                family: 1,
+                kind: EventKind::Ack,
+                sk: r.sk
+            })
+        );
+    }
+
+    #[test]
+    fn timer_jiffies_and_settings() {
+        let mut r = raw(EventKind::Timer);
+        r.exit_ts_ns = 2_000;
+        r.flags = FLAG_KEEPOPEN | FLAG_TIMER_PENDING;
+        r.state = 1;
+        r.new_state = 1;
+        r.probes_out = 1;
+        r.probes_out_after = 2;
+        r.idle_jiffies = 3 * HZ + 5; // 3.02 s
+        r.jiffies = 1_000_000;
+        r.timer_expires = 1_000_000 + 2 * u64::from(HZ);
+        r.keepalive_time = 10 * HZ;
+        r.keepalive_intvl = 0;
+        r.keepalive_probes = 4;
+        r.sysctl_time = 7200 * HZ;
+        r.sysctl_intvl = 75 * HZ;
+        r.sysctl_probes = 9;
+        r.user_timeout_ms = 0;
+        r.err = 0;
+        let ev = decoder().decode(&r).unwrap();
+        let EventBody::Timer(t) = ev.body else {
+            panic!("not a timer: {ev:?}")
+        };
+        assert_eq!(t.state_before, TcpState::Established);
+        assert_eq!(t.state_after, TcpState::Established);
+        assert!(t.keepopen && !t.dead && !t.owned);
+        assert_eq!((t.probes_before, t.probes_after), (1, 2));
+        assert_eq!(t.idle_ms, 3020);
+        assert_eq!(t.next_in_ms, Some(2000));
+        assert_eq!(t.exit_ts_ns, 2_000);
+        assert_eq!(
+            t.settings,
+            SockSettings {
+                keepalive: true,
+                idle_s: Some(10),
+                intvl_s: None,
+                cnt: Some(4),
+                user_timeout_ms: 0,
+                idle_default_s: 7200,
+                intvl_default_s: 75,
+                cnt_default: 9,
+            }
+        );
+        assert_eq!(t.settings.effective_intvl_s(), 75);
+    }
+
+    #[test]
+    fn timer_not_pending_and_jiffies_wrap() {
+        let d = decoder();
+        let mut r = raw(EventKind::Timer);
+        r.flags = FLAG_OWNED | FLAG_DEAD;
+        r.state = 5;
+        r.new_state = 99;
+        r.err = 110;
+        let EventBody::Timer(t) = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(t.next_in_ms, None);
+        assert!(t.owned && t.dead && !t.keepopen);
+        assert_eq!(t.state_before, TcpState::FinWait2);
+        assert_eq!(t.state_after, TcpState::Unknown(99));
+        assert_eq!(t.err_after, 110);
+        assert!(!t.settings.keepalive);
+
+        // Expiry just after a jiffies wrap.
+        r.flags = FLAG_TIMER_PENDING;
+        r.jiffies = u64::MAX - 9;
+        r.timer_expires = 15; // 25 jiffies later
+        let EventBody::Timer(t) = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(t.next_in_ms, Some(100));
+        // Expiry already past: 0, not a huge number.
+        r.jiffies = 100;
+        r.timer_expires = 90;
+        let EventBody::Timer(t) = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(t.next_in_ms, Some(0));
+    }
+
+    #[test]
+    fn hz_other_than_250() {
+        let mut tables = DecodeTables::linux_defaults();
+        tables.hz = 1000;
+        let d = Decoder::new(tables);
+        let mut r = raw(EventKind::Snapshot);
+        r.flags = FLAG_TIMER_PENDING | FLAG_KEEPOPEN;
+        r.state = 1;
+        r.jiffies = 5000;
+        r.timer_expires = 5250;
+        r.keepalive_time = 30_000;
+        r.probes_out = 2;
+        r.user_timeout_ms = 5000;
+        let EventBody::Snapshot {
+            state,
+            settings,
+            probes_out,
+            timer_in_ms,
+        } = d.decode(&r).unwrap().body
+        else {
+            panic!()
+        };
+        assert_eq!(state, TcpState::Established);
+        assert_eq!(settings.idle_s, Some(30));
+        assert_eq!(settings.user_timeout_ms, 5000);
+        assert_eq!(probes_out, 2);
+        assert_eq!(timer_in_ms, Some(250));
+    }
+
+    #[test]
+    fn setsockopt_options_and_process() {
+        let d = decoder();
+        let mut r = raw(EventKind::Setsockopt);
+        r.sport = 0;
+        r.dport = 0;
+        r.state = 7;
+        r.flags = FLAG_PROCESS;
+        r.pid = 42;
+        r.tid = 43;
+        r.cgroup_id = 7;
+        r.comm[..4].copy_from_slice(b"curl");
+        for (level, name, opt) in [
+            (1, 9, SockOpt::KeepAlive),
+            (6, 4, SockOpt::KeepIdle),
+            (6, 5, SockOpt::KeepIntvl),
+            (6, 6, SockOpt::KeepCnt),
+            (6, 18, SockOpt::UserTimeout),
+        ] {
+            r.level = level;
+            r.optname = name;
+            r.optval = 17;
+            let ev = d.decode(&r).unwrap();
+            assert_eq!(ev.addrs, None);
+            let EventBody::Setsockopt {
+                option,
+                value,
+                state,
+                process,
+            } = ev.body
+            else {
+                panic!()
+            };
+            assert_eq!((option, value, state), (opt, 17, TcpState::Close));
+            assert_eq!((process.pid, process.tid, process.cgroup_id), (42, 43, 7));
+            assert_eq!(process.comm_str(), "curl");
+        }
+        r.level = 6;
+        r.optname = 1; // TCP_NODELAY
+        assert_eq!(
+            d.decode(&r),
+            Err(DecodeError::UnknownSockOpt {
+                level: 6,
+                optname: 1,
+                sk: r.sk
+            })
+        );
+        r.level = 1;
+        r.optname = 9;
+        r.flags = 0;
+        assert!(matches!(
+            d.decode(&r),
+            Err(DecodeError::MissingProcess { .. })
+        ));
+    }
+
+    #[test]
+    fn state_event_process_only_with_flag() {
+        let d = decoder();
+        let mut r = raw(EventKind::State);
+        r.state = 2;
+        r.new_state = 1;
+        r.pid = 42; // garbage without FLAG_PROCESS
+        let EventBody::State {
+            old, new, process, ..
+        } = d.decode(&r).unwrap().body
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (old, new, process),
+            (TcpState::SynSent, TcpState::Established, None)
+        );
+        r.flags = FLAG_PROCESS;
+        let EventBody::State { process, .. } = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(process.unwrap().pid, 42);
+    }
+
+    #[test]
+    fn resets_errors_and_in_timer() {
+        let d = decoder();
+        let mut r = raw(EventKind::ResetSent);
+        r.state = 1;
+        r.flags = FLAG_HAS_REASON | FLAG_ACTIVE | FLAG_IN_TIMER;
+        r.reason = 15;
+        let ev = d.decode(&r).unwrap();
+        assert!(ev.in_timer);
+        assert_eq!(
+            ev.body,
+            EventBody::ResetSent {
+                active: true,
+                reason: Some("tcp_keepalive_timeout".into()),
+                state: TcpState::Established
+            }
+        );
+        r.reason = 77;
+        let EventBody::ResetSent { reason, .. } = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(reason.as_deref(), Some("unknown_77"));
+        r.flags = 0;
+        assert_eq!(
+            d.decode(&r).unwrap().body,
+            EventBody::ResetSent {
+                active: false,
+                reason: None,
+                state: TcpState::Established
+            }
+        );
+
+        let mut r = raw(EventKind::Error);
+        r.err = 110;
+        r.state = 1;
+        r.flags = FLAG_IN_TIMER;
+        let ev = d.decode(&r).unwrap();
+        assert!(ev.in_timer);
+        assert_eq!(
+            ev.body,
+            EventBody::Error {
+                errno: 110,
+                state: TcpState::Established
+            }
+        );
+
+        let mut r = raw(EventKind::ResetReceived);
+        r.state = 8;
+        assert_eq!(
+            d.decode(&r).unwrap().body,
+            EventBody::ResetReceived {
+                state: TcpState::CloseWait
+            }
+        );
+
+        let mut r = raw(EventKind::Ack);
+        r.probes_out = 3;
+        assert_eq!(d.decode(&r).unwrap().body, EventBody::Ack { probes: 3 });
+    }
+
+    #[test]
+    fn unknown_kind() {
+        let mut r = raw(EventKind::Ack);
+        r.kind = 0;
+        assert_eq!(
+            decoder().decode(&r),
+            Err(DecodeError::UnknownKind { kind: 0, sk: r.sk })
+        );
+        r.kind = 200;
+        assert!(matches!(
+            decoder().decode_bytes(&as_bytes(&r)),
+            Err(DecodeError::UnknownKind { kind: 200, .. })
+        ));
+    }
+
+    #[test]
+    fn bytes_length_checked_and_alignment_free() {
+        let d = decoder();
+        let mut r = raw(EventKind::Error);
+        r.err = 104;
+        let bytes = as_bytes(&r);
+        assert_eq!(bytes.len(), RAW_EVENT_SIZE);
+        assert_eq!(
+            d.decode_bytes(&bytes[..RAW_EVENT_SIZE - 1]),
+            Err(DecodeError::BadLength {
+                got: RAW_EVENT_SIZE - 1,
+                expected: RAW_EVENT_SIZE
+            })
+        );
+        assert!(matches!(
+            d.decode_bytes(&[]),
+            Err(DecodeError::BadLength { got: 0, .. })
+        ));
+        // Misaligned copy inside a larger buffer.
+        let mut buf = vec![0u8; RAW_EVENT_SIZE + 3];
+        buf[3..].copy_from_slice(&bytes);
+        assert_eq!(d.decode_bytes(&buf[3..]).unwrap(), d.decode(&r).unwrap());
+        assert!(matches!(
+            d.decode_bytes(&buf),
+            Err(DecodeError::BadLength { got, .. }) if got == RAW_EVENT_SIZE + 3
+        ));
+        let ev = d.decode_bytes(&bytes).unwrap();
+        assert_eq!(
+            ev.body,
+            EventBody::Error {
+                errno: 104,
+                state: TcpState::Unknown(0)
+            }
+        );
+    }
+
+    #[test]
+    fn tables_drive_state_numbering() {
+        // A kernel whose enum numbering differs: the decoder follows the tables, not constants.
+        let mut tables = DecodeTables::linux_defaults();
+        tables.tcp_states = vec![(3, TcpState::Established), (1, TcpState::Close)];
+        let d = Decoder::new(tables);
+        let mut r = raw(EventKind::State);
+        r.state = 1;
+        r.new_state = 3;
+        let EventBody::State { old, new, .. } = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!((old, new), (TcpState::Close, TcpState::Established));
+    }
+}

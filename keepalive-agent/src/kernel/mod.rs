@@ -1,0 +1,592 @@
+//! Kernel facts resolved at start-up from the running kernel: struct offsets and enum values from
+//! BTF (`/sys/kernel/btf/vmlinux`), the address of `tcp_keepalive_timer` from `/proc/kallsyms`, and
+//! `CONFIG_HZ` from the kernel config. Nothing about the kernel's layout is compiled in.
+//!
+//! Offsets into `struct sock`, `struct inet_connection_sock` and `struct tcp_sock` are all relative
+//! to the start of the socket: `tcp_sock` starts with an `inet_connection_sock`, which starts with an
+//! `inet_sock`, which starts with a `sock`. That chain is checked, not assumed.
+
+pub mod btf;
+pub mod hz;
+pub mod kallsyms;
+
+use std::ffi::CStr;
+use std::io;
+use std::path::Path;
+
+use keepalive_common::{Field, Offsets};
+
+use crate::event::{DecodeTables, TcpState};
+pub use btf::BtfError;
+use btf::{pick_anonymous_enum, BtfErrorKind, EnumInfo, KernelBtf};
+pub use hz::HzError;
+pub use kallsyms::KallsymsError;
+
+/// Default location of the kernel's BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Default location of the kernel symbol table.
+pub const KALLSYMS: &str = "/proc/kallsyms";
+/// The function of `sk->sk_timer` for TCP sockets.
+pub const KEEPALIVE_TIMER_SYMBOL: &str = "tcp_keepalive_timer";
+/// BTF typedef of the `tcp:tcp_send_reset` tracepoint's raw prototype.
+const SEND_RESET_TRACE_TYPEDEF: &str = "btf_trace_tcp_send_reset";
+
+/// Resolving kernel facts failed; each variant says which file and which struct, field, enum or
+/// symbol.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(transparent)]
+    Kallsyms(#[from] KallsymsError),
+    #[error(transparent)]
+    Hz(#[from] HzError),
+    #[error("uname(2) failed: {0}")]
+    Uname(io::Error),
+}
+
+/// Everything the eBPF programs and the decoder need to know about the running kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelFacts {
+    pub offsets: Offsets,
+    pub tables: DecodeTables,
+    /// Optional fields/enums absent on this kernel, as human-readable notes (e.g. "tcp_send_reset
+    /// has no reset reason argument (kernel < 6.10)").
+    pub notes: Vec<String>,
+    /// `uname -r`.
+    pub kernel_release: String,
+}
+
+/// The BTF-derived part of [`KernelFacts`] (no root needed: `/sys/kernel/btf/vmlinux` is
+/// world-readable). `offsets.tcp_keepalive_timer` is 0 here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BtfFacts {
+    pub offsets: Offsets,
+    /// Kernel TCP state value → state.
+    pub tcp_states: Vec<(u8, TcpState)>,
+    /// `enum sk_rst_reason` value → lowercase name without `SK_RST_REASON_`.
+    pub reset_reasons: Vec<(u32, String)>,
+    pub notes: Vec<String>,
+}
+
+/// Resolves all facts from the standard locations.
+pub fn resolve_default() -> Result<KernelFacts, KernelError> {
+    resolve(Path::new(VMLINUX_BTF), Path::new(KALLSYMS))
+}
+
+/// Resolves all facts from the given BTF and kallsyms files (HZ from the system's config).
+pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, KernelError> {
+    let kernel_release = kernel_release()?;
+    let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_btf(btf_path)?;
+    offsets.tcp_keepalive_timer = kallsyms::lookup(kallsyms_path, KEEPALIVE_TIMER_SYMBOL)?;
+    let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
+    let tables =
+        DecodeTables { hz, tcp_states, reset_reasons, af_inet: libc::AF_INET as u8, af_inet6: libc::AF_INET6 as u8 };
+    log::debug!("kernel {kernel_release}: HZ {hz}, {} = {:#x}", KEEPALIVE_TIMER_SYMBOL, offsets.tcp_keepalive_timer);
+    Ok(KernelFacts { offsets, tables, notes, kernel_release })
+}
+
+/// `CONFIG_HZ` of the running kernel (see [`hz`](mod@hz) for the sources tried).
+pub fn hz() -> Result<u32, KernelError> {
+    Ok(hz::detect(&hz::HzSources::system(&kernel_release()?))?)
+}
+
+/// The running kernel's release, as `uname -r` prints it.
+pub fn kernel_release() -> Result<String, KernelError> {
+    // SAFETY: utsname is plain old data; uname fills it with NUL-terminated strings.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return Err(KernelError::Uname(io::Error::last_os_error()));
+    }
+    // SAFETY: `release` is NUL-terminated within its array after a successful uname.
+    let release = unsafe { CStr::from_ptr(uts.release.as_ptr()) };
+    Ok(release.to_string_lossy().into_owned())
+}
+
+/// How a field's size is checked.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// Read as an integer or address: 1, 2, 4, 8 or 16 bytes.
+    Scalar,
+    /// The embedded `struct timer_list`.
+    TimerList,
+}
+
+/// Where one [`Offsets`] field comes from.
+struct FieldSpec {
+    strukt: &'static str,
+    /// Member paths, tried in order (the first that exists wins).
+    paths: &'static [&'static str],
+    slot: fn(&mut Offsets) -> &mut Field,
+    /// `None`: required. `Some(note)`: optional; the note explains what its absence means.
+    absent_note: Option<&'static str>,
+    shape: Shape,
+}
+
+const fn req(strukt: &'static str, paths: &'static [&'static str], slot: fn(&mut Offsets) -> &mut Field) -> FieldSpec {
+    FieldSpec { strukt, paths, slot, absent_note: None, shape: Shape::Scalar }
+}
+
+const NO_IPV6: &str = "kernel built without CONFIG_IPV6: IPv6 addresses are not read";
+
+/// Every [`Offsets`] field resolved from BTF.
+const FIELDS: &[FieldSpec] = &[
+    // struct timer_list (offsets from the start of the timer)
+    req("timer_list", &["function"], |o| &mut o.timer_function),
+    req("timer_list", &["expires"], |o| &mut o.timer_expires),
+    req("timer_list", &["entry.pprev"], |o| &mut o.timer_pprev),
+    // struct sock
+    FieldSpec {
+        strukt: "sock",
+        paths: &["sk_timer"],
+        slot: |o| &mut o.sk_timer,
+        absent_note: None,
+        shape: Shape::TimerList,
+    },
+    req("sock", &["__sk_common.skc_family"], |o| &mut o.skc_family),
+    req("sock", &["__sk_common.skc_state"], |o| &mut o.skc_state),
+    req("sock", &["__sk_common.skc_num"], |o| &mut o.skc_num),
+    req("sock", &["__sk_common.skc_dport"], |o| &mut o.skc_dport),
+    req("sock", &["__sk_common.skc_rcv_saddr"], |o| &mut o.skc_rcv_saddr),
+    req("sock", &["__sk_common.skc_daddr"], |o| &mut o.skc_daddr),
+    FieldSpec {
+        strukt: "sock",
+        paths: &["__sk_common.skc_v6_rcv_saddr"],
+        slot: |o| &mut o.skc_v6_rcv_saddr,
+        absent_note: Some(NO_IPV6),
+        shape: Shape::Scalar,
+    },
+    FieldSpec {
+        strukt: "sock",
+        paths: &["__sk_common.skc_v6_daddr"],
+        slot: |o| &mut o.skc_v6_daddr,
+        absent_note: Some(NO_IPV6),
+        shape: Shape::Scalar,
+    },
+    req("sock", &["__sk_common.skc_net.net"], |o| &mut o.skc_net),
+    req("sock", &["sk_protocol"], |o| &mut o.sk_protocol),
+    // `sk_flags` is a macro for `__sk_common.skc_flags` on current kernels, a member on old ones.
+    req("sock", &["sk_flags", "__sk_common.skc_flags"], |o| &mut o.sk_flags),
+    req("sock", &["sk_err"], |o| &mut o.sk_err),
+    req("sock", &["sk_lock.owned"], |o| &mut o.sk_lock_owned),
+    // struct inet_connection_sock
+    req("inet_connection_sock", &["icsk_probes_out"], |o| &mut o.icsk_probes_out),
+    req("inet_connection_sock", &["icsk_user_timeout"], |o| &mut o.icsk_user_timeout),
+    req("inet_connection_sock", &["icsk_ack.lrcvtime"], |o| &mut o.icsk_ack_lrcvtime),
+    // struct tcp_sock
+    req("tcp_sock", &["packets_out"], |o| &mut o.tp_packets_out),
+    req("tcp_sock", &["write_seq"], |o| &mut o.tp_write_seq),
+    req("tcp_sock", &["snd_nxt"], |o| &mut o.tp_snd_nxt),
+    req("tcp_sock", &["rcv_tstamp"], |o| &mut o.tp_rcv_tstamp),
+    req("tcp_sock", &["keepalive_time"], |o| &mut o.tp_keepalive_time),
+    req("tcp_sock", &["keepalive_intvl"], |o| &mut o.tp_keepalive_intvl),
+    req("tcp_sock", &["keepalive_probes"], |o| &mut o.tp_keepalive_probes),
+    // struct net (offsets from the start of the namespace)
+    req("net", &["ns.inum"], |o| &mut o.net_ns_inum),
+    req("net", &["ipv4.sysctl_tcp_keepalive_time"], |o| &mut o.net_keepalive_time),
+    req("net", &["ipv4.sysctl_tcp_keepalive_intvl"], |o| &mut o.net_keepalive_intvl),
+    req("net", &["ipv4.sysctl_tcp_keepalive_probes"], |o| &mut o.net_keepalive_probes),
+];
+
+/// Resolves the BTF-derived facts from the BTF file at `btf_path`.
+pub fn resolve_btf(btf_path: &Path) -> Result<BtfFacts, KernelError> {
+    let btf = KernelBtf::from_file(btf_path)?;
+    Ok(resolve_from(&btf)?)
+}
+
+fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
+    let mut offsets = Offsets::default();
+    let mut notes = Vec::new();
+
+    // tcp_sock / inet_connection_sock offsets are used as offsets from the start of struct sock.
+    btf.check_embedded_at_zero("tcp_sock", "inet_connection_sock")?;
+    btf.check_embedded_at_zero("inet_connection_sock", "inet_sock")?;
+    btf.check_embedded_at_zero("inet_sock", "sock")?;
+
+    let timer_list_size = btf.struct_size("timer_list")?;
+    for spec in FIELDS {
+        let field = resolve_field(btf, spec, timer_list_size, &mut notes)?;
+        *(spec.slot)(&mut offsets) = field;
+    }
+
+    // enum sock_flags: bit numbers in sk_flags.
+    let sock_flags =
+        btf.named_enum("sock_flags")?.ok_or_else(|| btf.err(BtfErrorKind::EnumNotFound("sock_flags".into())))?;
+    let flag_bits = u64::from(offsets.sk_flags.size) * 8;
+    offsets.sock_keepopen_bit = enum_u32(btf, &sock_flags, "SOCK_KEEPOPEN", flag_bits)?;
+    offsets.sock_dead_bit = enum_u32(btf, &sock_flags, "SOCK_DEAD", flag_bits)?;
+
+    // TCP states: the anonymous enum with TCP_ESTABLISHED and TCP_LISTEN (other anonymous enums
+    // have TCP_-prefixed members too: TCP_NO_QUEUE, TCP_MIB_*...).
+    let anonymous = btf.anonymous_enums()?;
+    let states = pick_anonymous_enum(&anonymous, &["TCP_ESTABLISHED", "TCP_LISTEN"], |n| n.starts_with("TCP_"))
+        .map_err(|k| btf.err(k))?;
+    let mut tcp_states = Vec::new();
+    for (name, _) in &states.members {
+        let Some(state) = name.strip_prefix("TCP_").and_then(TcpState::from_kernel_name) else {
+            continue;
+        };
+        let value = enum_u32(btf, states, name, 256)?;
+        tcp_states.push((value as u8, state));
+    }
+    tcp_states.sort_by_key(|&(v, _)| v);
+    offsets.tcp_established = enum_u32(btf, states, "TCP_ESTABLISHED", 256)?;
+    offsets.tcp_syn_sent = enum_u32(btf, states, "TCP_SYN_SENT", 256)?;
+    offsets.tcp_close = enum_u32(btf, states, "TCP_CLOSE", 256)?;
+    offsets.tcp_listen = enum_u32(btf, states, "TCP_LISTEN", 256)?;
+    log::debug!("BTF: TCP states {tcp_states:?}");
+
+    let ipproto =
+        pick_anonymous_enum(&anonymous, &["IPPROTO_TCP"], |n| n.starts_with("IPPROTO_")).map_err(|k| btf.err(k))?;
+    offsets.ipproto_tcp = enum_u32(btf, ipproto, "IPPROTO_TCP", 256)?;
+    // uapi ABI constants, not in BTF.
+    offsets.af_inet6 = libc::AF_INET6 as u32;
+
+    // Reset reasons (6.10+).
+    let reset_reasons = match btf.named_enum("sk_rst_reason")? {
+        Some(e) => {
+            let mut reasons = Vec::with_capacity(e.members.len());
+            for (name, _) in &e.members {
+                let value = enum_u32(btf, &e, name, 1 << 32)?;
+                let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(name);
+                reasons.push((value, short.to_ascii_lowercase()));
+            }
+            reasons.sort();
+            reasons
+        }
+        None => {
+            notes.push("enum sk_rst_reason is absent (kernel < 6.10): resets carry no reason".into());
+            Vec::new()
+        }
+    };
+    log::debug!("BTF: {} reset reasons", reset_reasons.len());
+
+    // tcp:tcp_send_reset: (ctx, sk, skb) before 6.10, (ctx, sk, skb, reason) since.
+    offsets.reset_has_reason = match btf.typedef_func_proto_params(SEND_RESET_TRACE_TYPEDEF)? {
+        Some(4) => 1,
+        Some(3) => {
+            notes.push("tcp_send_reset has no reset reason argument (kernel < 6.10)".into());
+            0
+        }
+        Some(n) => {
+            return Err(btf.err(BtfErrorKind::BadTypedef {
+                name: SEND_RESET_TRACE_TYPEDEF.into(),
+                detail: format!("{n} parameters, expected 3 (ctx, sk, skb) or 4 (ctx, sk, skb, reason)"),
+            }))
+        }
+        None => {
+            return Err(btf.err(BtfErrorKind::BadTypedef {
+                name: SEND_RESET_TRACE_TYPEDEF.into(),
+                detail: "not found: this kernel has no tcp:tcp_send_reset tracepoint".into(),
+            }))
+        }
+    };
+    log::debug!(
+        "BTF: SOCK_KEEPOPEN bit {}, SOCK_DEAD bit {}, IPPROTO_TCP {}, reset_has_reason {}",
+        offsets.sock_keepopen_bit,
+        offsets.sock_dead_bit,
+        offsets.ipproto_tcp,
+        offsets.reset_has_reason
+    );
+    for note in &notes {
+        log::debug!("BTF note: {note}");
+    }
+    Ok(BtfFacts { offsets, tcp_states, reset_reasons, notes })
+}
+
+fn resolve_field(
+    btf: &KernelBtf,
+    spec: &FieldSpec,
+    timer_list_size: u64,
+    notes: &mut Vec<String>,
+) -> Result<Field, BtfError> {
+    let mut found = None;
+    for path in spec.paths {
+        if let Some(loc) = btf.member(spec.strukt, path)? {
+            found = Some((*path, loc));
+            break;
+        }
+    }
+    let Some((path, loc)) = found else {
+        let path = spec.paths.join(" or ");
+        return match spec.absent_note {
+            Some(why) => {
+                notes.push(format!("struct {} has no {path} ({why})", spec.strukt));
+                log::debug!("BTF: {}.{path}: absent", spec.strukt);
+                Ok(Field::ABSENT)
+            }
+            None => Err(btf.err(BtfErrorKind::MemberNotFound { strukt: spec.strukt.into(), path })),
+        };
+    };
+    let size_ok = match spec.shape {
+        Shape::Scalar => matches!(loc.size, 1 | 2 | 4 | 8 | 16),
+        Shape::TimerList => loc.size == timer_list_size,
+    };
+    if !size_ok {
+        let expected = match spec.shape {
+            Shape::Scalar => "1, 2, 4, 8 or 16 bytes".to_string(),
+            Shape::TimerList => format!("sizeof(struct timer_list) = {timer_list_size}"),
+        };
+        return Err(btf.err(BtfErrorKind::UnexpectedSize {
+            strukt: spec.strukt.into(),
+            path: path.into(),
+            size: loc.size,
+            expected,
+        }));
+    }
+    let off = u32::try_from(loc.offset).map_err(|_| {
+        btf.err(BtfErrorKind::OffsetRange { strukt: spec.strukt.into(), path: path.into(), offset: loc.offset })
+    })?;
+    log::debug!("BTF: {}.{path}: offset {off}, size {}", spec.strukt, loc.size);
+    Ok(Field::new(off, loc.size as u32))
+}
+
+/// The value of enum member `member`, which must be in `0..limit`.
+fn enum_u32(btf: &KernelBtf, e: &EnumInfo, member: &str, limit: u64) -> Result<u32, BtfError> {
+    let value = e.require(member).map_err(|k| btf.err(k))?;
+    if value < 0 || value >= i128::from(limit) {
+        return Err(btf.err(BtfErrorKind::EnumValueRange {
+            enum_name: e.display_name(),
+            member: member.into(),
+            value,
+            target: format!("0..{limit}"),
+        }));
+    }
+    Ok(value as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The kernel's BTF, when this process may read it (it is normally world-readable).
+    fn vmlinux() -> Option<&'static Path> {
+        let path = Path::new(VMLINUX_BTF);
+        match std::fs::metadata(path) {
+            Ok(m) if m.permissions().mode() & 0o004 != 0 => Some(path),
+            Ok(_) => {
+                eprintln!("{VMLINUX_BTF} is not world-readable: skipping real-kernel checks");
+                None
+            }
+            Err(e) => {
+                eprintln!("{VMLINUX_BTF}: {e}: skipping real-kernel checks");
+                None
+            }
+        }
+    }
+
+    fn real_facts() -> Option<BtfFacts> {
+        Some(resolve_btf(vmlinux()?).expect("resolving this kernel's BTF"))
+    }
+
+    #[test]
+    fn real_kernel_offsets_are_sane() {
+        let Some(facts) = real_facts() else { return };
+        let o = &facts.offsets;
+        // sock_common starts the sock: addrpair (8) + hash (4) + portpair (4), then the family.
+        assert_eq!(o.skc_family, Field::new(16, 2));
+        assert_eq!(o.skc_state, Field::new(18, 1));
+        assert_eq!(o.skc_daddr, Field::new(0, 4));
+        assert_eq!(o.skc_rcv_saddr, Field::new(4, 4));
+        assert_eq!(o.skc_dport, Field::new(12, 2));
+        assert_eq!(o.skc_num, Field::new(14, 2));
+        assert_eq!(o.skc_v6_daddr.size, 16);
+        assert_eq!(o.skc_v6_rcv_saddr.size, 16);
+        assert_eq!(o.skc_net.size, std::mem::size_of::<usize>() as u32);
+        assert_eq!(o.icsk_probes_out.size, 1);
+        assert_eq!(o.tp_keepalive_probes.size, 1);
+        assert_eq!(o.tp_keepalive_time.size, 4);
+        assert_eq!(o.sk_err.size, 4);
+        assert_eq!(o.sk_flags.size, std::mem::size_of::<usize>() as u32);
+        assert_eq!(o.net_ns_inum.size, 4);
+        // The timer: its fields lie inside the embedded timer_list.
+        let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
+        let timer_size = btf.struct_size("timer_list").unwrap() as u32;
+        assert_eq!(o.sk_timer.size, timer_size);
+        for f in [o.timer_function, o.timer_expires, o.timer_pprev] {
+            assert!(f.off + f.size <= timer_size, "{f:?} outside timer_list ({timer_size} bytes)");
+        }
+        assert_eq!(o.timer_function.size, std::mem::size_of::<usize>() as u32);
+        // tcp_sock fields come after the sock and the inet/icsk parts.
+        let sock_size = btf.struct_size("sock").unwrap() as u32;
+        let icsk_size = btf.struct_size("inet_connection_sock").unwrap() as u32;
+        assert!(o.icsk_probes_out.off >= sock_size && o.icsk_probes_out.off < icsk_size);
+        for f in [o.tp_packets_out, o.tp_write_seq, o.tp_snd_nxt, o.tp_keepalive_probes] {
+            assert!(f.off >= icsk_size, "{f:?} inside inet_connection_sock");
+        }
+        assert!(o.sk_timer.off + o.sk_timer.size <= sock_size);
+        // Enum values.
+        assert_eq!(o.tcp_established, 1);
+        assert_eq!(o.tcp_syn_sent, 2);
+        assert_eq!(o.tcp_close, 7);
+        assert_eq!(o.tcp_listen, 10);
+        assert_eq!(o.ipproto_tcp, 6);
+        assert_eq!(o.af_inet6, 10);
+        assert!(o.sock_keepopen_bit < 64 && o.sock_dead_bit < 64);
+        assert_ne!(o.sock_keepopen_bit, o.sock_dead_bit);
+        assert!(facts.tcp_states.contains(&(1, TcpState::Established)));
+        assert!(facts.tcp_states.contains(&(7, TcpState::Close)));
+        assert!(facts.tcp_states.contains(&(10, TcpState::Listen)));
+        // Only the TCP state enum's members, each once.
+        let mut values: Vec<u8> = facts.tcp_states.iter().map(|&(v, _)| v).collect();
+        values.dedup();
+        assert_eq!(values.len(), facts.tcp_states.len());
+        assert_eq!(o.tcp_keepalive_timer, 0, "BTF alone does not give addresses");
+    }
+
+    /// Kernel-version-specific expectations for the 6.18 development kernel.
+    #[test]
+    fn real_kernel_reset_reasons() {
+        let Some(facts) = real_facts() else { return };
+        let release = kernel_release().unwrap();
+        if facts.offsets.reset_has_reason == 1 {
+            assert!(!facts.reset_reasons.is_empty());
+            assert!(facts.reset_reasons.iter().any(|(_, n)| n == "not_specified"));
+        } else {
+            assert!(facts.notes.iter().any(|n| n.contains("tcp_send_reset")));
+        }
+        if release.starts_with("6.18") {
+            assert_eq!(facts.offsets.reset_has_reason, 1);
+            assert!(facts.reset_reasons.contains(&(15, "tcp_keepalive_timeout".to_string())));
+            assert!(facts.reset_reasons.contains(&(0, "not_specified".to_string())));
+            // IPv6 is configured here: nothing is absent.
+            assert!(facts.notes.is_empty(), "{:?}", facts.notes);
+            assert_eq!(facts.tcp_states, DecodeTables::linux_defaults().tcp_states);
+        }
+    }
+
+    /// The TCP state enum must agree with its uapi mirror `BPF_TCP_*` (a different enum of the same
+    /// BTF): an independent check that the right anonymous enum was chosen.
+    #[test]
+    fn tcp_states_match_bpf_uapi_mirror() {
+        let Some(path) = vmlinux() else { return };
+        let facts = resolve_btf(path).unwrap();
+        let btf = KernelBtf::from_file(path).unwrap();
+        let anon = btf.anonymous_enums().unwrap();
+        let mirror = anon.iter().find(|e| e.value("BPF_TCP_ESTABLISHED").is_some()).expect("BPF_TCP_* enum in BTF");
+        for (value, state) in &facts.tcp_states {
+            if let Some(v) = mirror.value(&format!("BPF_TCP_{}", state.name())) {
+                assert_eq!(v, i128::from(*value), "{}", state.name());
+            }
+        }
+    }
+
+    /// Cross-check against bpftool's raw BTF dump when bpftool is installed (it is optional).
+    #[test]
+    fn offsets_match_bpftool() {
+        let Some(path) = vmlinux() else { return };
+        let out = match std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file"])
+            .arg(path)
+            .args(["format", "raw"])
+            .output()
+        {
+            Ok(out) if out.status.success() => out,
+            Ok(out) => panic!("bpftool failed: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => {
+                eprintln!("bpftool not available ({e}): skipping cross-check");
+                return;
+            }
+        };
+        let text = String::from_utf8(out.stdout).unwrap();
+        let facts = resolve_btf(path).unwrap();
+        let o = &facts.offsets;
+        let sock = bpftool_struct_members(&text, "sock");
+        let tcp = bpftool_struct_members(&text, "tcp_sock");
+        let icsk = bpftool_struct_members(&text, "inet_connection_sock");
+        let timer = bpftool_struct_members(&text, "timer_list");
+        let ipv4 = bpftool_struct_members(&text, "netns_ipv4");
+        let net = bpftool_struct_members(&text, "net");
+        assert_eq!(sock["sk_timer"], o.sk_timer.off * 8);
+        assert_eq!(sock["sk_err"], o.sk_err.off * 8);
+        assert_eq!(sock["sk_protocol"], o.sk_protocol.off * 8);
+        assert_eq!(icsk["icsk_probes_out"], o.icsk_probes_out.off * 8);
+        assert_eq!(icsk["icsk_user_timeout"], o.icsk_user_timeout.off * 8);
+        assert_eq!(tcp["keepalive_probes"], o.tp_keepalive_probes.off * 8);
+        assert_eq!(tcp["write_seq"], o.tp_write_seq.off * 8);
+        assert_eq!(timer["function"], o.timer_function.off * 8);
+        assert_eq!(timer["expires"], o.timer_expires.off * 8);
+        assert_eq!(net["ipv4"] + ipv4["sysctl_tcp_keepalive_probes"], o.net_keepalive_probes.off * 8);
+    }
+
+    /// Member name → bit offset of `struct name` in `bpftool btf dump ... format raw` output.
+    fn bpftool_struct_members(raw: &str, name: &str) -> HashMap<String, u32> {
+        let header = format!("STRUCT '{name}' size=");
+        let mut lines = raw.lines();
+        let head = lines.find(|l| l.contains(&header)).unwrap_or_else(|| panic!("no {header}"));
+        let vlen: usize = head.split("vlen=").nth(1).unwrap().trim().parse().unwrap();
+        lines
+            .take(vlen)
+            .map(|l| {
+                let l = l.trim();
+                let member = l.split('\'').nth(1).unwrap().to_string();
+                let bits = l.split("bits_offset=").nth(1).unwrap();
+                let bits: u32 = bits.split_whitespace().next().unwrap().parse().unwrap();
+                (member, bits)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn missing_btf_file_names_the_path() {
+        let missing = Path::new("/nonexistent/keepalive/vmlinux");
+        let err = resolve_btf(missing).unwrap_err();
+        assert!(matches!(err, KernelError::Btf(_)), "{err}");
+        assert!(err.to_string().contains("/nonexistent/keepalive/vmlinux"), "{err}");
+        let err = resolve(missing, Path::new(KALLSYMS)).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/keepalive/vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn missing_kallsyms_names_the_path() {
+        let Some(path) = vmlinux() else { return };
+        let err = resolve(path, Path::new("/nonexistent/kallsyms")).unwrap_err();
+        assert!(matches!(err, KernelError::Kallsyms(KallsymsError::Read { .. })), "{err}");
+        assert!(err.to_string().contains("/nonexistent/kallsyms"), "{err}");
+    }
+
+    /// The whole resolution: succeeds as root (addresses visible), and otherwise fails saying that
+    /// addresses are hidden.
+    #[test]
+    fn full_resolution() {
+        if vmlinux().is_none() {
+            return;
+        }
+        let result = resolve_default();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        match result {
+            Ok(facts) => {
+                assert!(root, "addresses should be hidden from non-root");
+                assert!(facts.offsets.tcp_keepalive_timer != 0);
+                #[cfg(target_arch = "x86_64")]
+                assert!(facts.offsets.tcp_keepalive_timer >= 0xffff_8000_0000_0000, "not a kernel address");
+                let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+                assert_eq!(facts.kernel_release, osrelease.trim());
+                assert_eq!(facts.tables.hz, hz().unwrap());
+                assert!(hz::HZ_CANDIDATES.contains(&facts.tables.hz));
+                assert_eq!(facts.tables.af_inet, 2);
+                assert_eq!(facts.tables.af_inet6, 10);
+                assert_eq!(facts.offsets, {
+                    let mut o = resolve_btf(Path::new(VMLINUX_BTF)).unwrap().offsets;
+                    o.tcp_keepalive_timer = facts.offsets.tcp_keepalive_timer;
+                    o
+                });
+            }
+            Err(KernelError::Kallsyms(KallsymsError::Hidden { .. })) if !root => {}
+            Err(e) => panic!("resolution failed (root: {root}): {e}"),
+        }
+    }
+
+    #[test]
+    fn this_kernel_hz() {
+        // The development machine is configured with HZ=250; elsewhere any Linux value will do.
+        let hz = hz().expect("HZ");
+        assert!(hz::HZ_CANDIDATES.contains(&hz), "{hz}");
+        if kernel_release().unwrap().ends_with("-fc-v657") {
+            assert_eq!(hz, 250);
+        }
+    }
+}

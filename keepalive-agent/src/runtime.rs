@@ -1,0 +1,249 @@
+//! The event path: ring buffer → decoder → timeline engine → sink, on one thread.
+//!
+//! The loop never blocks on its sink's I/O beyond what the sink itself does (the OTLP exporter's
+//! sink only enqueues). It polls the ring buffer with a short timeout so that it can stop, report
+//! lost events and refresh the wall clock.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use keepalive_common::{EventKind, LOST_SLOTS};
+use log::{debug, info, warn};
+
+use crate::{
+    attach::Probes,
+    clock::WallClock,
+    decode::Decoder,
+    timeline::{engine::Engine, ConnView, Record},
+};
+
+/// Which connections' records reach the sink.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only these processes (empty: all).
+    pub pids: Vec<u32>,
+    /// Only connections with one of these ports, local or remote (empty: all).
+    pub ports: Vec<u16>,
+    /// Only this network namespace (inode).
+    pub netns: Option<u32>,
+}
+
+impl Filter {
+    pub fn matches(&self, c: &ConnView) -> bool {
+        if let Some(ns) = self.netns {
+            if c.netns != ns {
+                return false;
+            }
+        }
+        if !self.ports.is_empty() && !self.ports.iter().any(|p| port_of(&c.local) == *p || port_of(&c.remote) == *p) {
+            return false;
+        }
+        if !self.pids.is_empty() {
+            match c.process {
+                Some(p) if self.pids.contains(&p.pid) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+fn port_of(a: &SocketAddr) -> u16 {
+    a.port()
+}
+
+/// What the loop saw, for the final report.
+#[derive(Debug, Clone, Default)]
+pub struct LoopSummary {
+    pub events: u64,
+    pub decode_errors: u64,
+    pub records: u64,
+    /// Events lost because the ring buffer was full, per event kind (index = kind value).
+    pub lost: [u64; LOST_SLOTS as usize],
+    pub snapshot_sockets: u64,
+}
+
+impl LoopSummary {
+    pub fn lost_total(&self) -> u64 {
+        self.lost.iter().sum()
+    }
+}
+
+/// Human-readable per-kind breakdown of lost counts.
+pub fn lost_breakdown(lost: &[u64]) -> String {
+    lost.iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| {
+            let name = EventKind::from_u8(i as u8).map(|k| format!("{k:?}")).unwrap_or_else(|| i.to_string());
+            format!("{name}={n}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("poll on the ring buffer: {0}")]
+    Poll(std::io::Error),
+    #[error("writing output: {0}")]
+    Sink(std::io::Error),
+    #[error(transparent)]
+    Attach(#[from] crate::attach::AttachError),
+}
+
+/// Drives the pipeline until `stop` is set or `until` passes.
+pub struct EventLoop<'a> {
+    pub probes: &'a mut Probes,
+    pub decoder: &'a Decoder,
+    pub engine: &'a mut Engine,
+    pub filter: &'a Filter,
+    pub clock: WallClock,
+}
+
+impl EventLoop<'_> {
+    /// Feeds the start-up snapshot, then streams events. `sink` receives the records of each batch
+    /// that pass the filter.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        until: Option<Instant>,
+        sink: &mut dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()>,
+    ) -> Result<LoopSummary, RunError> {
+        let mut summary = LoopSummary::default();
+        let mut records: Vec<Record> = Vec::with_capacity(1024);
+        let mut passed: Vec<Record> = Vec::with_capacity(1024);
+
+        for raw in self.probes.snapshot()? {
+            summary.snapshot_sockets += 1;
+            self.feed(&raw, &mut records, &mut summary);
+        }
+        if summary.snapshot_sockets > 0 {
+            info!("start-up snapshot: {} existing keep-alive sockets", summary.snapshot_sockets);
+        }
+        self.flush(&mut records, &mut passed, &mut summary, sink)?;
+
+        let fd = self.probes.events.as_raw_fd();
+        let mut last_report = Instant::now();
+        let mut last_lost = [0u64; LOST_SLOTS as usize];
+        loop {
+            if stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t) {
+                break;
+            }
+            let timeout_ms = match until {
+                Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(100) as i32,
+                None => 100,
+            };
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(RunError::Poll(err));
+                }
+            }
+            // Drain in bounded batches so the sink sees records promptly.
+            loop {
+                let mut batch = 0;
+                while batch < 4096 {
+                    let Some(item) = self.probes.events.next() else { break };
+                    let bytes: &[u8] = &item;
+                    match self.decoder.decode_bytes(bytes) {
+                        Ok(ev) => {
+                            summary.events += 1;
+                            self.engine.handle(&ev, &mut records);
+                        }
+                        Err(e) => {
+                            summary.decode_errors += 1;
+                            if summary.decode_errors <= 10 {
+                                warn!("undecodable kernel event: {e}");
+                            }
+                        }
+                    }
+                    batch += 1;
+                }
+                self.flush(&mut records, &mut passed, &mut summary, sink)?;
+                if batch < 4096 {
+                    break;
+                }
+            }
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                self.report(&mut last_lost, &mut summary);
+                self.clock.refresh();
+            }
+        }
+        // Drain what is left, then the final report.
+        while let Some(item) = self.probes.events.next() {
+            if let Ok(ev) = self.decoder.decode_bytes(&item) {
+                summary.events += 1;
+                self.engine.handle(&ev, &mut records);
+            }
+        }
+        self.flush(&mut records, &mut passed, &mut summary, sink)?;
+        self.report(&mut last_lost, &mut summary);
+        Ok(summary)
+    }
+
+    fn feed(&mut self, raw: &[u8], records: &mut Vec<Record>, summary: &mut LoopSummary) {
+        match self.decoder.decode_bytes(raw) {
+            Ok(ev) => {
+                summary.events += 1;
+                self.engine.handle(&ev, records);
+            }
+            Err(e) => {
+                summary.decode_errors += 1;
+                warn!("undecodable snapshot record: {e}");
+            }
+        }
+    }
+
+    fn flush(
+        &mut self,
+        records: &mut Vec<Record>,
+        passed: &mut Vec<Record>,
+        summary: &mut LoopSummary,
+        sink: &mut dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()>,
+    ) -> Result<(), RunError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        passed.clear();
+        passed.extend(records.drain(..).filter(|r| self.filter.matches(&r.conn)));
+        summary.records += passed.len() as u64;
+        if !passed.is_empty() {
+            sink(passed, &self.clock, self.engine).map_err(RunError::Sink)?;
+        }
+        Ok(())
+    }
+
+    /// Reports lost events and the connection cap, once a second at most.
+    fn report(&mut self, last_lost: &mut [u64; LOST_SLOTS as usize], summary: &mut LoopSummary) {
+        let lost = self.probes.lost_counts();
+        let new: Vec<u64> = lost.iter().zip(last_lost.iter()).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let new_total: u64 = new.iter().sum();
+        if new_total > 0 {
+            warn!(
+                "lost {new_total} kernel events (ring buffer full; raise --ringbuf-size): {} (total {})",
+                lost_breakdown(&new),
+                lost.iter().sum::<u64>()
+            );
+        }
+        *last_lost = lost;
+        summary.lost = lost;
+        let refused = self.engine.cap_hit_since_last_check();
+        if refused > 0 {
+            warn!(
+                "connection cap reached: {refused} connections not tracked (raise --max-connections; {} tracked)",
+                self.engine.tracked()
+            );
+        }
+        debug!("engine: {:?}", self.engine.stats());
+    }
+}

@@ -1,0 +1,1854 @@
+//! The timeline engine: decoded [`Event`]s in, [`Record`]s out.
+//!
+//! A pure state machine (no I/O, no clock): everything it knows comes from the events, and the
+//! timestamps it writes are the events' own. It follows the connections for which keep-alive
+//! matters and turns the kernel's raw facts (a timer run, a segment, a reset, a state change) into
+//! the connection's keep-alive history: settings, idle firings, probes, answers, timeouts, resets,
+//! close.
+//!
+//! # Which sockets are tracked
+//!
+//! A connection is tracked once keep-alive is seen to matter for it: `SO_KEEPALIVE` on or
+//! `TCP_USER_TIMEOUT` set when it becomes established (or in the start-up snapshot), a keep-alive
+//! `setsockopt` on it, or a keep-alive timer run on it. Other sockets are ignored, except for two
+//! small per-socket notes kept until the socket is established or gone: the process that called
+//! `connect()` (from the SYN_SENT state change) and keep-alive options set before `connect()`.
+//! Listening sockets are never tracked: their accepted children are, when they inherit keep-alive.
+//!
+//! Everything is bounded by [`EngineConfig::max_connections`]: tracked connections, pre-connect
+//! notes and reordering buffers each hold at most that many sockets.
+//!
+//! # Ordering
+//!
+//! The kernel side emits the [`EventBody::Timer`] event of a timer run at timer exit, so the
+//! reset, error and close the run caused (flagged [`Event::in_timer`]) reach the engine first. The
+//! engine holds those back per socket and replays them after the timer event, so that a dead
+//! peer reads: timeout, reset, error, close.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, TcpState, TimerFiring};
+
+use super::types::{
+    AckPrecision, ConnView, EngineStats, Episode, EpisodeOutcome, Record, RecordKind,
+    SettingsSource, TimeoutReason,
+};
+
+/// Hasher for socket addresses (`sk`): kernel pointers whose low bits are always zero and whose
+/// high bits barely vary. One folded 64×64→128 multiply spreads every input bit over the whole
+/// hash, low bits (bucket index) and high bits (control byte) alike.
+#[derive(Clone, Copy, Default)]
+pub struct SkHasher(u64);
+
+impl Hasher for SkHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write_u64(&mut self, x: u64) {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let p = u128::from(x ^ self.0) * u128::from(K);
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+
+    #[inline]
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<SkHasher>>;
+
+/// Engine limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most connections tracked at once; also the bound of each per-socket side table.
+    pub max_connections: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_connections: 65_536,
+        }
+    }
+}
+
+// Which fields of a connection's settings were actually learned (not guessed).
+const KNOWN_KEEPALIVE: u8 = 1 << 0;
+const KNOWN_IDLE: u8 = 1 << 1;
+const KNOWN_INTVL: u8 = 1 << 2;
+const KNOWN_CNT: u8 = 1 << 3;
+const KNOWN_USER_TIMEOUT: u8 = 1 << 4;
+const KNOWN_DEFAULTS: u8 = 1 << 5;
+const KNOWN_ALL: u8 = (1 << 6) - 1;
+
+/// A keep-alive episode in progress.
+#[derive(Debug)]
+struct OpenEpisode {
+    start_ns: u64,
+    probes: u32,
+    probe_ts_ns: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    view: ConnView,
+    addrs_known: bool,
+    state: TcpState,
+    settings: SockSettings,
+    /// `KNOWN_*` bits: fields of `settings` read from the kernel or set by a seen setsockopt. The
+    /// others are guesses (a connection first seen through one setsockopt), silently replaced by
+    /// the kernel's values at the first timer run.
+    known: u8,
+    episode: Option<OpenEpisode>,
+}
+
+/// What is remembered about a socket not (yet) tracked.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The process that called `connect()`.
+    connect_process: Option<Process>,
+    /// The last keep-alive option set before `connect()`, and by whom.
+    option: Option<(SockOpt, Process)>,
+}
+
+/// The namespace's sysctl defaults, as last seen in an event from that namespace.
+#[derive(Clone, Copy, Debug)]
+struct Defaults {
+    idle_s: u32,
+    intvl_s: u32,
+    cnt: u32,
+}
+
+/// The timeline state machine. See the module documentation.
+pub struct Engine {
+    cap: usize,
+    next_id: u64,
+    conns: FastMap<u64, Conn>,
+    pending: FastMap<u64, Pending>,
+    /// `in_timer` events waiting for their timer event, per socket.
+    held: FastMap<u64, Vec<Event>>,
+    /// Per network namespace: the keep-alive sysctls, to fill in settings no event carried.
+    defaults: FastMap<u32, Defaults>,
+    stats: EngineStats,
+    cap_rejected_reported: u64,
+}
+
+/// States in which a socket is a connection keep-alive can apply to.
+fn is_connection(state: TcpState) -> bool {
+    matches!(
+        state,
+        TcpState::Established
+            | TcpState::FinWait1
+            | TcpState::FinWait2
+            | TcpState::CloseWait
+            | TcpState::LastAck
+            | TcpState::Closing
+    )
+}
+
+fn same_effective(a: &SockSettings, b: &SockSettings) -> bool {
+    a.keepalive == b.keepalive
+        && a.effective_idle_s() == b.effective_idle_s()
+        && a.effective_intvl_s() == b.effective_intvl_s()
+        && a.effective_cnt() == b.effective_cnt()
+        && a.user_timeout_ms == b.user_timeout_ms
+}
+
+/// Applies a setsockopt value the kernel accepts; `None` for one it rejects with EINVAL (nothing
+/// changes on the socket then). Returns the `KNOWN_*` bit learned.
+fn apply_option(s: &mut SockSettings, option: SockOpt, value: i32) -> Option<u8> {
+    // Ranges from the kernel: MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL (32767 s), MAX_TCP_KEEPCNT (127).
+    let ranged = |max: i32| (1..=max).contains(&value).then_some(value as u32);
+    Some(match option {
+        SockOpt::KeepAlive => {
+            s.keepalive = value != 0;
+            KNOWN_KEEPALIVE
+        }
+        SockOpt::KeepIdle => {
+            s.idle_s = Some(ranged(32767)?);
+            KNOWN_IDLE
+        }
+        SockOpt::KeepIntvl => {
+            s.intvl_s = Some(ranged(32767)?);
+            KNOWN_INTVL
+        }
+        SockOpt::KeepCnt => {
+            s.cnt = Some(ranged(127)?);
+            KNOWN_CNT
+        }
+        SockOpt::UserTimeout => {
+            if value < 0 {
+                return None;
+            }
+            s.user_timeout_ms = value as u32;
+            KNOWN_USER_TIMEOUT
+        }
+    })
+}
+
+/// Where settings read when a connection is first seen came from, when no setsockopt explains them.
+fn read_source(s: &SockSettings) -> SettingsSource {
+    if s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some() {
+        SettingsSource::Established
+    } else {
+        SettingsSource::Default
+    }
+}
+
+#[inline]
+fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
+    out.push(Record {
+        ts_ns,
+        conn: conn.view,
+        kind,
+    });
+}
+
+/// Ends the connection's open episode, if any, with `outcome` at `ts_ns`.
+fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: EpisodeOutcome) {
+    if let Some(ep) = conn.episode.take() {
+        let episode = Episode {
+            start_ns: ep.start_ns,
+            end_ns: ts_ns,
+            probes: ep.probes,
+            outcome,
+            probe_ts_ns: ep.probe_ts_ns,
+        };
+        emit(out, ts_ns, conn, RecordKind::EpisodeEnd(episode));
+    }
+}
+
+fn note_addrs(conn: &mut Conn, ev: &Event) {
+    if !conn.addrs_known {
+        if let Some((local, remote)) = ev.addrs {
+            conn.view.local = local;
+            conn.view.remote = remote;
+            conn.addrs_known = true;
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Engine {
+            cap: cfg.max_connections,
+            next_id: 1,
+            conns: FastMap::default(),
+            pending: FastMap::default(),
+            held: FastMap::default(),
+            defaults: FastMap::default(),
+            stats: EngineStats::default(),
+            cap_rejected_reported: 0,
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            tracked: self.conns.len() as u64,
+            ..self.stats
+        }
+    }
+
+    /// Connections tracked now.
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The connections tracked now (not closed), in no particular order.
+    pub fn open_connections(&self) -> impl Iterator<Item = ConnView> + '_ {
+        self.conns.values().map(|c| c.view)
+    }
+
+    /// How many sockets the cap refused since the previous call (each refusal counts: a socket
+    /// refused at several events counts several times).
+    pub fn cap_hit_since_last_check(&mut self) -> u64 {
+        let n = self.stats.cap_rejected - self.cap_rejected_reported;
+        self.cap_rejected_reported = self.stats.cap_rejected;
+        n
+    }
+
+    /// Consumes one event; appends the records it causes to `out`.
+    pub fn handle(&mut self, ev: &Event, out: &mut Vec<Record>) {
+        self.stats.events += 1;
+        let is_timer = matches!(ev.body, EventBody::Timer(_));
+        if ev.in_timer && !is_timer {
+            if let Some(held) = self.held.get_mut(&ev.sk) {
+                held.push(ev.clone());
+                return;
+            }
+            if self.held.len() < self.cap {
+                self.held.insert(ev.sk, vec![ev.clone()]);
+                return;
+            }
+            // No room to hold it back: handle it now, out of order rather than not at all.
+        } else if !self.held.is_empty() {
+            if let Some(held) = self.held.remove(&ev.sk) {
+                if is_timer {
+                    self.process(ev, out);
+                    held.iter().for_each(|h| self.process(h, out));
+                } else {
+                    // The timer event of that run was lost: replay what was held, in order.
+                    held.iter().for_each(|h| self.process(h, out));
+                    self.process(ev, out);
+                }
+                return;
+            }
+        }
+        self.process(ev, out);
+    }
+
+    fn process(&mut self, ev: &Event, out: &mut Vec<Record>) {
+        match &ev.body {
+            EventBody::Timer(t) => self.on_timer(ev, t, out),
+            EventBody::Ack { probes } => {
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    note_addrs(conn, ev);
+                    let kind = RecordKind::Ack {
+                        probes: u32::from(*probes),
+                        precision: AckPrecision::Segment,
+                    };
+                    emit(out, ev.ts_ns, conn, kind);
+                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Answered);
+                }
+            }
+            EventBody::ResetSent {
+                active,
+                reason,
+                state,
+            } => {
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    note_addrs(conn, ev);
+                    conn.state = *state;
+                    let reason = reason.clone().unwrap_or_else(|| "not_specified".to_owned());
+                    emit(
+                        out,
+                        ev.ts_ns,
+                        conn,
+                        RecordKind::Reset {
+                            reason,
+                            active: *active,
+                        },
+                    );
+                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset);
+                }
+            }
+            EventBody::ResetReceived { state } => {
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    note_addrs(conn, ev);
+                    conn.state = *state;
+                    emit(out, ev.ts_ns, conn, RecordKind::PeerReset);
+                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset);
+                }
+            }
+            EventBody::Error { errno, state } => {
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    note_addrs(conn, ev);
+                    conn.state = *state;
+                    emit(out, ev.ts_ns, conn, RecordKind::Error { errno: *errno });
+                }
+            }
+            EventBody::State {
+                old,
+                new,
+                settings,
+                process,
+            } => self.on_state(ev, *old, *new, settings, *process, out),
+            EventBody::Setsockopt {
+                option,
+                value,
+                state,
+                process,
+            } => self.on_setsockopt(ev, *option, *value, *state, process, out),
+            EventBody::Snapshot {
+                state,
+                settings,
+                probes_out,
+                ..
+            } => self.on_snapshot(ev, *state, settings, *probes_out, out),
+            EventBody::Destroy => {
+                self.drop_pending(ev.sk);
+                if self.conns.remove(&ev.sk).is_some() {
+                    self.stats.evicted_closed += 1;
+                }
+            }
+        }
+    }
+
+    /// Remembers the namespace's sysctl defaults from settings the kernel side read.
+    fn learn_defaults(&mut self, netns: u32, s: &SockSettings) {
+        if s.idle_default_s == 0 {
+            return; // not read for this event
+        }
+        let d = Defaults {
+            idle_s: s.idle_default_s,
+            intvl_s: s.intvl_default_s,
+            cnt: s.cnt_default,
+        };
+        let room = self.defaults.len() < self.cap;
+        match self.defaults.entry(netns) {
+            Entry::Occupied(mut o) => *o.get_mut() = d,
+            Entry::Vacant(v) if room => {
+                v.insert(d);
+            }
+            Entry::Vacant(_) => {}
+        }
+    }
+
+    fn drop_pending(&mut self, sk: u64) {
+        if let Some(p) = self.pending.remove(&sk) {
+            if p.option.is_some() {
+                self.stats.pending_dropped += 1;
+            }
+        }
+    }
+
+    fn evict(&mut self, sk: u64) {
+        if self.conns.remove(&sk).is_some() {
+            self.stats.evicted_closed += 1;
+        }
+    }
+
+    /// The pending note for `sk`, created if there is room (a refusal counts against the cap).
+    fn pending_slot(&mut self, sk: u64) -> Option<&mut Pending> {
+        let full = self.pending.len() >= self.cap;
+        match self.pending.entry(sk) {
+            Entry::Occupied(o) => Some(o.into_mut()),
+            Entry::Vacant(_) if full => {
+                self.stats.cap_rejected += 1;
+                None
+            }
+            Entry::Vacant(v) => Some(v.insert(Pending::default())),
+        }
+    }
+
+    /// Starts tracking `sk` (not tracked now) and emits `Opened`; `None` when the cap refuses it.
+    fn open(
+        &mut self,
+        ev: &Event,
+        state: TcpState,
+        settings: SockSettings,
+        known: u8,
+        process: Option<Process>,
+        out: &mut Vec<Record>,
+    ) -> Option<&mut Conn> {
+        if self.conns.len() >= self.cap {
+            self.stats.cap_rejected += 1;
+            return None;
+        }
+        let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+        let (local, remote) = ev.addrs.unwrap_or((unspecified, unspecified));
+        let id = self.next_id;
+        self.next_id += 1;
+        let conn = Conn {
+            view: ConnView {
+                id,
+                sk: ev.sk,
+                netns: ev.netns,
+                local,
+                remote,
+                process,
+                first_seen_ns: ev.ts_ns,
+            },
+            addrs_known: ev.addrs.is_some(),
+            state,
+            settings,
+            known,
+            episode: None,
+        };
+        let conn = match self.conns.entry(ev.sk) {
+            Entry::Occupied(mut o) => {
+                o.insert(conn);
+                o.into_mut()
+            }
+            Entry::Vacant(v) => v.insert(conn),
+        };
+        let established = state == TcpState::Established;
+        emit(
+            out,
+            ev.ts_ns,
+            conn,
+            RecordKind::Opened { state, established },
+        );
+        Some(conn)
+    }
+
+    /// Starts tracking a connection whose settings were just read from the kernel (established,
+    /// timer): `Opened`, then one `Config` attributed to a pre-connect setsockopt if there was one.
+    fn open_with_read_settings(
+        &mut self,
+        ev: &Event,
+        state: TcpState,
+        settings: &SockSettings,
+        process: Option<Process>,
+        out: &mut Vec<Record>,
+    ) -> Option<&mut Conn> {
+        let pending = if self.pending.is_empty() {
+            None
+        } else {
+            self.pending.remove(&ev.sk)
+        };
+        let (connect_process, option) = match pending {
+            Some(p) => (p.connect_process, p.option),
+            None => (None, None),
+        };
+        let (source, config_process) = match option {
+            Some((opt, by)) => (SettingsSource::Setsockopt(opt), Some(by)),
+            None => (read_source(settings), None),
+        };
+        let process = connect_process.or(process).or(config_process);
+        let conn = self.open(ev, state, *settings, KNOWN_ALL, process, out)?;
+        let kind = RecordKind::Config {
+            settings: *settings,
+            source,
+            process: config_process,
+        };
+        emit(out, ev.ts_ns, conn, kind);
+        Some(conn)
+    }
+
+    fn on_state(
+        &mut self,
+        ev: &Event,
+        old: TcpState,
+        new: TcpState,
+        settings: &SockSettings,
+        process: Option<Process>,
+        out: &mut Vec<Record>,
+    ) {
+        self.learn_defaults(ev.netns, settings);
+        match new {
+            TcpState::Close => {
+                if let Some(mut conn) = self.conns.remove(&ev.sk) {
+                    note_addrs(&mut conn, ev);
+                    emit(out, ev.ts_ns, &conn, RecordKind::Close { state: old });
+                    end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
+                    self.stats.evicted_closed += 1;
+                }
+                if !self.pending.is_empty() {
+                    self.drop_pending(ev.sk);
+                }
+            }
+            TcpState::Established => {
+                // A tracked socket becoming established again: its close was missed and the
+                // address is a new connection.
+                self.evict(ev.sk);
+                let has_option = !self.pending.is_empty()
+                    && self.pending.get(&ev.sk).is_some_and(|p| p.option.is_some());
+                if settings.keepalive || settings.user_timeout_ms > 0 || has_option {
+                    self.open_with_read_settings(ev, new, settings, process, out);
+                } else if !self.pending.is_empty() {
+                    self.pending.remove(&ev.sk);
+                }
+            }
+            TcpState::SynSent => {
+                self.evict(ev.sk);
+                if let Some(process) = process {
+                    if let Some(p) = self.pending_slot(ev.sk) {
+                        p.connect_process = Some(process);
+                    }
+                }
+            }
+            _ => {
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    note_addrs(conn, ev);
+                    conn.state = new;
+                }
+            }
+        }
+    }
+
+    fn on_setsockopt(
+        &mut self,
+        ev: &Event,
+        option: SockOpt,
+        value: i32,
+        state: TcpState,
+        process: &Process,
+        out: &mut Vec<Record>,
+    ) {
+        if let Some(conn) = self.conns.get_mut(&ev.sk) {
+            note_addrs(conn, ev);
+            let mut settings = conn.settings;
+            let Some(bit) = apply_option(&mut settings, option, value) else {
+                return;
+            };
+            conn.settings = settings;
+            conn.known |= bit;
+            if conn.view.process.is_none() {
+                conn.view.process = Some(*process);
+            }
+            let source = SettingsSource::Setsockopt(option);
+            emit(
+                out,
+                ev.ts_ns,
+                conn,
+                RecordKind::Config {
+                    settings,
+                    source,
+                    process: Some(*process),
+                },
+            );
+            return;
+        }
+        if apply_option(&mut SockSettings::default(), option, value).is_none() {
+            return; // rejected by the kernel: nothing changes
+        }
+        if ev.addrs.is_none() || matches!(state, TcpState::Close | TcpState::SynSent) {
+            // Before connect(): reported once the connection is established.
+            if let Some(p) = self.pending_slot(ev.sk) {
+                p.option = Some((option, *process));
+            }
+            return;
+        }
+        if !is_connection(state) {
+            return; // a listener (its children are seen when established) or a dying socket
+        }
+        let mut settings = SockSettings::default();
+        let mut known = 0;
+        if let Some(d) = self.defaults.get(&ev.netns) {
+            settings.idle_default_s = d.idle_s;
+            settings.intvl_default_s = d.intvl_s;
+            settings.cnt_default = d.cnt;
+            known |= KNOWN_DEFAULTS;
+        }
+        known |= apply_option(&mut settings, option, value).unwrap_or(0);
+        let Some(conn) = self.open(ev, state, settings, known, Some(*process), out) else {
+            return;
+        };
+        let source = SettingsSource::Setsockopt(option);
+        emit(
+            out,
+            ev.ts_ns,
+            conn,
+            RecordKind::Config {
+                settings,
+                source,
+                process: Some(*process),
+            },
+        );
+    }
+
+    fn on_snapshot(
+        &mut self,
+        ev: &Event,
+        state: TcpState,
+        settings: &SockSettings,
+        probes_out: u8,
+        out: &mut Vec<Record>,
+    ) {
+        self.learn_defaults(ev.netns, settings);
+        if self.conns.contains_key(&ev.sk) {
+            return; // already seen live: live events are newer than the snapshot
+        }
+        if !(settings.keepalive || settings.user_timeout_ms > 0) || !is_connection(state) {
+            return;
+        }
+        let Some(conn) = self.open(ev, state, *settings, KNOWN_ALL, None, out) else {
+            return;
+        };
+        let kind = RecordKind::Config {
+            settings: *settings,
+            source: SettingsSource::Snapshot,
+            process: None,
+        };
+        emit(out, ev.ts_ns, conn, kind);
+        if probes_out > 0 {
+            conn.episode = Some(OpenEpisode {
+                start_ns: ev.ts_ns,
+                probes: u32::from(probes_out),
+                probe_ts_ns: Vec::new(),
+            });
+        }
+    }
+
+    fn on_timer(&mut self, ev: &Event, t: &TimerFiring, out: &mut Vec<Record>) {
+        let ts = ev.ts_ns;
+        let conn = match self.conns.get_mut(&ev.sk) {
+            Some(conn) => {
+                note_addrs(conn, ev);
+                conn
+            }
+            None => {
+                let orphan_fin_wait2 = t.state_before == TcpState::FinWait2 && t.dead;
+                if !t.keepopen || !is_connection(t.state_before) || orphan_fin_wait2 {
+                    return;
+                }
+                self.learn_defaults(ev.netns, &t.settings);
+                match self.open_with_read_settings(ev, t.state_before, &t.settings, None, out) {
+                    Some(conn) => conn,
+                    None => return,
+                }
+            }
+        };
+
+        if t.owned {
+            // The owner may be inside setsockopt right now: settings read here can be stale.
+            emit(out, ts, conn, RecordKind::Busy);
+            return;
+        }
+        if t.state_before == TcpState::Listen {
+            return;
+        }
+        if t.state_before == TcpState::FinWait2 && t.dead {
+            conn.state = t.state_after;
+            emit(out, ts, conn, RecordKind::FinWait2);
+            return;
+        }
+
+        conn.state = t.state_after;
+
+        // Settings changed without a setsockopt we saw (bpf_setsockopt, in-kernel users, sysctl).
+        let mut mine = conn.settings;
+        let unknown = !conn.known;
+        if unknown != 0 {
+            let k = &t.settings;
+            if unknown & KNOWN_KEEPALIVE != 0 {
+                mine.keepalive = k.keepalive;
+            }
+            if unknown & KNOWN_IDLE != 0 {
+                mine.idle_s = k.idle_s;
+            }
+            if unknown & KNOWN_INTVL != 0 {
+                mine.intvl_s = k.intvl_s;
+            }
+            if unknown & KNOWN_CNT != 0 {
+                mine.cnt = k.cnt;
+            }
+            if unknown & KNOWN_USER_TIMEOUT != 0 {
+                mine.user_timeout_ms = k.user_timeout_ms;
+            }
+            if unknown & KNOWN_DEFAULTS != 0 {
+                mine.idle_default_s = k.idle_default_s;
+                mine.intvl_default_s = k.intvl_default_s;
+                mine.cnt_default = k.cnt_default;
+            }
+        }
+        let changed = !same_effective(&mine, &t.settings);
+        conn.settings = t.settings;
+        conn.known = KNOWN_ALL;
+        if changed {
+            let kind = RecordKind::Config {
+                settings: t.settings,
+                source: SettingsSource::Kernel,
+                process: None,
+            };
+            emit(out, ts, conn, kind);
+        }
+
+        if !t.keepopen || matches!(t.state_before, TcpState::Close | TcpState::SynSent) {
+            return;
+        }
+
+        if t.probes_before == 0 {
+            if let Some(ep) = &conn.episode {
+                // probes_out went back to 0 since the last probe: an answer we did not see.
+                let kind = RecordKind::Ack {
+                    probes: ep.probes,
+                    precision: AckPrecision::NextFiring,
+                };
+                emit(out, ts, conn, kind);
+                end_episode(out, ts, conn, EpisodeOutcome::Answered);
+            }
+        }
+
+        if t.state_after == TcpState::Close {
+            let reason = if t.settings.user_timeout_ms > 0 {
+                TimeoutReason::UserTimeout
+            } else {
+                TimeoutReason::Keepalive
+            };
+            let probes = u32::from(t.probes_before);
+            emit(out, ts, conn, RecordKind::Timeout { reason, probes });
+            end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
+        } else if t.packets_out > 0 || t.unsent > 0 {
+            let kind = RecordKind::Suppressed {
+                packets_out: t.packets_out,
+                unsent: t.unsent,
+            };
+            emit(out, ts, conn, kind);
+        } else if t.probes_after > t.probes_before {
+            let n = u32::from(t.probes_after);
+            emit(out, ts, conn, RecordKind::Probe { n });
+            match &mut conn.episode {
+                Some(ep) if n != 1 => {
+                    ep.probes = n;
+                    ep.probe_ts_ns.push(ts);
+                }
+                _ => {
+                    conn.episode = Some(OpenEpisode {
+                        start_ns: ts,
+                        probes: n,
+                        probe_ts_ns: vec![ts],
+                    });
+                }
+            }
+        } else {
+            let kind = RecordKind::Idle {
+                idle_ms: t.idle_ms,
+                next_in_ms: t.next_in_ms,
+            };
+            emit(out, ts, conn, kind);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: u64 = 0xffff_8880_0a00_0800;
+    const B: u64 = 0xffff_8880_0a00_1000;
+    const C: u64 = 0xffff_8880_0a00_1800;
+    const NETNS: u32 = 4026531840;
+    const S: u64 = 1_000_000_000;
+
+    fn addrs(port: u16) -> Option<(SocketAddr, SocketAddr)> {
+        Some((
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 8080),
+        ))
+    }
+
+    fn ev(ts_ns: u64, sk: u64, body: EventBody) -> Event {
+        Event {
+            ts_ns,
+            sk,
+            netns: NETNS,
+            addrs: addrs(40000),
+            in_timer: false,
+            body,
+        }
+    }
+
+    fn in_timer(mut e: Event) -> Event {
+        e.in_timer = true;
+        e
+    }
+
+    fn process(pid: u32, name: &str) -> Process {
+        let mut comm = [0u8; 16];
+        comm[..name.len()].copy_from_slice(name.as_bytes());
+        Process {
+            pid,
+            tid: pid,
+            comm,
+            cgroup_id: 1,
+        }
+    }
+
+    fn defaults() -> SockSettings {
+        SockSettings {
+            idle_default_s: 7200,
+            intvl_default_s: 75,
+            cnt_default: 9,
+            ..Default::default()
+        }
+    }
+
+    /// Keep-alive on with idle 1 s, interval 1 s, 3 probes.
+    fn ka() -> SockSettings {
+        SockSettings {
+            keepalive: true,
+            idle_s: Some(1),
+            intvl_s: Some(1),
+            cnt: Some(3),
+            ..defaults()
+        }
+    }
+
+    fn state(ts: u64, sk: u64, old: TcpState, new: TcpState, settings: SockSettings) -> Event {
+        ev(
+            ts,
+            sk,
+            EventBody::State {
+                old,
+                new,
+                settings,
+                process: None,
+            },
+        )
+    }
+
+    fn established(ts: u64, sk: u64, settings: SockSettings) -> Event {
+        state(ts, sk, TcpState::SynSent, TcpState::Established, settings)
+    }
+
+    fn close(ts: u64, sk: u64) -> Event {
+        state(ts, sk, TcpState::Established, TcpState::Close, ka())
+    }
+
+    fn firing(settings: SockSettings, before: u8, after: u8) -> TimerFiring {
+        TimerFiring {
+            state_before: TcpState::Established,
+            state_after: TcpState::Established,
+            keepopen: settings.keepalive,
+            dead: false,
+            owned: false,
+            probes_before: before,
+            probes_after: after,
+            packets_out: 0,
+            unsent: 0,
+            idle_ms: 1000,
+            settings,
+            err_after: 0,
+            next_in_ms: Some(1000),
+            exit_ts_ns: 0,
+        }
+    }
+
+    fn timer(ts: u64, sk: u64, t: TimerFiring) -> Event {
+        ev(
+            ts,
+            sk,
+            EventBody::Timer(TimerFiring {
+                exit_ts_ns: ts + 10_000,
+                ..t
+            }),
+        )
+    }
+
+    fn probe(ts: u64, sk: u64, before: u8, after: u8) -> Event {
+        timer(ts, sk, firing(ka(), before, after))
+    }
+
+    fn setsockopt(
+        ts: u64,
+        sk: u64,
+        option: SockOpt,
+        value: i32,
+        st: TcpState,
+        p: Process,
+    ) -> Event {
+        let mut e = ev(
+            ts,
+            sk,
+            EventBody::Setsockopt {
+                option,
+                value,
+                state: st,
+                process: p,
+            },
+        );
+        if matches!(st, TcpState::Close | TcpState::SynSent) {
+            e.addrs = None;
+        }
+        e
+    }
+
+    fn engine() -> Engine {
+        Engine::new(EngineConfig {
+            max_connections: 16,
+        })
+    }
+
+    /// Feeds events, returns the records they caused.
+    fn feed(e: &mut Engine, events: &[Event]) -> Vec<Record> {
+        let mut out = Vec::new();
+        for ev in events {
+            e.handle(ev, &mut out);
+        }
+        out
+    }
+
+    fn kinds(records: &[Record]) -> Vec<RecordKind> {
+        records.iter().map(|r| r.kind.clone()).collect()
+    }
+
+    fn names(records: &[Record]) -> Vec<&'static str> {
+        records.iter().map(|r| r.kind.name()).collect()
+    }
+
+    fn episode(r: &Record) -> &Episode {
+        match &r.kind {
+            RecordKind::EpisodeEnd(ep) => ep,
+            k => panic!("not an episode: {k:?}"),
+        }
+    }
+
+    #[test]
+    fn healthy_probe_answered_then_close() {
+        let mut e = engine();
+        let out = feed(&mut e, &[established(S, A, ka())]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Opened {
+                    state: TcpState::Established,
+                    established: true
+                },
+                RecordKind::Config {
+                    settings: ka(),
+                    source: SettingsSource::Established,
+                    process: None
+                },
+            ]
+        );
+        let id = out[0].conn.id;
+        assert_eq!(out[0].conn.local, addrs(40000).unwrap().0);
+        assert_eq!(out[0].conn.first_seen_ns, S);
+
+        let out = feed(
+            &mut e,
+            &[
+                probe(2 * S, A, 0, 1),
+                ev(2 * S + 300, A, EventBody::Ack { probes: 1 }),
+            ],
+        );
+        assert_eq!(names(&out), ["probe", "ack", "episode"]);
+        assert_eq!(out[0].kind, RecordKind::Probe { n: 1 });
+        assert_eq!(
+            out[1].kind,
+            RecordKind::Ack {
+                probes: 1,
+                precision: AckPrecision::Segment
+            }
+        );
+        assert_eq!(
+            *episode(&out[2]),
+            Episode {
+                start_ns: 2 * S,
+                end_ns: 2 * S + 300,
+                probes: 1,
+                outcome: EpisodeOutcome::Answered,
+                probe_ts_ns: vec![2 * S],
+            }
+        );
+        assert!(out
+            .iter()
+            .all(|r| r.conn.id == id && r.conn.first_seen_ns == S));
+
+        // The next firing sees probes_out 0 and no episode: just idle, no inferred answer.
+        let out = feed(&mut e, &[probe(3 * S, A, 0, 0), close(4 * S, A)]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Idle {
+                    idle_ms: 1000,
+                    next_in_ms: Some(1000)
+                },
+                RecordKind::Close {
+                    state: TcpState::Established
+                },
+            ]
+        );
+        assert_eq!(out[1].ts_ns, 4 * S);
+        assert_eq!(e.tracked(), 0);
+        let st = e.stats();
+        assert_eq!(
+            (st.events, st.tracked, st.evicted_closed, st.cap_rejected),
+            (5, 0, 1, 0)
+        );
+    }
+
+    #[test]
+    fn dead_peer_timeout_reset_error_close_in_order() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                probe(S, A, 0, 1),
+                probe(2 * S, A, 1, 2),
+                probe(3 * S, A, 2, 3),
+            ],
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Probe { n: 1 },
+                RecordKind::Probe { n: 2 },
+                RecordKind::Probe { n: 3 }
+            ]
+        );
+
+        // The fourth run kills the connection. Its reset, error and close are seen during the run,
+        // the timer event itself at the run's exit.
+        let t4 = 4 * S;
+        let reset = in_timer(ev(
+            t4 + 10,
+            A,
+            EventBody::ResetSent {
+                active: true,
+                reason: Some("tcp_keepalive_timeout".into()),
+                state: TcpState::Established,
+            },
+        ));
+        let error = in_timer(ev(
+            t4 + 20,
+            A,
+            EventBody::Error {
+                errno: 110,
+                state: TcpState::Established,
+            },
+        ));
+        let closed = in_timer(close(t4 + 30, A));
+        let out = feed(&mut e, &[reset, error, closed]);
+        assert!(out.is_empty(), "held back until the timer event: {out:?}");
+        assert_eq!(e.tracked(), 1);
+
+        let death = TimerFiring {
+            state_after: TcpState::Close,
+            err_after: 110,
+            ..firing(ka(), 3, 3)
+        };
+        let out = feed(
+            &mut e,
+            &[timer(t4, A, death), ev(t4 + 100, A, EventBody::Destroy)],
+        );
+        assert_eq!(
+            names(&out),
+            ["timeout", "episode", "reset", "error", "close"]
+        );
+        assert_eq!(
+            out[0].kind,
+            RecordKind::Timeout {
+                reason: TimeoutReason::Keepalive,
+                probes: 3
+            }
+        );
+        assert_eq!(
+            *episode(&out[1]),
+            Episode {
+                start_ns: S,
+                end_ns: t4,
+                probes: 3,
+                outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
+                probe_ts_ns: vec![S, 2 * S, 3 * S],
+            }
+        );
+        assert_eq!(
+            out[2].kind,
+            RecordKind::Reset {
+                reason: "tcp_keepalive_timeout".into(),
+                active: true
+            }
+        );
+        assert_eq!(out[3].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(
+            out[4].kind,
+            RecordKind::Close {
+                state: TcpState::Established
+            }
+        );
+        assert_eq!(
+            out.iter().map(|r| r.ts_ns).collect::<Vec<_>>(),
+            [t4, t4, t4 + 10, t4 + 20, t4 + 30]
+        );
+        assert_eq!(e.tracked(), 0);
+        assert!(e.held.is_empty());
+        assert_eq!(e.stats().evicted_closed, 1);
+    }
+
+    #[test]
+    fn user_timeout() {
+        let mut e = engine();
+        let uto = SockSettings {
+            user_timeout_ms: 1500,
+            ..ka()
+        };
+        let out = feed(&mut e, &[established(0, A, uto)]);
+        assert_eq!(names(&out), ["open", "config"]);
+        let death = TimerFiring {
+            state_after: TcpState::Close,
+            ..firing(uto, 1, 1)
+        };
+        let out = feed(
+            &mut e,
+            &[timer(S, A, firing(uto, 0, 1)), timer(2 * S, A, death)],
+        );
+        assert_eq!(names(&out), ["probe", "timeout", "episode"]);
+        assert_eq!(
+            out[1].kind,
+            RecordKind::Timeout {
+                reason: TimeoutReason::UserTimeout,
+                probes: 1
+            }
+        );
+        assert_eq!(
+            episode(&out[2]).outcome,
+            EpisodeOutcome::TimedOut(TimeoutReason::UserTimeout)
+        );
+
+        // TCP_USER_TIMEOUT alone (keep-alive off) is enough to track the connection.
+        let only_uto = SockSettings {
+            user_timeout_ms: 1500,
+            ..defaults()
+        };
+        let out = feed(&mut e, &[established(3 * S, B, only_uto)]);
+        assert_eq!(names(&out), ["open", "config"]);
+    }
+
+    #[test]
+    fn suppressed_while_data_in_flight_or_queued() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                timer(
+                    S,
+                    A,
+                    TimerFiring {
+                        packets_out: 2,
+                        ..firing(ka(), 0, 0)
+                    },
+                ),
+                timer(
+                    2 * S,
+                    A,
+                    TimerFiring {
+                        unsent: 100,
+                        ..firing(ka(), 0, 0)
+                    },
+                ),
+            ],
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Suppressed {
+                    packets_out: 2,
+                    unsent: 0
+                },
+                RecordKind::Suppressed {
+                    packets_out: 0,
+                    unsent: 100
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn idle_busy_and_orphan_fin_wait2() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let idle = TimerFiring {
+            idle_ms: 400,
+            next_in_ms: Some(600),
+            ..firing(ka(), 0, 0)
+        };
+        let busy = TimerFiring {
+            owned: true,
+            next_in_ms: Some(50),
+            ..firing(ka(), 0, 0)
+        };
+        let orphan = TimerFiring {
+            state_before: TcpState::FinWait2,
+            state_after: TcpState::FinWait2,
+            dead: true,
+            ..firing(ka(), 0, 0)
+        };
+        let out = feed(
+            &mut e,
+            &[
+                timer(S, A, idle),
+                timer(2 * S, A, busy),
+                timer(3 * S, A, orphan),
+            ],
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Idle {
+                    idle_ms: 400,
+                    next_in_ms: Some(600)
+                },
+                RecordKind::Busy,
+                RecordKind::FinWait2,
+            ]
+        );
+        // A timer run on a socket whose keep-alive is off does nothing.
+        let off = SockSettings {
+            keepalive: false,
+            ..ka()
+        };
+        let out = feed(&mut e, &[timer(4 * S, A, firing(off, 0, 0))]);
+        assert_eq!(
+            names(&out),
+            ["config"],
+            "only the settings change is reported"
+        );
+    }
+
+    #[test]
+    fn answer_inferred_at_next_firing() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                probe(S, A, 0, 1),
+                probe(2 * S, A, 1, 2),
+                probe(3 * S, A, 0, 0),
+            ],
+        );
+        assert_eq!(names(&out), ["probe", "probe", "ack", "episode", "idle"]);
+        assert_eq!(
+            out[2].kind,
+            RecordKind::Ack {
+                probes: 2,
+                precision: AckPrecision::NextFiring
+            }
+        );
+        assert_eq!(out[2].ts_ns, 3 * S);
+        let ep = episode(&out[3]);
+        assert_eq!((ep.start_ns, ep.end_ns, ep.probes), (S, 3 * S, 2));
+        assert_eq!(ep.outcome, EpisodeOutcome::Answered);
+
+        // Answered, and already idle long enough for a new episode in the same run.
+        let out = feed(&mut e, &[probe(4 * S, A, 0, 1), probe(5 * S, A, 0, 1)]);
+        assert_eq!(names(&out), ["probe", "ack", "episode", "probe"]);
+        assert_eq!(episode(&out[2]).probe_ts_ns, vec![4 * S]);
+        assert_eq!(e.conns[&A].episode.as_ref().unwrap().start_ns, 5 * S);
+    }
+
+    #[test]
+    fn setsockopt_before_connect_reported_at_established() {
+        let mut e = engine();
+        let curl = process(4242, "curl");
+        let out = feed(
+            &mut e,
+            &[
+                setsockopt(S, A, SockOpt::KeepAlive, 1, TcpState::Close, curl),
+                setsockopt(S + 1, A, SockOpt::KeepIdle, 30, TcpState::Close, curl),
+                ev(
+                    S + 2,
+                    A,
+                    EventBody::State {
+                        old: TcpState::Close,
+                        new: TcpState::SynSent,
+                        settings: defaults(),
+                        process: Some(curl),
+                    },
+                ),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(e.tracked(), 0);
+
+        let read = SockSettings {
+            keepalive: true,
+            idle_s: Some(30),
+            ..defaults()
+        };
+        let out = feed(&mut e, &[established(S + 3, A, read)]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Opened {
+                    state: TcpState::Established,
+                    established: true
+                },
+                RecordKind::Config {
+                    settings: read,
+                    source: SettingsSource::Setsockopt(SockOpt::KeepIdle),
+                    process: Some(curl),
+                },
+            ]
+        );
+        assert!(out.iter().all(|r| r.conn.process == Some(curl)));
+        assert!(e.pending.is_empty());
+
+        // The first timer run agrees with what was read: no kernel-side change reported.
+        let out = feed(&mut e, &[timer(40 * S, A, firing(read, 0, 0))]);
+        assert_eq!(names(&out), ["idle"]);
+    }
+
+    #[test]
+    fn setsockopt_on_connected_socket() {
+        let mut e = engine();
+        let app = process(7, "app");
+        // A connection without keep-alive: ignored, but its namespace's defaults are learned.
+        assert!(feed(&mut e, &[established(0, A, defaults())]).is_empty());
+        let out = feed(
+            &mut e,
+            &[setsockopt(
+                S,
+                A,
+                SockOpt::KeepAlive,
+                1,
+                TcpState::Established,
+                app,
+            )],
+        );
+        let set = SockSettings {
+            keepalive: true,
+            ..defaults()
+        };
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Opened {
+                    state: TcpState::Established,
+                    established: true
+                },
+                RecordKind::Config {
+                    settings: set,
+                    source: SettingsSource::Setsockopt(SockOpt::KeepAlive),
+                    process: Some(app),
+                },
+            ]
+        );
+        let out = feed(
+            &mut e,
+            &[
+                setsockopt(2 * S, A, SockOpt::KeepCnt, 5, TcpState::Established, app),
+                setsockopt(
+                    2 * S,
+                    A,
+                    SockOpt::UserTimeout,
+                    9000,
+                    TcpState::Established,
+                    app,
+                ),
+                // Rejected by the kernel (EINVAL): nothing changes, nothing reported.
+                setsockopt(2 * S, A, SockOpt::KeepIdle, 0, TcpState::Established, app),
+            ],
+        );
+        let set = SockSettings {
+            cnt: Some(5),
+            user_timeout_ms: 9000,
+            ..set
+        };
+        assert_eq!(names(&out), ["config", "config"]);
+        assert_eq!(
+            out[1].kind,
+            RecordKind::Config {
+                settings: set,
+                source: SettingsSource::Setsockopt(SockOpt::UserTimeout),
+                process: Some(app),
+            }
+        );
+        // The kernel agrees at the timer: nothing to report but the firing.
+        let out = feed(&mut e, &[timer(3 * S, A, firing(set, 0, 0))]);
+        assert_eq!(names(&out), ["idle"]);
+
+        // Listeners are not tracked.
+        let mut l = setsockopt(4 * S, B, SockOpt::KeepAlive, 1, TcpState::Listen, app);
+        l.addrs = Some((
+            addrs(80).unwrap().0,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+        ));
+        assert!(feed(&mut e, &[l]).is_empty());
+        assert_eq!(e.tracked(), 1);
+    }
+
+    #[test]
+    fn settings_changed_by_the_kernel() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let changed = SockSettings {
+            idle_s: Some(10),
+            ..ka()
+        };
+        let out = feed(
+            &mut e,
+            &[
+                timer(S, A, firing(changed, 0, 0)),
+                timer(2 * S, A, firing(changed, 0, 0)),
+            ],
+        );
+        assert_eq!(names(&out), ["config", "idle", "idle"]);
+        assert_eq!(
+            out[0].kind,
+            RecordKind::Config {
+                settings: changed,
+                source: SettingsSource::Kernel,
+                process: None
+            }
+        );
+        // Same effective values, written differently (explicit value equal to the default): no change.
+        let explicit = SockSettings {
+            cnt: Some(9),
+            ..defaults()
+        };
+        let implicit = SockSettings {
+            cnt: None,
+            ..defaults()
+        };
+        assert!(same_effective(&explicit, &implicit));
+    }
+
+    #[test]
+    fn timer_on_untracked_keepalive_socket_starts_tracking() {
+        let mut e = engine();
+        let out = feed(
+            &mut e,
+            &[timer(
+                S,
+                A,
+                firing(
+                    SockSettings {
+                        keepalive: true,
+                        ..defaults()
+                    },
+                    0,
+                    1,
+                ),
+            )],
+        );
+        assert_eq!(
+            names(&out),
+            ["open", "config", "probe"],
+            "seen first at a timer run (e.g. bpf_setsockopt)"
+        );
+        assert!(matches!(
+            out[1].kind,
+            RecordKind::Config {
+                source: SettingsSource::Default,
+                ..
+            }
+        ));
+        // Without keep-alive, or on a listener, a timer run is not a reason to track.
+        let listener = TimerFiring {
+            state_before: TcpState::Listen,
+            ..firing(ka(), 0, 0)
+        };
+        let off = firing(defaults(), 0, 0);
+        assert!(feed(&mut e, &[timer(S, B, listener), timer(S, C, off)]).is_empty());
+        assert_eq!(e.tracked(), 1);
+    }
+
+    #[test]
+    fn snapshot_with_probes_out() {
+        let mut e = engine();
+        let snap = |sk, st, settings, probes_out| {
+            ev(
+                S,
+                sk,
+                EventBody::Snapshot {
+                    state: st,
+                    settings,
+                    probes_out,
+                    timer_in_ms: Some(300),
+                },
+            )
+        };
+        let out = feed(&mut e, &[snap(A, TcpState::Established, ka(), 2)]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                RecordKind::Opened {
+                    state: TcpState::Established,
+                    established: true
+                },
+                RecordKind::Config {
+                    settings: ka(),
+                    source: SettingsSource::Snapshot,
+                    process: None
+                },
+            ]
+        );
+        let death = TimerFiring {
+            state_after: TcpState::Close,
+            ..firing(ka(), 3, 3)
+        };
+        let out = feed(&mut e, &[probe(2 * S, A, 2, 3), timer(3 * S, A, death)]);
+        assert_eq!(names(&out), ["probe", "timeout", "episode"]);
+        assert_eq!(
+            *episode(&out[2]),
+            Episode {
+                start_ns: S,
+                end_ns: 3 * S,
+                probes: 3,
+                outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
+                probe_ts_ns: vec![2 * S],
+            }
+        );
+        // Not tracked: no keep-alive, listeners, or a socket seen live already.
+        let out = feed(
+            &mut e,
+            &[
+                snap(B, TcpState::Established, defaults(), 0),
+                snap(C, TcpState::Listen, ka(), 0),
+                snap(A, TcpState::Established, ka(), 0),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        // A snapshot in FIN_WAIT1 is tracked but not established.
+        let out = feed(&mut e, &[snap(B, TcpState::FinWait1, ka(), 0)]);
+        assert_eq!(
+            out[0].kind,
+            RecordKind::Opened {
+                state: TcpState::FinWait1,
+                established: false
+            }
+        );
+    }
+
+    #[test]
+    fn cap_limits_connections_and_pending() {
+        let mut e = Engine::new(EngineConfig { max_connections: 2 });
+        let out = feed(
+            &mut e,
+            &[
+                established(0, A, ka()),
+                established(0, B, ka()),
+                established(0, C, ka()),
+            ],
+        );
+        assert_eq!(names(&out), ["open", "config", "open", "config"]);
+        assert_eq!(e.tracked(), 2);
+        assert_eq!(e.stats().cap_rejected, 1);
+        assert_eq!(e.cap_hit_since_last_check(), 1);
+        assert_eq!(e.cap_hit_since_last_check(), 0);
+        // Events of the refused connection are ignored.
+        assert!(feed(&mut e, &[ev(S, C, EventBody::Ack { probes: 1 })]).is_empty());
+
+        // A close frees a slot.
+        let out = feed(&mut e, &[close(S, A), established(2 * S, C, ka())]);
+        assert_eq!(names(&out), ["close", "open", "config"]);
+        assert_eq!(e.open_connections().count(), 2);
+
+        // The pending table is capped too.
+        let p = process(1, "p");
+        let more = [0x10u64, 0x20, 0x30]
+            .map(|sk| setsockopt(3 * S, sk, SockOpt::KeepAlive, 1, TcpState::Close, p));
+        feed(&mut e, &more);
+        assert_eq!(e.pending.len(), 2);
+        assert_eq!(e.cap_hit_since_last_check(), 1);
+        assert_eq!(e.stats().cap_rejected, 2);
+    }
+
+    #[test]
+    fn sk_reuse_starts_a_fresh_connection() {
+        let mut e = engine();
+        let first = feed(&mut e, &[established(0, A, ka()), probe(S, A, 0, 1)]);
+        let old_id = first[0].conn.id;
+        // The close of the first connection was missed; the same sk is now a new connection.
+        let out = feed(
+            &mut e,
+            &[established(2 * S, A, ka()), probe(3 * S, A, 0, 0)],
+        );
+        assert_eq!(
+            names(&out),
+            ["open", "config", "idle"],
+            "old episode not carried over: {out:?}"
+        );
+        let new_id = out[0].conn.id;
+        assert_ne!(new_id, old_id);
+        assert!(out
+            .iter()
+            .all(|r| r.conn.id == new_id && r.conn.first_seen_ns == 2 * S));
+        assert_eq!(e.tracked(), 1);
+        // Ids are never reused, even after a clean close.
+        let out = feed(&mut e, &[close(4 * S, A), established(5 * S, A, ka())]);
+        assert_eq!(out[0].conn.id, new_id);
+        assert!(out[1].conn.id > new_id);
+    }
+
+    #[test]
+    fn untracked_sockets_are_ignored() {
+        let mut e = engine();
+        let p = process(9, "nc");
+        let connect = ev(
+            0,
+            A,
+            EventBody::State {
+                old: TcpState::Close,
+                new: TcpState::SynSent,
+                settings: defaults(),
+                process: Some(p),
+            },
+        );
+        let out = feed(
+            &mut e,
+            &[
+                connect,
+                established(S, A, defaults()),
+                timer(2 * S, A, firing(defaults(), 0, 0)),
+                ev(3 * S, A, EventBody::Ack { probes: 1 }),
+                ev(
+                    3 * S,
+                    A,
+                    EventBody::ResetReceived {
+                        state: TcpState::Established,
+                    },
+                ),
+                ev(
+                    3 * S,
+                    A,
+                    EventBody::Error {
+                        errno: 104,
+                        state: TcpState::Established,
+                    },
+                ),
+                close(4 * S, A),
+                ev(5 * S, A, EventBody::Destroy),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(e.tracked(), 0);
+        assert!(
+            e.pending.is_empty(),
+            "the connect note is dropped at ESTABLISHED"
+        );
+        assert_eq!(e.stats().events, 8);
+    }
+
+    #[test]
+    fn syn_sent_process_attached_when_tracked() {
+        let mut e = engine();
+        let p = process(11, "ssh");
+        let connect = ev(
+            0,
+            A,
+            EventBody::State {
+                old: TcpState::Close,
+                new: TcpState::SynSent,
+                settings: ka(),
+                process: Some(p),
+            },
+        );
+        let out = feed(&mut e, &[connect, established(S, A, ka())]);
+        assert_eq!(names(&out), ["open", "config"]);
+        assert!(out.iter().all(|r| r.conn.process == Some(p)));
+        assert!(matches!(
+            out[1].kind,
+            RecordKind::Config { process: None, .. }
+        ));
+    }
+
+    #[test]
+    fn destroy_cleans_up() {
+        let mut e = engine();
+        let p = process(1, "p");
+        // Pending settings of a socket that never connected.
+        feed(
+            &mut e,
+            &[setsockopt(0, A, SockOpt::KeepAlive, 1, TcpState::Close, p)],
+        );
+        assert_eq!(e.pending.len(), 1);
+        assert!(feed(&mut e, &[ev(S, A, EventBody::Destroy)]).is_empty());
+        assert!(e.pending.is_empty());
+        assert_eq!(e.stats().pending_dropped, 1);
+
+        // A tracked connection whose close was missed: evicted silently.
+        feed(&mut e, &[established(0, B, ka())]);
+        assert!(feed(&mut e, &[ev(S, B, EventBody::Destroy)]).is_empty());
+        assert_eq!(e.tracked(), 0);
+
+        // Events held for a timer event that never came are replayed, not lost.
+        feed(&mut e, &[established(0, C, ka())]);
+        let held = in_timer(ev(
+            S,
+            C,
+            EventBody::ResetReceived {
+                state: TcpState::Established,
+            },
+        ));
+        assert!(feed(&mut e, &[held]).is_empty());
+        let out = feed(&mut e, &[ev(2 * S, C, EventBody::Destroy)]);
+        assert_eq!(names(&out), ["peer_reset"]);
+        assert!(e.held.is_empty());
+        assert_eq!(e.tracked(), 0);
+    }
+
+    #[test]
+    fn held_events_replayed_when_timer_event_lost() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka()), probe(S, A, 0, 1)]);
+        let reset = in_timer(ev(
+            2 * S,
+            A,
+            EventBody::ResetSent {
+                active: true,
+                reason: None,
+                state: TcpState::Established,
+            },
+        ));
+        assert!(feed(&mut e, &[reset]).is_empty());
+        let out = feed(&mut e, &[close(3 * S, A)]);
+        assert_eq!(names(&out), ["reset", "episode", "close"]);
+        assert_eq!(
+            out[0].kind,
+            RecordKind::Reset {
+                reason: "not_specified".into(),
+                active: true
+            }
+        );
+        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset);
+    }
+
+    #[test]
+    fn episode_ends_on_peer_reset_and_on_close() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka()), established(0, B, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                probe(S, A, 0, 1),
+                ev(
+                    2 * S,
+                    A,
+                    EventBody::ResetReceived {
+                        state: TcpState::Established,
+                    },
+                ),
+                probe(S, B, 0, 1),
+                close(2 * S, B),
+            ],
+        );
+        assert_eq!(
+            names(&out),
+            [
+                "probe",
+                "peer_reset",
+                "episode",
+                "probe",
+                "close",
+                "episode"
+            ]
+        );
+        assert_eq!(episode(&out[2]).outcome, EpisodeOutcome::Reset);
+        assert_eq!(episode(&out[5]).outcome, EpisodeOutcome::Closed);
+        assert_eq!(out[5].conn.sk, B);
+    }
+
+    #[test]
+    fn connect_failure_drops_pending_settings() {
+        let mut e = engine();
+        let p = process(1, "p");
+        let failed = state(S, A, TcpState::SynSent, TcpState::Close, defaults());
+        feed(
+            &mut e,
+            &[
+                setsockopt(0, A, SockOpt::KeepIdle, 5, TcpState::Close, p),
+                failed,
+            ],
+        );
+        assert!(e.pending.is_empty());
+        assert_eq!(e.stats().pending_dropped, 1);
+    }
+
+    #[test]
+    fn sk_hasher_spreads_aligned_pointers() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<SkHasher>::default();
+        let mut low = std::collections::HashSet::new();
+        let mut high = std::collections::HashSet::new();
+        for i in 0..4096u64 {
+            let h = build.hash_one(0xffff_8880_0000_0000u64 + i * 2048);
+            low.insert(h & 4095);
+            high.insert(h >> 57);
+        }
+        // Random hashes would fill ~63% of 4096 buckets and all 128 control values.
+        assert!(low.len() > 2400, "low bits poorly spread: {}", low.len());
+        assert_eq!(high.len(), 128);
+    }
+}

@@ -1,0 +1,128 @@
+//! Reading kernel memory at BTF-resolved offsets.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    generated::bpf_probe_read_kernel,
+};
+use keepalive_common::{
+    Field, RawEvent, FLAG_DEAD, FLAG_KEEPOPEN, FLAG_OWNED, FLAG_PROCESS,
+};
+
+use crate::off;
+
+/// Reads the field `f` of the object at `base` (1 to 8 bytes, zero-extended). 0 when the field is
+/// absent on this kernel or the read fails.
+#[inline(always)]
+pub fn rd(base: u64, f: Field) -> u64 {
+    let mut v: u64 = 0;
+    let size = f.size;
+    if size == 0 || size > 8 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_kernel faults safely; `size` is bounded by 8 = size_of(v).
+    let r = unsafe {
+        bpf_probe_read_kernel(
+            &mut v as *mut u64 as *mut _,
+            size,
+            (base + f.off as u64) as *const _,
+        )
+    };
+    if r != 0 {
+        return 0;
+    }
+    v
+}
+
+/// Copies `N` bytes of the field `f` of `base` into `dst` (zeros when absent).
+#[inline(always)]
+pub fn rd_bytes<const N: usize>(base: u64, f: Field, dst: &mut [u8; N]) {
+    if f.size as usize != N {
+        return;
+    }
+    // SAFETY: `dst` holds exactly N bytes.
+    unsafe {
+        bpf_probe_read_kernel(
+            dst.as_mut_ptr() as *mut _,
+            N as u32,
+            (base + f.off as u64) as *const _,
+        )
+    };
+}
+
+/// Whether `sk` is a TCP socket.
+#[inline(always)]
+pub fn is_tcp(sk: u64) -> bool {
+    rd(sk, off!(sk_protocol)) as u32 == off!(ipproto_tcp)
+}
+
+/// Fills identity, addresses, namespace, state and keep-alive settings of `sk` into `ev`.
+#[inline(always)]
+pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
+    ev.sk = sk;
+    let family = rd(sk, off!(skc_family)) as u32;
+    ev.family = family as u8;
+    ev.state = rd(sk, off!(skc_state)) as u8;
+    ev.sport = rd(sk, off!(skc_num)) as u16;
+    ev.dport = u16::from_be(rd(sk, off!(skc_dport)) as u16);
+    if family == off!(af_inet6) {
+        rd_bytes(sk, off!(skc_v6_rcv_saddr), &mut ev.saddr);
+        rd_bytes(sk, off!(skc_v6_daddr), &mut ev.daddr);
+    } else {
+        let s = rd(sk, off!(skc_rcv_saddr)) as u32;
+        let d = rd(sk, off!(skc_daddr)) as u32;
+        ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+    }
+    let net = rd(sk, off!(skc_net));
+    ev.netns = rd(net, off!(net_ns_inum)) as u32;
+    fill_settings(ev, sk, net);
+}
+
+/// Keep-alive settings of the socket and of its namespace, and the socket flags.
+#[inline(always)]
+pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64) {
+    let sk_flags = rd(sk, off!(sk_flags));
+    if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
+        ev.flags |= FLAG_KEEPOPEN;
+    }
+    if sk_flags & (1u64 << (off!(sock_dead_bit) & 63)) != 0 {
+        ev.flags |= FLAG_DEAD;
+    }
+    if rd(sk, off!(sk_lock_owned)) != 0 {
+        ev.flags |= FLAG_OWNED;
+    }
+    ev.keepalive_time = rd(sk, off!(tp_keepalive_time)) as u32;
+    ev.keepalive_intvl = rd(sk, off!(tp_keepalive_intvl)) as u32;
+    ev.keepalive_probes = rd(sk, off!(tp_keepalive_probes)) as u8;
+    ev.user_timeout_ms = rd(sk, off!(icsk_user_timeout)) as u32;
+    ev.sysctl_time = rd(net, off!(net_keepalive_time)) as u32;
+    ev.sysctl_intvl = rd(net, off!(net_keepalive_intvl)) as u32;
+    ev.sysctl_probes = rd(net, off!(net_keepalive_probes)) as u8;
+    ev.probes_out = rd(sk, off!(icsk_probes_out)) as u8;
+}
+
+/// Whether keep-alive matters on `sk`: SO_KEEPALIVE on, or any keep-alive value or
+/// TCP_USER_TIMEOUT set on the socket. Cheap filter for state changes and destruction.
+#[inline(always)]
+pub fn keepalive_relevant(sk: u64) -> bool {
+    let sk_flags = rd(sk, off!(sk_flags));
+    sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0
+        || rd(sk, off!(icsk_user_timeout)) != 0
+        || rd(sk, off!(tp_keepalive_time)) != 0
+        || rd(sk, off!(tp_keepalive_intvl)) != 0
+        || rd(sk, off!(tp_keepalive_probes)) != 0
+}
+
+/// Records the current process (pid, tid, comm, cgroup) in `ev`.
+#[inline(always)]
+pub fn fill_process(ev: &mut RawEvent) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.comm = comm;
+    }
+    // SAFETY: plain helper call.
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.flags |= FLAG_PROCESS;
+}

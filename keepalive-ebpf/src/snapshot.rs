@@ -1,0 +1,75 @@
+//! Start-up snapshot of existing TCP sockets through a BPF iterator (`iter/tcp`, kernel 5.9+).
+//!
+//! The agent reads the iterator's file: one [`RawEvent`] of kind `Snapshot` per keep-alive-relevant
+//! full socket (listeners, TIME_WAIT and request sockets are skipped).
+
+use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_seq_write, generated::bpf_probe_read_kernel};
+use keepalive_common::{EventKind, RawEvent, FLAG_TIMER_PENDING, RAW_EVENT_SIZE};
+
+use crate::{
+    off,
+    read::{fill_sock, keepalive_relevant, rd},
+    EVENT_SCRATCH,
+};
+
+/// `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`
+#[repr(C)]
+pub struct IterTcpCtx {
+    meta: *const IterMeta,
+    sk_common: *const u8,
+}
+
+/// `struct bpf_iter_meta { struct seq_file *seq; u64 session_id; u64 seq_num; }`
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut aya_ebpf::bindings::seq_file,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
+    // Read the socket pointer as a plain number (the verifier forbids offset arithmetic on the
+    // typed context pointer).
+    let mut sk: u64 = 0;
+    // SAFETY: reading the context's second pointer slot into a local.
+    unsafe {
+        bpf_probe_read_kernel(
+            &mut sk as *mut u64 as *mut _,
+            8,
+            core::ptr::addr_of!((*ctx).sk_common) as *const _,
+        )
+    };
+    if sk == 0 {
+        return 0;
+    }
+    let state = rd(sk, off!(skc_state)) as u32;
+    if state >= 32 || off!(snapshot_state_mask) & (1 << state) == 0 {
+        return 0;
+    }
+    if !keepalive_relevant(sk) {
+        return 0;
+    }
+    let Some(ev) = EVENT_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot.
+    let ev = unsafe { &mut *ev };
+    *ev = RawEvent::zeroed();
+    ev.kind = EventKind::Snapshot as u8;
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    fill_sock(ev, sk);
+    let t = sk + off!(sk_timer).off as u64;
+    ev.timer_expires = rd(t, off!(timer_expires));
+    if rd(t, off!(timer_pprev)) != 0 {
+        ev.flags |= FLAG_TIMER_PENDING;
+    }
+    // SAFETY: `meta` and `meta->seq` are typed pointers the verifier knows; bpf_seq_write copies
+    // RAW_EVENT_SIZE bytes from the scratch slot.
+    unsafe {
+        let meta = (*ctx).meta;
+        let seq = (*meta).seq;
+        bpf_seq_write(seq, ev as *const RawEvent as *const _, RAW_EVENT_SIZE as u32);
+    }
+    0
+}

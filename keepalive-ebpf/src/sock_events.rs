@@ -1,0 +1,128 @@
+//! Socket-level tracepoints: answers to probes, resets, errors, state changes, destruction.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use keepalive_common::{EventKind, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
+
+use crate::{
+    count_lost, off,
+    read::{fill_process, fill_sock, is_tcp, keepalive_relevant, rd},
+    timer::in_timer,
+    EVENTS,
+};
+
+/// Reserves a record, fills the socket part and lets `f` add the rest.
+#[inline(always)]
+fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(kind as u8);
+        return;
+    };
+    // SAFETY: a reserved RawEvent-sized ring buffer record.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    *ev = RawEvent::zeroed();
+    ev.kind = kind as u8;
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    fill_sock(ev, sk);
+    if in_timer(sk) {
+        ev.flags |= FLAG_IN_TIMER;
+    }
+    f(ev);
+    entry.submit(0);
+}
+
+/// `tcp:tcp_probe(sk, skb)`, called at the top of `tcp_rcv_established` for every segment received
+/// on an established socket. While `icsk_probes_out > 0` the segment is the peer's answer to our
+/// keep-alive probes (`tcp_ack` is about to zero `icsk_probes_out`). Cost otherwise: one read.
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if rd(sk, off!(icsk_probes_out)) == 0 {
+        return 0;
+    }
+    emit(EventKind::Ack, sk, |_| {});
+    0
+}
+
+/// `tcp:tcp_send_reset(sk, skb[, reason])`: `skb == NULL` is `tcp_send_active_reset`. The reason
+/// argument exists from 6.10 (`OFFSETS.reset_has_reason`, from the tracepoint's BTF prototype).
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        return 0;
+    }
+    let skb: u64 = ctx.arg(1);
+    let reason: u64 = if off!(reset_has_reason) != 0 { ctx.arg(2) } else { 0 };
+    let has_reason = off!(reset_has_reason) != 0;
+    emit(EventKind::ResetSent, sk, |ev| {
+        if skb == 0 {
+            ev.flags |= FLAG_ACTIVE;
+        }
+        if has_reason {
+            ev.flags |= FLAG_HAS_REASON;
+            ev.reason = reason as u32;
+        }
+    });
+    0
+}
+
+/// `tcp:tcp_receive_reset(sk)`: the peer reset the connection.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        return 0;
+    }
+    emit(EventKind::ResetReceived, sk, |_| {});
+    0
+}
+
+/// `sock:inet_sk_error_report(sk)`: `sk_err` was set (ETIMEDOUT after a keep-alive death).
+#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 || !is_tcp(sk) {
+        return 0;
+    }
+    emit(EventKind::Error, sk, |ev| {
+        ev.err = rd(sk, off!(sk_err)) as u32 as i32;
+    });
+    0
+}
+
+/// `sock:inet_sock_set_state(sk, oldstate, newstate)`: reported for keep-alive-relevant TCP
+/// sockets entering SYN_SENT (process context: `connect()`), ESTABLISHED or CLOSE.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    let new = new as u32;
+    let syn_sent = new == off!(tcp_syn_sent);
+    if !(syn_sent || new == off!(tcp_established) || new == off!(tcp_close)) {
+        return 0;
+    }
+    if sk == 0 || !is_tcp(sk) || !keepalive_relevant(sk) {
+        return 0;
+    }
+    emit(EventKind::State, sk, |ev| {
+        ev.state = old as u8;
+        ev.new_state = new as u8;
+        if syn_sent {
+            fill_process(ev);
+        }
+    });
+    0
+}
+
+/// `tcp:tcp_destroy_sock(sk)`: the socket is freed; its address may be reused by another socket.
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 || !keepalive_relevant(sk) {
+        return 0;
+    }
+    emit(EventKind::Destroy, sk, |_| {});
+    0
+}

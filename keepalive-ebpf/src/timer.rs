@@ -1,0 +1,110 @@
+//! `tcp_keepalive_timer`, reached through `timer:timer_expire_entry` / `timer:timer_expire_exit`.
+//!
+//! Both tracepoints fire for every timer in the system; the programs leave at once unless the
+//! timer's function is `tcp_keepalive_timer` (its address comes from `/proc/kallsyms`). The socket
+//! is `timer - offsetof(struct sock, sk_timer)`. The state read at entry and at exit tells what the
+//! run did: a probe (`tcp_write_wakeup`: `icsk_probes_out` incremented), nothing due, suppressed by
+//! data in flight, FIN_WAIT2 handling, or the connection killed.
+//!
+//! Minimum kernel: 5.2 (`baseclk` argument of timer_expire_entry), ring buffer 5.8.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use keepalive_common::{
+    EventKind, RawEvent, FLAG_KEEPOPEN_AFTER, FLAG_TIMER_PENDING,
+};
+
+use crate::{
+    count_lost, off,
+    read::{fill_sock, rd},
+    EVENTS, TIMER_SCRATCH,
+};
+
+/// `timer:timer_expire_entry(struct timer_list *timer, unsigned long baseclk)`.
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    if rd(timer, off!(timer_function)) != off!(tcp_keepalive_timer) {
+        return 0;
+    }
+    let baseclk: u64 = ctx.arg(1);
+    try_timer_entry(timer, baseclk);
+    0
+}
+
+#[inline(always)]
+fn try_timer_entry(timer: u64, jiffies: u64) {
+    let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let sk = timer - off!(sk_timer).off as u64;
+    // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+    let slot = unsafe { &mut *slot };
+    let ev = &mut slot.ev;
+    *ev = RawEvent::zeroed();
+    ev.kind = EventKind::Timer as u8;
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    fill_sock(ev, sk);
+    ev.jiffies = jiffies;
+    ev.packets_out = rd(sk, off!(tp_packets_out)) as u32;
+    let write_seq = rd(sk, off!(tp_write_seq)) as u32;
+    let snd_nxt = rd(sk, off!(tp_snd_nxt)) as u32;
+    ev.unsent = write_seq.wrapping_sub(snd_nxt);
+    // keepalive_time_elapsed(): min(now - lrcvtime, now - rcv_tstamp), in 32-bit jiffies.
+    let now = jiffies as u32;
+    let a = now.wrapping_sub(rd(sk, off!(icsk_ack_lrcvtime)) as u32);
+    let b = now.wrapping_sub(rd(sk, off!(tp_rcv_tstamp)) as u32);
+    ev.idle_jiffies = if a < b { a } else { b };
+    slot.sk = sk;
+}
+
+/// `timer:timer_expire_exit(struct timer_list *timer)`.
+#[raw_tracepoint(tracepoint = "timer_expire_exit")]
+pub fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot.
+    let slot = unsafe { &mut *slot };
+    let sk = slot.sk;
+    if sk == 0 || sk + off!(sk_timer).off as u64 != timer {
+        return 0;
+    }
+    slot.sk = 0;
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(EventKind::Timer as u8);
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved RawEvent-sized ring buffer record.
+    unsafe {
+        *ev = slot.ev;
+        let ev = &mut *ev;
+        ev.exit_ts_ns = bpf_ktime_get_ns();
+        ev.new_state = rd(sk, off!(skc_state)) as u8;
+        ev.probes_out_after = rd(sk, off!(icsk_probes_out)) as u8;
+        ev.err = rd(sk, off!(sk_err)) as u32 as i32;
+        let sk_flags = rd(sk, off!(sk_flags));
+        if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
+            ev.flags |= FLAG_KEEPOPEN_AFTER;
+        }
+        let t = sk + off!(sk_timer).off as u64;
+        ev.timer_expires = rd(t, off!(timer_expires));
+        if rd(t, off!(timer_pprev)) != 0 {
+            ev.flags |= FLAG_TIMER_PENDING;
+        }
+    }
+    entry.submit(0);
+    0
+}
+
+/// Whether `sk`'s keep-alive timer is running on this CPU right now (for events the timer causes).
+#[inline(always)]
+pub fn in_timer(sk: u64) -> bool {
+    match TIMER_SCRATCH.get_ptr(0) {
+        // SAFETY: per-CPU slot.
+        Some(slot) => unsafe { (*slot).sk == sk },
+        None => false,
+    }
+}

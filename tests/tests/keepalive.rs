@@ -1,0 +1,523 @@
+//! End-to-end scenarios: the real agent watching real keep-alive connections in a test network
+//! namespace. Each test asserts the timeline the agent reports for one connection (matched by its
+//! local and remote addresses). Root required.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keepalive_tests::events::{
+    bool_of, is_conn, kind, of_conn, of_kind, position, render, str_of, ts, u64_of,
+};
+use keepalive_tests::tcp::{
+    fmt_addr, Client, ClientSocket, Family, Keepalive, RecvEnd, Server, ServerMode,
+};
+use keepalive_tests::{process_comm, raise_nofile, thread_comm, Agent, Env};
+use serde_json::Value;
+
+/// Upper bound for anything expected within a few keep-alive periods.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ctx(evs: &[Value]) -> String {
+    format!("connection events:\n{}", render(evs))
+}
+
+/// Every event of the connection carries the same numeric `conn` id and a `netns`.
+fn assert_one_conn(evs: &[Value]) {
+    assert!(
+        !evs.is_empty(),
+        "the agent reported nothing for the connection"
+    );
+    let id = evs[0].get("conn").cloned();
+    assert!(
+        id.as_ref().is_some_and(Value::is_u64),
+        "no numeric conn id: {}",
+        evs[0]
+    );
+    for e in evs {
+        assert_eq!(
+            e.get("conn"),
+            id.as_ref(),
+            "conn id changes within one connection\n{}",
+            ctx(evs)
+        );
+        assert!(e.get("netns").is_some(), "event without netns: {e}");
+    }
+}
+
+/// The config event with `source`, checked against the settings applied.
+fn config<'a>(evs: &'a [Value], source: &str, ka: &Keepalive) -> &'a Value {
+    let c = evs
+        .iter()
+        .find(|e| kind(e) == "config" && str_of(e, "source") == Some(source))
+        .unwrap_or_else(|| panic!("no config event with source {source}\n{}", ctx(evs)));
+    assert_eq!(bool_of(c, "keepalive"), Some(true), "{c}");
+    assert_eq!(u64_of(c, "idle_s"), Some(ka.idle_s as u64), "{c}");
+    assert_eq!(u64_of(c, "intvl_s"), Some(ka.intvl_s as u64), "{c}");
+    assert_eq!(u64_of(c, "cnt"), Some(ka.cnt as u64), "{c}");
+    assert_eq!(
+        u64_of(c, "user_timeout_ms"),
+        Some(u64::from(ka.user_timeout_ms.unwrap_or(0))),
+        "{c}"
+    );
+    c
+}
+
+/// pid is the test process; comm is the thread that called setsockopt (or the process's name).
+fn assert_setsockopt_process(c: &Value, setsockopt_comm: &str) {
+    assert_eq!(u64_of(c, "pid"), Some(u64::from(std::process::id())), "{c}");
+    let comm = str_of(c, "comm").unwrap_or_else(|| panic!("no comm: {c}"));
+    assert!(
+        comm == setsockopt_comm || comm == process_comm(),
+        "comm {comm:?}, expected {setsockopt_comm:?}: {c}"
+    );
+    assert!(
+        str_of(c, "option").is_some_and(|o| !o.is_empty()),
+        "setsockopt config without option: {c}"
+    );
+}
+
+/// Probe numbers in order.
+fn probe_numbers(evs: &[Value]) -> Vec<u64> {
+    of_kind(evs, "probe")
+        .iter()
+        .map(|e| u64_of(e, "probe").unwrap_or_else(|| panic!("probe without number: {e}")))
+        .collect()
+}
+
+/// Probes immediately followed (among probes and acks) by an ack.
+fn answered_probes(evs: &[Value]) -> usize {
+    let pa: Vec<&Value> = evs
+        .iter()
+        .filter(|e| matches!(kind(e), "probe" | "ack"))
+        .collect();
+    pa.windows(2)
+        .filter(|w| kind(w[0]) == "probe" && kind(w[1]) == "ack")
+        .count()
+}
+
+fn expect_etimedout(client: &mut Client, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    let end = client.recv_end(within);
+    let elapsed = t0.elapsed();
+    match end {
+        RecvEnd::Error(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ETIMEDOUT),
+            "recv failed with {e}"
+        ),
+        other => panic!("expected recv to fail with ETIMEDOUT, got {other:?} after {elapsed:?}"),
+    }
+    elapsed
+}
+
+fn wait_event(agent: &Agent<'_>, l: SocketAddr, r: SocketAddr, k: &str) -> Value {
+    agent
+        .wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == k)
+        .unwrap_or_else(|| {
+            panic!(
+                "no {k} event within {WAIT:?}\n{}",
+                ctx(&of_conn(&agent.events(), l, r))
+            )
+        })
+}
+
+fn idx(evs: &[Value], k: &str) -> usize {
+    position(evs, k, |_| true).unwrap_or_else(|| panic!("no {k} event\n{}", ctx(evs)))
+}
+
+/// Scenario 1: A live peer answers every probe; the settings come from setsockopt, with pid and comm.
+#[test]
+fn healthy_peer_probes_are_answered() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let ka = Keepalive::new(1, 1, 3);
+    let comm = thread_comm();
+    let client = Client::connect(&env.ns, server.addr(), &ka).unwrap(); // setsockopt on this thread
+    let (l, r) = (client.local(), client.remote());
+    let answered = agent.wait_until(WAIT, |evs| answered_probes(&of_conn(evs, l, r)) >= 2);
+    assert!(
+        answered,
+        "no two answered probes\n{}",
+        ctx(&of_conn(&agent.events(), l, r))
+    );
+    drop(client); // FIN; the echo server closes its side too
+    wait_event(&agent, l, r, "close");
+    let evs = of_conn(&agent.stop(), l, r);
+
+    assert_one_conn(&evs);
+    assert!(
+        evs.iter().any(|e| kind(e) == "open"),
+        "no open\n{}",
+        ctx(&evs)
+    );
+    let c = config(&evs, "setsockopt", &ka);
+    assert_setsockopt_process(c, &comm);
+    assert_eq!(str_of(c, "local"), Some(fmt_addr(l).as_str()));
+
+    let probes = probe_numbers(&evs);
+    assert!(
+        probes.len() >= 2 && probes.iter().all(|&p| p == 1),
+        "a live peer: every probe is the first\n{}",
+        ctx(&evs)
+    );
+    for a in of_kind(&evs, "ack") {
+        assert_eq!(u64_of(a, "probes"), Some(1), "{a}");
+        assert_eq!(str_of(a, "precision"), Some("segment"), "{a}");
+    }
+    assert!(answered_probes(&evs) >= 2, "{}", ctx(&evs));
+    let answered_episodes = of_kind(&evs, "episode")
+        .into_iter()
+        .filter(|e| str_of(e, "outcome") == Some("answered") && u64_of(e, "probes") == Some(1))
+        .count();
+    assert!(answered_episodes >= 1, "no answered episode\n{}", ctx(&evs));
+    for k in ["timeout", "reset", "error", "peer_reset"] {
+        assert!(of_kind(&evs, k).is_empty(), "unexpected {k}\n{}", ctx(&evs));
+    }
+    let close = &evs[idx(&evs, "close")];
+    assert!(
+        matches!(
+            str_of(close, "state"),
+            Some("FIN_WAIT1" | "FIN_WAIT2" | "CLOSING")
+        ),
+        "an orderly close leaves for CLOSE from a FIN state: {close}"
+    );
+    assert!(
+        idx(&evs, "close") > events_last(&evs, "probe"),
+        "{}",
+        ctx(&evs)
+    );
+}
+
+fn events_last(evs: &[Value], k: &str) -> usize {
+    keepalive_tests::events::last_position(evs, k).unwrap_or_else(|| panic!("no {k}\n{}", ctx(evs)))
+}
+
+/// Scenarios 2 and 5: the peer vanishes: cnt probes, then the keep-alive timeout, an active reset, ETIMEDOUT
+/// and the close.
+fn dead_peer(family: Family) {
+    let env = Env::new();
+    let server = Server::start(&env.ns, family, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let ka = Keepalive::new(1, 1, 3);
+    let mut client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_from_port(server.port()).unwrap();
+    let elapsed = expect_etimedout(&mut client, Duration::from_secs(15));
+    assert!(
+        elapsed > Duration::from_secs(2) && elapsed < Duration::from_secs(10),
+        "died after {elapsed:?}"
+    );
+    wait_event(&agent, l, r, "close");
+    let evs = of_conn(&agent.stop(), l, r);
+
+    assert_one_conn(&evs);
+    if family == Family::V6 {
+        for e in &evs {
+            assert!(
+                str_of(e, "local").is_some_and(|s| s.starts_with("[::1]:")),
+                "{e}"
+            );
+            assert!(
+                str_of(e, "remote").is_some_and(|s| s.starts_with("[::1]:")),
+                "{e}"
+            );
+        }
+    }
+    config(&evs, "setsockopt", &ka);
+    assert_eq!(probe_numbers(&evs), vec![1, 2, 3], "{}", ctx(&evs));
+    assert!(
+        of_kind(&evs, "ack").is_empty(),
+        "nothing can be answered\n{}",
+        ctx(&evs)
+    );
+    let probes = of_kind(&evs, "probe");
+    for w in probes.windows(2) {
+        let gap = ts(w[1]) - ts(w[0]);
+        assert!(
+            (0.5..=3.0).contains(&gap),
+            "probes {gap:.3} s apart, intvl is 1 s\n{}",
+            ctx(&evs)
+        );
+    }
+
+    let timeout = &evs[idx(&evs, "timeout")];
+    assert_eq!(str_of(timeout, "reason"), Some("keepalive"), "{timeout}");
+    assert_eq!(u64_of(timeout, "probes"), Some(3), "{timeout}");
+    let reset = &evs[idx(&evs, "reset")];
+    assert_eq!(
+        str_of(reset, "reason"),
+        Some("tcp_keepalive_timeout"),
+        "{reset}"
+    );
+    assert_eq!(bool_of(reset, "active"), Some(true), "{reset}");
+    let error = &evs[idx(&evs, "error")];
+    assert_eq!(str_of(error, "errno"), Some("ETIMEDOUT"), "{error}");
+    let close = &evs[idx(&evs, "close")];
+    assert_eq!(str_of(close, "state"), Some("ESTABLISHED"), "{close}");
+    let episode = position(&evs, "episode", |e| str_of(e, "outcome") == Some("timeout"))
+        .map(|i| &evs[i])
+        .unwrap_or_else(|| panic!("no timeout episode\n{}", ctx(&evs)));
+    assert_eq!(u64_of(episode, "probes"), Some(3), "{episode}");
+
+    let last_probe = events_last(&evs, "probe");
+    assert!(
+        idx(&evs, "timeout") > last_probe,
+        "timeout before the last probe\n{}",
+        ctx(&evs)
+    );
+    for k in ["timeout", "reset", "error"] {
+        assert!(
+            idx(&evs, "close") > idx(&evs, k),
+            "close before {k}\n{}",
+            ctx(&evs)
+        );
+    }
+}
+
+/// Scenario 2: IPv4 dead peer.
+#[test]
+fn dead_peer_times_out_v4() {
+    dead_peer(Family::V4);
+}
+
+/// Scenario 5: IPv6 dead peer: addresses are reported as `[::1]:port`.
+#[test]
+fn dead_peer_times_out_v6() {
+    dead_peer(Family::V6);
+}
+
+/// Scenario 3: TCP_USER_TIMEOUT ends the connection before TCP_KEEPCNT probes.
+#[test]
+fn user_timeout_cuts_probing_short() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let ka = Keepalive::new(1, 1, 10).user_timeout(2500);
+    let mut client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_from_port(server.port()).unwrap();
+    let elapsed = expect_etimedout(&mut client, Duration::from_secs(15));
+    // 10 probes would take over 10 s; the user timeout fires about 3 s after the last answer.
+    assert!(elapsed < Duration::from_secs(8), "died after {elapsed:?}");
+    wait_event(&agent, l, r, "close");
+    let evs = of_conn(&agent.stop(), l, r);
+
+    assert_one_conn(&evs);
+    config(&evs, "setsockopt", &ka);
+    let timeout = &evs[idx(&evs, "timeout")];
+    assert_eq!(str_of(timeout, "reason"), Some("user_timeout"), "{timeout}");
+    let n =
+        u64_of(timeout, "probes").unwrap_or_else(|| panic!("timeout without probes: {timeout}"));
+    assert!((1..10).contains(&n), "{timeout}");
+    let probes = probe_numbers(&evs);
+    assert_eq!(probes, (1..=n).collect::<Vec<_>>(), "{}", ctx(&evs));
+    assert_eq!(str_of(&evs[idx(&evs, "error")], "errno"), Some("ETIMEDOUT"));
+    assert!(idx(&evs, "close") > idx(&evs, "timeout"), "{}", ctx(&evs));
+}
+
+/// Scenario 4: Unacknowledged data silences keep-alive: the timer fires but sends no probe.
+#[test]
+fn unacked_data_suppresses_probes() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let ka = Keepalive::new(1, 1, 3);
+    let mut client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_from_port(server.port()).unwrap();
+    std::io::Write::write_all(&mut client.stream, &[0x55; 100]).unwrap();
+    let s = agent
+        .wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "suppressed")
+        .unwrap_or_else(|| {
+            panic!(
+                "no suppressed event\n{}",
+                ctx(&of_conn(&agent.events(), l, r))
+            )
+        });
+    assert!(u64_of(&s, "packets_out").is_some_and(|n| n > 0), "{s}");
+    assert!(u64_of(&s, "unsent").is_some(), "{s}");
+    // Two more keep-alive periods: still silenced, still no probe.
+    std::thread::sleep(Duration::from_millis(2500));
+    env.ns.restore().unwrap();
+    client.abort();
+    let evs = of_conn(&agent.stop(), l, r);
+
+    assert_one_conn(&evs);
+    assert!(
+        of_kind(&evs, "probe").is_empty(),
+        "keep-alive must stay silent with data in flight\n{}",
+        ctx(&evs)
+    );
+    let suppressed = of_kind(&evs, "suppressed");
+    assert!(
+        suppressed.len() >= 2,
+        "the timer fires every idle period\n{}",
+        ctx(&evs)
+    );
+    assert!(
+        suppressed
+            .iter()
+            .all(|e| u64_of(e, "packets_out").is_some_and(|n| n > 0)),
+        "{}",
+        ctx(&evs)
+    );
+    for k in ["timeout", "reset", "error"] {
+        assert!(of_kind(&evs, k).is_empty(), "unexpected {k}\n{}", ctx(&evs));
+    }
+}
+
+/// Scenario 6: A connection established (and configured) before the agent starts is found by the
+/// start-up snapshot, then followed.
+#[test]
+fn snapshot_reports_existing_connection() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let ka = Keepalive::new(1, 1, 5).user_timeout(30_000);
+    let client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    let agent = Agent::start(&env, &[]);
+    let answered = agent.wait_until(WAIT, |evs| answered_probes(&of_conn(evs, l, r)) >= 1);
+    assert!(
+        answered,
+        "no answered probe after start-up\n{}",
+        ctx(&of_conn(&agent.events(), l, r))
+    );
+    let evs = of_conn(&agent.stop(), l, r);
+    drop(client);
+
+    assert_one_conn(&evs);
+    let c = config(&evs, "snapshot", &ka);
+    let first_probe = idx(&evs, "probe");
+    assert!(
+        evs.iter().position(|e| e == c).unwrap() < first_probe,
+        "snapshot after the probes\n{}",
+        ctx(&evs)
+    );
+    assert!(
+        of_kind(&evs, "config")
+            .iter()
+            .all(|e| str_of(e, "source") != Some("setsockopt")),
+        "{}",
+        ctx(&evs)
+    );
+}
+
+/// Scenario 7: setsockopt after the agent is ready but before connect: reported once connected, with the
+/// pid and the comm of the thread that called it.
+#[test]
+fn setsockopt_before_connect_is_attributed() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let ka = Keepalive::new(3, 2, 4);
+    let sock = ClientSocket::new(&env.ns, Family::V4).unwrap();
+    let setter_comm = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ka-setopt".into())
+            .spawn_scoped(s, || {
+                sock.set_keepalive(&ka).unwrap();
+                thread_comm()
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    assert_eq!(setter_comm, "ka-setopt");
+    let client = sock.connect(server.addr()).unwrap(); // from another thread
+    let (l, r) = (client.local(), client.remote());
+    wait_event(&agent, l, r, "config");
+    let evs = of_conn(&agent.stop(), l, r);
+    drop(client);
+
+    assert_one_conn(&evs);
+    let c = config(&evs, "setsockopt", &ka);
+    assert_setsockopt_process(c, &setter_comm);
+}
+
+/// Scenario 8: 1,000 connections probing every second: every one is seen probing and answered, and the
+/// agent loses no events.
+#[test]
+fn thousand_connections_no_lost_events() {
+    const N: usize = 1000;
+    let limit = raise_nofile(8192);
+    assert!(limit >= 2 * N as u64 + 100);
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &["--max-connections", "4096"]);
+    let ka = Keepalive::new(1, 1, 3);
+    let socks = ClientSocket::many(&env.ns, Family::V4, N).unwrap();
+    let mut clients = Vec::with_capacity(N);
+    for s in socks {
+        s.set_keepalive(&ka).unwrap();
+        clients.push(s.connect(server.addr()).unwrap());
+    }
+    assert!(
+        server.wait_accepted(N, Duration::from_secs(10)),
+        "accepted {}",
+        server.accepted()
+    );
+
+    // (local, remote) -> (probes, acks), counted incrementally as events arrive.
+    let mut counts: HashMap<(String, String), (u32, u32)> = clients
+        .iter()
+        .map(|c| ((fmt_addr(c.local()), fmt_addr(c.remote())), (0, 0)))
+        .collect();
+    let mut next = 0;
+    let mut done = 0;
+    let all_seen = agent.wait_until(Duration::from_secs(30), |evs| {
+        for e in &evs[next..] {
+            let k = kind(e);
+            if k != "probe" && k != "ack" {
+                continue;
+            }
+            let key = (
+                str_of(e, "local").unwrap_or("").to_string(),
+                str_of(e, "remote").unwrap_or("").to_string(),
+            );
+            if let Some(c) = counts.get_mut(&key) {
+                let before = c.0 >= 2 && c.1 >= 2;
+                if k == "probe" {
+                    c.0 += 1;
+                } else {
+                    c.1 += 1;
+                }
+                if !before && c.0 >= 2 && c.1 >= 2 {
+                    done += 1;
+                }
+            }
+        }
+        next = evs.len();
+        done == N
+    });
+    let lagging: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| c.0 < 2 || c.1 < 2)
+        .take(5)
+        .collect();
+    let stderr = agent.stderr_lines();
+    let evs = agent.stop();
+    drop(clients);
+    assert!(
+        all_seen,
+        "{} of {N} connections without 2 probes and 2 acks, e.g. {lagging:?}",
+        N - done
+    );
+
+    let lost: Vec<&String> = stderr
+        .iter()
+        .filter(|l| l.to_ascii_lowercase().contains("lost"))
+        .collect();
+    assert!(lost.is_empty(), "the agent lost events:\n{lost:?}");
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for e in &evs {
+        if let (Some(l), Some(r)) = (str_of(e, "local"), str_of(e, "remote")) {
+            *seen.entry((l.to_string(), r.to_string())).or_default() += 1;
+        }
+    }
+    let missing = counts.keys().filter(|k| !seen.contains_key(*k)).count();
+    assert_eq!(missing, 0, "connections never reported");
+}
