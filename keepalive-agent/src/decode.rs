@@ -130,6 +130,7 @@ impl Decoder {
                 new: self.state(raw.new_state),
                 settings: self.settings(raw),
                 process: process(raw),
+                err: raw.err.wrapping_abs(),
             },
             EventKind::Setsockopt => EventBody::Setsockopt {
                 option: sockopt(raw.level, raw.optname).ok_or(DecodeError::UnknownSockOpt {

@@ -181,8 +181,10 @@ pub enum EventBody {
     ResetReceived { state: TcpState },
     /// A socket error was reported; `errno` positive (e.g. 110 = ETIMEDOUT).
     Error { errno: i32, state: TcpState },
-    /// State change (only to SYN_SENT, ESTABLISHED and CLOSE are reported).
-    State { old: TcpState, new: TcpState, settings: SockSettings, process: Option<Process> },
+    /// State change (only to SYN_SENT, ESTABLISHED and CLOSE are reported). `err`: `sk_err` at a
+    /// change to CLOSE (positive errno, 0 if none): the kernel sets it before closing a connection
+    /// it kills and reports the error only after the close.
+    State { old: TcpState, new: TcpState, settings: SockSettings, process: Option<Process>, err: i32 },
     /// `setsockopt(2)` of a keep-alive option (value as passed by the caller).
     Setsockopt { option: SockOpt, value: i32, state: TcpState, process: Process },
     /// A socket that existed when the agent started.

@@ -92,7 +92,7 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
 }
 
 /// `sock:inet_sock_set_state(sk, oldstate, newstate)`: reported for keep-alive-relevant TCP
-/// sockets entering SYN_SENT (process context: `connect()`), ESTABLISHED or CLOSE.
+/// sockets entering SYN_SENT (process context: `connect()`), ESTABLISHED or CLOSE (with `sk_err`).
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -111,6 +111,10 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         ev.new_state = new as u8;
         if syn_sent {
             fill_process(ev);
+        } else if new == off!(tcp_close) {
+            // A connection killed by an error (keep-alive or user timeout, reset) has sk_err set
+            // before tcp_done() moves it to CLOSE; the error report itself comes after the close.
+            ev.err = rd(sk, off!(sk_err)) as u32 as i32;
         }
     });
     0

@@ -115,6 +115,8 @@ struct Conn {
     /// the kernel's values at the first timer run.
     known: u8,
     episode: Option<OpenEpisode>,
+    /// The last socket error reported for this connection (to report each error once).
+    last_errno: i32,
 }
 
 /// What is remembered about a socket not (yet) tracked.
@@ -359,6 +361,7 @@ impl Engine {
                 if let Some(conn) = self.conns.get_mut(&ev.sk) {
                     note_addrs(conn, ev);
                     conn.state = *state;
+                    conn.last_errno = *errno;
                     emit(out, ev.ts_ns, conn, RecordKind::Error { errno: *errno });
                 }
             }
@@ -367,7 +370,8 @@ impl Engine {
                 new,
                 settings,
                 process,
-            } => self.on_state(ev, *old, *new, settings, *process, out),
+                err,
+            } => self.on_state(ev, *old, *new, settings, *process, *err, out),
             EventBody::Setsockopt {
                 option,
                 value,
@@ -469,6 +473,7 @@ impl Engine {
             settings,
             known,
             episode: None,
+            last_errno: 0,
         };
         let conn = match self.conns.entry(ev.sk) {
             Entry::Occupied(mut o) => {
@@ -528,6 +533,7 @@ impl Engine {
         new: TcpState,
         settings: &SockSettings,
         process: Option<Process>,
+        err: i32,
         out: &mut Vec<Record>,
     ) {
         self.learn_defaults(ev.netns, settings);
@@ -535,6 +541,11 @@ impl Engine {
             TcpState::Close => {
                 if let Some(mut conn) = self.conns.remove(&ev.sk) {
                     note_addrs(&mut conn, ev);
+                    // The error that killed the connection: the kernel reports it after the close
+                    // (when the connection is no longer tracked), older kernels before it.
+                    if err != 0 && conn.last_errno != err {
+                        emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
+                    }
                     emit(out, ev.ts_ns, &conn, RecordKind::Close { state: old });
                     end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
                     self.stats.evicted_closed += 1;
@@ -880,6 +891,7 @@ mod tests {
                 new,
                 settings,
                 process: None,
+                err: 0,
             },
         )
     }
@@ -1053,6 +1065,55 @@ mod tests {
             (st.events, st.tracked, st.evicted_closed, st.cap_rejected),
             (5, 0, 1, 0)
         );
+    }
+
+    /// Linux 6.10+ (`tcp_done_with_error`): the connection is closed with `sk_err` already set and
+    /// the error is reported only after the close. The error is reported once, before the close.
+    #[test]
+    fn error_set_before_close_is_reported_once_before_the_close() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        feed(&mut e, &[probe(S, A, 0, 1), probe(2 * S, A, 1, 2), probe(3 * S, A, 2, 3)]);
+        let t4 = 4 * S;
+        let reset = in_timer(ev(
+            t4 + 10,
+            A,
+            EventBody::ResetSent {
+                active: true,
+                reason: Some("tcp_keepalive_timeout".into()),
+                state: TcpState::Established,
+            },
+        ));
+        let mut closed = in_timer(close(t4 + 20, A));
+        if let EventBody::State { err, .. } = &mut closed.body {
+            *err = 110;
+        }
+        let late_error = in_timer(ev(
+            t4 + 30,
+            A,
+            EventBody::Error { errno: 110, state: TcpState::Close },
+        ));
+        let death = TimerFiring {
+            state_after: TcpState::Close,
+            err_after: 110,
+            ..firing(ka(), 3, 3)
+        };
+        let out = feed(&mut e, &[reset, closed, late_error, timer(t4, A, death)]);
+        assert_eq!(names(&out), ["timeout", "episode", "reset", "error", "close"]);
+        assert_eq!(out[3].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(e.tracked(), 0);
+
+        // An error reported before the close (older kernels) is not repeated by the close.
+        feed(&mut e, &[established(10 * S, B, ka())]);
+        let mut closed = close(10 * S + 20, B);
+        if let EventBody::State { err, .. } = &mut closed.body {
+            *err = 104;
+        }
+        let out = feed(
+            &mut e,
+            &[ev(10 * S + 10, B, EventBody::Error { errno: 104, state: TcpState::Established }), closed],
+        );
+        assert_eq!(names(&out), ["error", "close"]);
     }
 
     #[test]
@@ -1334,6 +1395,7 @@ mod tests {
                         new: TcpState::SynSent,
                         settings: defaults(),
                         process: Some(curl),
+                        err: 0,
                     },
                 ),
             ],
@@ -1664,6 +1726,7 @@ mod tests {
                 new: TcpState::SynSent,
                 settings: defaults(),
                 process: Some(p),
+                err: 0,
             },
         );
         let out = feed(
@@ -1713,6 +1776,7 @@ mod tests {
                 new: TcpState::SynSent,
                 settings: ka(),
                 process: Some(p),
+                err: 0,
             },
         );
         let out = feed(&mut e, &[connect, established(S, A, ka())]);
