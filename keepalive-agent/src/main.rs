@@ -232,11 +232,12 @@ fn trace(args: TraceArgs) -> Result<()> {
         );
     }
     info!(
-        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked, {} not tracked (cap)",
+        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked ({} still open), {} refused by the cap",
         summary.events,
         summary.records,
         summary.lost_total(),
         summary.decode_errors,
+        stats.opened,
         stats.tracked,
         stats.cap_rejected
     );

@@ -262,6 +262,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             tracked: self.conns.len() as u64,
+            opened: self.next_id - 1,
             ..self.stats
         }
     }

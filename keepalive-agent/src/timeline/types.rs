@@ -169,7 +169,10 @@ pub struct Record {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub events: u64,
+    /// Connections tracked now.
     pub tracked: u64,
+    /// Connections tracked since the engine started.
+    pub opened: u64,
     /// Connections not tracked because the cap was reached.
     pub cap_rejected: u64,
     pub evicted_closed: u64,
