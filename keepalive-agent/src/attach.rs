@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockopt, Iter, RawTracePoint},
+    programs::{CgroupAttachMode, CgroupSockopt, FEntry, FExit, Iter, KProbe, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
@@ -23,9 +23,33 @@ use log::{debug, info, warn};
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
+/// Where a direct (fentry/kprobe) program runs relative to the kernel function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    Entry,
+    Exit,
+}
+
+/// Attach-method families, for `--attach` and reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Best available for each hook: fentry, then kprobe, then tracepoint.
+    Auto,
+    /// BPF trampoline (fentry/fexit): cheapest, needs BTF and a kernel that allows it.
+    Fentry,
+    /// kprobe/kretprobe (needs CONFIG_KPROBES).
+    Kprobe,
+    /// Tracepoints, raw tracepoints, cgroup and iterator programs only.
+    Tracepoint,
+}
+
 /// A way to reach a hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
+    /// fentry/fexit programs: (program, kernel function, entry or exit), all must attach.
+    Fentry(&'static [(&'static str, &'static str, At)]),
+    /// kprobe/kretprobe programs: (program, kernel function, entry or exit), all must attach.
+    Kprobe(&'static [(&'static str, &'static str, At)]),
     /// Raw tracepoints: (program, tracepoint) pairs that must all attach.
     RawTracepoints(&'static [(&'static str, &'static str)]),
     /// A `cgroup/setsockopt` program on the agent's cgroup (the cgroup2 root by default).
@@ -38,15 +62,45 @@ impl Strategy {
     /// Short name for reports (`tracepoint`, `cgroup`, `iterator`).
     pub fn kind(&self) -> &'static str {
         match self {
+            Strategy::Fentry(_) => "fentry",
+            Strategy::Kprobe(_) => "kprobe",
             Strategy::RawTracepoints(_) => "tracepoint",
             Strategy::CgroupSockopt(_) => "cgroup",
             Strategy::Iter { .. } => "iterator",
         }
     }
 
+    /// The programs it loads.
+    pub fn programs(&self) -> Vec<&'static str> {
+        match *self {
+            Strategy::Fentry(p) | Strategy::Kprobe(p) => p.iter().map(|(n, _, _)| *n).collect(),
+            Strategy::RawTracepoints(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::CgroupSockopt(n) => vec![n],
+            Strategy::Iter { program, .. } => vec![program],
+        }
+    }
+
+    /// The `--attach` family it belongs to.
+    pub fn method(&self) -> Method {
+        match self {
+            Strategy::Fentry(_) => Method::Fentry,
+            Strategy::Kprobe(_) => Method::Kprobe,
+            _ => Method::Tracepoint,
+        }
+    }
+
     /// What it attaches to, for reports.
     pub fn describe(&self) -> String {
+        let direct = |progs: &[(&str, &str, At)], entry: &str, exit: &str| {
+            progs
+                .iter()
+                .map(|(_, f, at)| format!("{}/{f}", if *at == At::Entry { entry } else { exit }))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
         match self {
+            Strategy::Fentry(p) => direct(p, "fentry", "fexit"),
+            Strategy::Kprobe(p) => direct(p, "kprobe", "kretprobe"),
             Strategy::RawTracepoints(pairs) => pairs
                 .iter()
                 .map(|(_, tp)| format!("raw_tp/{tp}"))
@@ -76,10 +130,20 @@ pub const PLAN: &[Hook] = &[
         name: "keepalive_timer",
         reaches: "tcp_keepalive_timer, tcp_write_wakeup (probes via icsk_probes_out)",
         without: "no timer firings: no probes, suppressed firings, idle re-arms or keep-alive timeouts",
-        strategies: &[Strategy::RawTracepoints(&[
+        strategies: &[
+            Strategy::Fentry(&[
+                ("fentry_tcp_keepalive_timer", "tcp_keepalive_timer", At::Entry),
+                ("fexit_tcp_keepalive_timer", "tcp_keepalive_timer", At::Exit),
+            ]),
+            Strategy::Kprobe(&[
+                ("kprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Entry),
+                ("kretprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Exit),
+            ]),
+            Strategy::RawTracepoints(&[
             ("timer_expire_entry", "timer_expire_entry"),
             ("timer_expire_exit", "timer_expire_exit"),
-        ])],
+        ]),
+        ],
     },
     Hook {
         name: "probe_answer",
@@ -91,7 +155,11 @@ pub const PLAN: &[Hook] = &[
         name: "active_reset",
         reaches: "tcp_send_active_reset, tcp_v4/v6_send_reset",
         without: "no reset events (the timeout itself is still seen)",
-        strategies: &[Strategy::RawTracepoints(&[("tcp_send_reset", "tcp_send_reset")])],
+        strategies: &[
+            Strategy::Fentry(&[("fentry_tcp_send_active_reset", "tcp_send_active_reset", At::Entry)]),
+            Strategy::Kprobe(&[("kprobe_tcp_send_active_reset", "tcp_send_active_reset", At::Entry)]),
+            Strategy::RawTracepoints(&[("tcp_send_reset", "tcp_send_reset")]),
+        ],
     },
     Hook {
         name: "peer_reset",
@@ -119,9 +187,20 @@ pub const PLAN: &[Hook] = &[
     },
     Hook {
         name: "setsockopt",
-        reaches: "sock_setsockopt / do_tcp_setsockopt (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT)",
+        reaches: "tcp_set_keepalive (SO_KEEPALIVE), do_tcp_setsockopt (TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT)",
         without: "no process attribution of settings; changes still seen at the next timer firing",
-        strategies: &[Strategy::CgroupSockopt("setsockopt")],
+        strategies: &[
+            Strategy::Fentry(&[
+                ("fentry_tcp_set_keepalive", "tcp_set_keepalive", At::Entry),
+                ("fexit_do_tcp_setsockopt", "do_tcp_setsockopt", At::Exit),
+            ]),
+            Strategy::Kprobe(&[
+                ("kprobe_tcp_set_keepalive", "tcp_set_keepalive", At::Entry),
+                ("kprobe_do_tcp_setsockopt", "do_tcp_setsockopt", At::Entry),
+                ("kretprobe_do_tcp_setsockopt", "do_tcp_setsockopt", At::Exit),
+            ]),
+            Strategy::CgroupSockopt("setsockopt"),
+        ],
     },
     Hook {
         name: "snapshot",
@@ -167,6 +246,18 @@ pub struct AttachOptions {
     pub cgroup: Option<PathBuf>,
     /// Skip the `snapshot` hook.
     pub no_snapshot: bool,
+    /// Restrict every hook that has strategies of this family to them.
+    pub method: Method,
+}
+
+/// The strategies of `hook` to try under `method`: with a specific method, the hook's strategies of
+/// that family when it has any (hooks with no alternative keep theirs).
+pub fn strategies_for(hook: &Hook, method: Method) -> Vec<Strategy> {
+    let all = hook.strategies.iter().copied();
+    if method == Method::Auto || !hook.strategies.iter().any(|s| s.method() == method) {
+        return all.collect();
+    }
+    all.filter(|s| s.method() == method).collect()
 }
 
 /// What happened to one hook.
@@ -240,8 +331,14 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         if opts.no_snapshot && hook.name == "snapshot" {
             continue;
         }
-        for st in hook.strategies {
-            match try_strategy(&mut ebpf, st, btf.as_ref(), cgroup.as_deref()) {
+        for st in strategies_for(hook, opts.method) {
+            let st = &st;
+            let attempt = try_strategy(&mut ebpf, st, btf.as_ref(), cgroup.as_deref());
+            if attempt.is_err() {
+                // Never leave half a strategy attached (e.g. an entry program without its exit).
+                unload(&mut ebpf, st);
+            }
+            match attempt {
                 Ok(()) => {
                     outcome.chosen = Some(*st);
                     if matches!(st, Strategy::Iter { .. }) {
@@ -284,6 +381,40 @@ fn try_strategy(
     cgroup: Option<&Path>,
 ) -> Result<(), String> {
     match *st {
+        Strategy::Fentry(progs) => {
+            let btf = btf.ok_or("kernel BTF unavailable")?;
+            for &(prog, func, at) in progs {
+                let p = ebpf.program_mut(prog).ok_or_else(|| format!("program {prog} missing from the object"))?;
+                match at {
+                    At::Entry => {
+                        let p: &mut FEntry = p.try_into().map_err(|e| format!("{prog}: {e}"))?;
+                        p.load(func, btf).map_err(|e| explain_load("fentry", prog, &e))?;
+                        p.attach().map_err(|e| format!("attaching {prog}: {}", error_chain(&e)))?;
+                    }
+                    At::Exit => {
+                        let p: &mut FExit = p.try_into().map_err(|e| format!("{prog}: {e}"))?;
+                        p.load(func, btf).map_err(|e| explain_load("fentry", prog, &e))?;
+                        p.attach().map_err(|e| format!("attaching {prog}: {}", error_chain(&e)))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Strategy::Kprobe(progs) => {
+            if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+                return Err("this kernel has no kprobes (CONFIG_KPROBES is off)".into());
+            }
+            for &(prog, func, _) in progs {
+                let p: &mut KProbe = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} missing from the object"))?
+                    .try_into()
+                    .map_err(|e| format!("{prog}: {e}"))?;
+                p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
+                p.attach(func, 0).map_err(|e| format!("attaching {prog} to {func}: {}", error_chain(&e)))?;
+            }
+            Ok(())
+        }
         Strategy::RawTracepoints(pairs) => {
             for (prog, tp) in pairs {
                 let p: &mut RawTracePoint = ebpf
@@ -321,6 +452,33 @@ fn try_strategy(
             p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
             Ok(())
         }
+    }
+}
+
+/// Detaches and unloads every program of `st` (those never loaded are skipped).
+fn unload(ebpf: &mut Ebpf, st: &Strategy) {
+    use aya::programs::Program;
+    for name in st.programs() {
+        let Some(p) = ebpf.program_mut(name) else { continue };
+        let _ = match p {
+            Program::FEntry(p) => p.unload(),
+            Program::FExit(p) => p.unload(),
+            Program::KProbe(p) => p.unload(),
+            Program::RawTracePoint(p) => p.unload(),
+            Program::CgroupSockopt(p) => p.unload(),
+            Program::Iter(p) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+}
+
+/// Why a direct strategy's program did not load, in the user's terms.
+fn explain_load(st_kind: &str, prog: &str, e: &dyn std::error::Error) -> String {
+    let chain = error_chain(e);
+    if st_kind == "fentry" && chain.contains("Operation not permitted") {
+        format!("loading {prog}: the kernel refused the BPF trampoline program (EPERM before verification): fentry/fexit is not allowed here")
+    } else {
+        format!("loading {prog}: {chain}")
     }
 }
 
@@ -392,6 +550,19 @@ mod tests {
                   41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         assert_eq!(parse_cgroup2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(parse_cgroup2_mount("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn attach_method_restricts_only_hooks_with_alternatives() {
+        let timer = PLAN.iter().find(|h| h.name == "keepalive_timer").unwrap();
+        let answer = PLAN.iter().find(|h| h.name == "probe_answer").unwrap();
+        let kinds = |h, m| strategies_for(h, m).iter().map(|s| s.kind()).collect::<Vec<_>>();
+        assert_eq!(kinds(timer, Method::Auto), ["fentry", "kprobe", "tracepoint"]);
+        assert_eq!(kinds(timer, Method::Kprobe), ["kprobe"]);
+        assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint"]);
+        assert_eq!(kinds(answer, Method::Fentry), ["tracepoint"]);
+        let setsockopt = PLAN.iter().find(|h| h.name == "setsockopt").unwrap();
+        assert_eq!(kinds(setsockopt, Method::Tracepoint), ["cgroup"]);
     }
 
     #[test]

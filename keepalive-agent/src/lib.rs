@@ -4,6 +4,7 @@ pub mod clock;
 pub mod container;
 pub mod decode;
 pub mod event;
+pub mod export;
 pub mod kernel;
 pub mod output;
 pub mod runtime;

@@ -52,6 +52,10 @@ struct AttachArgs {
     /// Do not report connections that existed before the agent started.
     #[arg(long)]
     no_snapshot: bool,
+    /// Attach method: auto picks, per hook, fentry, then kprobe, then tracepoints; a specific method
+    /// restricts every hook that has an alternative to that method.
+    #[arg(long, value_enum, default_value_t = attach::Method::Auto)]
+    attach: attach::Method,
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +161,7 @@ fn prepare(args: &AttachArgs) -> Result<(KernelFacts, Probes)> {
         ringbuf_bytes: args.ringbuf_size,
         cgroup: args.cgroup.clone(),
         no_snapshot: args.no_snapshot,
+        method: args.attach,
     };
     let probes = attach::attach(&facts.offsets, &opts).context("attaching eBPF programs")?;
     Ok((facts, probes))

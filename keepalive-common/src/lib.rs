@@ -42,6 +42,9 @@ impl Field {
 pub struct Offsets {
     /// Address of `tcp_keepalive_timer` (the function of `sk->sk_timer`), from `/proc/kallsyms`.
     pub tcp_keepalive_timer: u64,
+    /// Address of `jiffies_64` (or `jiffies`) from `/proc/kallsyms`, 0 when not listed
+    /// (CONFIG_KALLSYMS_ALL off). Used by the fentry/kprobe timer programs, which get no `baseclk`.
+    pub jiffies_addr: u64,
 
     // struct timer_list
     /// `timer_list.function`.
@@ -108,6 +111,11 @@ pub struct Offsets {
     pub af_inet6: u32,
     /// 1 when the `tcp_send_reset` tracepoint carries a third argument (the reset reason, 6.10+).
     pub reset_has_reason: u32,
+    /// 1 when the function `tcp_send_active_reset` takes a third argument (the reset reason, 6.10+),
+    /// from its BTF prototype.
+    pub active_reset_has_reason: u32,
+    /// CONFIG_HZ, for the fentry/kprobe setsockopt programs that report applied values.
+    pub hz: u32,
     /// Bit `1 << state` set for the TCP states the start-up snapshot reports (full, connected
     /// sockets: not LISTEN, SYN_SENT, CLOSE, TIME_WAIT or request sockets). Set by the loader from the
     /// BTF state names.
@@ -180,6 +188,9 @@ pub const FLAG_KEEPOPEN_AFTER: u32 = 1 << 7;
 /// close caused by the timer). The [`EventKind::Timer`] record of that run, emitted at timer exit,
 /// follows it in the ring buffer: the agent orders the timer's classification first.
 pub const FLAG_IN_TIMER: u32 = 1 << 8;
+/// setsockopt seen at the kernel function after it applied the option (fexit/kretprobe): `optval`
+/// is the value the socket now holds (seconds for TCP_KEEPIDLE/KEEPINTVL, as passed otherwise).
+pub const FLAG_APPLIED: u32 = 1 << 9;
 
 /// One event from the kernel. Fixed size; fields that do not apply to a kind are 0.
 ///

@@ -16,6 +16,7 @@
 #![no_main]
 
 mod read;
+mod direct;
 mod snapshot;
 mod sock_events;
 mod sockopt;

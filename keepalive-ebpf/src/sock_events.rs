@@ -12,7 +12,7 @@ use crate::{
 
 /// Reserves a record, fills the socket part and lets `f` add the rest.
 #[inline(always)]
-fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
+pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(kind as u8);
         return;
@@ -53,18 +53,24 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let skb: u64 = ctx.arg(1);
-    let reason: u64 = if off!(reset_has_reason) != 0 { ctx.arg(2) } else { 0 };
     let has_reason = off!(reset_has_reason) != 0;
+    let reason: u64 = if has_reason { ctx.arg(2) } else { 0 };
+    emit_reset(sk, skb == 0, has_reason.then_some(reason as u32));
+    0
+}
+
+/// Sends a `ResetSent` event (shared by the tracepoint and the direct strategies).
+#[inline(always)]
+pub fn emit_reset(sk: u64, active: bool, reason: Option<u32>) {
     emit(EventKind::ResetSent, sk, |ev| {
-        if skb == 0 {
+        if active {
             ev.flags |= FLAG_ACTIVE;
         }
-        if has_reason {
+        if let Some(r) = reason {
             ev.flags |= FLAG_HAS_REASON;
-            ev.reason = reason as u32;
+            ev.reason = r;
         }
     });
-    0
 }
 
 /// `tcp:tcp_receive_reset(sk)`: the peer reset the connection.

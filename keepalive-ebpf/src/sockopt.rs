@@ -29,13 +29,7 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     }
     let level = opt.level;
     let optname = opt.optname;
-    let ours = (level == SOL_SOCKET && optname == SO_KEEPALIVE)
-        || (level == SOL_TCP
-            && (optname == TCP_KEEPIDLE
-                || optname == TCP_KEEPINTVL
-                || optname == TCP_KEEPCNT
-                || optname == TCP_USER_TIMEOUT));
-    if !ours {
+    if !is_keepalive_option(level, optname) {
         return 1;
     }
     // SAFETY: reading the union fields the kernel provides for setsockopt.
@@ -67,18 +61,50 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: reserved RawEvent-sized record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     *ev = RawEvent::zeroed();
-    ev.kind = EventKind::Setsockopt as u8;
-    // SAFETY: plain helper call.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     // The kernel address of the socket is its identity: store it, then read it back from the record
     // as a plain number, which the verifier lets us use for BTF-offset reads.
     unsafe { core::ptr::write_volatile(&mut ev.sk, sk as u64) };
     let sk_addr = unsafe { core::ptr::read_volatile(&ev.sk) };
-    fill_sock(ev, sk_addr);
+    fill_sockopt(ev, sk_addr, level, optname, value, 0);
+    entry.submit(0);
+    1
+}
+
+/// Fills a `Setsockopt` event for `sk` (shared with the fentry/kprobe strategies).
+#[inline(always)]
+pub fn fill_sockopt(ev: &mut RawEvent, sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
+    ev.kind = EventKind::Setsockopt as u8;
+    // SAFETY: plain helper call.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    fill_sock(ev, sk);
     fill_process(ev);
     ev.level = level;
     ev.optname = optname;
     ev.optval = value;
+    ev.flags |= flags;
+}
+
+/// Sends a `Setsockopt` event for `sk`.
+#[inline(always)]
+pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(EventKind::Setsockopt as u8);
+        return;
+    };
+    // SAFETY: reserved RawEvent-sized record.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    *ev = RawEvent::zeroed();
+    fill_sockopt(ev, sk, level, optname, value, flags);
     entry.submit(0);
-    1
+}
+
+/// Whether `level`/`optname` is a keep-alive option.
+#[inline(always)]
+pub fn is_keepalive_option(level: i32, optname: i32) -> bool {
+    (level == SOL_SOCKET && optname == SO_KEEPALIVE)
+        || (level == SOL_TCP
+            && (optname == TCP_KEEPIDLE
+                || optname == TCP_KEEPINTVL
+                || optname == TCP_KEEPCNT
+                || optname == TCP_USER_TIMEOUT))
 }

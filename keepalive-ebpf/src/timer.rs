@@ -27,12 +27,14 @@ pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let baseclk: u64 = ctx.arg(1);
-    try_timer_entry(timer, baseclk);
+    timer_enter(timer, baseclk);
     0
 }
 
+/// Records the socket's state at the start of a `tcp_keepalive_timer` run on `timer`, at `jiffies`.
+/// Shared by every strategy that reaches the timer (tracepoint, fentry, kprobe).
 #[inline(always)]
-fn try_timer_entry(timer: u64, jiffies: u64) {
+pub fn timer_enter(timer: u64, jiffies: u64) {
     let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -62,19 +64,32 @@ fn try_timer_entry(timer: u64, jiffies: u64) {
 #[raw_tracepoint(tracepoint = "timer_expire_exit")]
 pub fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
+    timer_leave(Some(timer));
+    0
+}
+
+/// Completes the event of the run in progress on this CPU and sends it. `timer`, when the strategy
+/// knows it, must match the run's timer (`None`: kretprobe, which gets no arguments).
+#[inline(always)]
+pub fn timer_leave(timer: Option<u64>) {
     let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: per-CPU slot.
     let slot = unsafe { &mut *slot };
     let sk = slot.sk;
-    if sk == 0 || sk + off!(sk_timer).off as u64 != timer {
-        return 0;
+    if sk == 0 {
+        return;
+    }
+    if let Some(t) = timer {
+        if sk + off!(sk_timer).off as u64 != t {
+            return;
+        }
     }
     slot.sk = 0;
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(EventKind::Timer as u8);
-        return 0;
+        return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points to a reserved RawEvent-sized ring buffer record.
@@ -96,7 +111,6 @@ pub fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
         }
     }
     entry.submit(0);
-    0
 }
 
 /// Whether `sk`'s keep-alive timer is running on this CPU right now (for events the timer causes).

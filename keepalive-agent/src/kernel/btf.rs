@@ -352,6 +352,22 @@ impl KernelBtf {
         Ok(out)
     }
 
+    /// Number of parameters of kernel function `name` (a BTF FUNC), `Ok(None)` when BTF has no such
+    /// function (not traceable with fentry).
+    pub fn func_params(&self, name: &str) -> Result<Option<usize>, BtfError> {
+        let types = self.btf.resolve_types_by_name(name).map_err(self.lookup_err(format!("function {name}")))?;
+        let Some(Type::Func(func)) = types.into_iter().find(|t| matches!(t, Type::Func(_))) else {
+            return Ok(None);
+        };
+        let bad = |detail: String| self.err(BtfErrorKind::BadTypedef { name: name.to_string(), detail });
+        match func.get_type_id().map(|id| self.type_by_id(id, name)) {
+            Some(Ok(Type::FuncProto(p))) => Ok(Some(p.parameters.iter().filter(|param| !param.is_variadic()).count())),
+            Some(Ok(other)) => Err(bad(format!("function type is a {}, expected a prototype", other.name()))),
+            Some(Err(e)) => Err(e),
+            None => Err(bad("function without a type".into())),
+        }
+    }
+
     /// Number of parameters of the function prototype that typedef `name` points to (e.g.
     /// `btf_trace_tcp_send_reset`, whose first parameter is the tracepoint context). `Ok(None)`
     /// when there is no such typedef.

@@ -40,7 +40,28 @@ pub fn lookup(path: &Path, symbol: &str) -> Result<u64, KallsymsError> {
 /// The name must match exactly (`tcp_keepalive_timer.cold` is not `tcp_keepalive_timer`). Several
 /// lines with the same name and address are fine; different addresses are an error (the caller
 /// could not know which one runs). An address of 0 means the kernel hides addresses from us.
-pub fn find_symbol<R: BufRead>(mut reader: R, symbol: &str, source: &Path) -> Result<u64, KallsymsError> {
+pub fn find_symbol<R: BufRead>(reader: R, symbol: &str, source: &Path) -> Result<u64, KallsymsError> {
+    find_symbol_of_kinds(reader, symbol, source, &["t", "T"])
+}
+
+/// Address of data symbol `symbol` (`jiffies_64`) at `path`; `Ok(None)` when kallsyms does not list
+/// it (kernels without CONFIG_KALLSYMS_ALL list only text symbols).
+pub fn lookup_data(path: &Path, symbol: &str) -> Result<Option<u64>, KallsymsError> {
+    let file = File::open(path).map_err(|error| KallsymsError::Read { path: path.to_path_buf(), error })?;
+    match find_symbol_of_kinds(BufReader::new(file), symbol, path, &["d", "D", "b", "B"]) {
+        Ok(addr) => Ok(Some(addr)),
+        Err(KallsymsError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Like [`find_symbol`], for symbols of the given kallsyms kinds.
+pub fn find_symbol_of_kinds<R: BufRead>(
+    mut reader: R,
+    symbol: &str,
+    source: &Path,
+    kinds: &[&str],
+) -> Result<u64, KallsymsError> {
     let mut line = String::new();
     let mut line_no = 0usize;
     let mut found: Vec<u64> = Vec::new();
@@ -56,7 +77,7 @@ pub fn find_symbol<R: BufRead>(mut reader: R, symbol: &str, source: &Path) -> Re
         let (Some(address), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
             continue;
         };
-        if name != symbol || !matches!(kind, "t" | "T") {
+        if name != symbol || !kinds.contains(&kind) {
             continue;
         }
         let addr = u64::from_str_radix(address, 16).map_err(|_| KallsymsError::BadAddress {
@@ -108,6 +129,13 @@ ffffffffc0a01000 t some_mod_fn\t[some_mod]
         let cold_only = "ffffffff81243c71 t tcp_keepalive_timer.cold\n";
         assert!(matches!(find(cold_only, "tcp_keepalive_timer"), Err(KallsymsError::NotFound { .. })));
         assert!(matches!(find(SAMPLE, "tcp_keepalive_timer_data"), Err(KallsymsError::NotFound { .. })));
+    }
+
+    #[test]
+    fn data_symbols_are_found_only_as_data() {
+        let data = |sym| find_symbol_of_kinds(Cursor::new(SAMPLE.as_bytes()), sym, Path::new("s"), &["d", "D", "b", "B"]);
+        assert_eq!(data("tcp_keepalive_timer_data").unwrap(), 0xffffffff83000000);
+        assert!(matches!(data("tcp_keepalive_timer"), Err(KallsymsError::NotFound { .. })));
     }
 
     #[test]

@@ -79,7 +79,20 @@ pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, Ker
     let kernel_release = kernel_release()?;
     let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_btf(btf_path)?;
     offsets.tcp_keepalive_timer = kallsyms::lookup(kallsyms_path, KEEPALIVE_TIMER_SYMBOL)?;
+    offsets.jiffies_addr = match kallsyms::lookup_data(kallsyms_path, "jiffies_64")? {
+        Some(a) => a,
+        None => kallsyms::lookup_data(kallsyms_path, "jiffies")?.unwrap_or(0),
+    };
+    let mut notes = notes;
+    if offsets.jiffies_addr == 0 {
+        notes.push(
+            "jiffies is not in /proc/kallsyms (CONFIG_KALLSYMS_ALL off): fentry/kprobe timer programs \
+             approximate the current tick by the timer's expiry"
+                .into(),
+        );
+    }
     let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
+    offsets.hz = hz;
     let tables =
         DecodeTables { hz, tcp_states, reset_reasons, af_inet: libc::AF_INET as u8, af_inet6: libc::AF_INET6 as u8 };
     log::debug!("kernel {kernel_release}: HZ {hz}, {} = {:#x}", KEEPALIVE_TIMER_SYMBOL, offsets.tcp_keepalive_timer);
@@ -260,6 +273,12 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
         }
     };
     log::debug!("BTF: {} reset reasons", reset_reasons.len());
+
+    // tcp_send_active_reset(sk, priority) before 6.10, (sk, priority, reason) since.
+    offsets.active_reset_has_reason = match btf.func_params("tcp_send_active_reset")? {
+        Some(n) if n >= 3 => 1,
+        _ => 0,
+    };
 
     // tcp:tcp_send_reset: (ctx, sk, skb) before 6.10, (ctx, sk, skb, reason) since.
     offsets.reset_has_reason = match btf.typedef_func_proto_params(SEND_RESET_TRACE_TYPEDEF)? {
@@ -447,6 +466,8 @@ mod tests {
         } else {
             assert!(facts.notes.iter().any(|n| n.contains("tcp_send_reset")));
         }
+        // The function and the tracepoint gained the reason together (6.10).
+        assert_eq!(facts.offsets.active_reset_has_reason, facts.offsets.reset_has_reason);
         if release.starts_with("6.18") {
             assert_eq!(facts.offsets.reset_has_reason, 1);
             assert!(facts.reset_reasons.contains(&(15, "tcp_keepalive_timeout".to_string())));
@@ -572,8 +593,11 @@ mod tests {
                 assert_eq!(facts.offsets, {
                     let mut o = resolve_btf(Path::new(VMLINUX_BTF)).unwrap().offsets;
                     o.tcp_keepalive_timer = facts.offsets.tcp_keepalive_timer;
+                    o.jiffies_addr = facts.offsets.jiffies_addr;
+                    o.hz = facts.tables.hz;
                     o
                 });
+                assert_eq!(facts.offsets.hz, facts.tables.hz);
             }
             Err(KernelError::Kallsyms(KallsymsError::Hidden { .. })) if !root => {}
             Err(e) => panic!("resolution failed (root: {root}): {e}"),

@@ -1,0 +1,436 @@
+//! OpenTelemetry export of keep-alive timelines (`keepalive-agent run`).
+//!
+//! [`Exporter`] turns the timeline engine's [`Record`]s into spans ([`spans`], the span model
+//! documented in `README-span-model.md`) and delivers them over OTLP/gRPC or OTLP/HTTP-protobuf
+//! through a bounded, retrying pipeline ([`pipeline`]), or, with no endpoint configured, writes them
+//! as JSON lines on stdout ([`json`]). Configuration comes from [`ExportArgs`] and the standard
+//! `OTEL_*` variables ([`config`]).
+//!
+//! The event loop calls [`Exporter::on_records`] with each batch of records: it never waits on the
+//! network. At exit, [`Exporter::shutdown`] ends the spans of connections still open and flushes
+//! within a deadline.
+
+pub mod config;
+pub mod json;
+pub mod pipeline;
+pub mod spans;
+
+use std::fmt;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+
+use crate::clock::{monotonic_now_ns, WallClock};
+use crate::timeline::{ConnView, Record};
+
+pub use config::{ExportArgs, ExportConfig, Protocol, Target};
+use pipeline::{Pipeline, PipelineConfig};
+use spans::SpanModel;
+
+/// Errors setting up the exporter.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A flag or environment variable has a value we cannot use.
+    #[error("{what}: {reason}")]
+    Config { what: String, reason: String },
+    /// The OTLP exporter could not be built.
+    #[error("building the OTLP {protocol} exporter for {endpoint}")]
+    Build {
+        protocol: &'static str,
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    /// OTLP export runs on tokio; `from_args` was called outside a runtime.
+    #[error("the OTLP exporter must be created inside a tokio runtime")]
+    NoRuntime,
+}
+
+impl ExportError {
+    pub(crate) fn config(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        ExportError::Config { what: what.into(), reason: reason.into() }
+    }
+}
+
+/// Export counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportStats {
+    /// Spans built from records (connection and episode spans).
+    pub spans_created: u64,
+    /// Spans delivered: acknowledged by the collector, or written to stdout.
+    pub spans_exported: u64,
+    /// Spans dropped because the export queue was full.
+    pub spans_dropped: u64,
+    /// Spans dropped after their export failed for good (permanent error, retries exhausted,
+    /// stdout write error).
+    pub spans_failed: u64,
+    /// Export attempts (requests, or writes) that failed.
+    pub export_errors: u64,
+    /// Export attempts that repeated a failed one.
+    pub retries: u64,
+    /// Spans waiting in the queue now.
+    pub queued: u64,
+}
+
+impl fmt::Display for ExportStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} spans created, {} exported, {} dropped (queue full), {} failed, {} export errors, {} retries, {} queued",
+            self.spans_created,
+            self.spans_exported,
+            self.spans_dropped,
+            self.spans_failed,
+            self.export_errors,
+            self.retries,
+            self.queued
+        )
+    }
+}
+
+/// What [`Exporter::shutdown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportReport {
+    /// Final counters.
+    pub stats: ExportStats,
+    /// Connection spans ended at shutdown because their connection was still open
+    /// (`tcp.keepalive.incomplete = true`).
+    pub open_connections_ended: u64,
+    /// Episode spans ended at shutdown because probing was in progress.
+    pub open_episodes_ended: u64,
+    /// Spans neither delivered nor counted as failed when the deadline passed (lost).
+    pub unsent: u64,
+    /// Everything was delivered or definitively failed before the deadline.
+    pub flushed: bool,
+    /// Time the shutdown took.
+    #[serde(serialize_with = "ser_duration_ms")]
+    pub elapsed: Duration,
+}
+
+fn ser_duration_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+impl fmt::Display for ExportReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}; {} open connections and {} open episodes ended at shutdown; {} spans unsent; {} in {:.0} ms",
+            self.stats,
+            self.open_connections_ended,
+            self.open_episodes_ended,
+            self.unsent,
+            if self.flushed { "flushed" } else { "NOT flushed" },
+            self.elapsed.as_secs_f64() * 1e3
+        )
+    }
+}
+
+enum Sink {
+    Json { out: Box<dyn Write + Send>, exported: u64, failed: u64, errors: u64, warned_at: Option<Instant> },
+    Otlp(Pipeline),
+}
+
+/// The exporter: span model plus delivery. See the module documentation.
+pub struct Exporter {
+    model: SpanModel,
+    sink: Sink,
+    resource: Vec<KeyValue>,
+    description: String,
+    buf: Vec<SpanData>,
+}
+
+impl fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exporter").field("target", &self.description).finish()
+    }
+}
+
+impl Exporter {
+    /// Builds the exporter from flags and the environment. With an OTLP endpoint it must be called
+    /// inside a tokio runtime (it spawns the delivery task there); with none, spans go to stdout.
+    pub fn from_args(args: &ExportArgs) -> Result<Exporter, ExportError> {
+        Self::from_config(ExportConfig::from_args(args)?)
+    }
+
+    /// Builds the exporter from a resolved configuration.
+    pub fn from_config(cfg: ExportConfig) -> Result<Exporter, ExportError> {
+        match &cfg.target {
+            Target::Stdout => Ok(Self::with_json_writer(&cfg, Box::new(std::io::stdout()))),
+            Target::Otlp { protocol, endpoint, headers } => {
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(ExportError::NoRuntime);
+                }
+                let build_err = |source| ExportError::Build { protocol: protocol.name(), endpoint: endpoint.clone(), source };
+                let mut exporter = match protocol {
+                    Protocol::Grpc => {
+                        let interceptor = MetadataInterceptor::new(headers)?;
+                        opentelemetry_otlp::SpanExporter::builder()
+                            .with_tonic()
+                            .with_endpoint(endpoint.clone())
+                            .with_timeout(cfg.timeout)
+                            .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
+                            .with_interceptor(interceptor)
+                            .build()
+                            .map_err(build_err)?
+                    }
+                    Protocol::HttpProtobuf => {
+                        let client = HeaderClient::new(headers, cfg.timeout)?;
+                        opentelemetry_otlp::SpanExporter::builder()
+                            .with_http()
+                            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                            .with_endpoint(endpoint.clone())
+                            .with_timeout(cfg.timeout)
+                            .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
+                            .with_http_client(client)
+                            .build()
+                            .map_err(build_err)?
+                    }
+                };
+                exporter.set_resource(
+                    &opentelemetry_sdk::Resource::builder_empty().with_attributes(cfg.resource.clone()).build(),
+                );
+                let pipeline = Pipeline::start(
+                    exporter,
+                    PipelineConfig {
+                        queue_size: cfg.queue_size,
+                        batch_size: cfg.batch_size,
+                        batch_delay: cfg.batch_delay,
+                        timeout: cfg.timeout,
+                        retry_max: cfg.retry_max,
+                        backoff_initial: Duration::from_secs(1),
+                        backoff_max: Duration::from_secs(30),
+                    },
+                );
+                Ok(Exporter {
+                    model: SpanModel::new(cfg.max_span_events),
+                    sink: Sink::Otlp(pipeline),
+                    resource: cfg.resource.clone(),
+                    description: format!("OTLP {} to {} (service.name {})", protocol.name(), endpoint, cfg.service_name()),
+                    buf: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// An exporter writing JSON lines to `out` (what the stdout target uses; handy for files and
+    /// tests).
+    pub fn with_json_writer(cfg: &ExportConfig, out: Box<dyn Write + Send>) -> Exporter {
+        Exporter {
+            model: SpanModel::new(cfg.max_span_events),
+            sink: Sink::Json { out, exported: 0, failed: 0, errors: 0, warned_at: None },
+            resource: cfg.resource.clone(),
+            description: format!("JSON lines (service.name {})", cfg.service_name()),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Where spans go, for a start-up log line.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Feeds a batch of records (in order). Finished spans are queued for export (or written, for
+    /// JSON lines); this never waits on the network.
+    pub fn on_records(&mut self, records: &[Record], clock: &WallClock) {
+        self.model.on_records(records, clock, &mut self.buf);
+        self.deliver();
+    }
+
+    fn deliver(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        match &mut self.sink {
+            Sink::Otlp(p) => {
+                for span in self.buf.drain(..) {
+                    p.submit(span);
+                }
+            }
+            Sink::Json { out, exported, failed, errors, warned_at } => {
+                let n = self.buf.len() as u64;
+                let mut text = String::new();
+                for span in self.buf.drain(..) {
+                    text.push_str(&json::span_json(&span, &self.resource).to_string());
+                    text.push('\n');
+                }
+                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    Ok(()) => *exported += n,
+                    Err(e) => {
+                        *errors += 1;
+                        *failed += n;
+                        if warned_at.is_none_or(|t| t.elapsed() >= pipeline::LOG_INTERVAL) {
+                            log::warn!("writing spans as JSON lines failed: {e} ({failed} spans lost so far)");
+                            *warned_at = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> ExportStats {
+        let created = self.model.spans_built;
+        match &self.sink {
+            Sink::Json { exported, failed, errors, .. } => ExportStats {
+                spans_created: created,
+                spans_exported: *exported,
+                spans_failed: *failed,
+                export_errors: *errors,
+                ..Default::default()
+            },
+            Sink::Otlp(p) => {
+                let c = p.counters();
+                ExportStats {
+                    spans_created: created,
+                    spans_exported: c.exported.load(Relaxed),
+                    spans_dropped: c.dropped.load(Relaxed),
+                    spans_failed: c.failed.load(Relaxed),
+                    export_errors: c.export_errors.load(Relaxed),
+                    retries: c.retries.load(Relaxed),
+                    queued: c.queued.load(Relaxed),
+                }
+            }
+        }
+    }
+
+    /// Stops the exporter. Connections still open (`open`, normally the engine's
+    /// `open_connections()`, plus any this exporter still tracks) get their connection span ended
+    /// now, with `tcp.keepalive.incomplete = true` and `tcp.keepalive.outcome = "open"`; a keep-alive
+    /// episode in progress becomes an episode span with outcome `incomplete` holding the probes seen
+    /// so far. Then everything pending is flushed, waiting at most `deadline` in all.
+    pub async fn shutdown(
+        mut self,
+        open: impl Iterator<Item = ConnView>,
+        clock: &WallClock,
+        deadline: Duration,
+    ) -> ExportReport {
+        let started = Instant::now();
+        let mut last = Vec::new();
+        let counts = self.model.finish(open, clock, monotonic_now_ns(), &mut last);
+        let (unsent, flushed) = match self.sink {
+            Sink::Json { .. } => {
+                self.buf = last;
+                self.deliver();
+                (0, true)
+            }
+            Sink::Otlp(p) => {
+                let counters = p.counters().clone();
+                let (unsent, finished) = p.shutdown(last, deadline).await;
+                let stats = ExportStats {
+                    spans_created: self.model.spans_built,
+                    spans_exported: counters.exported.load(Relaxed),
+                    spans_dropped: counters.dropped.load(Relaxed),
+                    spans_failed: counters.failed.load(Relaxed),
+                    export_errors: counters.export_errors.load(Relaxed),
+                    retries: counters.retries.load(Relaxed),
+                    queued: 0,
+                };
+                return ExportReport {
+                    stats,
+                    open_connections_ended: counts.connections,
+                    open_episodes_ended: counts.episodes,
+                    unsent,
+                    flushed: finished && unsent == 0,
+                    elapsed: started.elapsed(),
+                };
+            }
+        };
+        ExportReport {
+            stats: self.stats(),
+            open_connections_ended: counts.connections,
+            open_episodes_ended: counts.episodes,
+            unsent,
+            flushed,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// gRPC metadata from the resolved headers. Applied by an interceptor, which runs after the
+/// exporter has added the metadata it read from `OTEL_EXPORTER_OTLP_HEADERS` itself, so that our
+/// values (where a flag wins over the environment) replace those.
+#[derive(Clone)]
+struct MetadataInterceptor(
+    Arc<Vec<(tonic::metadata::MetadataKey<tonic::metadata::Ascii>, tonic::metadata::MetadataValue<tonic::metadata::Ascii>)>>,
+);
+
+impl MetadataInterceptor {
+    fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
+        let mut list = Vec::new();
+        for (k, v) in headers {
+            let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
+                .map_err(|_| ExportError::config("OTLP header", format!("`{k}` is not valid gRPC metadata")))?;
+            let value = v
+                .parse()
+                .map_err(|_| ExportError::config("OTLP header", format!("the value of `{k}` is not valid gRPC metadata")))?;
+            list.push((key, value));
+        }
+        Ok(MetadataInterceptor(Arc::new(list)))
+    }
+}
+
+impl tonic::service::Interceptor for MetadataInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        for (k, v) in self.0.iter() {
+            req.metadata_mut().insert(k.clone(), v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// HTTP client setting the resolved headers on every request, after (so over) those the exporter
+/// read from the environment itself.
+#[derive(Debug)]
+struct HeaderClient {
+    inner: reqwest::Client,
+    headers: http::HeaderMap,
+}
+
+impl HeaderClient {
+    fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ExportError::config("OTLP header", format!("`{k}` is not a valid header name")))?;
+            let value = http::HeaderValue::from_str(v)
+                .map_err(|_| ExportError::config("OTLP header", format!("the value of `{k}` is not valid")))?;
+            map.insert(name, value);
+        }
+        let inner = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ExportError::config("OTLP HTTP client", e.to_string()))?;
+        Ok(HeaderClient { inner, headers: map })
+    }
+}
+
+type HttpResult = Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError>;
+
+impl opentelemetry_http::HttpClient for HeaderClient {
+    // The trait is declared with `async_trait`; this is its expanded signature.
+    fn send_bytes<'life0, 'async_trait>(
+        &'life0 self,
+        mut request: http::Request<bytes::Bytes>,
+    ) -> Pin<Box<dyn Future<Output = HttpResult> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        for (k, v) in &self.headers {
+            request.headers_mut().insert(k.clone(), v.clone());
+        }
+        opentelemetry_http::HttpClient::send_bytes(&self.inner, request)
+    }
+}
+
+#[cfg(test)]
+mod tests;
