@@ -494,13 +494,76 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The network namespaces the start-up snapshot walks: `only`, or every namespace some process
+/// lives in plus those kept by bind mounts under /run/netns, one path per namespace.
+pub fn netns_paths(only: Option<&Path>) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Some(p) = only {
+        return vec![p.to_path_buf()];
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        candidates.extend(rd.flatten().map(|e| e.path()));
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+                candidates.push(e.path().join("ns/net"));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    candidates
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).map(|m| seen.insert(m.ino())).unwrap_or(false))
+        .collect()
+}
+
+/// Runs `f` with the calling thread in the network namespace at `path`, then moves it back. The
+/// outer error is about entering; failing to come back is an error inside `Ok` (`Err(Err(..))`
+/// would be ambiguous), reported by the caller.
+fn in_netns<T>(path: &Path, f: impl FnOnce() -> T) -> std::io::Result<Result<T, std::io::Error>> {
+    use std::os::fd::AsRawFd as _;
+    let home = File::open("/proc/thread-self/ns/net")?;
+    let target = File::open(path)?;
+    // SAFETY: valid namespace fds; network namespaces are per thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let out = f();
+    // SAFETY: as above.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Ok(Err(std::io::Error::last_os_error()));
+    }
+    Ok(Ok(out))
+}
+
 impl Probes {
-    /// Runs the start-up snapshot iterator and returns its raw records (empty when the snapshot
-    /// hook is not attached).
-    pub fn snapshot(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
+    /// Runs the start-up snapshot iterator in each of `namespaces` (a TCP iterator walks the
+    /// sockets of the namespace it is created in) and returns the raw records (none when the
+    /// snapshot hook is not attached). A namespace that vanished meanwhile is skipped.
+    pub fn snapshot(&mut self, namespaces: &[PathBuf]) -> Result<Vec<Vec<u8>>, AttachError> {
         if !self.snapshot_ready {
             return Ok(Vec::new());
         }
+        let mut out = Vec::new();
+        for ns in namespaces {
+            match in_netns(ns, || self.snapshot_here()) {
+                Ok(Ok(records)) => out.extend(records?),
+                Ok(Err(e)) => {
+                    return Err(AttachError::Snapshot(format!(
+                        "could not return to the agent's network namespace after {}: {e}",
+                        ns.display()
+                    )))
+                }
+                Err(e) => debug!("snapshot of {}: {e}", ns.display()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The snapshot of the calling thread's network namespace.
+    fn snapshot_here(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
         let p: &mut Iter = self
             .ebpf
             .program_mut("snapshot_tcp")

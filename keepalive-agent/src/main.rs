@@ -192,6 +192,9 @@ fn trace(args: TraceArgs) -> Result<()> {
     };
     install_signal_handlers();
     let (facts, mut probes) = prepare(&args.attach)?;
+    let snapshot = probes
+        .snapshot(&attach::netns_paths(args.netns.as_deref()))
+        .context("start-up snapshot")?;
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
     // The contract: one line starting with "ready" on stderr once every program is attached,
     // before any event.
@@ -221,7 +224,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         }
         printer.flush()
     };
-    let summary = match ev_loop.run(&STOP, until, &mut sink) {
+    let summary = match ev_loop.run(snapshot, &STOP, until, &mut sink) {
         Ok(s) => s,
         Err(keepalive_agent::runtime::RunError::Sink(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(());

@@ -107,10 +107,12 @@ pub struct EventLoop<'a> {
 }
 
 impl EventLoop<'_> {
-    /// Feeds the start-up snapshot, then streams events. `sink` receives the records of each batch
-    /// that pass the filter.
+    /// Feeds the start-up snapshot (raw records from [`Probes::snapshot`], taken after the programs
+    /// were attached), then streams events. `sink` receives the records of each batch that pass the
+    /// filter.
     pub fn run(
         &mut self,
+        snapshot: Vec<Vec<u8>>,
         stop: &AtomicBool,
         until: Option<Instant>,
         sink: &mut dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()>,
@@ -119,7 +121,7 @@ impl EventLoop<'_> {
         let mut records: Vec<Record> = Vec::with_capacity(1024);
         let mut passed: Vec<Record> = Vec::with_capacity(1024);
 
-        for raw in self.probes.snapshot()? {
+        for raw in snapshot {
             summary.snapshot_sockets += 1;
             self.feed(&raw, &mut records, &mut summary);
         }

@@ -146,8 +146,31 @@ impl<'env> Agent<'env> {
 
     /// SIGINT, exit status 0, all stdout well formed; returns every event.
     pub fn stop(self) -> Vec<Value> {
-        self.process.stop().unwrap_or_else(|e| panic!("{e:#}"))
+        self.stop_full().0
     }
+
+    /// Like [`Agent::stop`], also returning every stderr line (including what the agent logged
+    /// while stopping).
+    pub fn stop_full(self) -> (Vec<Value>, Vec<String>) {
+        let shared = self.process.shared.clone();
+        let events = self.process.stop().unwrap_or_else(|e| panic!("{e:#}"));
+        let stderr = shared.stderr.lock().unwrap().clone();
+        (events, stderr)
+    }
+}
+
+/// Stderr lines reporting lost events: lines mentioning "lost" other than as a zero count
+/// ("..., 0 lost, ..." in the agent's summary).
+pub fn lost_event_reports(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|line| {
+            let lower = line.to_ascii_lowercase();
+            lower
+                .match_indices("lost")
+                .any(|(i, _)| lower[..i].split_whitespace().next_back() != Some("0"))
+        })
+        .collect()
 }
 
 impl AgentProcess {
@@ -387,6 +410,22 @@ mod tests {
         let mut c = Command::new("/bin/sh");
         c.args(["-c", script]);
         c
+    }
+
+    #[test]
+    fn lost_reports() {
+        let lines: Vec<String> = [
+            "[INFO keepalive_agent] stopped: 10 kernel events, 3 records, 0 lost, 0 decode errors",
+            "[WARN keepalive_agent::runtime] lost 12 kernel events (ring buffer full)",
+            "[INFO x] 3 lost, 0 decode errors",
+            "ready: 8 hooks attached",
+            "[INFO x] closed: 10 lost",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let lost = lost_event_reports(&lines);
+        assert_eq!(lost, vec![&lines[1], &lines[2], &lines[4]]);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use keepalive_tests::agent::lost_event_reports;
 use keepalive_tests::events::{
     bool_of, is_conn, kind, of_conn, of_kind, position, render, str_of, ts, u64_of,
 };
@@ -498,8 +499,7 @@ fn thousand_connections_no_lost_events() {
         .filter(|(_, c)| c.0 < 2 || c.1 < 2)
         .take(5)
         .collect();
-    let stderr = agent.stderr_lines();
-    let evs = agent.stop();
+    let (evs, stderr) = agent.stop_full();
     drop(clients);
     assert!(
         all_seen,
@@ -507,11 +507,8 @@ fn thousand_connections_no_lost_events() {
         N - done
     );
 
-    let lost: Vec<&String> = stderr
-        .iter()
-        .filter(|l| l.to_ascii_lowercase().contains("lost"))
-        .collect();
-    assert!(lost.is_empty(), "the agent lost events:\n{lost:?}");
+    let lost = lost_event_reports(&stderr);
+    assert!(lost.is_empty(), "the agent lost events:\n{lost:#?}");
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for e in &evs {
         if let (Some(l), Some(r)) = (str_of(e, "local"), str_of(e, "remote")) {

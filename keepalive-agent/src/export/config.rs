@@ -31,8 +31,14 @@ impl Protocol {
         match value.trim() {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
-            "http/json" => Err(ExportError::config(var, "http/json is not supported; use grpc or http/protobuf")),
-            other => Err(ExportError::config(var, format!("unknown protocol `{other}` (grpc, http/protobuf)"))),
+            "http/json" => Err(ExportError::config(
+                var,
+                "http/json is not supported; use grpc or http/protobuf",
+            )),
+            other => Err(ExportError::config(
+                var,
+                format!("unknown protocol `{other}` (grpc, http/protobuf)"),
+            )),
         }
     }
 }
@@ -161,7 +167,10 @@ impl ExportConfig {
 
         let protocol = match args.otlp_protocol {
             Some(p) => p,
-            None => match first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+            None => match first(&[
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ]) {
                 Some((var, v)) => Protocol::parse_env(var, &v)?,
                 None => Protocol::HttpProtobuf,
             },
@@ -190,9 +199,10 @@ impl ExportConfig {
                     format!("{}/v1/traces", url.trim_end_matches('/'))
                 };
                 let mut headers = Vec::new();
-                if let Some((var, v)) =
-                    first(&["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
-                {
+                if let Some((var, v)) = first(&[
+                    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                ]) {
                     for (k, v) in parse_list(var, &v)? {
                         set(&mut headers, k.to_ascii_lowercase(), v);
                     }
@@ -204,13 +214,20 @@ impl ExportConfig {
                 for (k, v) in &headers {
                     check_header(k, v)?;
                 }
-                Target::Otlp { protocol, endpoint, headers }
+                Target::Otlp {
+                    protocol,
+                    endpoint,
+                    headers,
+                }
             }
         };
 
         let timeout = match args.otlp_timeout_ms {
             Some(ms) => Duration::from_millis(ms),
-            None => match first(&["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
+            None => match first(&[
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ]) {
                 Some((var, v)) => Duration::from_millis(parse_num(var, &v)?),
                 None => DEFAULT_TIMEOUT,
             },
@@ -218,8 +235,18 @@ impl ExportConfig {
         if timeout.is_zero() {
             return Err(ExportError::config("export timeout", "must be positive"));
         }
-        let queue_size = pick(args.otlp_queue_size, &env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE)?;
-        let batch_size = pick(args.otlp_batch_size, &env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_BATCH)?;
+        let queue_size = pick(
+            args.otlp_queue_size,
+            &env,
+            "OTEL_BSP_MAX_QUEUE_SIZE",
+            DEFAULT_QUEUE,
+        )?;
+        let batch_size = pick(
+            args.otlp_batch_size,
+            &env,
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+            DEFAULT_BATCH,
+        )?;
         if queue_size == 0 || batch_size == 0 {
             return Err(ExportError::config("queue/batch size", "must be positive"));
         }
@@ -229,9 +256,16 @@ impl ExportConfig {
             "OTEL_BSP_SCHEDULE_DELAY",
             DEFAULT_BATCH_DELAY.as_millis() as u64,
         )?);
-        let retry_max = args.otlp_retry_max_s.map(Duration::from_secs).unwrap_or(DEFAULT_RETRY_MAX);
-        let max_span_events =
-            pick(args.max_span_events, &env, "OTEL_SPAN_EVENT_COUNT_LIMIT", DEFAULT_MAX_SPAN_EVENTS)?;
+        let retry_max = args
+            .otlp_retry_max_s
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_RETRY_MAX);
+        let max_span_events = pick(
+            args.max_span_events,
+            &env,
+            "OTEL_SPAN_EVENT_COUNT_LIMIT",
+            DEFAULT_MAX_SPAN_EVENTS,
+        )?;
 
         // Resource: detected facts < OTEL_RESOURCE_ATTRIBUTES < --resource-attribute; service.name:
         // --service-name > --resource-attribute > OTEL_SERVICE_NAME > OTEL_RESOURCE_ATTRIBUTES > default.
@@ -333,7 +367,9 @@ fn set(list: &mut Vec<(String, String)>, key: String, value: String) {
 }
 
 fn parse_num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ExportError> {
-    v.trim().parse().map_err(|_| ExportError::config(var, format!("`{v}` is not a non-negative integer")))
+    v.trim()
+        .parse()
+        .map_err(|_| ExportError::config(var, format!("`{v}` is not a non-negative integer")))
 }
 
 fn pick<T: std::str::FromStr>(
@@ -361,7 +397,11 @@ fn parse_pair(what: &str, s: &str, decode: bool) -> Result<(String, String), Exp
     if k.is_empty() {
         return Err(ExportError::config(what, format!("`{s}` has an empty key")));
     }
-    let v = if decode { percent_decode(what, v.trim())? } else { v.trim().to_string() };
+    let v = if decode {
+        percent_decode(what, v.trim())?
+    } else {
+        v.trim().to_string()
+    };
     Ok((k.to_string(), v))
 }
 
@@ -389,7 +429,9 @@ fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| ExportError::config(what, format!("bad percent-encoding in `{s}`")))?;
+                .ok_or_else(|| {
+                    ExportError::config(what, format!("bad percent-encoding in `{s}`"))
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -397,7 +439,8 @@ fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
+    String::from_utf8(out)
+        .map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
 }
 
 fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
@@ -426,12 +469,20 @@ fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
 }
 
 fn check_header(k: &str, v: &str) -> Result<(), ExportError> {
-    http::HeaderName::from_bytes(k.as_bytes())
-        .map_err(|_| ExportError::config("OTLP header", format!("`{k}` is not a valid header name")))?;
-    http::HeaderValue::from_str(v)
-        .map_err(|_| ExportError::config("OTLP header", format!("the value of `{k}` is not a valid header value")))?;
+    http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+        ExportError::config("OTLP header", format!("`{k}` is not a valid header name"))
+    })?;
+    http::HeaderValue::from_str(v).map_err(|_| {
+        ExportError::config(
+            "OTLP header",
+            format!("the value of `{k}` is not a valid header value"),
+        )
+    })?;
     if k.ends_with("-bin") {
-        return Err(ExportError::config("OTLP header", format!("`{k}`: binary (-bin) metadata is not supported")));
+        return Err(ExportError::config(
+            "OTLP header",
+            format!("`{k}`: binary (-bin) metadata is not supported"),
+        ));
     }
     Ok(())
 }
@@ -442,28 +493,49 @@ mod tests {
     use std::collections::HashMap;
 
     fn resolve(args: &ExportArgs, env: &[(&str, &str)]) -> Result<ExportConfig, ExportError> {
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let host = HostFacts { host_name: Some("box1".into()), host_id: Some("abc".into()) };
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let host = HostFacts {
+            host_name: Some("box1".into()),
+            host_id: Some("abc".into()),
+        };
         ExportConfig::resolve(args, &move |n| env.get(n).cloned(), &host)
     }
 
     fn otlp(c: &ExportConfig) -> (Protocol, &str, &[(String, String)]) {
         match &c.target {
-            Target::Otlp { protocol, endpoint, headers } => (*protocol, endpoint, headers),
+            Target::Otlp {
+                protocol,
+                endpoint,
+                headers,
+            } => (*protocol, endpoint, headers),
             Target::Stdout => panic!("expected OTLP target"),
         }
     }
 
     fn res(c: &ExportConfig, key: &str) -> Option<String> {
-        c.resource.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned())
+        c.resource
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str().into_owned())
     }
 
     #[test]
     fn no_endpoint_means_stdout() {
-        let c = resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap();
+        let c = resolve(
+            &ExportArgs::default(),
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+        )
+        .unwrap();
         assert_eq!(c.target, Target::Stdout);
         // An empty variable is unset.
-        let c = resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_ENDPOINT", "  ")]).unwrap();
+        let c = resolve(
+            &ExportArgs::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "  ")],
+        )
+        .unwrap();
         assert_eq!(c.target, Target::Stdout);
         assert_eq!(c.queue_size, 2048);
         assert_eq!(c.max_span_events, 128);
@@ -471,8 +543,11 @@ mod tests {
 
     #[test]
     fn generic_http_endpoint_gets_signal_path() {
-        let c = resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/")])
-            .unwrap();
+        let c = resolve(
+            &ExportArgs::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/")],
+        )
+        .unwrap();
         assert_eq!(otlp(&c).0, Protocol::HttpProtobuf);
         assert_eq!(otlp(&c).1, "http://127.0.0.1:4318/v1/traces");
         // Traces-specific variable: used as given, and wins over the generic one.
@@ -480,7 +555,10 @@ mod tests {
             &ExportArgs::default(),
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
-                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9999/custom"),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://127.0.0.1:9999/custom",
+                ),
             ],
         )
         .unwrap();
@@ -488,7 +566,10 @@ mod tests {
         // gRPC: no path appended.
         let c = resolve(
             &ExportArgs::default(),
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
         )
         .unwrap();
         assert_eq!(otlp(&c), (Protocol::Grpc, "http://127.0.0.1:4317", &[][..]));
@@ -507,12 +588,21 @@ mod tests {
             ..Default::default()
         };
         let env = [
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:6000/v1/traces"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://127.0.0.1:6000/v1/traces",
+            ),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20env,x-tenant=t1"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20env,x-tenant=t1",
+            ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "99"),
             ("OTEL_SERVICE_NAME", "svc-env"),
-            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=dev,team=net"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=dev,team=net",
+            ),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "9"),
         ];
         let c = resolve(&args, &env).unwrap();
@@ -531,7 +621,10 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!(c.queue_size, 7);
         assert_eq!(c.service_name(), "svc-flag");
-        assert_eq!(res(&c, "deployment.environment.name").as_deref(), Some("prod"));
+        assert_eq!(
+            res(&c, "deployment.environment.name").as_deref(),
+            Some("prod")
+        );
         assert_eq!(res(&c, "team").as_deref(), Some("net"));
         assert_eq!(res(&c, "host.name").as_deref(), Some("box1"));
         assert_eq!(res(&c, "host.id").as_deref(), Some("abc"));
@@ -546,12 +639,18 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_HEADERS", "b=2"),
             ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2500"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "1"),
-            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs, host.name=override%2C1"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=from-attrs, host.name=override%2C1",
+            ),
             ("OTEL_SPAN_EVENT_COUNT_LIMIT", "1000"),
         ];
         let c = resolve(&ExportArgs::default(), &env).unwrap();
         let (p, e, h) = otlp(&c);
-        assert_eq!((p, e), (Protocol::HttpProtobuf, "http://[::1]:4318/v1/traces"));
+        assert_eq!(
+            (p, e),
+            (Protocol::HttpProtobuf, "http://[::1]:4318/v1/traces")
+        );
         // The traces-specific variable replaces the generic one entirely (as the spec says).
         assert_eq!(h, &[("a".to_string(), "1".to_string())][..]);
         assert_eq!(c.timeout, Duration::from_millis(2500));
@@ -561,22 +660,43 @@ mod tests {
         // OTEL_SERVICE_NAME wins over service.name in OTEL_RESOURCE_ATTRIBUTES.
         let mut env2 = env.to_vec();
         env2.push(("OTEL_SERVICE_NAME", "svc"));
-        assert_eq!(resolve(&ExportArgs::default(), &env2).unwrap().service_name(), "svc");
+        assert_eq!(
+            resolve(&ExportArgs::default(), &env2)
+                .unwrap()
+                .service_name(),
+            "svc"
+        );
         // ...and a --resource-attribute service.name flag wins over OTEL_SERVICE_NAME.
-        let args = ExportArgs { resource_attributes: vec!["service.name=flagattr".into()], ..Default::default() };
+        let args = ExportArgs {
+            resource_attributes: vec!["service.name=flagattr".into()],
+            ..Default::default()
+        };
         assert_eq!(resolve(&args, &env2).unwrap().service_name(), "flagattr");
-        assert_eq!(resolve(&ExportArgs::default(), &[]).unwrap().service_name(), "keepalive-agent");
+        assert_eq!(
+            resolve(&ExportArgs::default(), &[]).unwrap().service_name(),
+            "keepalive-agent"
+        );
     }
 
     #[test]
     fn rejects_bad_configuration() {
-        let bad = |env: &[(&str, &str)]| resolve(&ExportArgs::default(), env).unwrap_err().to_string();
+        let bad = |env: &[(&str, &str)]| {
+            resolve(&ExportArgs::default(), env)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("http://"));
         assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")]).contains("TLS"));
-        assert!(bad(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1")])
-            .contains("not supported"));
-        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1"), ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")])
-            .contains("OTEL_EXPORTER_OTLP_HEADERS"));
+        assert!(bad(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1")
+        ])
+        .contains("not supported"));
+        assert!(bad(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")
+        ])
+        .contains("OTEL_EXPORTER_OTLP_HEADERS"));
         assert!(bad(&[("OTEL_RESOURCE_ATTRIBUTES", "a=%zz")]).contains("percent"));
         assert!(bad(&[("OTEL_BSP_MAX_QUEUE_SIZE", "-1")]).contains("OTEL_BSP_MAX_QUEUE_SIZE"));
         assert!(bad(&[("OTEL_BSP_MAX_QUEUE_SIZE", "0")]).contains("positive"));
@@ -585,7 +705,10 @@ mod tests {
             otlp_headers: vec!["bad header=x".into()],
             ..Default::default()
         };
-        assert!(resolve(&args, &[]).unwrap_err().to_string().contains("header name"));
+        assert!(resolve(&args, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("header name"));
     }
 
     #[test]

@@ -32,13 +32,19 @@ fn value(v: &Value) -> Json {
         Value::Array(Array::Bool(a)) => json!(a),
         Value::Array(Array::I64(a)) => json!(a),
         Value::Array(Array::F64(a)) => json!(a),
-        Value::Array(Array::String(a)) => Json::Array(a.iter().map(|s| json!(s.as_str())).collect()),
+        Value::Array(Array::String(a)) => {
+            Json::Array(a.iter().map(|s| json!(s.as_str())).collect())
+        }
         other => json!(other.to_string()),
     }
 }
 
 fn attrs(kvs: &[KeyValue]) -> Json {
-    Json::Object(kvs.iter().map(|kv| (kv.key.as_str().to_string(), value(&kv.value))).collect::<Map<_, _>>())
+    Json::Object(
+        kvs.iter()
+            .map(|kv| (kv.key.as_str().to_string(), value(&kv.value)))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 /// The JSON object of one span.

@@ -55,7 +55,10 @@ pub enum ExportError {
 
 impl ExportError {
     pub(crate) fn config(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        ExportError::Config { what: what.into(), reason: reason.into() }
+        ExportError::Config {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -134,7 +137,13 @@ impl fmt::Display for ExportReport {
 }
 
 enum Sink {
-    Json { out: Box<dyn Write + Send>, exported: u64, failed: u64, errors: u64, warned_at: Option<Instant> },
+    Json {
+        out: Box<dyn Write + Send>,
+        exported: u64,
+        failed: u64,
+        errors: u64,
+        warned_at: Option<Instant>,
+    },
     Otlp(Pipeline),
 }
 
@@ -149,7 +158,9 @@ pub struct Exporter {
 
 impl fmt::Debug for Exporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Exporter").field("target", &self.description).finish()
+        f.debug_struct("Exporter")
+            .field("target", &self.description)
+            .finish()
     }
 }
 
@@ -164,11 +175,19 @@ impl Exporter {
     pub fn from_config(cfg: ExportConfig) -> Result<Exporter, ExportError> {
         match &cfg.target {
             Target::Stdout => Ok(Self::with_json_writer(&cfg, Box::new(std::io::stdout()))),
-            Target::Otlp { protocol, endpoint, headers } => {
+            Target::Otlp {
+                protocol,
+                endpoint,
+                headers,
+            } => {
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(ExportError::NoRuntime);
                 }
-                let build_err = |source| ExportError::Build { protocol: protocol.name(), endpoint: endpoint.clone(), source };
+                let build_err = |source| ExportError::Build {
+                    protocol: protocol.name(),
+                    endpoint: endpoint.clone(),
+                    source,
+                };
                 let mut exporter = match protocol {
                     Protocol::Grpc => {
                         let interceptor = MetadataInterceptor::new(headers)?;
@@ -195,7 +214,9 @@ impl Exporter {
                     }
                 };
                 exporter.set_resource(
-                    &opentelemetry_sdk::Resource::builder_empty().with_attributes(cfg.resource.clone()).build(),
+                    &opentelemetry_sdk::Resource::builder_empty()
+                        .with_attributes(cfg.resource.clone())
+                        .build(),
                 );
                 let pipeline = Pipeline::start(
                     exporter,
@@ -213,7 +234,12 @@ impl Exporter {
                     model: SpanModel::new(cfg.max_span_events),
                     sink: Sink::Otlp(pipeline),
                     resource: cfg.resource.clone(),
-                    description: format!("OTLP {} to {} (service.name {})", protocol.name(), endpoint, cfg.service_name()),
+                    description: format!(
+                        "OTLP {} to {} (service.name {})",
+                        protocol.name(),
+                        endpoint,
+                        cfg.service_name()
+                    ),
                     buf: Vec::new(),
                 })
             }
@@ -225,7 +251,13 @@ impl Exporter {
     pub fn with_json_writer(cfg: &ExportConfig, out: Box<dyn Write + Send>) -> Exporter {
         Exporter {
             model: SpanModel::new(cfg.max_span_events),
-            sink: Sink::Json { out, exported: 0, failed: 0, errors: 0, warned_at: None },
+            sink: Sink::Json {
+                out,
+                exported: 0,
+                failed: 0,
+                errors: 0,
+                warned_at: None,
+            },
             resource: cfg.resource.clone(),
             description: format!("JSON lines (service.name {})", cfg.service_name()),
             buf: Vec::new(),
@@ -254,7 +286,13 @@ impl Exporter {
                     p.submit(span);
                 }
             }
-            Sink::Json { out, exported, failed, errors, warned_at } => {
+            Sink::Json {
+                out,
+                exported,
+                failed,
+                errors,
+                warned_at,
+            } => {
                 let n = self.buf.len() as u64;
                 let mut text = String::new();
                 for span in self.buf.drain(..) {
@@ -280,7 +318,12 @@ impl Exporter {
     pub fn stats(&self) -> ExportStats {
         let created = self.model.spans_built;
         match &self.sink {
-            Sink::Json { exported, failed, errors, .. } => ExportStats {
+            Sink::Json {
+                exported,
+                failed,
+                errors,
+                ..
+            } => ExportStats {
                 spans_created: created,
                 spans_exported: *exported,
                 spans_failed: *failed,
@@ -315,7 +358,9 @@ impl Exporter {
     ) -> ExportReport {
         let started = Instant::now();
         let mut last = Vec::new();
-        let counts = self.model.finish(open, clock, monotonic_now_ns(), &mut last);
+        let counts = self
+            .model
+            .finish(open, clock, monotonic_now_ns(), &mut last);
         let (unsent, flushed) = match self.sink {
             Sink::Json { .. } => {
                 self.buf = last;
@@ -360,18 +405,27 @@ impl Exporter {
 /// values (where a flag wins over the environment) replace those.
 #[derive(Clone)]
 struct MetadataInterceptor(
-    Arc<Vec<(tonic::metadata::MetadataKey<tonic::metadata::Ascii>, tonic::metadata::MetadataValue<tonic::metadata::Ascii>)>>,
+    Arc<
+        Vec<(
+            tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+            tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        )>,
+    >,
 );
 
 impl MetadataInterceptor {
     fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
         let mut list = Vec::new();
         for (k, v) in headers {
-            let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
-                .map_err(|_| ExportError::config("OTLP header", format!("`{k}` is not valid gRPC metadata")))?;
-            let value = v
-                .parse()
-                .map_err(|_| ExportError::config("OTLP header", format!("the value of `{k}` is not valid gRPC metadata")))?;
+            let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
+                ExportError::config("OTLP header", format!("`{k}` is not valid gRPC metadata"))
+            })?;
+            let value = v.parse().map_err(|_| {
+                ExportError::config(
+                    "OTLP header",
+                    format!("the value of `{k}` is not valid gRPC metadata"),
+                )
+            })?;
             list.push((key, value));
         }
         Ok(MetadataInterceptor(Arc::new(list)))
@@ -399,17 +453,22 @@ impl HeaderClient {
     fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
-            let name = http::HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| ExportError::config("OTLP header", format!("`{k}` is not a valid header name")))?;
-            let value = http::HeaderValue::from_str(v)
-                .map_err(|_| ExportError::config("OTLP header", format!("the value of `{k}` is not valid")))?;
+            let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+                ExportError::config("OTLP header", format!("`{k}` is not a valid header name"))
+            })?;
+            let value = http::HeaderValue::from_str(v).map_err(|_| {
+                ExportError::config("OTLP header", format!("the value of `{k}` is not valid"))
+            })?;
             map.insert(name, value);
         }
         let inner = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .map_err(|e| ExportError::config("OTLP HTTP client", e.to_string()))?;
-        Ok(HeaderClient { inner, headers: map })
+        Ok(HeaderClient {
+            inner,
+            headers: map,
+        })
     }
 }
 

@@ -74,13 +74,22 @@ pub fn retryable(err: &OTelSdkError) -> bool {
 
 fn retryable_message(msg: &str) -> bool {
     if let Some(rest) = msg.split("gRPC code: ").nth(1) {
-        let code: String = rest.chars().take_while(char::is_ascii_alphanumeric).collect();
+        let code: String = rest
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
         // OTLP/gRPC: retryable codes. RESOURCE_EXHAUSTED is retryable only with RetryInfo, which we
         // cannot see; backing off is the polite choice. UNKNOWN covers transport oddities.
         return matches!(
             code.as_str(),
-            "Cancelled" | "DeadlineExceeded" | "ResourceExhausted" | "Aborted" | "OutOfRange" | "Unavailable"
-                | "DataLoss" | "Unknown"
+            "Cancelled"
+                | "DeadlineExceeded"
+                | "ResourceExhausted"
+                | "Aborted"
+                | "OutOfRange"
+                | "Unavailable"
+                | "DataLoss"
+                | "Unknown"
         );
     }
     if let Some(rest) = msg.split("status code: ").nth(1) {
@@ -108,7 +117,12 @@ impl Pipeline {
         let (stop, stop_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
         let worker = tokio::spawn(run(exporter, rx, cfg, counters.clone(), stop_rx));
-        Pipeline { tx, stop, worker, counters }
+        Pipeline {
+            tx,
+            stop,
+            worker,
+            counters,
+        }
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -135,7 +149,12 @@ impl Pipeline {
     /// worker finished in time).
     pub async fn shutdown(self, last: Vec<SpanData>, deadline: Duration) -> (u64, bool) {
         let end = Instant::now() + deadline;
-        let Pipeline { tx, stop, mut worker, counters } = self;
+        let Pipeline {
+            tx,
+            stop,
+            mut worker,
+            counters,
+        } = self;
         let _ = stop.send(true);
         let mut not_queued = 0u64;
         for span in last {
@@ -280,10 +299,7 @@ async fn run<E: SpanExporter>(
         while batch.len() < cfg.batch_size {
             let next = if is_stopping(&stop) {
                 // Stopping: take what is there, do not wait.
-                match rx.try_recv() {
-                    Ok(s) => Some(s),
-                    Err(_) => None,
-                }
+                rx.try_recv().ok()
             } else {
                 tokio::select! {
                     s = rx.recv() => s,
@@ -299,7 +315,15 @@ async fn run<E: SpanExporter>(
                 None => break,
             }
         }
-        export_batch(&exporter, std::mem::take(&mut batch), &cfg, &c, &mut stop, &mut rep).await;
+        export_batch(
+            &exporter,
+            std::mem::take(&mut batch),
+            &cfg,
+            &c,
+            &mut stop,
+            &mut rep,
+        )
+        .await;
         batch = Vec::with_capacity(cfg.batch_size);
         rep.drops(&c);
     }
@@ -329,7 +353,11 @@ async fn export_batch<E: SpanExporter>(
             c.retries.fetch_add(1, Relaxed);
         }
         attempt += 1;
-        let result = match tokio::time::timeout(cfg.timeout + Duration::from_secs(1), exporter.export(batch.clone())).await
+        let result = match tokio::time::timeout(
+            cfg.timeout + Duration::from_secs(1),
+            exporter.export(batch.clone()),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err(OTelSdkError::Timeout(cfg.timeout)),
@@ -344,7 +372,11 @@ async fn export_batch<E: SpanExporter>(
         };
         c.export_errors.fetch_add(1, Relaxed);
         let stopping = is_stopping(stop);
-        let wait = if stopping { delay.min(Duration::from_millis(200)) } else { jitter(delay) };
+        let wait = if stopping {
+            delay.min(Duration::from_millis(200))
+        } else {
+            jitter(delay)
+        };
         if !retryable(&err) {
             c.failed.fetch_add(n, Relaxed);
             rep.failure(&format!("{err} (permanent: {n} spans dropped)"), None, n);
@@ -353,7 +385,10 @@ async fn export_batch<E: SpanExporter>(
         if started.elapsed() + wait > cfg.retry_max {
             c.failed.fetch_add(n, Relaxed);
             rep.failure(
-                &format!("{err} (gave up after {attempt} attempts over {:.0}s: {n} spans dropped)", started.elapsed().as_secs_f64()),
+                &format!(
+                    "{err} (gave up after {attempt} attempts over {:.0}s: {n} spans dropped)",
+                    started.elapsed().as_secs_f64()
+                ),
                 None,
                 n,
             );
@@ -383,10 +418,18 @@ mod tests {
     #[test]
     fn classification_follows_otlp_rules() {
         let f = |m: &str| retryable(&OTelSdkError::InternalFailure(m.to_string()));
-        assert!(f("TonicTracesClient export failed with gRPC code: Unavailable: transport error"));
-        assert!(f("TonicTracesClient export failed with gRPC code: DeadlineExceeded"));
-        assert!(!f("TonicTracesClient export failed with gRPC code: InvalidArgument"));
-        assert!(!f("TonicTracesClient export failed with gRPC code: Unauthenticated: nope"));
+        assert!(f(
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error"
+        ));
+        assert!(f(
+            "TonicTracesClient export failed with gRPC code: DeadlineExceeded"
+        ));
+        assert!(!f(
+            "TonicTracesClient export failed with gRPC code: InvalidArgument"
+        ));
+        assert!(!f(
+            "TonicTracesClient export failed with gRPC code: Unauthenticated: nope"
+        ));
         assert!(f("HTTP export failed with status code: 503"));
         assert!(f("HTTP export failed with status code: 429"));
         assert!(!f("HTTP export failed with status code: 400"));
@@ -410,12 +453,19 @@ mod tests {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
             self.calls.fetch_add(1, Relaxed);
             if self.permanent.load(Relaxed) {
-                return Err(OTelSdkError::InternalFailure("HTTP export failed with status code: 400".into()));
+                return Err(OTelSdkError::InternalFailure(
+                    "HTTP export failed with status code: 400".into(),
+                ));
             }
             if self.down.load(Relaxed) {
-                return Err(OTelSdkError::InternalFailure("HTTP export failed: network error".into()));
+                return Err(OTelSdkError::InternalFailure(
+                    "HTTP export failed: network error".into(),
+                ));
             }
-            self.got.lock().unwrap().extend(batch.into_iter().map(|s| s.name.into_owned()));
+            self.got
+                .lock()
+                .unwrap()
+                .extend(batch.into_iter().map(|s| s.name.into_owned()));
             Ok(())
         }
     }
@@ -470,12 +520,18 @@ mod tests {
         let c = p.counters().clone();
         // Bounded: the queue plus the batch in the worker's hands.
         assert!(c.queued.load(Relaxed) <= 8);
-        assert!(c.dropped.load(Relaxed) >= 100 - 8 - 4, "dropped {}", c.dropped.load(Relaxed));
+        assert!(
+            c.dropped.load(Relaxed) >= 100 - 8 - 4,
+            "dropped {}",
+            c.dropped.load(Relaxed)
+        );
         assert!(c.export_errors.load(Relaxed) >= 2);
         assert!(c.retries.load(Relaxed) >= 1);
         assert_eq!(c.exported.load(Relaxed), 0);
         fake.down.store(false, Relaxed);
-        let (unsent, finished) = p.shutdown(vec![span("last".into())], Duration::from_secs(5)).await;
+        let (unsent, finished) = p
+            .shutdown(vec![span("last".into())], Duration::from_secs(5))
+            .await;
         assert!(finished);
         assert_eq!(unsent, 0);
         let got = fake.got.lock().unwrap().clone();
@@ -507,7 +563,13 @@ mod tests {
     async fn retries_give_up_after_retry_max() {
         let fake = Fake::default();
         fake.down.store(true, Relaxed);
-        let p = Pipeline::start(fake.clone(), PipelineConfig { retry_max: Duration::from_millis(100), ..cfg() });
+        let p = Pipeline::start(
+            fake.clone(),
+            PipelineConfig {
+                retry_max: Duration::from_millis(100),
+                ..cfg()
+            },
+        );
         p.submit(span("a".into()));
         tokio::time::sleep(Duration::from_millis(400)).await;
         let c = p.counters().clone();
@@ -527,10 +589,15 @@ mod tests {
             p.submit(span(format!("s{i}")));
         }
         let t = Instant::now();
-        let (unsent, finished) = p.shutdown(vec![span("x".into())], Duration::from_millis(300)).await;
+        let (unsent, finished) = p
+            .shutdown(vec![span("x".into())], Duration::from_millis(300))
+            .await;
         let took = t.elapsed();
         assert!(!finished);
         assert_eq!(unsent, 6);
-        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "took {took:?}");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "took {took:?}"
+        );
     }
 }

@@ -19,14 +19,17 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
 
 use crate::clock::WallClock;
 use crate::event::{Process, SockSettings, TcpState};
 use crate::timeline::{
-    AckPrecision, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource, TimeoutReason,
+    AckPrecision, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
+    TimeoutReason,
 };
 
 /// Span, event and attribute names. Semantic-convention names where one exists; everything of our
@@ -62,7 +65,7 @@ pub mod names {
     pub const NETNS: &str = "tcp.keepalive.netns";
     pub const CGROUP_ID: &str = "tcp.keepalive.process.cgroup_id";
     pub const OPEN_STATE: &str = "tcp.keepalive.open.state";
-    pub const OPEN_ESTABLISHED: &str = "tcp.keepalive.open.established";
+    pub const FIRST_SEEN_SOURCE: &str = "tcp.keepalive.first_seen.source";
     pub const SNAPSHOT: &str = "tcp.keepalive.snapshot";
     pub const ENABLED: &str = "tcp.keepalive.enabled";
     pub const IDLE_S: &str = "tcp.keepalive.idle_s";
@@ -113,7 +116,11 @@ struct Events {
 
 impl Events {
     fn new(limit: usize) -> Self {
-        Events { list: Vec::new(), dropped: 0, limit }
+        Events {
+            list: Vec::new(),
+            dropped: 0,
+            limit,
+        }
     }
 
     fn reserve(&self) -> usize {
@@ -165,8 +172,9 @@ struct ConnState {
     span_id: SpanId,
     start: SystemTime,
     view: ConnView,
-    opened: Option<(TcpState, bool)>,
-    snapshot: bool,
+    opened: Option<TcpState>,
+    /// Source of the first settings seen: how the agent came to follow the connection.
+    first_source: Option<SettingsSource>,
     settings: Option<(SockSettings, SettingsSource)>,
     settings_changes: u64,
     events: Events,
@@ -271,7 +279,9 @@ impl SpanModel {
         let mut ids: Vec<u64> = self.conns.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let Some(mut st) = self.conns.remove(&id) else { continue };
+            let Some(mut st) = self.conns.remove(&id) else {
+                continue;
+            };
             if let Some(ep) = st.episode.take() {
                 st.episodes += 1;
                 let span = self.incomplete_episode_span(&st, ep, stop, clock);
@@ -319,7 +329,7 @@ impl SpanModel {
             start: clock.to_system_time(start_ns),
             view: *view,
             opened: None,
-            snapshot: false,
+            first_source: None,
             settings: None,
             settings_changes: 0,
             events: Events::new(max_events),
@@ -357,7 +367,10 @@ impl SpanModel {
                 let span = self.episode_span(&tomb, ep, Vec::new(), None, clock);
                 self.emit(span, out);
             } else {
-                log::debug!("export: record `{}` for connection {id} after its close; ignored", rec.kind.name());
+                log::debug!(
+                    "export: record `{}` for connection {id} after its close; ignored",
+                    rec.kind.name()
+                );
             }
             return;
         }
@@ -372,13 +385,16 @@ impl SpanModel {
         let mut closed = false;
         let mut episode_end = None;
         match &rec.kind {
-            RecordKind::Opened { state, established } => {
-                st.opened = Some((*state, *established));
+            RecordKind::Opened { state, .. } => {
+                // `established` is `state == ESTABLISHED`: nothing more to say.
+                st.opened = Some(*state);
             }
-            RecordKind::Config { settings, source, process } => {
-                if *source == SettingsSource::Snapshot {
-                    st.snapshot = true;
-                }
+            RecordKind::Config {
+                settings,
+                source,
+                process,
+            } => {
+                st.first_source.get_or_insert(*source);
                 st.settings = Some((*settings, *source));
                 st.settings_changes += 1;
                 let mut attrs = settings_attrs(settings, *source);
@@ -424,7 +440,10 @@ impl SpanModel {
                     None => st.events.routine(e),
                 }
             }
-            RecordKind::Suppressed { packets_out, unsent } => {
+            RecordKind::Suppressed {
+                packets_out,
+                unsent,
+            } => {
                 st.suppressed += 1;
                 st.events.routine(Event::new(
                     EV_SUPPRESSED,
@@ -440,7 +459,8 @@ impl SpanModel {
             RecordKind::Busy => st.busy_retries += 1,
             RecordKind::FinWait2 => {
                 st.fin_wait2 += 1;
-                st.events.important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
+                st.events
+                    .important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
             }
             RecordKind::Timeout { reason, probes } => {
                 st.timeout = Some((*reason, *probes));
@@ -452,8 +472,10 @@ impl SpanModel {
             }
             RecordKind::Reset { reason, active } => {
                 st.reset = Some((reason.clone(), *active));
-                let attrs =
-                    vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
+                let attrs = vec![
+                    KeyValue::new(RESET_REASON, reason.clone()),
+                    KeyValue::new(RESET_ACTIVE, *active),
+                ];
                 terminal_event(st, EV_RESET, at, attrs);
             }
             RecordKind::PeerReset => {
@@ -462,13 +484,23 @@ impl SpanModel {
             }
             RecordKind::Error { errno } => {
                 st.errno = Some(*errno);
-                terminal_event(st, EV_ERROR, at, vec![KeyValue::new(ERRNO, errno_name(*errno))]);
+                terminal_event(
+                    st,
+                    EV_ERROR,
+                    at,
+                    vec![KeyValue::new(ERRNO, errno_name(*errno))],
+                );
             }
             RecordKind::Close { state } => {
                 if let Some(ep) = &mut st.episode {
                     push_capped(
                         &mut ep.outcome,
-                        Event::new(EV_CLOSE, at, vec![KeyValue::new(CLOSE_STATE, state.name())], 0),
+                        Event::new(
+                            EV_CLOSE,
+                            at,
+                            vec![KeyValue::new(CLOSE_STATE, state.name())],
+                            0,
+                        ),
                     );
                 }
                 if st.close.is_none() {
@@ -501,6 +533,7 @@ impl SpanModel {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn span(
         &self,
         trace_id: TraceId,
@@ -513,7 +546,13 @@ impl SpanModel {
         status: Status,
     ) -> SpanData {
         SpanData {
-            span_context: SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, TraceState::default()),
+            span_context: SpanContext::new(
+                trace_id,
+                span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
             parent_span_id: parent,
             parent_span_is_remote: false,
             span_kind: SpanKind::Internal,
@@ -531,11 +570,16 @@ impl SpanModel {
 
     fn connection_span(&self, st: ConnState, stopped_at: Option<SystemTime>) -> SpanData {
         let mut a = conn_attrs(&st.view);
-        if let Some((state, established)) = st.opened {
+        if let Some(state) = st.opened {
             a.push(KeyValue::new(OPEN_STATE, state.name()));
-            a.push(KeyValue::new(OPEN_ESTABLISHED, established));
         }
-        a.push(KeyValue::new(SNAPSHOT, st.snapshot));
+        if let Some(source) = st.first_source {
+            a.push(KeyValue::new(FIRST_SEEN_SOURCE, source.name()));
+        }
+        a.push(KeyValue::new(
+            SNAPSHOT,
+            st.first_source == Some(SettingsSource::Snapshot),
+        ));
         if let Some((s, source)) = &st.settings {
             a.extend(settings_attrs(s, *source));
         }
@@ -572,7 +616,16 @@ impl SpanModel {
             }
             (None, None) => st.start,
         };
-        self.span(st.trace_id, st.span_id, SpanId::INVALID, SPAN_CONNECTION, (st.start, end), a, st.events, status)
+        self.span(
+            st.trace_id,
+            st.span_id,
+            SpanId::INVALID,
+            SPAN_CONNECTION,
+            (st.start, end),
+            a,
+            st.events,
+            status,
+        )
     }
 
     fn episode_span(
@@ -606,7 +659,11 @@ impl SpanModel {
             ),
             EpisodeOutcome::TimedOut(reason) => {
                 a.push(KeyValue::new(TIMEOUT_REASON, reason.name()));
-                ("timeout", Status::error(timeout_message(*reason, ep.probes)), Some(timeout_type(*reason)))
+                (
+                    "timeout",
+                    Status::error(timeout_message(*reason, ep.probes)),
+                    Some(timeout_type(*reason)),
+                )
             }
         };
         a.push(KeyValue::new(EPISODE_OUTCOME, outcome));
@@ -616,8 +673,20 @@ impl SpanModel {
         if let Some(t) = error_type {
             a.push(KeyValue::new(ERROR_TYPE, t));
         }
-        let times = (clock.to_system_time(ep.start_ns), clock.to_system_time(ep.end_ns));
-        self.span(parent.trace_id, self.ids.new_span_id(), parent.span_id, SPAN_EPISODE, times, a, events, status)
+        let times = (
+            clock.to_system_time(ep.start_ns),
+            clock.to_system_time(ep.end_ns),
+        );
+        self.span(
+            parent.trace_id,
+            self.ids.new_span_id(),
+            parent.span_id,
+            SPAN_EPISODE,
+            times,
+            a,
+            events,
+            status,
+        )
     }
 
     fn incomplete_episode_span(
@@ -643,7 +712,16 @@ impl SpanModel {
         a.push(KeyValue::new(EPISODE_OUTCOME, "incomplete"));
         a.push(KeyValue::new(INCOMPLETE, true));
         let times = (clock.to_system_time(ep.start_ns), stop);
-        self.span(st.trace_id, self.ids.new_span_id(), st.span_id, SPAN_EPISODE, times, a, events, Status::Unset)
+        self.span(
+            st.trace_id,
+            self.ids.new_span_id(),
+            st.span_id,
+            SPAN_EPISODE,
+            times,
+            a,
+            events,
+            Status::Unset,
+        )
     }
 }
 
@@ -664,16 +742,29 @@ fn push_capped(list: &mut Vec<Event>, e: Event) {
 }
 
 fn probe_event(clock: &WallClock, ts: u64, n: u32) -> Event {
-    Event::new(EV_PROBE, clock.to_system_time(ts), vec![KeyValue::new(PROBE_N, i64::from(n))], 0)
+    Event::new(
+        EV_PROBE,
+        clock.to_system_time(ts),
+        vec![KeyValue::new(PROBE_N, i64::from(n))],
+        0,
+    )
 }
 
 /// (`tcp.keepalive.outcome`, status, `error.type`) of a connection span.
 fn conn_outcome(st: &ConnState, stopped: bool) -> (&'static str, Status, Option<String>) {
     if let Some((reason, probes)) = st.timeout {
-        return ("timeout", Status::error(timeout_message(reason, probes)), Some(timeout_type(reason).into()));
+        return (
+            "timeout",
+            Status::error(timeout_message(reason, probes)),
+            Some(timeout_type(reason).into()),
+        );
     }
     if st.peer_reset {
-        return ("peer_reset", Status::error("connection reset by peer"), Some("peer_reset".into()));
+        return (
+            "peer_reset",
+            Status::error("connection reset by peer"),
+            Some("peer_reset".into()),
+        );
     }
     if let Some((reason, _)) = &st.reset {
         return (
@@ -684,7 +775,11 @@ fn conn_outcome(st: &ConnState, stopped: bool) -> (&'static str, Status, Option<
     }
     if let Some(e) = st.errno {
         let name = errno_name(e);
-        return ("error", Status::error(format!("socket error {name}")), Some(name));
+        return (
+            "error",
+            Status::error(format!("socket error {name}")),
+            Some(name),
+        );
     }
     if stopped {
         ("open", Status::Unset, None)
@@ -703,7 +798,9 @@ fn timeout_type(reason: TimeoutReason) -> &'static str {
 fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
     match reason {
         TimeoutReason::Keepalive => format!("keep-alive timeout: {probes} probes unanswered"),
-        TimeoutReason::UserTimeout => format!("TCP_USER_TIMEOUT expired with {probes} probes unanswered"),
+        TimeoutReason::UserTimeout => {
+            format!("TCP_USER_TIMEOUT expired with {probes} probes unanswered")
+        }
     }
 }
 
@@ -723,7 +820,10 @@ fn ip_kv(key: &'static str, addr: &SocketAddr) -> KeyValue {
 fn conn_attrs(v: &ConnView) -> Vec<KeyValue> {
     let mut a = vec![
         KeyValue::new(NETWORK_TRANSPORT, "tcp"),
-        KeyValue::new(NETWORK_TYPE, if v.local.is_ipv4() { "ipv4" } else { "ipv6" }),
+        KeyValue::new(
+            NETWORK_TYPE,
+            if v.local.is_ipv4() { "ipv4" } else { "ipv6" },
+        ),
         ip_kv(NETWORK_LOCAL_ADDRESS, &v.local),
         KeyValue::new(NETWORK_LOCAL_PORT, i64::from(v.local.port())),
         ip_kv(NETWORK_PEER_ADDRESS, &v.remote),
@@ -766,7 +866,10 @@ fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
         .filter(|(_, v)| v.is_none())
         .map(|(n, _)| StringValue::from(*n))
         .collect();
-    a.push(KeyValue::new(SETTINGS_DEFAULTS, Value::Array(Array::String(defaults))));
+    a.push(KeyValue::new(
+        SETTINGS_DEFAULTS,
+        Value::Array(Array::String(defaults)),
+    ));
     a
 }
 

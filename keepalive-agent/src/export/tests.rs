@@ -42,7 +42,10 @@ fn view(id: u64) -> ConnView {
 }
 
 fn cfg() -> ExportConfig {
-    let host = config::HostFacts { host_name: Some("h1".into()), host_id: None };
+    let host = config::HostFacts {
+        host_name: Some("h1".into()),
+        host_id: None,
+    };
     ExportConfig::resolve(&ExportArgs::default(), &|_| None, &host).unwrap()
 }
 
@@ -51,17 +54,38 @@ async fn json_lines_with_open_connection_at_shutdown() {
     let buf = Shared::default();
     let mut ex = Exporter::with_json_writer(&cfg(), Box::new(buf.clone()));
     let clock = WallClock::with_offset_ns(1_000_000_000_000_000_000);
-    let open = |id, ts| Record { ts_ns: ts, conn: view(id), kind: RecordKind::Opened { state: TcpState::Established, established: true } };
+    let open = |id, ts| Record {
+        ts_ns: ts,
+        conn: view(id),
+        kind: RecordKind::Opened {
+            state: TcpState::Established,
+            established: true,
+        },
+    };
     ex.on_records(&[open(1, 1_000), open(2, 2_000)], &clock);
-    ex.on_records(&[Record { ts_ns: 5_000, conn: view(1), kind: RecordKind::Close { state: TcpState::Established } }], &clock);
+    ex.on_records(
+        &[Record {
+            ts_ns: 5_000,
+            conn: view(1),
+            kind: RecordKind::Close {
+                state: TcpState::Established,
+            },
+        }],
+        &clock,
+    );
     assert_eq!(ex.stats().spans_exported, 1);
-    let report = ex.shutdown([view(2)].into_iter(), &clock, Duration::from_secs(1)).await;
+    let report = ex
+        .shutdown([view(2)].into_iter(), &clock, Duration::from_secs(1))
+        .await;
     assert!(report.flushed);
     assert_eq!(report.open_connections_ended, 1);
     assert_eq!(report.stats.spans_exported, 2);
     assert_eq!(report.stats.spans_created, 2);
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["attributes"]["tcp.keepalive.connection.id"], 1);
     assert_eq!(lines[0]["end_unix_ns"], 1_000_000_000_000_005_000i64);
@@ -76,17 +100,39 @@ fn json_write_errors_are_counted() {
     let clock = WallClock::with_offset_ns(0);
     ex.on_records(
         &[
-            Record { ts_ns: 1, conn: view(1), kind: RecordKind::Opened { state: TcpState::Established, established: true } },
-            Record { ts_ns: 2, conn: view(1), kind: RecordKind::Close { state: TcpState::Established } },
+            Record {
+                ts_ns: 1,
+                conn: view(1),
+                kind: RecordKind::Opened {
+                    state: TcpState::Established,
+                    established: true,
+                },
+            },
+            Record {
+                ts_ns: 2,
+                conn: view(1),
+                kind: RecordKind::Close {
+                    state: TcpState::Established,
+                },
+            },
         ],
         &clock,
     );
     let s = ex.stats();
-    assert_eq!((s.spans_exported, s.spans_failed, s.export_errors), (0, 1, 1));
+    assert_eq!(
+        (s.spans_exported, s.spans_failed, s.export_errors),
+        (0, 1, 1)
+    );
 }
 
 #[test]
 fn otlp_needs_a_runtime() {
-    let args = ExportArgs { otlp_endpoint: Some("http://127.0.0.1:4318".into()), ..Default::default() };
-    assert!(matches!(Exporter::from_args(&args), Err(ExportError::NoRuntime)));
+    let args = ExportArgs {
+        otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        Exporter::from_args(&args),
+        Err(ExportError::NoRuntime)
+    ));
 }

@@ -203,10 +203,11 @@ fn apply_option(s: &mut SockSettings, option: SockOpt, value: i32) -> Option<u8>
     })
 }
 
-/// Where settings read when a connection is first seen came from, when no setsockopt explains them.
-fn read_source(s: &SockSettings) -> SettingsSource {
+/// Where settings read when a connection is first seen came from, when no setsockopt explains them:
+/// `read_as` (where they were read) when values are set on the socket, else the sysctl defaults.
+fn read_source(s: &SockSettings, read_as: SettingsSource) -> SettingsSource {
     if s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some() {
-        SettingsSource::Established
+        read_as
     } else {
         SettingsSource::Default
     }
@@ -501,6 +502,7 @@ impl Engine {
         state: TcpState,
         settings: &SockSettings,
         process: Option<Process>,
+        read_as: SettingsSource,
         out: &mut Vec<Record>,
     ) -> Option<&mut Conn> {
         let pending = if self.pending.is_empty() {
@@ -514,7 +516,7 @@ impl Engine {
         };
         let (source, config_process) = match option {
             Some((opt, by)) => (SettingsSource::Setsockopt(opt), Some(by)),
-            None => (read_source(settings), None),
+            None => (read_source(settings, read_as), None),
         };
         let process = connect_process.or(process).or(config_process);
         let conn = self.open(ev, state, *settings, KNOWN_ALL, process, out)?;
@@ -556,18 +558,32 @@ impl Engine {
                 }
             }
             TcpState::Established => {
+                // Older than what we know: the connection was first seen by the start-up snapshot
+                // taken after this event was queued. Keep the connection; learn the process.
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    if ev.ts_ns <= conn.view.first_seen_ns {
+                        note_addrs(conn, ev);
+                        if conn.view.process.is_none() {
+                            conn.view.process = process;
+                        }
+                        return;
+                    }
+                }
                 // A tracked socket becoming established again: its close was missed and the
                 // address is a new connection.
                 self.evict(ev.sk);
                 let has_option = !self.pending.is_empty()
                     && self.pending.get(&ev.sk).is_some_and(|p| p.option.is_some());
                 if settings.keepalive || settings.user_timeout_ms > 0 || has_option {
-                    self.open_with_read_settings(ev, new, settings, process, out);
+                    self.open_with_read_settings(ev, new, settings, process, SettingsSource::Established, out);
                 } else if !self.pending.is_empty() {
                     self.pending.remove(&ev.sk);
                 }
             }
             TcpState::SynSent => {
+                if self.conns.get(&ev.sk).is_some_and(|c| ev.ts_ns <= c.view.first_seen_ns) {
+                    return; // older than the snapshot that found the connection
+                }
                 self.evict(ev.sk);
                 if let Some(process) = process {
                     if let Some(p) = self.pending_slot(ev.sk) {
@@ -701,7 +717,7 @@ impl Engine {
                     return;
                 }
                 self.learn_defaults(ev.netns, &t.settings);
-                match self.open_with_read_settings(ev, t.state_before, &t.settings, None, out) {
+                match self.open_with_read_settings(ev, t.state_before, &t.settings, None, SettingsSource::Kernel, out) {
                     Some(conn) => conn,
                     None => return,
                 }
@@ -1115,6 +1131,34 @@ mod tests {
             &[ev(10 * S + 10, B, EventBody::Error { errno: 104, state: TcpState::Established }), closed],
         );
         assert_eq!(names(&out), ["error", "close"]);
+    }
+
+    /// The start-up snapshot is taken after the programs are attached: a connection established in
+    /// between is in the snapshot and its (older) ESTABLISHED event is still in the ring buffer.
+    #[test]
+    fn events_older_than_the_snapshot_do_not_reopen_the_connection() {
+        let mut e = engine();
+        let snap = ev(
+            10 * S,
+            A,
+            EventBody::Snapshot {
+                state: TcpState::Established,
+                settings: ka(),
+                probes_out: 0,
+                timer_in_ms: Some(500),
+            },
+        );
+        let out = feed(&mut e, &[snap]);
+        assert_eq!(names(&out), ["open", "config"]);
+        let out = feed(&mut e, &[established(9 * S, A, ka())]);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(e.tracked(), 1);
+        let out = feed(&mut e, &[probe(11 * S, A, 0, 1)]);
+        assert_eq!(out[0].conn.id, 1);
+        // A later ESTABLISHED on the same socket is a new connection (the close was missed).
+        let out = feed(&mut e, &[established(20 * S, A, ka())]);
+        assert_eq!(names(&out), ["open", "config"]);
+        assert_eq!(out[0].conn.id, 2);
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub enum SettingsSource {
     Established,
     /// Nothing set on the socket: the namespace's sysctl defaults.
     Default,
-    /// Seen changed at a timer firing without a `setsockopt` we saw (bpf_setsockopt, in-kernel user).
+    /// Read from the socket at a timer firing: changed without a `setsockopt` we saw
+    /// (bpf_setsockopt, an in-kernel user), or a connection first seen at its timer.
     Kernel,
 }
 
