@@ -27,9 +27,21 @@ setup_otel() {
         return 0
     fi
 
+    case "$venv" in
+        /?*/?*) ;;
+        *) printf 'setup: refusing venv path %s (want an absolute path two levels deep or more)\n' "$venv" >&2
+           return 1 ;;
+    esac
+    if [ -e "$venv" ]; then
+        # Only ever replace a venv (never whatever else the path may name).
+        if [ ! -f "$venv/pyvenv.cfg" ]; then
+            printf 'setup: %s exists and is not a Python venv; not touching it\n' "$venv" >&2
+            return 1
+        fi
+        $sudo rm -rf "$venv"
+    fi
     printf 'setup: creating OTLP receiver venv in %s\n' "$venv" >&2
     $sudo mkdir -p "$(dirname "$venv")"
-    $sudo rm -rf "$venv"
     $sudo python3 -m venv "$venv"
     $sudo "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$req"
     local agent

@@ -47,4 +47,9 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
 else
     log "bpf-linker present: $(bpf-linker --version)"
 fi
+# OTLP receivers for the export tests (a pinned Python venv; see scripts/setup-otel.sh).
+# shellcheck source=scripts/setup-otel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/setup-otel.sh"
+setup_otel
+
 log "done"

@@ -38,6 +38,29 @@ enum Command {
     Trace(TraceArgs),
     /// Say which mechanism reaches each hook on this kernel, and whether the agent can run here.
     Check(CheckArgs),
+    /// Run as a daemon exporting timelines as OpenTelemetry traces (OTLP gRPC or HTTP/protobuf;
+    /// spans as JSON lines on stdout when no endpoint is configured).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    attach: AttachArgs,
+    #[command(flatten)]
+    export: keepalive_agent::export::ExportArgs,
+    /// Most connections tracked at once; past it new connections are not tracked (and that is reported).
+    #[arg(long, default_value_t = 65_536)]
+    max_connections: usize,
+    /// Only connections in this network namespace (a path such as /run/netns/NAME).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// How long to wait for pending spans at shutdown, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_timeout: f64,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
 }
 
 /// Options shared by every command that attaches programs.
@@ -122,6 +145,7 @@ fn main() {
     let res = match cli.command {
         Command::Trace(args) => trace(args),
         Command::Check(args) => check(args),
+        Command::Run(args) => run(args),
     };
     if let Err(e) = res {
         eprintln!("keepalive-agent: error: {e:#}");
@@ -250,6 +274,67 @@ fn trace(args: TraceArgs) -> Result<()> {
         stats.cap_rejected
     );
     let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let filter = Filter {
+        netns: args.netns.as_ref().map(netns_inode).transpose()?,
+        ..Filter::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("keepalive-export")
+        .enable_all()
+        .build()
+        .context("starting the export runtime")?;
+    let _enter = runtime.enter();
+    let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
+        .context("configuring the OpenTelemetry export")?;
+    info!("exporting {}", exporter.description());
+    install_signal_handlers();
+    let (facts, mut probes) = prepare(&args.attach)?;
+    let snapshot = probes
+        .snapshot(&attach::netns_paths(args.netns.as_deref()))
+        .context("start-up snapshot")?;
+    let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
+    eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
+    let decoder = Decoder::new(facts.tables.clone());
+    let mut engine = Engine::new(EngineConfig { max_connections: args.max_connections });
+    let until = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let mut ev_loop = EventLoop {
+        probes: &mut probes,
+        decoder: &decoder,
+        engine: &mut engine,
+        filter: &filter,
+        clock: WallClock::measure(),
+    };
+    // The event path only hands records to the exporter's bounded queue: it never waits on the
+    // network.
+    let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
+        exporter.on_records(recs, clock);
+        Ok(())
+    };
+    let summary = ev_loop.run(snapshot, &STOP, until, &mut sink)?;
+    let clock = ev_loop.clock;
+    let open: Vec<_> = engine.open_connections().filter(|c| filter.matches(c)).collect();
+    let deadline = Duration::from_secs_f64(args.shutdown_timeout);
+    let report = runtime.block_on(exporter.shutdown(open.into_iter(), &clock, deadline));
+    if summary.lost_total() > 0 {
+        warn!(
+            "lost {} kernel events in total (ring buffer full): {}",
+            summary.lost_total(),
+            lost_breakdown(&summary.lost)
+        );
+    }
+    info!(
+        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked; export: {report}",
+        summary.events,
+        summary.records,
+        summary.lost_total(),
+        summary.decode_errors,
+        engine.stats().opened,
+    );
     Ok(())
 }
 

@@ -31,7 +31,11 @@ fn main() -> Result<ExitCode> {
     match cli.command {
         Command::VmTest(args) => {
             let all_passed = vm::run(&workspace, args)?;
-            Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if all_passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

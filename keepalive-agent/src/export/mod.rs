@@ -330,18 +330,7 @@ impl Exporter {
                 export_errors: *errors,
                 ..Default::default()
             },
-            Sink::Otlp(p) => {
-                let c = p.counters();
-                ExportStats {
-                    spans_created: created,
-                    spans_exported: c.exported.load(Relaxed),
-                    spans_dropped: c.dropped.load(Relaxed),
-                    spans_failed: c.failed.load(Relaxed),
-                    export_errors: c.export_errors.load(Relaxed),
-                    retries: c.retries.load(Relaxed),
-                    queued: c.queued.load(Relaxed),
-                }
-            }
+            Sink::Otlp(p) => otlp_stats(created, p.counters()),
         }
     }
 
@@ -361,42 +350,46 @@ impl Exporter {
         let counts = self
             .model
             .finish(open, clock, monotonic_now_ns(), &mut last);
-        let (unsent, flushed) = match self.sink {
+        match self.sink {
             Sink::Json { .. } => {
+                let failed_before = self.stats().spans_failed;
                 self.buf = last;
                 self.deliver();
-                (0, true)
+                let stats = self.stats();
+                ExportReport {
+                    stats,
+                    open_connections_ended: counts.connections,
+                    open_episodes_ended: counts.episodes,
+                    unsent: 0,
+                    flushed: stats.spans_failed == failed_before,
+                    elapsed: started.elapsed(),
+                }
             }
             Sink::Otlp(p) => {
                 let counters = p.counters().clone();
                 let (unsent, finished) = p.shutdown(last, deadline).await;
-                let stats = ExportStats {
-                    spans_created: self.model.spans_built,
-                    spans_exported: counters.exported.load(Relaxed),
-                    spans_dropped: counters.dropped.load(Relaxed),
-                    spans_failed: counters.failed.load(Relaxed),
-                    export_errors: counters.export_errors.load(Relaxed),
-                    retries: counters.retries.load(Relaxed),
-                    queued: 0,
-                };
-                return ExportReport {
-                    stats,
+                ExportReport {
+                    stats: otlp_stats(self.model.spans_built, &counters),
                     open_connections_ended: counts.connections,
                     open_episodes_ended: counts.episodes,
                     unsent,
                     flushed: finished && unsent == 0,
                     elapsed: started.elapsed(),
-                };
+                }
             }
-        };
-        ExportReport {
-            stats: self.stats(),
-            open_connections_ended: counts.connections,
-            open_episodes_ended: counts.episodes,
-            unsent,
-            flushed,
-            elapsed: started.elapsed(),
         }
+    }
+}
+
+fn otlp_stats(created: u64, c: &pipeline::Counters) -> ExportStats {
+    ExportStats {
+        spans_created: created,
+        spans_exported: c.exported.load(Relaxed),
+        spans_dropped: c.dropped.load(Relaxed),
+        spans_failed: c.failed.load(Relaxed),
+        export_errors: c.export_errors.load(Relaxed),
+        retries: c.retries.load(Relaxed),
+        queued: c.queued.load(Relaxed),
     }
 }
 

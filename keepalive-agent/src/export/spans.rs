@@ -272,7 +272,9 @@ impl SpanModel {
         // Close records still pending in this model are finished normally first.
         self.on_records(&[], clock, out);
         for view in open {
-            self.state(&view, view.first_seen_ns, clock);
+            if !self.tombs.contains_key(&view.id) {
+                self.state(&view, view.first_seen_ns, clock);
+            }
         }
         let stop = clock.to_system_time(stop_ns);
         let mut counts = FinishCounts::default();
@@ -818,19 +820,26 @@ fn ip_kv(key: &'static str, addr: &SocketAddr) -> KeyValue {
 /// Attributes of the connection, on both span kinds (an episode arrives long before its parent, so
 /// it must be understandable alone).
 fn conn_attrs(v: &ConnView) -> Vec<KeyValue> {
-    let mut a = vec![
-        KeyValue::new(NETWORK_TRANSPORT, "tcp"),
-        KeyValue::new(
+    let mut a = vec![KeyValue::new(NETWORK_TRANSPORT, "tcp")];
+    // The engine uses 0.0.0.0:0 while it does not know the addresses (an option set before
+    // connect); say nothing rather than something false.
+    let known = |s: &SocketAddr| !(s.ip().is_unspecified() && s.port() == 0);
+    if known(&v.local) || known(&v.remote) {
+        a.push(KeyValue::new(
             NETWORK_TYPE,
             if v.local.is_ipv4() { "ipv4" } else { "ipv6" },
-        ),
-        ip_kv(NETWORK_LOCAL_ADDRESS, &v.local),
-        KeyValue::new(NETWORK_LOCAL_PORT, i64::from(v.local.port())),
-        ip_kv(NETWORK_PEER_ADDRESS, &v.remote),
-        KeyValue::new(NETWORK_PEER_PORT, i64::from(v.remote.port())),
-        KeyValue::new(CONNECTION_ID, v.id as i64),
-        KeyValue::new(NETNS, i64::from(v.netns)),
-    ];
+        ));
+    }
+    if known(&v.local) {
+        a.push(ip_kv(NETWORK_LOCAL_ADDRESS, &v.local));
+        a.push(KeyValue::new(NETWORK_LOCAL_PORT, i64::from(v.local.port())));
+    }
+    if known(&v.remote) {
+        a.push(ip_kv(NETWORK_PEER_ADDRESS, &v.remote));
+        a.push(KeyValue::new(NETWORK_PEER_PORT, i64::from(v.remote.port())));
+    }
+    a.push(KeyValue::new(CONNECTION_ID, v.id as i64));
+    a.push(KeyValue::new(NETNS, i64::from(v.netns)));
     if let Some(p) = &v.process {
         a.extend(process_attrs(p));
     }
@@ -873,33 +882,7 @@ fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
     a
 }
 
-/// Symbolic errno name (`ETIMEDOUT`), or the number as text.
-pub fn errno_name(errno: i32) -> String {
-    let name = match errno {
-        libc::EPERM => "EPERM",
-        libc::EINTR => "EINTR",
-        libc::EIO => "EIO",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EINVAL => "EINVAL",
-        libc::EPIPE => "EPIPE",
-        libc::EPROTO => "EPROTO",
-        libc::EMSGSIZE => "EMSGSIZE",
-        libc::ENETDOWN => "ENETDOWN",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::ENETRESET => "ENETRESET",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::EHOSTDOWN => "EHOSTDOWN",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        _ => return errno.to_string(),
-    };
-    name.to_string()
-}
+pub use crate::output::errno_name;
 
 #[cfg(test)]
 mod tests;

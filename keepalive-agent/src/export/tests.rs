@@ -136,3 +136,32 @@ fn otlp_needs_a_runtime() {
         Err(ExportError::NoRuntime)
     ));
 }
+
+#[test]
+fn exporter_is_send_and_help_names_the_variables() {
+    fn is_send<T: Send>() {}
+    is_send::<Exporter>();
+    use clap::{CommandFactory, Parser};
+    /// Runs the agent.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        export: ExportArgs,
+    }
+    let help = Cli::command().render_long_help().to_string();
+    // The flattened options do not replace the command's own description.
+    assert!(help.starts_with("Runs the agent"), "{help}");
+    for var in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+    ] {
+        assert!(help.contains(var), "help lacks {var}:\n{help}");
+    }
+    if std::env::var_os("KEEPALIVE_PRINT_HELP").is_some() {
+        eprintln!("{help}");
+    }
+}

@@ -20,7 +20,11 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Self { out, next_ino: 1, offset: 0 }
+        Self {
+            out,
+            next_ino: 1,
+            offset: 0,
+        }
     }
 
     /// A directory; `name` is relative to the archive root ("usr/bin").
@@ -29,14 +33,26 @@ impl<W: Write> Writer<W> {
     }
 
     /// A regular file of exactly `size` bytes read from `data`.
-    pub fn file(&mut self, name: &str, perm: u32, size: u64, data: &mut dyn Read) -> io::Result<()> {
-        let size32 = u32::try_from(size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: larger than 4 GiB")))?;
+    pub fn file(
+        &mut self,
+        name: &str,
+        perm: u32,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
+        let size32 = u32::try_from(size).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: larger than 4 GiB"),
+            )
+        })?;
         self.header(name, S_IFREG | (perm & 0o7777), 1, size32)?;
         let mut buf = [0u8; 64 * 1024];
         let mut remaining = size;
         while remaining > 0 {
-            let want = buf.len().min(usize::try_from(remaining).unwrap_or(buf.len()));
+            let want = buf
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(buf.len()));
             let n = data.read(&mut buf[..want])?;
             if n == 0 {
                 return Err(io::Error::new(
@@ -68,7 +84,10 @@ impl<W: Write> Writer<W> {
 
     fn header(&mut self, name: &str, mode: u32, nlink: u32, size: u32) -> io::Result<()> {
         if name.is_empty() || name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cpio name {name:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad cpio name {name:?}"),
+            ));
         }
         let ino = self.next_ino;
         if ino != 0 {
@@ -106,7 +125,8 @@ mod tests {
     fn parse(archive: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
         let align = |x: usize| (x + 3) & !3;
         let field = |h: &[u8], i: usize| {
-            u32::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+            u32::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                .unwrap()
         };
         let mut pos = 0;
         let mut entries = Vec::new();
@@ -117,7 +137,9 @@ mod tests {
             let mode = field(h, 1);
             let size = field(h, 6) as usize;
             let namesize = field(h, 11) as usize;
-            let name = std::str::from_utf8(&archive[pos + 110..pos + 110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&archive[pos + 110..pos + 110 + namesize - 1])
+                .unwrap()
+                .to_string();
             assert_eq!(archive[pos + 110 + namesize - 1], 0);
             let data_start = align(pos + 110 + namesize);
             let data = archive[data_start..data_start + size].to_vec();
@@ -146,7 +168,11 @@ mod tests {
                 ("bin".to_string(), S_IFDIR | 0o755, vec![]),
                 ("bin/a".to_string(), S_IFREG | 0o755, b"hello".to_vec()),
                 ("bin/empty".to_string(), S_IFREG | 0o644, vec![]),
-                ("bin/sh".to_string(), S_IFLNK | 0o777, b"/bin/busybox".to_vec()),
+                (
+                    "bin/sh".to_string(),
+                    S_IFLNK | 0o777,
+                    b"/bin/busybox".to_vec()
+                ),
             ]
         );
     }

@@ -9,11 +9,16 @@
 //! VMTEST-FEATURE <key> <value...>           what this kernel supports
 //! VMTEST-READY <uptime>                     set-up done, commands follow
 //! VMTEST-START <name> <uptime>
-//! VMTEST-RESULT <name> PASS|FAIL <exit code> <uptime>
+//! VMTEST-RESULT <name> PASS|FAIL|TIMEOUT <exit code> <uptime>
 //! VMTEST-DONE <uptime>                      all commands ran; powering off
 //! ```
 //!
 //! Each marker is also echoed on the console so the console log reads as a whole.
+//!
+//! Commands run with /bin/sh, which is dash: Debian's busybox prefers its own applets over PATH,
+//! in its shell and in the applets that start programs (`env`, `timeout`, `xargs`, `setsid`...).
+//! So `ip` is iproute2's in a command line, but `timeout 5 ip ...` would run busybox's `ip`:
+//! write `timeout 5 /usr/sbin/ip ...` there.
 
 use anyhow::{bail, ensure, Result};
 
@@ -49,11 +54,20 @@ pub struct GuestCommand {
 impl GuestCommand {
     pub fn new(name: &str, script: &str) -> Result<GuestCommand> {
         ensure!(
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
             "command name {name:?}: use letters, digits, '.', '_' and '-'"
         );
-        ensure!(!script.trim().is_empty(), "command {name}: empty command line");
-        Ok(GuestCommand { name: name.to_string(), script: script.to_string() })
+        ensure!(
+            !script.trim().is_empty(),
+            "command {name}: empty command line"
+        );
+        Ok(GuestCommand {
+            name: name.to_string(),
+            script: script.to_string(),
+        })
     }
 
     /// `NAME=COMMAND` as given to `--run`.
@@ -66,7 +80,10 @@ impl GuestCommand {
 
     /// The file the guest runs with `sh`.
     pub fn file_contents(&self) -> String {
-        format!("#!/bin/sh\n# vm-test command {}\n{}\n", self.name, self.script)
+        format!(
+            "#!/bin/sh\n# vm-test command {}\n{}\n",
+            self.name, self.script
+        )
     }
 }
 
@@ -114,8 +131,19 @@ mod tests {
 
     #[test]
     fn init_script_speaks_the_documented_markers() {
-        for marker in ["VMTEST-INIT", "VMTEST-WARN", "VMTEST-FEATURE", "VMTEST-READY", "VMTEST-START", "VMTEST-RESULT", "VMTEST-DONE"] {
-            assert!(INIT_SCRIPT.contains(marker), "{marker} missing from init.sh");
+        for marker in [
+            "VMTEST-INIT",
+            "VMTEST-WARN",
+            "VMTEST-FEATURE",
+            "VMTEST-READY",
+            "VMTEST-START",
+            "VMTEST-RESULT",
+            "VMTEST-DONE",
+        ] {
+            assert!(
+                INIT_SCRIPT.contains(marker),
+                "{marker} missing from init.sh"
+            );
         }
     }
 }

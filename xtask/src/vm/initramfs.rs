@@ -3,27 +3,27 @@
 //! the commands; written as a gzip-compressed cpio "newc" archive.
 //!
 //! Guest layout:
-//! - /init, /bin/busybox and its applets (as symlinks), /usr/sbin/{ip,nft}
+//! - /init, /bin/busybox and its applets (as symlinks), /bin/sh (dash), /usr/sbin/{ip,nft}
 //! - /usr/local/bin/<name>: the binaries under test
 //! - /lib/modules/<release>/: the selected modules, with a modules.dep and modules.alias
 //!   restricted to them (busybox modprobe is /sbin/modprobe, which the kernel calls on demand)
-//! - /vmtest/commands.list, /vmtest/commands/<name>, /vmtest/modules.load, /vmtest/probe-functions
+//! - /vmtest/commands.list, /vmtest/commands/<name>, /vmtest/command-timeout,
+//!   /vmtest/modules.load, /vmtest/probe-functions
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
-use flate2::write::GzEncoder;
-use flate2::Compression;
 
 use super::cpio;
 use super::guest::{GuestCommand, INIT_SCRIPT, PROBED_FUNCTIONS};
+use super::host::{find_program, run};
 use super::kernels::Kernel;
-use super::modules::ModuleDb;
+use super::modules;
 
 /// Everything that goes into a guest besides the kernel's own modules.
 #[derive(Debug)]
@@ -31,6 +31,8 @@ pub struct Payload {
     /// (name in /usr/local/bin, host path)
     pub executables: Vec<(String, PathBuf)>,
     pub commands: Vec<GuestCommand>,
+    /// Per-command limit enforced inside the guest, in seconds (0: none).
+    pub command_timeout: u64,
     /// Module name patterns shipped in the image (with dependencies).
     pub shipped_modules: Vec<String>,
     /// Module name patterns loaded by init before the commands run (with dependencies).
@@ -43,34 +45,47 @@ pub struct HostTools {
     busybox: PathBuf,
     /// Applet paths relative to / as `busybox --list-full` prints them ("bin/sh").
     applets: Vec<String>,
-    ip: PathBuf,
-    nft: PathBuf,
+    /// (guest path, host path) of real programs that take the place of busybox applets.
+    programs: Vec<(&'static str, PathBuf)>,
 }
 
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
 impl HostTools {
     pub fn locate() -> Result<HostTools> {
-        let busybox = find_program("busybox").with_context(|| format!("busybox-static is needed ({SETUP_HINT})"))?;
-        let list = super::kernels::run(Command::new(&busybox).arg("--list-full"))?;
-        let applets = list.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+        let busybox = find_program("busybox")
+            .with_context(|| format!("busybox-static is needed ({SETUP_HINT})"))?;
+        let list = run(Command::new(&busybox).arg("--list-full"))?;
+        let applets = list
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        // Debian's busybox shell runs its own applets before searching PATH (it is built with
+        // FEATURE_SH_STANDALONE), so `ip` in a script would be busybox's reduced `ip` whatever
+        // PATH says. The guest's /bin/sh is therefore the host's dash, which honours PATH.
+        let programs = vec![
+            (
+                "bin/sh",
+                find_program("dash").context("dash (Debian's /bin/sh) is needed")?,
+            ),
+            (
+                "usr/sbin/ip",
+                find_program("ip").with_context(|| format!("iproute2 is needed ({SETUP_HINT})"))?,
+            ),
+            (
+                "usr/sbin/nft",
+                find_program("nft")
+                    .with_context(|| format!("nftables is needed ({SETUP_HINT})"))?,
+            ),
+        ];
         Ok(HostTools {
             busybox,
             applets,
-            ip: find_program("ip").with_context(|| format!("iproute2 is needed ({SETUP_HINT})"))?,
-            nft: find_program("nft").with_context(|| format!("nftables is needed ({SETUP_HINT})"))?,
+            programs,
         })
     }
-}
-
-/// A program in PATH or in the usual sbin directories (absent from a non-root PATH).
-pub fn find_program(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found in PATH"))
 }
 
 /// The archive written for one kernel.
@@ -84,26 +99,58 @@ pub struct Initramfs {
     pub shipped_modules: usize,
 }
 
-pub fn build(kernel: &Kernel, tools: &HostTools, payload: &Payload, out: &Path) -> Result<Initramfs> {
+pub fn build(
+    kernel: &Kernel,
+    tools: &HostTools,
+    payload: &Payload,
+    out: &Path,
+) -> Result<Initramfs> {
     let mut tree = Tree::default();
     tree.data("init", INIT_SCRIPT.as_bytes().to_vec(), 0o755)?;
-    for dir in ["proc", "sys", "dev", "tmp", "run", "root", "mnt", "var/tmp", "usr/local/sbin"] {
+    for dir in [
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "mnt",
+        "var/tmp",
+        "usr/local/sbin",
+    ] {
         tree.dir(dir)?;
     }
     tree.symlink("var/run", "../run")?;
-    tree.data("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644)?;
+    tree.data(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        0o644,
+    )?;
     tree.data("etc/group", b"root:x:0:\n".to_vec(), 0o644)?;
-    tree.data("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n".to_vec(), 0o644)?;
-    tree.data("etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n".to_vec(), 0o644)?;
+    tree.data(
+        "etc/hosts",
+        b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+        0o644,
+    )?;
+    tree.data(
+        "etc/nsswitch.conf",
+        b"passwd: files\ngroup: files\nhosts: files\n".to_vec(),
+        0o644,
+    )?;
 
-    // Real tools take precedence over busybox applets of the same name.
-    tree.executable("usr/sbin/ip", &tools.ip)?;
-    tree.executable("usr/sbin/nft", &tools.nft)?;
+    // Real programs replace the busybox applets of the same name.
     tree.executable("bin/busybox", &tools.busybox)?;
-    let real_tools = ["ip", "nft"];
+    let base_name = |path: &str| path.rsplit('/').next().unwrap_or(path).to_string();
+    let replaced: BTreeSet<String> = tools
+        .programs
+        .iter()
+        .map(|(guest, _)| base_name(guest))
+        .collect();
+    for (guest, host) in &tools.programs {
+        tree.executable(guest, host)?;
+    }
     for applet in &tools.applets {
-        let name = applet.rsplit('/').next().unwrap_or(applet);
-        if applet != "bin/busybox" && !real_tools.contains(&name) {
+        if applet != "bin/busybox" && !replaced.contains(&base_name(applet)) {
             tree.symlink(applet, "/bin/busybox")?;
         }
     }
@@ -116,15 +163,30 @@ pub fn build(kernel: &Kernel, tools: &HostTools, payload: &Payload, out: &Path) 
 
     let mut list = String::new();
     for command in &payload.commands {
-        tree.data(&format!("vmtest/commands/{}", command.name), command.file_contents().into_bytes(), 0o755)?;
+        tree.data(
+            &format!("vmtest/commands/{}", command.name),
+            command.file_contents().into_bytes(),
+            0o755,
+        )?;
         list.push_str(&command.name);
         list.push('\n');
     }
     tree.data("vmtest/commands.list", list.into_bytes(), 0o644)?;
-    tree.data("vmtest/probe-functions", (PROBED_FUNCTIONS.join("\n") + "\n").into_bytes(), 0o644)?;
+    tree.data(
+        "vmtest/command-timeout",
+        format!("{}\n", payload.command_timeout).into_bytes(),
+        0o644,
+    )?;
+    tree.data(
+        "vmtest/probe-functions",
+        (PROBED_FUNCTIONS.join("\n") + "\n").into_bytes(),
+        0o644,
+    )?;
 
     let (entries, uncompressed_bytes) = tree.write_gzip(out)?;
-    let compressed_bytes = fs::metadata(out).with_context(|| format!("stat {}", out.display()))?.len();
+    let compressed_bytes = fs::metadata(out)
+        .with_context(|| format!("stat {}", out.display()))?
+        .len();
     Ok(Initramfs {
         path: out.to_path_buf(),
         entries,
@@ -137,27 +199,33 @@ pub fn build(kernel: &Kernel, tools: &HostTools, payload: &Payload, out: &Path) 
 
 /// Adds the selected modules and the guest's module index; returns (preloaded, shipped) counts.
 fn add_modules(tree: &mut Tree, kernel: &Kernel, payload: &Payload) -> Result<(usize, usize)> {
-    let modules_dir = kernel.modules_dir();
-    let db = ModuleDb::load(&modules_dir)?;
-    let preload_roots = db.matching(&payload.preloaded_modules)?;
-    let mut ship_roots = db.matching(&payload.shipped_modules)?;
-    ship_roots.extend(preload_roots.iter().cloned());
-    let preload = db.load_order(&preload_roots)?;
-    let shipped = db.load_order(&ship_roots)?;
-
+    let selection = modules::select(
+        &kernel.modules_dir(),
+        &payload.shipped_modules,
+        &payload.preloaded_modules,
+    )?;
     let guest_dir = format!("lib/modules/{}", kernel.release);
-    for name in &shipped {
-        let rel = db.path(name).expect("load_order only returns known modules");
-        tree.file(&format!("{guest_dir}/{rel}"), &modules_dir.join(rel), 0o644)?;
+    let (preloaded, shipped) = (selection.preload.len(), selection.shipped.len());
+    for (rel, data) in selection.shipped {
+        tree.data(&format!("{guest_dir}/{rel}"), data, 0o644)?;
     }
-    tree.data(&format!("{guest_dir}/modules.dep"), db.dep_file(&shipped).into_bytes(), 0o644)?;
-    tree.data(&format!("{guest_dir}/modules.alias"), db.alias_file(&shipped).into_bytes(), 0o644)?;
-    let load_list: String = preload
+    tree.data(
+        &format!("{guest_dir}/modules.dep"),
+        selection.dep_file.into_bytes(),
+        0o644,
+    )?;
+    tree.data(
+        &format!("{guest_dir}/modules.alias"),
+        selection.alias_file.into_bytes(),
+        0o644,
+    )?;
+    let load_list: String = selection
+        .preload
         .iter()
-        .map(|name| format!("/{guest_dir}/{}\n", db.path(name).expect("known module")))
+        .map(|rel| format!("/{guest_dir}/{rel}\n"))
         .collect();
     tree.data("vmtest/modules.load", load_list.into_bytes(), 0o644)?;
-    Ok((preload.len(), shipped.len()))
+    Ok((preloaded, shipped))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +234,17 @@ enum Node {
     HostFile { source: PathBuf, mode: u32 },
     Data { data: Vec<u8>, mode: u32 },
     Symlink(String),
+}
+
+impl Node {
+    fn describe(&self) -> String {
+        match self {
+            Node::Dir => "a directory".to_string(),
+            Node::HostFile { source, .. } => format!("a copy of {}", source.display()),
+            Node::Data { data, .. } => format!("{} generated bytes", data.len()),
+            Node::Symlink(target) => format!("a symlink to {target}"),
+        }
+    }
 }
 
 /// The archive's contents, keyed by path relative to / ; sorted order puts parents first.
@@ -187,20 +266,31 @@ impl Tree {
         self.insert(path, Node::Symlink(target.to_string()))
     }
 
-    /// A host file, symlinks resolved, with the host's permission bits unless `mode` is given.
+    /// A host file (symlinks resolved) stored with permission bits `mode`.
     fn file(&mut self, path: &str, host: &Path, mode: u32) -> Result<()> {
-        let source = fs::canonicalize(host).with_context(|| format!("resolving {}", host.display()))?;
-        ensure!(source.is_file(), "{} is not a regular file", source.display());
+        let source =
+            fs::canonicalize(host).with_context(|| format!("resolving {}", host.display()))?;
+        ensure!(
+            source.is_file(),
+            "{} is not a regular file",
+            source.display()
+        );
         self.insert(path, Node::HostFile { source, mode })
     }
 
     /// A host executable plus every shared library `ldd` says it loads, at the same paths.
     fn executable(&mut self, path: &str, host: &Path) -> Result<()> {
         let meta = fs::metadata(host).with_context(|| format!("stat {}", host.display()))?;
-        ensure!(meta.permissions().mode() & 0o111 != 0, "{} is not executable", host.display());
+        ensure!(
+            meta.permissions().mode() & 0o111 != 0,
+            "{} is not executable",
+            host.display()
+        );
         self.file(path, host, 0o755)?;
         for lib in shared_libraries(host)? {
-            let guest = lib.to_str().with_context(|| format!("non-UTF-8 path {}", lib.display()))?;
+            let guest = lib
+                .to_str()
+                .with_context(|| format!("non-UTF-8 path {}", lib.display()))?;
             self.file(guest, &lib, 0o755)?;
         }
         Ok(())
@@ -209,18 +299,17 @@ impl Tree {
     fn insert(&mut self, path: &str, node: Node) -> Result<()> {
         let path = path.trim_start_matches('/');
         ensure!(
-            !path.is_empty() && path.split('/').all(|c| !c.is_empty() && c != "." && c != ".."),
+            !path.is_empty()
+                && path
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != ".."),
             "bad guest path {path:?}"
         );
-        let mut parent = String::new();
-        for component in path.split('/').collect::<Vec<_>>().split_last().expect("non-empty").1 {
-            if !parent.is_empty() {
-                parent.push('/');
-            }
-            parent.push_str(component);
-            match self.nodes.get(&parent) {
+        for (end, _) in path.match_indices('/') {
+            let parent = &path[..end];
+            match self.nodes.get(parent) {
                 None => {
-                    self.nodes.insert(parent.clone(), Node::Dir);
+                    self.nodes.insert(parent.to_string(), Node::Dir);
                 }
                 Some(Node::Dir) => {}
                 Some(_) => bail!("{path}: {parent} is not a directory in the image"),
@@ -232,45 +321,72 @@ impl Tree {
                 Ok(())
             }
             Some(existing) if *existing == node => Ok(()),
-            Some(existing) => bail!("{path} added twice: {existing:?} and {node:?}"),
+            Some(existing) => bail!(
+                "{path} added twice, as {} and as {}",
+                existing.describe(),
+                node.describe()
+            ),
         }
     }
 
-    /// Writes the gzip-compressed archive atomically; returns (entries, uncompressed size).
+    /// Writes the archive through `gzip -1` (much faster than an unoptimised in-process
+    /// compressor; the guest's boot time barely depends on the level), atomically.
     fn write_gzip(&self, out: &Path) -> Result<(usize, u64)> {
         let tmp = out.with_extension("partial");
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let gzip = GzEncoder::new(BufWriter::new(file), Compression::fast());
-        let mut writer = cpio::Writer::new(gzip);
+        let mut gzip = Command::new("gzip")
+            .args(["-1", "-n", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(file)
+            .spawn()
+            .context("starting gzip")?;
+        let stdin = BufWriter::with_capacity(1 << 20, gzip.stdin.take().expect("piped stdin"));
+        let written = self.write_cpio(stdin, &tmp);
+        let status = gzip.wait().context("waiting for gzip")?;
+        let size = written?;
+        ensure!(status.success(), "gzip failed: {status}");
+        fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        Ok((self.nodes.len(), size))
+    }
+
+    /// Writes the cpio archive to `out` (and closes it); returns its size.
+    fn write_cpio(&self, out: impl Write, shown_as: &Path) -> Result<u64> {
+        let mut writer = cpio::Writer::new(out);
         for (path, node) in &self.nodes {
             let result = match node {
                 Node::Dir => writer.directory(path, 0o755),
                 Node::Symlink(target) => writer.symlink(path, target),
-                Node::Data { data, mode } => writer.file(path, *mode, data.len() as u64, &mut data.as_slice()),
+                Node::Data { data, mode } => {
+                    writer.file(path, *mode, data.len() as u64, &mut data.as_slice())
+                }
                 Node::HostFile { source, mode } => {
-                    let mut f = File::open(source).with_context(|| format!("opening {}", source.display()))?;
+                    let mut f = File::open(source)
+                        .with_context(|| format!("opening {}", source.display()))?;
                     let len = f.metadata()?.len();
                     writer.file(path, *mode, len, &mut f)
                 }
             };
-            result.with_context(|| format!("writing {path} to {}", tmp.display()))?;
+            result.with_context(|| format!("writing {path} to {}", shown_as.display()))?;
         }
-        let (gzip, size) = writer.finish()?;
-        let mut buffered = gzip.finish().context("finishing gzip stream")?;
-        buffered.flush()?;
-        buffered.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        Ok((self.nodes.len(), size))
+        let (mut out, size) = writer.finish()?;
+        out.flush()?;
+        Ok(size)
     }
 }
 
 /// Shared libraries (and the program loader) a dynamically linked executable needs.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(binary).output().context("running ldd")?;
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        if stdout.contains("not a dynamic executable") || stderr.contains("not a dynamic executable") {
+        if stdout.contains("not a dynamic executable")
+            || stderr.contains("not a dynamic executable")
+        {
             return Ok(Vec::new());
         }
         bail!("ldd {} failed: {}", binary.display(), stderr.trim());
@@ -342,7 +458,14 @@ mod tests {
     fn real_dynamic_binary_brings_its_loader() {
         let ip = find_program("ip").expect("iproute2 installed by scripts/setup.sh");
         let libs = shared_libraries(&ip).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")), "{libs:?}");
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(
+            libs.iter()
+                .any(|l| l.to_string_lossy().contains("ld-linux")),
+            "{libs:?}"
+        );
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
     }
 }

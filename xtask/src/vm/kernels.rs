@@ -13,6 +13,8 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use super::host::run;
+
 /// The kernel series `--kernel all` stands for.
 pub const DEFAULT_SERIES: &[&str] = &["6.1", "6.12"];
 
@@ -34,10 +36,17 @@ impl KernelSpec {
         for value in values {
             let value = value.trim();
             let new: Vec<KernelSpec> = if value == "all" {
-                DEFAULT_SERIES.iter().map(|s| KernelSpec::Series(s.to_string())).collect()
+                DEFAULT_SERIES
+                    .iter()
+                    .map(|s| KernelSpec::Series(s.to_string()))
+                    .collect()
             } else if value.starts_with(PACKAGE_PREFIX) {
                 vec![KernelSpec::Package(value.to_string())]
-            } else if !value.is_empty() && value.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            } else if !value.is_empty()
+                && value
+                    .split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            {
                 vec![KernelSpec::Series(value.to_string())]
             } else {
                 bail!("--kernel {value:?}: expected 6.1, 6.12, all, or a package name starting with {PACKAGE_PREFIX}");
@@ -56,13 +65,23 @@ impl KernelSpec {
 /// for ordering: `linux-image-6.1.0-56-amd64` → [6, 1, 0, 56], `linux-image-6.12.117+deb12-amd64`
 /// → [6, 12, 117].
 pub fn series_version(series: &str, package: &str) -> Option<Vec<u64>> {
-    let version = package.strip_prefix(PACKAGE_PREFIX)?.strip_suffix(PACKAGE_SUFFIX)?;
+    let version = package
+        .strip_prefix(PACKAGE_PREFIX)?
+        .strip_suffix(PACKAGE_SUFFIX)?;
     let rest = version.strip_prefix(series)?;
     if !rest.starts_with('.') {
         return None;
     }
-    let without_deb_tag = match version.split_once("+deb") {
-        Some((head, tag)) if !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) => head,
+    // Debian tags the ABI name: "+deb12" (stable, security) or "+bpo" (backports).
+    let without_deb_tag = match version.split_once('+') {
+        Some((head, "bpo")) => head,
+        Some((head, tag))
+            if tag
+                .strip_prefix("deb")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            head
+        }
         Some(_) => return None,
         None => version,
     };
@@ -73,7 +92,10 @@ pub fn series_version(series: &str, package: &str) -> Option<Vec<u64>> {
 }
 
 /// The newest package of `series` among `names`.
-pub fn newest_of_series<'a>(series: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn newest_of_series<'a>(
+    series: &str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     names
         .into_iter()
         .filter_map(|name| series_version(series, name).map(|v| (v, name)))
@@ -102,25 +124,45 @@ impl Kernel {
         releases.sort();
         let release = match releases.as_slice() {
             [one] => one.clone(),
-            other => bail!("{}: expected one kernel release, found {other:?}", modules_parent.display()),
+            other => bail!(
+                "{}: expected one kernel release, found {other:?}",
+                modules_parent.display()
+            ),
         };
-        let kernel = Kernel { package: package.to_string(), release, root, downloaded };
-        ensure!(kernel.vmlinuz().is_file(), "{} is missing", kernel.vmlinuz().display());
+        let kernel = Kernel {
+            package: package.to_string(),
+            release,
+            root,
+            downloaded,
+        };
+        ensure!(
+            kernel.vmlinuz().is_file(),
+            "{} is missing",
+            kernel.vmlinuz().display()
+        );
         Ok(kernel)
     }
 
     pub fn vmlinuz(&self) -> PathBuf {
-        self.root.join("boot").join(format!("vmlinuz-{}", self.release))
+        self.root
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.release))
     }
 
     pub fn modules_dir(&self) -> PathBuf {
-        modules_parent(&self.root).expect("checked when opened").join(&self.release)
+        modules_parent(&self.root)
+            .expect("checked when opened")
+            .join(&self.release)
     }
 
     /// The kernel's build configuration (`boot/config-<release>`), as CONFIG_X → value.
     pub fn config(&self) -> Result<BTreeMap<String, String>> {
-        let path = self.root.join("boot").join(format!("config-{}", self.release));
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let path = self
+            .root
+            .join("boot")
+            .join(format!("config-{}", self.release));
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Ok(text
             .lines()
             .filter(|l| l.starts_with("CONFIG_"))
@@ -157,11 +199,14 @@ impl KernelCache {
             KernelSpec::Package(name) => return Ok(name.clone()),
             KernelSpec::Series(series) => series,
         };
-        let from_apt = apt_package_names(&format!("{PACKAGE_PREFIX}{series}."))
-            .map(|names| newest_of_series(series, names.iter().map(String::as_str)).map(str::to_string));
+        let from_apt = apt_package_names(&format!("{PACKAGE_PREFIX}{series}.")).map(|names| {
+            newest_of_series(series, names.iter().map(String::as_str)).map(str::to_string)
+        });
         match from_apt {
             Ok(Some(name)) => return Ok(name),
-            Ok(None) => log::warn!("apt-cache knows no {PACKAGE_PREFIX}{series}.*{PACKAGE_SUFFIX} package"),
+            Ok(None) => {
+                log::warn!("apt-cache knows no {PACKAGE_PREFIX}{series}.*{PACKAGE_SUFFIX} package")
+            }
             Err(e) => log::warn!("apt-cache failed: {e:#}"),
         }
         let cached = self.cached_packages()?;
@@ -180,7 +225,9 @@ impl KernelCache {
     /// The unpacked package, fetching and unpacking it first if it is not cached.
     pub fn get(&self, package: &str) -> Result<Kernel> {
         ensure!(
-            package.starts_with(PACKAGE_PREFIX) && !package.contains('/') && !package.contains(".."),
+            package.starts_with(PACKAGE_PREFIX)
+                && !package.contains('/')
+                && !package.contains(".."),
             "not a kernel image package name: {package:?}"
         );
         let root = self.dir.join(package);
@@ -198,7 +245,8 @@ impl KernelCache {
             if name != keep && series_version(series, &name).is_some() {
                 log::info!("removing superseded cached kernel {name}");
                 let path = self.dir.join(&name);
-                fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
         }
         Ok(())
@@ -206,7 +254,9 @@ impl KernelCache {
 
     fn cached_packages(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))? {
+        for entry in
+            fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?
+        {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type()?.is_dir() && !name.ends_with(".partial") {
@@ -217,26 +267,49 @@ impl KernelCache {
     }
 
     fn fetch(&self, package: &str, root: &Path) -> Result<()> {
-        let downloads = self.dir.parent().expect("kernels dir has a parent").join("downloads");
-        fs::create_dir_all(&downloads).with_context(|| format!("creating {}", downloads.display()))?;
+        let downloads = self
+            .dir
+            .parent()
+            .expect("kernels dir has a parent")
+            .join("downloads");
+        fs::create_dir_all(&downloads)
+            .with_context(|| format!("creating {}", downloads.display()))?;
+        // A .deb left by an interrupted run would make the downloaded one ambiguous.
+        for stale in debs_of(&downloads, package)? {
+            fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+        }
         log::info!("{package}: apt-get download");
-        run(Command::new("apt-get").arg("download").arg(package).current_dir(&downloads))
-            .with_context(|| format!("downloading {package} (is it in `apt-cache policy {package}`?)"))?;
+        run(Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(&downloads))
+        .with_context(|| {
+            format!("downloading {package} (is it in `apt-cache policy {package}`?)")
+        })?;
         let deb = find_deb(&downloads, package)?;
 
         let partial = self.dir.join(format!("{package}.partial"));
         if partial.exists() {
-            fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+            fs::remove_dir_all(&partial)
+                .with_context(|| format!("removing {}", partial.display()))?;
         }
         log::info!("{package}: dpkg -x {}", deb.display());
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
         let release = Kernel::open(package, partial.clone(), true)?.release;
         let modules_parent = modules_parent(&partial)?;
-        let depmod_base = modules_parent.parent().and_then(Path::parent).expect("…/lib/modules has two parents");
+        let depmod_base = modules_parent
+            .parent()
+            .and_then(Path::parent)
+            .expect("…/lib/modules has two parents");
         log::info!("{package}: busybox depmod {release}");
-        run(Command::new("busybox").arg("depmod").arg("-b").arg(depmod_base).arg(&release))
-            .context("indexing kernel modules")?;
-        fs::rename(&partial, root).with_context(|| format!("renaming {} to {}", partial.display(), root.display()))?;
+        run(Command::new("busybox")
+            .arg("depmod")
+            .arg("-b")
+            .arg(depmod_base)
+            .arg(&release))
+        .context("indexing kernel modules")?;
+        fs::rename(&partial, root)
+            .with_context(|| format!("renaming {} to {}", partial.display(), root.display()))?;
         fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
         Ok(())
     }
@@ -245,10 +318,27 @@ impl KernelCache {
 /// Package names that start with `prefix`, as apt knows them.
 fn apt_package_names(prefix: &str) -> Result<Vec<String>> {
     let out = run(Command::new("apt-cache").arg("pkgnames").arg(prefix))?;
-    Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 fn find_deb(dir: &Path, package: &str) -> Result<PathBuf> {
+    match debs_of(dir, package)?.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "apt-get download left no {package}_*.deb in {}",
+            dir.display()
+        ),
+        _ => bail!("several {package}_*.deb in {}", dir.display()),
+    }
+}
+
+/// The .deb files of `package` in `dir` (`<package>_<version>_<arch>.deb`).
+fn debs_of(dir: &Path, package: &str) -> Result<Vec<PathBuf>> {
     let prefix = format!("{package}_");
     let mut debs = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -258,25 +348,7 @@ fn find_deb(dir: &Path, package: &str) -> Result<PathBuf> {
             debs.push(path);
         }
     }
-    match debs.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => bail!("apt-get download left no {prefix}*.deb in {}", dir.display()),
-        _ => bail!("several {prefix}*.deb in {}: remove them and retry", dir.display()),
-    }
-}
-
-/// Runs a command to completion; its stdout on success, an error with its stderr otherwise.
-pub fn run(command: &mut Command) -> Result<String> {
-    let shown = format!("{command:?}");
-    let out = command.output().with_context(|| format!("starting {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(debs)
 }
 
 #[cfg(test)]
@@ -285,13 +357,34 @@ mod tests {
 
     #[test]
     fn series_versions_accept_only_generic_images_of_the_series() {
-        assert_eq!(series_version("6.1", "linux-image-6.1.0-56-amd64"), Some(vec![6, 1, 0, 56]));
-        assert_eq!(series_version("6.12", "linux-image-6.12.117+deb12-amd64"), Some(vec![6, 12, 117]));
-        assert_eq!(series_version("6.1", "linux-image-6.12.117+deb12-amd64"), None);
-        assert_eq!(series_version("6.1", "linux-image-6.1.0-56-cloud-amd64"), None);
-        assert_eq!(series_version("6.12", "linux-image-6.12.117+deb12-rt-amd64"), None);
-        assert_eq!(series_version("6.1", "linux-image-6.1.0-56-amd64-dbg"), None);
-        assert_eq!(series_version("6.1", "linux-image-6.1.0-56-amd64-unsigned"), None);
+        assert_eq!(
+            series_version("6.1", "linux-image-6.1.0-56-amd64"),
+            Some(vec![6, 1, 0, 56])
+        );
+        assert_eq!(
+            series_version("6.12", "linux-image-6.12.117+deb12-amd64"),
+            Some(vec![6, 12, 117])
+        );
+        assert_eq!(
+            series_version("6.1", "linux-image-6.12.117+deb12-amd64"),
+            None
+        );
+        assert_eq!(
+            series_version("6.1", "linux-image-6.1.0-56-cloud-amd64"),
+            None
+        );
+        assert_eq!(
+            series_version("6.12", "linux-image-6.12.117+deb12-rt-amd64"),
+            None
+        );
+        assert_eq!(
+            series_version("6.1", "linux-image-6.1.0-56-amd64-dbg"),
+            None
+        );
+        assert_eq!(
+            series_version("6.1", "linux-image-6.1.0-56-amd64-unsigned"),
+            None
+        );
         assert_eq!(series_version("6.1", "linux-image-amd64"), None);
     }
 
@@ -306,14 +399,25 @@ mod tests {
             "linux-image-6.12.117+deb12-amd64",
             "linux-image-6.12.120+deb12-cloud-amd64",
         ];
-        assert_eq!(newest_of_series("6.1", names), Some("linux-image-6.1.0-56-amd64"));
-        assert_eq!(newest_of_series("6.12", names), Some("linux-image-6.12.117+deb12-amd64"));
+        assert_eq!(
+            newest_of_series("6.1", names),
+            Some("linux-image-6.1.0-56-amd64")
+        );
+        assert_eq!(
+            newest_of_series("6.12", names),
+            Some("linux-image-6.12.117+deb12-amd64")
+        );
         assert_eq!(newest_of_series("6.6", names), None);
     }
 
     #[test]
     fn specs_expand_all_and_reject_garbage() {
-        let specs = KernelSpec::parse_list(&["all".into(), "6.12".into(), "linux-image-6.1.0-9-amd64".into()]).unwrap();
+        let specs = KernelSpec::parse_list(&[
+            "all".into(),
+            "6.12".into(),
+            "linux-image-6.1.0-9-amd64".into(),
+        ])
+        .unwrap();
         assert_eq!(
             specs,
             vec![

@@ -719,6 +719,29 @@ fn ipv6_and_unknown_process() {
 }
 
 #[test]
+fn unknown_addresses_are_not_reported() {
+    let mut m = SpanModel::new(128);
+    let mut r = rec(
+        11,
+        T0,
+        RecordKind::Opened {
+            state: TcpState::Established,
+            established: true,
+        },
+    );
+    r.conn.local = "0.0.0.0:0".parse().unwrap();
+    r.conn.remote = "0.0.0.0:0".parse().unwrap();
+    let mut out = Vec::new();
+    m.on_records(&[r], &clock(), &mut out);
+    m.finish(std::iter::empty(), &clock(), T0 + S, &mut out);
+    assert_eq!(out.len(), 1);
+    for key in ["network.type", "network.local.address", "network.peer.port"] {
+        assert!(attr(&out[0].attributes, key).is_none(), "{key}");
+    }
+    assert_eq!(s(&out[0], "network.transport"), "tcp");
+}
+
+#[test]
 fn json_line_of_a_span() {
     let mut m = SpanModel::new(128);
     let mut out = Vec::new();

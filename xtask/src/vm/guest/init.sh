@@ -1,7 +1,8 @@
 #!/bin/sh
-# PID 1 of a `cargo xtask vm-test` guest (busybox sh). Mounts the usual file systems, loads the
-# listed kernel modules, reports what the kernel supports, runs /vmtest/commands/* in the order of
-# /vmtest/commands.list and powers off. Markers go to ttyS1 (parsed by the host) and the console.
+# PID 1 of a `cargo xtask vm-test` guest (/bin/sh is dash; the other tools are busybox applets,
+# iproute2 and nftables). Mounts the usual file systems, loads the listed kernel modules, reports
+# what the kernel supports, runs /vmtest/commands/* in the order of /vmtest/commands.list and
+# powers off. Markers go to ttyS1 (parsed by the host) and to the console (read by people).
 export PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 umask 022
@@ -42,7 +43,10 @@ mkdir -p /run/netns
 ip link set lo up || warn "ip link set lo up failed"
 
 while read -r module; do
-    insmod "$module" || warn "insmod $module failed"
+    if ! insmod "$module"; then
+        warn "insmod $module failed"
+        dmesg | tail -n 5
+    fi
 done < /vmtest/modules.load
 
 # What this kernel supports.
@@ -54,10 +58,12 @@ yes_no() {
 }
 feature release "$(uname -r)"
 feature btf "$(yes_no test -e /sys/kernel/btf/vmlinux)"
-feature lockdown "$(cat /sys/kernel/security/lockdown 2>/dev/null || echo unknown)"
+lockdown=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/security/lockdown 2>/dev/null)
+feature lockdown "${lockdown:-unknown}"
 feature bpf_jit "$(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null || echo unknown)"
 tracing=/sys/kernel/tracing
 feature kprobe_events "$(yes_no test -e $tracing/kprobe_events)"
+# A real kprobe on the keep-alive timer function, removed at once.
 if [ -e $tracing/kprobe_events ]; then
     if echo 'p:vmtest/probe tcp_keepalive_timer' >> $tracing/kprobe_events 2>/dev/null; then
         feature kprobe_attach yes
@@ -66,26 +72,45 @@ if [ -e $tracing/kprobe_events ]; then
         feature kprobe_attach no
     fi
 fi
-functions=$(tr '\n' '|' < /vmtest/probe-functions)
-functions=${functions%|}
-grep -E " [tT] ($functions)(\.[a-z]+\.[0-9]+)*\$" /proc/kallsyms | awk '{print $3}' > /tmp/vmtest-kallsyms
-grep -E "^($functions)( |\$)" $tracing/available_filter_functions 2>/dev/null | awk '{print $1}' > /tmp/vmtest-ftrace
+# Functions: present among the kernel's text symbols (or only as compiler clones such as
+# name.isra.0), and traceable by ftrace (what fentry and ftrace-based kprobes need). A
+# fixed-string word match is the fastest busybox way through these big files under TCG (~1 s).
+grep -Fwf /vmtest/probe-functions /proc/kallsyms | awk '$2 == "t" || $2 == "T" {print $3}' > /tmp/vmtest-kallsyms
+grep -Fwf /vmtest/probe-functions $tracing/available_filter_functions 2>/dev/null | awk '{print $1}' > /tmp/vmtest-ftrace
 while read -r f; do
-    if grep -qx "$f" /tmp/vmtest-kallsyms; then k=yes
-    elif grep -q "^$f\." /tmp/vmtest-kallsyms; then k="clone:$(grep "^$f\." /tmp/vmtest-kallsyms | head -n1)"
-    else k=no
+    if grep -qx "$f" /tmp/vmtest-kallsyms; then symbol=yes
+    elif clones=$(grep "^$f\." /tmp/vmtest-kallsyms); then symbol="clones:$(echo $clones | tr ' ' ',')"
+    else symbol=no
     fi
-    feature function "$f" "kallsyms=$k" "ftrace=$(yes_no grep -qx "$f" /tmp/vmtest-ftrace)"
+    feature function "$f" "symbol=$symbol" "ftrace=$(yes_no grep -qx "$f" /tmp/vmtest-ftrace)"
 done < /vmtest/probe-functions
 rm -f /tmp/vmtest-kallsyms /tmp/vmtest-ftrace
 
 report "VMTEST-READY $(now)"
 
+# Each command runs in its own session, so that a timeout (0: none) kills everything it
+# started, and whatever it leaves behind is killed before the next command.
+command_timeout=$(cat /vmtest/command-timeout)
+flag=/run/vmtest-timed-out
 while read -r name <&4; do
     report "VMTEST-START $name $(now)"
-    (cd /root && exec sh "/vmtest/commands/$name") < /dev/null 3>&- 4<&-
+    rm -f $flag
+    # /bin/sh by path: busybox applets that run a program prefer their own applet of that name.
+    (cd /root && exec setsid /bin/sh "/vmtest/commands/$name") < /dev/null 3>&- 4<&- &
+    pid=$!
+    watchdog=
+    if [ "$command_timeout" -gt 0 ]; then
+        setsid /bin/sh -c "sleep $command_timeout; touch $flag; kill -KILL -$pid" < /dev/null > /dev/null 3>&- 4<&- &
+        watchdog=$!
+    fi
+    wait "$pid"
     rc=$?
-    if [ "$rc" -eq 0 ]; then status=PASS; else status=FAIL; fi
+    if [ -n "$watchdog" ]; then kill -KILL -"$watchdog" 2>/dev/null; fi
+    kill -KILL -"$pid" 2>/dev/null
+    if [ -e $flag ]; then status=TIMEOUT
+    elif [ "$rc" -eq 0 ]; then status=PASS
+    else status=FAIL
+    fi
     report "VMTEST-RESULT $name $status $rc $(now)"
 done 4< /vmtest/commands.list
 

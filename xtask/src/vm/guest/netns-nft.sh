@@ -15,7 +15,7 @@ in_ns() {
 wait_listen() {
     hex=$(printf '%04X' "$1")
     for _ in $(seq 50); do
-        in_ns cat /proc/net/tcp | grep -q ":$hex 00000000:0000 0A " && return 0
+        in_ns cat /proc/net/tcp /proc/net/tcp6 | grep -Eq ":$hex [0:]+:0000 0A " && return 0
         sleep 0.1
     done
     echo "nothing listens on port $1"
@@ -42,7 +42,7 @@ in_ns nft add rule inet vmtest out tcp dport 7002 counter drop
 in_ns nc -l -p 7002 > /dev/null &
 listener=$!
 wait_listen 7002
-if echo dropped | in_ns nc -w 3 127.0.0.1 7002; then
+if echo dropped | in_ns nc -w 2 127.0.0.1 7002; then
     echo "connect succeeded although nft drops port 7002"
     exit 1
 fi

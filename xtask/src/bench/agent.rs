@@ -1,0 +1,294 @@
+//! Running the real `keepalive-agent trace --format json` for a benchmark, reading what it says.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use log::{debug, info, warn};
+
+/// Builds the release agent (with its eBPF object) and returns its path.
+pub fn build_release(workspace: &Path) -> Result<PathBuf> {
+    info!("building keepalive-agent (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--release", "-p", "keepalive-agent", "--bin", "keepalive-agent"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p keepalive-agent failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| workspace.join(d))
+        .unwrap_or_else(|| workspace.join("target"));
+    let bin = target.join("release/keepalive-agent");
+    if !bin.is_file() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
+/// How to start the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub binary: PathBuf,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub max_connections: usize,
+    pub ringbuf_size: Option<u32>,
+}
+
+/// Counts of the records the agent printed, by `event` name.
+pub type Counts = BTreeMap<String, u64>;
+
+/// A running agent; SIGINT then SIGKILL on drop.
+pub struct Agent {
+    child: Child,
+    pub pid: u32,
+    counts: Arc<Mutex<Counts>>,
+    stderr_lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+    pub started: Instant,
+}
+
+/// What the agent said when it stopped.
+#[derive(Debug, Clone, Default)]
+pub struct StopReport {
+    /// Kernel events it handled (`stopped: N kernel events`).
+    pub kernel_events: u64,
+    pub records: u64,
+    /// Lost ring-buffer events (`N lost`).
+    pub lost: u64,
+    pub decode_errors: u64,
+    /// Warning lines mentioning lost events.
+    pub lost_warnings: Vec<String>,
+    pub stopped_line: String,
+    pub wall_s: f64,
+    /// Peak RSS (VmHWM) just before it stopped, KiB.
+    pub vm_hwm_kib: u64,
+    pub cpu_s: f64,
+}
+
+impl Agent {
+    pub fn start(cfg: &AgentConfig) -> Result<Agent> {
+        let mut cmd = Command::new(&cfg.binary);
+        cmd.args(["trace", "--format", "json", "--color", "never"])
+            .arg("--netns")
+            .arg(&cfg.netns)
+            .arg("--cgroup")
+            .arg(&cfg.cgroup)
+            .arg("--max-connections")
+            .arg(cfg.max_connections.to_string());
+        if let Some(rb) = cfg.ringbuf_size {
+            cmd.arg("--ringbuf-size").arg(rb.to_string());
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        debug!("starting {cmd:?}");
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", cfg.binary.display()))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let counts = Arc::new(Mutex::new(Counts::new()));
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let mut readers = Vec::new();
+        {
+            let counts = counts.clone();
+            readers.push(std::thread::spawn(move || count_events(stdout, &counts)));
+        }
+        {
+            let lines = stderr_lines.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut ready_tx = Some(ready_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.starts_with("ready") {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    if line.contains("lost") || line.contains("WARN") || line.contains("ERROR") {
+                        debug!("agent: {line}");
+                    }
+                    lines.lock().expect("lock").push(line);
+                }
+            }));
+        }
+        let mut agent = Agent { child, pid, counts, stderr_lines, readers, started };
+        match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => Ok(agent),
+            Err(_) => {
+                let _ = agent.child.kill();
+                let _ = agent.child.wait();
+                let said = agent.stderr_lines.lock().expect("lock").join("\n");
+                bail!("the agent did not become ready within 60 s:\n{said}")
+            }
+        }
+    }
+
+    /// Records printed so far, by event name.
+    pub fn counts(&self) -> Counts {
+        self.counts.lock().expect("lock").clone()
+    }
+
+    /// Stops the agent (SIGINT) and parses its final report.
+    pub fn stop(mut self) -> Result<StopReport> {
+        let vm_hwm_kib = super::sys::process_mem(self.pid).map(|m| m.vm_hwm).unwrap_or(0);
+        let cpu_s = super::sys::process_cpu_s(self.pid).unwrap_or(0.0);
+        let wall_s = self.started.elapsed().as_secs_f64();
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                warn!("agent {} did not stop on SIGINT; killing it", self.pid);
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let lines = self.stderr_lines.lock().expect("lock").clone();
+        let mut rep = StopReport { wall_s, vm_hwm_kib, cpu_s, ..Default::default() };
+        for l in &lines {
+            if l.contains("lost") && !l.contains(" 0 lost") {
+                rep.lost_warnings.push(l.clone());
+            }
+            if let Some(i) = l.find("stopped:") {
+                let s = &l[i..];
+                rep.stopped_line = s.to_string();
+                rep.kernel_events = number_before(s, " kernel events").unwrap_or(0);
+                rep.records = number_before(s, " records").unwrap_or(0);
+                rep.lost = number_before(s, " lost").unwrap_or(0);
+                rep.decode_errors = number_before(s, " decode errors").unwrap_or(0);
+            }
+        }
+        if rep.stopped_line.is_empty() {
+            bail!("the agent did not print its final report; stderr:\n{}", lines.join("\n"));
+        }
+        Ok(rep)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: our own unreaped child.
+            unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The integer just before `suffix` in `s` (`"12 kernel events"` → 12).
+fn number_before(s: &str, suffix: &str) -> Option<u64> {
+    let end = s.find(suffix)?;
+    let head = &s[..end];
+    let start = head.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1);
+    head[start..].parse().ok()
+}
+
+/// Counts JSON lines by their `"event":"NAME"` field, reading in large chunks (the agent may print
+/// tens of thousands of lines a second; the reader must never be what slows it down).
+fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) {
+    const KEY: &[u8] = b"\"event\":\"";
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut local: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        carry.extend_from_slice(&buf[..n]);
+        let last_nl = match carry.iter().rposition(|&b| b == b'\n') {
+            Some(i) => i,
+            None => continue,
+        };
+        for line in carry[..last_nl].split(|&b| b == b'\n') {
+            if let Some(p) = find(line, KEY) {
+                let rest = &line[p + KEY.len()..];
+                let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+                *local.entry(rest[..end].to_vec()).or_default() += 1;
+            }
+        }
+        carry.drain(..=last_nl);
+        let mut c = counts.lock().expect("lock");
+        for (k, v) in std::mem::take(&mut local) {
+            *c.entry(String::from_utf8_lossy(&k).into_owned()).or_default() += v;
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Drains a reader to nowhere (used for children whose output does not matter).
+#[allow(dead_code)]
+pub fn drain(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_stopped_line() {
+        let s = "stopped: 1234 kernel events, 99 records, 7 lost, 0 decode errors; 3 connections";
+        assert_eq!(number_before(s, " kernel events"), Some(1234));
+        assert_eq!(number_before(s, " records"), Some(99));
+        assert_eq!(number_before(s, " lost"), Some(7));
+        assert_eq!(number_before(s, " decode errors"), Some(0));
+        assert_eq!(number_before(s, " nothing"), None);
+    }
+
+    #[test]
+    fn counts_events_across_chunks() {
+        let text = b"{\"conn\":1,\"event\":\"probe\",\"x\":1}\n{\"event\":\"ack\"}\n{\"event\":\"probe\"}\nnot json\n";
+        // A reader that returns 5 bytes at a time splits lines across reads.
+        struct Slow<'a>(&'a [u8]);
+        impl std::io::Read for Slow<'_> {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(5).min(b.len());
+                b[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let c = Mutex::new(Counts::new());
+        count_events(Slow(text), &c);
+        let c = c.into_inner().unwrap();
+        assert_eq!(c.get("probe"), Some(&2));
+        assert_eq!(c.get("ack"), Some(&1));
+        assert_eq!(c.len(), 2);
+    }
+}

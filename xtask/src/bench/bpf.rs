@@ -1,0 +1,375 @@
+//! The little of the `bpf(2)` syscall the bench needs, without the eBPF toolchain:
+//! - turning on run-time statistics (`BPF_ENABLE_STATS`, undone when the fd closes; the
+//!   `kernel.bpf_stats_enabled` sysctl is left as it was),
+//! - reading the agent's programs, links and maps from `/proc/<pid>/fdinfo` (so only what the
+//!   agent process holds is ever looked at) and their names by id,
+//! - loading the reference programs that give the floor: an empty raw tracepoint program and one
+//!   that only does the agent's first filter step (read 8 bytes of the timer, compare). They are
+//!   hand-assembled (a dozen instructions), attached with `BPF_RAW_TRACEPOINT_OPEN`, never pinned,
+//!   and detached when their fds close.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+const BPF_PROG_LOAD: i64 = 5;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+const BPF_MAP_GET_FD_BY_ID: i64 = 14;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
+const BPF_ENABLE_STATS: i64 = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+/// `bpf_probe_read_kernel` helper id.
+const BPF_FUNC_PROBE_READ_KERNEL: i32 = 113;
+
+/// A zeroed `union bpf_attr` large enough for every command used here.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 128])
+    }
+    fn u32(&mut self, off: usize, v: u32) -> &mut Self {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64(&mut self, off: usize, v: u64) -> &mut Self {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+}
+
+fn sys_bpf(cmd: i64, attr: &mut Attr) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a valid, fully initialised buffer of the size passed.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: the kernel just returned this new fd; nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+}
+
+/// Run-time statistics of BPF programs, on while this value lives.
+pub enum Stats {
+    /// `BPF_ENABLE_STATS`: on while the fd is open (also undone if the bench dies).
+    Fd(#[allow(dead_code)] OwnedFd),
+    /// Fallback: the sysctl, set to 1 and restored to `previous` on drop.
+    Sysctl { previous: String },
+    /// Already on (sysctl was 1): nothing to undo.
+    AlreadyOn,
+}
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl Stats {
+    pub fn enable() -> Result<Stats> {
+        let previous = fs::read_to_string(STATS_SYSCTL).context(STATS_SYSCTL)?.trim().to_string();
+        if previous == "1" {
+            return Ok(Stats::AlreadyOn);
+        }
+        let mut a = Attr::new();
+        a.u32(0, BPF_STATS_RUN_TIME);
+        match sys_bpf(BPF_ENABLE_STATS, &mut a) {
+            Ok(fd) => Ok(Stats::Fd(owned(fd))),
+            Err(e) => {
+                log::info!("BPF_ENABLE_STATS failed ({e}); using the {STATS_SYSCTL} sysctl");
+                fs::write(STATS_SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
+                Ok(Stats::Sysctl { previous })
+            }
+        }
+    }
+
+    pub fn how(&self) -> &'static str {
+        match self {
+            Stats::Fd(_) => "BPF_ENABLE_STATS fd (kernel.bpf_stats_enabled untouched)",
+            Stats::Sysctl { .. } => "kernel.bpf_stats_enabled=1, restored afterwards",
+            Stats::AlreadyOn => "kernel.bpf_stats_enabled was already 1",
+        }
+    }
+}
+
+impl Drop for Stats {
+    fn drop(&mut self) {
+        if let Stats::Sysctl { previous } = self {
+            if let Err(e) = fs::write(STATS_SYSCTL, previous.as_bytes()) {
+                log::warn!("restoring kernel.bpf_stats_enabled to {previous}: {e}");
+            }
+        }
+    }
+}
+
+/// `key:\tvalue` lines of an fdinfo file.
+fn fdinfo(pid: u32, fd: &str) -> Option<BTreeMap<String, String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
+    )
+}
+
+fn num(m: &BTreeMap<String, String>, k: &str) -> u64 {
+    m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Counters of one program at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ProgSample {
+    pub id: u32,
+    pub name: String,
+    /// Where it is attached (`raw_tp/timer_expire_entry`, `cgroup`...), from the process's links.
+    pub attach: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// One map the agent holds.
+#[derive(Debug, Clone, Default)]
+pub struct MapSample {
+    pub name: String,
+    pub map_type: u32,
+    pub key_size: u64,
+    pub value_size: u64,
+    pub max_entries: u64,
+    /// Kernel memory charged for the map (fdinfo `memlock`).
+    pub memlock: u64,
+}
+
+/// BPF objects held by process `pid`, through its own file descriptors.
+#[derive(Debug, Clone, Default)]
+pub struct ProcBpf {
+    pub progs: Vec<ProgSample>,
+    pub maps: Vec<MapSample>,
+}
+
+pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut progs: BTreeMap<u32, ProgSample> = BTreeMap::new();
+    let mut attach: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut maps = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
+        let Ok(entry) = entry else { continue };
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        let Ok(target) = fs::read_link(entry.path()) else { continue };
+        let target = target.to_string_lossy();
+        let Some(info) = fdinfo(pid, &fd) else { continue };
+        match &*target {
+            "anon_inode:bpf-prog" => {
+                let id = num(&info, "prog_id") as u32;
+                progs.insert(
+                    id,
+                    ProgSample {
+                        id,
+                        name: prog_name(id).unwrap_or_default(),
+                        attach: String::new(),
+                        run_time_ns: num(&info, "run_time_ns"),
+                        run_cnt: num(&info, "run_cnt"),
+                    },
+                );
+            }
+            "anon_inode:bpf_link" => {
+                let id = num(&info, "prog_id") as u32;
+                let kind = info.get("link_type").cloned().unwrap_or_default();
+                let what = match (kind.as_str(), info.get("tp_name")) {
+                    ("raw_tracepoint", Some(tp)) => format!("raw_tp/{tp}"),
+                    ("tracing", _) => format!("tracing/{}", info.get("attach_type").cloned().unwrap_or_default()),
+                    (k, _) => k.to_string(),
+                };
+                attach.entry(id).or_default().push(what);
+            }
+            "anon_inode:bpf-map" => {
+                let id = num(&info, "map_id") as u32;
+                maps.push(MapSample {
+                    name: map_name(id).unwrap_or_default(),
+                    map_type: num(&info, "map_type") as u32,
+                    key_size: num(&info, "key_size"),
+                    value_size: num(&info, "value_size"),
+                    max_entries: num(&info, "max_entries"),
+                    memlock: num(&info, "memlock"),
+                });
+            }
+            _ => {}
+        }
+    }
+    for (id, p) in progs.iter_mut() {
+        if let Some(a) = attach.get(id) {
+            p.attach = a.join(" + ");
+        }
+    }
+    Ok(ProcBpf { progs: progs.into_values().collect(), maps })
+}
+
+/// `bpf_prog_info.name` (offset 64) or `bpf_map_info.name` (offset 24) of an object by id.
+fn obj_name(get_cmd: i64, id: u32, name_off: usize) -> Result<String> {
+    let mut a = Attr::new();
+    a.u32(0, id);
+    let fd = owned(sys_bpf(get_cmd, &mut a).with_context(|| format!("get fd by id {id}"))?);
+    let mut info = [0u8; 256];
+    let mut a = Attr::new();
+    a.u32(0, fd.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    let raw = &info[name_off..name_off + 16];
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(String::from_utf8_lossy(&raw[..end]).into_owned())
+}
+
+fn prog_name(id: u32) -> Result<String> {
+    obj_name(BPF_PROG_GET_FD_BY_ID, id, 64)
+}
+
+fn map_name(id: u32) -> Result<String> {
+    obj_name(BPF_MAP_GET_FD_BY_ID, id, 24)
+}
+
+/// One eBPF instruction.
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn { code, regs: dst | (src << 4), off, imm }
+}
+
+/// `r0 = 0; exit`: the cheapest program there is.
+const EMPTY: &[Insn] = &[insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)];
+
+/// The agent's filter on a timer tracepoint, and nothing else: read the first argument (the
+/// `timer_list`), `bpf_probe_read_kernel` 8 bytes at offset 24 (`timer_list.function` on x86-64),
+/// compare with a 64-bit constant, return.
+const READ_FILTER: &[Insn] = &[
+    insn(0x79, 6, 1, 0, 0),    // r6 = *(u64 *)(r1 + 0)        timer
+    insn(0xbf, 1, 10, 0, 0),   // r1 = r10
+    insn(0x07, 1, 0, 0, -8),   // r1 += -8                      dst on the stack
+    insn(0xb7, 2, 0, 0, 8),    // r2 = 8                        size
+    insn(0xbf, 3, 6, 0, 0),    // r3 = r6
+    insn(0x07, 3, 0, 0, 24),   // r3 += 24                      &timer->function
+    insn(0x85, 0, 0, 0, BPF_FUNC_PROBE_READ_KERNEL),
+    insn(0x79, 1, 10, -8, 0),  // r1 = *(u64 *)(r10 - 8)
+    insn(0x18, 2, 0, 0, 0x1234_5678), // r2 = 0xffffffff12345678 (ld_imm64, 2 slots)
+    insn(0x00, 0, 0, 0, -1),
+    insn(0x1d, 1, 2, 0, 0),    // if r1 == r2 goto +0
+    insn(0xb7, 0, 0, 0, 0),    // r0 = 0
+    insn(0x95, 0, 0, 0, 0),    // exit
+];
+
+/// A reference program attached to a raw tracepoint by the bench; detached on drop.
+pub struct RefProg {
+    pub label: String,
+    pub tracepoint: String,
+    prog: OwnedFd,
+    _link: OwnedFd,
+}
+
+/// Which reference program.
+#[derive(Debug, Clone, Copy)]
+pub enum RefKind {
+    Empty,
+    ReadFilter,
+}
+
+impl RefProg {
+    pub fn attach(kind: RefKind, tracepoint: &str) -> Result<RefProg> {
+        let insns = match kind {
+            RefKind::Empty => EMPTY,
+            RefKind::ReadFilter => READ_FILTER,
+        };
+        let mut bytes = Vec::with_capacity(insns.len() * 8);
+        for i in insns {
+            bytes.push(i.code);
+            bytes.push(i.regs);
+            bytes.extend_from_slice(&i.off.to_le_bytes());
+            bytes.extend_from_slice(&i.imm.to_le_bytes());
+        }
+        let license = CString::new("GPL").expect("no NUL");
+        let mut log = vec![0u8; 64 * 1024];
+        let name: &[u8] = match kind {
+            RefKind::Empty => b"kab_empty",
+            RefKind::ReadFilter => b"kab_readfilter",
+        };
+        let mut a = Attr::new();
+        a.u32(0, BPF_PROG_TYPE_RAW_TRACEPOINT)
+            .u32(4, insns.len() as u32)
+            .u64(8, bytes.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, 1)
+            .u32(28, log.len() as u32)
+            .u64(32, log.as_mut_ptr() as u64);
+        a.0[48..48 + name.len()].copy_from_slice(name);
+        let prog = match sys_bpf(BPF_PROG_LOAD, &mut a) {
+            Ok(fd) => owned(fd),
+            Err(e) => {
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                bail!("loading the {kind:?} reference program: {e}\n{}", String::from_utf8_lossy(&log[..end]));
+            }
+        };
+        let tp = CString::new(tracepoint).map_err(|_| anyhow!("bad tracepoint name"))?;
+        let mut a = Attr::new();
+        a.u64(0, tp.as_ptr() as u64).u32(8, prog.as_raw_fd() as u32);
+        let link = owned(
+            sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a)
+                .with_context(|| format!("attaching the {kind:?} reference program to {tracepoint}"))?,
+        );
+        let label = match kind {
+            RefKind::Empty => "empty program (floor)".to_string(),
+            RefKind::ReadFilter => "read + compare only (floor of the timer filter)".to_string(),
+        };
+        Ok(RefProg { label, tracepoint: tracepoint.to_string(), prog, _link: link })
+    }
+
+    /// Current counters, from this process's own fdinfo.
+    pub fn sample(&self) -> ProgSample {
+        let info = fdinfo(std::process::id(), &self.prog.as_raw_fd().to_string()).unwrap_or_default();
+        ProgSample {
+            id: num(&info, "prog_id") as u32,
+            name: self.label.clone(),
+            attach: format!("raw_tp/{}", self.tracepoint),
+            run_time_ns: num(&info, "run_time_ns"),
+            run_cnt: num(&info, "run_cnt"),
+        }
+    }
+}
+
+/// Per-program activity over a window: `after - before`, matched by program id.
+#[derive(Debug, Clone)]
+pub struct ProgDelta {
+    pub name: String,
+    pub attach: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+impl ProgDelta {
+    pub fn avg_ns(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.run_time_ns as f64 / self.runs as f64)
+    }
+}
+
+pub fn deltas(before: &[ProgSample], after: &[ProgSample]) -> Vec<ProgDelta> {
+    after
+        .iter()
+        .map(|a| {
+            let b = before.iter().find(|b| b.id == a.id);
+            ProgDelta {
+                name: a.name.clone(),
+                attach: a.attach.clone(),
+                runs: a.run_cnt - b.map_or(0, |b| b.run_cnt),
+                run_time_ns: a.run_time_ns - b.map_or(0, |b| b.run_time_ns),
+            }
+        })
+        .collect()
+}

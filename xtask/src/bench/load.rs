@@ -1,0 +1,328 @@
+//! Workloads, all inside a network namespace the bench created, on loopback addresses only:
+//! - [`RrLoad`]: TCP request/response over many persistent connections (one blocking thread per
+//!   socket), counting transactions;
+//! - [`Sleepers`]: threads that sleep on a socket receive timeout, each sleep a kernel
+//!   `timer_list` timer that is not a keep-alive timer;
+//! - [`KaFarm`]: many idle connections with keep-alive probing every second.
+
+use std::io::{self, Read as _, Write as _};
+use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use log::{debug, info};
+
+use super::sys::NetNs;
+
+fn check(r: libc::c_int, what: &str) -> io::Result<libc::c_int> {
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: valid fd and a pointer to an int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as u32)
+    };
+    check(r, "setsockopt").map(|_| ())
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.ip().octets()) },
+        sin_zero: [0; 8],
+    }
+}
+
+fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }, "socket")?;
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A listening socket with a deep backlog (std's is fixed).
+pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let fd = tcp_socket()?;
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let sa = sockaddr(addr);
+    // SAFETY: valid sockaddr of the size passed.
+    check(
+        unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) },
+        "bind",
+    )?;
+    // SAFETY: plain listen(2).
+    check(unsafe { libc::listen(fd.as_raw_fd(), backlog) }, "listen")?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Keep-alive settings set with `setsockopt(2)` before `connect(2)`, as careful clients do.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepAlive {
+    pub idle_s: i32,
+    pub intvl_s: i32,
+    pub cnt: i32,
+}
+
+/// `socket`, keep-alive options (if any), `connect`.
+pub fn connect(addr: SocketAddrV4, ka: Option<KeepAlive>) -> io::Result<TcpStream> {
+    let fd = tcp_socket()?;
+    let raw = fd.as_raw_fd();
+    if let Some(ka) = ka {
+        setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, ka.idle_s)?;
+        setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, ka.intvl_s)?;
+        setsockopt_int(raw, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, ka.cnt)?;
+    }
+    let sa = sockaddr(addr);
+    // SAFETY: valid sockaddr of the size passed.
+    check(
+        unsafe { libc::connect(raw, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) },
+        "connect",
+    )?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A counter on its own cache line, written by one thread.
+#[repr(align(64))]
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+/// TCP request/response: `conns` client threads each send `msg` bytes and wait for `msg` bytes
+/// back, `conns` server threads echo.
+pub struct RrLoad {
+    stop: Arc<AtomicBool>,
+    counters: Arc<Vec<Counter>>,
+    threads: Vec<JoinHandle<()>>,
+    clients: Vec<TcpStream>,
+}
+
+impl RrLoad {
+    pub fn start(ns: &NetNs, conns: usize, msg: usize, keepalive: bool) -> Result<RrLoad> {
+        let pairs = ns.run(|| {
+            let listener = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1024)?;
+            let addr = match listener.local_addr()? {
+                std::net::SocketAddr::V4(a) => a,
+                a => bail!("unexpected listener address {a}"),
+            };
+            let mut pairs = Vec::with_capacity(conns);
+            for _ in 0..conns {
+                // Default keep-alive timing (2 h idle): tracked by the agent, timer never due.
+                let ka = keepalive.then_some(KeepAlive { idle_s: 7200, intvl_s: 75, cnt: 9 });
+                let c = connect(addr, ka)?;
+                let (s, _) = listener.accept()?;
+                c.set_nodelay(true)?;
+                s.set_nodelay(true)?;
+                pairs.push((c, s));
+            }
+            Ok(pairs)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters: Arc<Vec<Counter>> = Arc::new((0..conns).map(|_| Counter::default()).collect());
+        let mut threads = Vec::new();
+        let mut clients = Vec::new();
+        for (i, (c, s)) in pairs.into_iter().enumerate() {
+            clients.push(c.try_clone()?);
+            let mut s = s;
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; msg];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            }));
+            let stop = stop.clone();
+            let counters = counters.clone();
+            let mut c = c;
+            threads.push(std::thread::spawn(move || {
+                let req = vec![0x5au8; msg];
+                let mut resp = vec![0u8; msg];
+                while !stop.load(Ordering::Relaxed) {
+                    if c.write_all(&req).is_err() || c.read_exact(&mut resp).is_err() {
+                        break;
+                    }
+                    counters[i].0.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        Ok(RrLoad { stop, counters, threads, clients })
+    }
+
+    /// Transactions completed so far.
+    pub fn total(&self) -> u64 {
+        self.counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in &self.clients {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Threads sleeping in `recv` with a 1 ms `SO_RCVTIMEO`: each sleep arms a `timer_list` timer
+/// (`schedule_timeout`) that expires, about HZ firings a second per thread.
+pub struct Sleepers {
+    stop: Arc<AtomicBool>,
+    wakeups: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sleepers {
+    pub fn start(ns: &NetNs, threads: usize) -> Result<Sleepers> {
+        let sockets = ns.run(|| {
+            (0..threads)
+                .map(|_| -> Result<UdpSocket> {
+                    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
+                    s.set_read_timeout(Some(Duration::from_millis(1)))?;
+                    Ok(s)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let wakeups = Arc::new(AtomicU64::new(0));
+        let threads = sockets
+            .into_iter()
+            .map(|s| {
+                let stop = stop.clone();
+                let wakeups = wakeups.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = s.recv(&mut buf);
+                        n += 1;
+                        if n % 64 == 0 {
+                            wakeups.fetch_add(64, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(Sleepers { stop, wakeups, threads })
+    }
+
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Many idle keep-alive connections: clients with `SO_KEEPALIVE` and the given timing (set before
+/// connect), servers plain. Spread over `listeners` listening addresses 127.0.0.1, 127.0.0.2...
+/// so that ephemeral ports never run out.
+pub struct KaFarm {
+    pub clients: Vec<TcpStream>,
+    servers: Arc<Mutex<Vec<TcpStream>>>,
+    pub connect_s: f64,
+}
+
+impl KaFarm {
+    pub fn build(ns: &NetNs, n: usize, listeners: usize, ka: KeepAlive) -> Result<KaFarm> {
+        let servers = Arc::new(Mutex::new(Vec::with_capacity(n)));
+        let started = Instant::now();
+        let clients = ns.run(|| {
+            let mut ls = Vec::new();
+            for i in 0..listeners.max(1) {
+                let ip = Ipv4Addr::new(127, 0, 0, 1 + i as u8);
+                ls.push(listen(SocketAddrV4::new(ip, 9000), 65535)?);
+            }
+            let addrs: Vec<SocketAddrV4> = ls
+                .iter()
+                .map(|l| match l.local_addr() {
+                    Ok(std::net::SocketAddr::V4(a)) => Ok(a),
+                    Ok(a) => Err(anyhow!("unexpected address {a}")),
+                    Err(e) => Err(e.into()),
+                })
+                .collect::<Result<_>>()?;
+            let per = n.div_ceil(ls.len());
+            let mut acceptors = Vec::new();
+            for (i, l) in ls.into_iter().enumerate() {
+                let want = per.min(n.saturating_sub(i * per));
+                let servers = servers.clone();
+                acceptors.push(std::thread::spawn(move || -> io::Result<()> {
+                    let mut mine = Vec::with_capacity(want);
+                    for _ in 0..want {
+                        let (s, _) = l.accept()?;
+                        mine.push(s);
+                    }
+                    servers.lock().expect("lock").extend(mine);
+                    Ok(())
+                }));
+            }
+            let mut clients = Vec::with_capacity(n);
+            for i in 0..n {
+                let addr = addrs[i / per];
+                let c = connect(addr, Some(ka)).with_context(|| format!("connection {i} to {addr}"))?;
+                clients.push(c);
+                if (i + 1) % 10_000 == 0 {
+                    debug!("{} connections", i + 1);
+                }
+            }
+            for a in acceptors {
+                a.join().map_err(|_| anyhow!("acceptor panicked"))??;
+            }
+            Ok(clients)
+        })?;
+        let connect_s = started.elapsed().as_secs_f64();
+        info!("{n} keep-alive connections established in {connect_s:.1} s");
+        Ok(KaFarm { clients, servers, connect_s })
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Closes everything (resets, so no FIN/TIME_WAIT dance is left behind).
+    pub fn close(self) {
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        for c in &self.clients {
+            // SAFETY: valid fd and struct of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    c.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    size_of::<libc::linger>() as u32,
+                )
+            };
+        }
+        drop(self.clients);
+        self.servers.lock().expect("lock").clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_is_network_order() {
+        let sa = sockaddr(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 9000));
+        assert_eq!(sa.sin_port, 9000u16.to_be());
+        assert_eq!(sa.sin_addr.s_addr.to_ne_bytes(), [127, 0, 0, 2]);
+    }
+}
