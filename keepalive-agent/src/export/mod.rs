@@ -1,7 +1,7 @@
 //! OpenTelemetry export of keep-alive timelines (`keepalive-agent run`).
 //!
 //! [`Exporter`] turns the timeline engine's [`Record`]s into spans ([`spans`], the span model
-//! documented in `README-span-model.md`) and delivers them over OTLP/gRPC or OTLP/HTTP-protobuf
+//! documented in README.md, "OpenTelemetry traces") and delivers them over OTLP/gRPC or OTLP/HTTP-protobuf
 //! through a bounded, retrying pipeline ([`pipeline`]), or, with no endpoint configured, writes them
 //! as JSON lines on stdout ([`json`]). Configuration comes from [`ExportArgs`] and the standard
 //! `OTEL_*` variables ([`config`]).

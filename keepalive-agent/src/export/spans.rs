@@ -12,7 +12,7 @@
 //!   arrived; the only exception is the end of spans still open when the agent stops (their end is
 //!   the stop time, and they carry `tcp.keepalive.incomplete = true`).
 //!
-//! See `README-span-model.md` next to this file for the user-facing description.
+//! See `the "OpenTelemetry traces" section of README.md for the user-facing description.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
