@@ -84,10 +84,52 @@ fn build_agent() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// What the agent writes on stdout, and how the guard checks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdout {
+    /// `trace --format json`: one event object per line, with a string `event` and an RFC 3339
+    /// `ts`.
+    TraceEvents,
+    /// `run`: with no OTLP endpoint, one span object per line (string `trace_id`, `span_id` and
+    /// `name`, RFC 3339 `start` and `end`); when exporting over OTLP, nothing at all.
+    Spans,
+}
+
+impl Stdout {
+    /// Whether one parsed stdout line is what this format promises (checked as lines arrive).
+    fn accepts(self, v: &Value) -> bool {
+        match self {
+            Stdout::TraceEvents => v.is_object() && v.get("event").is_some_and(Value::is_string),
+            Stdout::Spans => {
+                v.is_object()
+                    && ["trace_id", "span_id", "name"]
+                        .iter()
+                        .all(|k| v.get(*k).is_some_and(Value::is_string))
+            }
+        }
+    }
+
+    /// Checks done once the agent exited: every timestamp parses.
+    fn check_final(self, v: &Value) -> Result<()> {
+        let keys: &[&str] = match self {
+            Stdout::TraceEvents => &["ts"],
+            Stdout::Spans => &["start", "end"],
+        };
+        for k in keys {
+            match events::str_of(v, k) {
+                Some(t) if events::parse_rfc3339(t).is_some() => {}
+                _ => bail!("stdout object without an RFC 3339 `{k}`: {v}"),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Collected {
+    /// stdout objects accepted by the [`Stdout`] format (events for `trace`, spans for `run`).
     events: Vec<Value>,
-    /// stdout lines that are not JSON objects with a string `event`.
+    /// stdout lines the format does not accept.
     bad_lines: Vec<String>,
     stdout_closed: bool,
 }
@@ -101,6 +143,7 @@ struct Shared {
 /// A running agent process. Kill-on-drop; [`AgentProcess::stop`] for an orderly SIGINT stop.
 pub struct AgentProcess {
     child: Child,
+    format: Stdout,
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<()>>,
     stopped: bool,
@@ -113,17 +156,74 @@ pub struct Agent<'env> {
     _env: &'env Env,
 }
 
+/// The attach method the tests force (`--attach`), from `KEEPALIVE_TEST_ATTACH`
+/// (`fentry`, `kprobe`, `tracepoint`); unset: the agent's own choice.
+pub fn forced_attach() -> Option<String> {
+    std::env::var("KEEPALIVE_TEST_ATTACH").ok().filter(|v| !v.is_empty() && v != "auto")
+}
+
+/// With a forced method, fails unless the agent reached the keep-alive timer with it (a silent
+/// fallback to another method must not pass as a run of the forced one).
+pub fn assert_forced_attach(stderr: &[String]) {
+    let Some(method) = forced_attach() else { return };
+    let want = format!("hook keepalive_timer: {method} via");
+    assert!(
+        stderr.iter().any(|l| l.contains(&want)),
+        "KEEPALIVE_TEST_ATTACH={method}, but the agent did not reach keepalive_timer with it:\n{}",
+        stderr.join("\n")
+    );
+}
+
 impl<'env> Agent<'env> {
-    /// `keepalive-agent trace --format json --netns NS --cgroup CG <extra>`, waits for `ready`.
+    /// `keepalive-agent trace --format json --netns NS --cgroup CG [--attach M] <extra>`, waits for
+    /// `ready`. `--attach` comes from `KEEPALIVE_TEST_ATTACH` (see [`forced_attach`]).
     pub fn start(env: &'env Env, extra: &[&str]) -> Agent<'env> {
         let mut cmd = Command::new(agent_binary());
         cmd.args(["trace", "--format", "json", "--netns"])
             .arg(env.ns.path())
             .arg("--cgroup")
-            .arg(env.cgroup.path())
-            .args(extra);
+            .arg(env.cgroup.path());
+        if let Some(method) = forced_attach() {
+            cmd.args(["--attach", &method]);
+        }
+        cmd.args(extra);
         let process = AgentProcess::spawn(cmd, READY_TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_forced_attach(&process.stderr_lines());
         Agent { process, _env: env }
+    }
+
+    /// `keepalive-agent --log-level info run --netns NS --cgroup CG [--attach M] <extra>`, with
+    /// `envs` added to an environment cleared of every `OTEL_*` variable and of `RUST_LOG` (so that
+    /// a developer's settings cannot change what a test checks); waits for `ready`. Stdout is read
+    /// as [`Stdout::Spans`]: [`Agent::events`] and [`Agent::stop`] return the span objects printed
+    /// in JSON-lines mode (none when exporting over OTLP).
+    pub fn start_run(env: &'env Env, extra: &[&str], envs: &[(&str, &str)]) -> Agent<'env> {
+        let mut cmd = Command::new(agent_binary());
+        for (k, _) in std::env::vars_os() {
+            if k.to_str()
+                .is_some_and(|k| k.starts_with("OTEL_") || k == "RUST_LOG")
+            {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(envs.iter().copied())
+            .args(["--log-level", "info", "run", "--netns"])
+            .arg(env.ns.path())
+            .arg("--cgroup")
+            .arg(env.cgroup.path());
+        if let Some(method) = forced_attach() {
+            cmd.args(["--attach", &method]);
+        }
+        cmd.args(extra);
+        let process = AgentProcess::spawn_with(cmd, READY_TIMEOUT, Stdout::Spans)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_forced_attach(&process.stderr_lines());
+        Agent { process, _env: env }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// See [`AgentProcess::wait_for`].
@@ -152,8 +252,16 @@ impl<'env> Agent<'env> {
     /// Like [`Agent::stop`], also returning every stderr line (including what the agent logged
     /// while stopping).
     pub fn stop_full(self) -> (Vec<Value>, Vec<String>) {
+        self.stop_full_with(libc::SIGINT)
+    }
+
+    /// Like [`Agent::stop_full`], stopping with `signal` (SIGINT or SIGTERM) instead of SIGINT.
+    pub fn stop_full_with(self, signal: libc::c_int) -> (Vec<Value>, Vec<String>) {
         let shared = self.process.shared.clone();
-        let events = self.process.stop().unwrap_or_else(|e| panic!("{e:#}"));
+        let events = self
+            .process
+            .stop_with(signal)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let stderr = shared.stderr.lock().unwrap().clone();
         (events, stderr)
     }
@@ -176,7 +284,17 @@ pub fn lost_event_reports(lines: &[String]) -> Vec<&String> {
 impl AgentProcess {
     /// Spawns `cmd` (stdout and stderr piped) and waits up to `ready_timeout` for a stderr line
     /// starting with `ready`. Stderr is forwarded to the test's stderr, prefixed with `[agent]`.
-    pub fn spawn(mut cmd: Command, ready_timeout: Duration) -> Result<AgentProcess> {
+    /// Stdout is read as [`Stdout::TraceEvents`].
+    pub fn spawn(cmd: Command, ready_timeout: Duration) -> Result<AgentProcess> {
+        Self::spawn_with(cmd, ready_timeout, Stdout::TraceEvents)
+    }
+
+    /// [`AgentProcess::spawn`] with stdout read as `format`.
+    pub fn spawn_with(
+        mut cmd: Command,
+        ready_timeout: Duration,
+        format: Stdout,
+    ) -> Result<AgentProcess> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -215,9 +333,7 @@ impl AgentProcess {
                     let Ok(line) = line else { break };
                     let mut out = sh.out.lock().unwrap();
                     match serde_json::from_str::<Value>(&line) {
-                        Ok(v) if v.is_object() && v.get("event").is_some_and(Value::is_string) => {
-                            out.events.push(v)
-                        }
+                        Ok(v) if format.accepts(&v) => out.events.push(v),
                         _ => out.bad_lines.push(line),
                     }
                     drop(out);
@@ -229,6 +345,7 @@ impl AgentProcess {
 
         let mut agent = AgentProcess {
             child,
+            format,
             shared,
             readers: vec![err_reader, out_reader],
             stopped: false,
@@ -331,17 +448,22 @@ impl AgentProcess {
     }
 
     /// Sends SIGINT, waits for the exit, checks it is 0 and that every stdout line was a JSON event
-    /// with a valid `ts`; returns every event.
-    pub fn stop(mut self) -> Result<Vec<Value>> {
+    /// with a valid `ts` (for [`Stdout::TraceEvents`]; see [`Stdout`]); returns every event.
+    pub fn stop(self) -> Result<Vec<Value>> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// [`AgentProcess::stop`] with `signal` instead of SIGINT.
+    pub fn stop_with(mut self, signal: libc::c_int) -> Result<Vec<Value>> {
         // SAFETY: signalling our own child, which has not been reaped (stopped is false).
-        if unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) } != 0 {
-            bail!("kill(SIGINT): {}", std::io::Error::last_os_error());
+        if unsafe { libc::kill(self.child.id() as libc::pid_t, signal) } != 0 {
+            bail!("kill({signal}): {}", std::io::Error::last_os_error());
         }
         let status = self.wait_exit(STOP_TIMEOUT);
         let Some(status) = status else {
             self.kill();
             bail!(
-                "agent did not exit within {STOP_TIMEOUT:?} of SIGINT; stderr:\n{}",
+                "agent did not exit within {STOP_TIMEOUT:?} of signal {signal}; stderr:\n{}",
                 self.stderr_text()
             );
         };
@@ -351,22 +473,23 @@ impl AgentProcess {
         }
         if !status.success() {
             bail!(
-                "agent exited with {status} after SIGINT; stderr:\n{}",
+                "agent exited with {status} after signal {signal}; stderr:\n{}",
                 self.stderr_text()
             );
         }
         let out = std::mem::take(&mut *self.shared.out.lock().unwrap());
         if !out.bad_lines.is_empty() {
             bail!(
-                "agent wrote stdout lines that are not JSON events:\n{}",
+                "agent wrote stdout lines that are not JSON {}:\n{}",
+                match self.format {
+                    Stdout::TraceEvents => "events",
+                    Stdout::Spans => "spans",
+                },
                 out.bad_lines.join("\n")
             );
         }
         for e in &out.events {
-            match events::str_of(e, "ts") {
-                Some(ts) if events::parse_rfc3339(ts).is_some() => {}
-                _ => bail!("event without an RFC 3339 ts: {e}"),
-            }
+            self.format.check_final(e)?;
         }
         Ok(out.events)
     }
