@@ -483,7 +483,16 @@ fn main() {
         mix.join(" ")
     );
     drop(stream);
-    for n in [1_000, conns.max(1_000), 50_000] {
+    println!(
+        "SIZES event={} record={} conn_view={}",
+        std::mem::size_of::<Event>(),
+        std::mem::size_of::<Record>(),
+        std::mem::size_of::<keepalive_agent::timeline::ConnView>()
+    );
+    let mut sizes = vec![1_000, 10_000, 14_000, 15_000, 20_000, 50_000, conns];
+    sizes.sort_unstable();
+    sizes.dedup();
+    for n in sizes {
         memory_report(n);
     }
     benches();

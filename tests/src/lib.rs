@@ -9,10 +9,12 @@
 //! - [`agent::Agent`]: spawns the agent, waits for `ready`, collects its JSON events.
 //! - [`tcp`]: servers and keep-alive clients inside the namespace.
 //! - [`events`]: helpers to read the agent's JSON timeline.
+//! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
 pub mod agent;
 pub mod cgroup;
 pub mod events;
 pub mod netns;
+pub mod otlp;
 pub mod tcp;
 
 use std::process::Command;

@@ -1,5 +1,6 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+mod bench;
 mod vm;
 
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Boot Debian kernels in QEMU (TCG) and run test binaries and commands inside each of them.
     VmTest(vm::VmTestArgs),
+    /// Measure the agent's cost and scale on this machine; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<ExitCode> {
@@ -36,6 +39,10 @@ fn main() -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench(args) => {
+            let all_met = bench::run(&workspace, args)?;
+            Ok(if all_met { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }

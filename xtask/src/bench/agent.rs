@@ -1,7 +1,7 @@
 //! Running the real `keepalive-agent trace --format json` for a benchmark, reading what it says.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub cgroup: PathBuf,
     pub max_connections: usize,
     pub ringbuf_size: Option<u32>,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 /// Counts of the records the agent printed, by `event` name.
@@ -53,7 +55,6 @@ pub struct Agent {
     counts: Arc<Mutex<Counts>>,
     stderr_lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
-    pub started: Instant,
 }
 
 /// What the agent said when it stopped.
@@ -68,10 +69,8 @@ pub struct StopReport {
     /// Warning lines mentioning lost events.
     pub lost_warnings: Vec<String>,
     pub stopped_line: String,
-    pub wall_s: f64,
     /// Peak RSS (VmHWM) just before it stopped, KiB.
     pub vm_hwm_kib: u64,
-    pub cpu_s: f64,
 }
 
 impl Agent {
@@ -87,9 +86,9 @@ impl Agent {
         if let Some(rb) = cfg.ringbuf_size {
             cmd.arg("--ringbuf-size").arg(rb.to_string());
         }
+        cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         debug!("starting {cmd:?}");
-        let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {}", cfg.binary.display()))?;
         let pid = child.id();
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -120,7 +119,7 @@ impl Agent {
                 }
             }));
         }
-        let mut agent = Agent { child, pid, counts, stderr_lines, readers, started };
+        let mut agent = Agent { child, pid, counts, stderr_lines, readers };
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => Ok(agent),
             Err(_) => {
@@ -140,8 +139,6 @@ impl Agent {
     /// Stops the agent (SIGINT) and parses its final report.
     pub fn stop(mut self) -> Result<StopReport> {
         let vm_hwm_kib = super::sys::process_mem(self.pid).map(|m| m.vm_hwm).unwrap_or(0);
-        let cpu_s = super::sys::process_cpu_s(self.pid).unwrap_or(0.0);
-        let wall_s = self.started.elapsed().as_secs_f64();
         // SAFETY: signalling our own child, which has not been reaped yet.
         unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -161,7 +158,7 @@ impl Agent {
             let _ = r.join();
         }
         let lines = self.stderr_lines.lock().expect("lock").clone();
-        let mut rep = StopReport { wall_s, vm_hwm_kib, cpu_s, ..Default::default() };
+        let mut rep = StopReport { vm_hwm_kib, ..Default::default() };
         for l in &lines {
             if l.contains("lost") && !l.contains(" 0 lost") {
                 rep.lost_warnings.push(l.clone());
@@ -242,19 +239,6 @@ fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Drains a reader to nowhere (used for children whose output does not matter).
-#[allow(dead_code)]
-pub fn drain(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    })
 }
 
 #[cfg(test)]

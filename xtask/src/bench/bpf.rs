@@ -3,10 +3,11 @@
 //!   `kernel.bpf_stats_enabled` sysctl is left as it was),
 //! - reading the agent's programs, links and maps from `/proc/<pid>/fdinfo` (so only what the
 //!   agent process holds is ever looked at) and their names by id,
-//! - loading the reference programs that give the floor: an empty raw tracepoint program and one
-//!   that only does the agent's first filter step (read 8 bytes of the timer, compare). They are
-//!   hand-assembled (a dozen instructions), attached with `BPF_RAW_TRACEPOINT_OPEN`, never pinned,
-//!   and detached when their fds close.
+//! - loading the reference programs that give the floor: an empty raw tracepoint program, one that
+//!   only does the agent's first filter step (read `timer->function` with a helper, compare), and
+//!   the same filters as BTF-typed (`tp_btf`) programs with direct loads. They are hand-assembled
+//!   (a dozen instructions), attached with `BPF_RAW_TRACEPOINT_OPEN`, never pinned, and detached
+//!   when their fds close.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -23,8 +24,13 @@ const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
 const BPF_ENABLE_STATS: i64 = 32;
 const BPF_STATS_RUN_TIME: u32 = 0;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+/// `expected_attach_type` of a BTF-typed raw tracepoint (`tp_btf`).
+const BPF_TRACE_RAW_TP: u32 = 23;
 /// `bpf_probe_read_kernel` helper id.
 const BPF_FUNC_PROBE_READ_KERNEL: i32 = 113;
+/// `bpf_skc_to_tcp_sock` helper id.
+const BPF_FUNC_SKC_TO_TCP_SOCK: i32 = 137;
 
 /// A zeroed `union bpf_attr` large enough for every command used here.
 #[repr(C, align(8))]
@@ -249,23 +255,107 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 const EMPTY: &[Insn] = &[insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)];
 
 /// The agent's filter on a timer tracepoint, and nothing else: read the first argument (the
-/// `timer_list`), `bpf_probe_read_kernel` 8 bytes at offset 24 (`timer_list.function` on x86-64),
+/// `timer_list`), `bpf_probe_read_kernel` 8 bytes at `function_off` (`timer_list.function`),
 /// compare with a 64-bit constant, return.
-const READ_FILTER: &[Insn] = &[
-    insn(0x79, 6, 1, 0, 0),    // r6 = *(u64 *)(r1 + 0)        timer
-    insn(0xbf, 1, 10, 0, 0),   // r1 = r10
-    insn(0x07, 1, 0, 0, -8),   // r1 += -8                      dst on the stack
-    insn(0xb7, 2, 0, 0, 8),    // r2 = 8                        size
-    insn(0xbf, 3, 6, 0, 0),    // r3 = r6
-    insn(0x07, 3, 0, 0, 24),   // r3 += 24                      &timer->function
-    insn(0x85, 0, 0, 0, BPF_FUNC_PROBE_READ_KERNEL),
-    insn(0x79, 1, 10, -8, 0),  // r1 = *(u64 *)(r10 - 8)
-    insn(0x18, 2, 0, 0, 0x1234_5678), // r2 = 0xffffffff12345678 (ld_imm64, 2 slots)
-    insn(0x00, 0, 0, 0, -1),
-    insn(0x1d, 1, 2, 0, 0),    // if r1 == r2 goto +0
-    insn(0xb7, 0, 0, 0, 0),    // r0 = 0
-    insn(0x95, 0, 0, 0, 0),    // exit
-];
+fn read_filter(function_off: i32) -> Vec<Insn> {
+    vec![
+        insn(0x79, 6, 1, 0, 0),            // r6 = *(u64 *)(r1 + 0)        timer
+        insn(0xbf, 1, 10, 0, 0),           // r1 = r10
+        insn(0x07, 1, 0, 0, -8),           // r1 += -8                      dst on the stack
+        insn(0xb7, 2, 0, 0, 8),            // r2 = 8                        size
+        insn(0xbf, 3, 6, 0, 0),            // r3 = r6
+        insn(0x07, 3, 0, 0, function_off), // r3 += off                     &timer->function
+        insn(0x85, 0, 0, 0, BPF_FUNC_PROBE_READ_KERNEL),
+        insn(0x79, 1, 10, -8, 0),          // r1 = *(u64 *)(r10 - 8)
+        insn(0x18, 2, 0, 0, 0x1234_5678),  // r2 = 0xffffffff12345678 (ld_imm64, 2 slots)
+        insn(0x00, 0, 0, 0, -1),
+        insn(0x1d, 1, 2, 0, 0),            // if r1 == r2 goto +0
+        insn(0xb7, 0, 0, 0, 0),            // r0 = 0
+        insn(0x95, 0, 0, 0, 0),            // exit
+    ]
+}
+
+/// The same filter in a BTF-typed tracepoint program (`tp_btf`): the argument is a typed pointer,
+/// so `timer->function` is a plain load the verifier checks against BTF (no helper call).
+/// `via_register`: add the offset through a register holding a known constant, as Rust programs
+/// must (the offset comes from a read-only global, not an instruction immediate), instead of the
+/// load's immediate offset that C with CO-RE produces.
+fn btf_filter(function_off: i32, via_register: bool) -> Vec<Insn> {
+    let mut v = vec![insn(0x79, 1, 1, 0, 0)]; // r1 = *(u64 *)(r1 + 0)   timer (typed)
+    if via_register {
+        v.push(insn(0xb7, 3, 0, 0, function_off)); // r3 = off
+        v.push(insn(0x0f, 1, 3, 0, 0)); // r1 += r3
+        v.push(insn(0x79, 1, 1, 0, 0)); // r1 = *(u64 *)(r1 + 0)
+    } else {
+        v.push(insn(0x79, 1, 1, function_off as i16, 0)); // r1 = *(u64 *)(r1 + off)
+    }
+    v.extend_from_slice(&[
+        insn(0x18, 2, 0, 0, 0x1234_5678), // r2 = 0xffffffff12345678
+        insn(0x00, 0, 0, 0, -1),
+        insn(0x1d, 1, 2, 0, 0), // if r1 == r2 goto +0
+        insn(0xb7, 0, 0, 0, 0), // r0 = 0
+        insn(0x95, 0, 0, 0, 0), // exit
+    ]);
+    v
+}
+
+/// The agent's filter on `tcp_probe` as a `tp_btf` program: `bpf_skc_to_tcp_sock(sk)` (a type
+/// check, no memory copy), then a direct load of `icsk_probes_out`.
+fn btf_probe_filter(probes_out_off: i32) -> Vec<Insn> {
+    vec![
+        insn(0x79, 1, 1, 0, 0), // r1 = *(u64 *)(r1 + 0)   sk (typed)
+        insn(0x85, 0, 0, 0, BPF_FUNC_SKC_TO_TCP_SOCK),
+        insn(0x15, 0, 0, 1, 0), // if r0 == 0 goto +1
+        insn(0x71, 0, 0, probes_out_off as i16, 0), // r0 = *(u8 *)(r0 + off)
+        insn(0xb7, 0, 0, 0, 0), // r0 = 0
+        insn(0x95, 0, 0, 0, 0), // exit
+    ]
+}
+
+/// Kernel BTF facts the reference programs need.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelBtf {
+    /// `offsetof(struct timer_list, function)`.
+    pub timer_function_off: i32,
+    /// `offsetof(struct inet_connection_sock, icsk_probes_out)` (also from `struct tcp_sock`,
+    /// which starts with it).
+    pub icsk_probes_out_off: i32,
+}
+
+fn member_offset(btf: &btf_rs::Btf, strukt: &str, member: &str) -> Result<i32> {
+    let types = btf.resolve_types_by_name(strukt).map_err(|e| anyhow!("BTF {strukt}: {e}"))?;
+    for t in types {
+        if let btf_rs::Type::Struct(st) = t {
+            for m in &st.members {
+                if btf.resolve_name(m).map(|n| n == member).unwrap_or(false) {
+                    return Ok((m.bit_offset() / 8) as i32);
+                }
+            }
+        }
+    }
+    bail!("struct {strukt} has no member `{member}` in the kernel BTF")
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<KernelBtf> {
+        let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+        Ok(KernelBtf {
+            timer_function_off: member_offset(&btf, "timer_list", "function")?,
+            icsk_probes_out_off: member_offset(&btf, "inet_connection_sock", "icsk_probes_out")?,
+        })
+    }
+}
+
+/// BTF id of the `btf_trace_<tracepoint>` typedef a `tp_btf` program attaches through.
+fn tp_btf_id(tracepoint: &str) -> Result<u32> {
+    let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+    let name = format!("btf_trace_{tracepoint}");
+    btf.resolve_ids_by_name(&name)
+        .map_err(|e| anyhow!("BTF {name}: {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no BTF type {name}"))
+}
 
 /// A reference program attached to a raw tracepoint by the bench; detached on drop.
 pub struct RefProg {
@@ -279,47 +369,31 @@ pub struct RefProg {
 #[derive(Debug, Clone, Copy)]
 pub enum RefKind {
     Empty,
+    /// Raw tracepoint: `bpf_probe_read_kernel` of `timer->function`, compare.
     ReadFilter,
+    /// `tp_btf`: direct, BTF-checked load of `timer->function`, compare.
+    BtfFilter,
+    /// `tp_btf` on `tcp_probe`: `bpf_skc_to_tcp_sock`, direct load of `icsk_probes_out`.
+    BtfProbeFilter,
 }
 
 impl RefProg {
-    pub fn attach(kind: RefKind, tracepoint: &str) -> Result<RefProg> {
+    pub fn attach(kind: RefKind, tracepoint: &str, kbtf: &KernelBtf) -> Result<RefProg> {
         let insns = match kind {
-            RefKind::Empty => EMPTY,
-            RefKind::ReadFilter => READ_FILTER,
+            RefKind::Empty => EMPTY.to_vec(),
+            RefKind::ReadFilter => read_filter(kbtf.timer_function_off),
+            RefKind::BtfFilter => btf_filter(kbtf.timer_function_off, false),
+            RefKind::BtfProbeFilter => btf_probe_filter(kbtf.icsk_probes_out_off),
         };
-        let mut bytes = Vec::with_capacity(insns.len() * 8);
-        for i in insns {
-            bytes.push(i.code);
-            bytes.push(i.regs);
-            bytes.extend_from_slice(&i.off.to_le_bytes());
-            bytes.extend_from_slice(&i.imm.to_le_bytes());
-        }
-        let license = CString::new("GPL").expect("no NUL");
-        let mut log = vec![0u8; 64 * 1024];
-        let name: &[u8] = match kind {
-            RefKind::Empty => b"kab_empty",
-            RefKind::ReadFilter => b"kab_readfilter",
+        let btf_id = match kind {
+            RefKind::BtfFilter | RefKind::BtfProbeFilter => Some(tp_btf_id(tracepoint)?),
+            _ => None,
         };
-        let mut a = Attr::new();
-        a.u32(0, BPF_PROG_TYPE_RAW_TRACEPOINT)
-            .u32(4, insns.len() as u32)
-            .u64(8, bytes.as_ptr() as u64)
-            .u64(16, license.as_ptr() as u64)
-            .u32(24, 1)
-            .u32(28, log.len() as u32)
-            .u64(32, log.as_mut_ptr() as u64);
-        a.0[48..48 + name.len()].copy_from_slice(name);
-        let prog = match sys_bpf(BPF_PROG_LOAD, &mut a) {
-            Ok(fd) => owned(fd),
-            Err(e) => {
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                bail!("loading the {kind:?} reference program: {e}\n{}", String::from_utf8_lossy(&log[..end]));
-            }
-        };
+        let prog = load(&insns, kind_name(kind), btf_id).with_context(|| format!("loading the {kind:?} reference program"))?;
         let tp = CString::new(tracepoint).map_err(|_| anyhow!("bad tracepoint name"))?;
         let mut a = Attr::new();
-        a.u64(0, tp.as_ptr() as u64).u32(8, prog.as_raw_fd() as u32);
+        // A tp_btf program attaches to the tracepoint it was loaded for: no name.
+        a.u64(0, if btf_id.is_some() { 0 } else { tp.as_ptr() as u64 }).u32(8, prog.as_raw_fd() as u32);
         let link = owned(
             sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a)
                 .with_context(|| format!("attaching the {kind:?} reference program to {tracepoint}"))?,
@@ -327,10 +401,64 @@ impl RefProg {
         let label = match kind {
             RefKind::Empty => "empty program (floor)".to_string(),
             RefKind::ReadFilter => "read + compare only (floor of the timer filter)".to_string(),
+            RefKind::BtfFilter => "tp_btf direct load + compare (the filter without a helper call)".to_string(),
+            RefKind::BtfProbeFilter => "tp_btf skc_to_tcp_sock + direct load of icsk_probes_out".to_string(),
         };
         Ok(RefProg { label, tracepoint: tracepoint.to_string(), prog, _link: link })
     }
+}
 
+fn kind_name(kind: RefKind) -> &'static [u8] {
+    match kind {
+        RefKind::Empty => b"kab_empty",
+        RefKind::ReadFilter => b"kab_readfilter",
+        RefKind::BtfFilter => b"kab_btffilter",
+        RefKind::BtfProbeFilter => b"kab_btfprobe",
+    }
+}
+
+/// Loads a program; raw tracepoint, or `tp_btf` for the tracepoint whose typedef is `btf_id`.
+fn load(insns: &[Insn], name: &[u8], btf_id: Option<u32>) -> Result<OwnedFd> {
+    let mut bytes = Vec::with_capacity(insns.len() * 8);
+    for i in insns {
+        bytes.push(i.code);
+        bytes.push(i.regs);
+        bytes.extend_from_slice(&i.off.to_le_bytes());
+        bytes.extend_from_slice(&i.imm.to_le_bytes());
+    }
+    let license = CString::new("GPL").expect("no NUL");
+    let mut log = vec![0u8; 64 * 1024];
+    let mut a = Attr::new();
+    a.u32(0, if btf_id.is_some() { BPF_PROG_TYPE_TRACING } else { BPF_PROG_TYPE_RAW_TRACEPOINT })
+        .u32(4, insns.len() as u32)
+        .u64(8, bytes.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64)
+        .u32(24, 1)
+        .u32(28, log.len() as u32)
+        .u64(32, log.as_mut_ptr() as u64);
+    a.0[48..48 + name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    if let Some(id) = btf_id {
+        a.u32(68, BPF_TRACE_RAW_TP).u32(108, id);
+    }
+    match sys_bpf(BPF_PROG_LOAD, &mut a) {
+        Ok(fd) => Ok(owned(fd)),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(4).collect();
+            bail!("{e}; verifier: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
+        }
+    }
+}
+
+/// Whether the verifier takes the `tp_btf` filter with the offset added through a register (what a
+/// Rust program reading offsets from a global produces). `Err` carries the verifier's answer.
+pub fn btf_register_offset_accepted(tracepoint: &str, kbtf: &KernelBtf) -> Result<()> {
+    let id = tp_btf_id(tracepoint)?;
+    load(&btf_filter(kbtf.timer_function_off, true), b"kab_btfreg", Some(id)).map(drop)
+}
+
+impl RefProg {
     /// Current counters, from this process's own fdinfo.
     pub fn sample(&self) -> ProgSample {
         let info = fdinfo(std::process::id(), &self.prog.as_raw_fd().to_string()).unwrap_or_default();

@@ -165,7 +165,13 @@ impl RrLoad {
         self.counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for RrLoad {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for c in &self.clients {
             let _ = c.shutdown(std::net::Shutdown::Both);
@@ -222,7 +228,13 @@ impl Sleepers {
         self.wakeups.load(Ordering::Relaxed)
     }
 
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -277,8 +289,11 @@ impl KaFarm {
                 let addr = addrs[i / per];
                 let c = connect(addr, Some(ka)).with_context(|| format!("connection {i} to {addr}"))?;
                 clients.push(c);
-                if (i + 1) % 10_000 == 0 {
-                    debug!("{} connections", i + 1);
+                if (i + 1) % 1_000 == 0 {
+                    super::sys::check_interrupted()?;
+                    if (i + 1) % 10_000 == 0 {
+                        debug!("{} connections", i + 1);
+                    }
                 }
             }
             for a in acceptors {
@@ -289,10 +304,6 @@ impl KaFarm {
         let connect_s = started.elapsed().as_secs_f64();
         info!("{n} keep-alive connections established in {connect_s:.1} s");
         Ok(KaFarm { clients, servers, connect_s })
-    }
-
-    pub fn len(&self) -> usize {
-        self.clients.len()
     }
 
     /// Closes everything (resets, so no FIN/TIME_WAIT dance is left behind).
