@@ -33,6 +33,12 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether events of network namespace `netns` concern us at all. Applied before the engine, so
+    /// that connections of other namespaces neither cost memory nor count against the cap.
+    pub fn wants_netns(&self, netns: u32) -> bool {
+        self.netns.is_none_or(|ns| ns == netns)
+    }
+
     pub fn matches(&self, c: &ConnView) -> bool {
         if let Some(ns) = self.netns {
             if c.netns != ns {
@@ -159,7 +165,9 @@ impl EventLoop<'_> {
                     match self.decoder.decode_bytes(bytes) {
                         Ok(ev) => {
                             summary.events += 1;
-                            self.engine.handle(&ev, &mut records);
+                            if self.filter.wants_netns(ev.netns) {
+                                self.engine.handle(&ev, &mut records);
+                            }
                         }
                         Err(e) => {
                             summary.decode_errors += 1;
@@ -185,7 +193,9 @@ impl EventLoop<'_> {
         while let Some(item) = self.probes.events.next() {
             if let Ok(ev) = self.decoder.decode_bytes(&item) {
                 summary.events += 1;
-                self.engine.handle(&ev, &mut records);
+                if self.filter.wants_netns(ev.netns) {
+                    self.engine.handle(&ev, &mut records);
+                }
             }
         }
         self.flush(&mut records, &mut passed, &mut summary, sink)?;
@@ -197,7 +207,9 @@ impl EventLoop<'_> {
         match self.decoder.decode_bytes(raw) {
             Ok(ev) => {
                 summary.events += 1;
-                self.engine.handle(&ev, records);
+                if self.filter.wants_netns(ev.netns) {
+                    self.engine.handle(&ev, records);
+                }
             }
             Err(e) => {
                 summary.decode_errors += 1;

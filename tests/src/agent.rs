@@ -617,4 +617,34 @@ mod tests {
         .unwrap();
         assert!(format!("{:#}", p.stop().unwrap_err()).contains("exit status: 2"));
     }
+
+    #[test]
+    fn span_lines_and_sigterm() {
+        let p = AgentProcess::spawn_with(
+            sh(r#"trap 'exit 0' TERM
+                  echo ready >&2
+                  echo '{"trace_id":"0af7651916cd43dd8448eb211c80319c","span_id":"b7ad6b7169203331","name":"tcp.connection","start":"2025-11-21T13:25:00.000001Z","end":"2025-11-21T13:25:04Z"}'
+                  while :; do sleep 0.05; done"#),
+            Duration::from_secs(10),
+            Stdout::Spans,
+        )
+        .unwrap();
+        let s = p
+            .wait_for(Duration::from_secs(5), |v| events::str_of(v, "name").is_some())
+            .expect("span line");
+        assert_eq!(events::str_of(&s, "name"), Some("tcp.connection"));
+        assert_eq!(p.stop_with(libc::SIGTERM).unwrap().len(), 1);
+
+        // A trace event is not a span.
+        let p = AgentProcess::spawn_with(
+            sh(r#"trap 'exit 0' INT; echo ready >&2
+                  echo '{"ts":"2025-11-21T13:25:00Z","event":"open"}'
+                  while :; do sleep 0.05; done"#),
+            Duration::from_secs(10),
+            Stdout::Spans,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(format!("{:#}", p.stop().unwrap_err()).contains("not JSON spans"));
+    }
 }
