@@ -261,3 +261,46 @@ impl EventLoop<'_> {
         debug!("engine: {:?}", self.engine.stats());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Process;
+
+    fn conn(pid: Option<u32>, local: &str, remote: &str, netns: u32) -> ConnView {
+        ConnView {
+            id: 1,
+            sk: 0x1000,
+            netns,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            process: pid.map(|pid| Process { pid, tid: pid, comm: [0; 16], cgroup_id: 0 }),
+            first_seen_ns: 0,
+        }
+    }
+
+    #[test]
+    fn filter_by_port_pid_and_namespace() {
+        let c = conn(Some(42), "127.0.0.1:40000", "127.0.0.1:5432", 7);
+        assert!(Filter::default().matches(&c));
+        assert!(Filter { ports: vec![5432], ..Filter::default() }.matches(&c));
+        assert!(Filter { ports: vec![40000], ..Filter::default() }.matches(&c));
+        assert!(!Filter { ports: vec![80], ..Filter::default() }.matches(&c));
+        assert!(Filter { pids: vec![42], ..Filter::default() }.matches(&c));
+        assert!(!Filter { pids: vec![43], ..Filter::default() }.matches(&c));
+        // A connection whose process is unknown does not match a pid filter.
+        assert!(!Filter { pids: vec![42], ..Filter::default() }.matches(&conn(None, "127.0.0.1:1", "127.0.0.1:2", 7)));
+        let ns = Filter { netns: Some(7), ..Filter::default() };
+        assert!(ns.matches(&c) && ns.wants_netns(7) && !ns.wants_netns(8));
+        assert!(Filter::default().wants_netns(8));
+    }
+
+    #[test]
+    fn lost_breakdown_names_kinds() {
+        let mut lost = [0u64; LOST_SLOTS as usize];
+        lost[EventKind::Timer as usize] = 3;
+        lost[EventKind::Setsockopt as usize] = 1;
+        assert_eq!(lost_breakdown(&lost), "Timer=3 Setsockopt=1");
+        assert_eq!(lost_breakdown(&[0; 4]), "");
+    }
+}
