@@ -203,6 +203,57 @@ fn snapshot_state_mask(facts: &KernelFacts) -> u32 {
         .fold(0u32, |m, (v, _)| m | (1 << v))
 }
 
+/// Everything a streaming command needs once the programs are attached.
+struct Started {
+    probes: Probes,
+    decoder: Decoder,
+    engine: Engine,
+    /// Raw start-up snapshot records, fed to the engine before the first live event.
+    snapshot: Vec<Vec<u8>>,
+}
+
+/// Attaches the programs, takes the start-up snapshot and prints the `ready` line: the contract is
+/// one line starting with "ready" on stderr once every program is attached, before any event.
+fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: usize) -> Result<Started> {
+    install_signal_handlers();
+    let (facts, mut probes) = prepare(args)?;
+    let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
+    let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
+    eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
+    Ok(Started {
+        probes,
+        decoder: Decoder::new(facts.tables.clone()),
+        engine: Engine::new(EngineConfig { max_connections }),
+        snapshot,
+    })
+}
+
+/// The lost-event total (a warning) and the final summary line, with `extra` appended.
+fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine, extra: &str) {
+    if summary.lost_total() > 0 {
+        warn!(
+            "lost {} kernel events in total (ring buffer full): {}",
+            summary.lost_total(),
+            lost_breakdown(&summary.lost)
+        );
+    }
+    let stats = engine.stats();
+    info!(
+        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
+        summary.events,
+        summary.records,
+        summary.lost_total(),
+        summary.decode_errors,
+        stats.opened,
+        stats.tracked,
+        stats.cap_rejected
+    );
+}
+
+fn until(duration: Option<f64>) -> Option<Instant> {
+    duration.map(|s| Instant::now() + Duration::from_secs_f64(s))
+}
+
 fn netns_inode(path: &PathBuf) -> Result<u32> {
     let md = std::fs::metadata(path).with_context(|| format!("--netns {}", path.display()))?;
     Ok(md.ino() as u32)
@@ -214,18 +265,8 @@ fn trace(args: TraceArgs) -> Result<()> {
         ports: args.port.clone(),
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
     };
-    install_signal_handlers();
-    let (facts, mut probes) = prepare(&args.attach)?;
-    let snapshot = probes
-        .snapshot(&attach::netns_paths(args.netns.as_deref()))
-        .context("start-up snapshot")?;
-    let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
-    // The contract: one line starting with "ready" on stderr once every program is attached,
-    // before any event.
-    eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
-    let decoder = Decoder::new(facts.tables.clone());
-    let mut engine = Engine::new(EngineConfig { max_connections: args.max_connections });
-    let until = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let Started { mut probes, decoder, mut engine, snapshot } =
+        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
@@ -248,31 +289,14 @@ fn trace(args: TraceArgs) -> Result<()> {
         }
         printer.flush()
     };
-    let summary = match ev_loop.run(snapshot, &STOP, until, &mut sink) {
+    let summary = match ev_loop.run(snapshot, &STOP, until(args.duration), &mut sink) {
         Ok(s) => s,
         Err(keepalive_agent::runtime::RunError::Sink(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(());
         }
         Err(e) => return Err(e.into()),
     };
-    let stats = engine.stats();
-    if summary.lost_total() > 0 {
-        warn!(
-            "lost {} kernel events in total (ring buffer full): {}",
-            summary.lost_total(),
-            lost_breakdown(&summary.lost)
-        );
-    }
-    info!(
-        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked ({} still open), {} refused by the cap",
-        summary.events,
-        summary.records,
-        summary.lost_total(),
-        summary.decode_errors,
-        stats.opened,
-        stats.tracked,
-        stats.cap_rejected
-    );
+    report_stop(&summary, &engine, "");
     let _ = std::io::stderr().flush();
     Ok(())
 }
@@ -292,16 +316,8 @@ fn run(args: RunArgs) -> Result<()> {
     let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
-    install_signal_handlers();
-    let (facts, mut probes) = prepare(&args.attach)?;
-    let snapshot = probes
-        .snapshot(&attach::netns_paths(args.netns.as_deref()))
-        .context("start-up snapshot")?;
-    let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
-    eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
-    let decoder = Decoder::new(facts.tables.clone());
-    let mut engine = Engine::new(EngineConfig { max_connections: args.max_connections });
-    let until = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let Started { mut probes, decoder, mut engine, snapshot } =
+        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
     let mut ev_loop = EventLoop {
         probes: &mut probes,
         decoder: &decoder,
@@ -315,26 +331,12 @@ fn run(args: RunArgs) -> Result<()> {
         exporter.on_records(recs, clock);
         Ok(())
     };
-    let summary = ev_loop.run(snapshot, &STOP, until, &mut sink)?;
+    let summary = ev_loop.run(snapshot, &STOP, until(args.duration), &mut sink)?;
     let clock = ev_loop.clock;
     let open: Vec<_> = engine.open_connections().filter(|c| filter.matches(c)).collect();
     let deadline = Duration::from_secs_f64(args.shutdown_timeout);
     let report = runtime.block_on(exporter.shutdown(open.into_iter(), &clock, deadline));
-    if summary.lost_total() > 0 {
-        warn!(
-            "lost {} kernel events in total (ring buffer full): {}",
-            summary.lost_total(),
-            lost_breakdown(&summary.lost)
-        );
-    }
-    info!(
-        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked; export: {report}",
-        summary.events,
-        summary.records,
-        summary.lost_total(),
-        summary.decode_errors,
-        engine.stats().opened,
-    );
+    report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
 }
 
