@@ -14,7 +14,9 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockopt, FEntry, FExit, Iter, KProbe, RawTracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSockopt, FEntry, FExit, Iter, KProbe, RawTracePoint,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
@@ -39,8 +41,12 @@ pub enum Method {
     Fentry,
     /// kprobe/kretprobe (needs CONFIG_KPROBES).
     Kprobe,
-    /// Tracepoints, raw tracepoints, cgroup and iterator programs only.
+    /// Tracepoints (BTF-typed first, then raw), cgroup and iterator programs only.
     Tracepoint,
+    /// Like `tracepoint`, but raw tracepoints only (no BTF-typed ones): the path for kernels
+    /// before 5.5, and a way to exercise it anywhere.
+    #[value(name = "raw-tracepoint")]
+    RawTracepoint,
 }
 
 /// A way to reach a hook.
@@ -50,6 +56,9 @@ pub enum Strategy {
     Fentry(&'static [(&'static str, &'static str, At)]),
     /// kprobe/kretprobe programs: (program, kernel function, entry or exit), all must attach.
     Kprobe(&'static [(&'static str, &'static str, At)]),
+    /// BTF-typed tracepoints (tp_btf, 5.5+): (program, tracepoint) pairs that must all attach.
+    /// Cheaper than raw tracepoints where the program dereferences its arguments (direct loads).
+    BtfTracepoints(&'static [(&'static str, &'static str)]),
     /// Raw tracepoints: (program, tracepoint) pairs that must all attach.
     RawTracepoints(&'static [(&'static str, &'static str)]),
     /// A `cgroup/setsockopt` program on the agent's cgroup (the cgroup2 root by default).
@@ -64,7 +73,7 @@ impl Strategy {
         match self {
             Strategy::Fentry(_) => "fentry",
             Strategy::Kprobe(_) => "kprobe",
-            Strategy::RawTracepoints(_) => "tracepoint",
+            Strategy::BtfTracepoints(_) | Strategy::RawTracepoints(_) => "tracepoint",
             Strategy::CgroupSockopt(_) => "cgroup",
             Strategy::Iter { .. } => "iterator",
         }
@@ -74,7 +83,7 @@ impl Strategy {
     pub fn programs(&self) -> Vec<&'static str> {
         match *self {
             Strategy::Fentry(p) | Strategy::Kprobe(p) => p.iter().map(|(n, _, _)| *n).collect(),
-            Strategy::RawTracepoints(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::BtfTracepoints(p) | Strategy::RawTracepoints(p) => p.iter().map(|(n, _)| *n).collect(),
             Strategy::CgroupSockopt(n) => vec![n],
             Strategy::Iter { program, .. } => vec![program],
         }
@@ -101,6 +110,11 @@ impl Strategy {
         match self {
             Strategy::Fentry(p) => direct(p, "fentry", "fexit"),
             Strategy::Kprobe(p) => direct(p, "kprobe", "kretprobe"),
+            Strategy::BtfTracepoints(pairs) => pairs
+                .iter()
+                .map(|(_, tp)| format!("tp_btf/{tp}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
             Strategy::RawTracepoints(pairs) => pairs
                 .iter()
                 .map(|(_, tp)| format!("raw_tp/{tp}"))
@@ -139,6 +153,10 @@ pub const PLAN: &[Hook] = &[
                 ("kprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Entry),
                 ("kretprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Exit),
             ]),
+            Strategy::BtfTracepoints(&[
+                ("btf_timer_expire_entry", "timer_expire_entry"),
+                ("btf_timer_expire_exit", "timer_expire_exit"),
+            ]),
             Strategy::RawTracepoints(&[
             ("timer_expire_entry", "timer_expire_entry"),
             ("timer_expire_exit", "timer_expire_exit"),
@@ -149,7 +167,10 @@ pub const PLAN: &[Hook] = &[
         name: "probe_answer",
         reaches: "tcp_rcv_established (segments received while probes are out)",
         without: "answers to probes only inferred at the next timer firing (one interval late)",
-        strategies: &[Strategy::RawTracepoints(&[("tcp_probe", "tcp_probe")])],
+        strategies: &[
+            Strategy::BtfTracepoints(&[("btf_tcp_probe", "tcp_probe")]),
+            Strategy::RawTracepoints(&[("tcp_probe", "tcp_probe")]),
+        ],
     },
     Hook {
         name: "active_reset",
@@ -253,11 +274,16 @@ pub struct AttachOptions {
 /// The strategies of `hook` to try under `method`: with a specific method, the hook's strategies of
 /// that family when it has any (hooks with no alternative keep theirs).
 pub fn strategies_for(hook: &Hook, method: Method) -> Vec<Strategy> {
+    let fits = |s: &Strategy| match method {
+        Method::Auto => true,
+        Method::RawTracepoint => s.method() == Method::Tracepoint && !matches!(s, Strategy::BtfTracepoints(_)),
+        m => s.method() == m,
+    };
     let all = hook.strategies.iter().copied();
-    if method == Method::Auto || !hook.strategies.iter().any(|s| s.method() == method) {
+    if !hook.strategies.iter().any(fits) {
         return all.collect();
     }
-    all.filter(|s| s.method() == method).collect()
+    all.filter(fits).collect()
 }
 
 /// What happened to one hook.
@@ -415,6 +441,19 @@ fn try_strategy(
             }
             Ok(())
         }
+        Strategy::BtfTracepoints(pairs) => {
+            let btf = btf.ok_or("kernel BTF unavailable")?;
+            for (prog, tp) in pairs {
+                let p: &mut BtfTracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} missing from the object"))?
+                    .try_into()
+                    .map_err(|e| format!("{prog}: {e}"))?;
+                p.load(tp, btf).map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
+                p.attach().map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?;
+            }
+            Ok(())
+        }
         Strategy::RawTracepoints(pairs) => {
             for (prog, tp) in pairs {
                 let p: &mut RawTracePoint = ebpf
@@ -465,6 +504,7 @@ fn unload(ebpf: &mut Ebpf, st: &Strategy) {
             Program::FExit(p) => p.unload(),
             Program::KProbe(p) => p.unload(),
             Program::RawTracePoint(p) => p.unload(),
+            Program::BtfTracePoint(p) => p.unload(),
             Program::CgroupSockopt(p) => p.unload(),
             Program::Iter(p) => p.unload(),
             _ => Ok(()),
@@ -620,10 +660,14 @@ mod tests {
         let timer = PLAN.iter().find(|h| h.name == "keepalive_timer").unwrap();
         let answer = PLAN.iter().find(|h| h.name == "probe_answer").unwrap();
         let kinds = |h, m| strategies_for(h, m).iter().map(|s| s.kind()).collect::<Vec<_>>();
-        assert_eq!(kinds(timer, Method::Auto), ["fentry", "kprobe", "tracepoint"]);
+        assert_eq!(kinds(timer, Method::Auto), ["fentry", "kprobe", "tracepoint", "tracepoint"]);
         assert_eq!(kinds(timer, Method::Kprobe), ["kprobe"]);
-        assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint"]);
-        assert_eq!(kinds(answer, Method::Fentry), ["tracepoint"]);
+        assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint", "tracepoint"]);
+        assert_eq!(kinds(answer, Method::Fentry), ["tracepoint", "tracepoint"]);
+        let raw = strategies_for(timer, Method::RawTracepoint);
+        assert!(matches!(raw.as_slice(), [Strategy::RawTracepoints(_)]), "{raw:?}");
+        let snapshot = PLAN.iter().find(|h| h.name == "snapshot").unwrap();
+        assert_eq!(kinds(snapshot, Method::RawTracepoint), ["iterator"]);
         let setsockopt = PLAN.iter().find(|h| h.name == "setsockopt").unwrap();
         assert_eq!(kinds(setsockopt, Method::Tracepoint), ["cgroup"]);
     }

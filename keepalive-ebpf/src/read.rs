@@ -126,3 +126,20 @@ pub fn fill_process(ev: &mut RawEvent) {
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     ev.flags |= FLAG_PROCESS;
 }
+
+/// The `n`th argument of a BTF-typed program (tp_btf), as a plain number: the verifier types the
+/// context slot as a kernel pointer and forbids offset arithmetic on it, so it is copied out with a
+/// probe read instead of loaded. Only for the rare path (our sockets).
+#[inline(always)]
+pub fn ctx_arg_scalar(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: reads one u64 slot of the context into a local.
+    unsafe {
+        bpf_probe_read_kernel(
+            &mut v as *mut u64 as *mut _,
+            8,
+            (ctx as *const u64).wrapping_add(n) as *const _,
+        )
+    };
+    v
+}

@@ -1,11 +1,16 @@
 //! Socket-level tracepoints: answers to probes, resets, errors, state changes, destruction.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+    EbpfContext,
+};
 use keepalive_common::{EventKind, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
 
 use crate::{
     count_lost, off,
-    read::{fill_process, fill_sock, is_tcp, keepalive_relevant, rd},
+    read::{ctx_arg_scalar, fill_process, fill_sock, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
 };
@@ -29,6 +34,26 @@ pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
     }
     f(ev);
     entry.submit(0);
+}
+
+/// `tcp:tcp_probe` as a BTF-typed tracepoint (5.5+): `icsk_probes_out` is read by a direct,
+/// verifier-checked load from the `tcp_sock` that `bpf_skc_to_tcp_sock` (a type check, no copy)
+/// gives, instead of a `bpf_probe_read_kernel` call on every segment received.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return 0;
+    }
+    let off = off!(icsk_probes_out).off as usize;
+    // SAFETY: typed `struct tcp_sock *`; the offset is `icsk_probes_out`'s, from BTF.
+    if unsafe { core::ptr::read_volatile(tp.wrapping_add(off)) } == 0 {
+        return 0;
+    }
+    emit(EventKind::Ack, ctx_arg_scalar(ctx.as_ptr(), 0), |_| {});
+    0
 }
 
 /// `tcp:tcp_probe(sk, skb)`, called at the top of `tcp_rcv_established` for every segment received

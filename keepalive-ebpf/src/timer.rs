@@ -8,16 +8,54 @@
 //!
 //! Minimum kernel: 5.2 (`baseclk` argument of timer_expire_entry), ring buffer 5.8.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+    EbpfContext,
+};
 use keepalive_common::{
     EventKind, RawEvent, FLAG_KEEPOPEN_AFTER, FLAG_TIMER_PENDING,
 };
 
 use crate::{
     count_lost, off,
-    read::{fill_sock, rd},
+    read::{ctx_arg_scalar, fill_sock, rd},
     EVENTS, TIMER_SCRATCH,
 };
+
+/// `timer:timer_expire_entry` as a BTF-typed tracepoint (5.5+): `timer->function` is read by a
+/// direct, verifier-checked load instead of a `bpf_probe_read_kernel` call, which is what every
+/// timer expiry in the system pays.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    let off = off!(timer_function).off as usize;
+    // SAFETY: `timer` is a BTF-typed `struct timer_list *`; the verifier checks the access against
+    // the type (the offset is `function`'s, from BTF) and makes the load fault-safe.
+    let function = unsafe { core::ptr::read_volatile(timer.wrapping_add(off) as *const u64) };
+    if function != off!(tcp_keepalive_timer) {
+        return 0;
+    }
+    let timer = ctx_arg_scalar(ctx.as_ptr(), 0);
+    let baseclk = ctx_arg_scalar(ctx.as_ptr(), 1);
+    timer_enter(timer, baseclk);
+    0
+}
+
+/// `timer:timer_expire_exit` as a BTF-typed tracepoint (pairs with [`btf_timer_expire_entry`]).
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub fn btf_timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
+    // Cheap already: the per-CPU slot says whether a keep-alive run is in progress.
+    if let Some(slot) = TIMER_SCRATCH.get_ptr(0) {
+        // SAFETY: per-CPU slot.
+        if unsafe { (*slot).sk } == 0 {
+            return 0;
+        }
+    }
+    timer_leave(Some(ctx_arg_scalar(ctx.as_ptr(), 0)));
+    0
+}
 
 /// `timer:timer_expire_entry(struct timer_list *timer, unsigned long baseclk)`.
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]

@@ -157,7 +157,7 @@ pub struct Agent<'env> {
 }
 
 /// The attach method the tests force (`--attach`), from `KEEPALIVE_TEST_ATTACH`
-/// (`fentry`, `kprobe`, `tracepoint`); unset: the agent's own choice.
+/// (`fentry`, `kprobe`, `tracepoint`, `raw-tracepoint`); unset: the agent's own choice.
 pub fn forced_attach() -> Option<String> {
     std::env::var("KEEPALIVE_TEST_ATTACH").ok().filter(|v| !v.is_empty() && v != "auto")
 }
@@ -166,7 +166,10 @@ pub fn forced_attach() -> Option<String> {
 /// fallback to another method must not pass as a run of the forced one).
 pub fn assert_forced_attach(stderr: &[String]) {
     let Some(method) = forced_attach() else { return };
-    let want = format!("hook keepalive_timer: {method} via");
+    let want = match method.as_str() {
+        "raw-tracepoint" => "hook keepalive_timer: tracepoint via raw_tp/".to_string(),
+        m => format!("hook keepalive_timer: {m} via"),
+    };
     assert!(
         stderr.iter().any(|l| l.contains(&want)),
         "KEEPALIVE_TEST_ATTACH={method}, but the agent did not reach keepalive_timer with it:\n{}",
