@@ -33,7 +33,7 @@ pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
         ev.flags |= FLAG_IN_TIMER;
     }
     f(ev);
-    entry.submit(0);
+    crate::submit(entry);
 }
 
 /// `tcp:tcp_probe` as a BTF-typed tracepoint (5.5+): `icsk_probes_out` is read by a direct,

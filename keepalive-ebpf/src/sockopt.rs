@@ -66,7 +66,7 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     unsafe { core::ptr::write_volatile(&mut ev.sk, sk as u64) };
     let sk_addr = unsafe { core::ptr::read_volatile(&ev.sk) };
     fill_sockopt(ev, sk_addr, level, optname, value, 0);
-    entry.submit(0);
+    crate::submit(entry);
     1
 }
 
@@ -95,7 +95,7 @@ pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     *ev = RawEvent::zeroed();
     fill_sockopt(ev, sk, level, optname, value, flags);
-    entry.submit(0);
+    crate::submit(entry);
 }
 
 /// Whether `level`/`optname` is a keep-alive option.

@@ -148,7 +148,7 @@ pub fn timer_leave(timer: Option<u64>) {
             ev.flags |= FLAG_TIMER_PENDING;
         }
     }
-    entry.submit(0);
+    crate::submit(entry);
 }
 
 /// Whether `sk`'s keep-alive timer is running on this CPU right now (for events the timer causes).
