@@ -114,7 +114,9 @@ struct Conn {
     /// others are guesses (a connection first seen through one setsockopt), silently replaced by
     /// the kernel's values at the first timer run.
     known: u8,
-    episode: Option<OpenEpisode>,
+    /// Boxed: episodes are short and rare next to connections, and the table's bucket size is
+    /// what every tracked connection pays.
+    episode: Option<Box<OpenEpisode>>,
     /// The last socket error reported for this connection (to report each error once).
     last_errno: i32,
 }
@@ -225,6 +227,7 @@ fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
 /// Ends the connection's open episode, if any, with `outcome` at `ts_ns`.
 fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: EpisodeOutcome) {
     if let Some(ep) = conn.episode.take() {
+        let ep = *ep;
         let episode = Episode {
             start_ns: ep.start_ns,
             end_ns: ts_ns,
@@ -696,11 +699,11 @@ impl Engine {
         };
         emit(out, ev.ts_ns, conn, kind);
         if probes_out > 0 {
-            conn.episode = Some(OpenEpisode {
+            conn.episode = Some(Box::new(OpenEpisode {
                 start_ns: ev.ts_ns,
                 probes: u32::from(probes_out),
                 probe_ts_ns: Vec::new(),
-            });
+            }));
         }
     }
 
@@ -818,11 +821,11 @@ impl Engine {
                     ep.probe_ts_ns.push(ts);
                 }
                 _ => {
-                    conn.episode = Some(OpenEpisode {
+                    conn.episode = Some(Box::new(OpenEpisode {
                         start_ns: ts,
                         probes: n,
                         probe_ts_ns: vec![ts],
-                    });
+                    }));
                 }
             }
         } else {
