@@ -459,6 +459,38 @@ fn memory_report(n: usize) {
     black_box(&engine);
 }
 
+/// Feeds the stream twice through one engine and checks that it does the work the benchmark claims
+/// to measure: every connection tracked and closed, probes, answers, timeouts, episodes, and the
+/// same records on the second pass (the engine is back in its starting state after each pass).
+fn check_records(stream: &Stream) {
+    let decoder = Decoder::new(DecodeTables::linux_defaults());
+    let mut engine = Engine::new(EngineConfig { max_connections: 65_536 });
+    let mut passes = Vec::new();
+    for _ in 0..2 {
+        let mut counts = std::collections::BTreeMap::<&'static str, usize>::new();
+        let mut out = Vec::new();
+        for rec in stream.bytes.chunks_exact(RAW_EVENT_SIZE) {
+            let ev = decoder.decode_bytes(rec).expect("stream decodes");
+            engine.handle(&ev, &mut out);
+            for r in out.drain(..) {
+                *counts.entry(r.kind.name()).or_default() += 1;
+            }
+        }
+        assert_eq!(engine.tracked(), 0, "every connection closed at the end of a pass");
+        passes.push(counts);
+    }
+    let c = &passes[0];
+    let n = |k: &str| c.get(k).copied().unwrap_or(0);
+    assert_eq!(n("open"), stream.conns, "every connection tracked");
+    assert_eq!(n("close"), stream.conns, "every connection closed");
+    for k in ["probe", "ack", "idle", "suppressed", "busy", "timeout", "reset", "peer_reset", "episode", "config"] {
+        assert!(n(k) > 0, "no {k} records: the stream does not exercise the engine as intended");
+    }
+    assert_eq!(passes[0], passes[1], "a second pass behaves like the first");
+    let list: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("RECORDS per pass: {}", list.join(" "));
+}
+
 criterion_group!(benches, bench);
 
 fn main() {
@@ -482,6 +514,7 @@ fn main() {
         stream.bytes.len(),
         mix.join(" ")
     );
+    check_records(&stream);
     drop(stream);
     println!(
         "SIZES event={} record={} conn_view={}",

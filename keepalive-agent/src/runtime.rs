@@ -187,6 +187,9 @@ impl EventLoop<'_> {
                 last_report = Instant::now();
                 self.report(&mut last_lost, &mut summary);
                 self.clock.refresh();
+                // Events held for a timer record that a full ring buffer swallowed.
+                self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut records);
+                self.flush(&mut records, &mut passed, &mut summary, sink)?;
             }
         }
         // Drain what is left, then the final report.

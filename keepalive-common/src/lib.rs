@@ -55,7 +55,8 @@ pub struct Offsets {
     pub timer_pprev: Field,
 
     // struct sock / sock_common (offsets from the start of struct sock)
-    /// `sock.sk_timer`: the keep-alive timer embedded in the socket.
+    /// The keep-alive timer embedded in the socket: `inet_connection_sock.icsk_keepalive_timer`
+    /// where the kernel has it (2025, also in stable kernels), else `sock.sk_timer`.
     pub sk_timer: Field,
     pub skc_family: Field,
     pub skc_state: Field,
@@ -111,9 +112,10 @@ pub struct Offsets {
     pub af_inet6: u32,
     /// 1 when the `tcp_send_reset` tracepoint carries a third argument (the reset reason, 6.10+).
     pub reset_has_reason: u32,
-    /// 1 when the function `tcp_send_active_reset` takes a third argument (the reset reason, 6.10+),
-    /// from its BTF prototype.
-    pub active_reset_has_reason: u32,
+    /// 1 + the index of the parameter named `reason` of `tcp_send_active_reset` in its BTF
+    /// prototype (6.10+; `(sk, priority, reason)` upstream, `(sk, reason)` in some stable kernels),
+    /// 0 when it has none.
+    pub active_reset_reason_arg: u32,
     /// CONFIG_HZ, for the fentry/kprobe setsockopt programs that report applied values.
     pub hz: u32,
     /// Bit `1 << state` set for the TCP states the start-up snapshot reports (full, connected

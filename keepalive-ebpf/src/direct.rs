@@ -53,6 +53,17 @@ fn func_ret<C: EbpfContext>(ctx: &C) -> u64 {
     v
 }
 
+/// `v`, through a volatile stack copy (an optimisation barrier).
+#[inline(always)]
+fn copy_volatile(v: u64) -> u64 {
+    let mut slot = v;
+    // SAFETY: reading and writing a local.
+    unsafe {
+        core::ptr::write_volatile(&mut slot, v);
+        core::ptr::read_volatile(&slot)
+    }
+}
+
 /// Current jiffies for the timer programs that get no `baseclk`: `jiffies_64` when kallsyms lists
 /// it, else the timer's own expiry (it has just expired, so it is at most a few ticks behind).
 #[inline(always)]
@@ -102,7 +113,8 @@ pub fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> i32 {
     let sk = func_arg(&ctx, 0);
-    let reason = (off!(active_reset_has_reason) != 0).then(|| func_arg(&ctx, 2) as u32);
+    let arg = off!(active_reset_reason_arg);
+    let reason = (arg != 0).then(|| func_arg(&ctx, arg - 1) as u32);
     if sk != 0 {
         emit_reset(sk, true, reason);
     }
@@ -112,13 +124,19 @@ pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
-    let reason = if off!(active_reset_has_reason) != 0 {
-        ctx.arg::<u64>(2).map(|r| r as u32)
-    } else {
-        None
+    let arg = off!(active_reset_reason_arg);
+    let has_reason = arg != 0;
+    // Constant-index reads through volatile copies: a variable index makes LLVM compute
+    // `ctx + offset`, which the verifier refuses ("dereference of modified ctx ptr").
+    let a1 = copy_volatile(ctx.arg::<u64>(1).unwrap_or(0));
+    let a2 = copy_volatile(ctx.arg::<u64>(2).unwrap_or(0));
+    let reason: u64 = match arg {
+        2 => a1,
+        3 => a2,
+        _ => 0,
     };
     if sk != 0 {
-        emit_reset(sk, true, reason);
+        emit_reset(sk, true, has_reason.then_some(reason as u32));
     }
     0
 }

@@ -2,7 +2,7 @@
 //!
 //! Both tracepoints fire for every timer in the system; the programs leave at once unless the
 //! timer's function is `tcp_keepalive_timer` (its address comes from `/proc/kallsyms`). The socket
-//! is `timer - offsetof(struct sock, sk_timer)`. The state read at entry and at exit tells what the
+//! is `timer - offsetof(keep-alive timer)` (`icsk_keepalive_timer`, or `sk_timer` on older kernels). The state read at entry and at exit tells what the
 //! run did: a probe (`tcp_write_wakeup`: `icsk_probes_out` incremented), nothing due, suppressed by
 //! data in flight, FIN_WAIT2 handling, or the connection killed.
 //!

@@ -136,3 +136,12 @@ pub fn raise_nofile(want: u64) -> u64 {
     }
     want
 }
+
+/// Whether the running kernel names the keep-alive reset reason (`SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT`
+/// in its BTF; kernels before 6.10 have no reset reasons at all).
+pub fn kernel_has_keepalive_reset_reason() -> bool {
+    const NAME: &[u8] = b"SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT\0";
+    std::fs::read("/sys/kernel/btf/vmlinux")
+        .map(|btf| btf.windows(NAME.len()).any(|w| w == NAME))
+        .unwrap_or(false)
+}

@@ -352,16 +352,24 @@ impl KernelBtf {
         Ok(out)
     }
 
-    /// Number of parameters of kernel function `name` (a BTF FUNC), `Ok(None)` when BTF has no such
-    /// function (not traceable with fentry).
-    pub fn func_params(&self, name: &str) -> Result<Option<usize>, BtfError> {
+    /// Index of the parameter named `param` of function `name` (from its BTF prototype, which
+    /// is the signature the kernel's trampolines and registers follow). `Ok(None)` when the
+    /// function or the parameter is absent.
+    pub fn func_param_index(&self, name: &str, param: &str) -> Result<Option<usize>, BtfError> {
         let types = self.btf.resolve_types_by_name(name).map_err(self.lookup_err(format!("function {name}")))?;
         let Some(Type::Func(func)) = types.into_iter().find(|t| matches!(t, Type::Func(_))) else {
             return Ok(None);
         };
         let bad = |detail: String| self.err(BtfErrorKind::BadTypedef { name: name.to_string(), detail });
         match func.get_type_id().map(|id| self.type_by_id(id, name)) {
-            Some(Ok(Type::FuncProto(p))) => Ok(Some(p.parameters.iter().filter(|param| !param.is_variadic()).count())),
+            Some(Ok(Type::FuncProto(p))) => {
+                for (i, prm) in p.parameters.iter().enumerate() {
+                    if !prm.is_variadic() && self.name_of(prm, "parameter")? == param {
+                        return Ok(Some(i));
+                    }
+                }
+                Ok(None)
+            }
             Some(Ok(other)) => Err(bad(format!("function type is a {}, expected a prototype", other.name()))),
             Some(Err(e)) => Err(e),
             None => Err(bad("function without a type".into())),

@@ -26,7 +26,8 @@ pub use kallsyms::KallsymsError;
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Default location of the kernel symbol table.
 pub const KALLSYMS: &str = "/proc/kallsyms";
-/// The function of `sk->sk_timer` for TCP sockets.
+/// The function of the keep-alive timer of TCP sockets (`icsk->icsk_keepalive_timer`, or
+/// `sk->sk_timer` on kernels without that field).
 pub const KEEPALIVE_TIMER_SYMBOL: &str = "tcp_keepalive_timer";
 /// BTF typedef of the `tcp:tcp_send_reset` tracepoint's raw prototype.
 const SEND_RESET_TRACE_TYPEDEF: &str = "btf_trace_tcp_send_reset";
@@ -150,8 +151,8 @@ const FIELDS: &[FieldSpec] = &[
     req("timer_list", &["entry.pprev"], |o| &mut o.timer_pprev),
     // struct sock
     FieldSpec {
-        strukt: "sock",
-        paths: &["sk_timer"],
+        strukt: "inet_connection_sock",
+        paths: &["icsk_keepalive_timer", "icsk_inet.sk.sk_timer"],
         slot: |o| &mut o.sk_timer,
         absent_note: None,
         shape: Shape::TimerList,
@@ -274,10 +275,11 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
     };
     log::debug!("BTF: {} reset reasons", reset_reasons.len());
 
-    // tcp_send_active_reset(sk, priority) before 6.10, (sk, priority, reason) since.
-    offsets.active_reset_has_reason = match btf.func_params("tcp_send_active_reset")? {
-        Some(n) if n >= 3 => 1,
-        _ => 0,
+    // tcp_send_active_reset(sk, priority) before 6.10, (sk, priority, reason) since, and
+    // (sk, reason) in stable kernels that dropped `priority` (Debian's 6.12): find it by name.
+    offsets.active_reset_reason_arg = match btf.func_param_index("tcp_send_active_reset", "reason")? {
+        Some(i) => i as u32 + 1,
+        None => 0,
     };
 
     // tcp:tcp_send_reset: (ctx, sk, skb) before 6.10, (ctx, sk, skb, reason) since.
@@ -435,7 +437,12 @@ mod tests {
         for f in [o.tp_packets_out, o.tp_write_seq, o.tp_snd_nxt, o.tp_keepalive_probes] {
             assert!(f.off >= icsk_size, "{f:?} inside inet_connection_sock");
         }
-        assert!(o.sk_timer.off + o.sk_timer.size <= sock_size);
+        // The keep-alive timer: `icsk_keepalive_timer` where the kernel has it (a 2025 change, also
+        // backported to stable kernels), else `sk->sk_timer`.
+        match btf.member("inet_connection_sock", "icsk_keepalive_timer").unwrap() {
+            Some(m) => assert_eq!(o.sk_timer.off as u64, m.offset, "{m:?}"),
+            None => assert!(o.sk_timer.off + o.sk_timer.size <= sock_size),
+        }
         // Enum values.
         assert_eq!(o.tcp_established, 1);
         assert_eq!(o.tcp_syn_sent, 2);
@@ -467,7 +474,7 @@ mod tests {
             assert!(facts.notes.iter().any(|n| n.contains("tcp_send_reset")));
         }
         // The function and the tracepoint gained the reason together (6.10).
-        assert_eq!(facts.offsets.active_reset_has_reason, facts.offsets.reset_has_reason);
+        assert_eq!(facts.offsets.active_reset_reason_arg != 0, facts.offsets.reset_has_reason == 1);
         if release.starts_with("6.18") {
             assert_eq!(facts.offsets.reset_has_reason, 1);
             assert!(facts.reset_reasons.contains(&(15, "tcp_keepalive_timeout".to_string())));
@@ -520,7 +527,10 @@ mod tests {
         let timer = bpftool_struct_members(&text, "timer_list");
         let ipv4 = bpftool_struct_members(&text, "netns_ipv4");
         let net = bpftool_struct_members(&text, "net");
-        assert_eq!(sock["sk_timer"], o.sk_timer.off * 8);
+        match icsk.get("icsk_keepalive_timer") {
+            Some(&bits) => assert_eq!(bits, o.sk_timer.off * 8),
+            None => assert_eq!(sock["sk_timer"], o.sk_timer.off * 8),
+        }
         assert_eq!(sock["sk_err"], o.sk_err.off * 8);
         assert_eq!(sock["sk_protocol"], o.sk_protocol.off * 8);
         assert_eq!(icsk["icsk_probes_out"], o.icsk_probes_out.off * 8);

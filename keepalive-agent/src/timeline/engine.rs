@@ -289,6 +289,28 @@ impl Engine {
         n
     }
 
+    /// Replays events held back for a timer record that has not come `max_wait_ns` after the first
+    /// of them (`now_ns` in the events' clock): the timer record was lost (a full ring buffer), and
+    /// the reset, error and close it would have preceded must not wait for the socket's
+    /// destruction. A timer run lasts microseconds; callers use about a second. Call it regularly
+    /// (the agent does every second) and with the events' own times.
+    pub fn release_stale_held(&mut self, now_ns: u64, max_wait_ns: u64, out: &mut Vec<Record>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let stale: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, evs)| evs.first().is_some_and(|e| now_ns.saturating_sub(e.ts_ns) > max_wait_ns))
+            .map(|(sk, _)| *sk)
+            .collect();
+        for sk in stale {
+            if let Some(evs) = self.held.remove(&sk) {
+                evs.iter().for_each(|e| self.process(e, out));
+            }
+        }
+    }
+
     /// Consumes one event; appends the records it causes to `out`.
     pub fn handle(&mut self, ev: &Event, out: &mut Vec<Record>) {
         self.stats.events += 1;
@@ -1162,6 +1184,27 @@ mod tests {
         let out = feed(&mut e, &[established(20 * S, A, ka())]);
         assert_eq!(names(&out), ["open", "config"]);
         assert_eq!(out[0].conn.id, 2);
+    }
+
+    /// The timer record of a killing run is lost: the held reset and close come out after a while
+    /// instead of waiting for the socket's destruction.
+    #[test]
+    fn held_events_are_released_when_their_timer_record_never_comes() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let reset = in_timer(ev(
+            S,
+            A,
+            EventBody::ResetSent { active: true, reason: Some("tcp_keepalive_timeout".into()), state: TcpState::Established },
+        ));
+        let out = feed(&mut e, &[reset, in_timer(close(S + 10, A))]);
+        assert!(out.is_empty());
+        let mut out = Vec::new();
+        e.release_stale_held(S + S / 2, S, &mut out);
+        assert!(out.is_empty(), "released too early: {out:?}");
+        e.release_stale_held(2 * S + 1, S, &mut out);
+        assert_eq!(names(&out), ["reset", "close"]);
+        assert_eq!(e.tracked(), 0);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub ringbuf_size: Option<u32>,
     /// Extra environment for the agent process.
     pub env: Vec<(String, String)>,
+    /// Extra arguments (e.g. `--attach raw-tracepoint`).
+    pub extra_args: Vec<String>,
 }
 
 /// Counts of the records the agent printed, by `event` name.
@@ -83,6 +85,7 @@ impl Agent {
             .arg(&cfg.cgroup)
             .arg("--max-connections")
             .arg(cfg.max_connections.to_string());
+        cmd.args(&cfg.extra_args);
         if let Some(rb) = cfg.ringbuf_size {
             cmd.arg("--ringbuf-size").arg(rb.to_string());
         }

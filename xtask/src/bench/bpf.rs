@@ -162,7 +162,9 @@ pub struct ProcBpf {
 pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
     let dir = format!("/proc/{pid}/fd");
     let mut progs: BTreeMap<u32, ProgSample> = BTreeMap::new();
-    let mut attach: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    // Per program: (link type, tracepoint name if any, attach type).
+    let mut attach: BTreeMap<u32, Vec<(String, Option<String>, Option<String>)>> = BTreeMap::new();
+    let mut types: BTreeMap<u32, u64> = BTreeMap::new();
     let mut maps = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
         let Ok(entry) = entry else { continue };
@@ -173,6 +175,7 @@ pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
         match &*target {
             "anon_inode:bpf-prog" => {
                 let id = num(&info, "prog_id") as u32;
+                types.insert(id, num(&info, "prog_type"));
                 progs.insert(
                     id,
                     ProgSample {
@@ -187,12 +190,7 @@ pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
             "anon_inode:bpf_link" => {
                 let id = num(&info, "prog_id") as u32;
                 let kind = info.get("link_type").cloned().unwrap_or_default();
-                let what = match (kind.as_str(), info.get("tp_name")) {
-                    ("raw_tracepoint", Some(tp)) => format!("raw_tp/{tp}"),
-                    ("tracing", _) => format!("tracing/{}", info.get("attach_type").cloned().unwrap_or_default()),
-                    (k, _) => k.to_string(),
-                };
-                attach.entry(id).or_default().push(what);
+                attach.entry(id).or_default().push((kind, info.get("tp_name").cloned(), info.get("attach_type").cloned()));
             }
             "anon_inode:bpf-map" => {
                 let id = num(&info, "map_id") as u32;
@@ -209,8 +207,19 @@ pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
         }
     }
     for (id, p) in progs.iter_mut() {
-        if let Some(a) = attach.get(id) {
-            p.attach = a.join(" + ");
+        if let Some(links) = attach.get(id) {
+            let btf_typed = types.get(id) == Some(&u64::from(BPF_PROG_TYPE_TRACING));
+            let names: Vec<String> = links
+                .iter()
+                .map(|(kind, tp, attach_type)| match (kind.as_str(), tp) {
+                    // A BTF-typed tracepoint program (tp_btf) attaches through a raw tracepoint link.
+                    ("raw_tracepoint", Some(tp)) if btf_typed => format!("tp_btf/{tp}"),
+                    ("raw_tracepoint", Some(tp)) => format!("raw_tp/{tp}"),
+                    ("tracing", _) => format!("tracing/{}", attach_type.as_deref().unwrap_or("?")),
+                    (k, _) => k.to_string(),
+                })
+                .collect();
+            p.attach = names.join(" + ");
         }
     }
     Ok(ProcBpf { progs: progs.into_values().collect(), maps })
@@ -361,6 +370,7 @@ fn tp_btf_id(tracepoint: &str) -> Result<u32> {
 pub struct RefProg {
     pub label: String,
     pub tracepoint: String,
+    btf: bool,
     prog: OwnedFd,
     _link: OwnedFd,
 }
@@ -404,7 +414,7 @@ impl RefProg {
             RefKind::BtfFilter => "tp_btf direct load + compare (the filter without a helper call)".to_string(),
             RefKind::BtfProbeFilter => "tp_btf skc_to_tcp_sock + direct load of icsk_probes_out".to_string(),
         };
-        Ok(RefProg { label, tracepoint: tracepoint.to_string(), prog, _link: link })
+        Ok(RefProg { label, tracepoint: tracepoint.to_string(), btf: btf_id.is_some(), prog, _link: link })
     }
 }
 
@@ -465,7 +475,7 @@ impl RefProg {
         ProgSample {
             id: num(&info, "prog_id") as u32,
             name: self.label.clone(),
-            attach: format!("raw_tp/{}", self.tracepoint),
+            attach: format!("{}/{}", if self.btf { "tp_btf" } else { "raw_tp" }, self.tracepoint),
             run_time_ns: num(&info, "run_time_ns"),
             run_cnt: num(&info, "run_cnt"),
         }

@@ -10,12 +10,12 @@ use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use log::{debug, info};
+use log::info;
 
 use super::sys::NetNs;
 
@@ -214,7 +214,7 @@ impl Sleepers {
                     while !stop.load(Ordering::Relaxed) {
                         let _ = s.recv(&mut buf);
                         n += 1;
-                        if n % 64 == 0 {
+                        if n.is_multiple_of(64) {
                             wakeups.fetch_add(64, Ordering::Relaxed);
                         }
                     }
@@ -242,88 +242,136 @@ impl Drop for Sleepers {
     }
 }
 
+/// Most client sockets one holder process keeps (the open-file hard limit here may be as low as
+/// 20,000 and cannot always be raised).
+pub const PER_HOLDER: usize = 15_000;
+
 /// Many idle keep-alive connections: clients with `SO_KEEPALIVE` and the given timing (set before
-/// connect), servers plain. Spread over `listeners` listening addresses 127.0.0.1, 127.0.0.2...
-/// so that ephemeral ports never run out.
+/// connect). Servers listen on 127.0.0.1, 127.0.0.2... port 9000 (so that ephemeral ports never run
+/// out) and never accept: an established connection waiting in the accept queue is a full TCP
+/// socket that answers probes, and holds no file descriptor. Clients live in holder processes
+/// (this binary, `bench --holder-*`), at most [`PER_HOLDER`] each, so that no process needs more
+/// file descriptors than the hard limit allows.
 pub struct KaFarm {
-    pub clients: Vec<TcpStream>,
-    servers: Arc<Mutex<Vec<TcpStream>>>,
+    _listeners: Vec<std::net::TcpListener>,
+    holders: Vec<Holder>,
     pub connect_s: f64,
+}
+
+struct Holder {
+    child: std::process::Child,
 }
 
 impl KaFarm {
     pub fn build(ns: &NetNs, n: usize, listeners: usize, ka: KeepAlive) -> Result<KaFarm> {
-        let servers = Arc::new(Mutex::new(Vec::with_capacity(n)));
-        let started = Instant::now();
-        let clients = ns.run(|| {
-            let mut ls = Vec::new();
-            for i in 0..listeners.max(1) {
-                let ip = Ipv4Addr::new(127, 0, 0, 1 + i as u8);
-                ls.push(listen(SocketAddrV4::new(ip, 9000), 65535)?);
-            }
-            let addrs: Vec<SocketAddrV4> = ls
-                .iter()
-                .map(|l| match l.local_addr() {
-                    Ok(std::net::SocketAddr::V4(a)) => Ok(a),
-                    Ok(a) => Err(anyhow!("unexpected address {a}")),
-                    Err(e) => Err(e.into()),
-                })
-                .collect::<Result<_>>()?;
-            let per = n.div_ceil(ls.len());
-            let mut acceptors = Vec::new();
-            for (i, l) in ls.into_iter().enumerate() {
-                let want = per.min(n.saturating_sub(i * per));
-                let servers = servers.clone();
-                acceptors.push(std::thread::spawn(move || -> io::Result<()> {
-                    let mut mine = Vec::with_capacity(want);
-                    for _ in 0..want {
-                        let (s, _) = l.accept()?;
-                        mine.push(s);
-                    }
-                    servers.lock().expect("lock").extend(mine);
-                    Ok(())
-                }));
-            }
-            let mut clients = Vec::with_capacity(n);
-            for i in 0..n {
-                let addr = addrs[i / per];
-                let c = connect(addr, Some(ka)).with_context(|| format!("connection {i} to {addr}"))?;
-                clients.push(c);
-                if (i + 1) % 1_000 == 0 {
-                    super::sys::check_interrupted()?;
-                    if (i + 1) % 10_000 == 0 {
-                        debug!("{} connections", i + 1);
-                    }
-                }
-            }
-            for a in acceptors {
-                a.join().map_err(|_| anyhow!("acceptor panicked"))??;
-            }
-            Ok(clients)
+        let ls = ns.run(|| {
+            (0..listeners.max(1))
+                .map(|i| Ok(listen(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1 + i as u8), 9000), 65535)?))
+                .collect::<Result<Vec<_>>>()
         })?;
-        let connect_s = started.elapsed().as_secs_f64();
-        info!("{n} keep-alive connections established in {connect_s:.1} s");
-        Ok(KaFarm { clients, servers, connect_s })
+        let targets: Vec<String> = ls
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<io::Result<_>>()?;
+        let exe = std::env::current_exe().context("locating the bench binary")?;
+        let started = Instant::now();
+        let mut farm = KaFarm { _listeners: ls, holders: Vec::new(), connect_s: 0.0 };
+        let mut offset = 0;
+        while offset < n {
+            let count = PER_HOLDER.min(n - offset);
+            let mut child = std::process::Command::new(&exe)
+                .args(["bench", "--holder-netns"])
+                .arg(ns.path())
+                .arg("--holder-targets")
+                .arg(targets.join(","))
+                .arg("--holder-count")
+                .arg(count.to_string())
+                .arg("--holder-offset")
+                .arg(offset.to_string())
+                .arg("--holder-keepalive")
+                .arg(format!("{},{},{}", ka.idle_s, ka.intvl_s, ka.cnt))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting a connection holder")?;
+            let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+            farm.holders.push(Holder { child });
+            let mut line = String::new();
+            io::BufRead::read_line(&mut io::BufReader::new(stdout), &mut line)?;
+            if line.trim() != format!("ready {count}") {
+                bail!("connection holder failed (said {:?})", line.trim());
+            }
+            super::sys::check_interrupted()?;
+            offset += count;
+        }
+        farm.connect_s = started.elapsed().as_secs_f64();
+        info!("{n} keep-alive connections established in {:.1} s ({} holder processes)", farm.connect_s, farm.holders.len());
+        Ok(farm)
     }
 
-    /// Closes everything (resets, so no FIN/TIME_WAIT dance is left behind).
+    /// Closes everything (the holders reset their connections and exit).
     pub fn close(self) {
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        for c in &self.clients {
-            // SAFETY: valid fd and struct of the size passed.
-            unsafe {
-                libc::setsockopt(
-                    c.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    size_of::<libc::linger>() as u32,
-                )
-            };
-        }
-        drop(self.clients);
-        self.servers.lock().expect("lock").clear();
+        drop(self);
     }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // Closing its stdin tells the holder to reset its connections and exit.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options of a holder process (hidden `bench --holder-*` flags).
+#[derive(Debug, Clone)]
+pub struct HolderArgs {
+    pub netns: std::path::PathBuf,
+    pub targets: Vec<SocketAddrV4>,
+    pub count: usize,
+    pub offset: usize,
+    pub ka: KeepAlive,
+}
+
+/// The holder process: connect `count` clients from inside the namespace, say `ready COUNT`, keep
+/// them until stdin closes, then reset them all.
+pub fn holder_main(h: &HolderArgs) -> Result<()> {
+    super::sys::raise_nofile(h.count as u64 + 64)?;
+    super::sys::enter_netns(&h.netns)?;
+    if h.targets.is_empty() {
+        bail!("no targets");
+    }
+    let mut clients = Vec::with_capacity(h.count);
+    for i in 0..h.count {
+        let addr = h.targets[(h.offset + i) % h.targets.len()];
+        clients.push(connect(addr, Some(h.ka)).with_context(|| format!("connection {} to {addr}", h.offset + i))?);
+    }
+    println!("ready {}", clients.len());
+    io::stdout().flush()?;
+    let mut buf = [0u8; 64];
+    while matches!(io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    for c in &clients {
+        // SAFETY: valid fd and struct of the size passed.
+        unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+    }
+    Ok(())
 }
 
 #[cfg(test)]

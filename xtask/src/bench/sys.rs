@@ -121,6 +121,18 @@ pub fn cpu_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Share of all CPUs busy over `d`, in percent (from `/proc/stat`).
+pub fn busy_pct(d: Duration) -> f64 {
+    let (b0, t0) = cpu_jiffies();
+    std::thread::sleep(d);
+    let (b1, t1) = cpu_jiffies();
+    if t1 > t0 {
+        100.0 * (b1 - b0) as f64 / (t1 - t0) as f64
+    } else {
+        f64::NAN
+    }
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` times.
 pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -166,7 +178,8 @@ pub fn process_mem(pid: u32) -> Result<ProcMem> {
     })
 }
 
-/// Raises this process's open-file limit to at least `want` (soft and, if needed, hard).
+/// Raises this process's open-file soft limit towards `want` (never above the hard limit, which
+/// needs CAP_SYS_RESOURCE to raise). Returns the limit now in force.
 pub fn raise_nofile(want: u64) -> Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
@@ -181,12 +194,18 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1 << 20);
     let want = want.min(nr_open);
+    // Try the hard limit too; without CAP_SYS_RESOURCE settle for the current hard limit.
     let new = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max.max(want) };
     // SAFETY: valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-        bail!("setrlimit(RLIMIT_NOFILE, {want}): {}", std::io::Error::last_os_error());
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+        return Ok(want);
     }
-    Ok(want)
+    let new = libc::rlimit { rlim_cur: want.min(lim.rlim_max), rlim_max: lim.rlim_max };
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        bail!("setrlimit(RLIMIT_NOFILE, {}): {}", new.rlim_cur, std::io::Error::last_os_error());
+    }
+    Ok(new.rlim_cur)
 }
 
 /// Runs a command, fails with its stderr when it fails; returns stdout.

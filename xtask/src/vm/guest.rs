@@ -11,9 +11,13 @@
 //! VMTEST-START <name> <uptime>
 //! VMTEST-RESULT <name> PASS|FAIL|TIMEOUT <exit code> <uptime>
 //! VMTEST-DONE <uptime>                      all commands ran; powering off
+//! VMTEST-DATA <name> <line>                 written by command <name> itself (see below)
 //! ```
 //!
-//! Each marker is also echoed on the console so the console log reads as a whole.
+//! Each marker but VMTEST-DATA is also echoed on the console so the console log reads as a whole.
+//! A command that has something for the host to parse (the matrix commands: the `check` table, the
+//! test's result line) writes it to /dev/ttyS1 itself as `VMTEST-DATA` lines, while init waits for
+//! it: the console can interleave kernel messages with a command's output, the results port cannot.
 //!
 //! Commands run with /bin/sh, which is dash: Debian's busybox prefers its own applets over PATH,
 //! in its shell and in the applets that start programs (`env`, `timeout`, `xargs`, `setsid`...).

@@ -1,15 +1,34 @@
 //! `cargo xtask vm-test`: boot Debian kernels in QEMU (TCG) with an initramfs holding the
-//! binaries under test, run commands inside each guest and report a kernel × command matrix.
+//! binaries under test and run things inside each guest.
+//!
+//! Two modes:
+//! - the matrix (the default, without `--run`, a trailing command or `--self-test`): builds the
+//!   agent and the integration tests in release, then for each kernel (each guest, booted once,
+//!   and the host's own kernel) and each attach method checks whether the kernel supports the
+//!   method and, if it does, runs every scenario under it; prints a kernel × method × scenario
+//!   matrix, writes it as JSON (`<cache>/matrix.json`, and `--json`), and with `--update-readme`
+//!   regenerates the README's compatibility table from it (see [`matrix`], [`readme`]);
+//! - commands: the `--run` commands (and the trailing one, and with `--self-test` the built-in
+//!   smoke and network checks) in every guest, reported as a kernel × command matrix.
+//!
+//! The 1000-connection scenario runs on the host only unless `--scenario scale` asks for it:
+//! under TCG it passes, but it once crashed the guest kernel while the fentry trampoline was
+//! patched with 1000 timers firing (see [`matrix::SCENARIOS`]).
 
+mod artifacts;
 mod cpio;
 mod guest;
 mod host;
+mod hostrun;
 mod initramfs;
 mod kernels;
+mod matrix;
 mod modinfo;
 mod modules;
 mod qemu;
+mod readme;
 mod report;
+mod report_matrix;
 mod results;
 
 use std::collections::BTreeMap;
@@ -24,10 +43,18 @@ use clap::Args;
 use guest::GuestCommand;
 use initramfs::{HostTools, Initramfs, Payload};
 use kernels::{Kernel, KernelCache, KernelSpec};
+use matrix::{KernelResult, Method, Place};
 use qemu::{VmConfig, VmFiles, VmOutcome};
 use results::GuestReport;
 
 const AGENT_BINARY: &str = "keepalive-agent";
+/// Name of the integration test binary inside the guests.
+const TESTS_BINARY: &str = "keepalive-tests";
+
+/// Defaults that depend on the mode (commands, matrix).
+const COMMANDS_VM_TIMEOUT: u64 = 600;
+const MATRIX_VM_TIMEOUT: u64 = 2400;
+const MATRIX_COMMAND_TIMEOUT: u64 = 300;
 
 #[derive(Args, Debug)]
 pub struct VmTestArgs {
@@ -46,14 +73,16 @@ pub struct VmTestArgs {
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
 
-    /// Wall-clock limit for each VM (boot, all commands, power-off), in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    timeout: u64,
+    /// Wall-clock limit for each VM (boot, all commands, power-off), in seconds [default: 600;
+    /// matrix: 2400].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
 
-    /// Limit for each command inside the guest, in seconds (0: none but the VM's --timeout). A
-    /// command over its limit is killed with everything it started, and the next one runs.
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
-    command_timeout: u64,
+    /// Limit for each command inside the guest (and, in the matrix, each check or scenario on the
+    /// host), in seconds (0: none but the VM's --timeout). A command over its limit is killed with
+    /// everything it started, and the next one runs [default: 0; matrix: 300].
+    #[arg(long, value_name = "SECS")]
+    command_timeout: Option<u64>,
 
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 2048)]
@@ -68,9 +97,47 @@ pub struct VmTestArgs {
     #[arg(long = "bin", value_name = "[NAME=]PATH")]
     bins: Vec<String>,
 
-    /// The agent binary to ship [default: the newer of target/{release,debug}/keepalive-agent, if built].
+    /// The agent binary to ship [default: the newer of target/{release,debug}/keepalive-agent, if
+    /// built; matrix: built with `cargo build --release`].
     #[arg(long, value_name = "PATH", conflicts_with = "no_agent")]
     agent: Option<PathBuf>,
+
+    /// Matrix: the integration test binary of tests/tests/keepalive.rs [default: built with `cargo
+    /// test --release -p keepalive-tests --test keepalive --no-run`].
+    #[arg(long, value_name = "PATH")]
+    test_bin: Option<PathBuf>,
+
+    /// Matrix: attach methods to try (comma-separated or repeated) [default: all].
+    #[arg(long = "method", value_name = "METHOD", value_delimiter = ',', value_enum)]
+    methods: Vec<Method>,
+
+    /// Matrix: scenarios to run, by short name (healthy, dead-v4, dead-v6, user-timeout,
+    /// suppressed, snapshot, settings, scale) or test name, or `all` [default: all; scale runs on
+    /// the host only unless named].
+    #[arg(long = "scenario", value_name = "NAME", value_delimiter = ',')]
+    scenarios: Vec<String>,
+
+    /// Matrix: how many times a failed scenario runs again (a pass after a failure is reported
+    /// as FLAKY, which does not fail the run).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    retries: u32,
+
+    /// Matrix: skip the host's own kernel.
+    #[arg(long, conflicts_with = "no_vm")]
+    no_host: bool,
+
+    /// Matrix: only the host's own kernel (no VM).
+    #[arg(long)]
+    no_vm: bool,
+
+    /// Matrix: regenerate the README's compatibility table from this run.
+    #[arg(long)]
+    update_readme: bool,
+
+    /// Only regenerate the README's compatibility table from the latest matrix JSON
+    /// (<cache>/matrix.json, or --json PATH), without running anything.
+    #[arg(long, conflicts_with_all = ["update_readme", "runs", "self_test", "command"])]
+    readme_only: bool,
 
     /// Do not ship the agent binary.
     #[arg(long)]
@@ -97,7 +164,8 @@ pub struct VmTestArgs {
     #[arg(long)]
     self_test: bool,
 
-    /// Also write the results as JSON to this file.
+    /// Also write the results as JSON to this file (the matrix is always written to
+    /// <cache>/matrix.json too).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
 
@@ -124,13 +192,167 @@ pub struct BootRun {
     pub guest: GuestReport,
 }
 
-/// Runs the matrix and prints the report; true when every command passed on every kernel.
+impl VmTestArgs {
+    /// Whether this is a commands run rather than the matrix.
+    fn commands_mode(&self) -> bool {
+        !self.runs.is_empty() || !self.command.is_empty() || self.self_test
+    }
+}
+
+/// Runs what the arguments ask for and prints the report; true when everything passed.
 pub fn run(workspace: &Path, args: VmTestArgs) -> Result<bool> {
     let cache_dir = args
         .cache
         .clone()
         .unwrap_or_else(|| workspace.join(".vm-cache"));
     fs::create_dir_all(&cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    if args.readme_only {
+        let source = args
+            .json
+            .clone()
+            .unwrap_or_else(|| cache_dir.join(MATRIX_JSON));
+        let text = fs::read_to_string(&source).with_context(|| {
+            format!("reading {} (run `cargo xtask vm-test` first)", source.display())
+        })?;
+        let matrix: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", source.display()))?;
+        readme::update_file(&workspace.join("README.md"), &matrix)?;
+        return Ok(true);
+    }
+    if args.commands_mode() {
+        ensure!(
+            !args.update_readme,
+            "--update-readme goes with the matrix (no --run, command or --self-test)"
+        );
+        run_commands(workspace, &cache_dir, args)
+    } else {
+        run_matrix(workspace, &cache_dir, args)
+    }
+}
+
+/// Where the latest matrix JSON is kept, under the cache directory.
+const MATRIX_JSON: &str = "matrix.json";
+
+/// The matrix: see the module documentation.
+fn run_matrix(workspace: &Path, cache_dir: &Path, args: VmTestArgs) -> Result<bool> {
+    let started = Instant::now();
+    let methods: Vec<Method> = if args.methods.is_empty() {
+        Method::ALL.to_vec()
+    } else {
+        let mut m = args.methods.clone();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let scenarios = matrix::select_scenarios(&args.scenarios)?;
+    let specs = if args.no_vm {
+        Vec::new()
+    } else {
+        KernelSpec::parse_list(&args.kernels)?
+    };
+    let command_timeout = args.command_timeout.unwrap_or(MATRIX_COMMAND_TIMEOUT);
+    let config = VmConfig {
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout.unwrap_or(MATRIX_VM_TIMEOUT)),
+    };
+
+    ensure!(!args.no_agent, "the matrix needs the agent (--no-agent is for commands)");
+    let build_started = Instant::now();
+    let agent = match &args.agent {
+        Some(p) => p.clone(),
+        None => artifacts::build_agent(workspace)?,
+    };
+    let tests = match &args.test_bin {
+        Some(p) => p.clone(),
+        None => artifacts::build_tests(workspace)?,
+    };
+    ensure!(agent.is_file(), "agent {} is not a file", agent.display());
+    ensure!(tests.is_file(), "test binary {} is not a file", tests.display());
+    let available = artifacts::list_tests(&tests)?;
+    artifacts::ensure_tests_exist(
+        &available,
+        &scenarios.iter().map(|s| s.test).collect::<Vec<_>>(),
+    )?;
+    let build_seconds = build_started.elapsed().as_secs_f64();
+    log::info!("agent {}, tests {}", agent.display(), tests.display());
+
+    let mut kernels: Vec<KernelResult> = Vec::new();
+    if !args.no_host {
+        let host = hostrun::HostRun {
+            agent: &agent,
+            tests: &tests,
+            methods: &methods,
+            scenarios: &scenarios,
+            command_timeout: Duration::from_secs(command_timeout),
+            retries: args.retries,
+            log_dir: cache_dir.join("runs").join("host"),
+        }
+        .run();
+        log::info!("{}", report_matrix::summary_line(&host));
+        kernels.push(host);
+    }
+
+    if !specs.is_empty() {
+        let mut executables = vec![
+            (AGENT_BINARY.to_string(), agent.clone()),
+            (TESTS_BINARY.to_string(), tests.clone()),
+        ];
+        if !args.keep_debug {
+            executables = stripped_copies(executables, &cache_dir.join("runs").join("bin"))?;
+        }
+        let mut payload = base_payload(&args, executables)?;
+        payload.commands = matrix::guest_commands(&methods, &scenarios, args.retries)?;
+        payload.command_timeout = command_timeout;
+        let tools = HostTools::locate()?;
+        let cache = KernelCache::new(cache_dir)?;
+        for spec in &specs {
+            let label = match spec {
+                KernelSpec::Series(s) | KernelSpec::Package(s) => s.clone(),
+            };
+            let kernel_started = Instant::now();
+            let result = match run_kernel(spec, &cache, cache_dir, &tools, &payload, &config) {
+                Ok(boot) => report_matrix::from_boot(&label, &boot, &methods, &scenarios),
+                Err(e) => {
+                    log::error!("{label}: {e:#}");
+                    KernelResult::failed(
+                        &label,
+                        Place::Vm,
+                        format!("{e:#}"),
+                        kernel_started.elapsed().as_secs_f64(),
+                    )
+                }
+            };
+            log::info!("{}", report_matrix::summary_line(&result));
+            kernels.push(result);
+        }
+    }
+
+    let timings = report_matrix::Timings {
+        build_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        vm_cpus: args.cpus,
+    };
+    report_matrix::print(&kernels, &scenarios, &timings);
+    let value = report_matrix::to_json(&kernels, &scenarios, &methods, &timings);
+    let latest = cache_dir.join(MATRIX_JSON);
+    report_matrix::write_json(&latest, &value)?;
+    println!();
+    println!("matrix JSON: {}", latest.display());
+    if let Some(path) = &args.json {
+        report_matrix::write_json(path, &value)?;
+    }
+    if args.update_readme {
+        readme::update_file(&workspace.join("README.md"), &value)?;
+    }
+    let passed = report_matrix::all_passed(&kernels);
+    println!("{}", if passed { "matrix: PASS" } else { "matrix: FAIL" });
+    Ok(passed)
+}
+
+/// The `--run` commands (and the trailing one, and the self-test) in every guest.
+fn run_commands(workspace: &Path, cache_dir: &Path, args: VmTestArgs) -> Result<bool> {
+    let cache_dir = cache_dir.to_path_buf();
     let specs = KernelSpec::parse_list(&args.kernels)?;
     let mut payload = payload(workspace, &args)?;
     if !args.keep_debug {
@@ -140,7 +362,7 @@ pub fn run(workspace: &Path, args: VmTestArgs) -> Result<bool> {
     let config = VmConfig {
         memory_mib: args.memory,
         cpus: args.cpus,
-        timeout: Duration::from_secs(args.timeout),
+        timeout: Duration::from_secs(args.timeout.unwrap_or(COMMANDS_VM_TIMEOUT)),
     };
     let tools = HostTools::locate()?;
     let cache = KernelCache::new(&cache_dir)?;
@@ -229,6 +451,27 @@ fn run_kernel(
     })
 }
 
+/// The modules (default ones and `--module`) and no commands yet.
+fn base_payload(args: &VmTestArgs, executables: Vec<(String, PathBuf)>) -> Result<Payload> {
+    let mut shipped_modules: Vec<String> = modules::DEFAULT_SHIPPED
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    shipped_modules.extend(args.modules.iter().cloned());
+    let mut preloaded_modules: Vec<String> = modules::DEFAULT_PRELOADED
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    preloaded_modules.extend(args.modules.iter().cloned());
+    Ok(Payload {
+        executables,
+        commands: Vec::new(),
+        command_timeout: args.command_timeout.unwrap_or(0),
+        shipped_modules,
+        preloaded_modules,
+    })
+}
+
 fn payload(workspace: &Path, args: &VmTestArgs) -> Result<Payload> {
     let mut executables = Vec::new();
     if !args.no_agent {
@@ -280,24 +523,9 @@ fn payload(workspace: &Path, args: &VmTestArgs) -> Result<Payload> {
         commands.extend(guest::self_test());
     }
     guest::ensure_unique(&commands)?;
-
-    let mut shipped_modules: Vec<String> = modules::DEFAULT_SHIPPED
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    shipped_modules.extend(args.modules.iter().cloned());
-    let mut preloaded_modules: Vec<String> = modules::DEFAULT_PRELOADED
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    preloaded_modules.extend(args.modules.iter().cloned());
-    Ok(Payload {
-        executables,
-        commands,
-        command_timeout: args.command_timeout,
-        shipped_modules,
-        preloaded_modules,
-    })
+    let mut payload = base_payload(args, executables)?;
+    payload.commands = commands;
+    Ok(payload)
 }
 
 /// Copies of the executables without debug info (symbols stay, so backtraces keep function

@@ -2,6 +2,7 @@
 //! with the console and the results port captured to files and a wall-clock timeout.
 
 use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -115,6 +116,16 @@ pub fn boot(files: &VmFiles, config: &VmConfig) -> Result<VmOutcome> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
+    // No VM outlives xtask, even when xtask is killed (KillOnDrop covers errors and panics).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     log::debug!("{cmd:?}");
 
     let start = Instant::now();

@@ -36,6 +36,9 @@ pub struct GuestReport {
     pub warnings: Vec<String>,
     /// (key, value) from `VMTEST-FEATURE key value...`
     pub features: Vec<(String, String)>,
+    /// (command, line) from `VMTEST-DATA <command> <line>`: what a command reported for the host
+    /// to parse (the line keeps its own leading spaces).
+    pub data: Vec<(String, String)>,
     pub commands: Vec<CommandRecord>,
 }
 
@@ -53,6 +56,10 @@ impl GuestReport {
                 "VMTEST-READY" => report.ready_at = time(0),
                 "VMTEST-DONE" => report.done_at = time(0),
                 "VMTEST-WARN" => report.warnings.push(rest.to_string()),
+                "VMTEST-DATA" => {
+                    let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                    report.data.push((name.to_string(), text.to_string()));
+                }
                 "VMTEST-FEATURE" => {
                     if let Some((key, value)) = rest.split_once(' ') {
                         report
@@ -110,6 +117,14 @@ impl GuestReport {
             .iter()
             .filter(move |(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The `VMTEST-DATA` lines command `name` reported, in order.
+    pub fn data_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.data
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, line)| line.as_str())
     }
 
     pub fn command(&self, name: &str) -> Option<&CommandRecord> {
@@ -224,6 +239,27 @@ mod tests {
         assert_eq!(r.status("hang", VmExit::TimedOut), Status::Timeout);
         assert_eq!(r.status("hang", exited), Status::VmDied);
         assert_eq!(r.status("later", VmExit::TimedOut), Status::NotRun);
+    }
+
+    #[test]
+    fn data_lines_keep_their_indentation() {
+        let r = GuestReport::parse(
+            "VMTEST-START check-kprobe 1.0\r\n\
+             VMTEST-DATA check-kprobe keepalive_timer  kprobe     kprobe/x\r\n\
+             VMTEST-DATA check-kprobe                  fentry     not used: y (z)\r\n\
+             VMTEST-DATA check-kprobe\r\n\
+             VMTEST-DATA other line\r\n\
+             VMTEST-RESULT check-kprobe PASS 0 2.0\r\n",
+        );
+        assert_eq!(
+            r.data_of("check-kprobe").collect::<Vec<_>>(),
+            [
+                "keepalive_timer  kprobe     kprobe/x",
+                "                 fentry     not used: y (z)",
+                ""
+            ]
+        );
+        assert_eq!(r.data_of("other").collect::<Vec<_>>(), ["line"]);
     }
 
     #[test]

@@ -57,6 +57,7 @@ yes_no() {
     if "$@"; then echo yes; else echo no; fi
 }
 feature release "$(uname -r)"
+feature version "$(uname -v)"
 feature btf "$(yes_no test -e /sys/kernel/btf/vmlinux)"
 lockdown=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/security/lockdown 2>/dev/null)
 feature lockdown "${lockdown:-unknown}"
