@@ -16,6 +16,8 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+const BPF_MAP_CREATE: i64 = 0;
+const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_MAP_GET_FD_BY_ID: i64 = 14;
@@ -31,6 +33,11 @@ const BPF_TRACE_RAW_TP: u32 = 23;
 const BPF_FUNC_PROBE_READ_KERNEL: i32 = 113;
 /// `bpf_skc_to_tcp_sock` helper id.
 const BPF_FUNC_SKC_TO_TCP_SOCK: i32 = 137;
+/// `bpf_map_lookup_elem` helper id.
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+/// `src_reg` of a `ld_imm64` that loads a map by fd.
+const BPF_PSEUDO_MAP_FD: u8 = 1;
 
 /// A zeroed `union bpf_attr` large enough for every command used here.
 #[repr(C, align(8))]
@@ -364,6 +371,160 @@ fn tp_btf_id(tracepoint: &str) -> Result<u32> {
         .into_iter()
         .next()
         .ok_or_else(|| anyhow!("no BTF type {name}"))
+}
+
+/// A one-slot per-CPU counter map the counting programs increment.
+pub struct Counter {
+    fd: OwnedFd,
+}
+
+impl Counter {
+    fn new() -> Result<Counter> {
+        let mut a = Attr::new();
+        a.u32(0, BPF_MAP_TYPE_PERCPU_ARRAY).u32(4, 4).u32(8, 8).u32(12, 1);
+        Ok(Counter { fd: owned(sys_bpf(BPF_MAP_CREATE, &mut a).context("creating a counter map")?) })
+    }
+
+    /// Sum over CPUs.
+    pub fn read(&self) -> Result<u64> {
+        let ncpu = possible_cpus()?;
+        let key = 0u32;
+        let mut values = vec![0u64; ncpu];
+        let mut a = Attr::new();
+        a.u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, &key as *const u32 as u64)
+            .u64(16, values.as_mut_ptr() as u64);
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut a).context("reading a counter map")?;
+        Ok(values.iter().sum())
+    }
+}
+
+/// Number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1`).
+fn possible_cpus() -> Result<usize> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/possible").context("possible CPUs")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>()? - a.parse::<usize>()? + 1,
+            None => 1,
+        };
+    }
+    Ok(n)
+}
+
+/// Addresses of the keep-alive timer functions (`tcp_keepalive_timer`, and
+/// `icsk_keepalive_timer` where a kernel has it) from `/proc/kallsyms`.
+pub fn keepalive_timer_addrs() -> Result<Vec<u64>> {
+    let text = fs::read_to_string("/proc/kallsyms").context("/proc/kallsyms")?;
+    let addrs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = f.next()?;
+            let _kind = f.next()?;
+            let name = f.next()?;
+            matches!(name, "tcp_keepalive_timer" | "icsk_keepalive_timer")
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+        .filter(|&a| a != 0)
+        .collect();
+    if addrs.is_empty() {
+        bail!("no keep-alive timer function in /proc/kallsyms (addresses hidden?)");
+    }
+    Ok(addrs)
+}
+
+fn ld_imm64(dst: u8, src: u8, v: u64) -> [Insn; 2] {
+    [insn(0x18, dst, src, 0, v as u32 as i32), insn(0x00, 0, 0, 0, (v >> 32) as u32 as i32)]
+}
+
+/// `tp_btf` on `timer_expire_entry`: counts keep-alive timer expiries (function is one of `addrs`).
+fn ka_count(function_off: i32, addrs: &[u64], map_fd: RawFd) -> Vec<Insn> {
+    let a1 = addrs[0];
+    let a2 = *addrs.get(1).unwrap_or(&a1);
+    let mut v = vec![
+        insn(0x79, 6, 1, 0, 0),                  // 0: r6 = timer (typed)
+        insn(0x79, 2, 6, function_off as i16, 0), // 1: r2 = timer->function
+    ];
+    v.extend(ld_imm64(3, 0, a1)); // 2-3
+    v.push(insn(0x1d, 2, 3, 3, 0)); // 4: if r2 == r3 goto 8
+    v.extend(ld_imm64(3, 0, a2)); // 5-6
+    v.push(insn(0x5d, 2, 3, 10, 0)); // 7: if r2 != r3 goto 18
+    v.extend(count_tail(map_fd)); // 8..19
+    v
+}
+
+/// `tp_btf` on `tcp_probe`: counts segments received while keep-alive probes are out (answers).
+fn ack_count(probes_out_off: i32, map_fd: RawFd) -> Vec<Insn> {
+    let mut v = vec![
+        insn(0x79, 1, 1, 0, 0), // 0: r1 = sk (typed)
+        insn(0x85, 0, 0, 0, BPF_FUNC_SKC_TO_TCP_SOCK), // 1
+        insn(0x15, 0, 0, 12, 0), // 2: if r0 == 0 goto 15
+        insn(0x71, 2, 0, probes_out_off as i16, 0), // 3: r2 = icsk_probes_out
+        insn(0x15, 2, 0, 10, 0), // 4: if r2 == 0 goto 15
+    ];
+    v.extend(count_tail(map_fd)); // 5..16
+    v
+}
+
+/// Increments slot 0 of the per-CPU counter, returns 0 (12 instructions; the last two are the
+/// `r0 = 0; exit` that the callers' jumps land on).
+fn count_tail(map_fd: RawFd) -> Vec<Insn> {
+    let mut v = vec![
+        insn(0x62, 10, 0, -4, 0), // *(u32 *)(r10 - 4) = 0   key
+        insn(0xbf, 2, 10, 0, 0),  // r2 = r10
+        insn(0x07, 2, 0, 0, -4),  // r2 += -4
+    ];
+    v.extend(ld_imm64(1, BPF_PSEUDO_MAP_FD, map_fd as u64)); // r1 = map
+    v.extend([
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(0x15, 0, 0, 3, 0), // if r0 == 0 goto exit
+        insn(0x79, 1, 0, 0, 0), // r1 = *(u64 *)r0
+        insn(0x07, 1, 0, 0, 1), // r1 += 1
+        insn(0x7b, 0, 1, 0, 0), // *(u64 *)r0 = r1
+        insn(0xb7, 0, 0, 0, 0), // r0 = 0
+        insn(0x95, 0, 0, 0, 0), // exit
+    ]);
+    v
+}
+
+/// A counting program attached to a tracepoint; detached on drop.
+pub struct CountProg {
+    counter: Counter,
+    _prog: OwnedFd,
+    _link: OwnedFd,
+}
+
+/// What a [`CountProg`] counts.
+#[derive(Debug, Clone, Copy)]
+pub enum CountKind {
+    /// Keep-alive timer expiries on the whole host (`timer_expire_entry`).
+    KeepaliveTimers,
+    /// Segments received while keep-alive probes are out: answers (`tcp_probe`).
+    Answers,
+}
+
+impl CountProg {
+    pub fn attach(kind: CountKind, kbtf: &KernelBtf) -> Result<CountProg> {
+        let counter = Counter::new()?;
+        let fd = counter.fd.as_raw_fd();
+        let (tp, insns, name): (&str, Vec<Insn>, &[u8]) = match kind {
+            CountKind::KeepaliveTimers => {
+                ("timer_expire_entry", ka_count(kbtf.timer_function_off, &keepalive_timer_addrs()?, fd), b"kab_kacount")
+            }
+            CountKind::Answers => ("tcp_probe", ack_count(kbtf.icsk_probes_out_off, fd), b"kab_ackcount"),
+        };
+        let prog = load(&insns, name, Some(tp_btf_id(tp)?)).with_context(|| format!("loading the {kind:?} counter"))?;
+        let mut a = Attr::new();
+        a.u64(0, 0).u32(8, prog.as_raw_fd() as u32);
+        let link = owned(sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).with_context(|| format!("attaching the {kind:?} counter"))?);
+        Ok(CountProg { counter, _prog: prog, _link: link })
+    }
+
+    pub fn count(&self) -> Result<u64> {
+        self.counter.read()
+    }
 }
 
 /// A reference program attached to a raw tracepoint by the bench; detached on drop.
