@@ -13,8 +13,22 @@ use serde_json::Value;
 use crate::events;
 use crate::Env;
 
-/// How long the agent may take to attach everything and print `ready`.
+/// How long the agent may take to attach everything and print `ready`, unless
+/// `KEEPALIVE_TEST_READY_TIMEOUT` (seconds) says otherwise: emulated kernels (QEMU without KVM, see
+/// `cargo xtask vm-test`) take several seconds per fentry program to load and attach.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`READY_TIMEOUT`], or `KEEPALIVE_TEST_READY_TIMEOUT` seconds when that is set (a malformed value
+/// is an error, not a silent default).
+pub fn ready_timeout() -> Duration {
+    match std::env::var("KEEPALIVE_TEST_READY_TIMEOUT") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Duration::from_secs(s),
+            _ => panic!("KEEPALIVE_TEST_READY_TIMEOUT={v:?} is not a positive number of seconds"),
+        },
+        Err(_) => READY_TIMEOUT,
+    }
+}
 /// How long the agent may take to exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -190,7 +204,7 @@ impl<'env> Agent<'env> {
             cmd.args(["--attach", &method]);
         }
         cmd.args(extra);
-        let process = AgentProcess::spawn(cmd, READY_TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"));
+        let process = AgentProcess::spawn(cmd, ready_timeout()).unwrap_or_else(|e| panic!("{e:#}"));
         assert_forced_attach(&process.stderr_lines());
         Agent { process, _env: env }
     }
@@ -218,7 +232,7 @@ impl<'env> Agent<'env> {
             cmd.args(["--attach", &method]);
         }
         cmd.args(extra);
-        let process = AgentProcess::spawn_with(cmd, READY_TIMEOUT, Stdout::Spans)
+        let process = AgentProcess::spawn_with(cmd, ready_timeout(), Stdout::Spans)
             .unwrap_or_else(|e| panic!("{e:#}"));
         assert_forced_attach(&process.stderr_lines());
         Agent { process, _env: env }

@@ -166,11 +166,13 @@ pub struct ProcBpf {
     pub maps: Vec<MapSample>,
 }
 
+/// A link's type, tracepoint name (if any) and attach type, from its fdinfo.
+type LinkInfo = (String, Option<String>, Option<String>);
+
 pub fn process_bpf(pid: u32) -> Result<ProcBpf> {
     let dir = format!("/proc/{pid}/fd");
     let mut progs: BTreeMap<u32, ProgSample> = BTreeMap::new();
-    // Per program: (link type, tracepoint name if any, attach type).
-    let mut attach: BTreeMap<u32, Vec<(String, Option<String>, Option<String>)>> = BTreeMap::new();
+    let mut attach: BTreeMap<u32, Vec<LinkInfo>> = BTreeMap::new();
     let mut types: BTreeMap<u32, u64> = BTreeMap::new();
     let mut maps = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {

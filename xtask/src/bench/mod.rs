@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Where to write the report.
     #[arg(long, value_name = "PATH", default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+    /// Where each part's results are kept between runs (default: target/bench). Use another
+    /// directory for trial runs that must not replace the results the report is made of.
+    #[arg(long, value_name = "DIR")]
+    pub results: Option<PathBuf>,
     /// Only rewrite the report from the results kept in target/bench (after editing notes.md).
     #[arg(long)]
     pub report_only: bool,
@@ -200,7 +204,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
         return Ok(true);
     }
     if args.report_only {
-        let results_dir = target_dir(workspace).join("bench");
+        let results_dir = results_dir(workspace, &args);
         let out = if args.output.is_absolute() { args.output.clone() } else { workspace.join(&args.output) };
         let command = std::fs::read_to_string(results_dir.join("command")).unwrap_or_default();
         let all_met = report::write(&out, &results_dir, &sys::Machine::describe(), command.trim(), &[])?;
@@ -235,7 +239,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
             bail!("{msg}. Wait for other jobs to finish, or pass --allow-busy.");
         }
     }
-    let results_dir = target_dir(workspace).join("bench");
+    let results_dir = results_dir(workspace, &args);
     std::fs::create_dir_all(&results_dir).with_context(|| results_dir.display().to_string())?;
 
     let agent_bin = if needs_kernel {
@@ -322,6 +326,14 @@ fn reexec_optimized(workspace: &Path) -> Result<bool> {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
         _ => bail!("{} bench ended with {status}", bin.display()),
+    }
+}
+
+fn results_dir(workspace: &Path, args: &BenchArgs) -> PathBuf {
+    match &args.results {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => workspace.join(d),
+        None => target_dir(workspace).join("bench"),
     }
 }
 

@@ -21,6 +21,10 @@ use super::guest::GuestCommand;
 /// Where the agent and the test binary are inside a guest.
 pub const GUEST_AGENT: &str = "/usr/local/bin/keepalive-agent";
 pub const GUEST_TESTS: &str = "keepalive-tests";
+/// Seconds the test harness waits for the agent's `ready` line in a guest
+/// (`KEEPALIVE_TEST_READY_TIMEOUT`). Under TCG each fentry program takes seconds to load and attach,
+/// and a 60 s wait (the host default) was missed once on Debian 6.1 with every hook on fentry.
+pub const GUEST_READY_TIMEOUT_S: u32 = 180;
 
 /// An attach method the agent can be forced to (`--attach`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -581,6 +585,7 @@ pub fn guest_commands(
                  attempt=1\n\
                  while :; do\n\
                  \tKEEPALIVE_TEST_ATTACH={method} KEEPALIVE_AGENT_BIN={GUEST_AGENT} \
+                 KEEPALIVE_TEST_READY_TIMEOUT={GUEST_READY_TIMEOUT_S} \
                  {GUEST_TESTS} --exact --test-threads=1 {test} > /tmp/vmtest-out 2>&1\n\
                  \trc=$?\n\
                  \tcat /tmp/vmtest-out\n\

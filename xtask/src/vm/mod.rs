@@ -54,7 +54,7 @@ const TESTS_BINARY: &str = "keepalive-tests";
 /// Defaults that depend on the mode (commands, matrix).
 const COMMANDS_VM_TIMEOUT: u64 = 600;
 const MATRIX_VM_TIMEOUT: u64 = 2400;
-const MATRIX_COMMAND_TIMEOUT: u64 = 300;
+const MATRIX_COMMAND_TIMEOUT: u64 = 600;
 
 #[derive(Args, Debug)]
 pub struct VmTestArgs {
