@@ -276,6 +276,19 @@ impl Client {
         }
     }
 
+    /// Blocks in recv for at most `within` and asserts that it fails with `ETIMEDOUT` (the kernel
+    /// gave up on the connection: keep-alive or user timeout); returns how long that took.
+    pub fn expect_etimedout(&mut self, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        let end = self.recv_end(within);
+        let elapsed = t0.elapsed();
+        match end {
+            RecvEnd::Error(e) => assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "recv failed with {e}"),
+            other => panic!("expected recv to fail with ETIMEDOUT, got {other:?} after {elapsed:?}"),
+        }
+        elapsed
+    }
+
     /// Closes with an RST (SO_LINGER 0) instead of a FIN.
     pub fn abort(self) {
         let linger = libc::linger {

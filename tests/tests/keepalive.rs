@@ -3,14 +3,14 @@
 //! local and remote addresses). Root required.
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keepalive_tests::agent::lost_event_reports;
 use keepalive_tests::events::{
     bool_of, is_conn, kind, of_conn, of_kind, position, render, str_of, ts, u64_of,
 };
 use keepalive_tests::tcp::{
-    fmt_addr, Client, ClientSocket, Family, Keepalive, RecvEnd, Server, ServerMode,
+    fmt_addr, Client, ClientSocket, Family, Keepalive, Server, ServerMode,
 };
 use keepalive_tests::{process_comm, raise_nofile, thread_comm, Agent, Env};
 use serde_json::Value;
@@ -94,21 +94,6 @@ fn answered_probes(evs: &[Value]) -> usize {
     pa.windows(2)
         .filter(|w| kind(w[0]) == "probe" && kind(w[1]) == "ack")
         .count()
-}
-
-fn expect_etimedout(client: &mut Client, within: Duration) -> Duration {
-    let t0 = Instant::now();
-    let end = client.recv_end(within);
-    let elapsed = t0.elapsed();
-    match end {
-        RecvEnd::Error(e) => assert_eq!(
-            e.raw_os_error(),
-            Some(libc::ETIMEDOUT),
-            "recv failed with {e}"
-        ),
-        other => panic!("expected recv to fail with ETIMEDOUT, got {other:?} after {elapsed:?}"),
-    }
-    elapsed
 }
 
 fn wait_event(agent: &Agent<'_>, l: SocketAddr, r: SocketAddr, k: &str) -> Value {
@@ -209,7 +194,7 @@ fn dead_peer_with(family: Family, agent_args: &[&str]) {
     let (l, r) = (client.local(), client.remote());
     assert!(server.wait_accepted(1, Duration::from_secs(5)));
     env.ns.drop_from_port(server.port()).unwrap();
-    let elapsed = expect_etimedout(&mut client, Duration::from_secs(15));
+    let elapsed = client.expect_etimedout(Duration::from_secs(15));
     assert!(
         elapsed > Duration::from_secs(2) && elapsed < Duration::from_secs(10),
         "died after {elapsed:?}"
@@ -333,7 +318,7 @@ fn user_timeout_cuts_probing_short() {
     let (l, r) = (client.local(), client.remote());
     assert!(server.wait_accepted(1, Duration::from_secs(5)));
     env.ns.drop_from_port(server.port()).unwrap();
-    let elapsed = expect_etimedout(&mut client, Duration::from_secs(15));
+    let elapsed = client.expect_etimedout(Duration::from_secs(15));
     // 10 probes would take over 10 s; the user timeout fires about 3 s after the last answer.
     assert!(elapsed < Duration::from_secs(8), "died after {elapsed:?}");
     wait_event(&agent, l, r, "close");

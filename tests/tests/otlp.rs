@@ -20,7 +20,7 @@ use keepalive_tests::otlp::{
     export_report, free_loopback_port, of_conn, render, rss_kib, venv, Protocol, Receiver, Span,
     StatusCode,
 };
-use keepalive_tests::tcp::{Client, ClientSocket, Family, Keepalive, RecvEnd, Server, ServerMode};
+use keepalive_tests::tcp::{Client, ClientSocket, Family, Keepalive, Server, ServerMode};
 use keepalive_tests::{process_comm, raise_nofile, thread_comm, Agent, Env};
 use serde_json::Value;
 
@@ -71,21 +71,6 @@ fn otlp_flags(endpoint: &str, protocol: Protocol, tag: &str) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn expect_etimedout(client: &mut Client, within: Duration) -> Duration {
-    let t0 = Instant::now();
-    let end = client.recv_end(within);
-    let elapsed = t0.elapsed();
-    match end {
-        RecvEnd::Error(e) => assert_eq!(
-            e.raw_os_error(),
-            Some(libc::ETIMEDOUT),
-            "recv failed with {e}"
-        ),
-        other => panic!("expected recv to fail with ETIMEDOUT, got {other:?} after {elapsed:?}"),
-    }
-    elapsed
 }
 
 /// The connection span and the episode spans of one connection, after checking the tree: exactly
@@ -316,7 +301,7 @@ fn dead_peer(protocol: Protocol) {
     let (l, r) = (client.local(), client.remote());
     assert!(server.wait_accepted(1, Duration::from_secs(5)));
     env.ns.drop_from_port(server.port()).unwrap();
-    let elapsed = expect_etimedout(&mut client, Duration::from_secs(15));
+    let elapsed = client.expect_etimedout(Duration::from_secs(15));
     let died_at = now_ns();
     assert!(
         elapsed > Duration::from_secs(2) && elapsed < Duration::from_secs(10),

@@ -276,7 +276,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     // (a) timers that are not ours.
     info!("(a) {} sleeper threads + {} request/response connections", a.kernel_sleepers, a.kernel_rr_connections);
     let sleepers = Sleepers::start(&ns, a.kernel_sleepers)?;
-    let rr = RrLoad::start(&ns, a.kernel_rr_connections, 64, true)?;
+    let rr = RrLoad::start(&ns, a.kernel_rr_connections, 64, true, false)?;
     super::sys::sleep(Duration::from_secs(2))?;
     let (w0, t0) = (sleepers.wakeups(), rr.total());
     // One-second slices: other processes' keep-alive connections come and go (test suites on a

@@ -99,8 +99,28 @@ pub fn connect(addr: SocketAddrV4, ka: Option<KeepAlive>) -> io::Result<TcpStrea
 #[derive(Default)]
 struct Counter(AtomicU64);
 
+/// CPUs this process may run on (`sched_getaffinity`).
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills at most size_of::<cpu_set_t>() bytes.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) }, "sched_getaffinity")?;
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect())
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: as above; pid 0 is the calling thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    check(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) }, "sched_setaffinity")?;
+    Ok(())
+}
+
 /// TCP request/response: `conns` client threads each send `msg` bytes and wait for `msg` bytes
-/// back, `conns` server threads echo.
+/// back, `conns` server threads echo. With `pin`, the two threads of connection `i` are pinned to
+/// the `i`-th allowed CPU (round robin): every transaction then stays on one CPU (loopback delivers
+/// in the sender's softirq), which takes the scheduler's cross-CPU wake-up and migration decisions —
+/// the largest source of run-to-run noise on a small VM — out of the measurement.
 pub struct RrLoad {
     stop: Arc<AtomicBool>,
     counters: Arc<Vec<Counter>>,
@@ -109,7 +129,9 @@ pub struct RrLoad {
 }
 
 impl RrLoad {
-    pub fn start(ns: &NetNs, conns: usize, msg: usize, keepalive: bool) -> Result<RrLoad> {
+    pub fn start(ns: &NetNs, conns: usize, msg: usize, keepalive: bool, pin: bool) -> Result<RrLoad> {
+        let cpus = if pin { allowed_cpus().context("CPUs to pin the workload to")? } else { Vec::new() };
+        let cpu_of = |i: usize| (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let pairs = ns.run(|| {
             let listener = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1024)?;
             let addr = match listener.local_addr()? {
@@ -134,8 +156,12 @@ impl RrLoad {
         let mut clients = Vec::new();
         for (i, (c, s)) in pairs.into_iter().enumerate() {
             clients.push(c.try_clone()?);
+            let cpu = cpu_of(i);
             let mut s = s;
             threads.push(std::thread::spawn(move || {
+                if let Some(cpu) = cpu {
+                    let _ = pin_current_thread(cpu);
+                }
                 let mut buf = vec![0u8; msg];
                 while s.read_exact(&mut buf).is_ok() {
                     if s.write_all(&buf).is_err() {
@@ -147,6 +173,9 @@ impl RrLoad {
             let counters = counters.clone();
             let mut c = c;
             threads.push(std::thread::spawn(move || {
+                if let Some(cpu) = cpu {
+                    let _ = pin_current_thread(cpu);
+                }
                 let req = vec![0x5au8; msg];
                 let mut resp = vec![0u8; msg];
                 while !stop.load(Ordering::Relaxed) {

@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// overhead: request and response size, bytes.
     #[arg(long, default_value_t = 64)]
     pub rr_message: usize,
+    /// overhead: do not pin each connection's two threads to one CPU (pinning is the default: it
+    /// keeps every transaction on one CPU and takes scheduler noise out of the comparison).
+    #[arg(long)]
+    pub rr_no_pin: bool,
     /// overhead: off/on pairs.
     #[arg(long, default_value_t = 8)]
     pub overhead_reps: usize,

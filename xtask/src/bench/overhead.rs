@@ -74,7 +74,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let a = ctx.args;
     let modes = ctx.modes();
     let ns = NetNs::new("overhead")?;
-    let rr = RrLoad::start(&ns, a.rr_connections, a.rr_message, true)?;
+    let rr = RrLoad::start(&ns, a.rr_connections, a.rr_message, true, !a.rr_no_pin)?;
     info!("request/response load on {} connections; warming up", a.rr_connections);
     super::sys::sleep(Duration::from_secs(3))?;
     let mut wins = Vec::new();

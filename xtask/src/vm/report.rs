@@ -19,7 +19,7 @@ const CONFIG_SHOWN: &[&str] = &[
     "CONFIG_BPF_JIT",
 ];
 /// Console lines shown for a failed command or VM.
-const EXCERPT_LINES: usize = 40;
+pub(super) const EXCERPT_LINES: usize = 40;
 
 /// How the VM as a whole ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,13 +322,15 @@ fn print_problems(runs: &[KernelRun], commands: &[GuestCommand]) {
     }
 }
 
-fn print_tail(lines: &[&str]) {
+/// The last [`EXCERPT_LINES`] of a log, indented.
+pub(super) fn print_tail(lines: &[&str]) {
     for line in &lines[lines.len().saturating_sub(EXCERPT_LINES)..] {
         println!("    {}", line.trim_end_matches('\r'));
     }
 }
 
-fn print_table(header: &[String], rows: &[Vec<String>]) {
+/// A plain-text table with columns padded to their widest cell.
+pub(super) fn print_table(header: &[String], rows: &[Vec<String>]) {
     let columns = header.len();
     let widths: Vec<usize> = (0..columns)
         .map(|i| {

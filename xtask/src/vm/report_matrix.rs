@@ -13,11 +13,11 @@ use super::matrix::{
     Scenario, ScenarioResult, Support, VmFacts, NOT_APPLICABLE_EXIT,
 };
 use super::qemu::VmExit;
+use super::report::{print_table, print_tail, EXCERPT_LINES};
 use super::results::{command_output, Status};
 use super::BootRun;
 
 /// Console or log lines shown for a failure.
-const EXCERPT_LINES: usize = 40;
 
 /// Why the 1000-connection scenario is not run in the VMs by default.
 pub const SCALE_SKIPPED: &str =
@@ -376,37 +376,6 @@ fn print_problems(kernels: &[KernelResult]) {
     }
 }
 
-fn print_tail(lines: &[&str]) {
-    for line in &lines[lines.len().saturating_sub(EXCERPT_LINES)..] {
-        println!("    {}", line.trim_end_matches('\r'));
-    }
-}
-
-pub fn print_table(header: &[String], rows: &[Vec<String>]) {
-    let columns = header.len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .chain(std::iter::once(&header[i]))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        let text: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", text.join("  ").trim_end());
-    };
-    line(header);
-    for row in rows {
-        line(row);
-    }
-}
 
 /// The matrix as JSON (see the README's compatibility section for what reads it).
 pub fn to_json(kernels: &[KernelResult], scenarios: &[Scenario], methods: &[Method], timings: &Timings) -> Value {
