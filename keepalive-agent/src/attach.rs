@@ -135,6 +135,10 @@ pub struct Hook {
     pub reaches: &'static str,
     /// What the user does not see when no strategy attaches.
     pub without: &'static str,
+    /// Attached only while the agent waits for answers to keep-alive probes (with
+    /// `--probe-answers on-demand`, the default): loaded and test-attached at start-up, then
+    /// detached until needed. For hooks on hot paths (every segment received).
+    pub on_demand: bool,
     pub strategies: &'static [Strategy],
 }
 
@@ -144,6 +148,7 @@ pub const PLAN: &[Hook] = &[
         name: "keepalive_timer",
         reaches: "tcp_keepalive_timer, tcp_write_wakeup (probes via icsk_probes_out)",
         without: "no timer firings: no probes, suppressed firings, idle re-arms or keep-alive timeouts",
+        on_demand: false,
         strategies: &[
             Strategy::Fentry(&[
                 ("fentry_tcp_keepalive_timer", "tcp_keepalive_timer", At::Entry),
@@ -165,8 +170,9 @@ pub const PLAN: &[Hook] = &[
     },
     Hook {
         name: "probe_answer",
-        reaches: "tcp_rcv_established (segments received while probes are out)",
+        reaches: "tcp_rcv_established (segments received while probes are out; attached on demand)",
         without: "answers to probes only inferred at the next timer firing (one interval late)",
+        on_demand: true,
         strategies: &[
             Strategy::BtfTracepoints(&[("btf_tcp_probe", "tcp_probe")]),
             Strategy::RawTracepoints(&[("tcp_probe", "tcp_probe")]),
@@ -176,6 +182,7 @@ pub const PLAN: &[Hook] = &[
         name: "active_reset",
         reaches: "tcp_send_active_reset, tcp_v4/v6_send_reset",
         without: "no reset events (the timeout itself is still seen)",
+        on_demand: false,
         strategies: &[
             Strategy::Fentry(&[("fentry_tcp_send_active_reset", "tcp_send_active_reset", At::Entry)]),
             Strategy::Kprobe(&[("kprobe_tcp_send_active_reset", "tcp_send_active_reset", At::Entry)]),
@@ -186,12 +193,14 @@ pub const PLAN: &[Hook] = &[
         name: "peer_reset",
         reaches: "tcp_reset (reset received)",
         without: "no peer_reset events",
+        on_demand: false,
         strategies: &[Strategy::RawTracepoints(&[("tcp_receive_reset", "tcp_receive_reset")])],
     },
     Hook {
         name: "socket_error",
         reaches: "sk_error_report (ETIMEDOUT, ECONNRESET...)",
         without: "no error events",
+        on_demand: false,
         strategies: &[Strategy::RawTracepoints(&[(
             "inet_sk_error_report",
             "inet_sk_error_report",
@@ -201,6 +210,7 @@ pub const PLAN: &[Hook] = &[
         name: "lifecycle",
         reaches: "tcp_set_state (connect, established, close), tcp_v4_destroy_sock",
         without: "no open/close events; settings made before connect are not reported",
+        on_demand: false,
         strategies: &[Strategy::RawTracepoints(&[
             ("inet_sock_set_state", "inet_sock_set_state"),
             ("tcp_destroy_sock", "tcp_destroy_sock"),
@@ -210,6 +220,7 @@ pub const PLAN: &[Hook] = &[
         name: "setsockopt",
         reaches: "tcp_set_keepalive (SO_KEEPALIVE), do_tcp_setsockopt (TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT)",
         without: "no process attribution of settings; changes still seen at the next timer firing",
+        on_demand: false,
         strategies: &[
             Strategy::Fentry(&[
                 ("fentry_tcp_set_keepalive", "tcp_set_keepalive", At::Entry),
@@ -227,6 +238,7 @@ pub const PLAN: &[Hook] = &[
         name: "snapshot",
         reaches: "all TCP sockets at start-up (bpf_iter_tcp)",
         without: "connections opened before the agent started are seen only from their next timer firing",
+        on_demand: false,
         strategies: &[Strategy::Iter { program: "snapshot_tcp", target: "tcp" }],
     },
 ];
@@ -269,6 +281,22 @@ pub struct AttachOptions {
     pub no_snapshot: bool,
     /// Restrict every hook that has strategies of this family to them.
     pub method: Method,
+    /// When [`Hook::on_demand`] hooks are attached.
+    pub answers: Answers,
+}
+
+/// When the `probe_answer` hook (a program on every received segment) is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Answers {
+    /// Only while some tracked connection has a keep-alive probe unanswered: hosts pay nothing per
+    /// segment while no probe is outstanding. An answer that comes before the hook is attached
+    /// (most answers on a healthy network) is taken from the socket's last-ACK time at the next
+    /// timer firing (`next_firing` precision: the kernel's jiffies).
+    #[value(name = "on-demand")]
+    OnDemand,
+    /// All the time: every answer seen as it arrives (`segment` precision), at the cost of one
+    /// program run per segment received on every TCP connection of the host.
+    Always,
 }
 
 /// The strategies of `hook` to try under `method`: with a specific method, the hook's strategies of
@@ -317,6 +345,14 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     pub outcomes: Vec<HookOutcome>,
     snapshot_ready: bool,
+    /// On-demand hooks: the strategy that loaded, and its links while attached.
+    on_demand: Vec<(Strategy, Option<Vec<TpLink>>)>,
+}
+
+/// A link of a tracepoint program, kept to detach it again.
+enum TpLink {
+    Btf(&'static str, aya::programs::tp_btf::BtfTracePointLinkId),
+    Raw(&'static str, aya::programs::raw_trace_point::RawTracePointLinkId),
 }
 
 /// The cgroup2 mount point, from `/proc/self/mountinfo`.
@@ -352,6 +388,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     };
     let mut outcomes = Vec::new();
     let mut snapshot_ready = false;
+    let mut on_demand = Vec::new();
     for hook in PLAN {
         let mut outcome = HookOutcome { hook, chosen: None, rejected: Vec::new() };
         if opts.no_snapshot && hook.name == "snapshot" {
@@ -365,10 +402,15 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
                 unload(&mut ebpf, st);
             }
             match attempt {
-                Ok(()) => {
+                Ok(links) => {
                     outcome.chosen = Some(*st);
                     if matches!(st, Strategy::Iter { .. }) {
                         snapshot_ready = true;
+                    }
+                    if hook.on_demand && opts.answers == Answers::OnDemand {
+                        // It attaches here (proven); detached until probes are outstanding.
+                        detach_links(&mut ebpf, links);
+                        on_demand.push((*st, None));
                     }
                     break;
                 }
@@ -379,6 +421,12 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
             }
         }
         match &outcome.chosen {
+            Some(st) if hook.on_demand && opts.answers == Answers::OnDemand => info!(
+                "hook {}: {} via {}, attached only while keep-alive probes are unanswered (--probe-answers on-demand)",
+                hook.name,
+                st.kind(),
+                st.describe()
+            ),
             Some(st) => info!("hook {}: {} via {}", hook.name, st.kind(), st.describe()),
             None => warn!("hook {}: not reachable on this kernel: {}", hook.name, hook.without),
         }
@@ -397,7 +445,64 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         source: aya::maps::MapError::InvalidName { name: "LOST".into() },
     })?)
     .map_err(|source| AttachError::Map { name: "LOST", source })?;
-    Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready })
+    Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand })
+}
+
+/// Detaches the links of an on-demand strategy (errors only logged: the program stays loaded).
+fn detach_links(ebpf: &mut Ebpf, links: Vec<TpLink>) {
+    for link in links {
+        let r = match link {
+            TpLink::Btf(prog, id) => ebpf
+                .program_mut(prog)
+                .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
+                .map(|p| p.detach(id)),
+            TpLink::Raw(prog, id) => ebpf
+                .program_mut(prog)
+                .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
+                .map(|p| p.detach(id)),
+        };
+        if let Some(Err(e)) = r {
+            warn!("detaching an on-demand program: {}", error_chain(&e));
+        }
+    }
+}
+
+/// Attaches the already loaded tracepoint programs of `st` again.
+fn reattach(ebpf: &mut Ebpf, st: &Strategy) -> Result<Vec<TpLink>, String> {
+    let mut links = Vec::new();
+    let result = (|| {
+        match *st {
+            Strategy::BtfTracepoints(pairs) => {
+                for (prog, tp) in pairs {
+                    let p: &mut BtfTracePoint = ebpf
+                        .program_mut(prog)
+                        .ok_or_else(|| format!("program {prog} missing"))?
+                        .try_into()
+                        .map_err(|e| format!("{prog}: {e}"))?;
+                    links.push(TpLink::Btf(prog, p.attach().map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
+                }
+            }
+            Strategy::RawTracepoints(pairs) => {
+                for (prog, tp) in pairs {
+                    let p: &mut RawTracePoint = ebpf
+                        .program_mut(prog)
+                        .ok_or_else(|| format!("program {prog} missing"))?
+                        .try_into()
+                        .map_err(|e| format!("{prog}: {e}"))?;
+                    links.push(TpLink::Raw(prog, p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
+                }
+            }
+            _ => return Err(format!("{} cannot be attached on demand", st.describe())),
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(links),
+        Err(e) => {
+            detach_links(ebpf, links);
+            Err(e)
+        }
+    }
 }
 
 fn try_strategy(
@@ -405,7 +510,8 @@ fn try_strategy(
     st: &Strategy,
     btf: Option<&Btf>,
     cgroup: Option<&Path>,
-) -> Result<(), String> {
+) -> Result<Vec<TpLink>, String> {
+    let mut links = Vec::new();
     match *st {
         Strategy::Fentry(progs) => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -424,7 +530,7 @@ fn try_strategy(
                     }
                 }
             }
-            Ok(())
+            Ok(links)
         }
         Strategy::Kprobe(progs) => {
             if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
@@ -439,7 +545,7 @@ fn try_strategy(
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
                 p.attach(func, 0).map_err(|e| format!("attaching {prog} to {func}: {}", error_chain(&e)))?;
             }
-            Ok(())
+            Ok(links)
         }
         Strategy::BtfTracepoints(pairs) => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -450,9 +556,9 @@ fn try_strategy(
                     .try_into()
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load(tp, btf).map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
-                p.attach().map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?;
+                links.push(TpLink::Btf(prog, p.attach().map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
             }
-            Ok(())
+            Ok(links)
         }
         Strategy::RawTracepoints(pairs) => {
             for (prog, tp) in pairs {
@@ -462,9 +568,9 @@ fn try_strategy(
                     .try_into()
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
-                p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?;
+                links.push(TpLink::Raw(prog, p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
             }
-            Ok(())
+            Ok(links)
         }
         Strategy::CgroupSockopt(prog) => {
             let path = cgroup.ok_or("no cgroup v2 hierarchy is mounted")?;
@@ -479,7 +585,7 @@ fn try_strategy(
             // link flags must be 0, which is what `Single` maps to.
             p.attach(file, CgroupAttachMode::Single)
                 .map_err(|e| format!("attaching {prog} to {}: {}", path.display(), error_chain(&e)))?;
-            Ok(())
+            Ok(links)
         }
         Strategy::Iter { program, target } => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -489,7 +595,7 @@ fn try_strategy(
                 .try_into()
                 .map_err(|e| format!("{program}: {e}"))?;
             p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
-            Ok(())
+            Ok(links)
         }
     }
 }
@@ -639,6 +745,35 @@ impl Probes {
     /// Hooks that attached.
     pub fn attached(&self) -> impl Iterator<Item = &HookOutcome> {
         self.outcomes.iter().filter(|o| o.chosen.is_some())
+    }
+
+    /// Whether there are on-demand hooks (loaded, attached only when wanted).
+    pub fn has_on_demand(&self) -> bool {
+        !self.on_demand.is_empty()
+    }
+
+    /// Whether the on-demand hooks are attached now.
+    pub fn on_demand_attached(&self) -> bool {
+        self.on_demand.iter().any(|(_, links)| links.is_some())
+    }
+
+    /// Attaches (`on`) or detaches the on-demand hooks. A failure to attach is returned (the hook
+    /// stays detached and the caller may retry later).
+    pub fn set_on_demand(&mut self, on: bool) -> Result<(), String> {
+        let mut first_err = None;
+        for (st, links) in self.on_demand.iter_mut() {
+            match (on, links.is_some()) {
+                (true, false) => match reattach(&mut self.ebpf, st) {
+                    Ok(l) => *links = Some(l),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                },
+                (false, true) => detach_links(&mut self.ebpf, links.take().unwrap_or_default()),
+                _ => {}
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 

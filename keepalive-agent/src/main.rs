@@ -79,6 +79,12 @@ struct AttachArgs {
     /// restricts every hook that has an alternative to that method.
     #[arg(long, value_enum, default_value_t = attach::Method::Auto)]
     attach: attach::Method,
+    /// When to watch received segments for answers to keep-alive probes: on-demand attaches that
+    /// program only while some probe is unanswered (no per-segment cost otherwise; quick answers
+    /// are then timed from the socket's last-ACK time, to the jiffy); always sees every answer as it
+    /// arrives, at one program run per received segment on the whole host.
+    #[arg(long, value_enum, default_value_t = attach::Answers::OnDemand)]
+    probe_answers: attach::Answers,
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +192,7 @@ fn prepare(args: &AttachArgs) -> Result<(KernelFacts, Probes)> {
         cgroup: args.cgroup.clone(),
         no_snapshot: args.no_snapshot,
         method: args.attach,
+        answers: args.probe_answers,
     };
     let probes = attach::attach(&facts.offsets, &opts).context("attaching eBPF programs")?;
     Ok((facts, probes))

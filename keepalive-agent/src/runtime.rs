@@ -103,6 +103,23 @@ pub enum RunError {
     Attach(#[from] crate::attach::AttachError),
 }
 
+/// How long the on-demand hooks stay attached after the last unanswered probe was answered.
+const ON_DEMAND_LINGER: Duration = Duration::from_secs(2);
+/// Least time between two looks at whether answers are awaited (the look is O(tracked)).
+const ON_DEMAND_CHECK: Duration = Duration::from_millis(20);
+/// After a failed attach of the on-demand hooks, when to try again.
+const ON_DEMAND_RETRY: Duration = Duration::from_secs(10);
+
+/// State of the on-demand hooks' steering.
+#[derive(Debug, Default)]
+struct OnDemand {
+    last_check: Option<Instant>,
+    last_wanted: Option<Instant>,
+    retry_after: Option<Instant>,
+    /// Times attached, for the debug log.
+    attaches: u64,
+}
+
 /// Drives the pipeline until `stop` is set or `until` passes.
 pub struct EventLoop<'a> {
     pub probes: &'a mut Probes,
@@ -137,6 +154,8 @@ impl EventLoop<'_> {
         self.flush(&mut records, &mut passed, &mut summary, sink)?;
 
         let fd = self.probes.events.as_raw_fd();
+        let mut on_demand = OnDemand::default();
+        self.steer_on_demand(&mut on_demand);
         let mut last_report = Instant::now();
         let mut last_lost = [0u64; LOST_SLOTS as usize];
         loop {
@@ -179,6 +198,7 @@ impl EventLoop<'_> {
                     batch += 1;
                 }
                 self.flush(&mut records, &mut passed, &mut summary, sink)?;
+                self.steer_on_demand(&mut on_demand);
                 if batch < 4096 {
                     break;
                 }
@@ -204,6 +224,43 @@ impl EventLoop<'_> {
         self.flush(&mut records, &mut passed, &mut summary, sink)?;
         self.report(&mut last_lost, &mut summary);
         Ok(summary)
+    }
+
+    /// Attaches the on-demand hooks (the probe answer program on every received segment) while some
+    /// connection waits for an answer to a keep-alive probe, and detaches them
+    /// [`ON_DEMAND_LINGER`] after the last one was answered or ended.
+    fn steer_on_demand(&mut self, st: &mut OnDemand) {
+        if !self.probes.has_on_demand() {
+            return;
+        }
+        let now = Instant::now();
+        if st.last_check.is_some_and(|t| now.duration_since(t) < ON_DEMAND_CHECK) {
+            return;
+        }
+        st.last_check = Some(now);
+        let awaiting = self.engine.awaiting_answer();
+        if awaiting > 0 {
+            st.last_wanted = Some(now);
+        }
+        let attached = self.probes.on_demand_attached();
+        if awaiting > 0 && !attached {
+            if st.retry_after.is_some_and(|t| now < t) {
+                return;
+            }
+            match self.probes.set_on_demand(true) {
+                Ok(()) => {
+                    st.attaches += 1;
+                    debug!("probe answers: watching received segments ({awaiting} connections await an answer; attach #{})", st.attaches);
+                }
+                Err(e) => {
+                    st.retry_after = Some(now + ON_DEMAND_RETRY);
+                    warn!("cannot attach the probe_answer hook ({e}); answers are inferred at the next timer firing until it attaches");
+                }
+            }
+        } else if awaiting == 0 && attached && st.last_wanted.is_none_or(|t| now.duration_since(t) >= ON_DEMAND_LINGER) {
+            let _ = self.probes.set_on_demand(false);
+            debug!("probe answers: no probe outstanding, segment watch detached");
+        }
     }
 
     fn feed(&mut self, raw: &[u8], records: &mut Vec<Record>, summary: &mut LoopSummary) {

@@ -248,6 +248,41 @@ impl<'env> Agent<'env> {
         self.process.wait_for(timeout, pred)
     }
 
+    /// The tracepoints the agent has BPF links on now (`tp_name` of its raw tracepoint links, from
+    /// its own `/proc/<pid>/fdinfo`).
+    pub fn linked_tracepoints(&self) -> Vec<String> {
+        let pid = self.pid();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+        let mut tps = Vec::new();
+        for entry in dir.flatten() {
+            let is_link = std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf_link");
+            if !is_link {
+                continue;
+            }
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let Ok(text) = std::fs::read_to_string(info) else { continue };
+            if let Some(tp) = text.lines().find_map(|l| l.strip_prefix("tp_name:")) {
+                tps.push(tp.trim().to_string());
+            }
+        }
+        tps.sort();
+        tps
+    }
+
+    /// Waits until `pred` holds for [`Agent::linked_tracepoints`]; false on timeout.
+    pub fn wait_links(&self, timeout: Duration, mut pred: impl FnMut(&[String]) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if pred(&self.linked_tracepoints()) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// See [`AgentProcess::wait_until`].
     pub fn wait_until(&self, timeout: Duration, f: impl FnMut(&[Value]) -> bool) -> bool {
         self.process.wait_until(timeout, f)

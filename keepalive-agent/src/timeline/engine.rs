@@ -271,6 +271,11 @@ impl Engine {
         }
     }
 
+    /// Connections waiting for an answer to a keep-alive probe (an episode is open). O(tracked).
+    pub fn awaiting_answer(&self) -> usize {
+        self.conns.values().filter(|c| c.episode.is_some()).count()
+    }
+
     /// Connections tracked now.
     pub fn tracked(&self) -> usize {
         self.conns.len()
@@ -809,13 +814,18 @@ impl Engine {
 
         if t.probes_before == 0 {
             if let Some(ep) = &conn.episode {
-                // probes_out went back to 0 since the last probe: an answer we did not see.
+                // probes_out went back to 0 since the last probe: an answer we did not see. The
+                // kernel's idle time counts from the last segment received (`rcv_tstamp`, set by
+                // that answer unless later traffic moved it): the answer came then, to the jiffy,
+                // and not before the last probe.
+                let last_probe = ep.probe_ts_ns.last().copied().unwrap_or(ep.start_ns);
+                let at = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000)).clamp(last_probe, ts);
                 let kind = RecordKind::Ack {
                     probes: ep.probes,
                     precision: AckPrecision::NextFiring,
                 };
-                emit(out, ts, conn, kind);
-                end_episode(out, ts, conn, EpisodeOutcome::Answered);
+                emit(out, at, conn, kind);
+                end_episode(out, at, conn, EpisodeOutcome::Answered);
             }
         }
 
@@ -1457,16 +1467,26 @@ mod tests {
                 precision: AckPrecision::NextFiring
             }
         );
-        assert_eq!(out[2].ts_ns, 3 * S);
+        // The answer is dated from the idle time at that firing (1 s: at 2 s), not the firing.
+        assert_eq!(out[2].ts_ns, 2 * S);
         let ep = episode(&out[3]);
-        assert_eq!((ep.start_ns, ep.end_ns, ep.probes), (S, 3 * S, 2));
+        assert_eq!((ep.start_ns, ep.end_ns, ep.probes), (S, 2 * S, 2));
         assert_eq!(ep.outcome, EpisodeOutcome::Answered);
 
         // Answered, and already idle long enough for a new episode in the same run.
         let out = feed(&mut e, &[probe(4 * S, A, 0, 1), probe(5 * S, A, 0, 1)]);
         assert_eq!(names(&out), ["probe", "ack", "episode", "probe"]);
         assert_eq!(episode(&out[2]).probe_ts_ns, vec![4 * S]);
+        // Idle 1 s at 5 s would date the answer at 4 s: never before the probe it answers.
+        assert_eq!(out[1].ts_ns, 4 * S);
         assert_eq!(e.conns[&A].episode.as_ref().unwrap().start_ns, 5 * S);
+        assert_eq!(e.awaiting_answer(), 1);
+        let mut late = firing(ka(), 0, 0);
+        late.idle_ms = 5_000; // longer than since the probe (rounding, clock skew): clamped
+        let out = feed(&mut e, &[probe(6 * S, A, 0, 1), timer(7 * S, A, late)]);
+        assert_eq!(names(&out), ["ack", "episode", "probe", "ack", "episode", "idle"]);
+        assert_eq!(out[3].ts_ns, 6 * S);
+        assert_eq!(e.awaiting_answer(), 0);
     }
 
     #[test]

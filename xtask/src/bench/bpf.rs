@@ -674,3 +674,94 @@ pub fn deltas(before: &[ProgSample], after: &[ProgSample]) -> Vec<ProgDelta> {
         })
         .collect()
 }
+
+/// One of the agent's tracepoint programs, held by the bench through its own fd
+/// (`BPF_PROG_GET_FD_BY_ID`), so that it outlives the agent's links and the bench can attach and
+/// detach it itself.
+struct Borrowed {
+    prog: OwnedFd,
+    /// Tracepoint name for a raw tracepoint program; `None` for `tp_btf` (attached to the
+    /// tracepoint it was loaded for).
+    raw_tp: Option<CString>,
+    attach: String,
+}
+
+/// The agent's tracepoint programs (raw and BTF-typed), taken from an agent process the bench
+/// started: the same verified code on the same tracepoints, attached and detached by the bench many
+/// times a second (`BPF_RAW_TRACEPOINT_OPEN`, link fd closed to detach). Nothing is pinned; the
+/// programs are freed when this value and the agent are gone.
+pub struct AgentProgs {
+    progs: Vec<Borrowed>,
+    links: Vec<OwnedFd>,
+}
+
+impl AgentProgs {
+    /// The programs process `pid` has attached to tracepoints (from its link fds' fdinfo).
+    pub fn borrow(pid: u32) -> Result<AgentProgs> {
+        let dir = format!("/proc/{pid}/fd");
+        let mut types: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut tps: Vec<(u32, String)> = Vec::new();
+        for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
+            let Ok(entry) = entry else { continue };
+            let fd = entry.file_name().to_string_lossy().into_owned();
+            let Ok(target) = fs::read_link(entry.path()) else { continue };
+            let Some(info) = fdinfo(pid, &fd) else { continue };
+            match &*target.to_string_lossy() {
+                "anon_inode:bpf-prog" => {
+                    types.insert(num(&info, "prog_id") as u32, num(&info, "prog_type"));
+                }
+                "anon_inode:bpf_link" if info.get("link_type").map(String::as_str) == Some("raw_tracepoint") => {
+                    if let Some(tp) = info.get("tp_name") {
+                        tps.push((num(&info, "prog_id") as u32, tp.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if tps.is_empty() {
+            bail!("process {pid} has no programs attached to tracepoints");
+        }
+        let mut progs = Vec::new();
+        for (id, tp) in tps {
+            let btf_typed = types.get(&id) == Some(&u64::from(BPF_PROG_TYPE_TRACING));
+            let mut a = Attr::new();
+            a.u32(0, id);
+            let prog = owned(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut a).with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?);
+            let attach = format!("{}/{tp}", if btf_typed { "tp_btf" } else { "raw_tp" });
+            let raw_tp = if btf_typed { None } else { Some(CString::new(tp).map_err(|_| anyhow!("bad tracepoint name"))?) };
+            progs.push(Borrowed { prog, raw_tp, attach });
+        }
+        Ok(AgentProgs { progs, links: Vec::new() })
+    }
+
+    /// Where each program attaches (`tp_btf/tcp_probe`...).
+    pub fn attach_points(&self) -> Vec<String> {
+        self.progs.iter().map(|p| p.attach.clone()).collect()
+    }
+
+    /// Attaches every program `copies` times (no-op if attached). More than one copy multiplies the
+    /// programs' cost on the tracepoints (each link is one more call), which makes it measurable
+    /// against noise; the cost of one is then the slope.
+    pub fn attach(&mut self, copies: usize) -> Result<()> {
+        if !self.links.is_empty() {
+            return Ok(());
+        }
+        for p in self.progs.iter().flat_map(|p| std::iter::repeat_n(p, copies)) {
+            let mut a = Attr::new();
+            a.u64(0, p.raw_tp.as_ref().map_or(0, |n| n.as_ptr() as u64)).u32(8, p.prog.as_raw_fd() as u32);
+            match sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a) {
+                Ok(fd) => self.links.push(owned(fd)),
+                Err(e) => {
+                    self.links.clear();
+                    return Err(e).with_context(|| format!("attaching the agent's program to {}", p.attach));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches every program.
+    pub fn detach(&mut self) {
+        self.links.clear();
+    }
+}

@@ -260,7 +260,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let mut agents = Vec::new();
     for mode in &modes {
         let mut cfg = ctx.agent_config(ns.path(), 65_536)?;
-        cfg.extra_args = mode.args.clone();
+        // The answer program is attached the whole time (by default only while probes are out).
+        cfg.extra_args = mode.args.iter().cloned().chain(["--probe-answers".into(), "always".into()]).collect();
         agents.push(Measured { mode: mode.clone(), agent: Agent::start(&cfg)? });
     }
 
@@ -320,7 +321,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let mut wbs = Vec::new();
     for mode in &modes {
         let mut cfg = ctx.agent_config(ns.path(), 65_536)?;
-        cfg.extra_args = mode.args.clone();
+        cfg.extra_args = mode.args.iter().cloned().chain(["--probe-answers".into(), "always".into()]).collect();
         let m = Measured { mode: mode.clone(), agent: Agent::start(&cfg)? };
         let counters = HostCounters::attach(&kbtf).ok();
         super::sys::sleep(Duration::from_secs(3))?;

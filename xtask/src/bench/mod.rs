@@ -114,6 +114,17 @@ pub struct BenchArgs {
     /// keeps every transaction on one CPU and takes scheduler noise out of the comparison).
     #[arg(long)]
     pub rr_no_pin: bool,
+    /// overhead: length of each phase of the fine interleaving (the agent's programs attached and
+    /// detached by the bench), milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub overhead_phase_ms: u64,
+    /// overhead: duration of the fine interleaving per agent mode, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub overhead_toggle_s: u64,
+    /// overhead: attach each of the agent's programs this many times in the fine interleaving
+    /// (a diagnostic: the cost of one copy is then the measured cost divided by N; default 1).
+    #[arg(long, default_value_t = 1)]
+    pub overhead_copies: usize,
     /// overhead: off/on pairs.
     #[arg(long, default_value_t = 8)]
     pub overhead_reps: usize,
@@ -163,6 +174,17 @@ pub struct Mode {
     /// Short name for tables (`auto`, `raw-tracepoint`).
     pub name: &'static str,
     pub args: Vec<String>,
+}
+
+impl Mode {
+    /// The agent's command-line flags of this mode, in full.
+    pub fn flags(&self) -> String {
+        if self.args.iter().any(|a| a == "--attach") {
+            self.args.join(" ")
+        } else {
+            std::iter::once("--attach auto".to_string()).chain(self.args.iter().cloned()).collect::<Vec<_>>().join(" ")
+        }
+    }
 }
 
 impl Ctx<'_> {
