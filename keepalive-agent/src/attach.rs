@@ -391,6 +391,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     let mut on_demand = Vec::new();
     for hook in PLAN {
         let mut outcome = HookOutcome { hook, chosen: None, rejected: Vec::new() };
+        let deferred = hook.on_demand && opts.answers == Answers::OnDemand;
         if opts.no_snapshot && hook.name == "snapshot" {
             continue;
         }
@@ -407,7 +408,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
                     if matches!(st, Strategy::Iter { .. }) {
                         snapshot_ready = true;
                     }
-                    if hook.on_demand && opts.answers == Answers::OnDemand {
+                    if deferred {
                         // It attaches here (proven); detached until probes are outstanding.
                         detach_links(&mut ebpf, links);
                         on_demand.push((*st, None));
@@ -421,7 +422,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
             }
         }
         match &outcome.chosen {
-            Some(st) if hook.on_demand && opts.answers == Answers::OnDemand => info!(
+            Some(st) if deferred => info!(
                 "hook {}: {} via {}, attached only while keep-alive probes are unanswered (--probe-answers on-demand)",
                 hook.name,
                 st.kind(),
@@ -467,8 +468,9 @@ fn detach_links(ebpf: &mut Ebpf, links: Vec<TpLink>) {
     }
 }
 
-/// Attaches the already loaded tracepoint programs of `st` again.
-fn reattach(ebpf: &mut Ebpf, st: &Strategy) -> Result<Vec<TpLink>, String> {
+/// Attaches the loaded tracepoint programs of `st` (at start-up, and again for on-demand hooks);
+/// on failure detaches what it attached.
+fn attach_loaded(ebpf: &mut Ebpf, st: &Strategy) -> Result<Vec<TpLink>, String> {
     let mut links = Vec::new();
     let result = (|| {
         match *st {
@@ -492,7 +494,7 @@ fn reattach(ebpf: &mut Ebpf, st: &Strategy) -> Result<Vec<TpLink>, String> {
                     links.push(TpLink::Raw(prog, p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
                 }
             }
-            _ => return Err(format!("{} cannot be attached on demand", st.describe())),
+            _ => return Err(format!("{} is not a tracepoint strategy", st.describe())),
         }
         Ok(())
     })();
@@ -511,7 +513,6 @@ fn try_strategy(
     btf: Option<&Btf>,
     cgroup: Option<&Path>,
 ) -> Result<Vec<TpLink>, String> {
-    let mut links = Vec::new();
     match *st {
         Strategy::Fentry(progs) => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -530,7 +531,7 @@ fn try_strategy(
                     }
                 }
             }
-            Ok(links)
+            Ok(Vec::new())
         }
         Strategy::Kprobe(progs) => {
             if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
@@ -545,7 +546,7 @@ fn try_strategy(
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
                 p.attach(func, 0).map_err(|e| format!("attaching {prog} to {func}: {}", error_chain(&e)))?;
             }
-            Ok(links)
+            Ok(Vec::new())
         }
         Strategy::BtfTracepoints(pairs) => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -556,21 +557,19 @@ fn try_strategy(
                     .try_into()
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load(tp, btf).map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
-                links.push(TpLink::Btf(prog, p.attach().map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
             }
-            Ok(links)
+            attach_loaded(ebpf, st)
         }
         Strategy::RawTracepoints(pairs) => {
-            for (prog, tp) in pairs {
+            for (prog, _) in pairs {
                 let p: &mut RawTracePoint = ebpf
                     .program_mut(prog)
                     .ok_or_else(|| format!("program {prog} missing from the object"))?
                     .try_into()
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
-                links.push(TpLink::Raw(prog, p.attach(tp).map_err(|e| format!("attaching {prog} to {tp}: {}", error_chain(&e)))?));
             }
-            Ok(links)
+            attach_loaded(ebpf, st)
         }
         Strategy::CgroupSockopt(prog) => {
             let path = cgroup.ok_or("no cgroup v2 hierarchy is mounted")?;
@@ -585,7 +584,7 @@ fn try_strategy(
             // link flags must be 0, which is what `Single` maps to.
             p.attach(file, CgroupAttachMode::Single)
                 .map_err(|e| format!("attaching {prog} to {}: {}", path.display(), error_chain(&e)))?;
-            Ok(links)
+            Ok(Vec::new())
         }
         Strategy::Iter { program, target } => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
@@ -595,7 +594,7 @@ fn try_strategy(
                 .try_into()
                 .map_err(|e| format!("{program}: {e}"))?;
             p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
-            Ok(links)
+            Ok(Vec::new())
         }
     }
 }
@@ -763,7 +762,7 @@ impl Probes {
         let mut first_err = None;
         for (st, links) in self.on_demand.iter_mut() {
             match (on, links.is_some()) {
-                (true, false) => match reattach(&mut self.ebpf, st) {
+                (true, false) => match attach_loaded(&mut self.ebpf, st) {
                     Ok(l) => *links = Some(l),
                     Err(e) => {
                         first_err.get_or_insert(e);

@@ -986,6 +986,19 @@ mod tests {
         )
     }
 
+    /// The active reset the keep-alive timer sends when it gives up, seen during the timer run.
+    fn keepalive_reset(ts: u64, sk: u64) -> Event {
+        in_timer(ev(
+            ts,
+            sk,
+            EventBody::ResetSent {
+                active: true,
+                reason: Some("tcp_keepalive_timeout".into()),
+                state: TcpState::Established,
+            },
+        ))
+    }
+
     fn probe(ts: u64, sk: u64, before: u8, after: u8) -> Event {
         timer(ts, sk, firing(ka(), before, after))
     }
@@ -1127,15 +1140,7 @@ mod tests {
         feed(&mut e, &[established(0, A, ka())]);
         feed(&mut e, &[probe(S, A, 0, 1), probe(2 * S, A, 1, 2), probe(3 * S, A, 2, 3)]);
         let t4 = 4 * S;
-        let reset = in_timer(ev(
-            t4 + 10,
-            A,
-            EventBody::ResetSent {
-                active: true,
-                reason: Some("tcp_keepalive_timeout".into()),
-                state: TcpState::Established,
-            },
-        ));
+        let reset = keepalive_reset(t4 + 10, A);
         let mut closed = in_timer(close(t4 + 20, A));
         if let EventBody::State { err, .. } = &mut closed.body {
             *err = 110;
@@ -1202,11 +1207,7 @@ mod tests {
     fn held_events_are_released_when_their_timer_record_never_comes() {
         let mut e = engine();
         feed(&mut e, &[established(0, A, ka())]);
-        let reset = in_timer(ev(
-            S,
-            A,
-            EventBody::ResetSent { active: true, reason: Some("tcp_keepalive_timeout".into()), state: TcpState::Established },
-        ));
+        let reset = keepalive_reset(S, A);
         let out = feed(&mut e, &[reset, in_timer(close(S + 10, A))]);
         assert!(out.is_empty());
         let mut out = Vec::new();
@@ -1241,15 +1242,7 @@ mod tests {
         // The fourth run kills the connection. Its reset, error and close are seen during the run,
         // the timer event itself at the run's exit.
         let t4 = 4 * S;
-        let reset = in_timer(ev(
-            t4 + 10,
-            A,
-            EventBody::ResetSent {
-                active: true,
-                reason: Some("tcp_keepalive_timeout".into()),
-                state: TcpState::Established,
-            },
-        ));
+        let reset = keepalive_reset(t4 + 10, A);
         let error = in_timer(ev(
             t4 + 20,
             A,
