@@ -191,19 +191,23 @@ pub fn assert_forced_attach(stderr: &[String]) {
     );
 }
 
+/// The subcommand's arguments every test agent gets: the test's namespace and cgroup, the forced
+/// attach method if any (see [`forced_attach`]), then `extra`.
+fn scope(cmd: &mut Command, env: &Env, extra: &[&str]) {
+    cmd.arg("--netns").arg(env.ns.path()).arg("--cgroup").arg(env.cgroup.path());
+    if let Some(method) = forced_attach() {
+        cmd.args(["--attach", &method]);
+    }
+    cmd.args(extra);
+}
+
 impl<'env> Agent<'env> {
     /// `keepalive-agent trace --format json --netns NS --cgroup CG [--attach M] <extra>`, waits for
     /// `ready`. `--attach` comes from `KEEPALIVE_TEST_ATTACH` (see [`forced_attach`]).
     pub fn start(env: &'env Env, extra: &[&str]) -> Agent<'env> {
         let mut cmd = Command::new(agent_binary());
-        cmd.args(["trace", "--format", "json", "--netns"])
-            .arg(env.ns.path())
-            .arg("--cgroup")
-            .arg(env.cgroup.path());
-        if let Some(method) = forced_attach() {
-            cmd.args(["--attach", &method]);
-        }
-        cmd.args(extra);
+        cmd.args(["trace", "--format", "json"]);
+        scope(&mut cmd, env, extra);
         let process = AgentProcess::spawn(cmd, ready_timeout()).unwrap_or_else(|e| panic!("{e:#}"));
         assert_forced_attach(&process.stderr_lines());
         Agent { process, _env: env }
@@ -223,15 +227,8 @@ impl<'env> Agent<'env> {
                 cmd.env_remove(k);
             }
         }
-        cmd.envs(envs.iter().copied())
-            .args(["--log-level", "info", "run", "--netns"])
-            .arg(env.ns.path())
-            .arg("--cgroup")
-            .arg(env.cgroup.path());
-        if let Some(method) = forced_attach() {
-            cmd.args(["--attach", &method]);
-        }
-        cmd.args(extra);
+        cmd.envs(envs.iter().copied()).args(["--log-level", "info", "run"]);
+        scope(&mut cmd, env, extra);
         let process = AgentProcess::spawn_with(cmd, ready_timeout(), Stdout::Spans)
             .unwrap_or_else(|e| panic!("{e:#}"));
         assert_forced_attach(&process.stderr_lines());

@@ -351,6 +351,22 @@ fn hex_id(s: &str, bytes: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The span's `events`, each time read from `time_key` (the two formats name it differently).
+fn span_events(v: &Value, time_key: &str) -> Result<Vec<SpanEvent>> {
+    v.get("events")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("no events"))?
+        .iter()
+        .map(|e| {
+            Ok(SpanEvent {
+                name: string(e, "name")?,
+                time_ns: uint(e, time_key)?,
+                attrs: obj(e, "attributes")?,
+            })
+        })
+        .collect()
+}
+
 impl Span {
     /// From a receiver.py `span` line (OTLP field names, `STATUS_CODE_*`, `SPAN_KIND_*`, empty
     /// parent id for a root).
@@ -363,19 +379,7 @@ impl Span {
             "STATUS_CODE_ERROR" => StatusCode::Error,
             other => bail!("unknown status code {other}"),
         };
-        let events = v
-            .get("events")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("no events"))?
-            .iter()
-            .map(|e| {
-                Ok(SpanEvent {
-                    name: string(e, "name")?,
-                    time_ns: uint(e, "time_unix_nano")?,
-                    attrs: obj(e, "attributes")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let events = span_events(v, "time_unix_nano")?;
         let kind = string(v, "kind")?;
         let span = Span {
             trace_id: string(v, "trace_id")?,
@@ -415,19 +419,7 @@ impl Span {
             Some(Value::String(s)) => Some(s.clone()),
             _ => bail!("parent_span_id is neither null nor a string"),
         };
-        let events = v
-            .get("events")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("no events"))?
-            .iter()
-            .map(|e| {
-                Ok(SpanEvent {
-                    name: string(e, "name")?,
-                    time_ns: uint(e, "time_unix_ns")?,
-                    attrs: obj(e, "attributes")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let events = span_events(v, "time_unix_ns")?;
         let span = Span {
             trace_id: string(v, "trace_id")?,
             span_id: string(v, "span_id")?,

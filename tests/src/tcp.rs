@@ -20,6 +20,15 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family of `addr`.
+    pub fn of(addr: &SocketAddr) -> Family {
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
     /// The loopback address: 127.0.0.1 or ::1. The only addresses tests use.
     pub fn loopback(self) -> IpAddr {
         match self {
@@ -233,14 +242,20 @@ pub enum RecvEnd {
 impl Client {
     /// Socket created in the namespace, `ka` set from the calling thread, then connected.
     pub fn connect(ns: &NetNs, addr: SocketAddr, ka: &Keepalive) -> io::Result<Client> {
-        let family = if addr.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        };
-        let sock = ClientSocket::new(ns, family)?;
+        let sock = ClientSocket::new(ns, Family::of(&addr))?;
         sock.set_keepalive(ka)?;
         sock.connect(addr)
+    }
+
+    /// `n` clients like [`Client::connect`], their sockets created in the namespace in one go.
+    pub fn connect_many(ns: &NetNs, addr: SocketAddr, ka: &Keepalive, n: usize) -> io::Result<Vec<Client>> {
+        ClientSocket::many(ns, Family::of(&addr), n)?
+            .into_iter()
+            .map(|s| {
+                s.set_keepalive(ka)?;
+                s.connect(addr)
+            })
+            .collect()
     }
 
     pub fn local(&self) -> SocketAddr {

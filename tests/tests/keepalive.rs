@@ -152,10 +152,10 @@ fn healthy(agent_args: &[&str], always: bool) {
         "no two answered probes\n{}",
         ctx(&of_conn(&agent.events(), l, r))
     );
+    let links = agent.linked_tracepoints();
     assert!(
-        agent.linked_tracepoints().iter().any(|t| t == "tcp_probe"),
-        "probes outstanding: the answer program is attached: {:?}",
-        agent.linked_tracepoints()
+        links.iter().any(|t| t == "tcp_probe"),
+        "probes outstanding: the answer program is attached: {links:?}"
     );
     drop(client); // FIN; the echo server closes its side too
     wait_event(&agent, l, r, "close");
@@ -526,12 +526,7 @@ fn thousand_connections_no_lost_events() {
     let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
     let agent = Agent::start(&env, &["--max-connections", "4096"]);
     let ka = Keepalive::new(1, 1, 3);
-    let socks = ClientSocket::many(&env.ns, Family::V4, N).unwrap();
-    let mut clients = Vec::with_capacity(N);
-    for s in socks {
-        s.set_keepalive(&ka).unwrap();
-        clients.push(s.connect(server.addr()).unwrap());
-    }
+    let clients = Client::connect_many(&env.ns, server.addr(), &ka, N).unwrap();
     assert!(
         server.wait_accepted(N, Duration::from_secs(10)),
         "accepted {}",

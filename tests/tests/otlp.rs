@@ -20,7 +20,7 @@ use keepalive_tests::otlp::{
     export_report, free_loopback_port, of_conn, render, rss_kib, venv, Protocol, Receiver, Span,
     StatusCode,
 };
-use keepalive_tests::tcp::{Client, ClientSocket, Family, Keepalive, Server, ServerMode};
+use keepalive_tests::tcp::{Client, Family, Keepalive, Server, ServerMode};
 use keepalive_tests::{process_comm, raise_nofile, thread_comm, Agent, Env};
 use serde_json::Value;
 
@@ -282,6 +282,40 @@ fn assert_protocol(spans: &[Span], protocol: Protocol) {
     }
 }
 
+/// Waits for the connection's root span, stops the agent (nothing on stdout: spans go over OTLP;
+/// no lost events) and checks the protocol and headers of every request. Returns every span
+/// received and those of the connection.
+fn finish_connection(
+    agent: Agent<'_>,
+    receiver: &Receiver,
+    protocol: Protocol,
+    tag: &str,
+    l: SocketAddr,
+    r: SocketAddr,
+) -> (Vec<Span>, Vec<Span>) {
+    let arrived = receiver.wait_until(WAIT, |spans| {
+        of_conn(spans, l, r).iter().any(|s| s.name == CONNECTION)
+    });
+    assert!(
+        arrived,
+        "no {CONNECTION} span received within {WAIT:?} of the connection's end; spans of the connection:\n{}",
+        render(&of_conn(&receiver.spans(), l, r))
+    );
+    let (stdout, stderr) = agent.stop_full();
+    assert!(
+        stdout.is_empty(),
+        "spans on stdout while exporting over OTLP: {stdout:?}"
+    );
+    let lost = lost_event_reports(&stderr);
+    assert!(lost.is_empty(), "the agent lost events:\n{lost:#?}");
+
+    let all = receiver.spans();
+    assert_protocol(&all, protocol);
+    assert_requests(receiver, protocol, tag);
+    let spans = of_conn(&all, l, r);
+    (all, spans)
+}
+
 /// The peer vanishes (its segments are dropped): three probes 1 s apart go unanswered, the
 /// keep-alive timer kills the connection, the client's recv fails with ETIMEDOUT. The trace holds
 /// the connection span (status Error) and one timed-out episode, with times that match the kernel's
@@ -307,26 +341,7 @@ fn dead_peer(protocol: Protocol) {
         elapsed > Duration::from_secs(2) && elapsed < Duration::from_secs(10),
         "died after {elapsed:?}"
     );
-    let arrived = receiver.wait_until(WAIT, |spans| {
-        of_conn(spans, l, r).iter().any(|s| s.name == CONNECTION)
-    });
-    assert!(
-        arrived,
-        "no {CONNECTION} span received within {WAIT:?}; spans of the connection:\n{}",
-        render(&of_conn(&receiver.spans(), l, r))
-    );
-    let (stdout, stderr) = agent.stop_full();
-    assert!(
-        stdout.is_empty(),
-        "spans on stdout while exporting over OTLP: {stdout:?}"
-    );
-    let lost = lost_event_reports(&stderr);
-    assert!(lost.is_empty(), "the agent lost events:\n{lost:#?}");
-
-    let all = receiver.spans();
-    assert_protocol(&all, protocol);
-    assert_requests(&receiver, protocol, &tag);
-    let spans = of_conn(&all, l, r);
+    let (all, spans) = finish_connection(agent, &receiver, protocol, &tag, l, r);
     let ctx = format!("spans of the connection:\n{}", render(&spans));
     let (conn, episodes) = tree(&spans, &all);
     assert_eq!(
@@ -591,26 +606,7 @@ fn healthy(protocol: Protocol) {
     let close_from = now_ns();
     drop(client); // FIN; the echo server closes its side too
     let close_to = now_ns();
-    let arrived = receiver.wait_until(WAIT, |spans| {
-        of_conn(spans, l, r).iter().any(|s| s.name == CONNECTION)
-    });
-    assert!(
-        arrived,
-        "no {CONNECTION} span within {WAIT:?} of the close\n{}",
-        render(&of_conn(&receiver.spans(), l, r))
-    );
-    let (stdout, stderr) = agent.stop_full();
-    assert!(
-        stdout.is_empty(),
-        "spans on stdout while exporting over OTLP: {stdout:?}"
-    );
-    let lost = lost_event_reports(&stderr);
-    assert!(lost.is_empty(), "the agent lost events:\n{lost:#?}");
-
-    let all = receiver.spans();
-    assert_protocol(&all, protocol);
-    assert_requests(&receiver, protocol, &tag);
-    let spans = of_conn(&all, l, r);
+    let (all, spans) = finish_connection(agent, &receiver, protocol, &tag, l, r);
     let ctx = format!("spans of the connection:\n{}", render(&spans));
     let (conn, episodes) = tree(&spans, &all);
     for s in &spans {
@@ -865,12 +861,7 @@ fn collector_down_then_back() {
     let rss_idle = rss_kib(pid).unwrap();
 
     let ka = Keepalive::new(1, 1, 3);
-    let socks = ClientSocket::many(&env.ns, Family::V4, N).unwrap();
-    let mut clients = Vec::with_capacity(N);
-    for s in socks {
-        s.set_keepalive(&ka).unwrap();
-        clients.push(s.connect(server.addr()).unwrap());
-    }
+    let clients = Client::connect_many(&env.ns, server.addr(), &ka, N).unwrap();
     assert!(
         server.wait_accepted(N, Duration::from_secs(10)),
         "accepted {}",
