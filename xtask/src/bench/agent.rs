@@ -187,15 +187,7 @@ impl Drop for Agent {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: our own unreaped child.
             unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            super::sys::wait_or_kill(&mut self.child, Duration::from_secs(10));
         }
     }
 }

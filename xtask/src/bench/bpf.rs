@@ -696,40 +696,25 @@ pub struct AgentProgs {
 }
 
 impl AgentProgs {
-    /// The programs process `pid` has attached to tracepoints (from its link fds' fdinfo).
+    /// The programs process `pid` has attached to tracepoints (its links, as [`process_bpf`] reads
+    /// them: `tp_btf/NAME` or `raw_tp/NAME`).
     pub fn borrow(pid: u32) -> Result<AgentProgs> {
-        let dir = format!("/proc/{pid}/fd");
-        let mut types: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut tps: Vec<(u32, String)> = Vec::new();
-        for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
-            let Ok(entry) = entry else { continue };
-            let fd = entry.file_name().to_string_lossy().into_owned();
-            let Ok(target) = fs::read_link(entry.path()) else { continue };
-            let Some(info) = fdinfo(pid, &fd) else { continue };
-            match &*target.to_string_lossy() {
-                "anon_inode:bpf-prog" => {
-                    types.insert(num(&info, "prog_id") as u32, num(&info, "prog_type"));
-                }
-                "anon_inode:bpf_link" if info.get("link_type").map(String::as_str) == Some("raw_tracepoint") => {
-                    if let Some(tp) = info.get("tp_name") {
-                        tps.push((num(&info, "prog_id") as u32, tp.clone()));
-                    }
-                }
-                _ => {}
+        let mut progs = Vec::new();
+        for p in process_bpf(pid)?.progs {
+            for attach in p.attach.split(" + ") {
+                let raw_tp = match attach.split_once('/') {
+                    Some(("tp_btf", _)) => None,
+                    Some(("raw_tp", tp)) => Some(CString::new(tp).map_err(|_| anyhow!("bad tracepoint name"))?),
+                    _ => continue,
+                };
+                let mut a = Attr::new();
+                a.u32(0, p.id);
+                let prog = owned(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut a).with_context(|| format!("BPF_PROG_GET_FD_BY_ID {}", p.id))?);
+                progs.push(Borrowed { prog, raw_tp, attach: attach.to_string() });
             }
         }
-        if tps.is_empty() {
+        if progs.is_empty() {
             bail!("process {pid} has no programs attached to tracepoints");
-        }
-        let mut progs = Vec::new();
-        for (id, tp) in tps {
-            let btf_typed = types.get(&id) == Some(&u64::from(BPF_PROG_TYPE_TRACING));
-            let mut a = Attr::new();
-            a.u32(0, id);
-            let prog = owned(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut a).with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?);
-            let attach = format!("{}/{tp}", if btf_typed { "tp_btf" } else { "raw_tp" });
-            let raw_tp = if btf_typed { None } else { Some(CString::new(tp).map_err(|_| anyhow!("bad tracepoint name"))?) };
-            progs.push(Borrowed { prog, raw_tp, attach });
         }
         Ok(AgentProgs { progs, links: Vec::new() })
     }

@@ -256,12 +256,12 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let stats_how = stats.how();
     let kbtf = bpf::KernelBtf::load()?;
     let (refs, ref_notes) = attach_refs(&kbtf)?;
-    let modes = ctx.modes();
+    // The answer program is attached the whole time (by default only while probes are out).
+    let modes: Vec<super::Mode> = ctx.modes().into_iter().map(super::Mode::answers_always).collect();
     let mut agents = Vec::new();
     for mode in &modes {
         let mut cfg = ctx.agent_config(ns.path(), 65_536)?;
-        // The answer program is attached the whole time (by default only while probes are out).
-        cfg.extra_args = mode.args.iter().cloned().chain(["--probe-answers".into(), "always".into()]).collect();
+        cfg.extra_args = mode.args.clone();
         agents.push(Measured { mode: mode.clone(), agent: Agent::start(&cfg)? });
     }
 
@@ -321,7 +321,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let mut wbs = Vec::new();
     for mode in &modes {
         let mut cfg = ctx.agent_config(ns.path(), 65_536)?;
-        cfg.extra_args = mode.args.iter().cloned().chain(["--probe-answers".into(), "always".into()]).collect();
+        cfg.extra_args = mode.args.clone();
         let m = Measured { mode: mode.clone(), agent: Agent::start(&cfg)? };
         let counters = HostCounters::attach(&kbtf).ok();
         super::sys::sleep(Duration::from_secs(3))?;

@@ -348,15 +348,7 @@ impl Drop for Holder {
     fn drop(&mut self) {
         // Closing its stdin tells the holder to reset its connections and exit.
         drop(self.child.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::sys::wait_or_kill(&mut self.child, Duration::from_secs(30));
     }
 }
 

@@ -177,6 +177,13 @@ pub struct Mode {
 }
 
 impl Mode {
+    /// The same mode with the probe-answer program attached all the time (by default it is
+    /// attached only while keep-alive probes are unanswered).
+    pub fn answers_always(mut self) -> Mode {
+        self.args.extend(["--probe-answers".to_string(), "always".to_string()]);
+        self
+    }
+
     /// The agent's command-line flags of this mode, in full.
     pub fn flags(&self) -> String {
         if self.args.iter().any(|a| a == "--attach") {

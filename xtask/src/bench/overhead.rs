@@ -60,11 +60,12 @@ fn window(rr: &RrLoad, secs: u64) -> Result<Measure> {
     Ok(Measure { rate: tx / el, busy_pct: busy, cpu_us_per_tx: (c1 - c0) / tx * 1e6 })
 }
 
-/// Ratios of `f` in on windows to the mean of the off windows on both sides, for one mode.
-fn ratios(wins: &[Win], mode: usize, f: impl Fn(&Win) -> f64) -> Vec<f64> {
-    (1..wins.len().saturating_sub(1))
-        .filter(|&i| wins[i].mode == Some(mode))
-        .map(|i| f(&wins[i]) / ((f(&wins[i - 1]) + f(&wins[i + 1])) / 2.0))
+/// `f` of each item `on` selects against the mean of `f` of its two neighbours, which must be
+/// "off" (the interleaving puts an off window or phase on both sides of every on one).
+fn neighbour_ratios<T>(items: &[T], on: impl Fn(&T) -> bool, f: impl Fn(&T) -> f64) -> Vec<f64> {
+    (1..items.len().saturating_sub(1))
+        .filter(|&i| on(&items[i]) && !on(&items[i - 1]) && !on(&items[i + 1]))
+        .map(|i| f(&items[i]) / ((f(&items[i - 1]) + f(&items[i + 1])) / 2.0))
         .collect()
 }
 
@@ -101,6 +102,7 @@ fn toggle(rr: &RrLoad, progs: &mut bpf::AgentProgs, copies: usize, phase: Durati
     let end = Instant::now() + total;
     let mut on = false;
     let mut phases = Vec::new();
+    // Until the time is up, and then to the end of an off phase: every on phase has off on both sides.
     while Instant::now() < end || !on {
         sys::check_interrupted()?;
         if on {
@@ -118,14 +120,6 @@ fn toggle(rr: &RrLoad, progs: &mut bpf::AgentProgs, copies: usize, phase: Durati
     }
     progs.detach();
     Ok(phases)
-}
-
-/// Each on phase against the mean of the off phases on both sides, in time order.
-fn phase_ratios(phases: &[Phase], f: impl Fn(&Phase) -> f64) -> Vec<f64> {
-    (1..phases.len().saturating_sub(1))
-        .filter(|&i| phases[i].on && !phases[i - 1].on && !phases[i + 1].on)
-        .map(|i| f(&phases[i]) / ((f(&phases[i - 1]) + f(&phases[i + 1])) / 2.0))
-        .collect()
 }
 
 /// Mean of `v` and the half-width of its 95 % interval from `BATCHES` batch means: neighbouring
@@ -147,15 +141,14 @@ fn batch_ci(v: &[f64]) -> (f64, f64) {
 /// this workload), the same with the answer program attached all the time (what a host pays while
 /// keep-alive probes are out), and unless `--no-raw-comparison` the raw-tracepoint fallback with it.
 fn overhead_modes(ctx: &Ctx) -> Vec<super::Mode> {
-    let always = || ["--probe-answers".to_string(), "always".to_string()];
+    use super::Mode;
     let mut v = vec![
-        super::Mode { name: "auto", args: Vec::new() },
-        super::Mode { name: "auto, answers always", args: always().to_vec() },
+        Mode { name: "auto", args: Vec::new() },
+        Mode { name: "auto, answers always", args: Vec::new() }.answers_always(),
     ];
     if !ctx.args.no_raw_comparison {
-        let mut args = vec!["--attach".to_string(), "raw-tracepoint".to_string()];
-        args.extend(always());
-        v.push(super::Mode { name: "raw-tracepoint, answers always", args });
+        let args = vec!["--attach".to_string(), "raw-tracepoint".to_string()];
+        v.push(Mode { name: "raw-tracepoint, answers always", args }.answers_always());
     }
     v
 }
@@ -311,7 +304,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     s.line("| Agent (`--attach`) | Pairs | Throughput with / without (mean) | Median | sd | Min | Max | Cost (95 % CI) |");
     s.line("|---|---|---|---|---|---|---|---|");
     for (mi, mode) in modes.iter().enumerate() {
-        let r = ratios(&wins, mi, |w| w.rate);
+        let r = neighbour_ratios(&wins, |w| w.mode == Some(mi), |w| w.rate);
         let (m, sd) = mean_sd(&r);
         let ci = t95(r.len().saturating_sub(1)) * sd / (r.len() as f64).sqrt();
         let cost = (1.0 - m) * 100.0;
@@ -343,7 +336,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let off_cpu: Vec<f64> = wins.iter().filter(|w| w.mode.is_none()).map(|w| w.cpu_us_per_tx).collect();
     let (off_cpu_m, _) = mean_sd(&off_cpu);
     for (mi, mode) in modes.iter().enumerate() {
-        let r = ratios(&wins, mi, |w| w.cpu_us_per_tx);
+        let r = neighbour_ratios(&wins, |w| w.mode == Some(mi), |w| w.cpu_us_per_tx);
         let (m, sd) = mean_sd(&r);
         let ci = t95(r.len().saturating_sub(1)) * sd / (r.len() as f64).sqrt();
         s.line(format!(
@@ -391,10 +384,10 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     s.line("| Agent (`--attach`) | Programs toggled | On phases | Throughput on / off (mean) | sd per phase | In-path cost (95 % CI) | Workload CPU per transaction, on / off | Total with user space |");
     s.line("|---|---|---|---|---|---|---|---|");
     for (name, points, phases) in &fine {
-        let r = phase_ratios(phases, |p| p.rate);
+        let r = neighbour_ratios(phases, |p| p.on, |p| p.rate);
         let (m, ci) = batch_ci(&r);
         let (_, sd) = mean_sd(&r);
-        let (cm, cci) = batch_ci(&phase_ratios(phases, |p| p.cpu_ns_per_tx));
+        let (cm, cci) = batch_ci(&neighbour_ratios(phases, |p| p.on, |p| p.cpu_ns_per_tx));
         let cost = (1.0 - m) * 100.0;
         let (lo, hi) = (cost - ci * 100.0, cost + ci * 100.0);
         let total_hi = hi + user_share;

@@ -41,6 +41,19 @@ pub fn sleep(d: Duration) -> Result<()> {
     }
 }
 
+/// Waits up to `timeout` for `child` to exit (after it was asked to), then kills and reaps it.
+pub fn wait_or_kill(child: &mut std::process::Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Fails if the bench was interrupted.
 pub fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
