@@ -77,34 +77,32 @@ impl WallClock {
     }
 }
 
-/// Formats Unix nanoseconds as RFC 3339 UTC with microseconds: `2026-11-21T13:45:01.123456Z`.
-pub fn rfc3339(unix_ns: i128) -> String {
-    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
-    let micros = (unix_ns.rem_euclid(1_000_000_000) / 1000) as u32;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+/// A Unix time in nanoseconds, displayed as RFC 3339 UTC with microseconds
+/// (`2026-11-21T13:45:01.123456Z`), truncated (never rounded into the next second). Serialises as
+/// that string without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rfc3339(pub i128);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ns = self.0 - self.0.rem_euclid(1_000);
+        match jiff::Timestamp::from_nanosecond(ns) {
+            Ok(t) => write!(f, "{t:.6}"),
+            // Outside jiff's range (years -9999..=9999): the number, rather than nothing.
+            Err(_) => write!(f, "{}", self.0),
+        }
+    }
 }
 
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days` algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Formats Unix nanoseconds as RFC 3339 UTC with microseconds: `2026-11-21T13:45:01.123456Z`.
+pub fn rfc3339(unix_ns: i128) -> String {
+    Rfc3339(unix_ns).to_string()
 }
 
 #[cfg(test)]
@@ -117,6 +115,8 @@ mod tests {
         // 2000-02-29T12:34:56.789012Z (leap day)
         assert_eq!(rfc3339(951_827_696_789_012_345), "2000-02-29T12:34:56.789012Z");
         assert_eq!(rfc3339(1_795_000_000_000_000_000), "2026-11-18T11:06:40.000000Z");
+        assert_eq!(rfc3339(1_700_000_000_999_999_999), "2023-11-14T22:13:20.999999Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999Z");
     }
 
     #[test]

@@ -141,12 +141,14 @@ impl Decoder {
                 value: raw.optval,
                 state,
                 process: process(raw).ok_or(DecodeError::MissingProcess { kind, sk: raw.sk })?,
+                settings: self.settings(raw),
             },
             EventKind::Snapshot => EventBody::Snapshot {
                 state,
                 settings: self.settings(raw),
                 probes_out: raw.probes_out,
-                timer_in_ms: self.timer_in_ms(raw),
+                packets_out: raw.packets_out,
+                unsent: raw.unsent,
             },
             EventKind::Destroy => EventBody::Destroy,
         };
@@ -430,12 +432,15 @@ mod tests {
         r.timer_expires = 5250;
         r.keepalive_time = 30_000;
         r.probes_out = 2;
+        r.packets_out = 1;
+        r.unsent = 100;
         r.user_timeout_ms = 5000;
         let EventBody::Snapshot {
             state,
             settings,
             probes_out,
-            timer_in_ms,
+            packets_out,
+            unsent,
         } = d.decode(&r).unwrap().body
         else {
             panic!()
@@ -443,8 +448,7 @@ mod tests {
         assert_eq!(state, TcpState::Established);
         assert_eq!(settings.idle_s, Some(30));
         assert_eq!(settings.user_timeout_ms, 5000);
-        assert_eq!(probes_out, 2);
-        assert_eq!(timer_in_ms, Some(250));
+        assert_eq!((probes_out, packets_out, unsent), (2, 1, 100));
     }
 
     #[test]
@@ -459,6 +463,10 @@ mod tests {
         r.tid = 43;
         r.cgroup_id = 7;
         r.comm[..4].copy_from_slice(b"curl");
+        // The namespace's sysctls travel with the option (a fresh namespace has no other event).
+        r.sysctl_time = 7200 * 250;
+        r.sysctl_intvl = 75 * 250;
+        r.sysctl_probes = 9;
         for (level, name, opt) in [
             (1, 9, SockOpt::KeepAlive),
             (6, 4, SockOpt::KeepIdle),
@@ -476,11 +484,13 @@ mod tests {
                 value,
                 state,
                 process,
+                settings,
             } = ev.body
             else {
                 panic!()
             };
             assert_eq!((option, value, state), (opt, 17, TcpState::Close));
+            assert_eq!((settings.idle_default_s, settings.intvl_default_s, settings.cnt_default), (7200, 75, 9));
             assert_eq!((process.pid, process.tid, process.cgroup_id), (42, 43, 7));
             assert_eq!(process.comm_str(), "curl");
         }

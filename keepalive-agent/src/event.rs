@@ -116,6 +116,31 @@ impl SockSettings {
     pub fn effective_cnt(&self) -> u32 {
         self.cnt.unwrap_or(self.cnt_default)
     }
+
+    /// Which of `idle_s`, `intvl_s`, `cnt` come from the namespace's sysctls (not set on the socket).
+    pub fn defaults(&self) -> Vec<&'static str> {
+        [("idle_s", self.idle_s), ("intvl_s", self.intvl_s), ("cnt", self.cnt)]
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// Whether keep-alive matters for a socket with these settings (`SO_KEEPALIVE` or
+    /// `TCP_USER_TIMEOUT`).
+    pub fn relevant(&self) -> bool {
+        self.keepalive || self.user_timeout_ms > 0
+    }
+
+    /// The namespace defaults of `d` in place of these, when these were never read (all 0).
+    pub fn with_defaults_from(mut self, d: &SockSettings) -> SockSettings {
+        if self.idle_default_s == 0 && self.intvl_default_s == 0 && self.cnt_default == 0 {
+            self.idle_default_s = d.idle_default_s;
+            self.intvl_default_s = d.intvl_default_s;
+            self.cnt_default = d.cnt_default;
+        }
+        self
+    }
 }
 
 /// A keep-alive socket option as passed to `setsockopt(2)`.
@@ -185,15 +210,20 @@ pub enum EventBody {
     /// change to CLOSE (positive errno, 0 if none): the kernel sets it before closing a connection
     /// it kills and reports the error only after the close.
     State { old: TcpState, new: TcpState, settings: SockSettings, process: Option<Process>, err: i32 },
-    /// `setsockopt(2)` of a keep-alive option (value as passed by the caller).
-    Setsockopt { option: SockOpt, value: i32, state: TcpState, process: Process },
+    /// `setsockopt(2)` of a keep-alive option (value as passed by the caller). `settings`: the
+    /// socket's settings and its namespace's sysctls as read just before the option applies.
+    Setsockopt { option: SockOpt, value: i32, state: TcpState, process: Process, settings: SockSettings },
     /// A socket that existed when the agent started.
     Snapshot {
         state: TcpState,
         settings: SockSettings,
+        /// `icsk_probes_out`: keep-alive probes unanswered when `packets_out` and `unsent` are 0,
+        /// zero-window probes otherwise.
         probes_out: u8,
-        /// Keep-alive timer pending, and when it fires (ms from the snapshot).
-        timer_in_ms: Option<u64>,
+        /// Segments in flight, unacknowledged.
+        packets_out: u32,
+        /// Bytes queued but not yet sent.
+        unsent: u32,
     },
     /// The socket was destroyed; its identity may be reused.
     Destroy,

@@ -340,9 +340,8 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let summary = ev_loop.run(snapshot, &STOP, until(args.duration), &mut sink)?;
     let clock = ev_loop.clock;
-    let open: Vec<_> = engine.open_connections().filter(|c| filter.matches(c)).collect();
     let deadline = Duration::from_secs_f64(args.shutdown_timeout);
-    let report = runtime.block_on(exporter.shutdown(open.into_iter(), &clock, deadline));
+    let report = runtime.block_on(exporter.shutdown(&clock, deadline));
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
 }

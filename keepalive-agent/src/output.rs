@@ -1,14 +1,22 @@
 //! `trace` output: timeline records as JSON lines or aligned text.
+//!
+//! Both formats come from the same typed [`Record`]: [`JsonRecord`] serialises it with serde
+//! straight into the output buffer (no intermediate map), and [`text_line`] writes the same fields
+//! as `key=value`. The fields of each kind and their order are defined once, by
+//! [`RecordKind::fields`].
 
-use std::io::{self, Write};
+use std::{
+    fmt::{self, Write as _},
+    io::{self, Write},
+};
 
-use serde_json::{json, Map, Value};
+use serde::{ser::SerializeMap, Serialize, Serializer};
 
 use crate::{
-    clock::{rfc3339, WallClock},
+    clock::{Rfc3339, WallClock},
     container::{CgroupInfo, CgroupResolver},
-    event::comm_str,
-    timeline::{AckPrecision, EpisodeOutcome, Record, RecordKind},
+    event::{comm_str, Process},
+    timeline::{FieldSink, FieldValue, Record, RecordKind},
 };
 
 /// Output format of `trace`.
@@ -20,154 +28,86 @@ pub enum Format {
     Json,
 }
 
-/// Symbolic name of an errno value (`ETIMEDOUT`), or the number as text.
-pub fn errno_name(errno: i32) -> String {
-    let name = match errno {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EINTR => "EINTR",
-        libc::EIO => "EIO",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EINVAL => "EINVAL",
-        libc::EPIPE => "EPIPE",
-        libc::ENETDOWN => "ENETDOWN",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::ENETRESET => "ENETRESET",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::EHOSTDOWN => "EHOSTDOWN",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::EPROTO => "EPROTO",
-        libc::EMSGSIZE => "EMSGSIZE",
-        _ => return errno.to_string(),
-    };
-    name.to_string()
-}
-
-fn outcome_name(o: &EpisodeOutcome) -> &'static str {
-    match o {
-        EpisodeOutcome::Answered => "answered",
-        EpisodeOutcome::TimedOut(_) => "timeout",
-        EpisodeOutcome::Reset => "reset",
-        EpisodeOutcome::Closed => "closed",
-    }
-}
-
-/// The record's kind-specific fields.
-fn details(kind: &RecordKind) -> Map<String, Value> {
-    let mut m = Map::new();
-    match kind {
-        RecordKind::Opened { state, established } => {
-            m.insert("state".into(), json!(state.name()));
-            m.insert("established".into(), json!(established));
-        }
-        RecordKind::Config { settings, source, process: _ } => {
-            m.insert("keepalive".into(), json!(settings.keepalive));
-            m.insert("idle_s".into(), json!(settings.effective_idle_s()));
-            m.insert("intvl_s".into(), json!(settings.effective_intvl_s()));
-            m.insert("cnt".into(), json!(settings.effective_cnt()));
-            m.insert("user_timeout_ms".into(), json!(settings.user_timeout_ms));
-            m.insert("source".into(), json!(source.name()));
-            if let crate::timeline::SettingsSource::Setsockopt(opt) = source {
-                m.insert("option".into(), json!(opt.name()));
-            }
-            // Which values are the namespace's sysctl defaults rather than set on the socket.
-            let defaults: Vec<&str> = [
-                ("idle_s", settings.idle_s.is_none()),
-                ("intvl_s", settings.intvl_s.is_none()),
-                ("cnt", settings.cnt.is_none()),
-            ]
-            .iter()
-            .filter(|(_, d)| *d)
-            .map(|(n, _)| *n)
-            .collect();
-            m.insert("defaults".into(), json!(defaults));
-        }
-        RecordKind::Probe { n } => {
-            m.insert("probe".into(), json!(n));
-        }
-        RecordKind::Ack { probes, precision } => {
-            m.insert("probes".into(), json!(probes));
-            m.insert(
-                "precision".into(),
-                json!(match precision {
-                    AckPrecision::Segment => "segment",
-                    AckPrecision::NextFiring => "next_firing",
-                }),
-            );
-        }
-        RecordKind::Suppressed { packets_out, unsent } => {
-            m.insert("packets_out".into(), json!(packets_out));
-            m.insert("unsent".into(), json!(unsent));
-        }
-        RecordKind::Idle { idle_ms, next_in_ms } => {
-            m.insert("idle_ms".into(), json!(idle_ms));
-            m.insert("next_in_ms".into(), json!(next_in_ms));
-        }
-        RecordKind::Busy | RecordKind::FinWait2 | RecordKind::PeerReset => {}
-        RecordKind::Timeout { reason, probes } => {
-            m.insert("reason".into(), json!(reason.name()));
-            m.insert("probes".into(), json!(probes));
-        }
-        RecordKind::Reset { reason, active } => {
-            m.insert("reason".into(), json!(reason));
-            m.insert("active".into(), json!(active));
-        }
-        RecordKind::Error { errno } => {
-            m.insert("errno".into(), json!(errno_name(*errno)));
-            m.insert("errno_num".into(), json!(errno));
-        }
-        RecordKind::Close { state } => {
-            m.insert("state".into(), json!(state.name()));
-        }
-        RecordKind::EpisodeEnd(ep) => {
-            m.insert("outcome".into(), json!(outcome_name(&ep.outcome)));
-            m.insert("probes".into(), json!(ep.probes));
-            m.insert(
-                "duration_ms".into(),
-                json!(ep.end_ns.saturating_sub(ep.start_ns) as f64 / 1e6),
-            );
-        }
-    }
-    m
-}
-
 /// The process a record is attributed to: the caller for settings changes, else the connection's.
-pub fn record_process(rec: &Record) -> Option<crate::event::Process> {
+pub fn record_process(rec: &Record) -> Option<Process> {
     match &rec.kind {
         RecordKind::Config { process: Some(p), .. } => Some(*p),
         _ => rec.conn.process,
     }
 }
 
-/// The JSON object for one record; `cgroup` is the resolved cgroup of its process, if any.
-pub fn to_json(rec: &Record, clock: &WallClock, cgroup: Option<&CgroupInfo>) -> Value {
-    let mut m = Map::new();
-    m.insert("ts".into(), json!(rfc3339(clock.to_unix_ns(rec.ts_ns))));
-    m.insert("event".into(), json!(rec.kind.name()));
-    m.insert("local".into(), json!(rec.conn.local.to_string()));
-    m.insert("remote".into(), json!(rec.conn.remote.to_string()));
-    if let Some(p) = record_process(rec) {
-        m.insert("pid".into(), json!(p.pid));
-        m.insert("comm".into(), json!(comm_str(&p.comm)));
-        m.insert("cgroup_id".into(), json!(p.cgroup_id));
+/// Serialises a value by its `Display` form, without allocating.
+struct Shown<'a, T: fmt::Display>(&'a T);
+
+impl<T: fmt::Display> Serialize for Shown<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
     }
-    if let Some(cg) = cgroup {
-        m.insert("cgroup".into(), json!(cg.path));
-        if let Some(id) = &cg.container_id {
-            m.insert("container_id".into(), json!(id));
+}
+
+impl Serialize for FieldValue<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            FieldValue::U64(v) => s.serialize_u64(v),
+            FieldValue::I64(v) => s.serialize_i64(v),
+            FieldValue::F64(v) => s.serialize_f64(v),
+            FieldValue::Bool(v) => s.serialize_bool(v),
+            FieldValue::Str(v) => s.serialize_str(v),
+            FieldValue::Strs(v) => v.serialize(s),
+            FieldValue::OptU64(v) => v.serialize(s),
         }
     }
-    m.insert("conn".into(), json!(rec.conn.id));
-    m.insert("netns".into(), json!(rec.conn.netns));
-    m.insert("mono_ns".into(), json!(rec.ts_ns));
-    m.extend(details(&rec.kind));
-    Value::Object(m)
+}
+
+/// Adds a record's kind fields to a serde map.
+struct MapFields<'m, M>(&'m mut M);
+
+impl<M: SerializeMap> FieldSink for MapFields<'_, M> {
+    type Error = M::Error;
+    fn field(&mut self, key: &'static str, value: FieldValue<'_>) -> Result<(), M::Error> {
+        self.0.serialize_entry(key, &value)
+    }
+}
+
+/// The JSON line of one record (the README's contract). Keys in a stable order: `ts`, `event`,
+/// `local`, `remote`, `pid`, `comm`, the kind's keys, then `conn`, `netns`, `cgroup_id`,
+/// `cgroup`, `container_id`, `mono_ns`.
+pub struct JsonRecord<'a> {
+    pub rec: &'a Record,
+    /// The record's time as Unix ns.
+    pub unix_ns: i128,
+    /// The resolved cgroup of the record's process, if any.
+    pub cgroup: Option<&'a CgroupInfo>,
+}
+
+impl Serialize for JsonRecord<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let rec = self.rec;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("ts", &Rfc3339(self.unix_ns))?;
+        m.serialize_entry("event", rec.kind.name())?;
+        m.serialize_entry("local", &Shown(&rec.conn.local))?;
+        m.serialize_entry("remote", &Shown(&rec.conn.remote))?;
+        let process = record_process(rec);
+        if let Some(p) = &process {
+            m.serialize_entry("pid", &p.pid)?;
+            m.serialize_entry("comm", comm_str(&p.comm))?;
+        }
+        rec.kind.fields(&mut MapFields(&mut m))?;
+        m.serialize_entry("conn", &rec.conn.id)?;
+        m.serialize_entry("netns", &rec.conn.netns)?;
+        if let Some(p) = &process {
+            m.serialize_entry("cgroup_id", &p.cgroup_id)?;
+        }
+        if let Some(cg) = self.cgroup {
+            m.serialize_entry("cgroup", &cg.path)?;
+            if let Some(id) = &cg.container_id {
+                m.serialize_entry("container_id", id)?;
+            }
+        }
+        m.serialize_entry("mono_ns", &rec.ts_ns)?;
+        m.end()
+    }
 }
 
 /// Writes records in the chosen format.
@@ -176,24 +116,28 @@ pub struct Printer<W: Write> {
     format: Format,
     color: bool,
     cgroups: CgroupResolver,
+    line: String,
 }
 
 impl<W: Write> Printer<W> {
     pub fn new(out: W, format: Format, color: bool, cgroups: CgroupResolver) -> Self {
-        Printer { out, format, color, cgroups }
+        Printer { out, format, color, cgroups, line: String::with_capacity(256) }
     }
 
     pub fn write(&mut self, rec: &Record, clock: &WallClock) -> io::Result<()> {
+        let unix_ns = clock.to_unix_ns(rec.ts_ns);
         match self.format {
             Format::Json => {
                 let cg = record_process(rec).and_then(|p| self.cgroups.resolve(p.cgroup_id));
-                serde_json::to_writer(&mut self.out, &to_json(rec, clock, cg.as_ref()))?;
+                let line = JsonRecord { rec, unix_ns, cgroup: cg.as_ref() };
+                serde_json::to_writer(&mut self.out, &line)?;
                 self.out.write_all(b"\n")
             }
             Format::Text => {
-                let line = text_line(rec, clock, self.color);
-                self.out.write_all(line.as_bytes())?;
-                self.out.write_all(b"\n")
+                self.line.clear();
+                write_text_line(&mut self.line, rec, unix_ns, self.color);
+                self.line.push('\n');
+                self.out.write_all(self.line.as_bytes())
             }
         }
     }
@@ -216,43 +160,65 @@ fn color_of(kind: &RecordKind) -> &'static str {
     }
 }
 
-/// One aligned text line: time, event, local → remote, pid/comm, details.
+/// Writes a record's kind fields as ` key=value` (lists comma-separated; empty lists and absent
+/// values left out).
+struct TextFields<'s>(&'s mut String);
+
+impl FieldSink for TextFields<'_> {
+    type Error = fmt::Error;
+    fn field(&mut self, key: &'static str, value: FieldValue<'_>) -> fmt::Result {
+        let out = &mut *self.0;
+        match value {
+            FieldValue::Strs([]) | FieldValue::OptU64(None) => Ok(()),
+            FieldValue::U64(v) | FieldValue::OptU64(Some(v)) => write!(out, " {key}={v}"),
+            FieldValue::I64(v) => write!(out, " {key}={v}"),
+            FieldValue::F64(v) => write!(out, " {key}={v}"),
+            FieldValue::Bool(v) => write!(out, " {key}={v}"),
+            FieldValue::Str(v) => write!(out, " {key}={v}"),
+            FieldValue::Strs(v) => write!(out, " {key}={}", v.join(",")),
+        }
+    }
+}
+
+/// One aligned text line (no newline): time, event, local -> remote, pid/comm, then the kind's
+/// fields as `key=value`. No trailing space.
 pub fn text_line(rec: &Record, clock: &WallClock, color: bool) -> String {
-    let ts = rfc3339(clock.to_unix_ns(rec.ts_ns));
+    let mut line = String::new();
+    write_text_line(&mut line, rec, clock.to_unix_ns(rec.ts_ns), color);
+    line
+}
+
+fn write_text_line(line: &mut String, rec: &Record, unix_ns: i128, color: bool) {
+    let ts = Rfc3339(unix_ns).to_string();
     // HH:MM:SS.uuuuuu from the RFC 3339 form.
     let time = ts.get(11..26).unwrap_or(&ts);
-    let who = match rec.conn.process {
+    let who = match record_process(rec) {
         Some(p) => format!("{}/{}", p.pid, comm_str(&p.comm)),
         None => "-".to_string(),
     };
-    let mut det = String::new();
-    for (k, v) in details(&rec.kind) {
-        if !det.is_empty() {
-            det.push(' ');
-        }
-        match v {
-            Value::String(s) => det.push_str(&format!("{k}={s}")),
-            Value::Array(a) if a.is_empty() => continue,
-            other => det.push_str(&format!("{k}={other}")),
-        }
-    }
     let name = rec.kind.name();
     let (c0, c1) = if color { (color_of(&rec.kind), "\x1b[0m") } else { ("", "") };
-    format!(
-        "{time} {c0}{name:<10}{c1} {:>22} -> {:<22} {who:<20} {det}",
+    let _ = write!(
+        line,
+        "{time} {c0}{name:<10}{c1} {:>22} -> {:<22} {who:<20}",
         rec.conn.local.to_string(),
-        rec.conn.remote.to_string()
-    )
+        rec.conn.remote.to_string(),
+    );
+    let _ = rec.kind.fields(&mut TextFields(line));
+    let end = line.trim_end().len();
+    line.truncate(end);
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
 
+    use serde_json::{json, Value};
+
     use super::*;
     use crate::{
         event::{Process, SockSettings},
-        timeline::{ConnView, SettingsSource, TimeoutReason},
+        timeline::{ConnView, Episode, EpisodeOutcome, SettingsSource, TimeoutReason, UntrackReason},
     };
 
     fn conn() -> ConnView {
@@ -267,15 +233,30 @@ mod tests {
         }
     }
 
+    fn json_of(rec: &Record, clock: &WallClock) -> (String, Value) {
+        let line = JsonRecord { rec, unix_ns: clock.to_unix_ns(rec.ts_ns), cgroup: None };
+        let text = serde_json::to_string(&line).unwrap();
+        let v = serde_json::from_str(&text).unwrap();
+        (text, v)
+    }
+
+    fn keys(text: &str) -> Vec<String> {
+        // serde_json keeps insertion order only with `preserve_order`; read the keys off the text.
+        let v: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
+        let mut ks: Vec<(usize, String)> = v.keys().map(|k| (text.find(&format!("\"{k}\":")).unwrap(), k.clone())).collect();
+        ks.sort();
+        ks.into_iter().map(|(_, k)| k).collect()
+    }
+
     #[test]
-    fn json_has_the_contract_keys() {
+    fn json_has_the_contract_keys_in_order() {
         let clock = WallClock::with_offset_ns(1_700_000_000_000_000_000);
         let rec = Record {
             ts_ns: 1_500_000_000,
             conn: conn(),
             kind: RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 3 },
         };
-        let v = to_json(&rec, &clock, None);
+        let (text, v) = json_of(&rec, &clock);
         assert_eq!(v["ts"], "2023-11-14T22:13:21.500000Z");
         assert_eq!(v["event"], "timeout");
         assert_eq!(v["local"], "127.0.0.1:40000");
@@ -284,6 +265,10 @@ mod tests {
         assert_eq!(v["comm"], "psql");
         assert_eq!(v["reason"], "keepalive");
         assert_eq!(v["probes"], 3);
+        assert_eq!(
+            keys(&text),
+            ["ts", "event", "local", "remote", "pid", "comm", "reason", "probes", "conn", "netns", "cgroup_id", "mono_ns"]
+        );
     }
 
     #[test]
@@ -308,7 +293,7 @@ mod tests {
                 process: None,
             },
         };
-        let v = to_json(&rec, &clock, None);
+        let (_, v) = json_of(&rec, &clock);
         assert_eq!(v["idle_s"], 1);
         assert_eq!(v["intvl_s"], 75);
         assert_eq!(v["cnt"], 3);
@@ -317,12 +302,34 @@ mod tests {
         assert_eq!(v["option"], "TCP_KEEPCNT");
         assert_eq!(v["defaults"], json!(["intvl_s"]));
         assert_eq!(v["keepalive"], true);
+        let line = text_line(&rec, &clock, false);
+        assert!(line.ends_with("source=setsockopt option=TCP_KEEPCNT defaults=intvl_s"), "{line}");
     }
 
     #[test]
-    fn errno_names() {
-        assert_eq!(errno_name(libc::ETIMEDOUT), "ETIMEDOUT");
-        assert_eq!(errno_name(9999), "9999");
+    fn error_untracked_and_episode_fields() {
+        let clock = WallClock::with_offset_ns(0);
+        let mk = |kind| Record { ts_ns: 0, conn: conn(), kind };
+        let (_, v) = json_of(&mk(RecordKind::Error { errno: libc::ETIMEDOUT }), &clock);
+        assert_eq!((v["errno"].as_str(), v["errno_num"].as_i64()), (Some("ETIMEDOUT"), Some(110)));
+        let (_, v) = json_of(&mk(RecordKind::Error { errno: 9999 }), &clock);
+        assert_eq!(v["errno"], "9999");
+        let untracked = RecordKind::Untracked { reason: UntrackReason::Destroyed, state: crate::event::TcpState::Established };
+        let (_, v) = json_of(&mk(untracked), &clock);
+        assert_eq!((v["event"].as_str(), v["reason"].as_str(), v["state"].as_str()), (Some("untracked"), Some("destroyed"), Some("ESTABLISHED")));
+        let ep = Episode {
+            number: 2,
+            start_ns: 0,
+            end_ns: 1_500_000,
+            probes: 1,
+            outcome: EpisodeOutcome::Answered(crate::timeline::AckPrecision::Segment),
+            probe_ts_ns: vec![0],
+            first_timed_probe: 1,
+        };
+        let (_, v) = json_of(&mk(RecordKind::EpisodeEnd(ep)), &clock);
+        assert_eq!(v["outcome"], "answered");
+        assert_eq!(v["episode"], 2);
+        assert_eq!(v["duration_ms"], 1.5);
     }
 
     #[test]
@@ -333,7 +340,13 @@ mod tests {
         assert!(line.starts_with("00:00:00.000000 probe "), "{line}");
         assert!(line.contains("127.0.0.1:40000 -> [::1]:5432"), "{line}");
         assert!(line.contains("42/psql"));
-        assert!(line.ends_with("probe=2"));
+        assert!(line.ends_with(" probe=2"), "{line}");
         assert!(!line.contains('\x1b'));
+        // No stray trailing spaces when a kind has no fields; absent values are left out.
+        let busy = text_line(&Record { ts_ns: 0, conn: conn(), kind: RecordKind::Busy }, &clock, false);
+        assert_eq!(busy, busy.trim_end());
+        let idle = RecordKind::Idle { idle_ms: 5, next_in_ms: None };
+        let idle = text_line(&Record { ts_ns: 0, conn: conn(), kind: idle }, &clock, false);
+        assert!(idle.ends_with(" idle_ms=5"), "{idle}");
     }
 }

@@ -221,6 +221,9 @@ impl EventLoop<'_> {
                 }
             }
         }
+        // Every connection still followed ends now: its open episode (`incomplete`), then
+        // `untracked` with reason `shutdown`.
+        self.engine.shutdown(crate::clock::monotonic_now_ns(), &mut records);
         self.flush(&mut records, &mut passed, &mut summary, sink)?;
         self.report(&mut last_lost, &mut summary);
         Ok(summary)

@@ -113,6 +113,17 @@ pub fn keepalive_relevant(sk: u64) -> bool {
         || rd(sk, off!(tp_keepalive_probes)) != 0
 }
 
+/// Fills what the socket has in flight (`packets_out`) and queued but unsent (`write_seq - snd_nxt`):
+/// keep-alive cannot probe while either is non-zero, and `icsk_probes_out` then counts zero-window
+/// probes, not keep-alive probes.
+#[inline(always)]
+pub fn fill_queues(ev: &mut RawEvent, sk: u64) {
+    ev.packets_out = rd(sk, off!(tp_packets_out)) as u32;
+    let write_seq = rd(sk, off!(tp_write_seq)) as u32;
+    let snd_nxt = rd(sk, off!(tp_snd_nxt)) as u32;
+    ev.unsent = write_seq.wrapping_sub(snd_nxt);
+}
+
 /// Records the current process (pid, tid, comm, cgroup) in `ev`.
 #[inline(always)]
 pub fn fill_process(ev: &mut RawEvent) {

@@ -4,11 +4,11 @@
 //! full socket (listeners, TIME_WAIT and request sockets are skipped).
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_seq_write, generated::bpf_probe_read_kernel};
-use keepalive_common::{EventKind, RawEvent, FLAG_TIMER_PENDING, RAW_EVENT_SIZE};
+use keepalive_common::{EventKind, RawEvent, RAW_EVENT_SIZE};
 
 use crate::{
     off,
-    read::{fill_sock, keepalive_relevant, rd},
+    read::{fill_queues, fill_sock, keepalive_relevant, rd},
     EVENT_SCRATCH,
 };
 
@@ -59,11 +59,7 @@ pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     fill_sock(ev, sk);
-    let t = sk + off!(sk_timer).off as u64;
-    ev.timer_expires = rd(t, off!(timer_expires));
-    if rd(t, off!(timer_pprev)) != 0 {
-        ev.flags |= FLAG_TIMER_PENDING;
-    }
+    fill_queues(ev, sk);
     // SAFETY: `meta` and `meta->seq` are typed pointers the verifier knows; bpf_seq_write copies
     // RAW_EVENT_SIZE bytes from the scratch slot.
     unsafe {

@@ -20,7 +20,7 @@ use keepalive_common::{
 
 use crate::{
     count_lost, off,
-    read::{ctx_arg_scalar, fill_sock, rd},
+    read::{ctx_arg_scalar, fill_queues, fill_sock, rd},
     EVENTS, TIMER_SCRATCH,
 };
 
@@ -86,10 +86,7 @@ pub fn timer_enter(timer: u64, jiffies: u64) {
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     fill_sock(ev, sk);
     ev.jiffies = jiffies;
-    ev.packets_out = rd(sk, off!(tp_packets_out)) as u32;
-    let write_seq = rd(sk, off!(tp_write_seq)) as u32;
-    let snd_nxt = rd(sk, off!(tp_snd_nxt)) as u32;
-    ev.unsent = write_seq.wrapping_sub(snd_nxt);
+    fill_queues(ev, sk);
     // keepalive_time_elapsed(): min(now - lrcvtime, now - rcv_tstamp), in 32-bit jiffies.
     let now = jiffies as u32;
     let a = now.wrapping_sub(rd(sk, off!(icsk_ack_lrcvtime)) as u32);

@@ -28,11 +28,11 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 
 use crate::clock::{monotonic_now_ns, WallClock};
-use crate::timeline::{ConnView, Record};
+use crate::timeline::Record;
 
 pub use config::{ExportArgs, ExportConfig, Protocol, Target};
 use pipeline::{Pipeline, PipelineConfig};
-use spans::SpanModel;
+use spans::{FinishCounts, SpanModel};
 
 /// Errors setting up the exporter.
 #[derive(Debug, thiserror::Error)]
@@ -334,22 +334,18 @@ impl Exporter {
         }
     }
 
-    /// Stops the exporter. Connections still open (`open`, normally the engine's
-    /// `open_connections()`, plus any this exporter still tracks) get their connection span ended
-    /// now, with `tcp.keepalive.incomplete = true` and `tcp.keepalive.outcome = "open"`; a keep-alive
-    /// episode in progress becomes an episode span with outcome `incomplete` holding the probes seen
-    /// so far. Then everything pending is flushed, waiting at most `deadline` in all.
-    pub async fn shutdown(
-        mut self,
-        open: impl Iterator<Item = ConnView>,
-        clock: &WallClock,
-        deadline: Duration,
-    ) -> ExportReport {
+    /// Stops the exporter: flushes everything pending, waiting at most `deadline` in all. Call it
+    /// after the engine's shutdown records ([`crate::timeline::engine::Engine::shutdown`]) went
+    /// through [`Exporter::on_records`]: they end every connection still open (`tcp.keepalive.incomplete
+    /// = true`, outcome `open`) and every episode in progress (outcome `incomplete`).
+    pub async fn shutdown(mut self, clock: &WallClock, deadline: Duration) -> ExportReport {
         let started = Instant::now();
-        let mut last = Vec::new();
-        let counts = self
-            .model
-            .finish(open, clock, monotonic_now_ns(), &mut last);
+        let mut last = std::mem::take(&mut self.buf);
+        let leftover = self.model.finish(clock, monotonic_now_ns(), &mut last);
+        let counts = FinishCounts {
+            connections: self.model.ended_at_shutdown.connections + leftover,
+            episodes: self.model.ended_at_shutdown.episodes,
+        };
         match self.sink {
             Sink::Json { .. } => {
                 let failed_before = self.stats().spans_failed;

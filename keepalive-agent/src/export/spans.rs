@@ -1,21 +1,25 @@
 //! The span model: timeline [`Record`]s in, finished OpenTelemetry spans ([`SpanData`]) out. Pure:
-//! no I/O, no clock reads (the caller passes the [`WallClock`] and, at shutdown, the stop time).
+//! no I/O, no clock reads (the caller passes the [`WallClock`]).
+//!
+//! It formats the engine's records and keeps no model of its own: a connection's span state lives
+//! from its first record to its last (`close` or `untracked`, which the engine emits for every
+//! connection it stops following, including at shutdown), and an episode span is built from the
+//! engine's `episode` record alone.
 //!
 //! - One trace per connection; its root span `tcp.connection` runs from the record that opened the
-//!   connection (or, lacking one, `ConnView::first_seen_ns`) to its `Close`, and is produced when the
-//!   batch holding the `Close` has been processed (so an `EpisodeEnd` emitted right after the
-//!   `Close` still counts).
+//!   connection (or, lacking one, `ConnView::first_seen_ns`) to its last record, and is produced then.
 //! - One child span `tcp.keepalive.episode` per keep-alive episode, produced as soon as its
-//!   `EpisodeEnd` arrives. The ids of the connection span are drawn when the connection is first
-//!   seen, so an episode can name its parent long before the parent is exported.
+//!   `episode` record arrives (always before the connection's last record). The ids of the
+//!   connection span are drawn when the connection is first seen, so an episode can name its parent
+//!   long before the parent is exported.
 //! - Every timestamp is a kernel event time converted with the [`WallClock`] current when the record
-//!   arrived; the only exception is the end of spans still open when the agent stops (their end is
-//!   the stop time, and they carry `tcp.keepalive.incomplete = true`).
+//!   arrived; the only exception is the end of spans ended by the agent's shutdown (the engine's
+//!   shutdown records carry the stop time).
 //!
-//! See `the "OpenTelemetry traces" section of README.md for the user-facing description.
+//! See the "OpenTelemetry traces" section of README.md for the user-facing description.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -28,8 +32,8 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEve
 use crate::clock::WallClock;
 use crate::event::{Process, SockSettings, TcpState};
 use crate::timeline::{
-    AckPrecision, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
-    TimeoutReason,
+    errno_name, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
+    TimeoutReason, UntrackReason,
 };
 
 /// Span, event and attribute names. Semantic-convention names where one exists; everything of our
@@ -89,6 +93,7 @@ pub mod names {
     pub const ERRNO: &str = "tcp.keepalive.errno";
     pub const CLOSE_STATE: &str = "tcp.keepalive.close.state";
     pub const INCOMPLETE: &str = "tcp.keepalive.incomplete";
+    pub const UNTRACKED_REASON: &str = "tcp.keepalive.untracked.reason";
     pub const EPISODE_NUMBER: &str = "tcp.keepalive.episode.number";
     pub const EPISODE_OUTCOME: &str = "tcp.keepalive.episode.outcome";
     pub const EPISODE_PROBES: &str = "tcp.keepalive.episode.probes";
@@ -99,9 +104,6 @@ pub mod names {
 }
 
 use names::*;
-
-/// Closed connections remembered so that a late `EpisodeEnd` still finds its parent span.
-const TOMBSTONES: usize = 1024;
 
 /// Events appended to a span, at most `limit`; the last few slots are kept for the events that say
 /// how things ended (timeout, reset, error...), so that a flood of routine events (suppressed
@@ -155,19 +157,30 @@ impl Events {
     }
 }
 
-/// An episode that started (a probe was seen) and has not ended yet.
-#[derive(Debug)]
-struct OpenEpisode {
-    start_ns: u64,
-    /// Probes seen so far (for an episode still open at shutdown).
-    probes: Vec<u64>,
-    /// The records that ended it (ack, timeout, reset, error, close), as episode events.
-    outcome: Vec<Event>,
-    ack_precision: Option<AckPrecision>,
+/// Counters of a connection span.
+#[derive(Debug, Default)]
+struct Counts {
+    settings_changes: u64,
+    probes: u64,
+    episodes: u64,
+    suppressed: u64,
+    idle_rearms: u64,
+    busy_retries: u64,
+    fin_wait2: u64,
 }
 
+/// What ended a connection, from the records that said so.
+#[derive(Debug, Default)]
+struct Ending {
+    timeout: Option<(TimeoutReason, u32)>,
+    reset: Option<(String, bool)>,
+    peer_reset: bool,
+    errno: Option<i32>,
+}
+
+/// A connection span being built: from the connection's first record to its last.
 #[derive(Debug)]
-struct ConnState {
+struct ConnSpan {
     trace_id: TraceId,
     span_id: SpanId,
     start: SystemTime,
@@ -176,51 +189,39 @@ struct ConnState {
     /// Source of the first settings seen: how the agent came to follow the connection.
     first_source: Option<SettingsSource>,
     settings: Option<(SockSettings, SettingsSource)>,
-    settings_changes: u64,
+    counts: Counts,
+    ending: Ending,
     events: Events,
-    probes: u64,
-    episodes: u64,
-    suppressed: u64,
-    idle_rearms: u64,
-    busy_retries: u64,
-    fin_wait2: u64,
-    timeout: Option<(TimeoutReason, u32)>,
-    reset: Option<(String, bool)>,
-    peer_reset: bool,
-    errno: Option<i32>,
-    close: Option<(SystemTime, TcpState)>,
-    episode: Option<OpenEpisode>,
 }
 
-/// What a late `EpisodeEnd` needs of a connection whose span is already gone.
-#[derive(Debug, Clone)]
-struct Tombstone {
-    trace_id: TraceId,
-    span_id: SpanId,
-    view: ConnView,
-    settings: Option<(SockSettings, SettingsSource)>,
-    episodes: u64,
+/// How a connection span ends: its last record.
+enum Last {
+    Close(TcpState),
+    Untracked(UntrackReason),
+    /// Left over when the model was finished (never expected: the engine ends every connection).
+    Leftover,
 }
 
-/// Counts of what [`SpanModel::finish`] ended.
+/// Spans ended by the agent's shutdown rather than by the connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FinishCounts {
+    /// Connection spans of connections still open (`untracked`, reason `shutdown`).
     pub connections: u64,
+    /// Episode spans of episodes in progress (outcome `incomplete`).
     pub episodes: u64,
 }
 
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
-    conns: HashMap<u64, ConnState>,
-    closing: Vec<u64>,
-    tombs: HashMap<u64, Tombstone>,
-    tomb_order: VecDeque<u64>,
+    conns: HashMap<u64, ConnSpan>,
     ids: RandomIdGenerator,
     scope: InstrumentationScope,
     max_events: usize,
     /// Spans produced so far.
     pub spans_built: u64,
+    /// Spans ended by the agent's shutdown so far.
+    pub ended_at_shutdown: FinishCounts,
 }
 
 impl SpanModel {
@@ -228,19 +229,17 @@ impl SpanModel {
     pub fn new(max_events: usize) -> Self {
         SpanModel {
             conns: HashMap::new(),
-            closing: Vec::new(),
-            tombs: HashMap::new(),
-            tomb_order: VecDeque::new(),
             ids: RandomIdGenerator::default(),
             scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
             max_events: max_events.max(2),
             spans_built: 0,
+            ended_at_shutdown: FinishCounts::default(),
         }
     }
 
-    /// Connections being tracked (spans not yet produced).
+    /// Connections whose last record has not come yet (at most the engine's tracked connections).
     pub fn open_connections(&self) -> usize {
         self.conns.len()
     }
@@ -250,51 +249,23 @@ impl SpanModel {
         for rec in records {
             self.on_record(rec, clock, out);
         }
-        for id in std::mem::take(&mut self.closing) {
-            if let Some(st) = self.conns.remove(&id) {
-                self.bury(&st);
-                let span = self.connection_span(st, None);
-                self.emit(span, out);
-            }
-        }
     }
 
-    /// Ends every connection still open: those the engine reports (`open`) and those this model
-    /// tracks. Their spans end at `stop` (monotonic ns) and carry `tcp.keepalive.incomplete`; an
-    /// episode in progress becomes an incomplete episode span with the probes seen so far.
-    pub fn finish(
-        &mut self,
-        open: impl Iterator<Item = ConnView>,
-        clock: &WallClock,
-        stop_ns: u64,
-        out: &mut Vec<SpanData>,
-    ) -> FinishCounts {
-        // Close records still pending in this model are finished normally first.
-        self.on_records(&[], clock, out);
-        for view in open {
-            if !self.tombs.contains_key(&view.id) {
-                self.state(&view, view.first_seen_ns, clock);
-            }
-        }
-        let stop = clock.to_system_time(stop_ns);
-        let mut counts = FinishCounts::default();
+    /// Ends what is left at `stop_ns` (monotonic) with `tcp.keepalive.incomplete`; returns how many.
+    /// The engine ends every connection at shutdown with records of its own, so nothing should be
+    /// left: what is, is logged.
+    pub fn finish(&mut self, clock: &WallClock, stop_ns: u64, out: &mut Vec<SpanData>) -> u64 {
         let mut ids: Vec<u64> = self.conns.keys().copied().collect();
         ids.sort_unstable();
+        let n = ids.len() as u64;
         for id in ids {
-            let Some(mut st) = self.conns.remove(&id) else {
-                continue;
-            };
-            if let Some(ep) = st.episode.take() {
-                st.episodes += 1;
-                let span = self.incomplete_episode_span(&st, ep, stop, clock);
+            if let Some(st) = self.conns.remove(&id) {
+                log::debug!("export: connection {id} had no last record; its span ends at the stop");
+                let span = self.connection_span(st, clock.to_system_time(stop_ns), Last::Leftover);
                 self.emit(span, out);
-                counts.episodes += 1;
             }
-            let span = self.connection_span(st, Some(stop));
-            self.emit(span, out);
-            counts.connections += 1;
         }
-        counts
+        n
     }
 
     fn emit(&mut self, span: SpanData, out: &mut Vec<SpanData>) {
@@ -302,235 +273,59 @@ impl SpanModel {
         out.push(span);
     }
 
-    fn bury(&mut self, st: &ConnState) {
-        let id = st.view.id;
-        self.tombs.insert(
-            id,
-            Tombstone {
-                trace_id: st.trace_id,
-                span_id: st.span_id,
-                view: st.view,
-                settings: st.settings,
-                episodes: st.episodes,
-            },
-        );
-        self.tomb_order.push_back(id);
-        while self.tomb_order.len() > TOMBSTONES {
-            if let Some(old) = self.tomb_order.pop_front() {
-                self.tombs.remove(&old);
-            }
-        }
-    }
-
-    fn state(&mut self, view: &ConnView, start_ns: u64, clock: &WallClock) -> &mut ConnState {
+    fn state(&mut self, rec: &Record, clock: &WallClock) -> &mut ConnSpan {
+        let start_ns = match rec.kind {
+            RecordKind::Opened { .. } => rec.ts_ns,
+            _ => rec.conn.first_seen_ns.min(rec.ts_ns),
+        };
         let max_events = self.max_events;
         let ids = &self.ids;
-        let st = self.conns.entry(view.id).or_insert_with(|| ConnState {
+        let st = self.conns.entry(rec.conn.id).or_insert_with(|| ConnSpan {
             trace_id: ids.new_trace_id(),
             span_id: ids.new_span_id(),
             start: clock.to_system_time(start_ns),
-            view: *view,
+            view: rec.conn,
             opened: None,
             first_source: None,
             settings: None,
-            settings_changes: 0,
+            counts: Counts::default(),
+            ending: Ending::default(),
             events: Events::new(max_events),
-            probes: 0,
-            episodes: 0,
-            suppressed: 0,
-            idle_rearms: 0,
-            busy_retries: 0,
-            fin_wait2: 0,
-            timeout: None,
-            reset: None,
-            peer_reset: false,
-            errno: None,
-            close: None,
-            episode: None,
         });
         // The view is copied into every record; keep the latest (the owning process may become
         // known after the connection was first seen), but never forget a process once known.
-        let process = view.process.or(st.view.process);
-        st.view = *view;
+        let process = rec.conn.process.or(st.view.process);
+        st.view = rec.conn;
         st.view.process = process;
         st
     }
 
     fn on_record(&mut self, rec: &Record, clock: &WallClock, out: &mut Vec<SpanData>) {
-        let id = rec.conn.id;
-        if !self.conns.contains_key(&id) && self.tombs.contains_key(&id) {
-            // The connection span is already out: only a late episode end still matters.
-            if let RecordKind::EpisodeEnd(ep) = &rec.kind {
-                let mut tomb = self.tombs[&id].clone();
-                tomb.episodes += 1;
-                if let Some(t) = self.tombs.get_mut(&id) {
-                    t.episodes = tomb.episodes;
-                }
-                let span = self.episode_span(&tomb, ep, Vec::new(), None, clock);
-                self.emit(span, out);
-            } else {
-                log::debug!(
-                    "export: record `{}` for connection {id} after its close; ignored",
-                    rec.kind.name()
-                );
-            }
-            return;
-        }
-        let start_ns = match rec.kind {
-            RecordKind::Opened { .. } => rec.ts_ns,
-            _ => rec.conn.first_seen_ns.min(rec.ts_ns),
-        };
         let at = clock.to_system_time(rec.ts_ns);
-        let max_events = self.max_events;
-        let st = self.state(&rec.conn, start_ns, clock);
-        // What to do once `st` is no longer borrowed.
-        let mut closed = false;
-        let mut episode_end = None;
+        let st = self.state(rec, clock);
         match &rec.kind {
-            RecordKind::Opened { state, .. } => {
-                // `established` is `state == ESTABLISHED`: nothing more to say.
-                st.opened = Some(*state);
-            }
-            RecordKind::Config {
-                settings,
-                source,
-                process,
-            } => {
-                st.first_source.get_or_insert(*source);
-                st.settings = Some((*settings, *source));
-                st.settings_changes += 1;
-                let mut attrs = settings_attrs(settings, *source);
-                if let Some(p) = process {
-                    attrs.extend(process_attrs(p));
-                }
-                st.events.routine(Event::new(EV_CONFIG, at, attrs, 0));
-            }
-            RecordKind::Probe { n } => {
-                st.probes += 1;
-                if *n <= 1 || st.episode.is_none() {
-                    if st.episode.is_some() {
-                        log::debug!("export: connection {id}: probe 1 while an episode was open; restarting it");
-                    }
-                    st.episode = Some(OpenEpisode {
-                        start_ns: rec.ts_ns,
-                        probes: Vec::new(),
-                        outcome: Vec::new(),
-                        ack_precision: None,
-                    });
-                }
-                if let Some(ep) = &mut st.episode {
-                    if ep.probes.len() < max_events {
-                        ep.probes.push(rec.ts_ns);
-                    }
-                }
-            }
-            RecordKind::Ack { probes, precision } => {
-                let e = Event::new(
-                    EV_ACK,
-                    at,
-                    vec![
-                        KeyValue::new(EPISODE_PROBES, i64::from(*probes)),
-                        KeyValue::new(ACK_PRECISION, precision_name(*precision)),
-                    ],
-                    0,
-                );
-                match &mut st.episode {
-                    Some(ep) => {
-                        ep.ack_precision = Some(*precision);
-                        push_capped(&mut ep.outcome, e);
-                    }
-                    None => st.events.routine(e),
-                }
-            }
-            RecordKind::Suppressed {
-                packets_out,
-                unsent,
-            } => {
-                st.suppressed += 1;
-                st.events.routine(Event::new(
-                    EV_SUPPRESSED,
-                    at,
-                    vec![
-                        KeyValue::new(PACKETS_OUT, i64::from(*packets_out)),
-                        KeyValue::new(UNSENT, i64::from(*unsent)),
-                    ],
-                    0,
-                ));
-            }
-            RecordKind::Idle { .. } => st.idle_rearms += 1,
-            RecordKind::Busy => st.busy_retries += 1,
-            RecordKind::FinWait2 => {
-                st.fin_wait2 += 1;
-                st.events
-                    .important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
-            }
-            RecordKind::Timeout { reason, probes } => {
-                st.timeout = Some((*reason, *probes));
-                let attrs = vec![
-                    KeyValue::new(TIMEOUT_REASON, reason.name()),
-                    KeyValue::new(EPISODE_PROBES, i64::from(*probes)),
-                ];
-                terminal_event(st, EV_TIMEOUT, at, attrs);
-            }
-            RecordKind::Reset { reason, active } => {
-                st.reset = Some((reason.clone(), *active));
-                let attrs = vec![
-                    KeyValue::new(RESET_REASON, reason.clone()),
-                    KeyValue::new(RESET_ACTIVE, *active),
-                ];
-                terminal_event(st, EV_RESET, at, attrs);
-            }
-            RecordKind::PeerReset => {
-                st.peer_reset = true;
-                terminal_event(st, EV_PEER_RESET, at, Vec::new());
-            }
-            RecordKind::Error { errno } => {
-                st.errno = Some(*errno);
-                terminal_event(
-                    st,
-                    EV_ERROR,
-                    at,
-                    vec![KeyValue::new(ERRNO, errno_name(*errno))],
-                );
-            }
-            RecordKind::Close { state } => {
-                if let Some(ep) = &mut st.episode {
-                    push_capped(
-                        &mut ep.outcome,
-                        Event::new(
-                            EV_CLOSE,
-                            at,
-                            vec![KeyValue::new(CLOSE_STATE, state.name())],
-                            0,
-                        ),
-                    );
-                }
-                if st.close.is_none() {
-                    st.close = Some((at, *state));
-                    closed = true;
-                }
-            }
             RecordKind::EpisodeEnd(ep) => {
-                st.episodes += 1;
-                let (outcome, precision) = match st.episode.take() {
-                    Some(o) => (o.outcome, o.ack_precision),
-                    None => (Vec::new(), None),
-                };
-                let parent = Tombstone {
-                    trace_id: st.trace_id,
-                    span_id: st.span_id,
-                    view: st.view,
-                    settings: st.settings,
-                    episodes: st.episodes,
-                };
-                episode_end = Some((parent, ep, outcome, precision));
+                st.counts.episodes += 1;
+                if ep.outcome == EpisodeOutcome::Incomplete {
+                    self.ended_at_shutdown.episodes += 1;
+                }
+                let span = self.episode_span(rec.conn.id, ep, clock);
+                self.emit(span, out);
             }
+            RecordKind::Close { state } => self.end_connection(rec.conn.id, at, Last::Close(*state), out),
+            RecordKind::Untracked { reason, .. } => {
+                if *reason == UntrackReason::Shutdown {
+                    self.ended_at_shutdown.connections += 1;
+                }
+                self.end_connection(rec.conn.id, at, Last::Untracked(*reason), out)
+            }
+            kind => on_event(st, kind, at),
         }
-        if closed {
-            self.closing.push(id);
-        }
-        if let Some((parent, ep, outcome, precision)) = episode_end {
-            let span = self.episode_span(&parent, ep, outcome, precision, clock);
+    }
+
+    fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
+        if let Some(st) = self.conns.remove(&id) {
+            let span = self.connection_span(st, at, last);
             self.emit(span, out);
         }
     }
@@ -570,7 +365,7 @@ impl SpanModel {
         }
     }
 
-    fn connection_span(&self, st: ConnState, stopped_at: Option<SystemTime>) -> SpanData {
+    fn connection_span(&self, st: ConnSpan, end: SystemTime, last: Last) -> SpanData {
         let mut a = conn_attrs(&st.view);
         if let Some(state) = st.opened {
             a.push(KeyValue::new(OPEN_STATE, state.name()));
@@ -578,169 +373,166 @@ impl SpanModel {
         if let Some(source) = st.first_source {
             a.push(KeyValue::new(FIRST_SEEN_SOURCE, source.name()));
         }
-        a.push(KeyValue::new(
-            SNAPSHOT,
-            st.first_source == Some(SettingsSource::Snapshot),
-        ));
+        a.push(KeyValue::new(SNAPSHOT, st.first_source == Some(SettingsSource::Snapshot)));
         if let Some((s, source)) = &st.settings {
             a.extend(settings_attrs(s, *source));
         }
-        a.push(KeyValue::new(SETTINGS_CHANGES, st.settings_changes as i64));
-        a.push(KeyValue::new(EPISODES, st.episodes as i64));
-        a.push(KeyValue::new(PROBES, st.probes as i64));
-        a.push(KeyValue::new(SUPPRESSED, st.suppressed as i64));
-        a.push(KeyValue::new(IDLE_REARMS, st.idle_rearms as i64));
-        a.push(KeyValue::new(BUSY_RETRIES, st.busy_retries as i64));
-        a.push(KeyValue::new(FIN_WAIT2, st.fin_wait2 as i64));
-        if let Some((reason, _)) = st.timeout {
-            a.push(KeyValue::new(TIMEOUT_REASON, reason.name()));
-        }
-        if let Some((reason, active)) = &st.reset {
-            a.push(KeyValue::new(RESET_REASON, reason.clone()));
-            a.push(KeyValue::new(RESET_ACTIVE, *active));
-        }
-        if let Some(e) = st.errno {
-            a.push(KeyValue::new(ERRNO, errno_name(e)));
-        }
-        let (outcome, status, error_type) = conn_outcome(&st, stopped_at.is_some());
+        count_attrs(&st.counts, &mut a);
+        ending_attrs(&st.ending, &mut a);
+        let (outcome, status, error_type) = conn_outcome(&st.ending, &last);
         a.push(KeyValue::new(OUTCOME, outcome));
         if let Some(t) = error_type {
             a.push(KeyValue::new(ERROR_TYPE, t));
         }
-        let end = match (stopped_at, st.close) {
-            (Some(stop), _) => {
-                a.push(KeyValue::new(INCOMPLETE, true));
-                stop
+        match last {
+            Last::Close(state) => a.push(KeyValue::new(CLOSE_STATE, state.name())),
+            Last::Untracked(reason) => {
+                a.push(KeyValue::new(UNTRACKED_REASON, reason.name()));
+                if reason == UntrackReason::Shutdown {
+                    a.push(KeyValue::new(INCOMPLETE, true));
+                }
             }
-            (None, Some((at, state))) => {
-                a.push(KeyValue::new(CLOSE_STATE, state.name()));
-                at
-            }
-            (None, None) => st.start,
-        };
-        self.span(
-            st.trace_id,
-            st.span_id,
-            SpanId::INVALID,
-            SPAN_CONNECTION,
-            (st.start, end),
-            a,
-            st.events,
-            status,
-        )
+            Last::Leftover => a.push(KeyValue::new(INCOMPLETE, true)),
+        }
+        self.span(st.trace_id, st.span_id, SpanId::INVALID, SPAN_CONNECTION, (st.start, end), a, st.events, status)
     }
 
-    fn episode_span(
-        &self,
-        parent: &Tombstone,
-        ep: &Episode,
-        outcome_events: Vec<Event>,
-        precision: Option<AckPrecision>,
-        clock: &WallClock,
-    ) -> SpanData {
+    /// The episode span of connection `id` from its `episode` record: probes, then the event that
+    /// ended it.
+    fn episode_span(&self, id: u64, ep: &Episode, clock: &WallClock) -> SpanData {
+        let parent = &self.conns[&id];
         let mut events = Events::new(self.max_events);
         for (i, ts) in ep.probe_ts_ns.iter().enumerate() {
-            events.routine(probe_event(clock, *ts, i as u32 + 1));
+            events.routine(probe_event(clock, *ts, ep.first_timed_probe + i as u32));
         }
-        for e in outcome_events {
-            events.important(e);
-        }
+        let end = clock.to_system_time(ep.end_ns);
         let mut a = conn_attrs(&parent.view);
-        a.push(KeyValue::new(EPISODE_NUMBER, parent.episodes as i64));
+        a.push(KeyValue::new(EPISODE_NUMBER, i64::from(ep.number)));
         a.push(KeyValue::new(EPISODE_PROBES, i64::from(ep.probes)));
         if let Some((s, _)) = &parent.settings {
             a.extend(effective_settings(s));
         }
-        let (outcome, status, error_type) = match &ep.outcome {
-            EpisodeOutcome::Answered => ("answered", Status::Unset, None),
-            EpisodeOutcome::Closed => ("closed", Status::Unset, None),
-            EpisodeOutcome::Reset => (
-                "reset",
-                Status::error("connection reset while keep-alive probes were unanswered"),
-                Some("reset"),
-            ),
-            EpisodeOutcome::TimedOut(reason) => {
-                a.push(KeyValue::new(TIMEOUT_REASON, reason.name()));
-                (
-                    "timeout",
-                    Status::error(timeout_message(*reason, ep.probes)),
-                    Some(timeout_type(*reason)),
-                )
+        a.push(KeyValue::new(EPISODE_OUTCOME, ep.outcome.name()));
+        let status = episode_outcome(ep, end, &mut a, &mut events);
+        let times = (clock.to_system_time(ep.start_ns), end);
+        self.span(parent.trace_id, self.ids.new_span_id(), parent.span_id, SPAN_EPISODE, times, a, events, status)
+    }
+}
+
+/// A record that adds to the connection span (not an episode end, not its last record).
+fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
+    match kind {
+        RecordKind::Opened { state, .. } => st.opened = Some(*state),
+        RecordKind::Config { settings, source, process } => {
+            st.first_source.get_or_insert(*source);
+            st.settings = Some((*settings, *source));
+            st.counts.settings_changes += 1;
+            let mut attrs = settings_attrs(settings, *source);
+            if let Some(p) = process {
+                attrs.extend(process_attrs(p));
             }
-        };
-        a.push(KeyValue::new(EPISODE_OUTCOME, outcome));
-        if let (EpisodeOutcome::Answered, Some(p)) = (&ep.outcome, precision) {
-            a.push(KeyValue::new(ACK_PRECISION, precision_name(p)));
+            st.events.routine(Event::new(EV_CONFIG, at, attrs, 0));
         }
-        if let Some(t) = error_type {
-            a.push(KeyValue::new(ERROR_TYPE, t));
+        RecordKind::Probe { .. } => st.counts.probes += 1,
+        RecordKind::Ack { .. } => {} // on the episode span
+        RecordKind::Suppressed { packets_out, unsent } => {
+            st.counts.suppressed += 1;
+            let attrs = vec![
+                KeyValue::new(PACKETS_OUT, i64::from(*packets_out)),
+                KeyValue::new(UNSENT, i64::from(*unsent)),
+            ];
+            st.events.routine(Event::new(EV_SUPPRESSED, at, attrs, 0));
         }
-        let times = (
-            clock.to_system_time(ep.start_ns),
-            clock.to_system_time(ep.end_ns),
-        );
-        self.span(
-            parent.trace_id,
-            self.ids.new_span_id(),
-            parent.span_id,
-            SPAN_EPISODE,
-            times,
-            a,
-            events,
-            status,
-        )
-    }
-
-    fn incomplete_episode_span(
-        &self,
-        st: &ConnState,
-        ep: OpenEpisode,
-        stop: SystemTime,
-        clock: &WallClock,
-    ) -> SpanData {
-        let mut events = Events::new(self.max_events);
-        for (i, ts) in ep.probes.iter().enumerate() {
-            events.routine(probe_event(clock, *ts, i as u32 + 1));
+        RecordKind::Idle { .. } => st.counts.idle_rearms += 1,
+        RecordKind::Busy => st.counts.busy_retries += 1,
+        RecordKind::FinWait2 => {
+            st.counts.fin_wait2 += 1;
+            st.events.important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
         }
-        for e in ep.outcome {
-            events.important(e);
+        RecordKind::Timeout { reason, probes } => {
+            st.ending.timeout = Some((*reason, *probes));
+            st.events.important(Event::new(EV_TIMEOUT, at, timeout_attrs(*reason, *probes), 0));
         }
-        let mut a = conn_attrs(&st.view);
-        a.push(KeyValue::new(EPISODE_NUMBER, st.episodes as i64));
-        a.push(KeyValue::new(EPISODE_PROBES, ep.probes.len() as i64));
-        if let Some((s, _)) = &st.settings {
-            a.extend(effective_settings(s));
+        RecordKind::Reset { reason, active } => {
+            st.ending.reset = Some((reason.clone(), *active));
+            let attrs = vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
+            st.events.important(Event::new(EV_RESET, at, attrs, 0));
         }
-        a.push(KeyValue::new(EPISODE_OUTCOME, "incomplete"));
-        a.push(KeyValue::new(INCOMPLETE, true));
-        let times = (clock.to_system_time(ep.start_ns), stop);
-        self.span(
-            st.trace_id,
-            self.ids.new_span_id(),
-            st.span_id,
-            SPAN_EPISODE,
-            times,
-            a,
-            events,
-            Status::Unset,
-        )
+        RecordKind::PeerReset => {
+            st.ending.peer_reset = true;
+            st.events.important(Event::new(EV_PEER_RESET, at, Vec::new(), 0));
+        }
+        RecordKind::Error { errno } => {
+            st.ending.errno = Some(*errno);
+            let attrs = vec![KeyValue::new(ERRNO, errno_name(*errno))];
+            st.events.important(Event::new(EV_ERROR, at, attrs, 0));
+        }
+        RecordKind::Close { .. } | RecordKind::Untracked { .. } | RecordKind::EpisodeEnd(_) => {}
     }
 }
 
-/// Adds a terminal event (timeout, reset, error) to the connection span and, when an episode is in
-/// progress, to the episode too (it is what ended it).
-fn terminal_event(st: &mut ConnState, name: &'static str, at: SystemTime, attrs: Vec<KeyValue>) {
-    if let Some(ep) = &mut st.episode {
-        push_capped(&mut ep.outcome, Event::new(name, at, attrs.clone(), 0));
-    }
-    st.events.important(Event::new(name, at, attrs, 0));
+fn count_attrs(c: &Counts, a: &mut Vec<KeyValue>) {
+    a.push(KeyValue::new(SETTINGS_CHANGES, c.settings_changes as i64));
+    a.push(KeyValue::new(EPISODES, c.episodes as i64));
+    a.push(KeyValue::new(PROBES, c.probes as i64));
+    a.push(KeyValue::new(SUPPRESSED, c.suppressed as i64));
+    a.push(KeyValue::new(IDLE_REARMS, c.idle_rearms as i64));
+    a.push(KeyValue::new(BUSY_RETRIES, c.busy_retries as i64));
+    a.push(KeyValue::new(FIN_WAIT2, c.fin_wait2 as i64));
 }
 
-/// Outcome events of one episode: a handful at most (ack, or timeout + reset + error + close).
-fn push_capped(list: &mut Vec<Event>, e: Event) {
-    if list.len() < 8 {
-        list.push(e);
+fn ending_attrs(e: &Ending, a: &mut Vec<KeyValue>) {
+    if let Some((reason, _)) = e.timeout {
+        a.push(KeyValue::new(TIMEOUT_REASON, reason.name()));
     }
+    if let Some((reason, active)) = &e.reset {
+        a.push(KeyValue::new(RESET_REASON, reason.clone()));
+        a.push(KeyValue::new(RESET_ACTIVE, *active));
+    }
+    if let Some(e) = e.errno {
+        a.push(KeyValue::new(ERRNO, errno_name(e)));
+    }
+}
+
+fn timeout_attrs(reason: TimeoutReason, probes: u32) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(TIMEOUT_REASON, reason.name()),
+        KeyValue::new(EPISODE_PROBES, i64::from(probes)),
+    ]
+}
+
+/// The episode's status, its outcome attributes and the event that ended it (at `end`).
+fn episode_outcome(ep: &Episode, end: SystemTime, a: &mut Vec<KeyValue>, events: &mut Events) -> Status {
+    let probes = i64::from(ep.probes);
+    let (event, status, error_type) = match ep.outcome {
+        EpisodeOutcome::Answered(p) => {
+            a.push(KeyValue::new(ACK_PRECISION, p.name()));
+            let attrs = vec![KeyValue::new(EPISODE_PROBES, probes), KeyValue::new(ACK_PRECISION, p.name())];
+            (Some(Event::new(EV_ACK, end, attrs, 0)), Status::Unset, None)
+        }
+        EpisodeOutcome::TimedOut(reason) => {
+            a.push(KeyValue::new(TIMEOUT_REASON, reason.name()));
+            let event = Event::new(EV_TIMEOUT, end, timeout_attrs(reason, ep.probes), 0);
+            (Some(event), Status::error(timeout_message(reason, ep.probes)), Some(timeout_type(reason)))
+        }
+        EpisodeOutcome::Reset { by_peer } => {
+            let name = if by_peer { EV_PEER_RESET } else { EV_RESET };
+            let status = Status::error("connection reset while keep-alive probes were unanswered");
+            (Some(Event::new(name, end, Vec::new(), 0)), status, Some(if by_peer { "peer_reset" } else { "reset" }))
+        }
+        EpisodeOutcome::Closed => (Some(Event::new(EV_CLOSE, end, Vec::new(), 0)), Status::Unset, None),
+        EpisodeOutcome::Incomplete => {
+            a.push(KeyValue::new(INCOMPLETE, true));
+            (None, Status::Unset, None)
+        }
+    };
+    if let Some(e) = event {
+        events.important(e);
+    }
+    if let Some(t) = error_type {
+        a.push(KeyValue::new(ERROR_TYPE, t));
+    }
+    status
 }
 
 fn probe_event(clock: &WallClock, ts: u64, n: u32) -> Event {
@@ -753,29 +545,29 @@ fn probe_event(clock: &WallClock, ts: u64, n: u32) -> Event {
 }
 
 /// (`tcp.keepalive.outcome`, status, `error.type`) of a connection span.
-fn conn_outcome(st: &ConnState, stopped: bool) -> (&'static str, Status, Option<String>) {
-    if let Some((reason, probes)) = st.timeout {
+fn conn_outcome(e: &Ending, last: &Last) -> (&'static str, Status, Option<String>) {
+    if let Some((reason, probes)) = e.timeout {
         return (
             "timeout",
             Status::error(timeout_message(reason, probes)),
             Some(timeout_type(reason).into()),
         );
     }
-    if st.peer_reset {
+    if e.peer_reset {
         return (
             "peer_reset",
             Status::error("connection reset by peer"),
             Some("peer_reset".into()),
         );
     }
-    if let Some((reason, _)) = &st.reset {
+    if let Some((reason, _)) = &e.reset {
         return (
             "reset",
             Status::error(format!("connection reset by this host ({reason})")),
             Some("reset".into()),
         );
     }
-    if let Some(e) = st.errno {
+    if let Some(e) = e.errno {
         let name = errno_name(e);
         return (
             "error",
@@ -783,10 +575,10 @@ fn conn_outcome(st: &ConnState, stopped: bool) -> (&'static str, Status, Option<
             Some(name),
         );
     }
-    if stopped {
-        ("open", Status::Unset, None)
-    } else {
-        ("closed", Status::Unset, None)
+    match last {
+        Last::Close(_) => ("closed", Status::Unset, None),
+        Last::Untracked(UntrackReason::Shutdown) | Last::Leftover => ("open", Status::Unset, None),
+        Last::Untracked(_) => ("untracked", Status::Unset, None),
     }
 }
 
@@ -803,13 +595,6 @@ fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
         TimeoutReason::UserTimeout => {
             format!("TCP_USER_TIMEOUT expired with {probes} probes unanswered")
         }
-    }
-}
-
-fn precision_name(p: AckPrecision) -> &'static str {
-    match p {
-        AckPrecision::Segment => "segment",
-        AckPrecision::NextFiring => "next_firing",
     }
 }
 
@@ -870,19 +655,13 @@ fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
     if let SettingsSource::Setsockopt(opt) = source {
         a.push(KeyValue::new(SETTINGS_OPTION, opt.name()));
     }
-    let defaults: Vec<StringValue> = [("idle_s", s.idle_s), ("intvl_s", s.intvl_s), ("cnt", s.cnt)]
-        .iter()
-        .filter(|(_, v)| v.is_none())
-        .map(|(n, _)| StringValue::from(*n))
-        .collect();
+    let defaults: Vec<StringValue> = s.defaults().into_iter().map(StringValue::from).collect();
     a.push(KeyValue::new(
         SETTINGS_DEFAULTS,
         Value::Array(Array::String(defaults)),
     ));
     a
 }
-
-pub use crate::output::errno_name;
 
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,15 @@
 //! Everything is bounded by [`EngineConfig::max_connections`]: tracked connections, pre-connect
 //! notes and reordering buffers each hold at most that many sockets.
 //!
+//! # Ending
+//!
+//! Every connection the engine follows ends with exactly one last record: `Close` when its close
+//! was seen, else `Untracked` with the reason the engine stopped following it (socket destroyed or
+//! reused with the close missed, keep-alive switched off, not found by a socket walk
+//! ([`Engine::reconcile`]), agent shutdown ([`Engine::shutdown`])). An episode still open then
+//! ends first (`closed` or `incomplete`). Consumers free a connection's state on its last record and
+//! need no model of their own.
+//!
 //! # Ordering
 //!
 //! The kernel side emits the [`EventBody::Timer`] event of a timer run at timer exit, so the
@@ -34,7 +43,7 @@ use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, TcpState, T
 
 use super::types::{
     AckPrecision, ConnView, EngineStats, Episode, EpisodeOutcome, Record, RecordKind,
-    SettingsSource, TimeoutReason,
+    SettingsSource, TimeoutReason, UntrackReason, MAX_PROBE_TIMES,
 };
 
 /// Hasher for socket addresses (`sk`): kernel pointers whose low bits are always zero and whose
@@ -96,12 +105,44 @@ const KNOWN_USER_TIMEOUT: u8 = 1 << 4;
 const KNOWN_DEFAULTS: u8 = 1 << 5;
 const KNOWN_ALL: u8 = (1 << 6) - 1;
 
+/// How far (ns) the last segment received may seem to precede a probe and still be its answer:
+/// the kernel's receive time is a jiffy (1-10 ms) and the probe's time the timer run's start.
+const ANSWER_SLACK_NS: u64 = 20_000_000;
+
 /// A keep-alive episode in progress.
 #[derive(Debug)]
 struct OpenEpisode {
     start_ns: u64,
+    /// Probes sent, exact (counted by the engine: `icsk_probes_out` is 8 bits and wraps).
     probes: u32,
+    /// Times of the probes seen, at most [`MAX_PROBE_TIMES`].
     probe_ts_ns: Vec<u64>,
+    /// Number of the probe `probe_ts_ns[0]` times.
+    first_timed_probe: u32,
+}
+
+impl OpenEpisode {
+    fn new(start_ns: u64, probes_before: u32) -> Self {
+        OpenEpisode {
+            start_ns,
+            probes: probes_before,
+            probe_ts_ns: Vec::new(),
+            first_timed_probe: probes_before + 1,
+        }
+    }
+
+    /// Counts one more probe, sent at `ts`; returns its number.
+    fn probe(&mut self, ts: u64) -> u32 {
+        self.probes = self.probes.saturating_add(1);
+        if self.probe_ts_ns.len() < MAX_PROBE_TIMES {
+            self.probe_ts_ns.push(ts);
+        }
+        self.probes
+    }
+
+    fn last_probe_ns(&self) -> u64 {
+        self.probe_ts_ns.last().copied().unwrap_or(self.start_ns)
+    }
 }
 
 #[derive(Debug)]
@@ -114,11 +155,22 @@ struct Conn {
     /// others are guesses (a connection first seen through one setsockopt), silently replaced by
     /// the kernel's values at the first timer run.
     known: u8,
+    /// Episodes ended so far (numbers the next one).
+    episodes: u32,
     /// Boxed: episodes are short and rare next to connections, and the table's bucket size is
     /// what every tracked connection pays.
     episode: Option<Box<OpenEpisode>>,
     /// The last socket error reported for this connection (to report each error once).
     last_errno: i32,
+}
+
+impl Conn {
+    /// Whether the kernel side still reports this socket's close and destruction: it does for
+    /// sockets with `SO_KEEPALIVE`, `TCP_USER_TIMEOUT` or any keep-alive value set on them.
+    fn followed_by_kernel(&self) -> bool {
+        let s = &self.settings;
+        s.relevant() || s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some()
+    }
 }
 
 /// What is remembered about a socket not (yet) tracked.
@@ -130,14 +182,6 @@ struct Pending {
     option: Option<(SockOpt, Process)>,
 }
 
-/// The namespace's sysctl defaults, as last seen in an event from that namespace.
-#[derive(Clone, Copy, Debug)]
-struct Defaults {
-    idle_s: u32,
-    intvl_s: u32,
-    cnt: u32,
-}
-
 /// The timeline state machine. See the module documentation.
 pub struct Engine {
     cap: usize,
@@ -146,8 +190,6 @@ pub struct Engine {
     pending: FastMap<u64, Pending>,
     /// `in_timer` events waiting for their timer event, per socket.
     held: FastMap<u64, Vec<Event>>,
-    /// Per network namespace: the keep-alive sysctls, to fill in settings no event carried.
-    defaults: FastMap<u32, Defaults>,
     stats: EngineStats,
     cap_rejected_reported: u64,
 }
@@ -215,6 +257,33 @@ fn read_source(s: &SockSettings, read_as: SettingsSource) -> SettingsSource {
     }
 }
 
+/// `mine` with the fields not in `known` replaced by the kernel's (`read`).
+fn merge_unknown(mine: &SockSettings, known: u8, read: &SockSettings) -> SockSettings {
+    let mut m = *mine;
+    let unknown = !known;
+    if unknown & KNOWN_KEEPALIVE != 0 {
+        m.keepalive = read.keepalive;
+    }
+    if unknown & KNOWN_IDLE != 0 {
+        m.idle_s = read.idle_s;
+    }
+    if unknown & KNOWN_INTVL != 0 {
+        m.intvl_s = read.intvl_s;
+    }
+    if unknown & KNOWN_CNT != 0 {
+        m.cnt = read.cnt;
+    }
+    if unknown & KNOWN_USER_TIMEOUT != 0 {
+        m.user_timeout_ms = read.user_timeout_ms;
+    }
+    if unknown & KNOWN_DEFAULTS != 0 {
+        m.idle_default_s = read.idle_default_s;
+        m.intvl_default_s = read.intvl_default_s;
+        m.cnt_default = read.cnt_default;
+    }
+    m
+}
+
 #[inline]
 fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
     out.push(Record {
@@ -228,15 +297,29 @@ fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
 fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: EpisodeOutcome) {
     if let Some(ep) = conn.episode.take() {
         let ep = *ep;
+        conn.episodes += 1;
         let episode = Episode {
+            number: conn.episodes,
             start_ns: ep.start_ns,
-            end_ns: ts_ns,
+            end_ns: ts_ns.max(ep.start_ns),
             probes: ep.probes,
             outcome,
             probe_ts_ns: ep.probe_ts_ns,
+            first_timed_probe: ep.first_timed_probe,
         };
         emit(out, ts_ns, conn, RecordKind::EpisodeEnd(episode));
     }
+}
+
+/// The answer to the open episode's probes, at `at`: `ack` then the episode's end.
+fn answered(out: &mut Vec<Record>, at: u64, conn: &mut Conn, precision: AckPrecision) {
+    let Some(ep) = &conn.episode else { return };
+    let kind = RecordKind::Ack {
+        probes: ep.probes,
+        precision,
+    };
+    emit(out, at, conn, kind);
+    end_episode(out, at, conn, EpisodeOutcome::Answered(precision));
 }
 
 fn note_addrs(conn: &mut Conn, ev: &Event) {
@@ -257,7 +340,6 @@ impl Engine {
             conns: FastMap::default(),
             pending: FastMap::default(),
             held: FastMap::default(),
-            defaults: FastMap::default(),
             stats: EngineStats::default(),
             cap_rejected_reported: 0,
         }
@@ -316,6 +398,37 @@ impl Engine {
         }
     }
 
+    /// Stops following every connection whose socket a walk of the kernel's keep-alive sockets,
+    /// started at `walk_start_ns`, did not find (`alive(sk)` is false): its close and destruction
+    /// were both missed. Connections first seen after the walk started are kept. Each gets an
+    /// `untracked` record with reason `gone`, at `walk_start_ns`.
+    pub fn reconcile(&mut self, walk_start_ns: u64, alive: impl Fn(u64) -> bool, out: &mut Vec<Record>) {
+        let mut gone: Vec<(u64, u64)> = self
+            .conns
+            .values()
+            .filter(|c| c.view.first_seen_ns < walk_start_ns && !alive(c.view.sk))
+            .map(|c| (c.view.id, c.view.sk))
+            .collect();
+        gone.sort_unstable();
+        for (_, sk) in gone {
+            self.held.remove(&sk);
+            self.untrack(sk, walk_start_ns, UntrackReason::Gone, out);
+        }
+    }
+
+    /// Ends every connection at agent shutdown (`stop_ns`, monotonic): an episode in progress ends
+    /// `incomplete`, then the connection gets an `untracked` record with reason `shutdown`. Held
+    /// events are replayed first. The engine is empty afterwards.
+    pub fn shutdown(&mut self, stop_ns: u64, out: &mut Vec<Record>) {
+        self.release_stale_held(u64::MAX, 0, out);
+        let mut sks: Vec<(u64, u64)> = self.conns.values().map(|c| (c.view.id, c.view.sk)).collect();
+        sks.sort_unstable();
+        for (_, sk) in sks {
+            self.untrack(sk, stop_ns, UntrackReason::Shutdown, out);
+        }
+        self.pending.clear();
+    }
+
     /// Consumes one event; appends the records it causes to `out`.
     pub fn handle(&mut self, ev: &Event, out: &mut Vec<Record>) {
         self.stats.events += 1;
@@ -349,46 +462,20 @@ impl Engine {
     fn process(&mut self, ev: &Event, out: &mut Vec<Record>) {
         match &ev.body {
             EventBody::Timer(t) => self.on_timer(ev, t, out),
-            EventBody::Ack { probes } => {
+            EventBody::Ack { .. } => {
+                // Only an answer while a keep-alive episode is open: `icsk_probes_out` also counts
+                // zero-window probes, whose answers are not ours.
                 if let Some(conn) = self.conns.get_mut(&ev.sk) {
                     note_addrs(conn, ev);
-                    let kind = RecordKind::Ack {
-                        probes: u32::from(*probes),
-                        precision: AckPrecision::Segment,
-                    };
-                    emit(out, ev.ts_ns, conn, kind);
-                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Answered);
+                    answered(out, ev.ts_ns, conn, AckPrecision::Segment);
                 }
             }
-            EventBody::ResetSent {
-                active,
-                reason,
-                state,
-            } => {
-                if let Some(conn) = self.conns.get_mut(&ev.sk) {
-                    note_addrs(conn, ev);
-                    conn.state = *state;
-                    let reason = reason.clone().unwrap_or_else(|| "not_specified".to_owned());
-                    emit(
-                        out,
-                        ev.ts_ns,
-                        conn,
-                        RecordKind::Reset {
-                            reason,
-                            active: *active,
-                        },
-                    );
-                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset);
-                }
+            EventBody::ResetSent { active, reason, state } => {
+                let reason = reason.clone().unwrap_or_else(|| "not_specified".to_owned());
+                let kind = RecordKind::Reset { reason, active: *active };
+                self.on_reset(ev, *state, kind, out);
             }
-            EventBody::ResetReceived { state } => {
-                if let Some(conn) = self.conns.get_mut(&ev.sk) {
-                    note_addrs(conn, ev);
-                    conn.state = *state;
-                    emit(out, ev.ts_ns, conn, RecordKind::PeerReset);
-                    end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset);
-                }
-            }
+            EventBody::ResetReceived { state } => self.on_reset(ev, *state, RecordKind::PeerReset, out),
             EventBody::Error { errno, state } => {
                 if let Some(conn) = self.conns.get_mut(&ev.sk) {
                     note_addrs(conn, ev);
@@ -409,39 +496,45 @@ impl Engine {
                 value,
                 state,
                 process,
-            } => self.on_setsockopt(ev, *option, *value, *state, process, out),
+                settings,
+            } => self.on_setsockopt(ev, *option, *value, *state, process, settings, out),
             EventBody::Snapshot {
                 state,
                 settings,
                 probes_out,
-                ..
-            } => self.on_snapshot(ev, *state, settings, *probes_out, out),
+                packets_out,
+                unsent,
+            } => {
+                let keepalive_probes = if *packets_out == 0 && *unsent == 0 { *probes_out } else { 0 };
+                self.on_snapshot(ev, *state, settings, keepalive_probes, out)
+            }
             EventBody::Destroy => {
                 self.drop_pending(ev.sk);
-                if self.conns.remove(&ev.sk).is_some() {
-                    self.stats.evicted_closed += 1;
-                }
+                self.untrack(ev.sk, ev.ts_ns, UntrackReason::Destroyed, out);
             }
         }
     }
 
-    /// Remembers the namespace's sysctl defaults from settings the kernel side read.
-    fn learn_defaults(&mut self, netns: u32, s: &SockSettings) {
-        if s.idle_default_s == 0 {
-            return; // not read for this event
+    /// A reset sent or received: the record, and the end of the episode it cut short.
+    fn on_reset(&mut self, ev: &Event, state: TcpState, kind: RecordKind, out: &mut Vec<Record>) {
+        if let Some(conn) = self.conns.get_mut(&ev.sk) {
+            note_addrs(conn, ev);
+            conn.state = state;
+            let by_peer = matches!(kind, RecordKind::PeerReset);
+            emit(out, ev.ts_ns, conn, kind);
+            end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset { by_peer });
         }
-        let d = Defaults {
-            idle_s: s.idle_default_s,
-            intvl_s: s.intvl_default_s,
-            cnt: s.cnt_default,
-        };
-        let room = self.defaults.len() < self.cap;
-        match self.defaults.entry(netns) {
-            Entry::Occupied(mut o) => *o.get_mut() = d,
-            Entry::Vacant(v) if room => {
-                v.insert(d);
-            }
-            Entry::Vacant(_) => {}
+    }
+
+    /// Stops following `sk` (if tracked) without a close: its episode ends `incomplete`, then an
+    /// `untracked` record with `reason`.
+    fn untrack(&mut self, sk: u64, ts_ns: u64, reason: UntrackReason, out: &mut Vec<Record>) {
+        if let Some(mut conn) = self.conns.remove(&sk) {
+            let ts = ts_ns.max(conn.view.first_seen_ns);
+            end_episode(out, ts, &mut conn, EpisodeOutcome::Incomplete);
+            let kind = RecordKind::Untracked { reason, state: conn.state };
+            emit(out, ts, &conn, kind);
+            self.stats.untracked += 1;
         }
     }
 
@@ -450,12 +543,6 @@ impl Engine {
             if p.option.is_some() {
                 self.stats.pending_dropped += 1;
             }
-        }
-    }
-
-    fn evict(&mut self, sk: u64) {
-        if self.conns.remove(&sk).is_some() {
-            self.stats.evicted_closed += 1;
         }
     }
 
@@ -504,6 +591,7 @@ impl Engine {
             state,
             settings,
             known,
+            episodes: 0,
             episode: None,
             last_errno: 0,
         };
@@ -559,6 +647,12 @@ impl Engine {
         Some(conn)
     }
 
+    /// Whether `ev` predates the tracked connection on its socket (it was first seen by the
+    /// start-up snapshot taken after the event was queued).
+    fn older_than_tracked(&self, ev: &Event) -> bool {
+        self.conns.get(&ev.sk).is_some_and(|c| ev.ts_ns <= c.view.first_seen_ns)
+    }
+
     fn on_state(
         &mut self,
         ev: &Event,
@@ -569,52 +663,33 @@ impl Engine {
         err: i32,
         out: &mut Vec<Record>,
     ) {
-        self.learn_defaults(ev.netns, settings);
         match new {
-            TcpState::Close => {
-                if let Some(mut conn) = self.conns.remove(&ev.sk) {
-                    note_addrs(&mut conn, ev);
-                    // The error that killed the connection: the kernel reports it after the close
-                    // (when the connection is no longer tracked), older kernels before it.
-                    if err != 0 && conn.last_errno != err {
-                        emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
-                    }
-                    emit(out, ev.ts_ns, &conn, RecordKind::Close { state: old });
-                    end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
-                    self.stats.evicted_closed += 1;
-                }
-                if !self.pending.is_empty() {
-                    self.drop_pending(ev.sk);
-                }
-            }
+            TcpState::Close => self.on_close(ev, old, err, out),
             TcpState::Established => {
-                // Older than what we know: the connection was first seen by the start-up snapshot
-                // taken after this event was queued. Keep the connection; learn the process.
-                if let Some(conn) = self.conns.get_mut(&ev.sk) {
-                    if ev.ts_ns <= conn.view.first_seen_ns {
+                if self.older_than_tracked(ev) {
+                    // Keep the connection; learn what the older event knows.
+                    if let Some(conn) = self.conns.get_mut(&ev.sk) {
                         note_addrs(conn, ev);
-                        if conn.view.process.is_none() {
-                            conn.view.process = process;
-                        }
-                        return;
+                        conn.view.process = conn.view.process.or(process);
                     }
+                    return;
                 }
                 // A tracked socket becoming established again: its close was missed and the
                 // address is a new connection.
-                self.evict(ev.sk);
+                self.untrack(ev.sk, ev.ts_ns, UntrackReason::Reused, out);
                 let has_option = !self.pending.is_empty()
                     && self.pending.get(&ev.sk).is_some_and(|p| p.option.is_some());
-                if settings.keepalive || settings.user_timeout_ms > 0 || has_option {
+                if settings.relevant() || has_option {
                     self.open_with_read_settings(ev, new, settings, process, SettingsSource::Established, out);
                 } else if !self.pending.is_empty() {
                     self.pending.remove(&ev.sk);
                 }
             }
             TcpState::SynSent => {
-                if self.conns.get(&ev.sk).is_some_and(|c| ev.ts_ns <= c.view.first_seen_ns) {
-                    return; // older than the snapshot that found the connection
+                if self.older_than_tracked(ev) {
+                    return;
                 }
-                self.evict(ev.sk);
+                self.untrack(ev.sk, ev.ts_ns, UntrackReason::Reused, out);
                 if let Some(process) = process {
                     if let Some(p) = self.pending_slot(ev.sk) {
                         p.connect_process = Some(process);
@@ -630,6 +705,24 @@ impl Engine {
         }
     }
 
+    /// The connection closed: the error that killed it (the kernel reports it after the close, when
+    /// the connection is no longer tracked; older kernels before it), its episode, then `close`.
+    fn on_close(&mut self, ev: &Event, old: TcpState, err: i32, out: &mut Vec<Record>) {
+        if let Some(mut conn) = self.conns.remove(&ev.sk) {
+            note_addrs(&mut conn, ev);
+            if err != 0 && conn.last_errno != err {
+                emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
+            }
+            end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
+            emit(out, ev.ts_ns, &conn, RecordKind::Close { state: old });
+            self.stats.closed += 1;
+        }
+        if !self.pending.is_empty() {
+            self.drop_pending(ev.sk);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn on_setsockopt(
         &mut self,
         ev: &Event,
@@ -637,33 +730,15 @@ impl Engine {
         value: i32,
         state: TcpState,
         process: &Process,
+        read: &SockSettings,
         out: &mut Vec<Record>,
     ) {
-        if let Some(conn) = self.conns.get_mut(&ev.sk) {
-            note_addrs(conn, ev);
-            let mut settings = conn.settings;
-            let Some(bit) = apply_option(&mut settings, option, value) else {
-                return;
-            };
-            conn.settings = settings;
-            conn.known |= bit;
-            if conn.view.process.is_none() {
-                conn.view.process = Some(*process);
-            }
-            let source = SettingsSource::Setsockopt(option);
-            emit(
-                out,
-                ev.ts_ns,
-                conn,
-                RecordKind::Config {
-                    settings,
-                    source,
-                    process: Some(*process),
-                },
-            );
+        if self.conns.contains_key(&ev.sk) {
+            self.setsockopt_tracked(ev, option, value, process, read, out);
             return;
         }
-        if apply_option(&mut SockSettings::default(), option, value).is_none() {
+        let mut settings = *read;
+        if apply_option(&mut settings, option, value).is_none() {
             return; // rejected by the kernel: nothing changes
         }
         if ev.addrs.is_none() || matches!(state, TcpState::Close | TcpState::SynSent) {
@@ -673,32 +748,47 @@ impl Engine {
             }
             return;
         }
-        if !is_connection(state) {
-            return; // a listener (its children are seen when established) or a dying socket
+        if !is_connection(state) || !settings.relevant() && !read_has_values(&settings) {
+            // A listener (its children are seen when established), a dying socket, or keep-alive
+            // switched off on a socket we never followed.
+            return;
         }
-        let mut settings = SockSettings::default();
-        let mut known = 0;
-        if let Some(d) = self.defaults.get(&ev.netns) {
-            settings.idle_default_s = d.idle_s;
-            settings.intvl_default_s = d.intvl_s;
-            settings.cnt_default = d.cnt;
-            known |= KNOWN_DEFAULTS;
-        }
-        known |= apply_option(&mut settings, option, value).unwrap_or(0);
-        let Some(conn) = self.open(ev, state, settings, known, Some(*process), out) else {
+        let Some(conn) = self.open(ev, state, settings, KNOWN_ALL, Some(*process), out) else {
             return;
         };
         let source = SettingsSource::Setsockopt(option);
-        emit(
-            out,
-            ev.ts_ns,
-            conn,
-            RecordKind::Config {
-                settings,
-                source,
-                process: Some(*process),
-            },
-        );
+        let kind = RecordKind::Config { settings, source, process: Some(*process) };
+        emit(out, ev.ts_ns, conn, kind);
+    }
+
+    /// A keep-alive option set on a tracked connection: the new settings, and the end of following
+    /// it when keep-alive is now off entirely (the kernel side no longer reports its close).
+    fn setsockopt_tracked(
+        &mut self,
+        ev: &Event,
+        option: SockOpt,
+        value: i32,
+        process: &Process,
+        read: &SockSettings,
+        out: &mut Vec<Record>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&ev.sk) else { return };
+        note_addrs(conn, ev);
+        // Settings as the kernel holds them just before this option (read by the program).
+        let mut settings = merge_unknown(&conn.settings, conn.known & !KNOWN_DEFAULTS, read)
+            .with_defaults_from(&conn.settings);
+        let Some(_) = apply_option(&mut settings, option, value) else {
+            return;
+        };
+        conn.settings = settings;
+        conn.known = KNOWN_ALL;
+        conn.view.process = conn.view.process.or(Some(*process));
+        let source = SettingsSource::Setsockopt(option);
+        let kind = RecordKind::Config { settings, source, process: Some(*process) };
+        emit(out, ev.ts_ns, conn, kind);
+        if !conn.followed_by_kernel() {
+            self.untrack(ev.sk, ev.ts_ns, UntrackReason::KeepaliveOff, out);
+        }
     }
 
     fn on_snapshot(
@@ -706,14 +796,13 @@ impl Engine {
         ev: &Event,
         state: TcpState,
         settings: &SockSettings,
-        probes_out: u8,
+        keepalive_probes_out: u8,
         out: &mut Vec<Record>,
     ) {
-        self.learn_defaults(ev.netns, settings);
         if self.conns.contains_key(&ev.sk) {
             return; // already seen live: live events are newer than the snapshot
         }
-        if !(settings.keepalive || settings.user_timeout_ms > 0) || !is_connection(state) {
+        if !settings.relevant() || !is_connection(state) {
             return;
         }
         let Some(conn) = self.open(ev, state, *settings, KNOWN_ALL, None, out) else {
@@ -725,35 +814,30 @@ impl Engine {
             process: None,
         };
         emit(out, ev.ts_ns, conn, kind);
-        if probes_out > 0 {
-            conn.episode = Some(Box::new(OpenEpisode {
-                start_ns: ev.ts_ns,
-                probes: u32::from(probes_out),
-                probe_ts_ns: Vec::new(),
-            }));
+        if keepalive_probes_out > 0 {
+            // An episode under way: its earlier probes are counted, not timed.
+            conn.episode = Some(Box::new(OpenEpisode::new(ev.ts_ns, u32::from(keepalive_probes_out))));
         }
+    }
+
+    /// The tracked connection a timer run concerns, opened now if keep-alive is on and it was not
+    /// followed yet.
+    fn timer_conn(&mut self, ev: &Event, t: &TimerFiring, out: &mut Vec<Record>) -> Option<&mut Conn> {
+        if !self.conns.contains_key(&ev.sk) {
+            let orphan_fin_wait2 = t.state_before == TcpState::FinWait2 && t.dead;
+            if !t.keepopen || !is_connection(t.state_before) || orphan_fin_wait2 {
+                return None;
+            }
+            return self.open_with_read_settings(ev, t.state_before, &t.settings, None, SettingsSource::Kernel, out);
+        }
+        let conn = self.conns.get_mut(&ev.sk)?;
+        note_addrs(conn, ev);
+        Some(conn)
     }
 
     fn on_timer(&mut self, ev: &Event, t: &TimerFiring, out: &mut Vec<Record>) {
         let ts = ev.ts_ns;
-        let conn = match self.conns.get_mut(&ev.sk) {
-            Some(conn) => {
-                note_addrs(conn, ev);
-                conn
-            }
-            None => {
-                let orphan_fin_wait2 = t.state_before == TcpState::FinWait2 && t.dead;
-                if !t.keepopen || !is_connection(t.state_before) || orphan_fin_wait2 {
-                    return;
-                }
-                self.learn_defaults(ev.netns, &t.settings);
-                match self.open_with_read_settings(ev, t.state_before, &t.settings, None, SettingsSource::Kernel, out) {
-                    Some(conn) => conn,
-                    None => return,
-                }
-            }
-        };
-
+        let Some(conn) = self.timer_conn(ev, t, out) else { return };
         if t.owned {
             // The owner may be inside setsockopt right now: settings read here can be stale.
             emit(out, ts, conn, RecordKind::Busy);
@@ -762,111 +846,88 @@ impl Engine {
         if t.state_before == TcpState::Listen {
             return;
         }
+        conn.state = t.state_after;
         if t.state_before == TcpState::FinWait2 && t.dead {
-            conn.state = t.state_after;
             emit(out, ts, conn, RecordKind::FinWait2);
             return;
         }
-
-        conn.state = t.state_after;
-
-        // Settings changed without a setsockopt we saw (bpf_setsockopt, in-kernel users, sysctl).
-        let mut mine = conn.settings;
-        let unknown = !conn.known;
-        if unknown != 0 {
-            let k = &t.settings;
-            if unknown & KNOWN_KEEPALIVE != 0 {
-                mine.keepalive = k.keepalive;
-            }
-            if unknown & KNOWN_IDLE != 0 {
-                mine.idle_s = k.idle_s;
-            }
-            if unknown & KNOWN_INTVL != 0 {
-                mine.intvl_s = k.intvl_s;
-            }
-            if unknown & KNOWN_CNT != 0 {
-                mine.cnt = k.cnt;
-            }
-            if unknown & KNOWN_USER_TIMEOUT != 0 {
-                mine.user_timeout_ms = k.user_timeout_ms;
-            }
-            if unknown & KNOWN_DEFAULTS != 0 {
-                mine.idle_default_s = k.idle_default_s;
-                mine.intvl_default_s = k.intvl_default_s;
-                mine.cnt_default = k.cnt_default;
-            }
-        }
-        let changed = !same_effective(&mine, &t.settings);
-        conn.settings = t.settings;
-        conn.known = KNOWN_ALL;
-        if changed {
-            let kind = RecordKind::Config {
-                settings: t.settings,
-                source: SettingsSource::Kernel,
-                process: None,
-            };
-            emit(out, ts, conn, kind);
-        }
-
+        reconcile_settings(out, ts, conn, &t.settings);
         if !t.keepopen || matches!(t.state_before, TcpState::Close | TcpState::SynSent) {
             return;
         }
-
         if t.probes_before == 0 {
-            if let Some(ep) = &conn.episode {
-                // probes_out went back to 0 since the last probe: an answer we did not see. The
-                // kernel's idle time counts from the last segment received (`rcv_tstamp`, set by
-                // that answer unless later traffic moved it): the answer came then, to the jiffy,
-                // and not before the last probe.
-                let last_probe = ep.probe_ts_ns.last().copied().unwrap_or(ep.start_ns);
-                let at = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000)).clamp(last_probe, ts);
-                let kind = RecordKind::Ack {
-                    probes: ep.probes,
-                    precision: AckPrecision::NextFiring,
-                };
-                emit(out, at, conn, kind);
-                end_episode(out, at, conn, EpisodeOutcome::Answered);
-            }
+            infer_answer(out, ts, conn, t);
         }
+        classify_firing(out, ts, conn, t);
+    }
+}
 
-        if t.state_after == TcpState::Close {
-            let reason = if t.settings.user_timeout_ms > 0 {
-                TimeoutReason::UserTimeout
-            } else {
-                TimeoutReason::Keepalive
-            };
-            let probes = u32::from(t.probes_before);
-            emit(out, ts, conn, RecordKind::Timeout { reason, probes });
-            end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
-        } else if t.packets_out > 0 || t.unsent > 0 {
-            let kind = RecordKind::Suppressed {
-                packets_out: t.packets_out,
-                unsent: t.unsent,
-            };
-            emit(out, ts, conn, kind);
-        } else if t.probes_after > t.probes_before {
-            let n = u32::from(t.probes_after);
-            emit(out, ts, conn, RecordKind::Probe { n });
-            match &mut conn.episode {
-                Some(ep) if n != 1 => {
-                    ep.probes = n;
-                    ep.probe_ts_ns.push(ts);
-                }
-                _ => {
-                    conn.episode = Some(Box::new(OpenEpisode {
-                        start_ns: ts,
-                        probes: n,
-                        probe_ts_ns: vec![ts],
-                    }));
-                }
-            }
+/// Whether settings hold any keep-alive value set on the socket itself.
+fn read_has_values(s: &SockSettings) -> bool {
+    s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some()
+}
+
+/// Settings read at a timer run against the connection's: a `config` record (source `kernel`) when
+/// they changed without a setsockopt we saw (bpf_setsockopt, in-kernel users, sysctl).
+fn reconcile_settings(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, read: &SockSettings) {
+    let mine = merge_unknown(&conn.settings, conn.known, read);
+    let changed = !same_effective(&mine, read);
+    conn.settings = *read;
+    conn.known = KNOWN_ALL;
+    if changed {
+        let kind = RecordKind::Config {
+            settings: *read,
+            source: SettingsSource::Kernel,
+            process: None,
+        };
+        emit(out, ts, conn, kind);
+    }
+}
+
+/// `icsk_probes_out` went back to 0 since the last probe while an episode is open: an answer we
+/// did not see, unless it is the 8-bit counter wrapping after 256 probes (a long
+/// `TCP_USER_TIMEOUT`). The kernel's idle time counts from the last segment received
+/// (`rcv_tstamp`, set by that answer unless later traffic moved it): the answer came then, to the
+/// jiffy, and not before the last probe. A last segment older than the last probe means no answer.
+fn infer_answer(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) {
+    let Some(ep) = &conn.episode else { return };
+    let last_probe = ep.last_probe_ns();
+    let received_at = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000));
+    if received_at.saturating_add(ANSWER_SLACK_NS) < last_probe {
+        return; // the counter wrapped: nothing was received since the probes began
+    }
+    answered(out, received_at.clamp(last_probe, ts), conn, AckPrecision::NextFiring);
+}
+
+/// What the timer run did: killed the connection, could not probe (data in flight), probed, or
+/// only re-armed.
+fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) {
+    if t.state_after == TcpState::Close {
+        let reason = if t.settings.user_timeout_ms > 0 {
+            TimeoutReason::UserTimeout
         } else {
-            let kind = RecordKind::Idle {
-                idle_ms: t.idle_ms,
-                next_in_ms: t.next_in_ms,
-            };
-            emit(out, ts, conn, kind);
-        }
+            TimeoutReason::Keepalive
+        };
+        let probes = conn.episode.as_ref().map_or(u32::from(t.probes_before), |ep| ep.probes);
+        emit(out, ts, conn, RecordKind::Timeout { reason, probes });
+        end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
+    } else if t.packets_out > 0 || t.unsent > 0 {
+        let kind = RecordKind::Suppressed {
+            packets_out: t.packets_out,
+            unsent: t.unsent,
+        };
+        emit(out, ts, conn, kind);
+    } else if t.probes_after == t.probes_before.wrapping_add(1) {
+        // A probe went out (the counter is 8 bits: 255 → 0 is a probe too).
+        let ep = conn.episode.get_or_insert_with(|| Box::new(OpenEpisode::new(ts, u32::from(t.probes_before))));
+        let n = ep.probe(ts);
+        emit(out, ts, conn, RecordKind::Probe { n });
+    } else {
+        let kind = RecordKind::Idle {
+            idle_ms: t.idle_ms,
+            next_in_ms: t.next_in_ms,
+        };
+        emit(out, ts, conn, kind);
     }
 }
 
@@ -1019,6 +1080,7 @@ mod tests {
                 value,
                 state: st,
                 process: p,
+                settings: defaults(),
             },
         );
         if matches!(st, TcpState::Close | TcpState::SynSent) {
@@ -1098,10 +1160,12 @@ mod tests {
         assert_eq!(
             *episode(&out[2]),
             Episode {
+                number: 1,
+                first_timed_probe: 1,
                 start_ns: 2 * S,
                 end_ns: 2 * S + 300,
                 probes: 1,
-                outcome: EpisodeOutcome::Answered,
+                outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
                 probe_ts_ns: vec![2 * S],
             }
         );
@@ -1127,7 +1191,7 @@ mod tests {
         assert_eq!(e.tracked(), 0);
         let st = e.stats();
         assert_eq!(
-            (st.events, st.tracked, st.evicted_closed, st.cap_rejected),
+            (st.events, st.tracked, st.closed, st.cap_rejected),
             (5, 0, 1, 0)
         );
     }
@@ -1185,7 +1249,8 @@ mod tests {
                 state: TcpState::Established,
                 settings: ka(),
                 probes_out: 0,
-                timer_in_ms: Some(500),
+                packets_out: 0,
+                unsent: 0,
             },
         );
         let out = feed(&mut e, &[snap]);
@@ -1279,6 +1344,8 @@ mod tests {
         assert_eq!(
             *episode(&out[1]),
             Episode {
+                number: 1,
+                first_timed_probe: 1,
                 start_ns: S,
                 end_ns: t4,
                 probes: 3,
@@ -1306,7 +1373,7 @@ mod tests {
         );
         assert_eq!(e.tracked(), 0);
         assert!(e.held.is_empty());
-        assert_eq!(e.stats().evicted_closed, 1);
+        assert_eq!(e.stats().closed, 1);
     }
 
     #[test]
@@ -1464,7 +1531,7 @@ mod tests {
         assert_eq!(out[2].ts_ns, 2 * S);
         let ep = episode(&out[3]);
         assert_eq!((ep.start_ns, ep.end_ns, ep.probes), (S, 2 * S, 2));
-        assert_eq!(ep.outcome, EpisodeOutcome::Answered);
+        assert_eq!(ep.outcome, EpisodeOutcome::Answered(AckPrecision::Segment));
 
         // Answered, and already idle long enough for a new episode in the same run.
         let out = feed(&mut e, &[probe(4 * S, A, 0, 1), probe(5 * S, A, 0, 1)]);
@@ -1701,7 +1768,8 @@ mod tests {
                     state: st,
                     settings,
                     probes_out,
-                    timer_in_ms: Some(300),
+                    packets_out: 0,
+                    unsent: 0,
                 },
             )
         };
@@ -1729,6 +1797,8 @@ mod tests {
         assert_eq!(
             *episode(&out[2]),
             Episode {
+                number: 1,
+                first_timed_probe: 1,
                 start_ns: S,
                 end_ns: 3 * S,
                 probes: 3,
@@ -1950,7 +2020,7 @@ mod tests {
                 active: true
             }
         );
-        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset);
+        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset { by_peer: true });
     }
 
     #[test]
@@ -1983,7 +2053,7 @@ mod tests {
                 "episode"
             ]
         );
-        assert_eq!(episode(&out[2]).outcome, EpisodeOutcome::Reset);
+        assert_eq!(episode(&out[2]).outcome, EpisodeOutcome::Reset { by_peer: true });
         assert_eq!(episode(&out[5]).outcome, EpisodeOutcome::Closed);
         assert_eq!(out[5].conn.sk, B);
     }

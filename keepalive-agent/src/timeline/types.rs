@@ -52,29 +52,56 @@ impl TimeoutReason {
 }
 
 /// How a keep-alive episode (first probe → ...) ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EpisodeOutcome {
-    /// The peer answered after `probes` probes.
-    Answered,
+    /// The peer answered (seen on the segment, or inferred at the next timer run).
+    Answered(AckPrecision),
     /// The keep-alive timer killed the connection.
     TimedOut(TimeoutReason),
-    /// The connection was reset (by us or the peer) during the episode.
-    Reset,
+    /// The connection was reset during the episode: by the peer, or by this host.
+    Reset { by_peer: bool },
     /// The connection closed otherwise (application close, error).
     Closed,
+    /// The episode was still open when the agent stopped following the connection (agent
+    /// shutdown, or the connection left the engine without a close: see [`UntrackReason`]).
+    Incomplete,
 }
+
+impl EpisodeOutcome {
+    /// The name used in JSON (`outcome`) and span attributes.
+    pub fn name(self) -> &'static str {
+        match self {
+            EpisodeOutcome::Answered(_) => "answered",
+            EpisodeOutcome::TimedOut(_) => "timeout",
+            EpisodeOutcome::Reset { .. } => "reset",
+            EpisodeOutcome::Closed => "closed",
+            EpisodeOutcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// Most probe times an episode keeps (the first ones); the probe count stays exact beyond it
+/// (a long `TCP_USER_TIMEOUT` can make an episode send thousands of probes).
+pub const MAX_PROBE_TIMES: usize = 128;
 
 /// A finished keep-alive episode: from the first probe to its outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Episode {
-    /// Monotonic ns of the first probe.
+    /// 1 for the connection's first episode (as seen by the agent).
+    pub number: u32,
+    /// Monotonic ns of the first probe (of the snapshot, for an episode under way at start-up).
     pub start_ns: u64,
     /// Monotonic ns of the outcome.
     pub end_ns: u64,
+    /// Probes sent in the episode, exact (including probes sent before the agent started).
     pub probes: u32,
     pub outcome: EpisodeOutcome,
-    /// Monotonic ns of each probe, in order.
+    /// Monotonic ns of each probe seen, in order, at most [`MAX_PROBE_TIMES`]. The first one is
+    /// probe number [`Episode::first_timed_probe`].
     pub probe_ts_ns: Vec<u64>,
+    /// Number (1-based) of the probe `probe_ts_ns[0]` is the time of: greater than 1 when the
+    /// episode was found under way by the start-up snapshot.
+    pub first_timed_probe: u32,
 }
 
 /// How precisely an answer to a probe was timed.
@@ -84,6 +111,50 @@ pub enum AckPrecision {
     Segment,
     /// Inferred at the next timer firing: the answer came at some time since the last probe.
     NextFiring,
+}
+
+impl AckPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            AckPrecision::Segment => "segment",
+            AckPrecision::NextFiring => "next_firing",
+        }
+    }
+}
+
+/// Why the engine stopped following a connection without seeing it close. Every connection's last
+/// record is either [`RecordKind::Close`] or [`RecordKind::Untracked`] with one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UntrackReason {
+    /// The socket was destroyed and its close was never seen (an event the kernel skipped or a
+    /// full ring buffer lost).
+    Destroyed,
+    /// The socket's kernel address became a new connection: the old one's close was missed.
+    Reused,
+    /// Keep-alive and `TCP_USER_TIMEOUT` were switched off: the connection is no longer followed.
+    KeepaliveOff,
+    /// A walk of the kernel's sockets no longer finds it among keep-alive sockets (its close and
+    /// its destruction were both missed, or keep-alive was switched off unseen).
+    Gone,
+    /// The agent is stopping.
+    Shutdown,
+}
+
+impl UntrackReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            UntrackReason::Destroyed => "destroyed",
+            UntrackReason::Reused => "reused",
+            UntrackReason::KeepaliveOff => "keepalive_off",
+            UntrackReason::Gone => "gone",
+            UntrackReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the connection really ended (as opposed to no longer being followed).
+    pub fn connection_ended(self) -> bool {
+        matches!(self, UntrackReason::Destroyed | UntrackReason::Reused | UntrackReason::Gone)
+    }
 }
 
 /// One change in a connection's timeline.
@@ -114,9 +185,14 @@ pub enum RecordKind {
     PeerReset,
     /// A socket error (`errno` positive).
     Error { errno: i32 },
-    /// The connection closed. `state` is the TCP state it left for CLOSE.
+    /// The connection closed. `state` is the TCP state it left for CLOSE. The connection's last
+    /// record.
     Close { state: TcpState },
-    /// A keep-alive episode ended (emitted right after the record that ended it).
+    /// The engine stopped following the connection without seeing its close; `state` is the last
+    /// TCP state it knew. The connection's last record.
+    Untracked { reason: UntrackReason, state: TcpState },
+    /// A keep-alive episode ended (emitted right after the record that ended it, and before the
+    /// connection's last record).
     EpisodeEnd(Episode),
 }
 
@@ -137,9 +213,109 @@ impl RecordKind {
             RecordKind::PeerReset => "peer_reset",
             RecordKind::Error { .. } => "error",
             RecordKind::Close { .. } => "close",
+            RecordKind::Untracked { .. } => "untracked",
             RecordKind::EpisodeEnd(_) => "episode",
         }
     }
+
+    /// Whether this is a connection's last record.
+    pub fn is_last(&self) -> bool {
+        matches!(self, RecordKind::Close { .. } | RecordKind::Untracked { .. })
+    }
+
+    /// Hands the kind's own fields, in their stable order, to `sink`: the one description of a
+    /// record's fields that the JSON and text printers both format.
+    pub fn fields<S: FieldSink>(&self, sink: &mut S) -> Result<(), S::Error> {
+        use FieldValue as V;
+        match self {
+            RecordKind::Opened { state, established } => {
+                sink.field("state", V::Str(state.name()))?;
+                sink.field("established", V::Bool(*established))
+            }
+            RecordKind::Config { settings, source, .. } => config_fields(settings, *source, sink),
+            RecordKind::Probe { n } => sink.field("probe", V::U64(u64::from(*n))),
+            RecordKind::Ack { probes, precision } => {
+                sink.field("probes", V::U64(u64::from(*probes)))?;
+                sink.field("precision", V::Str(precision.name()))
+            }
+            RecordKind::Suppressed { packets_out, unsent } => {
+                sink.field("packets_out", V::U64(u64::from(*packets_out)))?;
+                sink.field("unsent", V::U64(u64::from(*unsent)))
+            }
+            RecordKind::Idle { idle_ms, next_in_ms } => {
+                sink.field("idle_ms", V::U64(*idle_ms))?;
+                sink.field("next_in_ms", V::OptU64(*next_in_ms))
+            }
+            RecordKind::Busy | RecordKind::FinWait2 | RecordKind::PeerReset => Ok(()),
+            RecordKind::Timeout { reason, probes } => {
+                sink.field("reason", V::Str(reason.name()))?;
+                sink.field("probes", V::U64(u64::from(*probes)))
+            }
+            RecordKind::Reset { reason, active } => {
+                sink.field("reason", V::Str(reason))?;
+                sink.field("active", V::Bool(*active))
+            }
+            RecordKind::Error { errno } => {
+                sink.field("errno", V::Str(&errno_name(*errno)))?;
+                sink.field("errno_num", V::I64(i64::from(*errno)))
+            }
+            RecordKind::Close { state } => sink.field("state", V::Str(state.name())),
+            RecordKind::Untracked { reason, state } => {
+                sink.field("reason", V::Str(reason.name()))?;
+                sink.field("state", V::Str(state.name()))
+            }
+            RecordKind::EpisodeEnd(ep) => {
+                sink.field("outcome", V::Str(ep.outcome.name()))?;
+                sink.field("probes", V::U64(u64::from(ep.probes)))?;
+                sink.field("episode", V::U64(u64::from(ep.number)))?;
+                let duration_ms = ep.end_ns.saturating_sub(ep.start_ns) as f64 / 1e6;
+                sink.field("duration_ms", V::F64(duration_ms))
+            }
+        }
+    }
+}
+
+fn config_fields<S: FieldSink>(s: &SockSettings, source: SettingsSource, sink: &mut S) -> Result<(), S::Error> {
+    use FieldValue as V;
+    sink.field("keepalive", V::Bool(s.keepalive))?;
+    sink.field("idle_s", V::U64(u64::from(s.effective_idle_s())))?;
+    sink.field("intvl_s", V::U64(u64::from(s.effective_intvl_s())))?;
+    sink.field("cnt", V::U64(u64::from(s.effective_cnt())))?;
+    sink.field("user_timeout_ms", V::U64(u64::from(s.user_timeout_ms)))?;
+    sink.field("source", V::Str(source.name()))?;
+    if let SettingsSource::Setsockopt(opt) = source {
+        sink.field("option", V::Str(opt.name()))?;
+    }
+    sink.field("defaults", V::Strs(&s.defaults()))
+}
+
+/// Symbolic name of an errno value (`ETIMEDOUT`), or the number as text for one the C library
+/// does not name.
+pub fn errno_name(errno: i32) -> String {
+    match nix::errno::Errno::from_raw(errno) {
+        nix::errno::Errno::UnknownErrno => errno.to_string(),
+        e => format!("{e:?}"),
+    }
+}
+
+/// One value of a record field, as [`RecordKind::fields`] hands it out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FieldValue<'a> {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(&'a str),
+    /// A list of names (may be empty).
+    Strs(&'a [&'static str]),
+    /// A number or JSON `null` (text output leaves it out).
+    OptU64(Option<u64>),
+}
+
+/// Receives a record's fields in order (see [`RecordKind::fields`]).
+pub trait FieldSink {
+    type Error;
+    fn field(&mut self, key: &'static str, value: FieldValue<'_>) -> Result<(), Self::Error>;
 }
 
 /// Identity and context of a tracked connection, copied into every record.
@@ -176,7 +352,10 @@ pub struct EngineStats {
     pub opened: u64,
     /// Connections not tracked because the cap was reached.
     pub cap_rejected: u64,
-    pub evicted_closed: u64,
+    /// Connections that ended with a `close` record.
+    pub closed: u64,
+    /// Connections that ended with an `untracked` record (close not seen, or no longer followed).
+    pub untracked: u64,
     /// Pending (pre-connect) settings dropped because their socket was destroyed unconnected.
     pub pending_dropped: u64,
 }
