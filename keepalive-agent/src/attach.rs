@@ -688,13 +688,33 @@ impl Probes {
     /// sockets of the namespace it is created in) and returns the raw records (none when the
     /// snapshot hook is not attached). A namespace that vanished meanwhile is skipped.
     pub fn snapshot(&mut self, namespaces: &[PathBuf]) -> Result<Vec<Vec<u8>>, AttachError> {
+        Ok(self.walk(namespaces)?.0)
+    }
+
+    /// Whether the socket walk ([`Probes::walk`]) is available (the `iter/tcp` program loaded).
+    pub fn can_walk(&self) -> bool {
+        self.snapshot_ready
+    }
+
+    /// Walks the keep-alive sockets of each of `namespaces` with the snapshot iterator: the raw
+    /// records, and the inode numbers of the namespaces actually walked (a namespace that vanished
+    /// meanwhile is skipped and not listed).
+    pub fn walk(&mut self, namespaces: &[PathBuf]) -> Result<(Vec<Vec<u8>>, Vec<u32>), AttachError> {
+        use std::os::unix::fs::MetadataExt as _;
         if !self.snapshot_ready {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut out = Vec::new();
+        let mut walked = Vec::new();
         for ns in namespaces {
+            let Ok(inode) = std::fs::metadata(ns).map(|m| m.ino() as u32) else {
+                continue;
+            };
             match in_netns(ns, || self.snapshot_here()) {
-                Ok(Ok(records)) => out.extend(records?),
+                Ok(Ok(records)) => {
+                    out.extend(records?);
+                    walked.push(inode);
+                }
                 Ok(Err(e)) => {
                     return Err(AttachError::Snapshot(format!(
                         "could not return to the agent's network namespace after {}: {e}",
@@ -704,7 +724,7 @@ impl Probes {
                 Err(e) => debug!("snapshot of {}: {e}", ns.display()),
             }
         }
-        Ok(out)
+        Ok((out, walked))
     }
 
     /// The snapshot of the calling thread's network namespace.

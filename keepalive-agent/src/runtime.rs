@@ -18,6 +18,7 @@ use crate::{
     attach::Probes,
     clock::WallClock,
     decode::Decoder,
+    reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record},
 };
 
@@ -158,6 +159,7 @@ impl EventLoop<'_> {
         self.steer_on_demand(&mut on_demand);
         let mut last_report = Instant::now();
         let mut last_lost = [0u64; LOST_SLOTS as usize];
+        let mut reconciler = Reconciler::new(self.filter.netns);
         loop {
             if stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t) {
                 break;
@@ -203,6 +205,8 @@ impl EventLoop<'_> {
                     break;
                 }
             }
+            // The ring buffer is drained: a walk taken before is applied now.
+            reconciler.apply(self.engine, &mut records);
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 self.report(&mut last_lost, &mut summary);
@@ -210,6 +214,8 @@ impl EventLoop<'_> {
                 // Events held for a timer record that a full ring buffer swallowed.
                 self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut records);
                 self.flush(&mut records, &mut passed, &mut summary, sink)?;
+                // Connections whose close and destruction were both missed.
+                reconciler.maybe_walk(self.probes, self.decoder, self.engine, summary.lost_total());
             }
         }
         // Drain what is left, then the final report.

@@ -79,7 +79,8 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt_int(
+/// `setsockopt(fd, level, name, &val)` for an int option, from the calling thread.
+pub fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,

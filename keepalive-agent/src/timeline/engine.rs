@@ -399,14 +399,14 @@ impl Engine {
     }
 
     /// Stops following every connection whose socket a walk of the kernel's keep-alive sockets,
-    /// started at `walk_start_ns`, did not find (`alive(sk)` is false): its close and destruction
+    /// started at `walk_start_ns`, did not find (`alive(conn)` is false): its close and destruction
     /// were both missed. Connections first seen after the walk started are kept. Each gets an
     /// `untracked` record with reason `gone`, at `walk_start_ns`.
-    pub fn reconcile(&mut self, walk_start_ns: u64, alive: impl Fn(u64) -> bool, out: &mut Vec<Record>) {
+    pub fn reconcile(&mut self, walk_start_ns: u64, alive: impl Fn(&ConnView) -> bool, out: &mut Vec<Record>) {
         let mut gone: Vec<(u64, u64)> = self
             .conns
             .values()
-            .filter(|c| c.view.first_seen_ns < walk_start_ns && !alive(c.view.sk))
+            .filter(|c| c.view.first_seen_ns < walk_start_ns && !alive(&c.view))
             .map(|c| (c.view.id, c.view.sk))
             .collect();
         gone.sort_unstable();
@@ -1260,10 +1260,13 @@ mod tests {
         assert_eq!(e.tracked(), 1);
         let out = feed(&mut e, &[probe(11 * S, A, 0, 1)]);
         assert_eq!(out[0].conn.id, 1);
-        // A later ESTABLISHED on the same socket is a new connection (the close was missed).
+        // A later ESTABLISHED on the same socket is a new connection (the close was missed): the
+        // old one's episode and the old one end first.
         let out = feed(&mut e, &[established(20 * S, A, ka())]);
-        assert_eq!(names(&out), ["open", "config"]);
-        assert_eq!(out[0].conn.id, 2);
+        assert_eq!(names(&out), ["episode", "untracked", "open", "config"]);
+        assert_eq!(episode(&out[0]).outcome, EpisodeOutcome::Incomplete);
+        assert_eq!(out[1].kind, RecordKind::Untracked { reason: UntrackReason::Reused, state: TcpState::Established });
+        assert_eq!((out[1].conn.id, out[2].conn.id), (1, 2));
     }
 
     /// The timer record of a killing run is lost: the held reset and close come out after a while
@@ -1531,7 +1534,7 @@ mod tests {
         assert_eq!(out[2].ts_ns, 2 * S);
         let ep = episode(&out[3]);
         assert_eq!((ep.start_ns, ep.end_ns, ep.probes), (S, 2 * S, 2));
-        assert_eq!(ep.outcome, EpisodeOutcome::Answered(AckPrecision::Segment));
+        assert_eq!(ep.outcome, EpisodeOutcome::Answered(AckPrecision::NextFiring));
 
         // Answered, and already idle long enough for a new episode in the same run.
         let out = feed(&mut e, &[probe(4 * S, A, 0, 1), probe(5 * S, A, 0, 1)]);
@@ -1542,10 +1545,159 @@ mod tests {
         assert_eq!(e.conns[&A].episode.as_ref().unwrap().start_ns, 5 * S);
         assert_eq!(e.awaiting_answer(), 1);
         let mut late = firing(ka(), 0, 0);
-        late.idle_ms = 5_000; // longer than since the probe (rounding, clock skew): clamped
+        late.idle_ms = 1_010; // a little longer than since the probe (jiffy rounding): clamped
         let out = feed(&mut e, &[probe(6 * S, A, 0, 1), timer(7 * S, A, late)]);
         assert_eq!(names(&out), ["ack", "episode", "probe", "ack", "episode", "idle"]);
         assert_eq!(out[3].ts_ns, 6 * S);
+        assert_eq!(e.awaiting_answer(), 0);
+    }
+
+    /// A Go client in a fresh network namespace: `SO_KEEPALIVE`, `TCP_KEEPINTVL` and
+    /// `TCP_KEEPIDLE` on the connected socket, the count left at the namespace's default. No other
+    /// event from that namespace came before: the sysctls travel with the setsockopt event.
+    #[test]
+    fn defaults_of_a_fresh_namespace_come_with_the_option() {
+        let mut e = engine();
+        let go = process(7, "client");
+        let mut ns = SockSettings { idle_default_s: 600, intvl_default_s: 30, cnt_default: 4, ..Default::default() };
+        let mut opt = |ts, o, v, read: SockSettings| {
+            let mut ev = setsockopt(ts, A, o, v, TcpState::Established, go);
+            if let EventBody::Setsockopt { settings, .. } = &mut ev.body {
+                *settings = read;
+            }
+            ev
+        };
+        let first = opt(S, SockOpt::KeepAlive, 1, ns);
+        ns.keepalive = true;
+        let second = opt(S + 1, SockOpt::KeepIntvl, 15, ns);
+        ns.intvl_s = Some(15);
+        let third = opt(S + 2, SockOpt::KeepIdle, 15, ns);
+        let out = feed(&mut e, &[first, second, third]);
+        assert_eq!(names(&out), ["open", "config", "config", "config"]);
+        let RecordKind::Config { settings, .. } = &out[3].kind else { panic!() };
+        assert_eq!(
+            (settings.effective_idle_s(), settings.effective_intvl_s(), settings.effective_cnt()),
+            (15, 15, 4)
+        );
+        assert_eq!(settings.defaults(), ["cnt"]);
+    }
+
+    /// Keep-alive switched off before the close: the kernel side no longer reports the socket, so
+    /// the engine stops following it there, with a record, and holds nothing.
+    #[test]
+    fn keepalive_switched_off_ends_following() {
+        let mut e = engine();
+        let p = process(3, "app");
+        let plain = SockSettings { keepalive: true, ..defaults() };
+        feed(&mut e, &[established(0, A, plain), timer(S, A, firing(plain, 0, 1))]);
+        let mut off = setsockopt(2 * S, A, SockOpt::KeepAlive, 0, TcpState::Established, p);
+        if let EventBody::Setsockopt { settings, .. } = &mut off.body {
+            *settings = plain;
+        }
+        let out = feed(&mut e, &[off]);
+        assert_eq!(names(&out), ["config", "episode", "untracked"]);
+        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Incomplete);
+        assert_eq!(out[2].kind, RecordKind::Untracked { reason: UntrackReason::KeepaliveOff, state: TcpState::Established });
+        assert_eq!((e.tracked(), e.pending.len(), e.held.len()), (0, 0, 0));
+        // With TCP_KEEPIDLE set on the socket the kernel side still reports it: still followed.
+        feed(&mut e, &[established(3 * S, B, ka())]);
+        let mut off = setsockopt(4 * S, B, SockOpt::KeepAlive, 0, TcpState::Established, p);
+        if let EventBody::Setsockopt { settings, .. } = &mut off.body {
+            *settings = ka();
+        }
+        assert_eq!(names(&feed(&mut e, &[off])), ["config"]);
+        assert_eq!(e.tracked(), 1);
+        // SO_KEEPALIVE=0 on a socket never followed opens nothing.
+        let off = setsockopt(5 * S, C, SockOpt::KeepAlive, 0, TcpState::Established, p);
+        assert!(feed(&mut e, &[off]).is_empty());
+    }
+
+    /// A walk of the kernel's sockets ends the connections it no longer finds (close and destroy
+    /// both missed), but not those first seen after the walk began.
+    #[test]
+    fn reconcile_ends_connections_the_walk_does_not_find() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka()), established(S, B, ka()), established(5 * S, C, ka())]);
+        let mut out = Vec::new();
+        e.reconcile(4 * S, |c| c.sk == B, &mut out);
+        assert_eq!(kinds(&out), [RecordKind::Untracked { reason: UntrackReason::Gone, state: TcpState::Established }]);
+        assert_eq!((out[0].conn.sk, out[0].ts_ns), (A, 4 * S));
+        assert_eq!(e.tracked(), 2);
+    }
+
+    /// At shutdown every connection ends: its episode `incomplete` with the probes seen (and those
+    /// counted by the snapshot), then `untracked` with reason `shutdown`.
+    #[test]
+    fn shutdown_ends_every_connection_and_episode() {
+        let mut e = engine();
+        let snap = ev(
+            S,
+            B,
+            EventBody::Snapshot { state: TcpState::Established, settings: ka(), probes_out: 2, packets_out: 0, unsent: 0 },
+        );
+        feed(&mut e, &[established(0, A, ka()), probe(S, A, 0, 1), snap]);
+        let mut out = Vec::new();
+        e.shutdown(9 * S, &mut out);
+        assert_eq!(names(&out), ["episode", "untracked", "episode", "untracked"]);
+        let (a, b) = (episode(&out[0]), episode(&out[2]));
+        assert_eq!((a.outcome, a.probes, a.end_ns), (EpisodeOutcome::Incomplete, 1, 9 * S));
+        assert_eq!((b.probes, b.probe_ts_ns.len()), (2, 0));
+        assert!(out.iter().filter(|r| r.kind.is_last()).all(|r| matches!(r.kind, RecordKind::Untracked { reason: UntrackReason::Shutdown, .. })));
+        assert_eq!(e.tracked(), 0);
+        assert_eq!(e.stats().untracked, 2);
+    }
+
+    /// `icsk_probes_out` is 8 bits: under a long `TCP_USER_TIMEOUT` the 256th probe wraps it to 0.
+    /// Nothing was received since the probes began (the idle time says so): not an answer, and
+    /// the probes keep counting.
+    #[test]
+    fn probe_counter_wrap_is_not_an_answer() {
+        let mut e = engine();
+        let mut ut = ka();
+        ut.user_timeout_ms = 600_000;
+        feed(&mut e, &[established(0, A, ut)]);
+        let mut events = Vec::new();
+        for i in 0..256u32 {
+            let mut f = firing(ut, i as u8, (i as u8).wrapping_add(1));
+            f.idle_ms = u64::from(i) * 1000 + 1000;
+            events.push(timer(S + u64::from(i) * S, A, f));
+        }
+        let out = feed(&mut e, &events);
+        assert!(out.iter().all(|r| matches!(r.kind, RecordKind::Probe { .. })), "{:?}", names(&out));
+        assert_eq!(out.last().unwrap().kind, RecordKind::Probe { n: 256 });
+        // The counter now reads 0 and the last segment received is 257 s old.
+        let mut f = firing(ut, 0, 1);
+        f.idle_ms = 257_000;
+        let out = feed(&mut e, &[timer(257 * S, A, f)]);
+        assert_eq!(kinds(&out), [RecordKind::Probe { n: 257 }]);
+        let ep = e.conns[&A].episode.as_ref().unwrap();
+        assert_eq!((ep.probes, ep.probe_ts_ns.len()), (257, MAX_PROBE_TIMES));
+        // The timeout reports every probe, and the episode keeps the first probe times only.
+        let death = TimerFiring { state_after: TcpState::Close, ..firing(ut, 1, 1) };
+        let out = feed(&mut e, &[timer(258 * S, A, death)]);
+        assert_eq!(out[0].kind, RecordKind::Timeout { reason: TimeoutReason::UserTimeout, probes: 257 });
+        let ep = episode(&out[1]);
+        assert_eq!((ep.probes, ep.probe_ts_ns.len(), ep.probe_ts_ns[0]), (257, MAX_PROBE_TIMES, S));
+    }
+
+    /// `icsk_probes_out` also counts zero-window probes: a segment answering those is no keep-alive
+    /// answer, and a snapshot of a socket probing a zero window has no keep-alive episode.
+    #[test]
+    fn zero_window_probes_are_not_keepalive() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        // Data queued behind a zero window: the keep-alive timer is suppressed, an answer comes.
+        let mut f = firing(ka(), 3, 3);
+        f.unsent = 1000;
+        let out = feed(&mut e, &[timer(S, A, f), ev(2 * S, A, EventBody::Ack { probes: 3 })]);
+        assert_eq!(names(&out), ["suppressed"]);
+        let snap = ev(
+            3 * S,
+            B,
+            EventBody::Snapshot { state: TcpState::Established, settings: ka(), probes_out: 4, packets_out: 0, unsent: 512 },
+        );
+        let out = feed(&mut e, &[snap, ev(4 * S, B, EventBody::Ack { probes: 4 })]);
+        assert_eq!(names(&out), ["open", "config"]);
         assert_eq!(e.awaiting_answer(), 0);
     }
 
@@ -1798,7 +1950,8 @@ mod tests {
             *episode(&out[2]),
             Episode {
                 number: 1,
-                first_timed_probe: 1,
+                // Probes 1 and 2 went out before the snapshot: counted, not timed.
+                first_timed_probe: 3,
                 start_ns: S,
                 end_ns: 3 * S,
                 probes: 3,
@@ -1873,9 +2026,12 @@ mod tests {
         );
         assert_eq!(
             names(&out),
-            ["open", "config", "idle"],
-            "old episode not carried over: {out:?}"
+            ["episode", "untracked", "open", "config", "idle"],
+            "the old connection ends, its episode is not carried over: {out:?}"
         );
+        assert_eq!((out[0].conn.id, out[1].conn.id), (old_id, old_id));
+        assert_eq!(episode(&out[0]).outcome, EpisodeOutcome::Incomplete);
+        let out = out[2..].to_vec();
         let new_id = out[0].conn.id;
         assert_ne!(new_id, old_id);
         assert!(out
@@ -1976,10 +2132,15 @@ mod tests {
         assert!(e.pending.is_empty());
         assert_eq!(e.stats().pending_dropped, 1);
 
-        // A tracked connection whose close was missed: evicted silently.
+        // A tracked connection whose close was missed: ended by its destruction, with a record.
         feed(&mut e, &[established(0, B, ka())]);
-        assert!(feed(&mut e, &[ev(S, B, EventBody::Destroy)]).is_empty());
+        let out = feed(&mut e, &[ev(S, B, EventBody::Destroy)]);
+        assert_eq!(
+            kinds(&out),
+            [RecordKind::Untracked { reason: UntrackReason::Destroyed, state: TcpState::Established }]
+        );
         assert_eq!(e.tracked(), 0);
+        assert_eq!(e.stats().untracked, 1);
 
         // Events held for a timer event that never came are replayed, not lost.
         feed(&mut e, &[established(0, C, ka())]);
@@ -1992,7 +2153,7 @@ mod tests {
         ));
         assert!(feed(&mut e, &[held]).is_empty());
         let out = feed(&mut e, &[ev(2 * S, C, EventBody::Destroy)]);
-        assert_eq!(names(&out), ["peer_reset"]);
+        assert_eq!(names(&out), ["peer_reset", "untracked"]);
         assert!(e.held.is_empty());
         assert_eq!(e.tracked(), 0);
     }
@@ -2020,7 +2181,7 @@ mod tests {
                 active: true
             }
         );
-        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset { by_peer: true });
+        assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset { by_peer: false });
     }
 
     #[test]
@@ -2049,13 +2210,14 @@ mod tests {
                 "peer_reset",
                 "episode",
                 "probe",
-                "close",
-                "episode"
+                "episode",
+                "close"
             ]
         );
         assert_eq!(episode(&out[2]).outcome, EpisodeOutcome::Reset { by_peer: true });
-        assert_eq!(episode(&out[5]).outcome, EpisodeOutcome::Closed);
-        assert_eq!(out[5].conn.sk, B);
+        // The episode ends before the connection's last record.
+        assert_eq!(episode(&out[4]).outcome, EpisodeOutcome::Closed);
+        assert_eq!(out[4].conn.sk, B);
     }
 
     #[test]
