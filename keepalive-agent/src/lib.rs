@@ -7,5 +7,6 @@ pub mod event;
 pub mod export;
 pub mod kernel;
 pub mod output;
+pub mod owners;
 pub mod runtime;
 pub mod timeline;
