@@ -201,12 +201,12 @@ const FIELDS: &[FieldSpec] = &[
     req("net", &["ipv4.sysctl_tcp_keepalive_intvl"], |o| &mut o.net_keepalive_intvl),
     req("net", &["ipv4.sysctl_tcp_keepalive_probes"], |o| &mut o.net_keepalive_probes),
     // Process attribution (optional: without them, accepted and pre-existing sockets have no pid).
-    owner("sock", &["sk_socket"], |o| &mut o.sk_socket, NO_OWNER),
-    owner("socket", &["sk"], |o| &mut o.socket_sk, NO_OWNER),
     owner("socket", &["file"], |o| &mut o.socket_file, NO_OWNER),
-    owner("file", &["private_data"], |o| &mut o.file_private_data, NO_OWNER),
-    owner("file", &["f_inode"], |o| &mut o.file_f_inode, NO_OWNER),
-    owner("inode", &["i_ino"], |o| &mut o.inode_i_ino, NO_OWNER),
+    owner("sock", &["sk_socket"], |o| &mut o.sk_socket, NO_SNAPSHOT_OWNER),
+    owner("file", &["f_inode"], |o| &mut o.file_f_inode, NO_SNAPSHOT_OWNER),
+    owner("inode", &["i_ino"], |o| &mut o.inode_i_ino, NO_SNAPSHOT_OWNER),
+    owner("socket", &["sk"], |o| &mut o.socket_sk, NO_ACCEPT_OWNER),
+    owner("file", &["private_data"], |o| &mut o.file_private_data, NO_ACCEPT_OWNER),
     owner("task_struct", &["files"], |o| &mut o.task_files, NO_ACCEPT_OWNER),
     owner("files_struct", &["fdt"], |o| &mut o.files_fdt, NO_ACCEPT_OWNER),
     owner("fdtable", &["max_fds"], |o| &mut o.fdt_max_fds, NO_ACCEPT_OWNER),
@@ -215,6 +215,7 @@ const FIELDS: &[FieldSpec] = &[
 ];
 
 const NO_OWNER: &str = "accepted sockets and sockets found at start-up are reported without their process";
+const NO_SNAPSHOT_OWNER: &str = "sockets found at start-up are reported without their process";
 const NO_ACCEPT_OWNER: &str = "accepted sockets are reported without their process";
 
 /// An optional field for process attribution: its absence is a note, not an error.
