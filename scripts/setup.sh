@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything keepalive needs on a fresh Debian 12 machine (run as root).
-# Installs: apt packages (LLVM 22 for bpf-linker, nftables and iproute2 for the tests, QEMU and
-# busybox for the kernel matrix, python3-venv for the OTLP receivers), the nightly rust-src
-# component, and bpf-linker built against Debian's LLVM 22.
+# Installs: apt packages (LLVM 22 for bpf-linker, nftables and iproute2 for the tests, nginx-light
+# for the accepted-socket tests, QEMU and busybox for the kernel matrix, python3-venv for the OTLP
+# receivers), the nightly rust-src component, and bpf-linker built against Debian's LLVM 22; mounts
+# tracefs where it is not (the accept_owner hook's syscalls tracepoints need it).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -15,7 +16,7 @@ fi
 
 APT_PACKAGES=(
     llvm-22-dev libclang-22-dev libpolly-22-dev zlib1g-dev libzstd-dev libxml2-dev
-    nftables iproute2 procps
+    nftables iproute2 procps nginx-light
     qemu-system-x86 busybox-static cpio
     python3-venv
 )
@@ -30,6 +31,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
     log "apt packages present"
+fi
+
+# Classic tracepoints (syscalls:sys_exit_accept4) are found through tracefs; systemd mounts it at
+# boot, minimal containers and VMs may not.
+if [ -d /sys/kernel/tracing ] && [ -z "$(ls -A /sys/kernel/tracing 2>/dev/null)" ] \
+    && [ -z "$(ls -A /sys/kernel/debug/tracing 2>/dev/null)" ]; then
+    log "mounting tracefs at /sys/kernel/tracing"
+    $SUDO mount -t tracefs nodev /sys/kernel/tracing
+else
+    log "tracefs present"
 fi
 
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then

@@ -16,6 +16,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSockopt, FEntry, FExit, Iter, KProbe, RawTracePoint,
+        TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -61,6 +62,9 @@ pub enum Strategy {
     BtfTracepoints(&'static [(&'static str, &'static str)]),
     /// Raw tracepoints: (program, tracepoint) pairs that must all attach.
     RawTracepoints(&'static [(&'static str, &'static str)]),
+    /// Classic (perf) tracepoints, e.g. `syscalls:sys_exit_accept4`: (program, category, name)
+    /// triples that must all attach. They need tracefs mounted (the event's id is read there).
+    Tracepoints(&'static [(&'static str, &'static str, &'static str)]),
     /// A `cgroup/setsockopt` program on the agent's cgroup (the cgroup2 root by default).
     CgroupSockopt(&'static str),
     /// A BPF iterator program over `target` (e.g. `tcp`), run once at start-up.
@@ -73,7 +77,7 @@ impl Strategy {
         match self {
             Strategy::Fentry(_) => "fentry",
             Strategy::Kprobe(_) => "kprobe",
-            Strategy::BtfTracepoints(_) | Strategy::RawTracepoints(_) => "tracepoint",
+            Strategy::BtfTracepoints(_) | Strategy::RawTracepoints(_) | Strategy::Tracepoints(_) => "tracepoint",
             Strategy::CgroupSockopt(_) => "cgroup",
             Strategy::Iter { .. } => "iterator",
         }
@@ -84,6 +88,7 @@ impl Strategy {
         match *self {
             Strategy::Fentry(p) | Strategy::Kprobe(p) => p.iter().map(|(n, _, _)| *n).collect(),
             Strategy::BtfTracepoints(p) | Strategy::RawTracepoints(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::Tracepoints(p) => p.iter().map(|(n, _, _)| *n).collect(),
             Strategy::CgroupSockopt(n) => vec![n],
             Strategy::Iter { program, .. } => vec![program],
         }
@@ -118,6 +123,11 @@ impl Strategy {
             Strategy::RawTracepoints(pairs) => pairs
                 .iter()
                 .map(|(_, tp)| format!("raw_tp/{tp}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            Strategy::Tracepoints(triples) => triples
+                .iter()
+                .map(|(_, cat, tp)| format!("tp/{cat}/{tp}"))
                 .collect::<Vec<_>>()
                 .join(" + "),
             Strategy::CgroupSockopt(_) => "cgroup/setsockopt".to_string(),
@@ -235,6 +245,16 @@ pub const PLAN: &[Hook] = &[
         ],
     },
     Hook {
+        name: ACCEPT_OWNER,
+        reaches: "accept4(2), accept(2) (the process that accepted a keep-alive socket)",
+        without: "accepted connections carry no pid/comm until a setsockopt names a process; --pid cannot select them",
+        on_demand: false,
+        strategies: &[Strategy::Tracepoints(&[
+            ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
+            ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+        ])],
+    },
+    Hook {
         name: "snapshot",
         reaches: "all TCP sockets at start-up (bpf_iter_tcp)",
         without: "connections opened before the agent started are seen only from their next timer firing",
@@ -242,6 +262,24 @@ pub const PLAN: &[Hook] = &[
         strategies: &[Strategy::Iter { program: "snapshot_tcp", target: "tcp" }],
     },
 ];
+
+/// Name of the hook that attributes accepted sockets to the accepting process.
+pub const ACCEPT_OWNER: &str = "accept_owner";
+
+/// Why `hook` cannot work on this kernel whatever the strategy (offsets it reads are absent from
+/// BTF), if so.
+fn unmet(hook: &Hook, offsets: &Offsets) -> Option<&'static str> {
+    (hook.name == ACCEPT_OWNER && !offsets.accept_owner_ready())
+        .then_some("kernel BTF lacks task_struct.files, fdtable, file/socket or syscall_trace_exit.ret")
+}
+
+/// The mounted tracefs (what aya looks for: a non-empty `/sys/kernel/tracing` or
+/// `/sys/kernel/debug/tracing`).
+fn tracefs_mounted() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|p| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()))
+}
 
 /// Errors while loading or attaching.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +431,12 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         let mut outcome = HookOutcome { hook, chosen: None, rejected: Vec::new() };
         let deferred = hook.on_demand && opts.answers == Answers::OnDemand;
         if opts.no_snapshot && hook.name == "snapshot" {
+            continue;
+        }
+        if let Some(why) = unmet(hook, offsets) {
+            warn!("hook {}: {why}: {}", hook.name, hook.without);
+            outcome.rejected.extend(hook.strategies.iter().map(|st| (*st, why.to_string())));
+            outcomes.push(outcome);
             continue;
         }
         for st in strategies_for(hook, opts.method) {
@@ -571,6 +615,22 @@ fn try_strategy(
             }
             attach_loaded(ebpf, st)
         }
+        Strategy::Tracepoints(triples) => {
+            if !tracefs_mounted() {
+                return Err("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)".into());
+            }
+            for &(prog, category, name) in triples {
+                let p: &mut TracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} missing from the object"))?
+                    .try_into()
+                    .map_err(|e| format!("{prog}: {e}"))?;
+                p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
+                p.attach(category, name)
+                    .map_err(|e| format!("attaching {prog} to {category}:{name}: {}", error_chain(&e)))?;
+            }
+            Ok(Vec::new())
+        }
         Strategy::CgroupSockopt(prog) => {
             let path = cgroup.ok_or("no cgroup v2 hierarchy is mounted")?;
             let file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
@@ -609,6 +669,7 @@ fn unload(ebpf: &mut Ebpf, st: &Strategy) {
             Program::FExit(p) => p.unload(),
             Program::KProbe(p) => p.unload(),
             Program::RawTracePoint(p) => p.unload(),
+            Program::TracePoint(p) => p.unload(),
             Program::BtfTracePoint(p) => p.unload(),
             Program::CgroupSockopt(p) => p.unload(),
             Program::Iter(p) => p.unload(),
@@ -824,6 +885,27 @@ mod tests {
         assert_eq!(kinds(snapshot, Method::RawTracepoint), ["iterator"]);
         let setsockopt = PLAN.iter().find(|h| h.name == "setsockopt").unwrap();
         assert_eq!(kinds(setsockopt, Method::Tracepoint), ["cgroup"]);
+    }
+
+    #[test]
+    fn accept_owner_is_optional_and_needs_its_offsets() {
+        let hook = PLAN.iter().find(|h| h.name == ACCEPT_OWNER).unwrap();
+        assert!(matches!(hook.strategies, [Strategy::Tracepoints(_)]));
+        assert_eq!(hook.strategies[0].describe(), "tp/syscalls/sys_exit_accept4 + tp/syscalls/sys_exit_accept");
+        assert_eq!(hook.strategies[0].programs(), ["sys_exit_accept4", "sys_exit_accept"]);
+        // Forcing a method keeps the hook's only strategy.
+        assert_eq!(strategies_for(hook, Method::Fentry).len(), 1);
+        assert_eq!(strategies_for(hook, Method::RawTracepoint).len(), 1);
+        let mut o = Offsets::default();
+        assert!(unmet(hook, &o).is_some());
+        let f = keepalive_common::Field::new(8, 8);
+        (o.task_files, o.files_fdt, o.fdt_max_fds, o.fdt_fd) = (f, f, keepalive_common::Field::new(0, 4), f);
+        (o.file_private_data, o.socket_sk, o.socket_file) = (f, f, f);
+        assert!(unmet(hook, &o).is_some(), "syscall_trace_exit.ret missing");
+        o.sys_exit_ret = keepalive_common::Field::new(16, 8);
+        assert_eq!(unmet(hook, &o), None);
+        let timer = PLAN.iter().find(|h| h.name == "keepalive_timer").unwrap();
+        assert_eq!(unmet(timer, &Offsets::default()), None);
     }
 
     #[test]

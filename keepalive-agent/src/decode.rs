@@ -73,17 +73,7 @@ impl Decoder {
 
     /// Decodes one record as read from a ring buffer or a seq file (any alignment).
     pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        if bytes.len() != RAW_EVENT_SIZE {
-            return Err(DecodeError::BadLength {
-                got: bytes.len(),
-                expected: RAW_EVENT_SIZE,
-            });
-        }
-        // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes, `read_unaligned` has no
-        // alignment requirement, and RawEvent is plain integers and byte arrays, so every bit
-        // pattern is a valid value.
-        let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
-        self.decode(&raw)
+        self.decode(&raw_from_bytes(bytes)?)
     }
 
     /// Decodes one record.
@@ -151,6 +141,9 @@ impl Decoder {
                 unsent: raw.unsent,
             },
             EventKind::Destroy => EventBody::Destroy,
+            EventKind::Owner => EventBody::Owner {
+                process: process(raw).ok_or(DecodeError::MissingProcess { kind, sk: raw.sk })?,
+            },
         };
         Ok(Event {
             ts_ns: raw.ts_ns,
@@ -234,6 +227,27 @@ impl Decoder {
     }
 }
 
+/// One record as read from a ring buffer or a seq file (any alignment), not yet decoded.
+pub fn raw_from_bytes(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    if bytes.len() != RAW_EVENT_SIZE {
+        return Err(DecodeError::BadLength {
+            got: bytes.len(),
+            expected: RAW_EVENT_SIZE,
+        });
+    }
+    // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes, `read_unaligned` has no
+    // alignment requirement, and RawEvent is plain integers and byte arrays, so every bit
+    // pattern is a valid value.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+/// The bytes of a record, as the kernel side writes them (the inverse of [`raw_from_bytes`]).
+pub fn raw_to_bytes(raw: &RawEvent) -> Vec<u8> {
+    // SAFETY: RawEvent is `#[repr(C)]` plain integers and byte arrays without padding; the slice
+    // covers exactly the value.
+    unsafe { std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }.to_vec()
+}
+
 fn process(raw: &RawEvent) -> Option<Process> {
     (raw.flags & FLAG_PROCESS != 0).then_some(Process {
         pid: raw.pid,
@@ -280,9 +294,7 @@ mod tests {
     }
 
     fn as_bytes(r: &RawEvent) -> Vec<u8> {
-        // SAFETY: RawEvent is plain data without padding (176 bytes of integers).
-        unsafe { std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }
-            .to_vec()
+        raw_to_bytes(r)
     }
 
     #[test]
@@ -511,6 +523,49 @@ mod tests {
             d.decode(&r),
             Err(DecodeError::MissingProcess { .. })
         ));
+    }
+
+    #[test]
+    fn owner_carries_the_process_and_requires_it() {
+        let d = decoder();
+        let mut r = raw(EventKind::Owner);
+        r.flags = FLAG_PROCESS | FLAG_KEEPOPEN;
+        r.pid = 4242;
+        r.tid = 4243;
+        r.cgroup_id = 9;
+        r.comm[..5].copy_from_slice(b"nginx");
+        let ev = d.decode_bytes(&as_bytes(&r)).unwrap();
+        assert_eq!(ev.sk, r.sk);
+        assert_eq!(ev.addrs.unwrap().0, "127.0.0.1:40000".parse::<SocketAddr>().unwrap());
+        let EventBody::Owner { process } = ev.body else {
+            panic!("{:?}", ev.body)
+        };
+        assert_eq!((process.pid, process.tid, process.cgroup_id), (4242, 4243, 9));
+        assert_eq!(process.comm_str(), "nginx");
+        r.flags = FLAG_KEEPOPEN;
+        assert_eq!(
+            d.decode(&r),
+            Err(DecodeError::MissingProcess {
+                kind: EventKind::Owner,
+                sk: r.sk
+            })
+        );
+    }
+
+    #[test]
+    fn raw_bytes_round_trip_keeps_the_socket_inode() {
+        let mut r = raw(EventKind::Snapshot);
+        r.sock_ino = 0x1_0000_0042;
+        let bytes = raw_to_bytes(&r);
+        assert_eq!(bytes.len(), RAW_EVENT_SIZE);
+        assert_eq!(raw_from_bytes(&bytes).unwrap(), r);
+        assert_eq!(
+            raw_from_bytes(&bytes[1..]),
+            Err(DecodeError::BadLength {
+                got: RAW_EVENT_SIZE - 1,
+                expected: RAW_EVENT_SIZE
+            })
+        );
     }
 
     #[test]

@@ -227,6 +227,9 @@ pub enum EventBody {
     },
     /// The socket was destroyed; its identity may be reused.
     Destroy,
+    /// A process that holds the socket: the one that accepted it, or one found holding a socket of
+    /// the start-up snapshot (then delivered just before that socket's [`EventBody::Snapshot`]).
+    Owner { process: Process },
 }
 
 /// A decoded kernel event.

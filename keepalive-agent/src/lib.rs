@@ -7,6 +7,7 @@ pub mod event;
 pub mod export;
 pub mod kernel;
 pub mod output;
+pub mod owners;
 pub mod reconcile;
 pub mod runtime;
 pub mod timeline;

@@ -16,6 +16,7 @@ use keepalive_agent::{
     decode::Decoder,
     kernel::{self, KernelFacts},
     output::{Format, Printer},
+    owners,
     runtime::{lost_breakdown, EventLoop, Filter},
     timeline::engine::{Engine, EngineConfig},
 };
@@ -225,6 +226,7 @@ fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: us
     install_signal_handlers();
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
+    let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
     eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
     Ok(Started {

@@ -146,7 +146,10 @@ impl EventLoop<'_> {
         let mut passed: Vec<Record> = Vec::with_capacity(1024);
 
         for raw in snapshot {
-            summary.snapshot_sockets += 1;
+            // Owner records (the sockets' processes, see `owners`) precede their sockets.
+            if crate::decode::raw_from_bytes(&raw).is_ok_and(|r| r.kind == EventKind::Snapshot as u8) {
+                summary.snapshot_sockets += 1;
+            }
             self.feed(&raw, &mut records, &mut summary);
         }
         if summary.snapshot_sockets > 0 {

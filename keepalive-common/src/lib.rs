@@ -122,6 +122,51 @@ pub struct Offsets {
     /// sockets: not LISTEN, SYN_SENT, CLOSE, TIME_WAIT or request sockets). Set by the loader from the
     /// BTF state names.
     pub snapshot_state_mask: u32,
+
+    // Process attribution of accepted sockets and of sockets found by the start-up snapshot.
+    // All optional: a field absent on this kernel (`size == 0`) disables only that attribution.
+    /// `sock.sk_socket` (the `struct socket` of a socket with a file).
+    pub sk_socket: Field,
+    /// `socket.sk`.
+    pub socket_sk: Field,
+    /// `socket.file`: the file back-pointer, to check that a file's `private_data` is its socket.
+    pub socket_file: Field,
+    /// `file.private_data` (the `struct socket` of a socket file).
+    pub file_private_data: Field,
+    /// `file.f_inode`.
+    pub file_f_inode: Field,
+    /// `inode.i_ino`: what `/proc/PID/fd/N` shows as `socket:[INODE]`.
+    pub inode_i_ino: Field,
+    /// `task_struct.files`.
+    pub task_files: Field,
+    /// `files_struct.fdt`.
+    pub files_fdt: Field,
+    /// `fdtable.max_fds`.
+    pub fdt_max_fds: Field,
+    /// `fdtable.fd` (an array of `struct file *`).
+    pub fdt_fd: Field,
+    /// `syscall_trace_exit.ret`: the return value in the record of a `syscalls:sys_exit_*`
+    /// tracepoint.
+    pub sys_exit_ret: Field,
+}
+
+impl Offsets {
+    /// Whether every offset the accept-owner programs need was found.
+    pub const fn accept_owner_ready(&self) -> bool {
+        self.task_files.present()
+            && self.files_fdt.present()
+            && self.fdt_max_fds.present()
+            && self.fdt_fd.present()
+            && self.file_private_data.present()
+            && self.socket_sk.present()
+            && self.socket_file.present()
+            && self.sys_exit_ret.size == 8
+    }
+
+    /// Whether the start-up snapshot can read each socket's inode number.
+    pub const fn socket_inode_ready(&self) -> bool {
+        self.sk_socket.present() && self.socket_file.present() && self.file_f_inode.present() && self.inode_i_ino.present()
+    }
 }
 
 /// What produced a [`RawEvent`].
@@ -148,6 +193,10 @@ pub enum EventKind {
     Snapshot = 8,
     /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused.
     Destroy = 9,
+    /// The process holding the socket: the one that accepted it (`syscalls:sys_exit_accept4`,
+    /// `syscalls:sys_exit_accept`), or, for a socket found by the start-up snapshot, one found in
+    /// `/proc/PID/fd` (made by the agent, never by the kernel side). Carries `FLAG_PROCESS`.
+    Owner = 10,
 }
 
 impl EventKind {
@@ -162,13 +211,14 @@ impl EventKind {
             7 => Self::Setsockopt,
             8 => Self::Snapshot,
             9 => Self::Destroy,
+            10 => Self::Owner,
             _ => return None,
         })
     }
 }
 
 /// Number of event kinds, for per-kind counters (index = kind value).
-pub const EVENT_KINDS: usize = 10;
+pub const EVENT_KINDS: usize = 11;
 
 /// `SOCK_KEEPOPEN` was set (at timer entry / at the event).
 pub const FLAG_KEEPOPEN: u32 = 1 << 0;
@@ -273,6 +323,9 @@ pub struct RawEvent {
     pub keepalive_probes: u8,
     /// `net.ipv4.tcp_keepalive_probes` of the socket's namespace.
     pub sysctl_probes: u8,
+    /// Inode number of the socket's file ([`EventKind::Snapshot`]; 0 when the socket has no file
+    /// or the kernel lacks the offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
+    pub sock_ino: u64,
 }
 
 impl RawEvent {
@@ -314,6 +367,7 @@ impl RawEvent {
             probes_out_after: 0,
             keepalive_probes: 0,
             sysctl_probes: 0,
+            sock_ino: 0,
         }
     }
 }

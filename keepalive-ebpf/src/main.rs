@@ -7,8 +7,8 @@
 //!   answer: `tcp:tcp_probe` while probes are outstanding ([`sock_events`]);
 //! - `tcp_send_active_reset`: `tcp:tcp_send_reset` with no incoming skb ([`sock_events`]);
 //! - setsockopt of keep-alive options: `cgroup/setsockopt` ([`sockopt`]);
-//! plus socket errors, state changes, destruction ([`sock_events`]) and an `iter/tcp` start-up
-//! snapshot ([`snapshot`]).
+//! plus socket errors, state changes, destruction ([`sock_events`]), the process that accepted a
+//! socket ([`owner`]) and an `iter/tcp` start-up snapshot ([`snapshot`]).
 //!
 //! Every kernel struct offset comes from the read-only global [`OFFSETS`], filled by the agent from
 //! the running kernel's BTF before load. Programs are passive: they only read.
@@ -17,6 +17,7 @@
 
 mod read;
 mod direct;
+mod owner;
 mod snapshot;
 mod sock_events;
 mod sockopt;

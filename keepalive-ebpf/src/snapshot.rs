@@ -1,7 +1,8 @@
 //! Start-up snapshot of existing TCP sockets through a BPF iterator (`iter/tcp`, kernel 5.9+).
 //!
 //! The agent reads the iterator's file: one [`RawEvent`] of kind `Snapshot` per keep-alive-relevant
-//! full socket (listeners, TIME_WAIT and request sockets are skipped).
+//! full socket (listeners, TIME_WAIT and request sockets are skipped), with the inode number of the
+//! socket's file, by which the agent finds a process holding it in `/proc/PID/fd`.
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_seq_write, generated::bpf_probe_read_kernel};
 use keepalive_common::{EventKind, RawEvent, RAW_EVENT_SIZE};
@@ -23,6 +24,25 @@ pub struct IterTcpCtx {
 #[repr(C)]
 pub struct IterMeta {
     seq: *mut aya_ebpf::bindings::seq_file,
+}
+
+/// Inode number of the socket's file (`sk->sk_socket->file->f_inode->i_ino`, what `sock_i_ino`
+/// reads), 0 when the socket has no file (not yet accepted, orphaned) or an offset is absent.
+#[inline(always)]
+fn sock_inode(sk: u64) -> u64 {
+    let socket = rd(sk, off!(sk_socket));
+    if socket == 0 {
+        return 0;
+    }
+    let file = rd(socket, off!(socket_file));
+    if file == 0 {
+        return 0;
+    }
+    let inode = rd(file, off!(file_f_inode));
+    if inode == 0 {
+        return 0;
+    }
+    rd(inode, off!(inode_i_ino))
 }
 
 #[unsafe(no_mangle)]
@@ -60,6 +80,7 @@ pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     fill_sock(ev, sk);
     fill_queues(ev, sk);
+    ev.sock_ino = sock_inode(sk);
     // SAFETY: `meta` and `meta->seq` are typed pointers the verifier knows; bpf_seq_write copies
     // RAW_EVENT_SIZE bytes from the scratch slot.
     unsafe {

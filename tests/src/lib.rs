@@ -9,11 +9,13 @@
 //! - [`agent::Agent`]: spawns the agent, waits for `ready`, collects its JSON events.
 //! - [`tcp`]: servers and keep-alive clients inside the namespace.
 //! - [`events`]: helpers to read the agent's JSON timeline.
+//! - [`nginx`]: a real nginx in the namespace, and `ss -tnp` to see who holds a socket.
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
 pub mod agent;
 pub mod cgroup;
 pub mod events;
 pub mod netns;
+pub mod nginx;
 pub mod otlp;
 pub mod tcp;
 
@@ -90,6 +92,21 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Stops a child the test started: SIGTERM, up to `grace` to exit, then SIGKILL; reaps it.
+pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
+    // SAFETY: signalling our own child, not reaped yet (try_wait below reaps it).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The comm (thread name, as the kernel sees it) of the calling thread.

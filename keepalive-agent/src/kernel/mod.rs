@@ -200,7 +200,33 @@ const FIELDS: &[FieldSpec] = &[
     req("net", &["ipv4.sysctl_tcp_keepalive_time"], |o| &mut o.net_keepalive_time),
     req("net", &["ipv4.sysctl_tcp_keepalive_intvl"], |o| &mut o.net_keepalive_intvl),
     req("net", &["ipv4.sysctl_tcp_keepalive_probes"], |o| &mut o.net_keepalive_probes),
+    // Process attribution (optional: without them, accepted and pre-existing sockets have no pid).
+    owner("socket", &["file"], |o| &mut o.socket_file, NO_OWNER),
+    owner("sock", &["sk_socket"], |o| &mut o.sk_socket, NO_SNAPSHOT_OWNER),
+    owner("file", &["f_inode"], |o| &mut o.file_f_inode, NO_SNAPSHOT_OWNER),
+    owner("inode", &["i_ino"], |o| &mut o.inode_i_ino, NO_SNAPSHOT_OWNER),
+    owner("socket", &["sk"], |o| &mut o.socket_sk, NO_ACCEPT_OWNER),
+    owner("file", &["private_data"], |o| &mut o.file_private_data, NO_ACCEPT_OWNER),
+    owner("task_struct", &["files"], |o| &mut o.task_files, NO_ACCEPT_OWNER),
+    owner("files_struct", &["fdt"], |o| &mut o.files_fdt, NO_ACCEPT_OWNER),
+    owner("fdtable", &["max_fds"], |o| &mut o.fdt_max_fds, NO_ACCEPT_OWNER),
+    owner("fdtable", &["fd"], |o| &mut o.fdt_fd, NO_ACCEPT_OWNER),
+    owner("syscall_trace_exit", &["ret"], |o| &mut o.sys_exit_ret, NO_ACCEPT_OWNER),
 ];
+
+const NO_OWNER: &str = "accepted sockets and sockets found at start-up are reported without their process";
+const NO_SNAPSHOT_OWNER: &str = "sockets found at start-up are reported without their process";
+const NO_ACCEPT_OWNER: &str = "accepted sockets are reported without their process";
+
+/// An optional field for process attribution: its absence is a note, not an error.
+const fn owner(
+    strukt: &'static str,
+    paths: &'static [&'static str],
+    slot: fn(&mut Offsets) -> &mut Field,
+    absent_note: &'static str,
+) -> FieldSpec {
+    FieldSpec { strukt, paths, slot, absent_note: Some(absent_note), shape: Shape::Scalar }
+}
 
 /// Resolves the BTF-derived facts from the BTF file at `btf_path`.
 pub fn resolve_btf(btf_path: &Path) -> Result<BtfFacts, KernelError> {
@@ -323,7 +349,13 @@ fn resolve_field(
 ) -> Result<Field, BtfError> {
     let mut found = None;
     for path in spec.paths {
-        if let Some(loc) = btf.member(spec.strukt, path)? {
+        let loc = match btf.member(spec.strukt, path) {
+            // An optional field's whole struct may be missing (e.g. `syscall_trace_exit` without
+            // CONFIG_FTRACE_SYSCALLS): absent too.
+            Err(e) if spec.absent_note.is_some() && matches!(*e.kind, BtfErrorKind::StructNotFound(_)) => None,
+            r => r?,
+        };
+        if let Some(loc) = loc {
             found = Some((*path, loc));
             break;
         }

@@ -512,6 +512,19 @@ impl Engine {
                 self.drop_pending(ev.sk);
                 self.untrack(ev.sk, ev.ts_ns, UntrackReason::Destroyed, out);
             }
+            EventBody::Owner { process } => self.on_owner(ev, process),
+        }
+    }
+
+    /// A process holding the socket (it accepted it, or holds a socket of the start-up snapshot):
+    /// the connection's process from now on, unless it already has one. A socket not tracked yet
+    /// keeps it in its pending note, which the connection takes when it becomes tracked.
+    fn on_owner(&mut self, ev: &Event, process: &Process) {
+        if let Some(conn) = self.conns.get_mut(&ev.sk) {
+            note_addrs(conn, ev);
+            conn.view.process.get_or_insert(*process);
+        } else if let Some(p) = self.pending_slot(ev.sk) {
+            p.connect_process.get_or_insert(*process);
         }
     }
 
@@ -805,7 +818,8 @@ impl Engine {
         if !settings.relevant() || !is_connection(state) {
             return;
         }
-        let Some(conn) = self.open(ev, state, *settings, KNOWN_ALL, None, out) else {
+        let owner = self.pending.remove(&ev.sk).and_then(|p| p.connect_process);
+        let Some(conn) = self.open(ev, state, *settings, KNOWN_ALL, owner, out) else {
             return;
         };
         let kind = RecordKind::Config {
@@ -2250,5 +2264,70 @@ mod tests {
         // Random hashes would fill ~63% of 4096 buckets and all 128 control values.
         assert!(low.len() > 2400, "low bits poorly spread: {}", low.len());
         assert_eq!(high.len(), 128);
+    }
+
+    fn owner(ts: u64, sk: u64, p: Process) -> Event {
+        ev(ts, sk, EventBody::Owner { process: p })
+    }
+
+    fn pids(records: &[Record]) -> Vec<Option<u32>> {
+        records.iter().map(|r| r.conn.process.map(|p| p.pid)).collect()
+    }
+
+    /// An accepted socket: established in softirq (no process), then the acceptor's `Owner`. No
+    /// record of its own; every later record carries the acceptor, and a second holder does not
+    /// replace it.
+    #[test]
+    fn owner_of_a_tracked_connection_is_on_every_later_record() {
+        let mut e = engine();
+        let out = feed(&mut e, &[established(S, A, ka())]);
+        assert_eq!(names(&out), ["open", "config"]);
+        assert_eq!(pids(&out), [None, None]);
+        let worker = process(4242, "nginx");
+        assert!(feed(&mut e, &[owner(S + 1, A, worker)]).is_empty());
+        let out = feed(
+            &mut e,
+            &[owner(S + 2, A, process(1, "other")), probe(2 * S, A, 0, 1), close(3 * S, A)],
+        );
+        assert!(!out.is_empty());
+        assert!(out.iter().all(|r| r.conn.process == Some(worker)), "{out:?}");
+        assert_eq!(e.open_connections().count(), 0);
+    }
+
+    /// The owner of a socket not tracked yet is remembered until it becomes tracked.
+    #[test]
+    fn owner_before_tracking_is_taken_when_tracked() {
+        let mut e = engine();
+        let worker = process(7, "nginx");
+        assert!(feed(&mut e, &[owner(S, A, worker)]).is_empty());
+        let out = feed(&mut e, &[probe(2 * S, A, 0, 1)]);
+        assert_eq!(names(&out)[0], "open");
+        assert!(out.iter().all(|r| r.conn.process == Some(worker)), "{out:?}");
+        // Gone before it was tracked: the note goes with it, a new socket at the address has none.
+        feed(&mut e, &[owner(3 * S, B, worker), ev(4 * S, B, EventBody::Destroy)]);
+        let out = feed(&mut e, &[established(5 * S, B, ka())]);
+        assert_eq!(pids(&out), [None, None]);
+    }
+
+    /// The start-up snapshot delivers a socket's owner just before the socket: the snapshot's
+    /// records carry it.
+    #[test]
+    fn owner_delivered_before_the_snapshot_is_on_its_records() {
+        let mut e = engine();
+        let holder = process(99, "redis-server");
+        let snap = ev(
+            S,
+            A,
+            EventBody::Snapshot {
+                state: TcpState::Established,
+                settings: ka(),
+                probes_out: 0,
+                timer_in_ms: None,
+            },
+        );
+        let out = feed(&mut e, &[owner(S, A, holder), snap]);
+        assert_eq!(names(&out), ["open", "config"]);
+        assert_eq!(pids(&out), [Some(99), Some(99)]);
+        assert_eq!(out[0].conn.process.unwrap().comm_str(), "redis-server");
     }
 }

@@ -1,0 +1,266 @@
+//! Processes holding the sockets found by the start-up snapshot.
+//!
+//! A socket that existed before the agent started has no event that names its process (its
+//! `connect()` or `accept()` happened earlier). The snapshot records carry the inode number of the
+//! socket's file; the agent scans `/proc/PID/fd` once, as `ss -p` does, for links `socket:[INODE]`
+//! and puts an [`EventKind::Owner`] record in front of each snapshot record whose socket a process
+//! holds, so that the engine opens the connection with its process.
+//!
+//! When several processes hold the socket (a server that forked after accepting, a descriptor
+//! passed over a UNIX socket), the one with the lowest pid is reported: processes are scanned in
+//! pid order and the scan stops once every wanted socket has a holder. `tid` is the pid (no thread
+//! is known), `comm` is the process's name (`/proc/PID/comm`), `cgroup_id` the inode of its cgroup
+//! v2 directory (0 when unknown). Processes that vanish or cannot be read during the scan are
+//! skipped. The table built holds at most one entry per snapshot socket.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsStr,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::Path,
+};
+
+use keepalive_common::{EventKind, RawEvent, FLAG_PROCESS};
+use log::{debug, info};
+
+use crate::decode::{raw_from_bytes, raw_to_bytes};
+
+/// A process found holding a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// Process name, NUL-padded as the kernel's `comm`.
+    pub comm: [u8; 16],
+    /// Inode of the process's cgroup v2 directory (`bpf_get_current_cgroup_id()`), 0 if unknown.
+    pub cgroup_id: u64,
+}
+
+/// What a scan of `/proc` found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Socket inode → the holder with the lowest pid.
+    pub holders: HashMap<u64, Holder>,
+    /// Processes whose descriptors were read.
+    pub processes: usize,
+    /// Processes skipped because they vanished or their descriptors could not be read.
+    pub skipped: usize,
+}
+
+/// The inode of a `/proc/PID/fd/N` link target of the form `socket:[INODE]`.
+pub fn socket_inode(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// A `/proc` entry name that is a pid.
+fn pid_of(name: &OsStr) -> Option<u32> {
+    let b = name.as_bytes();
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// A `/proc/PID/comm` line as a kernel `comm` (at most 15 bytes, NUL-padded).
+pub fn comm_from(text: &[u8]) -> [u8; 16] {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut comm = [0u8; 16];
+    let n = text.len().min(15);
+    comm[..n].copy_from_slice(&text[..n]);
+    comm
+}
+
+/// The cgroup v2 path of a process, from its `/proc/PID/cgroup` (the `0::PATH` line).
+pub fn cgroup2_path(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// Scans the processes under `proc_root` (normally `/proc`), in pid order, for descriptors that
+/// are sockets with an inode in `wanted`. Stops once every wanted inode has a holder.
+pub fn scan(proc_root: &Path, wanted: &HashSet<u64>, cgroup2: Option<&Path>) -> Scan {
+    let mut out = Scan::default();
+    if wanted.is_empty() {
+        return out;
+    }
+    let mut pids: Vec<u32> = match std::fs::read_dir(proc_root) {
+        Ok(rd) => rd.flatten().filter_map(|e| pid_of(&e.file_name())).collect(),
+        Err(e) => {
+            info!("cannot list {}: {e}; start-up sockets are reported without their process", proc_root.display());
+            return out;
+        }
+    };
+    pids.sort_unstable();
+    for pid in pids {
+        let dir = proc_root.join(pid.to_string());
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            out.skipped += 1;
+            continue;
+        };
+        out.processes += 1;
+        let mut holder = None;
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            let Some(ino) = socket_inode(target.as_os_str().as_bytes()) else { continue };
+            if !wanted.contains(&ino) || out.holders.contains_key(&ino) {
+                continue;
+            }
+            let h = *holder.get_or_insert_with(|| read_holder(&dir, pid, cgroup2));
+            out.holders.insert(ino, h);
+        }
+        if out.holders.len() == wanted.len() {
+            break;
+        }
+    }
+    out
+}
+
+fn read_holder(dir: &Path, pid: u32, cgroup2: Option<&Path>) -> Holder {
+    let comm = std::fs::read(dir.join("comm")).map(|t| comm_from(&t)).unwrap_or([0; 16]);
+    let cgroup_id = cgroup2
+        .and_then(|root| {
+            let text = std::fs::read_to_string(dir.join("cgroup")).ok()?;
+            let rel = cgroup2_path(&text)?.trim_start_matches('/');
+            std::fs::metadata(root.join(rel)).ok().map(|m| m.ino())
+        })
+        .unwrap_or(0);
+    Holder { pid, comm, cgroup_id }
+}
+
+/// An `Owner` record for the socket of snapshot record `snap`.
+fn owner_record(snap: &RawEvent, h: &Holder) -> RawEvent {
+    let mut ev = *snap;
+    ev.kind = EventKind::Owner as u8;
+    ev.flags |= FLAG_PROCESS;
+    ev.pid = h.pid;
+    ev.tid = h.pid;
+    ev.comm = h.comm;
+    ev.cgroup_id = h.cgroup_id;
+    ev
+}
+
+/// Puts an `Owner` record in front of every snapshot record (raw, as [`crate::attach::Probes::snapshot`]
+/// returns them) whose socket some process under `proc_root` holds. Records that do not decode
+/// are left as they are (the event loop reports them).
+pub fn attribute_snapshot(records: Vec<Vec<u8>>, proc_root: &Path, cgroup2: Option<&Path>) -> Vec<Vec<u8>> {
+    let inode = |bytes: &[u8]| raw_from_bytes(bytes).ok().map(|r| r.sock_ino).filter(|&i| i != 0);
+    let wanted: HashSet<u64> = records.iter().filter_map(|r| inode(r)).collect();
+    let found = scan(proc_root, &wanted, cgroup2);
+    debug!(
+        "start-up snapshot: {} of {} sockets have a holding process ({} processes read, {} skipped)",
+        found.holders.len(),
+        wanted.len(),
+        found.processes,
+        found.skipped
+    );
+    let mut out = Vec::with_capacity(records.len() + found.holders.len());
+    for bytes in records {
+        if let Ok(raw) = raw_from_bytes(&bytes) {
+            if let Some(h) = found.holders.get(&raw.sock_ino).filter(|_| raw.sock_ino != 0) {
+                out.push(raw_to_bytes(&owner_record(&raw, h)));
+            }
+        }
+        out.push(bytes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use crate::kernel::hz::tests::TempDir;
+
+    #[test]
+    fn parses_socket_links_only() {
+        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode(b"socket:[18446744073709551615]"), Some(u64::MAX));
+        for bad in [
+            &b"socket:[]"[..],
+            b"socket:[12a]",
+            b"socket:[12",
+            b"pipe:[12345]",
+            b"anon_inode:[eventpoll]",
+            b"/dev/null",
+            b"socket:[99999999999999999999]",
+        ] {
+            assert_eq!(socket_inode(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn comm_and_cgroup_lines() {
+        assert_eq!(&comm_from(b"nginx\n")[..6], b"nginx\0");
+        let long = comm_from(b"a-very-long-process-name\n");
+        assert_eq!(&long[..15], b"a-very-long-pro");
+        assert_eq!(long[15], 0);
+        assert_eq!(cgroup2_path("12:cpu:/x\n0::/system.slice/nginx.service\n"), Some("/system.slice/nginx.service"));
+        assert_eq!(cgroup2_path("12:cpu:/x\n"), None);
+    }
+
+    /// A fake /proc: pid 30 and pid 7 hold socket 100, pid 30 holds 200, pid 12 holds nothing
+    /// wanted, `self` and a file are not pids, pid 40 has no readable fd directory.
+    fn fake_proc(root: &Path) {
+        let proc_ = |pid: &str, comm: &str, links: &[&str]| {
+            let dir = root.join(pid);
+            std::fs::create_dir_all(dir.join("fd")).unwrap();
+            std::fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+            std::fs::write(dir.join("cgroup"), "0::/\n").unwrap();
+            for (i, l) in links.iter().enumerate() {
+                symlink(l, dir.join("fd").join(i.to_string())).unwrap();
+            }
+        };
+        proc_("30", "worker", &["/dev/null", "socket:[100]", "socket:[200]"]);
+        proc_("7", "master", &["socket:[100]", "pipe:[5]"]);
+        proc_("12", "other", &["socket:[300]"]);
+        proc_("self", "x", &["socket:[200]"]);
+        std::fs::create_dir_all(root.join("40")).unwrap();
+        std::fs::write(root.join("uptime"), "1 1\n").unwrap();
+    }
+
+    #[test]
+    fn scan_reports_the_lowest_pid_and_skips_what_it_cannot_read() {
+        let dir = TempDir::new("owners-scan");
+        fake_proc(dir.0.as_path());
+        let wanted: HashSet<u64> = [100, 200, 400].into();
+        let s = scan(dir.0.as_path(), &wanted, Some(dir.0.as_path()));
+        assert_eq!(s.holders.len(), 2);
+        let h100 = s.holders[&100];
+        assert_eq!((h100.pid, &h100.comm[..7]), (7, &b"master\0"[..]));
+        assert_eq!(h100.cgroup_id, std::fs::metadata(dir.0.as_path()).unwrap().ino());
+        assert_eq!(s.holders[&200].pid, 30);
+        assert_eq!((s.processes, s.skipped), (3, 1));
+        // Nothing wanted: nothing read.
+        let none = scan(dir.0.as_path(), &HashSet::new(), None);
+        assert_eq!((none.processes, none.holders.len()), (0, 0));
+    }
+
+    #[test]
+    fn owner_records_go_in_front_of_their_snapshot_records() {
+        let dir = TempDir::new("owners-records");
+        fake_proc(dir.0.as_path());
+        let snap = |sk: u64, ino: u64| {
+            let mut r = RawEvent::zeroed();
+            r.kind = EventKind::Snapshot as u8;
+            r.sk = sk;
+            r.sock_ino = ino;
+            r.netns = 5;
+            raw_to_bytes(&r)
+        };
+        let records = vec![snap(1, 200), snap(2, 0), snap(3, 999), vec![1, 2, 3], snap(4, 100)];
+        let out = attribute_snapshot(records.clone(), dir.0.as_path(), None);
+        let kinds: Vec<(u8, u64)> = out
+            .iter()
+            .map(|b| raw_from_bytes(b).map(|r| (r.kind, r.sk)).unwrap_or((0, 0)))
+            .collect();
+        let (o, s) = (EventKind::Owner as u8, EventKind::Snapshot as u8);
+        assert_eq!(kinds, [(o, 1), (s, 1), (s, 2), (s, 3), (0, 0), (o, 4), (s, 4)]);
+        let owner = raw_from_bytes(&out[0]).unwrap();
+        assert_eq!((owner.pid, owner.tid, owner.netns, owner.flags & FLAG_PROCESS), (30, 30, 5, FLAG_PROCESS));
+        assert_eq!(&owner.comm[..7], b"worker\0");
+        assert_eq!(owner.cgroup_id, 0);
+        assert_eq!(raw_from_bytes(&out[5]).unwrap().pid, 7);
+    }
+}

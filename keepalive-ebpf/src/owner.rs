@@ -1,0 +1,86 @@
+//! The process holding an accepted socket: `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`
+//! (classic tracepoints, in the acceptor's process context; they need tracefs to attach).
+//!
+//! An accepted socket becomes established in softirq context, long before any process holds it:
+//! the `inet_sock_set_state` event cannot name its process. At the exit of `accept4(2)` /
+//! `accept(2)` the new file descriptor is in the return value: `current->files->fdt->fd[ret]` is the
+//! socket's file, its `private_data` the `struct socket`, whose `sk` is the connection. Every offset
+//! comes from BTF; the descriptor is bounds-checked against `fdt->max_fds`, and the file must be the
+//! socket's own (`socket->file == file`), so a descriptor closed and reused by another thread in
+//! between is not misread. Only keep-alive-relevant TCP sockets produce an [`EventKind::Owner`]
+//! event: a failed accept, a UNIX or UDP socket, or a TCP socket without keep-alive costs a few
+//! reads. Accepts through io_uring (`IORING_OP_ACCEPT`) do not pass these tracepoints.
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_task, macros::tracepoint, programs::TracePointContext,
+};
+use keepalive_common::{EventKind, Field};
+
+use crate::{
+    off,
+    read::{fill_process, is_tcp, keepalive_relevant, rd},
+    sock_events::emit,
+};
+
+/// A kernel pointer (BPF is a 64-bit target, and so is every kernel it runs on).
+const PTR: Field = Field::new(0, 8);
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    let ret_field = off!(sys_exit_ret);
+    if ret_field.size != 8 {
+        return;
+    }
+    // SAFETY: reads the record's `ret` slot (offset from BTF) with a probe read.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ret_field.off as usize) }) else {
+        return;
+    };
+    if ret < 0 {
+        return;
+    }
+    let sk = accepted_sock(ret as u64);
+    if sk == 0 || !is_tcp(sk) || !keepalive_relevant(sk) {
+        return;
+    }
+    emit(EventKind::Owner, sk, fill_process);
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task, 0 if there is none.
+#[inline(always)]
+fn accepted_sock(fd: u64) -> u64 {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let files = rd(task, off!(task_files));
+    if files == 0 {
+        return 0;
+    }
+    let fdt = rd(files, off!(files_fdt));
+    if fdt == 0 || fd >= rd(fdt, off!(fdt_max_fds)) {
+        return 0;
+    }
+    let table = rd(fdt, off!(fdt_fd));
+    if table == 0 {
+        return 0;
+    }
+    let file = rd(table + fd * PTR.size as u64, PTR);
+    if file == 0 {
+        return 0;
+    }
+    let sock = rd(file, off!(file_private_data));
+    if sock == 0 || rd(sock, off!(socket_file)) != file {
+        return 0;
+    }
+    rd(sock, off!(socket_sk))
+}
