@@ -243,9 +243,20 @@ pub const PLAN: &[Hook] = &[
     },
 ];
 
+/// The hook this tool exists for: a forced `--attach` method that cannot reach it stops the agent
+/// ([`AttachError::CoreHook`]) instead of running without it.
+pub const CORE_HOOK: &str = "keepalive_timer";
+
 /// Errors while loading or attaching.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error("--attach {method} cannot reach {hook}, the hook this tool exists for: {reasons} (--attach auto picks what this kernel allows)")]
+    CoreHook {
+        method: String,
+        hook: &'static str,
+        /// Each strategy tried and the kernel's answer.
+        reasons: String,
+    },
     #[error("the eBPF object is empty: the agent was built with AYA_BUILD_SKIP")]
     NoObject,
     #[error("loading the eBPF object: {0}")]
@@ -429,7 +440,20 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
                 st.describe()
             ),
             Some(st) => info!("hook {}: {} via {}", hook.name, st.kind(), st.describe()),
-            None => warn!("hook {}: not reachable on this kernel: {}", hook.name, hook.without),
+            None if hook.name == CORE_HOOK && opts.method != Method::Auto => {
+                // Dropping `ebpf` unloads whatever was loaded so far.
+                return Err(AttachError::CoreHook {
+                    method: method_name(opts.method),
+                    hook: hook.name,
+                    reasons: rejections(&outcome),
+                });
+            }
+            None => warn!(
+                "hook {}: not reachable on this kernel ({}): {}",
+                hook.name,
+                rejections(&outcome),
+                hook.without
+            ),
         }
         outcomes.push(outcome);
     }
@@ -447,6 +471,22 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     })?)
     .map_err(|source| AttachError::Map { name: "LOST", source })?;
     Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand })
+}
+
+/// The `--attach` spelling of `m`.
+fn method_name(m: Method) -> String {
+    use clap::ValueEnum as _;
+    m.to_possible_value().map_or_else(|| format!("{m:?}"), |v| v.get_name().to_string())
+}
+
+/// Every strategy tried for a hook, and why it was not used.
+fn rejections(outcome: &HookOutcome) -> String {
+    let tried: Vec<String> = outcome.rejected.iter().map(|(st, why)| format!("{}: {why}", st.describe())).collect();
+    if tried.is_empty() {
+        "no strategy to try".to_string()
+    } else {
+        tried.join("; ")
+    }
 }
 
 /// Detaches the links of an on-demand strategy (errors only logged: the program stays loaded).
