@@ -281,9 +281,22 @@ fn tracefs_mounted() -> bool {
         .any(|p| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()))
 }
 
+/// The hook this tool exists for: when the chosen `--attach` method (or, with `auto`, every method)
+/// cannot reach it, the agent stops ([`AttachError::CoreHook`]) instead of running without it.
+pub const CORE_HOOK: &str = "keepalive_timer";
+
 /// Errors while loading or attaching.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error("--attach {method} cannot reach {hook}, the hook this tool exists for: {reasons}{hint}")]
+    CoreHook {
+        method: String,
+        hook: &'static str,
+        /// Each strategy tried and the kernel's answer.
+        reasons: String,
+        /// What to try instead, if anything.
+        hint: &'static str,
+    },
     #[error("the eBPF object is empty: the agent was built with AYA_BUILD_SKIP")]
     NoObject,
     #[error("loading the eBPF object: {0}")]
@@ -473,7 +486,23 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
                 st.describe()
             ),
             Some(st) => info!("hook {}: {} via {}", hook.name, st.kind(), st.describe()),
-            None => warn!("hook {}: not reachable on this kernel: {}", hook.name, hook.without),
+            None if hook.name == CORE_HOOK => {
+                // Without it the agent has nothing to say: stop, whatever the method. Dropping
+                // `ebpf` unloads whatever was loaded so far.
+                let hint = if opts.method == Method::Auto { "" } else { " (--attach auto picks what this kernel allows)" };
+                return Err(AttachError::CoreHook {
+                    method: method_name(opts.method),
+                    hook: hook.name,
+                    reasons: rejections(&outcome),
+                    hint,
+                });
+            }
+            None => warn!(
+                "hook {}: not reachable on this kernel ({}): {}",
+                hook.name,
+                rejections(&outcome),
+                hook.without
+            ),
         }
         outcomes.push(outcome);
     }
@@ -491,6 +520,22 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     })?)
     .map_err(|source| AttachError::Map { name: "LOST", source })?;
     Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand })
+}
+
+/// The `--attach` spelling of `m`.
+fn method_name(m: Method) -> String {
+    use clap::ValueEnum as _;
+    m.to_possible_value().map_or_else(|| format!("{m:?}"), |v| v.get_name().to_string())
+}
+
+/// Every strategy tried for a hook, and why it was not used.
+fn rejections(outcome: &HookOutcome) -> String {
+    let tried: Vec<String> = outcome.rejected.iter().map(|(st, why)| format!("{}: {why}", st.describe())).collect();
+    if tried.is_empty() {
+        "no strategy to try".to_string()
+    } else {
+        tried.join("; ")
+    }
 }
 
 /// Detaches the links of an on-demand strategy (errors only logged: the program stays loaded).

@@ -4,7 +4,7 @@ use std::{
     io::{IsTerminal as _, Write as _},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{atomic::AtomicBool, Arc},
     time::{Duration, Instant},
 };
 
@@ -50,28 +50,29 @@ struct RunArgs {
     attach: AttachArgs,
     #[command(flatten)]
     export: keepalive_agent::export::ExportArgs,
-    /// Most connections tracked at once; past it new connections are not tracked (and that is reported).
-    #[arg(long, default_value_t = 65_536)]
+    /// Most connections tracked at once, 1 to 16777216; past it new connections are not tracked
+    /// (and that is reported).
+    #[arg(long, default_value_t = 65_536, value_parser = max_connections_parser(), allow_negative_numbers = true)]
     max_connections: usize,
     /// Only connections in this network namespace (a path such as /run/netns/NAME).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_netns)]
     netns: Option<PathBuf>,
-    /// How long to wait for pending spans at shutdown, in seconds.
-    #[arg(long, default_value_t = 5.0)]
-    shutdown_timeout: f64,
-    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
-    #[arg(long, value_name = "SECS")]
-    duration: Option<f64>,
+    /// How long to wait for pending spans at shutdown, in seconds, 0 to 3600.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_shutdown_timeout, allow_negative_numbers = true)]
+    shutdown_timeout: Duration,
+    /// Stop after this many seconds, 0 to 31536000 (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
+    duration: Option<Duration>,
 }
 
 /// Options shared by every command that attaches programs.
 #[derive(Args, Debug, Clone)]
 struct AttachArgs {
     /// cgroup v2 directory for the setsockopt program (default: the cgroup2 root, i.e. every process).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_cgroup)]
     cgroup: Option<PathBuf>,
-    /// Ring buffer size in bytes (power of two, at least 4096).
-    #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = parse_ringbuf_size)]
+    /// Ring buffer size in bytes (a power of two from the page size to 1 GiB).
+    #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = parse_ringbuf_size, allow_negative_numbers = true)]
     ringbuf_size: u32,
     /// Do not report connections that existed before the agent started.
     #[arg(long)]
@@ -96,19 +97,20 @@ struct TraceArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
     /// Only connections of this process (repeatable).
-    #[arg(long)]
+    #[arg(long, value_parser = pid_parser(), allow_negative_numbers = true)]
     pid: Vec<u32>,
     /// Only connections with this local or remote port (repeatable).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..), allow_negative_numbers = true)]
     port: Vec<u16>,
     /// Only connections in this network namespace (a path such as /run/netns/NAME or /proc/PID/ns/net).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_netns)]
     netns: Option<PathBuf>,
-    /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    duration: Option<f64>,
-    /// Most connections tracked at once; past it new connections are not tracked (and that is reported).
-    #[arg(long, default_value_t = 65_536)]
+    /// Stop after this many seconds, 0 to 31536000.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
+    duration: Option<Duration>,
+    /// Most connections tracked at once, 1 to 16777216; past it new connections are not tracked
+    /// (and that is reported).
+    #[arg(long, default_value_t = 65_536, value_parser = max_connections_parser(), allow_negative_numbers = true)]
     max_connections: usize,
     /// Colour: auto (on a terminal), always, never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
@@ -121,25 +123,118 @@ struct CheckArgs {
     attach: AttachArgs,
 }
 
+/// Most connections `--max-connections` accepts: far above any host's TCP socket count, low enough
+/// that the engine's tables (one entry per connection) cannot exhaust memory by a typo.
+const MAX_CONNECTIONS: u64 = 16_777_216;
+/// Longest `--duration`, in seconds (a year): a deadline the monotonic clock always represents.
+const MAX_DURATION_S: f64 = 31_536_000.0;
+/// Longest `--shutdown-timeout`, in seconds.
+const MAX_SHUTDOWN_TIMEOUT_S: f64 = 3_600.0;
+/// Largest `--ringbuf-size`: 1 GiB of locked kernel memory.
+const MAX_RINGBUF: u32 = 1 << 30;
+/// The kernel's largest possible process id (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: u64 = 4_194_304;
+/// `statfs` magic numbers (linux/magic.h).
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+const NSFS_MAGIC: u64 = 0x6e73_6673;
+/// `ioctl(NS_GET_NSTYPE)` on a namespace file (linux/nsfs.h, Linux 4.11+).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+fn max_connections_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS)
+}
+
+fn pid_parser() -> clap::builder::RangedU64ValueParser<u32> {
+    clap::builder::RangedU64ValueParser::<u32>::new().range(1..=PID_MAX_LIMIT)
+}
+
+/// `--ringbuf-size`: the kernel wants a power of two and a multiple of the page size.
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if v < 4096 || !v.is_power_of_two() {
-        return Err(format!("{v} is not a power of two of at least 4096"));
+    let v: u32 = s.trim().parse().map_err(|e| format!("`{s}` is not a number of bytes: {e}"))?;
+    let page = page_size();
+    if !v.is_power_of_two() || v < page || v > MAX_RINGBUF {
+        return Err(format!("{v} is not a power of two from the page size ({page}) to {MAX_RINGBUF} bytes"));
     }
     Ok(v)
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page).unwrap_or(4096)
 }
 
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+/// `--duration`: finite seconds from 0 to a year.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_DURATION_S)
+}
+
+/// `--shutdown-timeout`: finite seconds from 0 to an hour.
+fn parse_shutdown_timeout(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_SHUTDOWN_TIMEOUT_S)
+}
+
+/// A number of seconds in `0..=max` (fractions allowed; NaN and infinities refused).
+fn parse_seconds(s: &str, max: f64) -> Result<Duration, String> {
+    let range = || format!("must be a number of seconds from 0 to {max}");
+    match s.trim().parse::<f64>() {
+        // The range check also refuses NaN; -0.0 is within it and is zero.
+        Ok(v) if (0.0..=max).contains(&v) => Duration::try_from_secs_f64(v.abs()).map_err(|_| range()),
+        _ => Err(range()),
     }
+}
+
+/// `f_type` of the file system holding `file`.
+fn fs_magic(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid open fd and a zeroed out-buffer of the right type.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as u64)
+}
+
+/// `--cgroup`: an existing directory of the cgroup v2 hierarchy (the setsockopt program cannot be
+/// attached anywhere else).
+fn parse_cgroup(s: &str) -> Result<PathBuf, String> {
+    let dir = std::fs::File::open(s).map_err(|e| format!("{s}: {e}"))?;
+    if !dir.metadata().map_err(|e| format!("{s}: {e}"))?.is_dir() {
+        return Err(format!("{s} is not a directory"));
+    }
+    if fs_magic(&dir).map_err(|e| format!("{s}: statfs: {e}"))? != CGROUP2_SUPER_MAGIC {
+        let mount = match attach::cgroup2_mount() {
+            Some(m) => format!("the cgroup v2 hierarchy is mounted at {}", m.display()),
+            None => "no cgroup v2 hierarchy is mounted".to_string(),
+        };
+        return Err(format!("{s} is not a cgroup v2 directory ({mount})"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// `--netns`: a network namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`).
+fn parse_netns(s: &str) -> Result<PathBuf, String> {
+    use std::os::fd::AsRawFd as _;
+    let not_netns = || format!("{s} is not a network namespace file (e.g. /run/netns/NAME or /proc/PID/ns/net)");
+    let file = std::fs::File::open(s).map_err(|e| format!("{s}: {e}"))?;
+    if fs_magic(&file).map_err(|e| format!("{s}: statfs: {e}"))? != NSFS_MAGIC {
+        return Err(not_netns());
+    }
+    // SAFETY: a valid open fd; NS_GET_NSTYPE takes no argument.
+    let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if nstype != libc::CLONE_NEWNET {
+        return Err(not_netns());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// Sets the returned flag on SIGINT or SIGTERM (the event loop polls it).
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).with_context(|| format!("installing the handler of signal {sig}"))?;
+    }
+    Ok(stop)
 }
 
 fn main() {
@@ -218,12 +313,14 @@ struct Started {
     engine: Engine,
     /// Raw start-up snapshot records, fed to the engine before the first live event.
     snapshot: Vec<Vec<u8>>,
+    /// Set by SIGINT/SIGTERM.
+    stop: Arc<AtomicBool>,
 }
 
 /// Attaches the programs, takes the start-up snapshot and prints the `ready` line: the contract is
 /// one line starting with "ready" on stderr once every program is attached, before any event.
 fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: usize) -> Result<Started> {
-    install_signal_handlers();
+    let stop = stop_on_signals()?;
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
@@ -234,6 +331,7 @@ fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: us
         decoder: Decoder::new(facts.tables.clone()),
         engine: Engine::new(EngineConfig { max_connections }),
         snapshot,
+        stop,
     })
 }
 
@@ -259,8 +357,8 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
     );
 }
 
-fn until(duration: Option<f64>) -> Option<Instant> {
-    duration.map(|s| Instant::now() + Duration::from_secs_f64(s))
+fn until(duration: Option<Duration>) -> Option<Instant> {
+    duration.map(|d| Instant::now() + d)
 }
 
 fn netns_inode(path: &PathBuf) -> Result<u32> {
@@ -274,7 +372,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         ports: args.port.clone(),
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
     };
-    let Started { mut probes, decoder, mut engine, snapshot } =
+    let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections)?;
     let color = match args.color.as_str() {
         "always" => true,
@@ -298,7 +396,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         }
         printer.flush()
     };
-    let summary = match ev_loop.run(snapshot, &STOP, until(args.duration), &mut sink) {
+    let summary = match ev_loop.run(snapshot, &stop, until(args.duration), &mut sink) {
         Ok(s) => s,
         Err(keepalive_agent::runtime::RunError::Sink(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(());
@@ -325,7 +423,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
-    let Started { mut probes, decoder, mut engine, snapshot } =
+    let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections)?;
     let mut ev_loop = EventLoop {
         probes: &mut probes,
@@ -340,10 +438,9 @@ fn run(args: RunArgs) -> Result<()> {
         exporter.on_records(recs, clock);
         Ok(())
     };
-    let summary = ev_loop.run(snapshot, &STOP, until(args.duration), &mut sink)?;
+    let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
     let clock = ev_loop.clock;
-    let deadline = Duration::from_secs_f64(args.shutdown_timeout);
-    let report = runtime.block_on(exporter.shutdown(&clock, deadline));
+    let report = runtime.block_on(exporter.shutdown(&clock, args.shutdown_timeout));
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
 }
@@ -381,4 +478,88 @@ fn check(args: CheckArgs) -> Result<()> {
         println!("degraded: {} hook(s) unreachable; the agent runs without them", missing.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The clap error for `args`, which must be a rejected value of `flag`.
+    fn rejected(args: &[&str], flag: &str) -> String {
+        let e = Cli::try_parse_from(std::iter::once("keepalive-agent").chain(args.iter().copied())).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}: {e}");
+        assert_eq!(e.exit_code(), 2);
+        let text = e.to_string();
+        assert!(text.contains(flag), "{args:?}: {text}");
+        text
+    }
+
+    #[test]
+    fn seconds_are_finite_and_bounded() {
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("-0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("31536000"), Ok(Duration::from_secs(31_536_000)));
+        for bad in ["-1", "NaN", "inf", "-inf", "1e300", "31536000.5", "", "abc"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("from 0 to 31536000"), "{bad}: {e}");
+        }
+        assert_eq!(parse_shutdown_timeout("3600"), Ok(Duration::from_secs(3600)));
+        assert!(parse_shutdown_timeout("3601").unwrap_err().contains("from 0 to 3600"));
+    }
+
+    #[test]
+    fn ringbuf_size_is_a_power_of_two_within_bounds() {
+        let page = page_size();
+        assert_eq!(parse_ringbuf_size(&page.to_string()), Ok(page));
+        assert_eq!(parse_ringbuf_size("1073741824"), Ok(1 << 30));
+        for bad in ["0", "5000", &(page / 2).to_string(), "2147483648", "-4096", "x"] {
+            assert!(parse_ringbuf_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cgroup_must_be_a_cgroup2_directory() {
+        assert!(parse_cgroup("/nonexistent-keepalive-test").unwrap_err().contains("/nonexistent-keepalive-test"));
+        assert!(parse_cgroup("/proc/self/status").unwrap_err().contains("not a directory"));
+        assert!(parse_cgroup("/proc").unwrap_err().contains("not a cgroup v2 directory"));
+        if let Some(root) = attach::cgroup2_mount() {
+            assert_eq!(parse_cgroup(root.to_str().unwrap()), Ok(root));
+        }
+    }
+
+    #[test]
+    fn netns_must_be_a_network_namespace() {
+        assert_eq!(parse_netns("/proc/self/ns/net"), Ok(PathBuf::from("/proc/self/ns/net")));
+        assert!(parse_netns("/proc/self/ns/uts").unwrap_err().contains("not a network namespace"));
+        assert!(parse_netns("/proc/self/status").unwrap_err().contains("not a network namespace"));
+        assert!(parse_netns("/nonexistent-keepalive-test").is_err());
+    }
+
+    #[test]
+    fn clap_names_the_flag_of_every_bad_value() {
+        rejected(&["trace", "--max-connections", "0"], "--max-connections");
+        rejected(&["run", "--max-connections", "16777217"], "--max-connections");
+        rejected(&["trace", "--max-connections", "-5"], "--max-connections");
+        rejected(&["trace", "--duration", "-1"], "--duration");
+        rejected(&["trace", "--duration", "nan"], "--duration");
+        rejected(&["run", "--duration", "inf"], "--duration");
+        rejected(&["run", "--shutdown-timeout", "-0.5"], "--shutdown-timeout");
+        rejected(&["run", "--shutdown-timeout", "1e20"], "--shutdown-timeout");
+        rejected(&["trace", "--port", "0"], "--port");
+        rejected(&["trace", "--pid", "0"], "--pid");
+        rejected(&["trace", "--pid", "4194305"], "--pid");
+        rejected(&["check", "--ringbuf-size", "4097"], "--ringbuf-size");
+        let e = rejected(&["trace", "--cgroup", "/nonexistent"], "--cgroup");
+        assert!(e.contains("/nonexistent"), "{e}");
+        rejected(&["run", "--netns", "/etc/hostname"], "--netns");
+        rejected(&["run", "--otlp-queue-size", "0"], "--otlp-queue-size");
+        // Good values still parse.
+        let cli = Cli::try_parse_from(["k", "trace", "--max-connections", "1", "--duration", "0.25", "--port", "65535"]).unwrap();
+        let Command::Trace(t) = cli.command else { panic!("not trace") };
+        assert_eq!((t.max_connections, t.duration, t.port), (1, Some(Duration::from_millis(250)), vec![65535]));
+        let cli = Cli::try_parse_from(["k", "run"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
+    }
 }

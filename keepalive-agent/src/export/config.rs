@@ -43,6 +43,119 @@ impl Protocol {
     }
 }
 
+/// A numeric export setting: its flag, the environment variables it falls back to (the first one
+/// set wins), the range it accepts and its default. One table entry serves the flag's parser (clap
+/// names the flag in its error) and the environment check (the error names the variable).
+#[derive(Clone, Copy, Debug)]
+pub struct Numeric {
+    /// The flag, e.g. `--otlp-queue-size`.
+    pub flag: &'static str,
+    /// Variables consulted when the flag is absent, first match wins.
+    pub vars: &'static [&'static str],
+    /// Smallest accepted value.
+    pub min: u64,
+    /// Largest accepted value.
+    pub max: u64,
+    /// Value when neither the flag nor a variable is set.
+    pub default: u64,
+    /// Unit, for messages (`ms`, `spans`...).
+    pub unit: &'static str,
+}
+
+impl Numeric {
+    /// A clap parser accepting `min..=max` (clap's error names the flag and the range).
+    pub fn parser<T>(&self) -> clap::builder::RangedU64ValueParser<T>
+    where
+        T: TryFrom<u64> + Clone + Send + Sync + 'static,
+        <T as TryFrom<u64>>::Error: std::error::Error + Send + Sync + 'static,
+    {
+        clap::builder::RangedU64ValueParser::<T>::new().range(self.min..=self.max)
+    }
+
+    /// The accepted range in words.
+    pub fn range_text(&self) -> String {
+        match self.min {
+            0 => format!("0 to {} {}", self.max, self.unit),
+            1 => format!("positive, at most {} {}", self.max, self.unit),
+            min => format!("{min} to {} {}", self.max, self.unit),
+        }
+    }
+
+    /// The value and where it came from (the flag, a variable, or `None` for the default): the
+    /// flag when given, else the first variable set, else the default. Out-of-range values are
+    /// errors naming their source.
+    fn resolve(&self, flag: Option<u64>, env: &Env) -> Result<(u64, Option<&'static str>), ExportError> {
+        let (value, source) = match (flag, env.first(self.vars)) {
+            (Some(v), _) => (v, self.flag),
+            (None, Some((var, text))) => (parse_num(var, &text)?, var),
+            (None, None) => return Ok((self.default, None)),
+        };
+        if !(self.min..=self.max).contains(&value) {
+            return Err(ExportError::config(
+                source,
+                format!("{value} is out of range: must be {}", self.range_text()),
+            ));
+        }
+        Ok((value, Some(source)))
+    }
+}
+
+/// Timeout of one export request.
+pub const TIMEOUT_MS: Numeric = Numeric {
+    flag: "--otlp-timeout-ms",
+    vars: &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"],
+    min: 1,
+    max: 3_600_000,
+    default: 10_000,
+    unit: "ms",
+};
+/// Spans waiting for export. The upper bound keeps the queue's memory sane (and below tokio's
+/// channel limit).
+pub const QUEUE_SIZE: Numeric = Numeric {
+    flag: "--otlp-queue-size",
+    vars: &["OTEL_BSP_MAX_QUEUE_SIZE"],
+    min: 1,
+    max: 1_048_576,
+    default: 2048,
+    unit: "spans",
+};
+/// Spans per export request; never more than the queue holds.
+pub const BATCH_SIZE: Numeric = Numeric {
+    flag: "--otlp-batch-size",
+    vars: &["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
+    min: 1,
+    max: 1_048_576,
+    default: 512,
+    unit: "spans",
+};
+/// Longest wait before a partial batch is sent (0: send what is there at once).
+pub const BATCH_DELAY_MS: Numeric = Numeric {
+    flag: "--otlp-batch-delay-ms",
+    vars: &["OTEL_BSP_SCHEDULE_DELAY"],
+    min: 0,
+    max: 3_600_000,
+    default: 1000,
+    unit: "ms",
+};
+/// How long one failing batch is retried (0: never retried).
+pub const RETRY_MAX_S: Numeric = Numeric {
+    flag: "--otlp-retry-max-s",
+    vars: &[],
+    min: 0,
+    max: 86_400,
+    default: 300,
+    unit: "s",
+};
+/// Events per span; at least 2, the slots kept for the events that say how a connection ended.
+pub const MAX_SPAN_EVENTS: Numeric = Numeric {
+    flag: "--max-span-events",
+    vars: &["OTEL_SPAN_EVENT_COUNT_LIMIT"],
+    min: 2,
+    max: 65_536,
+    default: DEFAULT_MAX_SPAN_EVENTS as u64,
+    unit: "events",
+};
+
 /// OpenTelemetry export options of `keepalive-agent run`.
 ///
 /// Each option falls back to the standard OpenTelemetry environment variable named in its help;
@@ -72,34 +185,35 @@ pub struct ExportArgs {
     #[arg(long = "otlp-header", value_name = "KEY=VALUE")]
     pub otlp_headers: Vec<String>,
 
-    /// Timeout of one export request, in milliseconds [default: 10000]
+    /// Timeout of one export request, in milliseconds, 1 to 3600000 [default: 10000]
     /// [env: OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = TIMEOUT_MS.parser::<u64>(), allow_negative_numbers = true)]
     pub otlp_timeout_ms: Option<u64>,
 
-    /// Spans waiting for export at most; when full, new spans are dropped (counted and logged)
-    /// [default: 2048] [env: OTEL_BSP_MAX_QUEUE_SIZE]
-    #[arg(long, value_name = "SPANS")]
+    /// Spans waiting for export at most, 1 to 1048576; when full, new spans are dropped (counted
+    /// and logged) [default: 2048] [env: OTEL_BSP_MAX_QUEUE_SIZE]
+    #[arg(long, value_name = "SPANS", value_parser = QUEUE_SIZE.parser::<usize>(), allow_negative_numbers = true)]
     pub otlp_queue_size: Option<usize>,
 
-    /// Spans per export request at most [default: 512] [env: OTEL_BSP_MAX_EXPORT_BATCH_SIZE]
-    #[arg(long, value_name = "SPANS")]
+    /// Spans per export request at most, 1 to the queue size [default: 512, or the queue size if
+    /// smaller] [env: OTEL_BSP_MAX_EXPORT_BATCH_SIZE]
+    #[arg(long, value_name = "SPANS", value_parser = BATCH_SIZE.parser::<usize>(), allow_negative_numbers = true)]
     pub otlp_batch_size: Option<usize>,
 
-    /// Longest wait before a partial batch is sent, in milliseconds [default: 1000]
+    /// Longest wait before a partial batch is sent, in milliseconds, 0 to 3600000 [default: 1000]
     /// [env: OTEL_BSP_SCHEDULE_DELAY]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = BATCH_DELAY_MS.parser::<u64>(), allow_negative_numbers = true)]
     pub otlp_batch_delay_ms: Option<u64>,
 
-    /// How long a failing batch is retried (exponential backoff) before it is dropped, in seconds
-    /// [default: 300]
-    #[arg(long, value_name = "SECONDS")]
+    /// How long a failing batch is retried (exponential backoff) before it is dropped, in seconds,
+    /// 0 (no retry) to 86400 [default: 300]
+    #[arg(long, value_name = "SECONDS", value_parser = RETRY_MAX_S.parser::<u64>(), allow_negative_numbers = true)]
     pub otlp_retry_max_s: Option<u64>,
 
-    /// Events kept per span at most; the excess is dropped and counted in the span's
+    /// Events kept per span at most, 2 to 65536; the excess is dropped and counted in the span's
     /// dropped-events count (totals stay exact in the `tcp.keepalive.*` counters)
     /// [default: 128] [env: OTEL_SPAN_EVENT_COUNT_LIMIT]
-    #[arg(long, value_name = "EVENTS")]
+    #[arg(long, value_name = "EVENTS", value_parser = MAX_SPAN_EVENTS.parser::<usize>(), allow_negative_numbers = true)]
     pub max_span_events: Option<usize>,
 
     /// `service.name` of the exported resource [default: keepalive-agent] [env: OTEL_SERVICE_NAME]
@@ -113,12 +227,11 @@ pub struct ExportArgs {
 }
 
 pub const DEFAULT_SERVICE_NAME: &str = "keepalive-agent";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_QUEUE: usize = 2048;
-const DEFAULT_BATCH: usize = 512;
-const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(1000);
-const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_SPAN_EVENTS: usize = 128;
+
+/// Compression variables: the exporter crate reads them itself but ignores a value it does not
+/// know without a word, so they are checked here first.
+const COMPRESSION_VARS: &[&str] = &["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"];
 
 /// Where spans go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +261,31 @@ pub struct ExportConfig {
     pub resource: Vec<KeyValue>,
 }
 
+/// The numeric part of [`ExportConfig`].
+struct Limits {
+    timeout: Duration,
+    queue_size: usize,
+    batch_size: usize,
+    batch_delay: Duration,
+    retry_max: Duration,
+    max_span_events: usize,
+}
+
+/// The environment as a lookup function; empty variables count as unset, as the OpenTelemetry
+/// specification asks.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    /// The first of `names` that is set, with its value.
+    fn first(&self, names: &[&'static str]) -> Option<(&'static str, String)> {
+        names.iter().find_map(|n| self.get(n).map(|v| (*n, v)))
+    }
+}
+
 impl ExportConfig {
     /// Resolves flags against the process environment.
     pub fn from_args(args: &ExportArgs) -> Result<ExportConfig, ExportError> {
@@ -161,157 +299,23 @@ impl ExportConfig {
         env: &dyn Fn(&str) -> Option<String>,
         host: &HostFacts,
     ) -> Result<ExportConfig, ExportError> {
-        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-        // The first of (name, value) that is set.
-        let first = |names: &[&'static str]| names.iter().find_map(|n| env(n).map(|v| (*n, v)));
-
-        let protocol = match args.otlp_protocol {
-            Some(p) => p,
-            None => match first(&[
-                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                "OTEL_EXPORTER_OTLP_PROTOCOL",
-            ]) {
-                Some((var, v)) => Protocol::parse_env(var, &v)?,
-                None => Protocol::HttpProtobuf,
-            },
-        };
-
-        // Endpoint: flags before variables; the traces-specific one before the generic one. A
-        // traces endpoint is used as given; a generic one gets `/v1/traces` for HTTP.
-        let endpoint = if let Some(e) = nonempty(&args.otlp_traces_endpoint) {
-            Some(("--otlp-traces-endpoint", e.to_string(), true))
-        } else if let Some(e) = nonempty(&args.otlp_endpoint) {
-            Some(("--otlp-endpoint", e.to_string(), false))
-        } else if let Some(e) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            Some(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e, true))
-        } else {
-            env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e, false))
-        };
-
-        let target = match endpoint {
+        let env = Env(env);
+        let protocol = resolve_protocol(args, &env)?;
+        let target = match pick_endpoint(args, &env) {
             None => Target::Stdout,
-            Some((source, url, signal_specific)) => {
-                let url = url.trim();
-                check_endpoint(source, url)?;
-                let endpoint = if signal_specific || protocol == Protocol::Grpc {
-                    url.to_string()
-                } else {
-                    format!("{}/v1/traces", url.trim_end_matches('/'))
-                };
-                let mut headers = Vec::new();
-                if let Some((var, v)) = first(&[
-                    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-                    "OTEL_EXPORTER_OTLP_HEADERS",
-                ]) {
-                    for (k, v) in parse_list(var, &v)? {
-                        set(&mut headers, k.to_ascii_lowercase(), v);
-                    }
-                }
-                for h in &args.otlp_headers {
-                    let (k, v) = parse_pair("--otlp-header", h, false)?;
-                    set(&mut headers, k.to_ascii_lowercase(), v);
-                }
-                for (k, v) in &headers {
-                    check_header(k, v)?;
-                }
-                Target::Otlp {
-                    protocol,
-                    endpoint,
-                    headers,
-                }
-            }
+            Some(endpoint) => endpoint.into_target(protocol, args, &env)?,
         };
-
-        let timeout = match args.otlp_timeout_ms {
-            Some(ms) => Duration::from_millis(ms),
-            None => match first(&[
-                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-                "OTEL_EXPORTER_OTLP_TIMEOUT",
-            ]) {
-                Some((var, v)) => Duration::from_millis(parse_num(var, &v)?),
-                None => DEFAULT_TIMEOUT,
-            },
-        };
-        if timeout.is_zero() {
-            return Err(ExportError::config("export timeout", "must be positive"));
-        }
-        let queue_size = pick(
-            args.otlp_queue_size,
-            &env,
-            "OTEL_BSP_MAX_QUEUE_SIZE",
-            DEFAULT_QUEUE,
-        )?;
-        let batch_size = pick(
-            args.otlp_batch_size,
-            &env,
-            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-            DEFAULT_BATCH,
-        )?;
-        if queue_size == 0 || batch_size == 0 {
-            return Err(ExportError::config("queue/batch size", "must be positive"));
-        }
-        let batch_delay = Duration::from_millis(pick(
-            args.otlp_batch_delay_ms,
-            &env,
-            "OTEL_BSP_SCHEDULE_DELAY",
-            DEFAULT_BATCH_DELAY.as_millis() as u64,
-        )?);
-        let retry_max = args
-            .otlp_retry_max_s
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_RETRY_MAX);
-        let max_span_events = pick(
-            args.max_span_events,
-            &env,
-            "OTEL_SPAN_EVENT_COUNT_LIMIT",
-            DEFAULT_MAX_SPAN_EVENTS,
-        )?;
-
-        // Resource: detected facts < OTEL_RESOURCE_ATTRIBUTES < --resource-attribute; service.name:
-        // --service-name > --resource-attribute > OTEL_SERVICE_NAME > OTEL_RESOURCE_ATTRIBUTES > default.
-        let mut attrs: Vec<(String, String)> = Vec::new();
-        if let Some(h) = &host.host_name {
-            set(&mut attrs, "host.name".into(), h.clone());
-        }
-        if let Some(h) = &host.host_id {
-            set(&mut attrs, "host.id".into(), h.clone());
-        }
-        set(&mut attrs, "os.type".into(), "linux".into());
-        if let Some(v) = env("OTEL_RESOURCE_ATTRIBUTES") {
-            for (k, v) in parse_list("OTEL_RESOURCE_ATTRIBUTES", &v)? {
-                set(&mut attrs, k, v);
-            }
-        }
-        let env_service = env("OTEL_SERVICE_NAME");
-        let flag_attrs = args
-            .resource_attributes
-            .iter()
-            .map(|a| parse_pair("--resource-attribute", a, true))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(s) = env_service {
-            set(&mut attrs, "service.name".into(), s);
-        }
-        for (k, v) in flag_attrs {
-            set(&mut attrs, k, v);
-        }
-        if let Some(s) = nonempty(&args.service_name) {
-            set(&mut attrs, "service.name".into(), s.to_string());
-        }
-        let service = match attrs.iter().position(|(k, _)| k == "service.name") {
-            Some(i) => attrs.remove(i).1,
-            None => DEFAULT_SERVICE_NAME.to_string(),
-        };
-        let mut resource = vec![KeyValue::new("service.name", service)];
-        resource.extend(attrs.into_iter().map(|(k, v)| KeyValue::new(k, v)));
-
+        check_compression(&env)?;
+        let limits = resolve_limits(args, &env)?;
+        let resource = resolve_resource(args, &env, host)?;
         Ok(ExportConfig {
             target,
-            timeout,
-            queue_size,
-            batch_size,
-            batch_delay,
-            retry_max,
-            max_span_events,
+            timeout: limits.timeout,
+            queue_size: limits.queue_size,
+            batch_size: limits.batch_size,
+            batch_delay: limits.batch_delay,
+            retry_max: limits.retry_max,
+            max_span_events: limits.max_span_events,
             resource,
         })
     }
@@ -324,6 +328,160 @@ impl ExportConfig {
             .map(|kv| kv.value.as_str().into_owned())
             .unwrap_or_default()
     }
+}
+
+/// `--otlp-protocol`, else the traces-specific variable, else the generic one, else HTTP/protobuf.
+fn resolve_protocol(args: &ExportArgs, env: &Env) -> Result<Protocol, ExportError> {
+    if let Some(p) = args.otlp_protocol {
+        return Ok(p);
+    }
+    match env.first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+        Some((var, v)) => Protocol::parse_env(var, &v),
+        None => Ok(Protocol::HttpProtobuf),
+    }
+}
+
+/// A configured endpoint before it is checked.
+struct Endpoint {
+    /// The flag or variable it came from.
+    source: &'static str,
+    url: String,
+    /// A traces endpoint is used as given; a generic one gets `/v1/traces` for HTTP.
+    signal_specific: bool,
+}
+
+impl Endpoint {
+    /// Checks the URL, resolves the headers and builds the OTLP target.
+    fn into_target(self, protocol: Protocol, args: &ExportArgs, env: &Env) -> Result<Target, ExportError> {
+        let url = self.url.trim();
+        check_endpoint(self.source, url)?;
+        let headers = resolve_headers(args, env)?;
+        let endpoint = if self.signal_specific || protocol == Protocol::Grpc {
+            url.to_string()
+        } else {
+            format!("{}/v1/traces", url.trim_end_matches('/'))
+        };
+        Ok(Target::Otlp { protocol, endpoint, headers })
+    }
+}
+
+/// The endpoint: flags before variables; the traces-specific one before the generic one.
+fn pick_endpoint(args: &ExportArgs, env: &Env) -> Option<Endpoint> {
+    let ep = |source, url: String, signal_specific| Endpoint { source, url, signal_specific };
+    if let Some(e) = nonempty(&args.otlp_traces_endpoint) {
+        Some(ep("--otlp-traces-endpoint", e.to_string(), true))
+    } else if let Some(e) = nonempty(&args.otlp_endpoint) {
+        Some(ep("--otlp-endpoint", e.to_string(), false))
+    } else if let Some(e) = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(ep("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e, true))
+    } else {
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| ep("OTEL_EXPORTER_OTLP_ENDPOINT", e, false))
+    }
+}
+
+/// Export headers: the traces-specific variable (or else the generic one), then `--otlp-header`
+/// flags over them, keys lower-cased; each checked as an HTTP header.
+fn resolve_headers(args: &ExportArgs, env: &Env) -> Result<Vec<(String, String)>, ExportError> {
+    let mut headers = Vec::new();
+    if let Some((var, v)) = env.first(&["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]) {
+        for (k, v) in parse_list(var, &v)? {
+            set(&mut headers, k.to_ascii_lowercase(), v);
+        }
+    }
+    for h in &args.otlp_headers {
+        let (k, v) = parse_pair("--otlp-header", h, false)?;
+        set(&mut headers, k.to_ascii_lowercase(), v);
+    }
+    for (k, v) in &headers {
+        check_header(k, v)?;
+    }
+    Ok(headers)
+}
+
+/// Rejects a compression variable the exporter would silently ignore (only gzip is built in).
+fn check_compression(env: &Env) -> Result<(), ExportError> {
+    for var in COMPRESSION_VARS {
+        if let Some(v) = env.get(var) {
+            if !["gzip", "none"].contains(&v.trim().to_ascii_lowercase().as_str()) {
+                return Err(ExportError::config(
+                    *var,
+                    format!("unsupported compression `{}` (gzip, none)", v.trim()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Timeout, queue, batch, retry and span-event limits, each range-checked with its source named.
+/// A batch size given explicitly may not exceed the queue size; the default one is lowered to it.
+fn resolve_limits(args: &ExportArgs, env: &Env) -> Result<Limits, ExportError> {
+    let (timeout_ms, _) = TIMEOUT_MS.resolve(args.otlp_timeout_ms, env)?;
+    let (queue_size, queue_src) = QUEUE_SIZE.resolve(args.otlp_queue_size.map(|v| v as u64), env)?;
+    let (batch_size, batch_src) = BATCH_SIZE.resolve(args.otlp_batch_size.map(|v| v as u64), env)?;
+    let batch_size = match batch_src {
+        Some(src) if batch_size > queue_size => {
+            return Err(ExportError::config(
+                src,
+                format!(
+                    "{batch_size} is larger than the queue ({queue_size} spans, {}): a batch is taken from the queue",
+                    queue_src.unwrap_or("the default")
+                ),
+            ))
+        }
+        _ => batch_size.min(queue_size),
+    };
+    let (batch_delay_ms, _) = BATCH_DELAY_MS.resolve(args.otlp_batch_delay_ms, env)?;
+    let (retry_max_s, _) = RETRY_MAX_S.resolve(args.otlp_retry_max_s, env)?;
+    let (max_span_events, _) = MAX_SPAN_EVENTS.resolve(args.max_span_events.map(|v| v as u64), env)?;
+    // Every maximum fits in usize and in Duration.
+    Ok(Limits {
+        timeout: Duration::from_millis(timeout_ms),
+        queue_size: queue_size as usize,
+        batch_size: batch_size as usize,
+        batch_delay: Duration::from_millis(batch_delay_ms),
+        retry_max: Duration::from_secs(retry_max_s),
+        max_span_events: max_span_events as usize,
+    })
+}
+
+/// Resource: detected facts < OTEL_RESOURCE_ATTRIBUTES < --resource-attribute; service.name:
+/// --service-name > --resource-attribute > OTEL_SERVICE_NAME > OTEL_RESOURCE_ATTRIBUTES > default.
+fn resolve_resource(args: &ExportArgs, env: &Env, host: &HostFacts) -> Result<Vec<KeyValue>, ExportError> {
+    let mut attrs: Vec<(String, String)> = Vec::new();
+    if let Some(h) = &host.host_name {
+        set(&mut attrs, "host.name".into(), h.clone());
+    }
+    if let Some(h) = &host.host_id {
+        set(&mut attrs, "host.id".into(), h.clone());
+    }
+    set(&mut attrs, "os.type".into(), "linux".into());
+    if let Some(v) = env.get("OTEL_RESOURCE_ATTRIBUTES") {
+        for (k, v) in parse_list("OTEL_RESOURCE_ATTRIBUTES", &v)? {
+            set(&mut attrs, k, v);
+        }
+    }
+    let flag_attrs = args
+        .resource_attributes
+        .iter()
+        .map(|a| parse_pair("--resource-attribute", a, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(s) = env.get("OTEL_SERVICE_NAME") {
+        set(&mut attrs, "service.name".into(), s);
+    }
+    for (k, v) in flag_attrs {
+        set(&mut attrs, k, v);
+    }
+    if let Some(s) = nonempty(&args.service_name) {
+        set(&mut attrs, "service.name".into(), s.to_string());
+    }
+    let service = match attrs.iter().position(|(k, _)| k == "service.name") {
+        Some(i) => attrs.remove(i).1,
+        None => DEFAULT_SERVICE_NAME.to_string(),
+    };
+    let mut resource = vec![KeyValue::new("service.name", service)];
+    resource.extend(attrs.into_iter().map(|(k, v)| KeyValue::new(k, v)));
+    Ok(resource)
 }
 
 /// Facts about the host that go into the resource.
@@ -372,21 +530,6 @@ fn parse_num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, ExportError>
         .map_err(|_| ExportError::config(var, format!("`{v}` is not a non-negative integer")))
 }
 
-fn pick<T: std::str::FromStr>(
-    flag: Option<T>,
-    env: &dyn Fn(&str) -> Option<String>,
-    var: &str,
-    default: T,
-) -> Result<T, ExportError> {
-    match flag {
-        Some(v) => Ok(v),
-        None => match env(var) {
-            Some(v) => parse_num(var, &v),
-            None => Ok(default),
-        },
-    }
-}
-
 /// `KEY=VALUE` from a flag (taken literally) or, with `decode`, percent-decoded as in the
 /// environment variables.
 fn parse_pair(what: &str, s: &str, decode: bool) -> Result<(String, String), ExportError> {
@@ -419,27 +562,19 @@ fn parse_list(var: &str, s: &str) -> Result<Vec<(String, String)>, ExportError> 
         .collect()
 }
 
+/// Percent-decodes `s` (a value of `OTEL_RESOURCE_ATTRIBUTES` or `OTEL_EXPORTER_OTLP_HEADERS`).
+/// `%` must start a two-digit hex escape: the crate passes malformed escapes through, this refuses them.
 fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ExportError::config(what, format!("bad percent-encoding in `{s}`"))
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = s
+        .split('%')
+        .skip(1)
+        .all(|rest| rest.get(..2).is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())));
+    if !well_formed {
+        return Err(ExportError::config(what, format!("bad percent-encoding in `{s}`")));
     }
-    String::from_utf8(out)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
         .map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
 }
 
@@ -709,6 +844,99 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("header name"));
+    }
+
+    #[test]
+    fn numeric_settings_are_range_checked_naming_their_source() {
+        let bad = |args: &ExportArgs, env: &[(&str, &str)]| resolve(args, env).unwrap_err().to_string();
+        let none = ExportArgs::default();
+        for (var, value) in [
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3600001"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "1048577"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "99999999999"),
+            ("OTEL_SPAN_EVENT_COUNT_LIMIT", "1"),
+            ("OTEL_SPAN_EVENT_COUNT_LIMIT", "18446744073709551616"),
+        ] {
+            let e = bad(&none, &[(var, value)]);
+            assert!(e.starts_with(var), "{var}={value}: {e}");
+        }
+        assert!(bad(&none, &[("OTEL_EXPORTER_OTLP_TIMEOUT", "0")]).contains("at most 3600000 ms"));
+        // Flags are checked the same way when the struct is built by hand.
+        let args = ExportArgs { otlp_retry_max_s: Some(86_401), ..Default::default() };
+        assert!(bad(&args, &[]).starts_with("--otlp-retry-max-s"));
+        // The traces-specific timeout is the one named when both are set.
+        let e = bad(&none, &[("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "5")]);
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"), "{e}");
+        // Boundaries are accepted.
+        let c = resolve(
+            &none,
+            &[("OTEL_BSP_SCHEDULE_DELAY", "0"), ("OTEL_SPAN_EVENT_COUNT_LIMIT", "2"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "1")],
+        )
+        .unwrap();
+        assert_eq!((c.batch_delay, c.max_span_events, c.timeout), (Duration::ZERO, 2, Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn batch_never_exceeds_the_queue() {
+        // An explicit batch larger than the queue is an error naming both.
+        let args = ExportArgs { otlp_queue_size: Some(100), otlp_batch_size: Some(101), ..Default::default() };
+        let e = resolve(&args, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("--otlp-batch-size") && e.contains("--otlp-queue-size"), "{e}");
+        let e = resolve(&ExportArgs::default(), &[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096")]).unwrap_err().to_string();
+        assert!(e.starts_with("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") && e.contains("2048"), "{e}");
+        // The default batch is lowered to a small queue; equal sizes are fine.
+        let args = ExportArgs { otlp_queue_size: Some(100), ..Default::default() };
+        assert_eq!(resolve(&args, &[]).unwrap().batch_size, 100);
+        let c = resolve(&ExportArgs::default(), &[("OTEL_BSP_MAX_QUEUE_SIZE", "64"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64")]).unwrap();
+        assert_eq!((c.queue_size, c.batch_size), (64, 64));
+    }
+
+    #[test]
+    fn compression_variables_are_checked() {
+        let e = resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")]).unwrap_err();
+        assert!(e.to_string().starts_with("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"), "{e}");
+        let e = resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gz")]).unwrap_err();
+        assert!(e.to_string().starts_with("OTEL_EXPORTER_OTLP_COMPRESSION"), "{e}");
+        for ok in ["gzip", "GZIP", "none", " None "] {
+            resolve(&ExportArgs::default(), &[("OTEL_EXPORTER_OTLP_COMPRESSION", ok)]).unwrap();
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("v", "a%20b%2C%e2%82%ac").unwrap(), "a b,\u{20ac}");
+        assert_eq!(percent_decode("v", "plain").unwrap(), "plain");
+        for bad in ["%", "%2", "x%g0", "%2%20"] {
+            let e = percent_decode("OTEL_X", bad).unwrap_err().to_string();
+            assert!(e.starts_with("OTEL_X") && e.contains("percent"), "{bad}: {e}");
+        }
+        assert!(percent_decode("OTEL_X", "%ff").unwrap_err().to_string().contains("UTF-8"));
+    }
+
+    #[test]
+    fn clap_rejects_out_of_range_flags() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            export: ExportArgs,
+        }
+        for (flag, value) in [
+            ("--otlp-timeout-ms", "0"),
+            ("--otlp-queue-size", "0"),
+            ("--otlp-batch-size", "0"),
+            ("--otlp-batch-delay-ms", "3600001"),
+            ("--otlp-retry-max-s", "-1"),
+            ("--max-span-events", "1"),
+        ] {
+            let e = Cli::try_parse_from(["x", flag, value]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+        let cli = Cli::try_parse_from(["x", "--otlp-batch-delay-ms", "0", "--max-span-events", "65536"]).unwrap();
+        assert_eq!((cli.export.otlp_batch_delay_ms, cli.export.max_span_events), (Some(0), Some(65536)));
     }
 
     #[test]

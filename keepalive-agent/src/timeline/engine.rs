@@ -2322,7 +2322,8 @@ mod tests {
                 state: TcpState::Established,
                 settings: ka(),
                 probes_out: 0,
-                timer_in_ms: None,
+                packets_out: 0,
+                unsent: 0,
             },
         );
         let out = feed(&mut e, &[owner(S, A, holder), snap]);
