@@ -3,8 +3,9 @@
 //! `rotel` collector. Both come from the venv made by scripts/setup-otel.sh
 //! (`$KEEPALIVE_OTEL_VENV`, default /opt/keepalive/otel-venv).
 //!
-//! Synthetic timeline records (healthy connection, dead peer, connection still open at shutdown)
-//! go through `Exporter`; the tests assert what the receiver got: span tree, names, attributes,
+//! Synthetic timeline records, ordered as the engine orders them (healthy connection, dead peer,
+//! connection still open at shutdown and ended by the engine's shutdown records) go through
+//! `Exporter`; the tests assert what the receiver got: span tree, names, attributes,
 //! status, exact timestamps, headers; that episodes arrive before their connection closes; how
 //! errors are retried; and that a collector down for a while costs bounded memory, counted drops,
 //! and that delivery resumes once it is back. Loopback addresses only; every process started here
@@ -23,7 +24,7 @@ use keepalive_agent::export::config::HostFacts;
 use keepalive_agent::export::{ExportArgs, ExportConfig, Exporter, Protocol};
 use keepalive_agent::timeline::{
     AckPrecision, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
-    TimeoutReason,
+    TimeoutReason, UntrackReason,
 };
 
 const OFFSET: i128 = 1_790_000_000_000_000_000; // wall = monotonic + OFFSET (a fixed clock)
@@ -150,11 +151,13 @@ fn healthy_first_episode() -> Vec<Record> {
         1,
         t0() + 5 * S + 300_000,
         RecordKind::EpisodeEnd(Episode {
+            number: 1,
             start_ns: t0() + 5 * S,
             end_ns: t0() + 5 * S + 300_000,
             probes: 1,
-            outcome: EpisodeOutcome::Answered,
+            outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
             probe_ts_ns: vec![t0() + 5 * S],
+            first_timed_probe: 1,
         }),
     ));
     v
@@ -203,11 +206,13 @@ fn dead_peer() -> Vec<Record> {
         2,
         end,
         RecordKind::EpisodeEnd(Episode {
+            number: 1,
             start_ns: probes[0],
             end_ns: end,
             probes: 3,
             outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
             probe_ts_ns: probes,
+            first_timed_probe: 1,
         }),
     ));
     v.push(r(
@@ -241,6 +246,40 @@ fn still_probing() -> Vec<Record> {
     v.push(r(3, t0() + 2 * S, RecordKind::Probe { n: 1 }));
     v.push(r(3, t0() + 3 * S, RecordKind::Probe { n: 2 }));
     v
+}
+
+/// When the agent stops (monotonic).
+fn stop_ns() -> u64 {
+    t0() + 50 * S
+}
+
+/// What `Engine::shutdown` emits for connection 3 at the stop: its episode ends `incomplete`, then
+/// the connection is untracked (reason `shutdown`).
+fn still_probing_at_shutdown() -> Vec<Record> {
+    let probes = vec![t0() + 2 * S, t0() + 3 * S];
+    vec![
+        r(
+            3,
+            stop_ns(),
+            RecordKind::EpisodeEnd(Episode {
+                number: 1,
+                start_ns: probes[0],
+                end_ns: stop_ns(),
+                probes: 2,
+                outcome: EpisodeOutcome::Incomplete,
+                probe_ts_ns: probes,
+                first_timed_probe: 1,
+            }),
+        ),
+        r(
+            3,
+            stop_ns(),
+            RecordKind::Untracked {
+                reason: UntrackReason::Shutdown,
+                state: TcpState::Established,
+            },
+        ),
+    ]
 }
 
 fn attrs(span: &Value) -> &serde_json::Map<String, Value> {
@@ -277,9 +316,8 @@ async fn deliver_span_tree(protocol: Protocol) -> Result<()> {
     ex.on_records(&still_probing(), &clock);
     ex.on_records(&dead_peer(), &clock);
     ex.on_records(&healthy_rest(), &clock);
-    let report = ex
-        .shutdown([view(3)].into_iter(), &clock, Duration::from_secs(10))
-        .await;
+    ex.on_records(&still_probing_at_shutdown(), &clock);
+    let report = ex.shutdown(&clock, Duration::from_secs(10)).await;
     assert!(report.flushed, "{report}");
     assert_eq!(report.open_connections_ended, 1);
     assert_eq!(report.open_episodes_ended, 1);
@@ -408,10 +446,22 @@ async fn deliver_span_tree(protocol: Protocol) -> Result<()> {
     let c3 = find(&spans, "tcp.connection", 3)[0];
     assert_eq!(attrs(c3)["tcp.keepalive.incomplete"], true);
     assert_eq!(attrs(c3)["tcp.keepalive.outcome"], "open");
-    let e3 = find(&spans, "tcp.keepalive.episode", 3)[0];
+    assert_eq!(attrs(c3)["tcp.keepalive.untracked.reason"], "shutdown");
+    assert_eq!(attrs(c3)["tcp.keepalive.episodes"], 1);
+    assert_eq!(c3["end_time_unix_nano"], wall_ns(stop_ns()));
+    let e3 = find(&spans, "tcp.keepalive.episode", 3);
+    assert_eq!(e3.len(), 1);
+    let e3 = e3[0];
     assert_eq!(attrs(e3)["tcp.keepalive.episode.outcome"], "incomplete");
+    assert_eq!(attrs(e3)["tcp.keepalive.incomplete"], true);
     assert_eq!(attrs(e3)["tcp.keepalive.episode.probes"], 2);
-    assert!(c3["end_time_unix_nano"].as_u64() == e3["end_time_unix_nano"].as_u64());
+    assert_eq!(e3["status"]["code"], "STATUS_CODE_UNSET");
+    assert_eq!(
+        event_names(e3),
+        ["tcp.keepalive.probe", "tcp.keepalive.probe"]
+    );
+    assert_eq!(e3["start_time_unix_nano"], wall_ns(t0() + 2 * S));
+    assert_eq!(e3["end_time_unix_nano"], wall_ns(stop_ns()));
     Ok(())
 }
 
@@ -438,9 +488,7 @@ async fn refusals(protocol: Protocol, transient: bool) -> Result<()> {
     let rx = Receiver::start(0, 0, fail)?;
     let mut ex = Exporter::from_config(config(&rx.endpoint(protocol), protocol, |_| {}))?;
     ex.on_records(&dead_peer(), &clock());
-    let report = ex
-        .shutdown(std::iter::empty(), &clock(), Duration::from_secs(15))
-        .await;
+    let report = ex.shutdown(&clock(), Duration::from_secs(15)).await;
     let requests = rx.lines("request");
     let s = report.stats;
     assert_eq!(s.spans_created, 2);
@@ -571,9 +619,7 @@ async fn collector_down_then_up(protocol: Protocol) -> Result<()> {
     }
     let recovered = ex.stats();
     ex.on_records(&churn(1_000_000, 10), &clock);
-    let report = ex
-        .shutdown(std::iter::empty(), &clock, Duration::from_secs(10))
-        .await;
+    let report = ex.shutdown(&clock, Duration::from_secs(10)).await;
     let s = report.stats;
     assert!(report.flushed, "{report}");
     assert_eq!(s.spans_exported, recovered.spans_exported + 10, "{report}");
@@ -648,9 +694,7 @@ async fn through_rotel_collector() -> Result<()> {
     ex.on_records(&dead_peer(), &clock());
     ex.on_records(&healthy_first_episode(), &clock());
     ex.on_records(&healthy_rest(), &clock());
-    let report = ex
-        .shutdown(std::iter::empty(), &clock(), Duration::from_secs(10))
-        .await;
+    let report = ex.shutdown(&clock(), Duration::from_secs(10)).await;
     assert!(report.flushed, "{report}");
     assert_eq!(report.stats.spans_exported, 4);
 

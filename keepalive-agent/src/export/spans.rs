@@ -192,6 +192,9 @@ struct ConnSpan {
     counts: Counts,
     ending: Ending,
     events: Events,
+    /// Its last episode ended `incomplete` (the engine stopped following the connection while
+    /// probing): counted as ended by the shutdown only if the last record says so.
+    incomplete_episode: bool,
 }
 
 /// How a connection span ends: its last record.
@@ -291,6 +294,7 @@ impl SpanModel {
             counts: Counts::default(),
             ending: Ending::default(),
             events: Events::new(max_events),
+            incomplete_episode: false,
         });
         // The view is copied into every record; keep the latest (the owning process may become
         // known after the connection was first seen), but never forget a process once known.
@@ -306,16 +310,19 @@ impl SpanModel {
         match &rec.kind {
             RecordKind::EpisodeEnd(ep) => {
                 st.counts.episodes += 1;
-                if ep.outcome == EpisodeOutcome::Incomplete {
-                    self.ended_at_shutdown.episodes += 1;
-                }
+                st.incomplete_episode = ep.outcome == EpisodeOutcome::Incomplete;
                 let span = self.episode_span(rec.conn.id, ep, clock);
                 self.emit(span, out);
             }
             RecordKind::Close { state } => self.end_connection(rec.conn.id, at, Last::Close(*state), out),
             RecordKind::Untracked { reason, .. } => {
                 if *reason == UntrackReason::Shutdown {
+                    // The engine also ends an episode `incomplete` before untracking a connection
+                    // for another reason (destroyed, reused, gone, keep-alive off): only those the
+                    // shutdown ended count here.
+                    let episodes = u64::from(st.incomplete_episode);
                     self.ended_at_shutdown.connections += 1;
+                    self.ended_at_shutdown.episodes += episodes;
                 }
                 self.end_connection(rec.conn.id, at, Last::Untracked(*reason), out)
             }

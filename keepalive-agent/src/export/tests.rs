@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::event::TcpState;
-use crate::timeline::RecordKind;
+use crate::timeline::{ConnView, Episode, EpisodeOutcome, RecordKind, UntrackReason};
 use std::sync::Mutex;
 
 #[derive(Clone, Default)]
@@ -49,75 +49,131 @@ fn cfg() -> ExportConfig {
     ExportConfig::resolve(&ExportArgs::default(), &|_| None, &host).unwrap()
 }
 
+fn record(id: u64, ts_ns: u64, kind: RecordKind) -> Record {
+    Record {
+        ts_ns,
+        conn: view(id),
+        kind,
+    }
+}
+
+fn opened(id: u64, ts_ns: u64) -> Record {
+    let kind = RecordKind::Opened {
+        state: TcpState::Established,
+        established: true,
+    };
+    record(id, ts_ns, kind)
+}
+
+fn lines(buf: &Shared) -> Vec<serde_json::Value> {
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn json_lines_with_open_connection_at_shutdown() {
     let buf = Shared::default();
     let mut ex = Exporter::with_json_writer(&cfg(), Box::new(buf.clone()));
     let clock = WallClock::with_offset_ns(1_000_000_000_000_000_000);
-    let open = |id, ts| Record {
-        ts_ns: ts,
-        conn: view(id),
-        kind: RecordKind::Opened {
-            state: TcpState::Established,
-            established: true,
-        },
-    };
-    ex.on_records(&[open(1, 1_000), open(2, 2_000)], &clock);
     ex.on_records(
-        &[Record {
-            ts_ns: 5_000,
-            conn: view(1),
-            kind: RecordKind::Close {
-                state: TcpState::Established,
-            },
-        }],
+        &[
+            opened(1, 1_000),
+            opened(2, 2_000),
+            record(2, 3_000, RecordKind::Probe { n: 1 }),
+        ],
         &clock,
     );
+    let close = RecordKind::Close {
+        state: TcpState::Established,
+    };
+    ex.on_records(&[record(1, 5_000, close)], &clock);
     assert_eq!(ex.stats().spans_exported, 1);
-    let report = ex
-        .shutdown([view(2)].into_iter(), &clock, Duration::from_secs(1))
-        .await;
+    // What `Engine::shutdown` emits for connection 2 (probing), fed like any records: the episode
+    // ends `incomplete`, then the connection is untracked (reason `shutdown`), at the stop.
+    let incomplete = Episode {
+        number: 1,
+        start_ns: 3_000,
+        end_ns: 9_000,
+        probes: 1,
+        outcome: EpisodeOutcome::Incomplete,
+        probe_ts_ns: vec![3_000],
+        first_timed_probe: 1,
+    };
+    let untracked = RecordKind::Untracked {
+        reason: UntrackReason::Shutdown,
+        state: TcpState::Established,
+    };
+    ex.on_records(
+        &[
+            record(2, 9_000, RecordKind::EpisodeEnd(incomplete)),
+            record(2, 9_000, untracked),
+        ],
+        &clock,
+    );
+    assert_eq!(ex.stats().spans_exported, 3);
+    let report = ex.shutdown(&clock, Duration::from_secs(1)).await;
     assert!(report.flushed);
     assert_eq!(report.open_connections_ended, 1);
-    assert_eq!(report.stats.spans_exported, 2);
-    assert_eq!(report.stats.spans_created, 2);
-    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(report.open_episodes_ended, 1);
+    assert_eq!(report.stats.spans_exported, 3);
+    assert_eq!(report.stats.spans_created, 3);
+    let lines = lines(&buf);
+    assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["attributes"]["tcp.keepalive.connection.id"], 1);
     assert_eq!(lines[0]["end_unix_ns"], 1_000_000_000_000_005_000i64);
+    assert_eq!(lines[1]["name"], "tcp.keepalive.episode");
+    assert_eq!(lines[1]["parent_span_id"], lines[2]["span_id"]);
+    assert_eq!(
+        lines[1]["attributes"]["tcp.keepalive.episode.outcome"],
+        "incomplete"
+    );
     assert_eq!(lines[1]["attributes"]["tcp.keepalive.incomplete"], true);
-    assert_eq!(lines[1]["resource"]["service.name"], "keepalive-agent");
-    assert_eq!(lines[1]["resource"]["host.name"], "h1");
+    assert_eq!(lines[1]["attributes"]["tcp.keepalive.episode.probes"], 1);
+    assert_eq!(lines[1]["end_unix_ns"], 1_000_000_000_000_009_000i64);
+    assert_eq!(lines[2]["attributes"]["tcp.keepalive.connection.id"], 2);
+    assert_eq!(lines[2]["attributes"]["tcp.keepalive.incomplete"], true);
+    assert_eq!(lines[2]["attributes"]["tcp.keepalive.outcome"], "open");
+    assert_eq!(
+        lines[2]["attributes"]["tcp.keepalive.untracked.reason"],
+        "shutdown"
+    );
+    assert_eq!(lines[2]["end_unix_ns"], 1_000_000_000_000_009_000i64);
+    assert_eq!(lines[2]["resource"]["service.name"], "keepalive-agent");
+    assert_eq!(lines[2]["resource"]["host.name"], "h1");
+}
+
+/// A connection whose last record never came (the engine always sends one) is still ended by the
+/// exporter's shutdown, and counted with the connections the shutdown ended.
+#[tokio::test]
+async fn shutdown_ends_and_counts_leftovers() {
+    let buf = Shared::default();
+    let mut ex = Exporter::with_json_writer(&cfg(), Box::new(buf.clone()));
+    let clock = WallClock::with_offset_ns(1_000_000_000_000_000_000);
+    ex.on_records(&[opened(3, 1_000)], &clock);
+    assert_eq!(ex.stats().spans_created, 0);
+    let report = ex.shutdown(&clock, Duration::from_secs(1)).await;
+    assert!(report.flushed);
+    assert_eq!(report.open_connections_ended, 1);
+    assert_eq!(report.open_episodes_ended, 0);
+    assert_eq!(report.stats.spans_exported, 1);
+    let lines = lines(&buf);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["attributes"]["tcp.keepalive.connection.id"], 3);
+    assert_eq!(lines[0]["attributes"]["tcp.keepalive.incomplete"], true);
+    assert_eq!(lines[0]["attributes"]["tcp.keepalive.outcome"], "open");
+    assert!(lines[0]["end_unix_ns"].as_i64() > lines[0]["start_unix_ns"].as_i64());
 }
 
 #[test]
 fn json_write_errors_are_counted() {
     let mut ex = Exporter::with_json_writer(&cfg(), Box::new(Broken));
     let clock = WallClock::with_offset_ns(0);
-    ex.on_records(
-        &[
-            Record {
-                ts_ns: 1,
-                conn: view(1),
-                kind: RecordKind::Opened {
-                    state: TcpState::Established,
-                    established: true,
-                },
-            },
-            Record {
-                ts_ns: 2,
-                conn: view(1),
-                kind: RecordKind::Close {
-                    state: TcpState::Established,
-                },
-            },
-        ],
-        &clock,
-    );
+    let close = RecordKind::Close {
+        state: TcpState::Established,
+    };
+    ex.on_records(&[opened(1, 1), record(1, 2, close)], &clock);
     let s = ex.stats();
     assert_eq!(
         (s.spans_exported, s.spans_failed, s.export_errors),

@@ -1,7 +1,9 @@
 //! Span building from record sequences (pure: no network, fixed clock).
 
 use super::*;
-use crate::event::SockOpt;
+use crate::event::{Event, EventBody, SockOpt, TimerFiring};
+use crate::timeline::engine::{Engine, EngineConfig};
+use crate::timeline::AckPrecision;
 use opentelemetry::trace::SpanId;
 
 const OFFSET: i128 = 1_700_000_000_000_000_000; // wall = mono + OFFSET
@@ -92,21 +94,61 @@ fn event_names(span: &SpanData) -> Vec<&str> {
     span.events.iter().map(|e| e.name.as_ref()).collect()
 }
 
+/// Episode `number` of a connection, as the engine ends it: every probe timed (the first at the
+/// episode's start), ended at `end_ns` with `outcome`.
+fn episode(number: u32, probe_ts_ns: &[u64], end_ns: u64, outcome: EpisodeOutcome) -> Episode {
+    Episode {
+        number,
+        start_ns: probe_ts_ns[0],
+        end_ns,
+        probes: probe_ts_ns.len() as u32,
+        outcome,
+        probe_ts_ns: probe_ts_ns.to_vec(),
+        first_timed_probe: 1,
+    }
+}
+
+fn opened(id: u64, ts: u64) -> Record {
+    rec(
+        id,
+        ts,
+        RecordKind::Opened {
+            state: TcpState::Established,
+            established: true,
+        },
+    )
+}
+
+/// The connection span of connection `id` among `spans` (exactly one).
+fn conn_span(spans: &[SpanData], id: u64) -> &SpanData {
+    let found: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == SPAN_CONNECTION && i(s, CONNECTION_ID) == id as i64)
+        .collect();
+    assert_eq!(found.len(), 1, "connection spans of {id}: {found:#?}");
+    found[0]
+}
+
+fn episode_spans(spans: &[SpanData], id: u64) -> Vec<&SpanData> {
+    spans
+        .iter()
+        .filter(|s| s.name == SPAN_EPISODE && i(s, CONNECTION_ID) == id as i64)
+        .collect()
+}
+
 fn healthy() -> Vec<Record> {
-    let ep1 = Episode {
-        start_ns: T0 + 10 * S,
-        end_ns: T0 + 10 * S + 200_000,
-        probes: 1,
-        outcome: EpisodeOutcome::Answered,
-        probe_ts_ns: vec![T0 + 10 * S],
-    };
-    let ep2 = Episode {
-        start_ns: T0 + 20 * S,
-        end_ns: T0 + 24 * S,
-        probes: 2,
-        outcome: EpisodeOutcome::Answered,
-        probe_ts_ns: vec![T0 + 20 * S, T0 + 22 * S],
-    };
+    let ep1 = episode(
+        1,
+        &[T0 + 10 * S],
+        T0 + 10 * S + 200_000,
+        EpisodeOutcome::Answered(AckPrecision::Segment),
+    );
+    let ep2 = episode(
+        2,
+        &[T0 + 20 * S, T0 + 22 * S],
+        T0 + 24 * S,
+        EpisodeOutcome::Answered(AckPrecision::NextFiring),
+    );
     vec![
         rec(
             1,
@@ -209,13 +251,12 @@ fn dead_peer() -> Vec<Record> {
         rec(
             2,
             end,
-            RecordKind::EpisodeEnd(Episode {
-                start_ns: probes[0],
-                end_ns: end,
-                probes: 3,
-                outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
-                probe_ts_ns: probes.clone(),
-            }),
+            RecordKind::EpisodeEnd(episode(
+                1,
+                &probes,
+                end,
+                EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
+            )),
         ),
         rec(
             2,
@@ -480,79 +521,270 @@ fn peer_reset_and_plain_error_status() {
     assert_eq!(s(&out[1], "tcp.keepalive.open.state"), "SYN_SENT");
 }
 
+/// Every connection's last record (`close`, or `untracked` whatever the reason) ends its span and
+/// frees it: the model holds nothing afterwards and has nothing left to finish. The engine ends the
+/// episode in progress just before (`closed` for a close, else `incomplete`).
 #[test]
-fn episode_end_after_close_in_a_later_batch() {
-    let mut m = SpanModel::new(128);
-    let mut out = Vec::new();
-    m.on_records(
-        &[
+fn last_record_frees_the_connection() {
+    let untracked = [
+        (UntrackReason::Destroyed, "destroyed"),
+        (UntrackReason::Reused, "reused"),
+        (UntrackReason::KeepaliveOff, "keepalive_off"),
+        (UntrackReason::Gone, "gone"),
+        (UntrackReason::Shutdown, "shutdown"),
+    ];
+    let close = (
+        RecordKind::Close {
+            state: TcpState::FinWait1,
+        },
+        None,
+    );
+    let lasts = std::iter::once(close).chain(untracked.map(|(reason, name)| {
+        let kind = RecordKind::Untracked {
+            reason,
+            state: TcpState::Established,
+        };
+        (kind, Some((reason, name)))
+    }));
+    for (k, (last, untracked)) in lasts.enumerate() {
+        let id = 20 + k as u64;
+        let end = T0 + 3 * S;
+        let outcome = match untracked {
+            None => EpisodeOutcome::Closed,
+            Some(_) => EpisodeOutcome::Incomplete,
+        };
+        let mut m = SpanModel::new(128);
+        let mut out = Vec::new();
+        let before_last = [
+            opened(id, T0),
             rec(
-                5,
-                T0,
-                RecordKind::Opened {
-                    state: TcpState::Established,
-                    established: true,
+                id,
+                T0 + MS,
+                RecordKind::Config {
+                    settings: settings(1, 1, 5),
+                    source: SettingsSource::Setsockopt(SockOpt::KeepAlive),
+                    process: Some(process()),
                 },
             ),
-            rec(5, T0 + S, RecordKind::Probe { n: 1 }),
+            rec(id, T0 + S, RecordKind::Probe { n: 1 }),
+            rec(id, T0 + 2 * S, RecordKind::Probe { n: 2 }),
             rec(
-                5,
-                T0 + 2 * S,
-                RecordKind::Close {
-                    state: TcpState::Established,
-                },
+                id,
+                end,
+                RecordKind::EpisodeEnd(episode(1, &[T0 + S, T0 + 2 * S], end, outcome)),
             ),
-        ],
-        &clock(),
-        &mut out,
-    );
-    assert_eq!(out.len(), 1);
-    let conn = out.pop().unwrap();
-    m.on_records(
-        &[rec(
-            5,
-            T0 + 2 * S,
-            RecordKind::EpisodeEnd(Episode {
-                start_ns: T0 + S,
-                end_ns: T0 + 2 * S,
-                probes: 1,
-                outcome: EpisodeOutcome::Closed,
-                probe_ts_ns: vec![T0 + S],
-            }),
-        )],
-        &clock(),
-        &mut out,
-    );
-    assert_eq!(out.len(), 1);
-    let ep = &out[0];
-    assert_eq!(ep.span_context.trace_id(), conn.span_context.trace_id());
-    assert_eq!(ep.parent_span_id, conn.span_context.span_id());
-    assert_eq!(s(ep, "tcp.keepalive.episode.outcome"), "closed");
-    // Other stragglers for a closed connection do not open a new span.
-    out.clear();
-    m.on_records(
-        &[rec(5, T0 + 3 * S, RecordKind::Error { errno: 104 })],
-        &clock(),
-        &mut out,
-    );
-    assert!(out.is_empty());
-    assert_eq!(m.open_connections(), 0);
+        ];
+        m.on_records(&before_last, &clock(), &mut out);
+        assert_eq!(m.open_connections(), 1, "{last:?}");
+        assert_eq!(
+            out.len(),
+            1,
+            "the episode comes before the connection's end"
+        );
+        m.on_records(&[rec(id, end, last.clone())], &clock(), &mut out);
+        assert_eq!(m.open_connections(), 0, "{last:?}");
+        assert_eq!(m.finish(&clock(), end + S, &mut out), 0, "{last:?}");
+        assert_eq!(out.len(), 2, "{last:?}");
+        assert_eq!(m.spans_built, 2);
+        let (ep, conn) = (&out[0], &out[1]);
+        assert_eq!(ep.parent_span_id, conn.span_context.span_id());
+        assert_eq!(ep.span_context.trace_id(), conn.span_context.trace_id());
+        assert_eq!(ep.end_time, wall(end));
+        assert_eq!(ep.status, Status::Unset);
+        assert_eq!(i(ep, "tcp.keepalive.episode.probes"), 2);
+        assert_eq!(conn.start_time, wall(T0));
+        assert_eq!(conn.end_time, wall(end));
+        assert_eq!(conn.status, Status::Unset);
+        assert_eq!(i(conn, "tcp.keepalive.episodes"), 1);
+        assert_eq!(i(conn, "tcp.keepalive.probes"), 2);
+        assert!(attr(&conn.attributes, "error.type").is_none());
+        match untracked {
+            None => {
+                assert_eq!(s(ep, "tcp.keepalive.episode.outcome"), "closed");
+                assert_eq!(
+                    event_names(ep),
+                    [
+                        "tcp.keepalive.probe",
+                        "tcp.keepalive.probe",
+                        "tcp.keepalive.close"
+                    ]
+                );
+                assert!(attr(&ep.attributes, "tcp.keepalive.incomplete").is_none());
+                assert_eq!(s(conn, "tcp.keepalive.outcome"), "closed");
+                assert_eq!(s(conn, "tcp.keepalive.close.state"), "FIN_WAIT1");
+                assert!(attr(&conn.attributes, "tcp.keepalive.untracked.reason").is_none());
+                assert!(attr(&conn.attributes, "tcp.keepalive.incomplete").is_none());
+                assert_eq!(m.ended_at_shutdown, FinishCounts::default());
+            }
+            Some((reason, name)) => {
+                assert_eq!(s(ep, "tcp.keepalive.episode.outcome"), "incomplete");
+                assert_eq!(
+                    event_names(ep),
+                    ["tcp.keepalive.probe", "tcp.keepalive.probe"]
+                );
+                assert!(b(ep, "tcp.keepalive.incomplete"));
+                assert_eq!(s(conn, "tcp.keepalive.untracked.reason"), name);
+                assert!(attr(&conn.attributes, "tcp.keepalive.close.state").is_none());
+                // Only the shutdown leaves a connection open; the others ended it, or stopped
+                // following it for good.
+                let shutdown = reason == UntrackReason::Shutdown;
+                let outcome = if shutdown { "open" } else { "untracked" };
+                assert_eq!(s(conn, "tcp.keepalive.outcome"), outcome);
+                assert_eq!(
+                    attr(&conn.attributes, "tcp.keepalive.incomplete"),
+                    shutdown.then_some(&Value::Bool(true)),
+                    "{name}"
+                );
+                // An episode cut short by a destroy, a reuse... was not ended by the shutdown.
+                let by_shutdown = FinishCounts {
+                    connections: 1,
+                    episodes: 1,
+                };
+                let expected = if shutdown {
+                    by_shutdown
+                } else {
+                    FinishCounts::default()
+                };
+                assert_eq!(m.ended_at_shutdown, expected, "{name}");
+            }
+        }
+    }
+}
+
+/// An episode span comes from the `episode` record alone (no probe record needed): its timed
+/// probes numbered from `first_timed_probe`, then the event its outcome implies, at its end.
+#[test]
+fn episode_span_from_its_record_alone() {
+    let probe_ts = [T0 + S, T0 + 2 * S];
+    let end = T0 + 2 * S + 300_000;
+    let reset_msg = "connection reset while keep-alive probes were unanswered";
+    let error = |m: &str| Status::error(m.to_string());
+    let cases = [
+        (
+            EpisodeOutcome::Answered(AckPrecision::Segment),
+            Some("tcp.keepalive.ack"),
+            Status::Unset,
+            None,
+        ),
+        (
+            EpisodeOutcome::Answered(AckPrecision::NextFiring),
+            Some("tcp.keepalive.ack"),
+            Status::Unset,
+            None,
+        ),
+        (
+            EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
+            Some("tcp.keepalive.timeout"),
+            error("keep-alive timeout: 4 probes unanswered"),
+            Some("keepalive_timeout"),
+        ),
+        (
+            EpisodeOutcome::TimedOut(TimeoutReason::UserTimeout),
+            Some("tcp.keepalive.timeout"),
+            error("TCP_USER_TIMEOUT expired with 4 probes unanswered"),
+            Some("user_timeout"),
+        ),
+        (
+            EpisodeOutcome::Reset { by_peer: true },
+            Some("tcp.keepalive.peer_reset"),
+            error(reset_msg),
+            Some("peer_reset"),
+        ),
+        (
+            EpisodeOutcome::Reset { by_peer: false },
+            Some("tcp.keepalive.reset"),
+            error(reset_msg),
+            Some("reset"),
+        ),
+        (
+            EpisodeOutcome::Closed,
+            Some("tcp.keepalive.close"),
+            Status::Unset,
+            None,
+        ),
+        (EpisodeOutcome::Incomplete, None, Status::Unset, None),
+    ];
+    for (outcome, ending, status, error_type) in cases {
+        // The second episode, found under way by the start-up snapshot (at T0) after 2 probes:
+        // probes 3 and 4 are timed.
+        let ep = Episode {
+            number: 2,
+            start_ns: T0,
+            end_ns: end,
+            probes: 4,
+            outcome,
+            probe_ts_ns: probe_ts.to_vec(),
+            first_timed_probe: 3,
+        };
+        let mut m = SpanModel::new(128);
+        let mut out = Vec::new();
+        m.on_records(
+            &[opened(12, T0), rec(12, end, RecordKind::EpisodeEnd(ep))],
+            &clock(),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "{outcome:?}");
+        let span = &out[0];
+        assert_eq!(span.name, "tcp.keepalive.episode");
+        assert_eq!(span.start_time, wall(T0));
+        assert_eq!(span.end_time, wall(end));
+        assert_eq!(span.status, status, "{outcome:?}");
+        assert_eq!(i(span, "tcp.keepalive.episode.number"), 2);
+        assert_eq!(i(span, "tcp.keepalive.episode.probes"), 4);
+        assert_eq!(s(span, "tcp.keepalive.episode.outcome"), outcome.name());
+        assert_eq!(
+            attr(&span.attributes, "error.type").map(|v| v.as_str().into_owned()),
+            error_type.map(String::from),
+            "{outcome:?}"
+        );
+        let mut names = vec!["tcp.keepalive.probe", "tcp.keepalive.probe"];
+        names.extend(ending);
+        assert_eq!(event_names(span), names, "{outcome:?}");
+        for (k, e) in span.events.iter().take(2).enumerate() {
+            assert_eq!(e.timestamp, wall(probe_ts[k]));
+            assert_eq!(
+                attr(&e.attributes, "tcp.keepalive.probe.n"),
+                Some(&Value::I64(3 + k as i64))
+            );
+        }
+        if ending.is_some() {
+            assert_eq!(span.events[2].timestamp, wall(end));
+        }
+        assert_eq!(
+            attr(&span.attributes, "tcp.keepalive.incomplete"),
+            (outcome == EpisodeOutcome::Incomplete).then_some(&Value::Bool(true)),
+            "{outcome:?}"
+        );
+        match outcome {
+            EpisodeOutcome::Answered(p) => {
+                assert_eq!(s(span, "tcp.keepalive.ack.precision"), p.name());
+                assert_eq!(
+                    attr(&span.events[2].attributes, "tcp.keepalive.episode.probes"),
+                    Some(&Value::I64(4))
+                );
+            }
+            EpisodeOutcome::TimedOut(r) => {
+                assert_eq!(s(span, "tcp.keepalive.timeout.reason"), r.name());
+            }
+            _ => assert!(attr(&span.attributes, "tcp.keepalive.ack.precision").is_none()),
+        }
+        assert_eq!(m.open_connections(), 1);
+    }
 }
 
 #[test]
-fn close_and_episode_end_in_one_batch_count_the_episode() {
+fn episode_end_then_close_in_one_batch_count_the_episode() {
     let mut m = SpanModel::new(128);
     let mut out = Vec::new();
-    let mut recs = vec![
+    let recs = [
+        opened(6, T0),
+        rec(6, T0 + S, RecordKind::Probe { n: 1 }),
+        // As the engine orders a close during an episode: the episode's end, then the close.
         rec(
             6,
-            T0,
-            RecordKind::Opened {
-                state: TcpState::Established,
-                established: true,
-            },
+            T0 + 2 * S,
+            RecordKind::EpisodeEnd(episode(1, &[T0 + S], T0 + 2 * S, EpisodeOutcome::Closed)),
         ),
-        rec(6, T0 + S, RecordKind::Probe { n: 1 }),
         rec(
             6,
             T0 + 2 * S,
@@ -561,29 +793,25 @@ fn close_and_episode_end_in_one_batch_count_the_episode() {
             },
         ),
     ];
-    recs.push(rec(
-        6,
-        T0 + 2 * S,
-        RecordKind::EpisodeEnd(Episode {
-            start_ns: T0 + S,
-            end_ns: T0 + 2 * S,
-            probes: 1,
-            outcome: EpisodeOutcome::Closed,
-            probe_ts_ns: vec![T0 + S],
-        }),
-    ));
     m.on_records(&recs, &clock(), &mut out);
     assert_eq!(out.len(), 2);
     assert_eq!(out[0].name, "tcp.keepalive.episode");
+    assert_eq!(out[0].parent_span_id, out[1].span_context.span_id());
     assert_eq!(
         event_names(&out[0]),
         ["tcp.keepalive.probe", "tcp.keepalive.close"]
     );
+    assert_eq!(out[1].name, "tcp.connection");
     assert_eq!(i(&out[1], "tcp.keepalive.episodes"), 1);
+    assert_eq!(m.open_connections(), 0);
 }
 
+/// At shutdown the engine ends an episode in progress `incomplete` and every connection with
+/// `untracked` (reason `shutdown`), at the stop time: the model makes the incomplete episode and the
+/// `open` connection spans from those records, and has nothing left to finish.
 #[test]
-fn shutdown_ends_open_connections_and_episodes() {
+fn shutdown_records_end_open_connections_and_episodes() {
+    let stop = T0 + 3 * S;
     let mut m = SpanModel::new(128);
     let mut out = Vec::new();
     m.on_records(
@@ -612,22 +840,38 @@ fn shutdown_ends_open_connections_and_episodes() {
         &mut out,
     );
     assert!(out.is_empty());
-    // The engine also reports a connection this model never saw a record for.
-    let mut unseen = view(8);
-    unseen.first_seen_ns = T0 - S;
-    let counts = m.finish(
-        [view(7), unseen].into_iter(),
+    let shutdown = |id| {
+        rec(
+            id,
+            stop,
+            RecordKind::Untracked {
+                reason: UntrackReason::Shutdown,
+                state: TcpState::Established,
+            },
+        )
+    };
+    let incomplete = episode(1, &[T0 + S, T0 + 2 * S], stop, EpisodeOutcome::Incomplete);
+    // Connection 8's only record is its last: its span starts when the engine first saw it.
+    let mut unseen = shutdown(8);
+    unseen.conn.first_seen_ns = T0 - S;
+    m.on_records(
+        &[
+            rec(7, stop, RecordKind::EpisodeEnd(incomplete)),
+            shutdown(7),
+            unseen,
+        ],
         &clock(),
-        T0 + 3 * S,
         &mut out,
     );
     assert_eq!(
-        counts,
+        m.ended_at_shutdown,
         FinishCounts {
             connections: 2,
             episodes: 1
         }
     );
+    assert_eq!(m.open_connections(), 0);
+    assert_eq!(m.finish(&clock(), stop + S, &mut out), 0);
     assert_eq!(out.len(), 3);
     let (ep, conn7, conn8) = (&out[0], &out[1], &out[2]);
     assert_eq!(ep.parent_span_id, conn7.span_context.span_id());
@@ -635,7 +879,7 @@ fn shutdown_ends_open_connections_and_episodes() {
     assert!(b(ep, "tcp.keepalive.incomplete"));
     assert_eq!(i(ep, "tcp.keepalive.episode.probes"), 2);
     assert_eq!(ep.start_time, wall(T0 + S));
-    assert_eq!(ep.end_time, wall(T0 + 3 * S));
+    assert_eq!(ep.end_time, wall(stop));
     assert_eq!(
         event_names(ep),
         ["tcp.keepalive.probe", "tcp.keepalive.probe"]
@@ -646,12 +890,15 @@ fn shutdown_ends_open_connections_and_episodes() {
     assert!(b(conn7, "tcp.keepalive.snapshot"));
     assert_eq!(s(conn7, "tcp.keepalive.first_seen.source"), "snapshot");
     assert_eq!(s(conn7, "tcp.keepalive.outcome"), "open");
-    assert_eq!(conn7.end_time, wall(T0 + 3 * S));
+    assert_eq!(s(conn7, "tcp.keepalive.untracked.reason"), "shutdown");
+    assert_eq!(i(conn7, "tcp.keepalive.episodes"), 1);
+    assert_eq!(conn7.end_time, wall(stop));
     assert_eq!(conn7.status, Status::Unset);
     assert_eq!(i(conn8, "tcp.keepalive.connection.id"), 8);
     assert_eq!(conn8.start_time, wall(T0 - S));
+    assert_eq!(conn8.end_time, wall(stop));
     assert!(b(conn8, "tcp.keepalive.incomplete"));
-    assert_eq!(m.open_connections(), 0);
+    assert_eq!(s(conn8, "tcp.keepalive.outcome"), "open");
 }
 
 #[test]
@@ -733,12 +980,18 @@ fn unknown_addresses_are_not_reported() {
     r.conn.remote = "0.0.0.0:0".parse().unwrap();
     let mut out = Vec::new();
     m.on_records(&[r], &clock(), &mut out);
-    m.finish(std::iter::empty(), &clock(), T0 + S, &mut out);
+    // No last record came (never expected from the engine): `finish` ends the leftover at the stop.
+    assert_eq!(m.finish(&clock(), T0 + S, &mut out), 1);
+    assert_eq!(m.open_connections(), 0);
     assert_eq!(out.len(), 1);
     for key in ["network.type", "network.local.address", "network.peer.port"] {
         assert!(attr(&out[0].attributes, key).is_none(), "{key}");
     }
     assert_eq!(s(&out[0], "network.transport"), "tcp");
+    assert_eq!(out[0].end_time, wall(T0 + S));
+    assert_eq!(s(&out[0], "tcp.keepalive.outcome"), "open");
+    assert!(b(&out[0], "tcp.keepalive.incomplete"));
+    assert!(attr(&out[0].attributes, "tcp.keepalive.untracked.reason").is_none());
 }
 
 #[test]
@@ -775,4 +1028,365 @@ fn json_line_of_a_span() {
     );
     assert_eq!(ep["duration_ms"], 3000.0);
     assert_eq!(conn["scope"]["name"], "keepalive-agent");
+}
+
+// A real engine's records. Event fixtures after the engine's own tests (timeline::engine).
+
+const NETNS: u32 = 4026531840;
+const SK_A: u64 = 0xffff_8880_0a00_0800;
+const SK_B: u64 = 0xffff_8880_0a00_1000;
+const SK_C: u64 = 0xffff_8880_0a00_1800;
+const SK_D: u64 = 0xffff_8880_0a00_2000;
+
+fn event(ts_ns: u64, sk: u64, body: EventBody) -> Event {
+    let local = SocketAddr::new([127, 0, 0, 1].into(), 40000 + (sk >> 11) as u16 % 1000);
+    Event {
+        ts_ns,
+        sk,
+        netns: NETNS,
+        addrs: Some((local, "127.0.0.1:8080".parse().unwrap())),
+        in_timer: false,
+        body,
+    }
+}
+
+/// The namespace's sysctls, nothing set on the socket.
+fn sysctls() -> SockSettings {
+    SockSettings {
+        idle_default_s: 7200,
+        intvl_default_s: 75,
+        cnt_default: 9,
+        ..Default::default()
+    }
+}
+
+/// `SO_KEEPALIVE` only: the kernel side follows the socket for that alone.
+fn keepalive_only() -> SockSettings {
+    SockSettings {
+        keepalive: true,
+        ..sysctls()
+    }
+}
+
+fn keepalive_values() -> SockSettings {
+    SockSettings {
+        keepalive: true,
+        idle_s: Some(1),
+        intvl_s: Some(1),
+        cnt: Some(3),
+        ..sysctls()
+    }
+}
+
+fn state_change(ts: u64, sk: u64, old: TcpState, new: TcpState, settings: SockSettings) -> Event {
+    let body = EventBody::State {
+        old,
+        new,
+        settings,
+        process: None,
+        err: 0,
+    };
+    event(ts, sk, body)
+}
+
+fn established(ts: u64, sk: u64, settings: SockSettings) -> Event {
+    state_change(ts, sk, TcpState::SynSent, TcpState::Established, settings)
+}
+
+fn closed(ts: u64, sk: u64) -> Event {
+    state_change(ts, sk, TcpState::Established, TcpState::Close, sysctls())
+}
+
+/// A keep-alive timer run that sent a probe (`icsk_probes_out` `before` → `before + 1`).
+fn probe_sent(ts: u64, sk: u64, settings: SockSettings, before: u8) -> Event {
+    let firing = TimerFiring {
+        state_before: TcpState::Established,
+        state_after: TcpState::Established,
+        keepopen: settings.keepalive,
+        dead: false,
+        owned: false,
+        probes_before: before,
+        probes_after: before + 1,
+        packets_out: 0,
+        unsent: 0,
+        idle_ms: 1000,
+        settings,
+        err_after: 0,
+        next_in_ms: Some(1000),
+        exit_ts_ns: ts + 10_000,
+    };
+    event(ts, sk, EventBody::Timer(firing))
+}
+
+/// `setsockopt(SO_KEEPALIVE, 0)`; `read`: the socket's settings just before.
+fn keepalive_switched_off(ts: u64, sk: u64, read: SockSettings) -> Event {
+    let body = EventBody::Setsockopt {
+        option: SockOpt::KeepAlive,
+        value: 0,
+        state: TcpState::Established,
+        process: process(),
+        settings: read,
+    };
+    event(ts, sk, body)
+}
+
+/// A connection found by the start-up snapshot, `probes_out` keep-alive probes unanswered.
+fn snapshot(ts: u64, sk: u64, settings: SockSettings, probes_out: u8) -> Event {
+    let body = EventBody::Snapshot {
+        state: TcpState::Established,
+        settings,
+        probes_out,
+        packets_out: 0,
+        unsent: 0,
+    };
+    event(ts, sk, body)
+}
+
+/// An engine whose records go straight into a span model, checked after every event: the model
+/// holds exactly the connections the engine follows, no more.
+struct EngineRun {
+    engine: Engine,
+    model: SpanModel,
+    records: Vec<Record>,
+    spans: Vec<SpanData>,
+}
+
+impl EngineRun {
+    fn new() -> Self {
+        EngineRun {
+            engine: Engine::new(EngineConfig {
+                max_connections: 16,
+            }),
+            model: SpanModel::new(128),
+            records: Vec::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, events: &[Event]) {
+        for ev in events {
+            let mut recs = Vec::new();
+            self.engine.handle(ev, &mut recs);
+            self.take(recs, ev);
+        }
+    }
+
+    fn take(&mut self, recs: Vec<Record>, after: &dyn std::fmt::Debug) {
+        self.model.on_records(&recs, &clock(), &mut self.spans);
+        self.records.extend(recs);
+        assert_eq!(
+            self.model.open_connections(),
+            self.engine.tracked(),
+            "after {after:?}"
+        );
+    }
+
+    fn shutdown(&mut self, stop_ns: u64) {
+        let mut recs = Vec::new();
+        self.engine.shutdown(stop_ns, &mut recs);
+        self.take(recs, &"the shutdown");
+        assert_eq!(self.engine.tracked(), 0);
+    }
+
+    /// The connection ids seen in records (the engine numbers connections as it first sees them).
+    fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.records.iter().map(|r| r.conn.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The id of the `nth` connection (0-based) seen on socket `sk`.
+    fn id(&self, sk: u64, nth: usize) -> u64 {
+        let mut ids: Vec<u64> = self
+            .records
+            .iter()
+            .filter(|r| r.conn.sk == sk)
+            .map(|r| r.conn.id)
+            .collect();
+        ids.dedup();
+        ids[nth]
+    }
+
+    /// Every connection's records end with exactly one last record.
+    fn assert_one_last_record_each(&self) {
+        for id in self.ids() {
+            let kinds: Vec<&RecordKind> = self
+                .records
+                .iter()
+                .filter(|r| r.conn.id == id)
+                .map(|r| &r.kind)
+                .collect();
+            let lasts = kinds.iter().filter(|k| k.is_last()).count();
+            assert_eq!(lasts, 1, "connection {id}: {kinds:?}");
+            assert!(
+                kinds.last().unwrap().is_last(),
+                "connection {id}: {kinds:?}"
+            );
+        }
+    }
+}
+
+/// Issue 9, item 5: connections the engine stops following without a close (keep-alive switched
+/// off before the close, destroyed with the close missed, socket reused, gone from a socket walk)
+/// leave nothing in the span model, while the agent runs.
+#[test]
+fn engine_run_leaves_nothing_in_the_model() {
+    let mut run = EngineRun::new();
+    run.feed(&[
+        // A: SO_KEEPALIVE only, one probe out, then switched off before the close.
+        established(T0, SK_A, keepalive_only()),
+        probe_sent(T0 + S, SK_A, keepalive_only(), 0),
+        keepalive_switched_off(T0 + 2 * S, SK_A, keepalive_only()),
+        // B: two probes out, then destroyed: its close was never seen.
+        established(T0, SK_B, keepalive_values()),
+        probe_sent(T0 + S, SK_B, keepalive_values(), 0),
+        probe_sent(T0 + 2 * S, SK_B, keepalive_values(), 1),
+        event(T0 + 3 * S, SK_B, EventBody::Destroy),
+        // C: its socket becomes a new connection (the close was missed); the new one closes.
+        established(T0, SK_C, keepalive_values()),
+        established(T0 + 4 * S, SK_C, keepalive_values()),
+        closed(T0 + 5 * S, SK_C),
+        // D: not found by a walk of the kernel's sockets (below).
+        established(T0, SK_D, keepalive_values()),
+        // What the kernel side may still report of A after that: nothing to follow.
+        closed(T0 + 6 * S, SK_A),
+        event(T0 + 6 * S, SK_A, EventBody::Destroy),
+    ]);
+    assert_eq!(run.engine.tracked(), 1);
+    let mut gone = Vec::new();
+    run.engine.reconcile(T0 + 7 * S, |sk| sk != SK_D, &mut gone);
+    run.take(gone, &"the socket walk");
+
+    assert_eq!(run.model.open_connections(), 0);
+    assert_eq!(run.engine.tracked(), 0);
+    run.assert_one_last_record_each();
+    assert_eq!(run.ids().len(), 5, "A, B, C twice, D");
+    let (a, b_, c_old, c_new, d) = (
+        run.id(SK_A, 0),
+        run.id(SK_B, 0),
+        run.id(SK_C, 0),
+        run.id(SK_C, 1),
+        run.id(SK_D, 0),
+    );
+
+    // A: the settings as switched off, the episode cut short, the connection no longer followed.
+    let conn = conn_span(&run.spans, a);
+    assert_eq!(s(conn, "tcp.keepalive.untracked.reason"), "keepalive_off");
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "untracked");
+    assert!(!b(conn, "tcp.keepalive.enabled"));
+    assert_eq!(s(conn, "tcp.keepalive.settings.option"), "SO_KEEPALIVE");
+    assert_eq!(conn.end_time, wall(T0 + 2 * S));
+    assert!(attr(&conn.attributes, "tcp.keepalive.incomplete").is_none());
+    let eps = episode_spans(&run.spans, a);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(s(eps[0], "tcp.keepalive.episode.outcome"), "incomplete");
+    assert_eq!(i(eps[0], "tcp.keepalive.episode.probes"), 1);
+    assert_eq!(eps[0].parent_span_id, conn.span_context.span_id());
+
+    // B: destroyed while probing.
+    let conn = conn_span(&run.spans, b_);
+    assert_eq!(s(conn, "tcp.keepalive.untracked.reason"), "destroyed");
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "untracked");
+    assert_eq!(conn.end_time, wall(T0 + 3 * S));
+    let eps = episode_spans(&run.spans, b_);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(s(eps[0], "tcp.keepalive.episode.outcome"), "incomplete");
+    assert_eq!(i(eps[0], "tcp.keepalive.episode.probes"), 2);
+    assert_eq!(
+        event_names(eps[0]),
+        ["tcp.keepalive.probe", "tcp.keepalive.probe"]
+    );
+
+    // C, D.
+    assert_eq!(
+        s(
+            conn_span(&run.spans, c_old),
+            "tcp.keepalive.untracked.reason"
+        ),
+        "reused"
+    );
+    assert_eq!(
+        s(conn_span(&run.spans, c_new), "tcp.keepalive.outcome"),
+        "closed"
+    );
+    assert_eq!(
+        s(conn_span(&run.spans, d), "tcp.keepalive.untracked.reason"),
+        "gone"
+    );
+    assert_eq!(conn_span(&run.spans, d).end_time, wall(T0 + 7 * S));
+    assert_eq!(run.spans.len(), 7, "5 connections, 2 episodes");
+    assert_eq!(run.model.spans_built, 7);
+
+    // None of that was the shutdown's doing, and the shutdown finds nothing left.
+    assert_eq!(run.model.ended_at_shutdown, FinishCounts::default());
+    run.shutdown(T0 + 8 * S);
+    assert_eq!(run.spans.len(), 7);
+    assert_eq!(run.model.finish(&clock(), T0 + 8 * S, &mut run.spans), 0);
+    assert_eq!(run.spans.len(), 7);
+}
+
+/// The engine's shutdown records end an episode in progress, found under way by the snapshot, with
+/// its exact probe count, and leave every connection's span `open`.
+#[test]
+fn engine_shutdown_gives_incomplete_episode_and_open_connections() {
+    let mut run = EngineRun::new();
+    run.feed(&[
+        // Two probes unanswered when the agent started, a third seen.
+        snapshot(T0, SK_A, keepalive_values(), 2),
+        probe_sent(T0 + S, SK_A, keepalive_values(), 2),
+        established(T0 + S, SK_B, keepalive_values()),
+    ]);
+    assert!(run.spans.is_empty());
+    let stop = T0 + 3 * S;
+    run.shutdown(stop);
+    run.assert_one_last_record_each();
+    assert_eq!(run.model.open_connections(), 0);
+    assert_eq!(run.model.finish(&clock(), stop + S, &mut run.spans), 0);
+    assert_eq!(
+        run.model.ended_at_shutdown,
+        FinishCounts {
+            connections: 2,
+            episodes: 1
+        }
+    );
+    assert_eq!(run.spans.len(), 3);
+    let (a, b_) = (run.id(SK_A, 0), run.id(SK_B, 0));
+
+    let eps = episode_spans(&run.spans, a);
+    assert_eq!(eps.len(), 1);
+    let ep = eps[0];
+    assert_eq!(s(ep, "tcp.keepalive.episode.outcome"), "incomplete");
+    assert!(b(ep, "tcp.keepalive.incomplete"));
+    assert_eq!(i(ep, "tcp.keepalive.episode.probes"), 3);
+    assert_eq!(i(ep, "tcp.keepalive.episode.number"), 1);
+    assert_eq!(ep.start_time, wall(T0));
+    assert_eq!(ep.end_time, wall(stop));
+    assert_eq!(ep.status, Status::Unset);
+    // Only the third probe was timed, and it is numbered as such.
+    assert_eq!(event_names(ep), ["tcp.keepalive.probe"]);
+    assert_eq!(ep.events[0].timestamp, wall(T0 + S));
+    assert_eq!(
+        attr(&ep.events[0].attributes, "tcp.keepalive.probe.n"),
+        Some(&Value::I64(3))
+    );
+
+    let conn = conn_span(&run.spans, a);
+    assert_eq!(ep.parent_span_id, conn.span_context.span_id());
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "open");
+    assert!(b(conn, "tcp.keepalive.incomplete"));
+    assert_eq!(s(conn, "tcp.keepalive.untracked.reason"), "shutdown");
+    assert!(b(conn, "tcp.keepalive.snapshot"));
+    assert_eq!(i(conn, "tcp.keepalive.episodes"), 1);
+    assert_eq!(conn.start_time, wall(T0));
+    assert_eq!(conn.end_time, wall(stop));
+    assert_eq!(conn.status, Status::Unset);
+
+    let conn = conn_span(&run.spans, b_);
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "open");
+    assert!(b(conn, "tcp.keepalive.incomplete"));
+    assert_eq!(i(conn, "tcp.keepalive.episodes"), 0);
+    assert_eq!(conn.start_time, wall(T0 + S));
+    assert_eq!(conn.end_time, wall(stop));
+    assert!(episode_spans(&run.spans, b_).is_empty());
 }
