@@ -6,6 +6,7 @@ pub mod decode;
 pub mod event;
 pub mod export;
 pub mod kernel;
+pub mod metrics;
 pub mod output;
 pub mod owners;
 pub mod reconcile;

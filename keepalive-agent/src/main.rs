@@ -15,6 +15,7 @@ use keepalive_agent::{
     clock::WallClock,
     decode::Decoder,
     kernel::{self, KernelFacts},
+    metrics::{config::MetricsConfig, Metrics},
     output::{Format, Printer},
     owners,
     runtime::{lost_breakdown, EventLoop, Filter},
@@ -50,6 +51,8 @@ struct RunArgs {
     attach: AttachArgs,
     #[command(flatten)]
     export: keepalive_agent::export::ExportArgs,
+    #[command(flatten)]
+    metrics: keepalive_agent::metrics::config::MetricsArgs,
     /// Most connections tracked at once, 1 to 16777216; past it new connections are not tracked
     /// (and that is reported).
     #[arg(long, default_value_t = 65_536, value_parser = max_connections_parser(), allow_negative_numbers = true)]
@@ -389,6 +392,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         engine: &mut engine,
         filter: &filter,
         clock: WallClock::measure(),
+        observer: None,
     };
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         for r in recs {
@@ -423,26 +427,83 @@ fn run(args: RunArgs) -> Result<()> {
     let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
+    let (metrics, otlp_metrics) = start_metrics(&args, exporter.resource())?;
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections)?;
+    let mut recorder = metrics.as_ref().map(|m| {
+        m.set_hooks(probes.attached().filter_map(|o| Some((o.hook.name, o.chosen.as_ref()?.kind()))).collect());
+        m.health().set_ready();
+        m.recorder()
+    });
     let mut ev_loop = EventLoop {
         probes: &mut probes,
         decoder: &decoder,
         engine: &mut engine,
         filter: &filter,
         clock: WallClock::measure(),
+        observer: recorder.as_mut().map(|r| r as &mut dyn keepalive_agent::runtime::LoopObserver),
     };
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         exporter.on_records(recs, clock);
+        if let Some(m) = &metrics {
+            m.on_records(recs);
+            m.set_span_export(exporter.stats());
+        }
         Ok(())
     };
     let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
     let clock = ev_loop.clock;
     let report = runtime.block_on(exporter.shutdown(&clock, args.shutdown_timeout));
+    if let Some(m) = &metrics {
+        m.set_span_export(report.stats);
+    }
+    if let Some(export) = otlp_metrics {
+        runtime.block_on(export.shutdown(args.shutdown_timeout));
+    }
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
+}
+
+/// The metrics of `run`, when `--metrics-listen` or an OTLP metrics export asks for them: binds the
+/// HTTP server (before attaching, so that `/readyz` answers 503 meanwhile) and starts the OTLP
+/// export. Must run inside the export runtime.
+fn start_metrics(
+    args: &RunArgs,
+    resource: &[opentelemetry::KeyValue],
+) -> Result<(Option<Metrics>, Option<keepalive_agent::metrics::otlp::OtlpExport>)> {
+    let cfg = MetricsConfig::from_args(&args.metrics, &args.export, resource).context("configuring metrics")?;
+    if cfg.listen.is_none() && cfg.otlp.is_none() {
+        return Ok((None, None));
+    }
+    let metrics = Metrics::new(cfg.max_series, cfg.peer_labels, attach::cgroup2_mount());
+    if let Some(addr) = cfg.listen {
+        let bound = keepalive_agent::metrics::http::serve(addr, metrics.clone())?;
+        info!("metrics: serving http://{bound}/metrics, /healthz and /readyz");
+    }
+    let otlp = match &cfg.otlp {
+        Some(c) => {
+            let export = keepalive_agent::metrics::otlp::start(c, metrics.clone(), cfg.max_series)
+                .context("configuring the OTLP metrics export")?;
+            info!("metrics: exporting {}", export.description);
+            Some(export)
+        }
+        None => None,
+    };
+    debug_attach_gate();
+    Ok((Some(metrics), otlp))
+}
+
+/// Test hook: with `KEEPALIVE_DEBUG_ATTACH_GATE=PATH`, waits until PATH exists before attaching, so
+/// that a test can see `/readyz` answer 503 before the programs are attached.
+fn debug_attach_gate() {
+    if let Some(path) = std::env::var_os("KEEPALIVE_DEBUG_ATTACH_GATE") {
+        warn!("KEEPALIVE_DEBUG_ATTACH_GATE: waiting for {} before attaching", PathBuf::from(&path).display());
+        while !std::path::Path::new(&path).exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn check(args: CheckArgs) -> Result<()> {

@@ -121,6 +121,12 @@ struct OnDemand {
     attaches: u64,
 }
 
+/// Told of each turn of the event loop (at least every 100 ms while it drains the ring buffer):
+/// the metrics' heartbeat and gauges (see [`crate::metrics::Recorder`]).
+pub trait LoopObserver {
+    fn tick(&mut self, engine: &Engine, summary: &LoopSummary);
+}
+
 /// Drives the pipeline until `stop` is set or `until` passes.
 pub struct EventLoop<'a> {
     pub probes: &'a mut Probes,
@@ -128,6 +134,8 @@ pub struct EventLoop<'a> {
     pub engine: &'a mut Engine,
     pub filter: &'a Filter,
     pub clock: WallClock,
+    /// Told of every turn of the loop, if any.
+    pub observer: Option<&'a mut dyn LoopObserver>,
 }
 
 impl EventLoop<'_> {
@@ -210,6 +218,9 @@ impl EventLoop<'_> {
             }
             // The ring buffer is drained: a walk taken before is applied now.
             reconciler.apply(self.engine, &mut records);
+            if let Some(observer) = self.observer.as_deref_mut() {
+                observer.tick(self.engine, &summary);
+            }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 self.report(&mut last_lost, &mut summary);

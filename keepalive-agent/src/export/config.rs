@@ -27,7 +27,7 @@ impl Protocol {
         }
     }
 
-    fn parse_env(var: &str, value: &str) -> Result<Protocol, ExportError> {
+    pub(crate) fn parse_env(var: &str, value: &str) -> Result<Protocol, ExportError> {
         match value.trim() {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
@@ -84,7 +84,7 @@ impl Numeric {
     /// The value and where it came from (the flag, a variable, or `None` for the default): the
     /// flag when given, else the first variable set, else the default. Out-of-range values are
     /// errors naming their source.
-    fn resolve(&self, flag: Option<u64>, env: &Env) -> Result<(u64, Option<&'static str>), ExportError> {
+    pub(crate) fn resolve(&self, flag: Option<u64>, env: &Env) -> Result<(u64, Option<&'static str>), ExportError> {
         let (value, source) = match (flag, env.first(self.vars)) {
             (Some(v), _) => (v, self.flag),
             (None, Some((var, text))) => (parse_num(var, &text)?, var),
@@ -273,15 +273,15 @@ struct Limits {
 
 /// The environment as a lookup function; empty variables count as unset, as the OpenTelemetry
 /// specification asks.
-struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+pub(crate) struct Env<'a>(pub(crate) &'a dyn Fn(&str) -> Option<String>);
 
 impl Env<'_> {
-    fn get(&self, name: &str) -> Option<String> {
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
         (self.0)(name).filter(|v| !v.trim().is_empty())
     }
 
     /// The first of `names` that is set, with its value.
-    fn first(&self, names: &[&'static str]) -> Option<(&'static str, String)> {
+    pub(crate) fn first(&self, names: &[&'static str]) -> Option<(&'static str, String)> {
         names.iter().find_map(|n| self.get(n).map(|v| (*n, v)))
     }
 }
@@ -382,13 +382,19 @@ fn pick_endpoint(args: &ExportArgs, env: &Env) -> Option<Endpoint> {
 /// Export headers: the traces-specific variable (or else the generic one), then `--otlp-header`
 /// flags over them, keys lower-cased; each checked as an HTTP header.
 fn resolve_headers(args: &ExportArgs, env: &Env) -> Result<Vec<(String, String)>, ExportError> {
+    headers_from(&args.otlp_headers, env, &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
+}
+
+/// Export headers: the first of `vars` set, then the `--otlp-header` values `flags` over them, keys
+/// lower-cased; each checked as an HTTP header.
+pub(crate) fn headers_from(flags: &[String], env: &Env, vars: &[&'static str]) -> Result<Vec<(String, String)>, ExportError> {
     let mut headers = Vec::new();
-    if let Some((var, v)) = env.first(&["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]) {
+    if let Some((var, v)) = env.first(vars) {
         for (k, v) in parse_list(var, &v)? {
             set(&mut headers, k.to_ascii_lowercase(), v);
         }
     }
-    for h in &args.otlp_headers {
+    for h in flags {
         let (k, v) = parse_pair("--otlp-header", h, false)?;
         set(&mut headers, k.to_ascii_lowercase(), v);
     }
@@ -512,7 +518,7 @@ pub fn host_facts() -> HostFacts {
     HostFacts { host_name, host_id }
 }
 
-fn nonempty(s: &Option<String>) -> Option<&str> {
+pub(crate) fn nonempty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
@@ -578,7 +584,7 @@ fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
         .map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
 }
 
-fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
+pub(crate) fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| ExportError::config(source, format!("invalid URL `{url}`: {e}")))?;

@@ -264,6 +264,11 @@ impl Exporter {
         }
     }
 
+    /// The resource every span carries (`service.name` first); metrics carry it too.
+    pub fn resource(&self) -> &[KeyValue] {
+        &self.resource
+    }
+
     /// Where spans go, for a start-up log line.
     pub fn description(&self) -> &str {
         &self.description
@@ -393,7 +398,7 @@ fn otlp_stats(created: u64, c: &pipeline::Counters) -> ExportStats {
 /// exporter has added the metadata it read from `OTEL_EXPORTER_OTLP_HEADERS` itself, so that our
 /// values (where a flag wins over the environment) replace those.
 #[derive(Clone)]
-struct MetadataInterceptor(
+pub(crate) struct MetadataInterceptor(
     Arc<
         Vec<(
             tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
@@ -403,7 +408,7 @@ struct MetadataInterceptor(
 );
 
 impl MetadataInterceptor {
-    fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
+    pub(crate) fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
         let mut list = Vec::new();
         for (k, v) in headers {
             let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
@@ -433,13 +438,13 @@ impl tonic::service::Interceptor for MetadataInterceptor {
 /// HTTP client setting the resolved headers on every request, after (so over) those the exporter
 /// read from the environment itself.
 #[derive(Debug)]
-struct HeaderClient {
+pub(crate) struct HeaderClient {
     inner: reqwest::Client,
     headers: http::HeaderMap,
 }
 
 impl HeaderClient {
-    fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
+    pub(crate) fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {

@@ -358,6 +358,13 @@ impl Engine {
         self.conns.values().filter(|c| c.episode.is_some()).count()
     }
 
+    /// Connections tracked now with keep-alive on, and with it off (followed for
+    /// `TCP_USER_TIMEOUT` alone). O(tracked). Read-only, for the metrics' gauges.
+    pub fn keepalive_split(&self) -> (usize, usize) {
+        let on = self.conns.values().filter(|c| c.settings.keepalive).count();
+        (on, self.conns.len() - on)
+    }
+
     /// Connections tracked now.
     pub fn tracked(&self) -> usize {
         self.conns.len()

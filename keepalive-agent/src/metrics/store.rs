@@ -1,0 +1,451 @@
+//! The metric values: keep-alive counters counted from the engine's [`Record`]s, with workload
+//! attributes and a cardinality cap per metric, and the agent's own counters and gauges.
+//!
+//! Memory is bounded whatever the workload: at most `max_series` workloads are told apart, and each
+//! keep-alive counter holds at most `max_series - 1` series plus the overflow series
+//! (`otel.metric.overflow = "true"`) that counts everything past the cap.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use keepalive_common::LOST_SLOTS;
+
+use crate::container::{container_id_from_path, CgroupResolver};
+use crate::event::comm_str;
+use crate::export::ExportStats;
+use crate::timeline::{AckPrecision, ConnView, EpisodeOutcome, Record, RecordKind, TimeoutReason};
+
+/// Default of `--metrics-max-series`.
+pub const DEFAULT_MAX_SERIES: usize = 2_000;
+
+/// Workload id of the overflow series.
+const OVERFLOW: u32 = u32::MAX;
+
+/// A keep-alive counter: its OpenTelemetry name, help, and the attribute that tells its series
+/// apart (with its values, indexed by the series' value index).
+#[derive(Debug)]
+pub struct Family {
+    /// OpenTelemetry name (`keepalive.connection.deaths`).
+    pub name: &'static str,
+    /// Unit, as an OpenTelemetry annotation (`{probe}`): no Prometheus suffix.
+    pub unit: &'static str,
+    pub help: &'static str,
+    /// The attribute and its values, for counters that have one.
+    pub attribute: Option<(&'static str, &'static [&'static str])>,
+}
+
+/// `keepalive.probes`.
+pub const PROBES: Family = Family { name: "keepalive.probes", unit: "{probe}", help: "Keep-alive probes sent.", attribute: None };
+/// `keepalive.answers`: value index = [`precision_index`].
+pub const ANSWERS: Family = Family {
+    name: "keepalive.answers",
+    unit: "{probe}",
+    help: "Keep-alive probes answered, by how precisely the answer was timed.",
+    attribute: Some(("keepalive.answer.precision", &["segment", "next_firing"])),
+};
+/// `keepalive.episodes`: value index = [`outcome_index`].
+pub const EPISODES: Family = Family {
+    name: "keepalive.episodes",
+    unit: "{episode}",
+    help: "Keep-alive episodes (first probe to outcome) ended, by outcome.",
+    attribute: Some(("keepalive.episode.outcome", &["answered", "timeout", "reset", "closed", "incomplete"])),
+};
+/// `keepalive.suppressed`.
+pub const SUPPRESSED: Family = Family {
+    name: "keepalive.suppressed",
+    unit: "{firing}",
+    help: "Keep-alive timer firings that could not probe (data in flight or queued).",
+    attribute: None,
+};
+/// `keepalive.connection.deaths`: value index = [`Death`].
+pub const DEATHS: Family = Family {
+    name: "keepalive.connection.deaths",
+    unit: "{connection}",
+    help: "Followed connections that died, by cause.",
+    attribute: Some(("keepalive.death.cause", &["keepalive_timeout", "user_timeout", "reset_sent", "peer_reset", "error"])),
+};
+
+/// The keep-alive counters, in [`Store::counters`] order.
+pub const FAMILIES: [&Family; 5] = [&PROBES, &ANSWERS, &EPISODES, &SUPPRESSED, &DEATHS];
+const I_PROBES: usize = 0;
+const I_ANSWERS: usize = 1;
+const I_EPISODES: usize = 2;
+const I_SUPPRESSED: usize = 3;
+const I_DEATHS: usize = 4;
+
+/// Value index of a precision in [`ANSWERS`].
+pub fn precision_index(p: AckPrecision) -> u8 {
+    match p {
+        AckPrecision::Segment => 0,
+        AckPrecision::NextFiring => 1,
+    }
+}
+
+/// Value index of an outcome in [`EPISODES`].
+pub fn outcome_index(o: EpisodeOutcome) -> u8 {
+    match o {
+        EpisodeOutcome::Answered(_) => 0,
+        EpisodeOutcome::TimedOut(_) => 1,
+        EpisodeOutcome::Reset { .. } => 2,
+        EpisodeOutcome::Closed => 3,
+        EpisodeOutcome::Incomplete => 4,
+    }
+}
+
+/// The cause of death a record gives, as a value index of [`DEATHS`]; `None` for records that do
+/// not kill.
+pub fn death_index(kind: &RecordKind) -> Option<u8> {
+    match kind {
+        RecordKind::Timeout { reason: TimeoutReason::Keepalive, .. } => Some(0),
+        RecordKind::Timeout { reason: TimeoutReason::UserTimeout, .. } => Some(1),
+        RecordKind::Reset { .. } => Some(2),
+        RecordKind::PeerReset => Some(3),
+        RecordKind::Error { .. } => Some(4),
+        _ => None,
+    }
+}
+
+/// The series of one keep-alive counter: (workload, value index) → count.
+#[derive(Debug, Default)]
+pub struct Series {
+    values: HashMap<(u32, u8), u64>,
+    /// Counted in the overflow series (`Some` once the cap was hit).
+    overflow: Option<u64>,
+    /// Regular series at most.
+    max: usize,
+}
+
+impl Series {
+    fn new(max: usize) -> Self {
+        Series { values: HashMap::new(), overflow: None, max }
+    }
+
+    fn add(&mut self, workload: u32, value: u8, n: u64) {
+        if workload != OVERFLOW {
+            if let Some(c) = self.values.get_mut(&(workload, value)) {
+                *c += n;
+                return;
+            }
+            if self.values.len() < self.max {
+                self.values.insert((workload, value), n);
+                return;
+            }
+        }
+        *self.overflow.get_or_insert(0) += n;
+    }
+
+    /// Every regular series: (workload, value index, count).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u8, u64)> + '_ {
+        self.values.iter().map(|(&(w, v), &c)| (w, v, c))
+    }
+
+    /// The overflow series' count, once the cap was hit.
+    pub fn overflow(&self) -> Option<u64> {
+        self.overflow
+    }
+
+    /// Regular series held.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// The attributes of one workload: who holds the connections a series counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// `process.executable.name` (the task name the kernel reported).
+    pub executable: Option<String>,
+    /// `container.id`, from the process' cgroup path.
+    pub container_id: Option<String>,
+    /// `k8s.pod.uid`, from the process' cgroup path.
+    pub pod_uid: Option<String>,
+    /// `network.peer.address`, only with per-peer labels on.
+    pub peer: Option<String>,
+}
+
+impl Workload {
+    /// The attributes that are known, as (OpenTelemetry name, value).
+    pub fn attributes(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("process.executable.name", &self.executable),
+            ("container.id", &self.container_id),
+            ("k8s.pod.uid", &self.pod_uid),
+            ("network.peer.address", &self.peer),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+    }
+}
+
+/// What tells workloads apart on the event path (cheap to hash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct WorkloadKey {
+    comm: [u8; 16],
+    cgroup_id: u64,
+    known: bool,
+    peer: Option<IpAddr>,
+}
+
+/// Pod uid from a Kubernetes cgroup path: `kubepods-burstable-pod<uid with _>.slice` (systemd
+/// driver) or `/kubepods/burstable/pod<uid>/` (cgroupfs driver).
+pub fn pod_uid_from_path(path: &str) -> Option<String> {
+    path.split('/').find_map(|seg| {
+        let s = seg.strip_suffix(".slice").unwrap_or(seg);
+        let uid = &s[s.rfind("pod")? + 3..];
+        let uid = uid.replace('_', "-");
+        let ok = uid.len() == 36 && uid.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() }
+        });
+        ok.then(|| uid.to_ascii_lowercase())
+    })
+}
+
+/// Workloads seen, at most `max`; past it, connections of new workloads count in the overflow series.
+struct Workloads {
+    ids: HashMap<WorkloadKey, u32>,
+    labels: Vec<Workload>,
+    max: usize,
+    resolver: CgroupResolver,
+    peer_labels: bool,
+}
+
+impl Workloads {
+    fn id(&mut self, conn: &ConnView) -> u32 {
+        let key = WorkloadKey {
+            comm: conn.process.map(|p| p.comm).unwrap_or_default(),
+            cgroup_id: conn.process.map_or(0, |p| p.cgroup_id),
+            known: conn.process.is_some(),
+            peer: self.peer_labels.then(|| conn.remote.ip()),
+        };
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        if self.labels.len() >= self.max {
+            return OVERFLOW;
+        }
+        let cgroup = self.resolver.resolve(key.cgroup_id);
+        let workload = Workload {
+            executable: key.known.then(|| comm_str(&key.comm).to_string()),
+            container_id: cgroup.as_ref().and_then(|c| c.container_id.clone().or_else(|| container_id_from_path(&c.path))),
+            pod_uid: cgroup.as_ref().and_then(|c| pod_uid_from_path(&c.path)),
+            peer: key.peer.map(|ip| ip.to_string()),
+        };
+        let id = self.labels.len() as u32;
+        self.labels.push(workload);
+        self.ids.insert(key, id);
+        id
+    }
+}
+
+/// Kernel events lost, per event kind, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// The ring buffer was full.
+    pub ringbuf_full: [u64; LOST_SLOTS as usize],
+    /// The kernel skipped a program run (recursion, or another program of the same kind running).
+    pub skipped_run: [u64; LOST_SLOTS as usize],
+}
+
+/// The agent's own health, set by the event loop (see [`super::Recorder`]).
+#[derive(Clone, Debug, Default)]
+pub struct AgentValues {
+    pub events: u64,
+    pub decode_errors: u64,
+    pub records: u64,
+    pub cap_refused: u64,
+    pub lost: Lost,
+    /// Followed connections with keep-alive on / off (only `TCP_USER_TIMEOUT`).
+    pub connections: [u64; 2],
+    pub outstanding: u64,
+    pub export: ExportStats,
+    /// Whether `export` is meaningful (`run` exports spans).
+    pub exports_spans: bool,
+    /// Hooks attached: (hook, method).
+    pub hooks: Vec<(&'static str, &'static str)>,
+    /// Per program: (name, run count, run time ns), when `kernel.bpf_stats_enabled` is on.
+    pub programs: Vec<(String, u64, u64)>,
+}
+
+/// Metric points sent over OTLP, for the agent's own metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PointStats {
+    pub exported: u64,
+    pub failed: u64,
+    pub dropped: u64,
+}
+
+/// All metric values. One instance sits behind a mutex in [`super::Metrics`].
+pub struct Store {
+    counters: [Series; 5],
+    workloads: Workloads,
+    /// Connections whose death was counted, freed at their last record (at most the engine's
+    /// tracked connections).
+    died: HashSet<u64>,
+    pub agent: AgentValues,
+    pub points: PointStats,
+}
+
+impl Store {
+    /// `max_series`: series per metric, the overflow series included (at least 2);
+    /// `peer_labels`: add `network.peer.address`.
+    pub fn new(max_series: usize, peer_labels: bool, resolver: CgroupResolver) -> Self {
+        let max = max_series.max(2);
+        Store {
+            counters: std::array::from_fn(|_| Series::new(max - 1)),
+            workloads: Workloads { ids: HashMap::new(), labels: Vec::new(), max: max - 1, resolver, peer_labels },
+            died: HashSet::new(),
+            agent: AgentValues::default(),
+            points: PointStats::default(),
+        }
+    }
+
+    /// Counts one record (records of a connection in order).
+    pub fn count(&mut self, r: &Record) {
+        let (family, value) = match &r.kind {
+            RecordKind::Probe { .. } => (I_PROBES, 0),
+            RecordKind::Ack { precision, .. } => (I_ANSWERS, precision_index(*precision)),
+            RecordKind::Suppressed { .. } => (I_SUPPRESSED, 0),
+            RecordKind::EpisodeEnd(ep) => (I_EPISODES, outcome_index(ep.outcome)),
+            RecordKind::Close { .. } | RecordKind::Untracked { .. } => {
+                self.died.remove(&r.conn.id);
+                return;
+            }
+            kind => match death_index(kind) {
+                // The first fatal record says why (a keep-alive timeout also resets and errors).
+                Some(cause) if self.died.insert(r.conn.id) => (I_DEATHS, cause),
+                _ => return,
+            },
+        };
+        let w = self.workloads.id(&r.conn);
+        self.counters[family].add(w, value, 1);
+    }
+
+    /// The keep-alive counters, in [`FAMILIES`] order.
+    pub fn counters(&self) -> impl Iterator<Item = (&'static Family, &Series)> {
+        FAMILIES.into_iter().zip(self.counters.iter())
+    }
+
+    /// A workload's attributes (`None` for the overflow id).
+    pub fn workload(&self, id: u32) -> Option<&Workload> {
+        self.workloads.labels.get(id as usize)
+    }
+
+    /// Workloads told apart so far.
+    pub fn workloads(&self) -> usize {
+        self.workloads.labels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Process, TcpState};
+    use crate::timeline::Episode;
+
+    fn conn(id: u64, comm: &str) -> ConnView {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm.as_bytes());
+        ConnView {
+            id,
+            sk: id,
+            netns: 1,
+            local: "127.0.0.1:1000".parse().unwrap(),
+            remote: "127.0.0.1:2000".parse().unwrap(),
+            process: Some(Process { pid: 1, tid: 1, comm: c, cgroup_id: 0 }),
+            first_seen_ns: 0,
+        }
+    }
+
+    fn rec(c: ConnView, kind: RecordKind) -> Record {
+        Record { ts_ns: 1, conn: c, kind }
+    }
+
+    fn episode(outcome: EpisodeOutcome) -> RecordKind {
+        RecordKind::EpisodeEnd(Episode {
+            number: 1,
+            start_ns: 0,
+            end_ns: 1,
+            probes: 1,
+            outcome,
+            probe_ts_ns: vec![0],
+            first_timed_probe: 1,
+        })
+    }
+
+    fn store() -> Store {
+        Store::new(DEFAULT_MAX_SERIES, false, CgroupResolver::new(None))
+    }
+
+    fn total(s: &Store, f: &Family, value: u8) -> u64 {
+        let (_, series) = s.counters().find(|(g, _)| g.name == f.name).unwrap();
+        series.iter().filter(|(_, v, _)| *v == value).map(|(_, _, c)| c).sum()
+    }
+
+    #[test]
+    fn a_keepalive_death_counts_once_with_the_first_cause() {
+        let mut s = store();
+        let c = conn(1, "curl");
+        for kind in [
+            RecordKind::Probe { n: 1 },
+            RecordKind::Probe { n: 2 },
+            RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 2 },
+            episode(EpisodeOutcome::TimedOut(TimeoutReason::Keepalive)),
+            RecordKind::Reset { reason: "tcp_keepalive_timeout".into(), active: true },
+            RecordKind::Error { errno: 110 },
+            RecordKind::Close { state: TcpState::Established },
+        ] {
+            s.count(&rec(c, kind));
+        }
+        assert_eq!(total(&s, &PROBES, 0), 2);
+        assert_eq!(total(&s, &DEATHS, 0), 1);
+        assert_eq!(total(&s, &DEATHS, 2) + total(&s, &DEATHS, 4), 0);
+        assert_eq!(total(&s, &EPISODES, 1), 1);
+        assert!(s.died.is_empty(), "per-connection state freed at the last record");
+        assert_eq!(s.workload(0).unwrap().executable.as_deref(), Some("curl"));
+    }
+
+    #[test]
+    fn answers_suppressed_and_peer_resets() {
+        let mut s = store();
+        let c = conn(2, "app");
+        s.count(&rec(c, RecordKind::Ack { probes: 1, precision: AckPrecision::NextFiring }));
+        s.count(&rec(c, episode(EpisodeOutcome::Answered(AckPrecision::NextFiring))));
+        s.count(&rec(c, RecordKind::Suppressed { packets_out: 1, unsent: 0 }));
+        s.count(&rec(c, RecordKind::PeerReset));
+        s.count(&rec(c, RecordKind::Error { errno: 104 }));
+        assert_eq!(total(&s, &ANSWERS, 1), 1);
+        assert_eq!(total(&s, &EPISODES, 0), 1);
+        assert_eq!(total(&s, &SUPPRESSED, 0), 1);
+        assert_eq!(total(&s, &DEATHS, 3), 1);
+        assert_eq!(total(&s, &DEATHS, 4), 0);
+    }
+
+    #[test]
+    fn series_past_the_cap_go_to_the_overflow_series() {
+        let mut s = Store::new(4, false, CgroupResolver::new(None));
+        for i in 0..10u64 {
+            s.count(&rec(conn(i, &format!("p{i}")), RecordKind::Probe { n: 1 }));
+        }
+        let (_, probes) = s.counters().next().unwrap();
+        assert_eq!(probes.len(), 3);
+        assert_eq!(probes.overflow(), Some(7));
+        assert_eq!(s.workloads(), 3);
+        // A known workload keeps counting in its own series.
+        s.count(&rec(conn(20, "p0"), RecordKind::Probe { n: 1 }));
+        let (_, probes) = s.counters().next().unwrap();
+        assert_eq!(probes.iter().map(|(_, _, c)| c).sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn pod_uids_from_both_cgroup_drivers() {
+        let uid = "0f9a1c2e-3b4d-4e5f-8a6b-7c8d9e0f1a2b";
+        let systemd = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope", uid.replace('-', "_"), "a".repeat(64));
+        assert_eq!(pod_uid_from_path(&systemd).as_deref(), Some(uid));
+        assert_eq!(pod_uid_from_path(&format!("/kubepods/burstable/pod{uid}/{}", "b".repeat(64))).as_deref(), Some(uid));
+        assert_eq!(pod_uid_from_path("/system.slice/sshd.service"), None);
+    }
+}
