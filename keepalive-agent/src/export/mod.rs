@@ -486,5 +486,4 @@ impl opentelemetry_http::HttpClient for HeaderClient {
 }
 
 #[cfg(test)]
-#[cfg(any())] // TEMP-DISABLED
 mod tests;
