@@ -55,6 +55,8 @@ fn config(endpoint: &str, protocol: Protocol, extra: impl FnOnce(&mut ExportArgs
         resource_attributes: vec!["deployment.environment.name=ci".into()],
         otlp_batch_delay_ms: Some(50),
         otlp_timeout_ms: Some(3000),
+        // Every span: these tests are about delivery.
+        spans: Some(keepalive_agent::export::spans::SpanPolicy::All),
         ..Default::default()
     };
     extra(&mut args);

@@ -216,6 +216,12 @@ pub struct ExportArgs {
     #[arg(long, value_name = "EVENTS", value_parser = MAX_SPAN_EVENTS.parser::<usize>(), allow_negative_numbers = true)]
     pub max_span_events: Option<usize>,
 
+    /// Which spans are exported: problems (connections with an episode needing a second probe, a
+    /// timeout, a reset or an error: their connection span, problem episodes and last healthy
+    /// episode; healthy connections only count in the metrics) or all [default: problems]
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub spans: Option<super::spans::SpanPolicy>,
+
     /// `service.name` of the exported resource [default: keepalive-agent] [env: OTEL_SERVICE_NAME]
     #[arg(long, value_name = "NAME")]
     pub service_name: Option<String>,
@@ -257,6 +263,8 @@ pub struct ExportConfig {
     pub batch_delay: Duration,
     pub retry_max: Duration,
     pub max_span_events: usize,
+    /// Which spans are exported.
+    pub spans: super::spans::SpanPolicy,
     /// Resource attributes, `service.name` first.
     pub resource: Vec<KeyValue>,
 }
@@ -316,6 +324,7 @@ impl ExportConfig {
             batch_delay: limits.batch_delay,
             retry_max: limits.retry_max,
             max_span_events: limits.max_span_events,
+            spans: args.spans.unwrap_or_default(),
             resource,
         })
     }

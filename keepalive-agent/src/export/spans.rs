@@ -16,6 +16,12 @@
 //!   arrived; the only exception is the end of spans ended by the agent's shutdown (the engine's
 //!   shutdown records carry the stop time).
 //!
+//! - Span volume ([`SpanPolicy`]): by default a healthy connection (every episode answered by its
+//!   first probe, no timeout, reset or error) exports no span at all; a connection with a problem
+//!   exports its problem episodes as they end, the last healthy episode before each problem and at
+//!   its end (at most one healthy episode span is held per connection), and its connection span.
+//!   [`SpanPolicy::All`] exports every span.
+//!
 //! See the "OpenTelemetry traces" section of README.md for the user-facing description.
 
 use std::borrow::Cow;
@@ -195,6 +201,10 @@ struct ConnSpan {
     /// Its last episode ended `incomplete` (the engine stopped following the connection while
     /// probing): counted as ended by the shutdown only if the last record says so.
     incomplete_episode: bool,
+    /// A problem was seen (a problem episode, a timeout, a reset or an error).
+    problem: bool,
+    /// With [`SpanPolicy::Problems`]: the last healthy episode span not exported yet.
+    held: Option<SpanData>,
 }
 
 /// How a connection span ends: its last record.
@@ -214,10 +224,30 @@ pub struct FinishCounts {
     pub episodes: u64,
 }
 
+/// Which spans are exported (`--spans`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpanPolicy {
+    /// Only connections with a problem (an episode needing a second probe, a timeout, a reset, an
+    /// error): their connection span, every problem episode, and the last healthy episode for
+    /// context. Healthy connections are counted in the metrics only.
+    #[default]
+    Problems,
+    /// Every connection span and every episode span.
+    All,
+}
+
+/// Whether an episode is a problem: it needed more than one probe, or the connection died in it.
+pub fn problem_episode(ep: &Episode) -> bool {
+    ep.probes > 1 || matches!(ep.outcome, EpisodeOutcome::TimedOut(_) | EpisodeOutcome::Reset { .. })
+}
+
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
     conns: HashMap<u64, ConnSpan>,
+    policy: SpanPolicy,
+    /// Spans the policy did not export (healthy connections and the healthy episodes not kept).
+    pub spans_withheld: u64,
     ids: RandomIdGenerator,
     scope: InstrumentationScope,
     max_events: usize,
@@ -228,10 +258,18 @@ pub struct SpanModel {
 }
 
 impl SpanModel {
-    /// `max_events`: events kept per span (at least 2).
+    /// `max_events`: events kept per span (at least 2); every span is exported
+    /// ([`SpanPolicy::All`]).
     pub fn new(max_events: usize) -> Self {
+        Self::with_policy(max_events, SpanPolicy::All)
+    }
+
+    /// A model exporting the spans `policy` selects.
+    pub fn with_policy(max_events: usize, policy: SpanPolicy) -> Self {
         SpanModel {
             conns: HashMap::new(),
+            policy,
+            spans_withheld: 0,
             ids: RandomIdGenerator::default(),
             scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -264,8 +302,7 @@ impl SpanModel {
         for id in ids {
             if let Some(st) = self.conns.remove(&id) {
                 log::debug!("export: connection {id} had no last record; its span ends at the stop");
-                let span = self.connection_span(st, clock.to_system_time(stop_ns), Last::Leftover);
-                self.emit(span, out);
+                self.close_connection(st, clock.to_system_time(stop_ns), Last::Leftover, out);
             }
         }
         n
@@ -295,6 +332,8 @@ impl SpanModel {
             ending: Ending::default(),
             events: Events::new(max_events),
             incomplete_episode: false,
+            problem: false,
+            held: None,
         });
         // The view is copied into every record; keep the latest (the owning process may become
         // known after the connection was first seen), but never forget a process once known.
@@ -312,7 +351,7 @@ impl SpanModel {
                 st.counts.episodes += 1;
                 st.incomplete_episode = ep.outcome == EpisodeOutcome::Incomplete;
                 let span = self.episode_span(rec.conn.id, ep, clock);
-                self.emit(span, out);
+                self.route_episode(rec.conn.id, span, problem_episode(ep), out);
             }
             RecordKind::Close { state } => self.end_connection(rec.conn.id, at, Last::Close(*state), out),
             RecordKind::Untracked { reason, .. } => {
@@ -332,8 +371,40 @@ impl SpanModel {
 
     fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
         if let Some(st) = self.conns.remove(&id) {
+            self.close_connection(st, at, last, out);
+        }
+    }
+
+    /// An episode span, by the policy: exported, or held as the connection's last healthy episode.
+    /// A problem episode is exported after the healthy episode held before it.
+    fn route_episode(&mut self, id: u64, span: SpanData, problem: bool, out: &mut Vec<SpanData>) {
+        if self.policy == SpanPolicy::All {
+            return self.emit(span, out);
+        }
+        let Some(st) = self.conns.get_mut(&id) else { return };
+        if problem {
+            st.problem = true;
+            let held = st.held.take();
+            if let Some(h) = held {
+                self.emit(h, out);
+            }
+            self.emit(span, out);
+        } else if st.held.replace(span).is_some() {
+            self.spans_withheld += 1;
+        }
+    }
+
+    /// The connection span and its held healthy episode, exported if the policy wants them.
+    fn close_connection(&mut self, mut st: ConnSpan, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
+        let held = st.held.take();
+        if self.policy == SpanPolicy::All || st.problem {
+            if let Some(h) = held {
+                self.emit(h, out);
+            }
             let span = self.connection_span(st, at, last);
             self.emit(span, out);
+        } else {
+            self.spans_withheld += 1 + u64::from(held.is_some());
         }
     }
 
@@ -457,19 +528,23 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             st.events.important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
         }
         RecordKind::Timeout { reason, probes } => {
+            st.problem = true;
             st.ending.timeout = Some((*reason, *probes));
             st.events.important(Event::new(EV_TIMEOUT, at, timeout_attrs(*reason, *probes), 0));
         }
         RecordKind::Reset { reason, active } => {
+            st.problem = true;
             st.ending.reset = Some((reason.clone(), *active));
             let attrs = vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
             st.events.important(Event::new(EV_RESET, at, attrs, 0));
         }
         RecordKind::PeerReset => {
+            st.problem = true;
             st.ending.peer_reset = true;
             st.events.important(Event::new(EV_PEER_RESET, at, Vec::new(), 0));
         }
         RecordKind::Error { errno } => {
+            st.problem = true;
             st.ending.errno = Some(*errno);
             let attrs = vec![KeyValue::new(ERRNO, errno_name(*errno))];
             st.events.important(Event::new(EV_ERROR, at, attrs, 0));

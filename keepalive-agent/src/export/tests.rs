@@ -46,7 +46,9 @@ fn cfg() -> ExportConfig {
         host_name: Some("h1".into()),
         host_id: None,
     };
-    ExportConfig::resolve(&ExportArgs::default(), &|_| None, &host).unwrap()
+    // Every span (these tests are about delivery; the span policy has its own tests).
+    let args = ExportArgs { spans: Some(spans::SpanPolicy::All), ..ExportArgs::default() };
+    ExportConfig::resolve(&args, &|_| None, &host).unwrap()
 }
 
 fn record(id: u64, ts_ns: u64, kind: RecordKind) -> Record {

@@ -271,9 +271,15 @@ fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     );
     if a.exports_spans {
         let e = &a.export;
-        let outcomes = [("created", e.spans_created), ("exported", e.spans_exported), ("dropped", e.spans_dropped), ("failed", e.spans_failed)];
+        let outcomes = [
+            ("created", e.spans_created),
+            ("withheld", e.spans_withheld),
+            ("exported", e.spans_exported),
+            ("dropped", e.spans_dropped),
+            ("failed", e.spans_failed),
+        ];
         let points: Vec<Point> = outcomes.iter().map(|(o, n)| point(&[("keepalive.export.outcome", o)], *n)).collect();
-        sink(&desc("keepalive.agent.spans", "{span}", Kind::Counter, "Spans built, and what became of them (exported, dropped: queue full, failed)."), &points);
+        sink(&desc("keepalive.agent.spans", "{span}", Kind::Counter, "Spans built (created) or not exported by the span policy (withheld), and what became of those built (exported, dropped: queue full, failed)."), &points);
         sink(&desc("keepalive.agent.export.queue.size", "{span}", Kind::Gauge, "Spans waiting for export now."), &[point(&[], e.queued)]);
     }
     let p = &store.points;

@@ -1390,3 +1390,75 @@ fn engine_shutdown_gives_incomplete_episode_and_open_connections() {
     assert_eq!(conn.end_time, wall(stop));
     assert!(episode_spans(&run.spans, b_).is_empty());
 }
+
+/// `--spans problems`: the records of [`healthy`] without its second episode (the one that needed
+/// two probes): every episode answered by its first probe, closed normally.
+fn truly_healthy() -> Vec<Record> {
+    healthy()
+        .into_iter()
+        .filter(|r| !(T0 + 20 * S..=T0 + 24 * S).contains(&r.ts_ns))
+        .collect()
+}
+
+#[test]
+fn problem_policy_withholds_a_healthy_connection() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let spans = run_one_by_one(&mut m, &truly_healthy());
+    assert!(spans.is_empty(), "{spans:#?}");
+    assert_eq!((m.spans_built, m.spans_withheld), (0, 2), "its episode and connection spans");
+    assert_eq!(m.open_connections(), 0);
+    // `--spans all` exports both.
+    let mut all = SpanModel::with_policy(128, SpanPolicy::All);
+    assert_eq!(run_one_by_one(&mut all, &truly_healthy()).len(), 2);
+    assert_eq!(all.spans_withheld, 0);
+}
+
+#[test]
+fn problem_policy_exports_a_problem_with_its_last_healthy_episode() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let records = healthy();
+    let spans = run_one_by_one(&mut m, &records);
+    let second = records.iter().position(|r| matches!(&r.kind, RecordKind::EpisodeEnd(e) if e.number == 2)).unwrap();
+    let at: Vec<(usize, &str, i64)> = spans
+        .iter()
+        .map(|(n, s)| (*n, s.name.as_ref(), attr(&s.attributes, EPISODE_NUMBER).map_or(0, |v| v.as_str().parse().unwrap_or(0))))
+        .collect();
+    // The healthy episode held since it ended comes out with the problem episode (two probes),
+    // then the connection span at the close.
+    assert_eq!(at.len(), 3, "{at:?}");
+    assert_eq!((at[0].0, at[1].0), (second, second), "{at:?}");
+    let episodes = episode_spans(&spans.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(), 1)
+        .iter()
+        .map(|s| i(s, EPISODE_NUMBER))
+        .collect::<Vec<_>>();
+    assert_eq!(episodes, [1, 2]);
+    assert_eq!(spans[2].1.name, SPAN_CONNECTION);
+    assert_eq!(m.spans_withheld, 0);
+
+    let mut dead = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let spans: Vec<SpanData> = run_one_by_one(&mut dead, &dead_peer()).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(episode_spans(&spans, 2).len(), 1);
+    conn_span(&spans, 2);
+}
+
+#[test]
+fn problem_policy_holds_one_healthy_episode_per_connection() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let mut records = dead_peer();
+    let close = records.pop().unwrap();
+    // A peer reset ends the connection after ten healthy episodes (one probe, answered).
+    records.retain(|r| !matches!(r.kind, RecordKind::Timeout { .. } | RecordKind::EpisodeEnd(_) | RecordKind::Reset { .. } | RecordKind::Error { .. }));
+    for n in 1..=10u32 {
+        let t = T0 + u64::from(n) * 10 * S;
+        let ep = episode(n, &[t], t + MS, EpisodeOutcome::Answered(AckPrecision::Segment));
+        records.push(rec(2, t + MS, RecordKind::EpisodeEnd(ep)));
+    }
+    let mut out = Vec::new();
+    m.on_records(&records, &clock(), &mut out);
+    assert!(out.is_empty(), "healthy so far: {out:#?}");
+    assert_eq!(m.spans_withheld, 9, "one healthy episode held, the nine before it withheld");
+    m.on_records(&[rec(2, T0 + 200 * S, RecordKind::PeerReset), close], &clock(), &mut out);
+    let numbers: Vec<i64> = episode_spans(&out, 2).iter().map(|s| i(s, EPISODE_NUMBER)).collect();
+    assert_eq!(numbers, [10], "the last healthy episode, for context");
+    assert_eq!(s(conn_span(&out, 2), OUTCOME), "peer_reset");
+}
