@@ -11,9 +11,11 @@
 //! - [`events`]: helpers to read the agent's JSON timeline.
 //! - [`nginx`]: a real nginx in the namespace, and `ss -tnp` to see who holds a socket.
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
+//! - [`metrics`]: HTTP GET, Prometheus, promtool and rotel for the metrics tests.
 pub mod agent;
 pub mod cgroup;
 pub mod events;
+pub mod metrics;
 pub mod netns;
 pub mod nginx;
 pub mod otlp;

@@ -17,7 +17,7 @@ use super::{prom, Metrics, HEALTH_STALE};
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("--metrics-listen {addr}: cannot bind: {source}")]
+    #[error("--metrics-listen {addr}: cannot bind")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
