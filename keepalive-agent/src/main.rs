@@ -433,7 +433,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut recorder = metrics.as_ref().map(|m| {
         m.set_hooks(probes.attached().filter_map(|o| Some((o.hook.name, o.chosen.as_ref()?.kind()))).collect());
         m.health().set_ready();
-        m.recorder()
+        m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect())
     });
     let mut ev_loop = EventLoop {
         probes: &mut probes,

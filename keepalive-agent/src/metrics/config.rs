@@ -59,7 +59,7 @@ pub struct MetricsArgs {
     pub metrics_peer_labels: bool,
 
     /// Where metrics are pushed: otlp, or none (prometheus: only the --metrics-listen endpoint)
-    /// [default: otlp when a metrics endpoint is set, else none] [env: OTEL_METRICS_EXPORTER]
+    /// [default: otlp when --otlp-metrics-endpoint or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT is set, else none] [env: OTEL_METRICS_EXPORTER]
     #[arg(long, value_name = "EXPORTER", value_parser = ["otlp", "prometheus", "none"])]
     pub metrics_exporter: Option<String>,
 
@@ -122,15 +122,16 @@ impl MetricsConfig {
         let env = Env(env);
         let (max_series, _) = MAX_SERIES.resolve(args.metrics_max_series.map(|v| v as u64), &env)?;
         let otlp = match (exporter(args, &env)?, endpoint(args, export, &env)) {
-            (Exporter::None, _) => None,
-            (Exporter::Otlp, None) => {
+            (Exporter::Otlp(source), None) => {
                 return Err(ExportError::config(
-                    "OTEL_METRICS_EXPORTER",
-                    "otlp needs an endpoint: --otlp-metrics-endpoint, --otlp-endpoint or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                    source,
+                    "otlp needs an endpoint: --otlp-metrics-endpoint, --otlp-endpoint, OTEL_EXPORTER_OTLP_METRICS_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT",
                 ))
             }
-            (Exporter::Otlp | Exporter::Default, Some(ep)) => Some(otlp(args, export, &env, ep, resource)?),
-            (Exporter::Default, None) => None,
+            (Exporter::Otlp(_), Some(ep)) => Some(otlp(args, export, &env, ep, resource)?),
+            // Not configured: only a metrics-specific endpoint turns the push on.
+            (Exporter::Default, Some(ep)) if ep.2 => Some(otlp(args, export, &env, ep, resource)?),
+            _ => None,
         };
         Ok(MetricsConfig { listen: args.metrics_listen, max_series: max_series as usize, peer_labels: args.metrics_peer_labels, otlp })
     }
@@ -138,9 +139,10 @@ impl MetricsConfig {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exporter {
-    Otlp,
+    /// Named by this flag or variable.
+    Otlp(&'static str),
     None,
-    /// Not configured: OTLP when a metrics endpoint is set.
+    /// Not configured: OTLP when a metrics-specific endpoint is set.
     Default,
 }
 
@@ -162,7 +164,7 @@ fn exporter(args: &MetricsArgs, env: &Env) -> Result<Exporter, ExportError> {
             }
         }
     }
-    Ok(if otlp { Exporter::Otlp } else { Exporter::None })
+    Ok(if otlp { Exporter::Otlp(source) } else { Exporter::None })
 }
 
 /// The endpoint, its source and whether it is used as given (metrics-specific).
@@ -252,8 +254,12 @@ mod tests {
 
     #[test]
     fn endpoints_protocols_and_intervals() {
+        // A generic endpoint alone (configured for traces) does not start a metrics push.
+        let generic = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/")];
+        assert!(resolve(&MetricsArgs::default(), &ExportArgs::default(), &generic).unwrap().otlp.is_none());
         let env = [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/"),
+            ("OTEL_METRICS_EXPORTER", "otlp"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
             ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta"),
         ];

@@ -10,9 +10,11 @@
 pub mod config;
 pub mod http;
 pub mod otlp;
+pub mod programs;
 pub mod prom;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -114,18 +116,15 @@ impl Metrics {
         self.store().agent.hooks = hooks;
     }
 
-    /// Per-program run count and run time (ns), when the kernel keeps them.
-    pub fn set_programs(&self, programs: Vec<(String, u64, u64)>) {
-        self.store().agent.programs = programs;
-    }
 
     pub fn health(&self) -> &Health {
         &self.shared.health
     }
 
-    /// A recorder for the event loop.
-    pub fn recorder(&self) -> Recorder {
-        Recorder { metrics: self.clone(), last_gauges: None }
+    /// A recorder for the event loop; `programs` names the agent's BPF programs by kernel program
+    /// id (for their run counts and times, see [`programs`]).
+    pub fn recorder(&self, programs: HashMap<u32, String>) -> Recorder {
+        Recorder { metrics: self.clone(), last_gauges: None, programs }
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -150,6 +149,7 @@ impl Metrics {
 pub struct Recorder {
     metrics: Metrics,
     last_gauges: Option<Instant>,
+    programs: HashMap<u32, String>,
 }
 
 impl LoopObserver for Recorder {
@@ -163,6 +163,7 @@ impl LoopObserver for Recorder {
         let (on, off) = engine.keepalive_split();
         let outstanding = engine.awaiting_answer() as u64;
         let stats = engine.stats();
+        let programs = if programs::stats_enabled() { programs::program_stats(&self.programs) } else { Vec::new() };
         let mut store = self.metrics.store();
         let a = &mut store.agent;
         a.connections = [on as u64, off as u64];
@@ -172,6 +173,7 @@ impl LoopObserver for Recorder {
         a.decode_errors = summary.decode_errors;
         a.records = summary.records;
         a.lost.ringbuf_full = summary.lost;
+        a.programs = programs;
     }
 }
 

@@ -5,7 +5,6 @@
 //! keep-alive counter holds at most `max_series - 1` series plus the overflow series
 //! (`otel.metric.overflow = "true"`) that counts everything past the cap.
 
-use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use keepalive_common::LOST_SLOTS;
@@ -105,53 +104,55 @@ pub fn death_index(kind: &RecordKind) -> Option<u8> {
     }
 }
 
-/// The series of one keep-alive counter: (workload, value index) → count.
-#[derive(Debug, Default)]
-pub struct Series {
-    values: HashMap<(u32, u8), u64>,
+/// Counts per workload: one cell per (counter, attribute value), [`CELLS`] in all; a counter's
+/// cells start at its [`OFFSETS`] entry.
+type Cells = [u64; CELLS];
+const CELLS: usize = 14;
+/// First cell of each counter of [`FAMILIES`] (probes 1, answers 2, episodes 5, suppressed 1, deaths 5).
+const OFFSETS: [usize; 5] = [0, 1, 3, 8, 9];
+
+/// The series bookkeeping of one keep-alive counter (its counts are in the workloads' cells).
+#[derive(Debug, Default, Clone, Copy)]
+struct Cap {
+    /// Regular series held (non-zero cells).
+    series: usize,
     /// Counted in the overflow series (`Some` once the cap was hit).
     overflow: Option<u64>,
-    /// Regular series at most.
-    max: usize,
 }
 
-impl Series {
-    fn new(max: usize) -> Self {
-        Series { values: HashMap::new(), overflow: None, max }
-    }
+/// The series of one keep-alive counter, as [`Store::counters`] hands them out.
+#[derive(Clone, Copy)]
+pub struct Series<'a> {
+    store: &'a Store,
+    family: usize,
+}
 
-    fn add(&mut self, workload: u32, value: u8, n: u64) {
-        if workload != OVERFLOW {
-            if let Some(c) = self.values.get_mut(&(workload, value)) {
-                *c += n;
-                return;
-            }
-            if self.values.len() < self.max {
-                self.values.insert((workload, value), n);
-                return;
-            }
-        }
-        *self.overflow.get_or_insert(0) += n;
-    }
-
-    /// Every regular series: (workload, value index, count).
-    pub fn iter(&self) -> impl Iterator<Item = (u32, u8, u64)> + '_ {
-        self.values.iter().map(|(&(w, v), &c)| (w, v, c))
+impl<'a> Series<'a> {
+    /// Every regular series, by workload: (workload, value index, count).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u8, u64)> + 'a {
+        let (off, n) = (OFFSETS[self.family], values_of(FAMILIES[self.family]));
+        self.store.cells.iter().enumerate().flat_map(move |(w, cells)| {
+            (0..n).filter_map(move |v| (cells[off + v] != 0).then(|| (w as u32, v as u8, cells[off + v])))
+        })
     }
 
     /// The overflow series' count, once the cap was hit.
     pub fn overflow(&self) -> Option<u64> {
-        self.overflow
+        self.store.caps[self.family].overflow
     }
 
     /// Regular series held.
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.store.caps[self.family].series
     }
 
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.len() == 0
     }
+}
+
+fn values_of(f: &Family) -> usize {
+    f.attribute.map_or(1, |(_, values)| values.len())
 }
 
 /// The attributes of one workload: who holds the connections a series counts.
@@ -181,7 +182,7 @@ impl Workload {
     }
 }
 
-/// What tells workloads apart on the event path (cheap to hash).
+/// What tells workloads apart on the event path (cheap to compare and hash).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct WorkloadKey {
     comm: [u8; 16],
@@ -206,7 +207,9 @@ pub fn pod_uid_from_path(path: &str) -> Option<String> {
 
 /// Workloads seen, at most `max`; past it, connections of new workloads count in the overflow series.
 struct Workloads {
-    ids: HashMap<WorkloadKey, u32>,
+    ids: foldhash::HashMap<WorkloadKey, u32>,
+    /// The last key looked up and its id: a connection's records come in runs.
+    last: Option<(WorkloadKey, u32)>,
     labels: Vec<Workload>,
     max: usize,
     resolver: CgroupResolver,
@@ -221,6 +224,17 @@ impl Workloads {
             known: conn.process.is_some(),
             peer: self.peer_labels.then(|| conn.remote.ip()),
         };
+        if let Some((k, id)) = self.last {
+            if k == key {
+                return id;
+            }
+        }
+        let id = self.lookup(key);
+        self.last = Some((key, id));
+        id
+    }
+
+    fn lookup(&mut self, key: WorkloadKey) -> u32 {
         if let Some(&id) = self.ids.get(&key) {
             return id;
         }
@@ -280,11 +294,15 @@ pub struct PointStats {
 
 /// All metric values. One instance sits behind a mutex in [`super::Metrics`].
 pub struct Store {
-    counters: [Series; 5],
+    /// Per workload id (at most `max_series - 1`).
+    cells: Vec<Cells>,
+    caps: [Cap; 5],
+    /// Regular series per counter at most.
+    max: usize,
     workloads: Workloads,
     /// Connections whose death was counted, freed at their last record (at most the engine's
     /// tracked connections).
-    died: HashSet<u64>,
+    died: foldhash::HashSet<u64>,
     pub agent: AgentValues,
     pub points: PointStats,
 }
@@ -295,9 +313,11 @@ impl Store {
     pub fn new(max_series: usize, peer_labels: bool, resolver: CgroupResolver) -> Self {
         let max = max_series.max(2);
         Store {
-            counters: std::array::from_fn(|_| Series::new(max - 1)),
-            workloads: Workloads { ids: HashMap::new(), labels: Vec::new(), max: max - 1, resolver, peer_labels },
-            died: HashSet::new(),
+            cells: Vec::new(),
+            caps: [Cap::default(); 5],
+            max: max - 1,
+            workloads: Workloads { ids: Default::default(), last: None, labels: Vec::new(), max: max - 1, resolver, peer_labels },
+            died: Default::default(),
             agent: AgentValues::default(),
             points: PointStats::default(),
         }
@@ -311,7 +331,9 @@ impl Store {
             RecordKind::Suppressed { .. } => (I_SUPPRESSED, 0),
             RecordKind::EpisodeEnd(ep) => (I_EPISODES, outcome_index(ep.outcome)),
             RecordKind::Close { .. } | RecordKind::Untracked { .. } => {
-                self.died.remove(&r.conn.id);
+                if !self.died.is_empty() {
+                    self.died.remove(&r.conn.id);
+                }
                 return;
             }
             kind => match death_index(kind) {
@@ -321,12 +343,35 @@ impl Store {
             },
         };
         let w = self.workloads.id(&r.conn);
-        self.counters[family].add(w, value, 1);
+        self.add(w, family, value);
+    }
+
+    /// One more in counter `family`'s series (`workload`, `value`), or in its overflow series when
+    /// that would be a series past the cap.
+    fn add(&mut self, workload: u32, family: usize, value: u8) {
+        let cap = &mut self.caps[family];
+        if workload != OVERFLOW {
+            let w = workload as usize;
+            if w >= self.cells.len() {
+                self.cells.resize(w + 1, [0; CELLS]);
+            }
+            let cell = &mut self.cells[w][OFFSETS[family] + usize::from(value)];
+            if *cell != 0 {
+                *cell += 1;
+                return;
+            }
+            if cap.series < self.max {
+                cap.series += 1;
+                *cell = 1;
+                return;
+            }
+        }
+        *cap.overflow.get_or_insert(0) += 1;
     }
 
     /// The keep-alive counters, in [`FAMILIES`] order.
-    pub fn counters(&self) -> impl Iterator<Item = (&'static Family, &Series)> {
-        FAMILIES.into_iter().zip(self.counters.iter())
+    pub fn counters(&self) -> impl Iterator<Item = (&'static Family, Series<'_>)> {
+        FAMILIES.into_iter().enumerate().map(move |(family, f)| (f, Series { store: self, family }))
     }
 
     /// A workload's attributes (`None` for the overflow id).
