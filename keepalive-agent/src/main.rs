@@ -445,15 +445,21 @@ fn run(args: RunArgs) -> Result<()> {
     };
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
+    let deadline = until(args.duration);
+    let stopping = || stop.load(std::sync::atomic::Ordering::Relaxed) || deadline.is_some_and(|t| Instant::now() >= t);
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
-        exporter.on_records(recs, clock);
+        if stopping() {
+            exporter.on_records_stopping(recs, clock);
+        } else {
+            exporter.on_records(recs, clock);
+        }
         if let Some(m) = &metrics {
             m.on_records(recs);
             m.set_span_export(exporter.stats());
         }
         Ok(())
     };
-    let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
+    let summary = ev_loop.run(snapshot, &stop, deadline, &mut sink)?;
     let clock = ev_loop.clock;
     let report = runtime.block_on(exporter.shutdown(&clock, args.shutdown_timeout));
     if let Some(m) = &metrics {

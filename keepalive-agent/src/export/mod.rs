@@ -284,6 +284,13 @@ impl Exporter {
         self.deliver();
     }
 
+    /// Feeds records that arrive once the agent is stopping (the engine's shutdown records end
+    /// every open connection at once): their spans are kept for [`Exporter::shutdown`], which
+    /// waits for room in the queue instead of dropping what does not fit.
+    pub fn on_records_stopping(&mut self, records: &[Record], clock: &WallClock) {
+        self.model.on_records(records, clock, &mut self.buf);
+    }
+
     fn deliver(&mut self) {
         if self.buf.is_empty() {
             return;
