@@ -22,6 +22,8 @@ use keepalive_agent::{
 };
 use log::{info, warn};
 
+mod config;
+
 /// Makes TCP keep-alive visible: per-connection timelines from the live kernel.
 #[derive(Parser, Debug)]
 #[command(name = "keepalive-agent", version, about)]
@@ -42,10 +44,45 @@ enum Command {
     /// Run as a daemon exporting timelines as OpenTelemetry traces (OTLP gRPC or HTTP/protobuf;
     /// spans as JSON lines on stdout when no endpoint is configured).
     Run(RunArgs),
+    /// Print the effective configuration of `run` (flags, OTEL_* variables, the --config file,
+    /// defaults) with the source of each value; header values are redacted.
+    Config(RunArgs),
+    /// Write the man pages and shell completions (bash, zsh, fish) generated from these
+    /// definitions into a directory (used by `cargo xtask package`).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Directory to write into (man pages in man1/, completions in completions/).
+    #[arg(long, value_name = "DIR")]
+    out_dir: PathBuf,
+}
+
+/// `keepalive-agent generate`: man pages (one per subcommand) and completions from the clap
+/// definitions, so that they never drift from the flags.
+fn generate(args: GenerateArgs) -> Result<()> {
+    use clap::CommandFactory as _;
+    let man = args.out_dir.join("man1");
+    let completions = args.out_dir.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man).with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "keepalive-agent", &completions)
+            .with_context(|| format!("writing {shell} completions to {}", completions.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
+    /// TOML configuration file holding any of these options (precedence: flags, then OTEL_*
+    /// variables, then the file, then defaults; see `keepalive-agent config`).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     attach: AttachArgs,
     #[command(flatten)]
@@ -238,7 +275,10 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // The matches say which values came from the command line (the configuration file's layering).
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let sub = matches.subcommand().map(|(_, m)| m.clone()).unwrap_or_default();
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
         .parse_env("RUST_LOG")
@@ -247,7 +287,9 @@ fn main() {
     let res = match cli.command {
         Command::Trace(args) => trace(args),
         Command::Check(args) => check(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => config::run_args(args, &sub).and_then(run),
+        Command::Config(args) => config::show(args, &sub),
+        Command::Generate(args) => generate(args),
     };
     if let Err(e) = res {
         eprintln!("keepalive-agent: error: {e:#}");
