@@ -156,7 +156,7 @@ impl Layered {
 
 /// Folds the `--config` file (if any) into `args`, under the flags given on the command line
 /// (`matches`) and the environment (`env`, a lookup; empty values count as unset).
-pub fn layer(mut args: RunArgs, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Layered, file::FileError> {
+pub fn layer(mut args: RunArgs, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Layered, LayerError> {
     let file = args.config.as_deref().map(file::load).transpose()?;
     let mut sources = Vec::with_capacity(SETTINGS.len());
     for s in SETTINGS {
@@ -174,7 +174,32 @@ pub fn layer(mut args: RunArgs, matches: &ArgMatches, env: &dyn Fn(&str) -> Opti
         };
         sources.push((s.key, source));
     }
+    add_node_name(&mut args, matches, env)?;
     Ok(Layered { file: args.config.clone(), args, sources })
+}
+
+/// `k8s.node.name` from `K8S_NODE_NAME` (the DaemonSet's downward API) as a resource attribute
+/// under `OTEL_RESOURCE_ATTRIBUTES` and the flags but over the file: it goes between the file's
+/// entries and the flags' in the flags' list, and not at all when the variable list names it.
+fn add_node_name(args: &mut RunArgs, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<(), LayerError> {
+    let Some(node) = keepalive_agent::k8s::node_name(env).map_err(LayerError::Env)? else { return Ok(()) };
+    if env_sets(env, "OTEL_RESOURCE_ATTRIBUTES[k8s.node.name]") {
+        return Ok(());
+    }
+    let attrs = &mut args.export.resource_attributes;
+    let from_flags = if given(matches, "resource_attributes") { matches.get_raw("resource_attributes").map_or(0, |v| v.len()) } else { 0 };
+    attrs.insert(attrs.len() - from_flags, format!("k8s.node.name={node}"));
+    Ok(())
+}
+
+/// Why the layers cannot be combined.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error(transparent)]
+    File(#[from] file::FileError),
+    /// An environment variable the layering reads itself is malformed (the message names it).
+    #[error("{0}")]
+    Env(String),
 }
 
 /// Whether the flag with clap id `id` was on the command line.
@@ -331,6 +356,29 @@ team = "file"
         assert_eq!(l.args.max_connections, 9);
         assert_eq!(l.args.shutdown_timeout, Duration::from_secs(1));
         assert_eq!(l.source("limits.shutdown_timeout"), Source::Flag("--shutdown-timeout".into()));
+    }
+
+    #[test]
+    fn node_name_sits_between_file_and_environment() {
+        let file = "[export.resource_attributes]\n\"k8s.node.name\" = \"file-node\"\nteam = \"a\"\n";
+        let resource = |argv: &[&str], env: &[(&str, &str)]| {
+            let l = layered(argv, file, env);
+            let env_fn = |n: &str| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+            let cfg = keepalive_agent::export::ExportConfig::resolve(&l.args.export, &env_fn, &Default::default()).unwrap();
+            cfg.resource.iter().find(|kv| kv.key.as_str() == "k8s.node.name").map(|kv| kv.value.as_str().into_owned())
+        };
+        assert_eq!(resource(&[], &[]).as_deref(), Some("file-node"));
+        assert_eq!(resource(&[], &[("K8S_NODE_NAME", "env-node")]).as_deref(), Some("env-node"));
+        let otel = ("OTEL_RESOURCE_ATTRIBUTES", "k8s.node.name=otel-node");
+        assert_eq!(resource(&[], &[("K8S_NODE_NAME", "env-node"), otel]).as_deref(), Some("otel-node"));
+        let flag = ["--resource-attribute", "k8s.node.name=flag-node"];
+        assert_eq!(resource(&flag, &[("K8S_NODE_NAME", "env-node")]).as_deref(), Some("flag-node"));
+        // A malformed variable is an error naming it.
+        let matches = crate::Cli::command().try_get_matches_from(["k", "run"]).unwrap();
+        let crate::Command::Run(args) = crate::Cli::from_arg_matches(&matches).unwrap().command else { panic!() };
+        let bad = |n: &str| (n == "K8S_NODE_NAME").then(|| "Bad Name".to_string());
+        let e = layer(args, matches.subcommand_matches("run").unwrap(), &bad).err().unwrap().to_string();
+        assert!(e.starts_with("K8S_NODE_NAME: "), "{e}");
     }
 
     #[test]

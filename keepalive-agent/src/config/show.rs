@@ -99,6 +99,9 @@ fn pair_source(
     }
     match (table, key) {
         ("export.resource_attributes", "host.name" | "host.id" | "os.type") if !file_has(layered, key) => Source::Detected,
+        ("export.resource_attributes", "k8s.node.name") if env_sets(env, keepalive_agent::k8s::NODE_NAME_VAR) => {
+            Source::Env(keepalive_agent::k8s::NODE_NAME_VAR)
+        }
         _ => Source::File,
     }
 }
