@@ -381,6 +381,34 @@ team = "file"
         assert!(e.starts_with("K8S_NODE_NAME: "), "{e}");
     }
 
+    /// The commented default configuration the Debian package installs.
+    const PACKAGED: &str = include_str!("../../../packaging/config.toml");
+
+    #[test]
+    fn packaged_default_config_is_valid_and_complete() {
+        let p = std::path::Path::new("packaging/config.toml");
+        file::parse(p, PACKAGED).unwrap();
+        // Uncommenting every `#key = default` line gives a valid file whose values are the defaults.
+        let uncommented: String = PACKAGED.lines().map(|l| l.strip_prefix('#').filter(|r| !r.starts_with([' ', '#'])).unwrap_or(l)).map(|l| format!("{l}\n")).collect();
+        let l = layered(&[], &uncommented, &[]);
+        let d = layered(&[], "", &[]);
+        assert_eq!(format!("{:?}", l.args.attach), format!("{:?}", d.args.attach));
+        assert_eq!((l.args.max_connections, l.args.shutdown_timeout), (d.args.max_connections, d.args.shutdown_timeout));
+        let resolve = |l: &Layered| keepalive_agent::export::ExportConfig::resolve(&l.args.export, &|_| None, &Default::default()).unwrap();
+        assert_eq!(format!("{:?}", resolve(&l)), format!("{:?}", resolve(&d)));
+        // Every key of every setting is shown, as a default or an example.
+        for s in SETTINGS {
+            let (table, leaf) = s.key.split_once('.').unwrap();
+            let shown = |leaf: &str| PACKAGED.contains(&format!("#{leaf} = ")) || PACKAGED.contains(&format!("Example: {leaf} = "));
+            let present = match leaf {
+                "headers" | "resource_attributes" => PACKAGED.contains(&format!("[{table}.{leaf}]")),
+                "endpoint" => shown("endpoint") && shown("traces_endpoint"),
+                _ => shown(leaf),
+            };
+            assert!(present, "{} is missing from packaging/config.toml", s.key);
+        }
+    }
+
     #[test]
     fn env_list_keys() {
         let env = |n: &str| (n == "V").then(|| "a=1, service%2Ename=x,b".to_string());
