@@ -63,5 +63,6 @@ fi
 # shellcheck source=scripts/setup-otel.sh
 . "$(dirname "${BASH_SOURCE[0]}")/setup-otel.sh"
 setup_otel
+setup_k8s_validate
 
 log "done"
