@@ -277,20 +277,19 @@ impl<'a> EventLoop<'a> {
         let mut last_report = Instant::now();
         while !(stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t)) {
             self.wait_readable(until)?;
-            // Drain in bounded batches so the sink sees records promptly.
-            while self.drain(&mut st, Some(BATCH)) == BATCH {
+            // Drain in bounded batches so the sink sees records promptly, and the once-a-second
+            // work happens even while the ring buffer never runs dry.
+            loop {
+                let n = self.drain(&mut st, Some(BATCH));
                 self.flush(&mut st, sink)?;
                 self.steer_on_demand(&mut on_demand);
-            }
-            self.flush(&mut st, sink)?;
-            self.steer_on_demand(&mut on_demand);
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = Instant::now();
-                self.report(&mut st);
-                self.clock.refresh();
-                // Events held for a timer record that a full ring buffer swallowed.
-                self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut st.records);
-                self.flush(&mut st, sink)?;
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = Instant::now();
+                    self.every_second(&mut st, sink)?;
+                }
+                if n < BATCH {
+                    break;
+                }
             }
         }
         // Drain what is left, then the final report.
@@ -298,6 +297,15 @@ impl<'a> EventLoop<'a> {
         self.flush(&mut st, sink)?;
         self.report(&mut st);
         Ok(st.summary)
+    }
+
+    /// Once a second: report losses, refresh the wall clock, release stale held events.
+    fn every_second(&mut self, st: &mut RunState, sink: &mut Sink<'_>) -> Result<(), RunError> {
+        self.report(st);
+        self.clock.refresh();
+        // Events held for a timer record that a full ring buffer swallowed.
+        self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut st.records);
+        self.flush(st, sink)
     }
 
     /// Waits up to 100 ms (or until `until`) for the ring buffer to have data.
