@@ -459,8 +459,8 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
 fn skipped_runs_baseline(ebpf: &Ebpf, outcomes: &[HookOutcome]) -> SkippedRuns {
     let programs = outcomes.iter().filter_map(|o| o.chosen).flat_map(|st| st.programs());
     let skipped = SkippedRuns::baseline(programs.filter_map(|name| Some((name, program_fd(ebpf, name)?))));
-    if !skipped.supported() {
-        warn!("this kernel does not report skipped BPF program runs (bpf_prog_info.recursion_misses needs Linux 5.12+): runs the kernel skips cannot be counted");
+    if let Some(why) = skipped.unsupported() {
+        warn!("runs of the agent's programs the kernel skips (recursion on one CPU) cannot be counted: {why}");
     }
     skipped
 }

@@ -98,8 +98,8 @@ impl LoopSummary {
     }
 
     /// Losses by cause and event kind, e.g. `ringbuf_full: Setsockopt=3; skipped_run: State=5`
-    /// (causes with nothing lost are left out; `skipped_run: not counted` when the kernel cannot
-    /// count skipped runs).
+    /// (causes with nothing lost are left out; `skipped_run: not counted on this kernel` when
+    /// skipped runs are not counted).
     pub fn loss_breakdown(&self) -> String {
         let mut parts = Vec::new();
         if self.ringbuf_full_total() > 0 {
@@ -108,7 +108,7 @@ impl LoopSummary {
         match &self.skipped {
             Some(s) if s.iter().any(|n| *n > 0) => parts.push(format!("skipped_run: {}", lost_breakdown(s))),
             Some(_) => {}
-            None => parts.push("skipped_run: not counted (kernel older than 5.12)".to_string()),
+            None => parts.push("skipped_run: not counted on this kernel".to_string()),
         }
         if self.inflight_lost > 0 {
             parts.push(format!("inflight_map: Setsockopt={}", self.inflight_lost));
@@ -490,7 +490,7 @@ mod tests {
     #[test]
     fn loss_breakdown_by_cause_and_kind() {
         let mut s = LoopSummary::default();
-        assert_eq!(s.loss_breakdown(), "skipped_run: not counted (kernel older than 5.12)");
+        assert_eq!(s.loss_breakdown(), "skipped_run: not counted on this kernel");
         assert_eq!(s.loss_causes(), "0 ring buffer full, uncounted skipped runs");
         s.skipped = Some([0; EVENT_KINDS]);
         assert_eq!((s.loss_breakdown().as_str(), s.lost_total()), ("", 0));
@@ -517,5 +517,27 @@ mod tests {
         before[1] = 7; // a counter that went down (program reloaded) does not underflow
         let d = increase(&now, &before);
         assert_eq!((d[6], d[1]), (6, 0));
+    }
+
+    #[test]
+    fn ingest_counts_decode_errors_and_filters_namespaces() {
+        use crate::{event::DecodeTables, timeline::engine::EngineConfig};
+        use keepalive_common::{RawEvent, RAW_EVENT_SIZE};
+        let decoder = Decoder::new(DecodeTables::linux_defaults());
+        let mut engine = Engine::new(EngineConfig { max_connections: 16 });
+        let filter = Filter { netns: Some(7), ..Filter::default() };
+        let (mut records, mut summary) = (Vec::new(), LoopSummary::default());
+        let mut raw = RawEvent::zeroed();
+        raw.kind = EventKind::Destroy as u8;
+        raw.netns = 8;
+        // SAFETY: RawEvent is plain data.
+        let bytes = unsafe { std::slice::from_raw_parts((&raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) };
+        ingest(&decoder, &filter, &mut engine, bytes, &mut records, &mut summary);
+        ingest(&decoder, &filter, &mut engine, &bytes[..10], &mut records, &mut summary);
+        let mut bad_kind = bytes.to_vec();
+        bad_kind[std::mem::offset_of!(RawEvent, kind)] = 200;
+        ingest(&decoder, &filter, &mut engine, &bad_kind, &mut records, &mut summary);
+        assert_eq!((summary.events, summary.decode_errors), (1, 2));
+        assert!(records.is_empty());
     }
 }

@@ -154,38 +154,38 @@ struct Watched {
 #[derive(Debug, Default)]
 pub struct SkippedRuns {
     watched: Vec<Watched>,
-    /// False when the kernel has no `recursion_misses` (before 5.12) or the info could not be read.
-    supported: bool,
+    /// Why skipped runs are not counted: the kernel has no `recursion_misses` (before 5.12), or
+    /// a program's info could not be read.
+    unsupported: Option<String>,
 }
 
 impl SkippedRuns {
-    /// Takes the baseline of each `(name, fd)` program that produces events. `supported()` is
-    /// false when some program's counter cannot be read (kernel older than 5.12).
+    /// Takes the baseline of each `(name, fd)` program that produces events. Counting is off
+    /// ([`SkippedRuns::unsupported`]) when some program's counter cannot be read.
     pub fn baseline<'a>(programs: impl IntoIterator<Item = (&'static str, BorrowedFd<'a>)>) -> Self {
-        let mut out = SkippedRuns { watched: Vec::new(), supported: true };
+        let mut out = SkippedRuns::default();
         for (name, fd) in programs {
             let Some(kind) = kind_of_program(name) else { continue };
             match read_prog_stats(fd) {
                 Ok(ProgStats { recursion_misses: Some(n), .. }) => out.watched.push(Watched { name, kind, baseline: n }),
-                Ok(_) => out.supported = false,
-                Err(e) => {
-                    log::debug!("program {name}: {e}");
-                    out.supported = false;
+                Ok(_) => {
+                    out.unsupported = Some("bpf_prog_info has no recursion_misses before Linux 5.12".into());
                 }
+                Err(e) => out.unsupported = Some(format!("program {name}: {e}")),
             }
         }
         out
     }
 
-    /// Whether skipped runs are counted.
-    pub fn supported(&self) -> bool {
-        self.supported
+    /// Why skipped runs are not counted, if they are not.
+    pub fn unsupported(&self) -> Option<&str> {
+        self.unsupported.as_deref()
     }
 
     /// Skipped runs since the baseline, per event kind; `fd_of` gives a watched program's fd.
-    /// `None` when unsupported or when a counter cannot be read.
+    /// `Ok(None)` when they are not counted (see [`SkippedRuns::unsupported`]).
     pub fn counts<'a>(&self, fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>) -> Result<Option<KindCounts>, ProgStatsError> {
-        if !self.supported {
+        if self.unsupported.is_some() {
             return Ok(None);
         }
         let mut out = [0u64; EVENT_KINDS];
