@@ -22,7 +22,7 @@ use aya::{
 use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
 use log::{debug, info, warn};
 
-use crate::kernel::progstats::{KindCounts, ProgStatsError, SkippedRuns};
+use crate::kernel::progstats::{read_prog_stats, KindCounts, ProgStatsError, SkippedRuns};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
@@ -458,7 +458,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
 /// (they stay loaded while detached, so their counter only grows while attached).
 fn skipped_runs_baseline(ebpf: &Ebpf, outcomes: &[HookOutcome]) -> SkippedRuns {
     let programs = outcomes.iter().filter_map(|o| o.chosen).flat_map(|st| st.programs());
-    let skipped = SkippedRuns::baseline(programs.filter_map(|name| Some((name, program_fd(ebpf, name)?))));
+    let skipped = SkippedRuns::baseline(programs, |name| program_fd(ebpf, name).map(read_prog_stats));
     if let Some(why) = skipped.unsupported() {
         warn!("runs of the agent's programs the kernel skips (recursion on one CPU) cannot be counted: {why}");
     }
@@ -767,7 +767,7 @@ impl Probes {
     /// Runs of the agent's programs the kernel skipped since they were attached (recursion on the
     /// same CPU), per event kind; `Ok(None)` before Linux 5.12.
     pub fn skipped_runs(&self) -> Result<Option<KindCounts>, ProgStatsError> {
-        self.skipped.counts(|name| program_fd(&self.ebpf, name))
+        self.skipped.counts(|name| program_fd(&self.ebpf, name).map(read_prog_stats))
     }
 
     /// Hooks that attached.

@@ -159,19 +159,27 @@ pub struct SkippedRuns {
     unsupported: Option<String>,
 }
 
+/// Reads one program's stats by name: `None` when no such program is loaded.
+pub trait ReadStats: Fn(&str) -> Option<Result<ProgStats, ProgStatsError>> {}
+impl<F: Fn(&str) -> Option<Result<ProgStats, ProgStatsError>>> ReadStats for F {}
+
 impl SkippedRuns {
-    /// Takes the baseline of each `(name, fd)` program that produces events. Counting is off
+    /// Takes the baseline of each of the programs `names` that produces events, read with `read`
+    /// (e.g. [`read_prog_stats`] on the program's fd). Counting is off
     /// ([`SkippedRuns::unsupported`]) when some program's counter cannot be read.
-    pub fn baseline<'a>(programs: impl IntoIterator<Item = (&'static str, BorrowedFd<'a>)>) -> Self {
+    pub fn baseline(names: impl IntoIterator<Item = &'static str>, read: impl ReadStats) -> Self {
         let mut out = SkippedRuns::default();
-        for (name, fd) in programs {
+        for name in names {
             let Some(kind) = kind_of_program(name) else { continue };
-            match read_prog_stats(fd) {
-                Ok(ProgStats { recursion_misses: Some(n), .. }) => out.watched.push(Watched { name, kind, baseline: n }),
-                Ok(_) => {
+            match read(name) {
+                Some(Ok(ProgStats { recursion_misses: Some(n), .. })) => {
+                    out.watched.push(Watched { name, kind, baseline: n })
+                }
+                Some(Ok(_)) => {
                     out.unsupported = Some("bpf_prog_info has no recursion_misses before Linux 5.12".into());
                 }
-                Err(e) => out.unsupported = Some(format!("program {name}: {e}")),
+                Some(Err(e)) => out.unsupported = Some(format!("program {name}: {e}")),
+                None => {}
             }
         }
         out
@@ -182,24 +190,19 @@ impl SkippedRuns {
         self.unsupported.as_deref()
     }
 
-    /// Skipped runs since the baseline, per event kind; `fd_of` gives a watched program's fd.
-    /// `Ok(None)` when they are not counted (see [`SkippedRuns::unsupported`]).
-    pub fn counts<'a>(&self, fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>) -> Result<Option<KindCounts>, ProgStatsError> {
+    /// Skipped runs since the baseline, per event kind, read with `read`. `Ok(None)` when they
+    /// are not counted (see [`SkippedRuns::unsupported`]).
+    pub fn counts(&self, read: impl ReadStats) -> Result<Option<KindCounts>, ProgStatsError> {
         if self.unsupported.is_some() {
             return Ok(None);
         }
         let mut out = [0u64; EVENT_KINDS];
         for w in &self.watched {
-            let Some(fd) = fd_of(w.name) else { continue };
-            let now = read_prog_stats(fd)?.recursion_misses.unwrap_or(w.baseline);
+            let Some(stats) = read(w.name) else { continue };
+            let now = stats?.recursion_misses.unwrap_or(w.baseline);
             out[w.kind as usize] += now.saturating_sub(w.baseline);
         }
         Ok(Some(out))
-    }
-
-    /// Names of the watched programs.
-    pub fn programs(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.watched.iter().map(|w| w.name)
     }
 }
 
@@ -260,5 +263,38 @@ mod tests {
         use std::os::fd::AsFd as _;
         let err = read_prog_stats(f.as_fd()).unwrap_err();
         assert!(err.to_string().contains("BPF_OBJ_GET_INFO_BY_FD"), "{err}");
+    }
+
+    #[test]
+    fn skipped_runs_since_the_baseline_summed_per_kind() {
+        use std::cell::Cell;
+        let misses = Cell::new([0u64, 5, 2, 0]);
+        let index = |name: &str| ["inet_sock_set_state", "timer_expire_entry", "timer_expire_exit", "snapshot_tcp"].iter().position(|n| *n == name);
+        let read = |name: &str| Some(Ok(ProgStats { id: 1, recursion_misses: Some(misses.get()[index(name)?]) }));
+        let names = ["inet_sock_set_state", "timer_expire_entry", "timer_expire_exit", "snapshot_tcp", "not_loaded"];
+        let read_loaded = |name: &str| if name == "not_loaded" { None } else { read(name) };
+        let skipped = SkippedRuns::baseline(names, read_loaded);
+        assert_eq!(skipped.unsupported(), None);
+        assert_eq!(skipped.counts(read_loaded).unwrap(), Some([0; EVENT_KINDS]));
+        misses.set([7, 6, 4, 9]);
+        let counts = skipped.counts(read_loaded).unwrap().unwrap();
+        assert_eq!(counts[EventKind::State as usize], 7);
+        // Entry and exit programs of the timer add up; the snapshot iterator is not watched.
+        assert_eq!(counts[EventKind::Timer as usize], 1 + 2);
+        assert_eq!(counts.iter().sum::<u64>(), 10);
+        // A failed read is the caller's to report.
+        let failing = |_: &str| Some(Err(ProgStatsError { fd: 3, len: 216, source: std::io::Error::from_raw_os_error(libc::EBADF) }));
+        assert!(skipped.counts(failing).is_err());
+    }
+
+    #[test]
+    fn not_counted_without_the_field_or_on_error() {
+        let old_kernel = |_: &str| Some(Ok(ProgStats { id: 1, recursion_misses: None }));
+        let s = SkippedRuns::baseline(["inet_sock_set_state"], old_kernel);
+        assert!(s.unsupported().unwrap().contains("5.12"), "{:?}", s.unsupported());
+        assert_eq!(s.counts(old_kernel).unwrap(), None);
+        let failing = |_: &str| Some(Err(ProgStatsError { fd: 3, len: 216, source: std::io::Error::from_raw_os_error(libc::EPERM) }));
+        let s = SkippedRuns::baseline(["tcp_destroy_sock"], failing);
+        assert!(s.unsupported().unwrap().contains("BPF_OBJ_GET_INFO_BY_FD"), "{:?}", s.unsupported());
     }
 }
