@@ -241,30 +241,18 @@ fn number_before(line: &str, after: &str, word: &str) -> Option<u64> {
     rest[..i].split_whitespace().next_back()?.trim_start_matches('(').parse().ok()
 }
 
-#[test]
-fn churn_every_connection_is_closed_or_counted_lost() {
-    let env = Env::new();
-    let listener = env.ns.run(|| TcpListener::bind("127.0.0.1:0")).expect("listener in the namespace");
-    let addr = listener.local_addr().unwrap();
-    let agent = ChurnAgent::start(&env, addr.port());
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let (stop, accepted) = (stop.clone(), accepted.clone());
-        std::thread::spawn(move || serve(listener, stop, accepted))
-    };
-    let t0 = Instant::now();
+/// Runs [`CONNECTIONS`] client connections to `addr` from [`CLIENT_THREADS`] threads in the
+/// namespace, never more than [`AHEAD`] ahead of the agent; returns the first failures.
+fn run_clients(env: &Env, addr: SocketAddr, counted: &Mutex<Counted>) -> Vec<String> {
     let done = AtomicUsize::new(0);
-    let counted = &agent.counted;
     let pace = || {
         let n = done.fetch_add(1, Ordering::Relaxed);
-        if n % 256 == 0 {
+        if n.is_multiple_of(256) {
             wait_for_agent(n, || counted.lock().unwrap().get("open") as usize);
         }
     };
     // Threads created by a thread of the namespace live in it too.
-    let failures: Vec<String> = env.ns.run(|| {
+    env.ns.run(|| {
         std::thread::scope(|s| {
             let workers: Vec<_> = (0..CLIENT_THREADS)
                 .map(|_| {
@@ -281,19 +269,15 @@ fn churn_every_connection_is_closed_or_counted_lost() {
                 .collect();
             workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
         })
-    });
-    let churn_time = t0.elapsed();
-    eprintln!("{CONNECTIONS} connections in {churn_time:?}");
-    stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
-    assert!(failures.is_empty(), "client connections failed: {failures:?}");
-    assert_eq!(accepted.load(Ordering::Relaxed), CONNECTIONS);
+    })
+}
 
-    // Let the agent catch up: until every open is ended, or nothing moved for 3 s.
+/// Waits until the agent ended every connection it opened (all of them), or nothing moved for 3 s.
+fn wait_caught_up(counted: &Mutex<Counted>) {
     let (mut last, mut still_since) = ((0, 0), Instant::now());
     while still_since.elapsed() < Duration::from_secs(3) {
         let now = {
-            let c = agent.counted.lock().unwrap();
+            let c = counted.lock().unwrap();
             (c.get("open"), c.ends())
         };
         if now.0 as usize >= CONNECTIONS && now.1 >= now.0 {
@@ -304,29 +288,72 @@ fn churn_every_connection_is_closed_or_counted_lost() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (counted, stderr) = agent.stop();
-    let all = stderr.join("\n");
-    let opened = counted.get("open");
-    let ended = counted.ends();
-    eprintln!(
-        "opened {opened}, ended {ended} ({:?}), other stdout lines {}",
-        counted.by_event,
-        counted.other_lines
-    );
+}
 
-    let summary = stderr.iter().rev().find(|l| l.contains("stopped:")).unwrap_or_else(|| panic!("no final summary:\n{all}"));
+/// The final summary's counts: (lost in total, ring buffer full, skipped runs).
+fn summary_losses(summary: &str) -> (u64, u64, u64) {
     let lost = number_before(summary, "stopped:", " lost").unwrap_or_else(|| panic!("no lost count: {summary}"));
     let skipped = number_before(summary, "stopped:", " skipped runs")
         .unwrap_or_else(|| panic!("the summary does not count skipped runs (cause breakdown missing): {summary}"));
     let ringbuf = number_before(summary, "stopped:", " ring buffer full").unwrap_or_else(|| panic!("{summary}"));
     assert!(ringbuf + skipped <= lost, "causes add up to more than the total: {summary}");
+    (lost, ringbuf, skipped)
+}
+
+/// Skipped runs are reported with their event kind: live, and in the final breakdown by cause.
+fn assert_skipped_runs_reported(stderr: &[String], skipped: u64) {
+    let all = stderr.join("\n");
+    let total = stderr
+        .iter()
+        .find(|l| l.contains("in total:") && l.contains("skipped_run: "))
+        .unwrap_or_else(|| panic!("{skipped} skipped runs without a breakdown by cause:\n{all}"));
+    let kinds = &total[total.find("skipped_run: ").unwrap() + "skipped_run: ".len()..];
+    let first = kinds.split([' ', ';']).next().unwrap_or("");
+    let (kind, n) = first.split_once('=').unwrap_or_else(|| panic!("no event kind in {total}"));
+    assert!(!kind.is_empty() && n.parse::<u64>().is_ok_and(|n| n > 0), "{total}");
+    assert!(
+        stderr.iter().any(|l| l.contains("skipped") && l.contains("kernel program runs")),
+        "skipped runs never reported while running:\n{all}"
+    );
+}
+
+#[test]
+fn churn_every_connection_is_closed_or_counted_lost() {
+    let env = Env::new();
+    let listener = env.ns.run(|| TcpListener::bind("127.0.0.1:0")).expect("listener in the namespace");
+    let addr = listener.local_addr().unwrap();
+    let agent = ChurnAgent::start(&env, addr.port());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || serve(listener, stop, accepted))
+    };
+    let t0 = Instant::now();
+    let failures = run_clients(&env, addr, &agent.counted);
+    eprintln!("{CONNECTIONS} connections in {:?}", t0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    assert!(failures.is_empty(), "client connections failed: {failures:?}");
+    assert_eq!(accepted.load(Ordering::Relaxed), CONNECTIONS);
+
+    wait_caught_up(&agent.counted);
+    let (counted, stderr) = agent.stop();
+    let (opened, ended) = (counted.get("open"), counted.ends());
+    eprintln!("opened {opened}, ended {ended} ({:?}), other stdout lines {}", counted.by_event, counted.other_lines);
+    let summary = stderr
+        .iter()
+        .rev()
+        .find(|l| l.contains("stopped:"))
+        .unwrap_or_else(|| panic!("no final summary:\n{}", stderr.join("\n")));
+    let (lost, ringbuf, skipped) = summary_losses(summary);
     // The clients wait for the agent (AHEAD), so a full ring buffer stays the exception: the bound
     // below must say something about the other causes.
     assert!(
         ringbuf < CONNECTIONS as u64 / 20,
         "{ringbuf} events lost to a full ring buffer: the agent did not keep up, the test proves little\n{summary}"
     );
-
     // Every connection was opened, or its open was counted as lost.
     assert!(
         opened + lost >= CONNECTIONS as u64,
@@ -340,18 +367,6 @@ fn churn_every_connection_is_closed_or_counted_lost() {
         opened - ended
     );
     if skipped > 0 {
-        // Reported with the event kind, live and in the final breakdown by cause.
-        let total = stderr
-            .iter()
-            .find(|l| l.contains("in total:") && l.contains("skipped_run: "))
-            .unwrap_or_else(|| panic!("{skipped} skipped runs without a breakdown by cause:\n{all}"));
-        let kinds = &total[total.find("skipped_run: ").unwrap() + "skipped_run: ".len()..];
-        let first = kinds.split([' ', ';']).next().unwrap_or("");
-        let (kind, n) = first.split_once('=').unwrap_or_else(|| panic!("no event kind in {total}"));
-        assert!(!kind.is_empty() && n.parse::<u64>().is_ok_and(|n| n > 0), "{total}");
-        assert!(
-            stderr.iter().any(|l| l.contains("skipped") && l.contains("kernel program runs")),
-            "skipped runs never reported while running:\n{all}"
-        );
+        assert_skipped_runs_reported(&stderr, skipped);
     }
 }
