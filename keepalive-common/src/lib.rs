@@ -375,9 +375,15 @@ impl RawEvent {
 /// Size of one [`RawEvent`] record in bytes.
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
-/// Index in the per-CPU `LOST` counter array: events dropped because the ring buffer was full,
-/// counted per [`EventKind`] value (index 0 is unused).
-pub const LOST_SLOTS: u32 = EVENT_KINDS as u32;
+/// Size of the per-CPU `LOST` counter array. Slots `0..EVENT_KINDS`: events dropped because the
+/// ring buffer was full, per [`EventKind`] value (index 0 is unused); then
+/// [`LOST_SLOT_INFLIGHT`].
+pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 1;
+
+/// Slot of the `LOST` array counting keep-alive settings (`Setsockopt` events) the kprobe
+/// strategy could not report because its in-flight map lost the call's entry: the insert failed,
+/// or the thread's previous call left its entry behind (its kretprobe never ran).
+pub const LOST_SLOT_INFLIGHT: u32 = EVENT_KINDS as u32;
 
 // Socket option constants (uapi, stable ABI).
 pub const SOL_SOCKET: i32 = 1;
