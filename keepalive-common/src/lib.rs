@@ -240,9 +240,6 @@ pub const FLAG_KEEPOPEN_AFTER: u32 = 1 << 7;
 /// close caused by the timer). The [`EventKind::Timer`] record of that run, emitted at timer exit,
 /// follows it in the ring buffer: the agent orders the timer's classification first.
 pub const FLAG_IN_TIMER: u32 = 1 << 8;
-/// setsockopt seen at the kernel function after it applied the option (fexit/kretprobe): `optval`
-/// is the value the socket now holds (seconds for TCP_KEEPIDLE/KEEPINTVL, as passed otherwise).
-pub const FLAG_APPLIED: u32 = 1 << 9;
 
 /// One event from the kernel. Fixed size; fields that do not apply to a kind are 0.
 ///

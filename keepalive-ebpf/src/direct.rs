@@ -23,7 +23,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use keepalive_common::{
-    FLAG_APPLIED, SOL_SOCKET, SOL_TCP, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
+    SOL_SOCKET, SOL_TCP, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
     TCP_USER_TIMEOUT,
 };
 
@@ -148,7 +148,7 @@ pub fn fentry_tcp_set_keepalive(ctx: FEntryContext) -> i32 {
     let sk = func_arg(&ctx, 0);
     let val = func_arg(&ctx, 1) as i32;
     if sk != 0 {
-        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val, 0);
+        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val);
     }
     0
 }
@@ -158,7 +158,7 @@ pub fn kprobe_tcp_set_keepalive(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
     let val: u64 = ctx.arg(1).unwrap_or(0);
     if sk != 0 {
-        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val as i32, 0);
+        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val as i32);
     }
     0
 }
@@ -187,7 +187,7 @@ pub fn fexit_do_tcp_setsockopt(ctx: FExitContext) -> i32 {
     }
     let sk = func_arg(&ctx, 0);
     if sk != 0 {
-        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname), FLAG_APPLIED);
+        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname));
     }
     0
 }
@@ -232,7 +232,7 @@ pub fn kretprobe_do_tcp_setsockopt(ctx: RetProbeContext) -> u32 {
     let ret: i64 = ctx.ret();
     if ret == 0 && sk != 0 {
         let optname = optname as i32;
-        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname), FLAG_APPLIED);
+        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname));
     }
     0
 }
