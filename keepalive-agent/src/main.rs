@@ -17,7 +17,7 @@ use keepalive_agent::{
     kernel::{self, KernelFacts},
     output::{Format, Printer},
     owners,
-    runtime::{lost_breakdown, EventLoop, Filter},
+    runtime::{EventLoop, Filter},
     timeline::engine::{Engine, EngineConfig},
 };
 use log::{info, warn};
@@ -380,18 +380,15 @@ fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: us
 /// The lost-event total (a warning) and the final summary line, with `extra` appended.
 fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine, extra: &str) {
     if summary.lost_total() > 0 {
-        warn!(
-            "lost {} kernel events in total (ring buffer full): {}",
-            summary.lost_total(),
-            lost_breakdown(&summary.lost)
-        );
+        warn!("lost {} kernel events in total: {}", summary.lost_total(), summary.loss_breakdown());
     }
     let stats = engine.stats();
     info!(
-        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
+        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
         summary.events,
         summary.records,
         summary.lost_total(),
+        summary.loss_causes(),
         summary.decode_errors,
         stats.opened,
         stats.tracked,
@@ -425,20 +422,20 @@ fn trace(args: TraceArgs) -> Result<()> {
     let cgroups = keepalive_agent::container::CgroupResolver::new(attach::cgroup2_mount());
     let mut printer =
         Printer::new(std::io::BufWriter::new(stdout.lock()), args.format, color, cgroups);
-    let mut ev_loop = EventLoop {
-        probes: &mut probes,
-        decoder: &decoder,
-        engine: &mut engine,
-        filter: &filter,
-        clock: WallClock::measure(),
-    };
+    let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         for r in recs {
             printer.write(r, clock)?;
         }
         printer.flush()
     };
-    let summary = match ev_loop.run(snapshot, &stop, until(args.duration), &mut sink) {
+    let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink).and_then(|s| {
+        // Every connection still followed ends with a record.
+        let last = ev_loop.end_all();
+        sink(&last, &ev_loop.clock, ev_loop.engine).map_err(keepalive_agent::runtime::RunError::Sink)?;
+        Ok(s)
+    });
+    let summary = match summary {
         Ok(s) => s,
         Err(keepalive_agent::runtime::RunError::Sink(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(());
@@ -467,13 +464,7 @@ fn run(args: RunArgs) -> Result<()> {
     info!("exporting {}", exporter.description());
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections)?;
-    let mut ev_loop = EventLoop {
-        probes: &mut probes,
-        decoder: &decoder,
-        engine: &mut engine,
-        filter: &filter,
-        clock: WallClock::measure(),
-    };
+    let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
@@ -481,8 +472,10 @@ fn run(args: RunArgs) -> Result<()> {
         Ok(())
     };
     let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
+    // Every connection still followed ends with records; their spans skip the bounded queue.
+    let last = ev_loop.end_all();
     let clock = ev_loop.clock;
-    let report = runtime.block_on(exporter.shutdown(&clock, args.shutdown_timeout));
+    let report = runtime.block_on(exporter.shutdown(&last, &clock, args.shutdown_timeout));
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
 }
