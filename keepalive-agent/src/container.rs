@@ -26,21 +26,13 @@ pub struct CgroupInfo {
     pub path: String,
     /// 64-hex-digit container id, when the path follows a known runtime's naming.
     pub container_id: Option<String>,
+    /// The Kubernetes pod (UID, QoS class), when the path follows the kubelet's naming.
+    pub pod: Option<crate::k8s::Pod>,
 }
 
-/// Extracts a container id from a cgroup path.
+/// Extracts a container id from a cgroup path (the naming schemes of [`crate::k8s`]).
 pub fn container_id_from_path(path: &str) -> Option<String> {
-    for seg in path.rsplit('/') {
-        let s = seg.strip_suffix(".scope").unwrap_or(seg);
-        for prefix in ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-", ""] {
-            if let Some(id) = s.strip_prefix(prefix) {
-                if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Some(id.to_ascii_lowercase());
-                }
-            }
-        }
-    }
-    None
+    crate::k8s::parse_cgroup_path(path).container_id
 }
 
 /// How many answers [`CgroupResolver`] keeps by default.
@@ -95,7 +87,10 @@ impl CgroupResolver {
             return hit.clone();
         }
         self.stats.lookups += 1;
-        let found = (self.lookup)(id).map(|path| CgroupInfo { container_id: container_id_from_path(&path), path });
+        let found = (self.lookup)(id).map(|path| {
+            let a = crate::k8s::parse_cgroup_path(&path);
+            CgroupInfo { container_id: a.container_id, pod: a.pod, path }
+        });
         if found.is_none() {
             self.stats.not_found += 1;
         }
