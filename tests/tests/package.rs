@@ -1,7 +1,7 @@
 //! The Debian package: built by `cargo xtask package` (a release build; nothing is rebuilt when
 //! `target/release` is up to date), its contents listed with `dpkg-deb -c`, installed with
-//! `dpkg -i`, the installed binary run (`check`, scoped to the test's cgroup, and `config` on the
-//! packaged default configuration), the unit checked by `systemd-analyze verify`, and the package
+//! `dpkg -i`, the installed binary run (`check` and the unit's `run --config` line, scoped to the
+//! test's cgroup and namespace, and `config` on the packaged default configuration), the unit checked by `systemd-analyze verify`, and the package
 //! purged again (`dpkg --purge`, also when the test fails), leaving the machine as it was.
 //!
 //! `KEEPALIVE_DEB` names a prebuilt .deb instead (then nothing is built). The test refuses to run
@@ -112,6 +112,10 @@ fn debian_package_builds_installs_runs_and_purges() {
     let out = ok(Command::new(BIN).args(["config", "--config", CONFIG]).env_remove("K8S_NODE_NAME"));
     assert!(out.contains(&format!("(file: {CONFIG})")), "{out}");
     assert!(!out.contains("# file"), "the default configuration sets a value:\n{out}");
+    // The unit's command line, as root, scoped to the test's cgroup and namespace and stopped at once.
+    let cgroup = env.cgroup.path().to_str().unwrap();
+    let netns = env.ns.path().to_str().unwrap();
+    ok(Command::new(BIN).args(["run", "--config", CONFIG, "--cgroup", cgroup, "--netns", netns, "--duration", "0"]));
     verify_unit();
 
     drop(guard);

@@ -31,7 +31,7 @@ pub fn write_config(
         let name = key.rsplit('.').next().unwrap_or(key);
         match value {
             Some(v) => writeln!(out, "{name} = {v}  # {source}"),
-            None => writeln!(out, "# {name} is not set  # {source}"),
+            None => writeln!(out, "# {name} is not set: {}  # {source}", unset_meaning(key)),
         }
     };
     writeln!(out, "\n[attach]")?;
@@ -69,10 +69,19 @@ pub fn write_config(
         let source = pair_source(layered, matches, env, "export.resource_attributes", "resource_attributes", k);
         writeln!(out, "resource_attributes.{} = {}  # {source}", quoted(k), quoted(&kv.value.as_str()))?;
     }
-    if layered.source("export.endpoint") == Source::Default {
-        writeln!(out, "# no endpoint: spans are written as JSON lines on stdout")?;
-    }
     Ok(())
+}
+
+/// What the absence of the optional setting `key` means.
+fn unset_meaning(key: &str) -> &'static str {
+    match key {
+        "attach.cgroup" => "the cgroup v2 root, every process",
+        "filter.netns" => "every network namespace",
+        "limits.duration" => "until SIGINT or SIGTERM",
+        "export.endpoint" => "spans are written as JSON lines on stdout",
+        "export.protocol" => "no endpoint",
+        _ => "default",
+    }
 }
 
 /// Where the entry `key` of a merged table (headers, resource attributes) came from: the flag
