@@ -17,12 +17,16 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// `[attach]`.
     #[serde(default)]
     pub attach: AttachFile,
+    /// `[filter]`.
     #[serde(default)]
     pub filter: FilterFile,
+    /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[export]`.
     #[serde(default)]
     pub export: ExportFile,
 }
@@ -76,27 +80,37 @@ pub struct LimitsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportFile {
+    /// `--otlp-endpoint` (HTTP: `/v1/traces` appended).
     #[serde(default, deserialize_with = "de::endpoint")]
     pub endpoint: Option<String>,
+    /// `--otlp-traces-endpoint` (used as given).
     #[serde(default, deserialize_with = "de::endpoint")]
     pub traces_endpoint: Option<String>,
+    /// `--otlp-protocol`.
     #[serde(default, deserialize_with = "de::protocol")]
     pub protocol: Option<export::Protocol>,
     /// Header name → value (secrets: `config` never prints the values).
     #[serde(default, deserialize_with = "de::headers")]
     pub headers: Option<BTreeMap<String, String>>,
+    /// `--otlp-timeout-ms`.
     #[serde(default, deserialize_with = "de::timeout_ms")]
     pub timeout_ms: Option<u64>,
+    /// `--otlp-queue-size`.
     #[serde(default, deserialize_with = "de::queue_size")]
     pub queue_size: Option<usize>,
+    /// `--otlp-batch-size`.
     #[serde(default, deserialize_with = "de::batch_size")]
     pub batch_size: Option<usize>,
+    /// `--otlp-batch-delay-ms`.
     #[serde(default, deserialize_with = "de::batch_delay_ms")]
     pub batch_delay_ms: Option<u64>,
+    /// `--otlp-retry-max-s`.
     #[serde(default, deserialize_with = "de::retry_max_s")]
     pub retry_max_s: Option<u64>,
+    /// `--max-span-events`.
     #[serde(default, deserialize_with = "de::max_span_events")]
     pub max_span_events: Option<usize>,
+    /// `--service-name`.
     #[serde(default, deserialize_with = "de::service_name")]
     pub service_name: Option<String>,
     /// Resource attribute → value, added to every span's resource.
@@ -107,6 +121,7 @@ pub struct ExportFile {
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
+    /// The file cannot be read.
     #[error("reading the configuration file {path}")]
     Read {
         path: PathBuf,
