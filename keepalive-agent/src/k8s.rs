@@ -87,6 +87,7 @@ impl Runtime {
 pub struct Pod {
     /// `metadata.uid`, with dashes (the systemd driver's underscores turned back).
     pub uid: String,
+    /// The class the kubelet filed the pod under.
     pub qos: QosClass,
 }
 
@@ -97,6 +98,7 @@ pub struct Attribution {
     pub container_id: Option<String>,
     /// The runtime, when its naming says so (a bare cgroupfs id under the kubelet does not).
     pub runtime: Option<Runtime>,
+    /// The pod, when the path is below a kubelet pod cgroup.
     pub pod: Option<Pod>,
 }
 
