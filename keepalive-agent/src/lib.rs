@@ -5,6 +5,7 @@ pub mod container;
 pub mod decode;
 pub mod event;
 pub mod export;
+pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod output;

@@ -173,6 +173,7 @@ impl LoopObserver for Recorder {
         a.decode_errors = summary.decode_errors;
         a.records = summary.records;
         a.lost.ringbuf_full = summary.lost;
+        a.lost.skipped_run = summary.skipped.unwrap_or_default();
         a.programs = programs;
     }
 }

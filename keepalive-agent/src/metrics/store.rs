@@ -7,9 +7,8 @@
 
 use std::net::IpAddr;
 
-use keepalive_common::LOST_SLOTS;
-
-use crate::container::{container_id_from_path, CgroupResolver};
+use crate::container::CgroupResolver;
+use crate::kernel::progstats::KindCounts;
 use crate::event::comm_str;
 use crate::export::ExportStats;
 use crate::timeline::{AckPrecision, ConnView, EpisodeOutcome, Record, RecordKind, TimeoutReason};
@@ -191,20 +190,6 @@ struct WorkloadKey {
     peer: Option<IpAddr>,
 }
 
-/// Pod uid from a Kubernetes cgroup path: `kubepods-burstable-pod<uid with _>.slice` (systemd
-/// driver) or `/kubepods/burstable/pod<uid>/` (cgroupfs driver).
-pub fn pod_uid_from_path(path: &str) -> Option<String> {
-    path.split('/').find_map(|seg| {
-        let s = seg.strip_suffix(".slice").unwrap_or(seg);
-        let uid = &s[s.rfind("pod")? + 3..];
-        let uid = uid.replace('_', "-");
-        let ok = uid.len() == 36 && uid.bytes().enumerate().all(|(i, b)| {
-            if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() }
-        });
-        ok.then(|| uid.to_ascii_lowercase())
-    })
-}
-
 /// Workloads seen, at most `max`; past it, connections of new workloads count in the overflow series.
 struct Workloads {
     ids: foldhash::HashMap<WorkloadKey, u32>,
@@ -244,8 +229,8 @@ impl Workloads {
         let cgroup = self.resolver.resolve(key.cgroup_id);
         let workload = Workload {
             executable: key.known.then(|| comm_str(&key.comm).to_string()),
-            container_id: cgroup.as_ref().and_then(|c| c.container_id.clone().or_else(|| container_id_from_path(&c.path))),
-            pod_uid: cgroup.as_ref().and_then(|c| pod_uid_from_path(&c.path)),
+            container_id: cgroup.as_ref().and_then(|c| c.container_id.clone()),
+            pod_uid: cgroup.and_then(|c| c.pod).map(|p| p.uid),
             peer: key.peer.map(|ip| ip.to_string()),
         };
         let id = self.labels.len() as u32;
@@ -259,9 +244,9 @@ impl Workloads {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lost {
     /// The ring buffer was full.
-    pub ringbuf_full: [u64; LOST_SLOTS as usize],
-    /// The kernel skipped a program run (recursion, or another program of the same kind running).
-    pub skipped_run: [u64; LOST_SLOTS as usize],
+    pub ringbuf_full: KindCounts,
+    /// The kernel skipped a program run (recursion on one CPU); zero where it does not count them.
+    pub skipped_run: KindCounts,
 }
 
 /// The agent's own health, set by the event loop (see [`super::Recorder`]).
@@ -483,14 +468,5 @@ mod tests {
         s.count(&rec(conn(20, "p0"), RecordKind::Probe { n: 1 }));
         let (_, probes) = s.counters().next().unwrap();
         assert_eq!(probes.iter().map(|(_, _, c)| c).sum::<u64>(), 4);
-    }
-
-    #[test]
-    fn pod_uids_from_both_cgroup_drivers() {
-        let uid = "0f9a1c2e-3b4d-4e5f-8a6b-7c8d9e0f1a2b";
-        let systemd = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope", uid.replace('-', "_"), "a".repeat(64));
-        assert_eq!(pod_uid_from_path(&systemd).as_deref(), Some(uid));
-        assert_eq!(pod_uid_from_path(&format!("/kubepods/burstable/pod{uid}/{}", "b".repeat(64))).as_deref(), Some(uid));
-        assert_eq!(pod_uid_from_path("/system.slice/sshd.service"), None);
     }
 }
