@@ -513,6 +513,7 @@ fn start_metrics(
         return Ok((None, None));
     }
     let metrics = Metrics::new(cfg.max_series, cfg.peer_labels, attach::cgroup2_mount());
+    metrics.set_resource(resource.iter().map(|kv| (kv.key.to_string(), kv.value.to_string())).collect());
     if let Some(addr) = cfg.listen {
         let bound = keepalive_agent::metrics::http::serve(addr, metrics.clone())?;
         info!("metrics: serving http://{bound}/metrics, /healthz and /readyz");

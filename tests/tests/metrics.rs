@@ -85,6 +85,7 @@ fn prometheus_scrapes_deaths_probes_and_answers() {
     q(&format!("sum(keepalive_answers_total{{{exe}}})"), &|v| v >= 2.0);
     q("count(keepalive_agent_hooks)", &|v| v >= 4.0);
     q("keepalive_agent_events_received_total", &|v| v > 0.0);
+    q(r#"target_info{service_name="keepalive-agent"}"#, &|v| v == 1.0);
 
     let text = http_get(addr, "/metrics", None).unwrap();
     assert!(text.content_type.starts_with("text/plain; version=0.0.4"), "{}", text.content_type);

@@ -111,6 +111,17 @@ impl Metrics {
         store.agent.exports_spans = true;
     }
 
+    /// The resource attributes (`service.name`, `host.name`...): OTLP carries them as the
+    /// resource, the Prometheus exposition as `target_info`.
+    pub fn set_resource(&self, resource: Vec<(String, String)>) {
+        self.store().resource = resource;
+    }
+
+    /// The resource attributes set by [`Metrics::set_resource`].
+    pub fn resource(&self) -> Vec<(String, String)> {
+        self.store().resource.clone()
+    }
+
     /// The hooks attached, with their method (`keepalive.agent.hooks`).
     pub fn set_hooks(&self, hooks: Vec<(&'static str, &'static str)>) {
         self.store().agent.hooks = hooks;

@@ -32,6 +32,13 @@ struct MetricsCollector(Metrics);
 
 impl Collector for MetricsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // The resource as `target_info` (OpenTelemetry → Prometheus compatibility).
+        let resource = self.0.resource();
+        if !resource.is_empty() {
+            let attrs = resource.iter().map(|(k, v)| (prom_name(k), v.as_str())).collect::<Vec<_>>();
+            let mut metric = encoder.encode_descriptor("target_info", "Target metadata: the agent's resource attributes.", None, MetricType::Gauge)?;
+            metric.encode_family(&attrs)?.encode_gauge(&1u64)?;
+        }
         let mut result = Ok(());
         self.0.visit(&mut |desc, points| {
             if result.is_ok() {
@@ -117,6 +124,10 @@ mod tests {
         );
         assert!(text.contains(r#"keepalive_probes_total{process_executable_name="curl"} 1"#), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("target_info"), "no resource, no target_info: {text}");
+        m.set_resource(vec![("service.name".into(), "svc".into()), ("host.name".into(), "h1".into())]);
+        let (_, text) = render(&m, false);
+        assert!(text.contains(r#"target_info{service_name="svc",host_name="h1"} 1"#), "{text}");
         let (ct, om) = render(&m, true);
         assert_eq!(ct, OPENMETRICS_CONTENT_TYPE);
         assert!(om.contains("# TYPE keepalive_connection_deaths counter"), "{om}");

@@ -290,6 +290,8 @@ pub struct Store {
     died: foldhash::HashSet<u64>,
     pub agent: AgentValues,
     pub points: PointStats,
+    /// Resource attributes, for the Prometheus exposition's `target_info`.
+    pub resource: Vec<(String, String)>,
 }
 
 impl Store {
@@ -305,6 +307,7 @@ impl Store {
             died: Default::default(),
             agent: AgentValues::default(),
             points: PointStats::default(),
+            resource: Vec::new(),
         }
     }
 
