@@ -364,12 +364,19 @@ struct Started {
 
 /// Attaches the programs, takes the start-up snapshot and prints the `ready` line: the contract is
 /// one line starting with "ready" on stderr once every program is attached, before any event.
-fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: usize) -> Result<Started> {
+/// `on_attached` runs just before the `ready` line (`run` marks its metrics ready there).
+fn start(
+    args: &AttachArgs,
+    netns: Option<&std::path::Path>,
+    max_connections: usize,
+    on_attached: &dyn Fn(&Probes),
+) -> Result<Started> {
     let stop = stop_on_signals()?;
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
+    on_attached(&probes);
     eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
     Ok(Started {
         probes,
@@ -415,7 +422,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
+        start(&args.attach, args.netns.as_deref(), args.max_connections, &|_| {})?;
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
@@ -466,13 +473,15 @@ fn run(args: RunArgs) -> Result<()> {
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
     let (metrics, otlp_metrics) = start_metrics(&args, exporter.resource())?;
+    let attached = |probes: &Probes| {
+        if let Some(m) = &metrics {
+            m.set_hooks(probes.attached().filter_map(|o| Some((o.hook.name, o.chosen.as_ref()?.kind()))).collect());
+            m.health().set_ready();
+        }
+    };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
-    let mut recorder = metrics.as_ref().map(|m| {
-        m.set_hooks(probes.attached().filter_map(|o| Some((o.hook.name, o.chosen.as_ref()?.kind()))).collect());
-        m.health().set_ready();
-        m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect())
-    });
+        start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
+    let mut recorder = metrics.as_ref().map(|m| m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect()));
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     ev_loop.observer = recorder.as_mut().map(|r| r as &mut dyn keepalive_agent::runtime::LoopObserver);
     // The event path only hands records to the exporter's bounded queue: it never waits on the

@@ -284,6 +284,11 @@ fn readyz_before_and_after_attach() {
         let starting = s.spawn(|| Agent::start_run(&env, &strs(&flags), &[("KEEPALIVE_DEBUG_ATTACH_GATE", &gate_s)]));
         let before = wait_http(addr, "/readyz", Duration::from_secs(30), |_| true).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(before.status, 503, "{before:?}");
+        // Alive meanwhile, even past the heartbeat's 5 s: attaching is not a stall.
+        std::thread::sleep(Duration::from_secs(6));
+        let alive = http_get(addr, "/healthz", None).unwrap();
+        assert_eq!(alive.status, 200, "{alive:?}");
+        assert_eq!(http_get(addr, "/readyz", None).unwrap().status, 503);
         assert!(!starting.is_finished(), "the agent printed ready before the gate opened");
         std::fs::write(&gate, b"").unwrap();
         starting.join().unwrap()

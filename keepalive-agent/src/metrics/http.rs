@@ -70,7 +70,10 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
         }
         "/healthz" => {
             let since = metrics.health().since_beat();
-            if since < HEALTH_STALE {
+            if !metrics.health().is_ready() {
+                // Attaching can take seconds on emulated kernels: readiness says so, not liveness.
+                text(StatusCode::OK, "starting: attaching the programs\n".into())
+            } else if since < HEALTH_STALE {
                 text(StatusCode::OK, format!("ok: the event loop turned {} ms ago\n", since.as_millis()))
             } else {
                 text(

@@ -60,8 +60,10 @@ impl Health {
         Duration::from_millis(now.saturating_sub(self.beat_ms.load(Relaxed)))
     }
 
-    /// Every hook the attach plan could reach is attached.
+    /// Every hook the attach plan could reach is attached; the event loop is about to start (its
+    /// heartbeat is measured from now).
     pub fn set_ready(&self) {
+        self.beat();
         self.ready.store(true, Relaxed);
     }
 

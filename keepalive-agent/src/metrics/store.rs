@@ -269,12 +269,12 @@ pub struct AgentValues {
     pub programs: Vec<(String, u64, u64)>,
 }
 
-/// Metric points sent over OTLP, for the agent's own metrics.
+/// Metric points sent over OTLP, for the agent's own metrics (nothing is queued, so nothing is
+/// dropped: a failed push is counted and the next one sends the values again).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PointStats {
     pub exported: u64,
     pub failed: u64,
-    pub dropped: u64,
 }
 
 /// All metric values. One instance sits behind a mutex in [`super::Metrics`].
