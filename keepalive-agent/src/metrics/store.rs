@@ -131,7 +131,7 @@ impl<'a> Series<'a> {
     pub fn iter(&self) -> impl Iterator<Item = (u32, u8, u64)> + 'a {
         let (off, n) = (OFFSETS[self.family], values_of(FAMILIES[self.family]));
         self.store.cells.iter().enumerate().flat_map(move |(w, cells)| {
-            (0..n).filter_map(move |v| (cells[off + v] != 0).then(|| (w as u32, v as u8, cells[off + v])))
+            (0..n).filter(move |&v| cells[off + v] != 0).map(move |v| (w as u32, v as u8, cells[off + v]))
         })
     }
 
