@@ -436,7 +436,9 @@ fn bad_metrics_settings_stop_the_agent() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
     let endpoint = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:4318");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (flags, variables, the flag or variable the error must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--metrics-listen", &taken_addr], vec![], "--metrics-listen"),
         (vec!["--metrics-listen", "localhost"], vec![], "--metrics-listen"),
         (vec!["--metrics-exporter", "statsd"], vec![], "--metrics-exporter"),
