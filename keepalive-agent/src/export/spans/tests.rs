@@ -1323,9 +1323,9 @@ fn engine_run_leaves_nothing_in_the_model() {
     // None of that was the shutdown's doing, and the shutdown finds nothing left.
     assert_eq!(run.model.ended_at_shutdown, FinishCounts::default());
     run.shutdown(T0 + 8 * S);
-    assert_eq!(run.spans.len(), 7);
+    assert_eq!(run.spans.len(), 8);
     assert_eq!(run.model.finish(&clock(), T0 + 8 * S, &mut run.spans), 0);
-    assert_eq!(run.spans.len(), 7);
+    assert_eq!(run.spans.len(), 8);
 }
 
 /// The engine's shutdown records end an episode in progress, found under way by the snapshot, with
