@@ -168,13 +168,6 @@ pub struct SockTimes {
     pub retransmitting_ms: Option<u64>,
 }
 
-impl SockTimes {
-    /// Since the last segment received, data or acknowledgment.
-    pub fn since_received_ms(&self) -> u64 {
-        self.since_data_ms.min(self.since_ack_ms)
-    }
-}
-
 /// A keep-alive socket option as passed to `setsockopt(2)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockOpt {

@@ -971,7 +971,7 @@ fn reset_received_kind(state: TcpState, times: &SockTimes) -> RecordKind {
     if state == TcpState::CloseWait && times.unacked > 0 {
         reuse_race(times)
     } else {
-        RecordKind::PeerReset { idle: Some(idle_now(times)) }
+        RecordKind::PeerReset { idle: Some(idle_of(times)) }
     }
 }
 
@@ -986,31 +986,26 @@ fn reuse_race(times: &SockTimes) -> RecordKind {
     }
 }
 
-/// Idle times at an event: idle is the time since the last segment either way.
-fn idle_now(times: &SockTimes) -> Idle {
-    let since_received_ms = times.since_received_ms();
-    Idle {
-        idle_ms: since_received_ms.min(times.since_sent_ms),
-        since_received_ms,
-        since_sent_ms: times.since_sent_ms,
-    }
+/// Idle times from the socket's clocks. Idle is the time without data either way before what
+/// ended the connection: before the write still unacknowledged (first sent `retransmitting_ms` ago
+/// while retransmitted, else at the last send) when there is one, else up to now.
+fn idle_of(t: &SockTimes) -> Idle {
+    let write_ago = t.retransmitting_ms.or((t.unacked > 0).then_some(t.since_sent_ms));
+    let idle_ms = match write_ago {
+        Some(w) => t.since_data_ms.saturating_sub(w),
+        None => t.since_data_ms.min(t.since_sent_ms),
+    };
+    Idle { idle_ms, since_received_ms: t.since_data_ms, since_sent_ms: t.since_sent_ms }
 }
 
-/// The retransmission timer gave up: the idle time is the one before the write that was never
-/// acknowledged (the last segment received, up to when that write was first sent).
+/// The retransmission timer gave up (`probes`: its retransmissions).
 fn retransmit_timeout(times: &SockTimes) -> RecordKind {
-    let since_received_ms = times.since_received_ms();
-    let idle_ms = match times.retransmitting_ms {
-        Some(r) => since_received_ms.saturating_sub(r),
-        None => since_received_ms.min(times.since_sent_ms),
-    };
-    let idle = Idle { idle_ms, since_received_ms, since_sent_ms: times.since_sent_ms };
-    RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: times.retransmits, idle: Some(idle) }
+    RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: times.retransmits, idle: Some(idle_of(times)) }
 }
 
 /// The `close` of a connection that left `old` for CLOSE.
 fn close_kind(old: TcpState, times: &SockTimes) -> RecordKind {
-    RecordKind::Close { state: old, closed_by: ClosedBy::from_state(old), idle: Some(idle_now(times)) }
+    RecordKind::Close { state: old, closed_by: ClosedBy::from_state(old), idle: Some(idle_of(times)) }
 }
 
 /// What killed a connection the engine did not follow, from the socket error set at its close.
@@ -1018,7 +1013,7 @@ fn unfollowed_cause(old: TcpState, err: i32, in_timer: bool, s: &SockSettings, t
     match err {
         ETIMEDOUT if in_timer => {
             let reason = if s.user_timeout_ms > 0 { TimeoutReason::UserTimeout } else { TimeoutReason::Keepalive };
-            Some(RecordKind::Timeout { reason, probes: 0, idle: Some(idle_now(times)) })
+            Some(RecordKind::Timeout { reason, probes: 0, idle: Some(idle_of(times)) })
         }
         ETIMEDOUT => Some(retransmit_timeout(times)),
         // tcp_reset(): EPIPE in CLOSE_WAIT, ECONNRESET in the other connection states.
@@ -2549,7 +2544,7 @@ mod tests {
         assert_eq!(out[2].kind, RecordKind::Error { errno: 110 });
         assert_eq!(
             out[3].kind,
-            RecordKind::Close { state: TcpState::Established, closed_by: None, idle: Some(Idle { idle_ms: 800, ..idle }) }
+            RecordKind::Close { state: TcpState::Established, closed_by: None, idle: Some(idle) }
         );
         // The error report that follows the close, and the destruction: nothing (nothing kept).
         let later = feed(&mut e, &[ev(5 * S + 1, A, EventBody::Error { errno: 110, state: TcpState::Close }), ev(5 * S + 2, A, EventBody::Destroy)]);
@@ -2620,7 +2615,12 @@ mod tests {
         assert_eq!(names(&out), ["reuse_race", "error", "close"]);
         assert_eq!(out[0].kind, race_kind());
         assert_eq!(out[1].kind, RecordKind::Error { errno: 32 });
-        assert!(matches!(out[2].kind, RecordKind::Close { state: TcpState::CloseWait, closed_by: Some(ClosedBy::Peer), .. }));
+        // Idle before the write: the peer's idle close time and the write's delay after it.
+        let idle = Idle { idle_ms: 1_200, since_received_ms: 1_300, since_sent_ms: 100 };
+        assert_eq!(
+            out[2].kind,
+            RecordKind::Close { state: TcpState::CloseWait, closed_by: Some(ClosedBy::Peer), idle: Some(idle) }
+        );
 
         let out = feed(&mut e, &[closed_with(3 * S, B, TcpState::CloseWait, 32, defaults(), raced())]);
         assert_eq!(names(&out), ["config", "reuse_race", "error", "close"]);

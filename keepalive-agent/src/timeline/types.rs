@@ -90,11 +90,11 @@ impl ClosedBy {
 /// precision).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Idle {
-    /// Idle before the event that ended the connection: no segment either way for this long
-    /// (for a retransmission death: from the last segment received to the write that was never
-    /// acknowledged).
+    /// Idle before what ended the connection: no data either way for this long. When a write
+    /// was never acknowledged (retransmitted, or answered by a reset), from the last data received
+    /// to that write; otherwise up to the event.
     pub idle_ms: u64,
-    /// Since the last segment received (data or acknowledgment).
+    /// Since the last data segment received (acknowledgments and FINs do not count).
     pub since_received_ms: u64,
     /// Since the last data segment sent (retransmissions count).
     pub since_sent_ms: u64,
