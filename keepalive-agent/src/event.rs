@@ -163,8 +163,9 @@ pub struct SockTimes {
     pub retransmits: u32,
     /// Bytes written and not acknowledged by the peer (`write_seq - snd_una`).
     pub unacked: u32,
-    /// How long the segment now retransmitted has waited since it was first sent; `None` when
-    /// nothing is retransmitted (or the kernel lacks the fields).
+    /// Since the first retransmission of the data now unacknowledged (`retrans_stamp`; the write
+    /// itself came one retransmission timeout or more before); `None` when nothing is
+    /// retransmitted (or the kernel lacks the fields).
     pub retransmitting_ms: Option<u64>,
 }
 

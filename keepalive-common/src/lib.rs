@@ -155,8 +155,8 @@ pub struct Offsets {
     pub tp_lsndtime: Field,
     /// `tcp_sock.snd_una`: first byte not acknowledged by the peer.
     pub tp_snd_una: Field,
-    /// `tcp_sock.retrans_stamp`: time (ms of `tcp_mstamp`) the first segment now retransmitted was
-    /// sent, 0 while nothing is retransmitted.
+    /// `tcp_sock.retrans_stamp`: time (ms of `tcp_mstamp`) of the first retransmission of the
+    /// data now unacknowledged, 0 while nothing is retransmitted.
     pub tp_retrans_stamp: Field,
     /// `tcp_sock.tcp_mstamp`: the socket's clock, µs (refreshed by the retransmission timer).
     pub tp_tcp_mstamp: Field,
@@ -173,6 +173,10 @@ pub struct Offsets {
     /// 1: report the close of every connection (`--all-closes`), not only deaths (a close with
     /// `sk_err` set) of connections without keep-alive.
     pub report_all_closes: u32,
+    /// `inet_sock.inet_sport` (network order): the local port of a full socket, still set after
+    /// `inet_put_port()` cleared `skc_num` on the way to CLOSE (the state-change tracepoint fires
+    /// after that).
+    pub inet_sport: Field,
 }
 
 impl Offsets {
@@ -362,8 +366,8 @@ pub struct RawEvent {
     pub retransmits: u32,
     /// `write_seq - snd_una`: bytes written and not acknowledged by the peer, same events.
     pub unacked: u32,
-    /// ms since the first segment now being retransmitted was sent (`tcp_mstamp - retrans_stamp`),
-    /// `u32::MAX` when nothing is retransmitted or the kernel lacks the fields.
+    /// ms since the first retransmission of the data now unacknowledged (`tcp_mstamp -
+    /// retrans_stamp`), `u32::MAX` when nothing is retransmitted or the kernel lacks the fields.
     pub retransmitting_ms: u32,
 }
 

@@ -59,6 +59,10 @@ pub fn is_tcp(sk: u64) -> bool {
 #[inline(always)]
 pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
     let net = fill_common(ev, sk);
+    if ev.sport == 0 {
+        // On the way to CLOSE, inet_put_port() cleared skc_num before the state-change tracepoint.
+        ev.sport = u16::from_be(rd(sk, off!(inet_sport)) as u16);
+    }
     fill_settings(ev, sk, net);
 }
 
@@ -89,7 +93,7 @@ pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
 
 /// The socket's idle times (jiffies since the last data sent, data received, acknowledgment
 /// received), its retransmissions, the bytes the peer has not acknowledged, and how long the
-/// segment now retransmitted has been waiting: what a death or a close is explained with.
+/// first retransmission of the data now unacknowledged was: what a death or a close is explained with.
 #[inline(always)]
 pub fn fill_times(ev: &mut RawEvent, sk: u64) {
     // SAFETY: plain helper call (5.5+). tcp_jiffies32 is the low 32 bits of jiffies.

@@ -3,6 +3,7 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock},
     macros::{btf_tracepoint, raw_tracepoint},
+    maps::ring_buf::RingBufEntry,
     programs::{BtfTracePointContext, RawTracePointContext},
     EbpfContext,
 };
@@ -18,22 +19,25 @@ use crate::{
 /// Reserves a record, fills the socket part and lets `f` add the rest.
 #[inline(always)]
 pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
-    emit_raw(kind, |ev| {
-        fill_sock(ev, sk);
-        if in_timer(sk) {
-            ev.flags |= FLAG_IN_TIMER;
-        }
-        f(ev);
-    });
+    let Some(mut entry) = reserve(kind) else { return };
+    // SAFETY: a reserved RawEvent-sized ring buffer record.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    fill_sock(ev, sk);
+    if in_timer(sk) {
+        ev.flags |= FLAG_IN_TIMER;
+    }
+    f(ev);
+    crate::submit(entry);
 }
 
-/// Reserves a zeroed record with its kind and time, lets `f` fill it, and submits it; counts it
-/// lost when the ring buffer is full.
+/// Reserves a zeroed record with its kind and time; counts it lost when the ring buffer is full.
+/// (No closure taking another closure here: the closure's environment type would reach the
+/// object's BTF with a zero-sized member past its end, which the kernel rejects.)
 #[inline(always)]
-fn emit_raw(kind: EventKind, f: impl FnOnce(&mut RawEvent)) {
+fn reserve(kind: EventKind) -> Option<RingBufEntry<RawEvent>> {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(kind as u8);
-        return;
+        return None;
     };
     // SAFETY: a reserved RawEvent-sized ring buffer record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
@@ -41,8 +45,7 @@ fn emit_raw(kind: EventKind, f: impl FnOnce(&mut RawEvent)) {
     ev.kind = kind as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    f(ev);
-    crate::submit(entry);
+    Some(entry)
 }
 
 /// `tcp:tcp_probe` as a BTF-typed tracepoint (5.5+): `icsk_probes_out` is read by a direct,
@@ -92,10 +95,12 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     let state = rd(sk, off!(skc_state)) as u32;
     if state == off!(tcp_time_wait) || state == off!(tcp_new_syn_recv) {
         // An inet_timewait_sock or a request_sock: only its sock_common part may be read.
-        emit_raw(EventKind::ResetSent, |ev| {
-            fill_common(ev, sk);
-            reset_fields(ev, false, has_reason.then_some(reason as u32));
-        });
+        let Some(mut entry) = reserve(EventKind::ResetSent) else { return 0 };
+        // SAFETY: a reserved RawEvent-sized ring buffer record.
+        let ev = unsafe { &mut *entry.as_mut_ptr() };
+        fill_common(ev, sk);
+        reset_fields(ev, false, has_reason.then_some(reason as u32));
+        crate::submit(entry);
         return 0;
     }
     emit_reset(sk, skb == 0, has_reason.then_some(reason as u32));

@@ -219,11 +219,13 @@ const FIELDS: &[FieldSpec] = &[
     owner("tcp_sock", &["retrans_stamp"], |o| &mut o.tp_retrans_stamp, NO_RETRANSMITTING),
     owner("tcp_sock", &["tcp_mstamp"], |o| &mut o.tp_tcp_mstamp, NO_RETRANSMITTING),
     owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_RETRANSMITS),
+    owner("inet_sock", &["inet_sport"], |o| &mut o.inet_sport, NO_CLOSE_PORT),
 ];
 
 const NO_SINCE_SENT: &str = "deaths and closes carry no time since the last segment sent";
 const NO_UNACKED: &str = "reuse races carry no byte count";
 const NO_RETRANSMITTING: &str = "retransmission deaths carry no idle time before the write";
+const NO_CLOSE_PORT: &str = "closes of connections not followed carry local port 0";
 const NO_RETRANSMITS: &str = "retransmission deaths carry no retransmission count";
 
 const NO_OWNER: &str = "accepted sockets and sockets found at start-up are reported without their process";
@@ -482,6 +484,7 @@ mod tests {
         assert_eq!((o.tp_lsndtime.size, o.tp_snd_una.size, o.tp_retrans_stamp.size), (4, 4, 4));
         assert_eq!(o.tp_tcp_mstamp.size, 8);
         assert!(o.icsk_retransmits.present());
+        assert_eq!(o.inet_sport.size, 2);
         let mask = [1, 4, 5, 8, 9, 11].iter().fold(0u32, |m, v| m | (1 << v));
         assert_eq!((o.conn_close_mask, o.tcp_time_wait, o.tcp_new_syn_recv), (mask, 6, 12));
         // The timer: its fields lie inside the embedded timer_list.

@@ -987,8 +987,9 @@ fn reuse_race(times: &SockTimes) -> RecordKind {
 }
 
 /// Idle times from the socket's clocks. Idle is the time without data either way before what
-/// ended the connection: before the write still unacknowledged (first sent `retransmitting_ms` ago
-/// while retransmitted, else at the last send) when there is one, else up to now.
+/// ended the connection: before the write still unacknowledged (its first retransmission
+/// `retransmitting_ms` ago while retransmitted, else its send, the last) when there is one, else
+/// up to now.
 fn idle_of(t: &SockTimes) -> Idle {
     let write_ago = t.retransmitting_ms.or((t.unacked > 0).then_some(t.since_sent_ms));
     let idle_ms = match write_ago {

@@ -91,8 +91,10 @@ impl ClosedBy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Idle {
     /// Idle before what ended the connection: no data either way for this long. When a write
-    /// was never acknowledged (retransmitted, or answered by a reset), from the last data received
-    /// to that write; otherwise up to the event.
+    /// was never acknowledged, from the last data received to that write (answered by a reset),
+    /// or to its first retransmission (a retransmission death: the kernel keeps no earlier time;
+    /// the write came a tail-loss probe and an initial retransmission timeout, 0.2 s or more
+    /// each, before); otherwise up to the event.
     pub idle_ms: u64,
     /// Since the last data segment received (acknowledgments and FINs do not count).
     pub since_received_ms: u64,
