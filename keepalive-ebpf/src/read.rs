@@ -92,8 +92,8 @@ pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
 }
 
 /// The socket's idle times (jiffies since the last data sent, data received, acknowledgment
-/// received), its retransmissions, the bytes the peer has not acknowledged, and how long the
-/// first retransmission of the data now unacknowledged was: what a death or a close is explained with.
+/// received), its retransmissions, the bytes the peer has not acknowledged, and how long ago the
+/// data now unacknowledged was first retransmitted: what a death or a close is explained with.
 #[inline(always)]
 pub fn fill_times(ev: &mut RawEvent, sk: u64) {
     // SAFETY: plain helper call (5.5+). tcp_jiffies32 is the low 32 bits of jiffies.

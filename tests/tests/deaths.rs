@@ -1,12 +1,16 @@
 //! Issue 14: every connection death explained, keep-alive or not, on the real kernel. Connections
 //! without keep-alive die by retransmissions or by a reset after idle; nginx closes idle keep-alive
 //! connections (who closed, after how long); the HTTP keep-alive reuse race, made deterministic;
-//! and a spans exporter sees the same deaths. Root required.
+//! a spans exporter sees the same deaths; and 100,000 connections without keep-alive leave no
+//! state. Root required.
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keepalive_tests::churn::{number_before, run_clients, serve, ChurnAgent};
 use keepalive_tests::events::{is_conn, kind, of_conn, of_kind, render, str_of, u64_of};
 use keepalive_tests::nginx::Nginx;
 use keepalive_tests::otlp::Span;
@@ -280,4 +284,43 @@ fn wait_socket_error(stream: &TcpStream, within: Duration) -> i32 {
             Err(e) => panic!("SO_ERROR: {e}"),
         }
     }
+}
+
+/// Churn of 100,000 connections without keep-alive, every close reported (`--all-closes`): the
+/// engine follows none of them (0 connections tracked in the stop summary, no `open`, nothing
+/// left for the stop) and reports each close by its state-free path; every client's close is
+/// reported or counted lost.
+#[test]
+fn churn_without_keepalive_keeps_no_state() {
+    const CONNECTIONS: usize = 100_000;
+    let env = Env::new();
+    let listener = env.ns.run(|| TcpListener::bind("127.0.0.1:0")).expect("listener in the namespace");
+    let addr = listener.local_addr().unwrap();
+    let agent = ChurnAgent::start(&env, addr.port(), &["--all-closes"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || serve(listener, stop, accepted))
+    };
+    let failures = run_clients(&env, addr, CONNECTIONS, 4, false, &agent.counted, "close");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    assert!(failures.is_empty(), "client connections failed: {failures:?}");
+    assert_eq!(accepted.load(Ordering::Relaxed), CONNECTIONS);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (agent.counted.lock().unwrap().get("close") as usize) < CONNECTIONS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (counted, stderr) = agent.stop();
+    let summary = stderr.iter().rev().find(|l| l.contains("stopped:")).expect("the stop summary");
+    let number = |word: &str| number_before(summary, "stopped:", word).unwrap_or_else(|| panic!("no `{word}`: {summary}"));
+    let (lost, tracked, closes) = (number(" lost"), number(" connections tracked"), number(" closes"));
+    eprintln!("{:?}\n{summary}", counted.by_event);
+    assert_eq!(tracked, 0, "no connection without keep-alive is followed: {summary}");
+    assert_eq!(counted.by_event.keys().collect::<Vec<_>>(), ["close"], "only lone closes: {:?}", counted.by_event);
+    let reported = counted.get("close");
+    assert!(reported + lost >= CONNECTIONS as u64, "{reported} closes + {lost} lost < {CONNECTIONS}: {summary}");
+    // Both ends of each connection close in the namespace: the servers' closes are counted too.
+    assert!(closes >= reported, "{summary}");
 }
