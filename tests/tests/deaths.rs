@@ -14,7 +14,7 @@ use keepalive_tests::churn::{number_before, run_clients, serve, ChurnAgent};
 use keepalive_tests::events::{is_conn, kind, of_conn, of_kind, render, str_of, u64_of};
 use keepalive_tests::nginx::Nginx;
 use keepalive_tests::otlp::Span;
-use keepalive_tests::tcp::{fmt_addr, setsockopt_int, ClientSocket, Family, RecvEnd, Server, ServerMode};
+use keepalive_tests::tcp::{fmt_addr, setsockopt_int, Client, ClientSocket, Family, RecvEnd, Server, ServerMode};
 use keepalive_tests::{kernel_has_keepalive_reset_reason, Agent, Env};
 use serde_json::Value;
 
@@ -60,7 +60,7 @@ fn retransmission_death_without_keepalive() {
     let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
     let agent = Agent::start(&env, &[]);
     let exporter = Agent::start_run(&env, &["--otlp-batch-delay-ms", "100"], &[]);
-    let mut client = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(server.addr()).unwrap();
+    let mut client = connect(&env, server.addr());
     let connected = Instant::now();
     let (l, r) = (client.local(), client.remote());
     assert!(server.wait_accepted(1, Duration::from_secs(5)));
@@ -96,6 +96,11 @@ fn retransmission_death_without_keepalive() {
     assert!(span.attr("tcp.keepalive.idle_ms").is_some(), "{:?}", span.attrs);
 }
 
+/// A client without keep-alive connected from the test namespace.
+fn connect(env: &Env, addr: SocketAddr) -> Client {
+    ClientSocket::new(&env.ns, Family::V4).unwrap().connect(addr).unwrap()
+}
+
 fn conn_span(lines: &[Value], local: SocketAddr) -> Option<Span> {
     lines.iter().filter_map(|v| Span::from_json_line(v).ok()).find(|s| {
         s.name == "tcp.connection" && s.attr("network.local.port").and_then(Value::as_i64) == Some(i64::from(local.port()))
@@ -109,7 +114,7 @@ fn peer_reset_after_idle_without_keepalive() {
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
     let agent = Agent::start(&env, &[]);
-    let mut client = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(server.addr()).unwrap();
+    let mut client = connect(&env, server.addr());
     let connected = Instant::now();
     let (l, r) = (client.local(), client.remote());
     assert!(server.wait_accepted(1, Duration::from_secs(5)));
@@ -172,14 +177,14 @@ fn who_closed_an_idle_connection() {
     let nginx = nginx(&env);
     let agent = Agent::start(&env, &["--all-closes"]);
     // Kept alive, idle until nginx closes it.
-    let mut waits = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(nginx.addr()).unwrap();
+    let mut waits = connect(&env, nginx.addr());
     setsockopt_int(waits.stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).unwrap();
     request(&mut waits.stream);
     assert!(matches!(waits.recv_end(Duration::from_secs(5)), RecvEnd::Eof), "nginx closes after 1 s");
     let (wl, wr) = (waits.local(), waits.remote());
     drop(waits);
     // No keep-alive, closed by the client 300 ms after its response.
-    let mut quits = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(nginx.addr()).unwrap();
+    let mut quits = connect(&env, nginx.addr());
     request(&mut quits.stream);
     std::thread::sleep(Duration::from_millis(300));
     let (ql, qr) = (quits.local(), quits.remote());
@@ -218,14 +223,14 @@ fn http_keepalive_reuse_race() {
     let nginx = nginx(&env);
     let agent = Agent::start(&env, &["--all-closes"]);
     // Reused in time: the second request 100 ms after the first response.
-    let mut in_time = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(nginx.addr()).unwrap();
+    let mut in_time = connect(&env, nginx.addr());
     request(&mut in_time.stream);
     std::thread::sleep(Duration::from_millis(100));
     request(&mut in_time.stream);
     let (il, ir) = (in_time.local(), in_time.remote());
     drop(in_time);
 
-    let mut late = ClientSocket::new(&env.ns, Family::V4).unwrap().connect(nginx.addr()).unwrap();
+    let mut late = connect(&env, nginx.addr());
     let (l, r) = (late.local(), late.remote());
     request(&mut late.stream);
     let answered = Instant::now();
