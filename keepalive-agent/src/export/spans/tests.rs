@@ -1392,3 +1392,52 @@ fn engine_shutdown_gives_incomplete_episode_and_open_connections() {
     assert_eq!(conn.end_time, wall(stop));
     assert!(episode_spans(&run.spans, b_).is_empty());
 }
+
+/// Issue 14: the death of a connection the engine does not follow is a connection span of its own,
+/// of zero length at the death, made of that group of records alone (no `open`, no episode), and
+/// nothing of it stays in the model.
+#[test]
+fn deaths_of_connections_not_followed_are_spans_of_their_own() {
+    use crate::event::SockTimes;
+    let mut run = EngineRun::new();
+    let death = |ts, sk, old, err, times| {
+        event(ts, sk, EventBody::State { old, new: TcpState::Close, settings: sysctls(), process: None, err, times })
+    };
+    let retransmitted = SockTimes {
+        since_sent_ms: 800,
+        since_data_ms: 12_000,
+        since_ack_ms: 12_000,
+        retransmits: 3,
+        unacked: 100,
+        retransmitting_ms: Some(7_000),
+    };
+    let raced = SockTimes { since_sent_ms: 100, since_data_ms: 1_300, since_ack_ms: 300, unacked: 77, ..Default::default() };
+    run.feed(&[
+        death(T0, SK_A, TcpState::Established, 110, retransmitted),
+        death(T0 + S, SK_B, TcpState::CloseWait, 32, raced),
+    ]);
+    assert_eq!(run.model.open_connections(), 0);
+    run.assert_one_last_record_each();
+    let (a, b_) = (run.id(SK_A, 0), run.id(SK_B, 0));
+
+    let conn = conn_span(&run.spans, a);
+    assert_eq!((conn.start_time, conn.end_time), (wall(T0), wall(T0)));
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "timeout");
+    assert_eq!(s(conn, "tcp.keepalive.timeout.reason"), "retransmit");
+    assert_eq!(s(conn, "error.type"), "retransmit_timeout");
+    assert_eq!(s(conn, "tcp.keepalive.settings.source"), "close");
+    assert!(!b(conn, "tcp.keepalive.enabled"));
+    assert_eq!(i(conn, "tcp.keepalive.idle_ms"), 5_000);
+    assert!(attr(&conn.attributes, "tcp.keepalive.open.state").is_none());
+    assert_eq!(event_names(conn), ["tcp.keepalive.config", "tcp.keepalive.timeout", "tcp.keepalive.error"]);
+    assert!(episode_spans(&run.spans, a).is_empty());
+
+    let conn = conn_span(&run.spans, b_);
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "reuse_race");
+    assert_eq!(s(conn, "error.type"), "reuse_race");
+    assert_eq!(s(conn, "tcp.keepalive.close.closed_by"), "peer");
+    let race = conn.events.iter().find(|e| e.name == "tcp.keepalive.reuse_race").expect("the race event");
+    let bytes = race.attributes.iter().find(|kv| kv.key.as_str() == "tcp.keepalive.reuse_race.bytes");
+    assert_eq!(bytes.map(|kv| kv.value.clone()), Some(Value::I64(77)));
+    assert_eq!(run.spans.len(), 2);
+}
