@@ -1725,7 +1725,7 @@ mod tests {
         let mut e = engine();
         let go = process(7, "client");
         let mut ns = SockSettings { idle_default_s: 600, intvl_default_s: 30, cnt_default: 4, ..Default::default() };
-        let mut opt = |ts, o, v, read: SockSettings| {
+        let opt = |ts, o, v, read: SockSettings| {
             let mut ev = setsockopt(ts, A, o, v, TcpState::Established, go);
             if let EventBody::Setsockopt { settings, .. } = &mut ev.body {
                 *settings = read;
