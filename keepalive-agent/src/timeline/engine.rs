@@ -482,7 +482,9 @@ impl Engine {
                 let kind = RecordKind::Reset { reason, active: *active };
                 if self.conns.contains_key(&ev.sk) {
                     self.on_reset(ev, *state, kind, out);
-                } else if matches!(state, TcpState::TimeWait | TcpState::Close) {
+                } else if *state == TcpState::TimeWait || *state == TcpState::Close && !*active {
+                    // A segment arrived after the close. An active reset of a closed socket is
+                    // this host aborting its own close (unread data, zero linger): its close tells.
                     self.unfollowed_reset(ev, *state, kind, out);
                 }
             }
@@ -811,9 +813,9 @@ impl Engine {
         push(close_kind(old, times));
     }
 
-    /// A reset sent by a time-wait or closed socket the engine does not follow (data arriving
-    /// after the close: `tcp_timewait_socket`, `tcp_abort_on_data`...): `reset` then `close`
-    /// (the time-wait socket is gone with it), under a new id.
+    /// A reset sent by a time-wait or closed socket the engine does not follow, answering a segment
+    /// that arrived after the close (`tcp_timewait_socket`, `tcp_abort_on_data`...): `reset` then
+    /// `close` (the time-wait socket is gone with it), under a new id.
     fn unfollowed_reset(&mut self, ev: &Event, state: TcpState, kind: RecordKind, out: &mut Vec<Record>) {
         self.stats.unfollowed_resets += 1;
         let view = self.new_view(ev, None);
@@ -2692,6 +2694,13 @@ mod tests {
         );
         assert_eq!(out[0].conn.id, out[1].conn.id);
         assert!(feed(&mut e, &[reset(2 * S, B, TcpState::Established), reset(2 * S, C, TcpState::Listen)]).is_empty());
-        assert_eq!((e.stats().unfollowed_resets, e.stats().tracked), (1, 0));
+        // A closed socket answering data after its close (abort on data) is reported; one that
+        // aborts its own close (an active reset: unread data, zero linger) is not.
+        let closed = |active, reason: &str| {
+            ev(3 * S, B, EventBody::ResetSent { active, reason: Some(reason.into()), state: TcpState::Close })
+        };
+        assert_eq!(names(&feed(&mut e, &[closed(false, "tcp_abort_on_data")])), ["reset", "close"]);
+        assert!(feed(&mut e, &[closed(true, "tcp_abort_on_linger")]).is_empty());
+        assert_eq!((e.stats().unfollowed_resets, e.stats().tracked), (2, 0));
     }
 }
