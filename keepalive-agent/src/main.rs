@@ -127,6 +127,11 @@ struct AttachArgs {
     /// arrives, at one program run per received segment on the whole host.
     #[arg(long, value_enum, default_value_t = attach::Answers::OnDemand)]
     probe_answers: attach::Answers,
+    /// Also report the normal close (`close` with `closed_by` and `idle_ms`) of connections without
+    /// keep-alive: one record per connection, most closes on a busy host. Their deaths (timeouts,
+    /// resets) are always reported.
+    #[arg(long)]
+    all_closes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +333,7 @@ fn preflight() -> Result<KernelFacts> {
 fn prepare(args: &AttachArgs) -> Result<(KernelFacts, Probes)> {
     let mut facts = preflight()?;
     facts.offsets.snapshot_state_mask = snapshot_state_mask(&facts);
+    facts.offsets.report_all_closes = u32::from(args.all_closes);
     let opts = AttachOptions {
         ringbuf_bytes: args.ringbuf_size,
         cgroup: args.cgroup.clone(),
@@ -394,7 +400,7 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
     }
     let stats = engine.stats();
     info!(
-        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
+        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{extra}",
         summary.events,
         summary.records,
         summary.lost_total(),
@@ -402,7 +408,10 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         summary.decode_errors,
         stats.opened,
         stats.tracked,
-        stats.cap_rejected
+        stats.cap_rejected,
+        stats.unfollowed_deaths,
+        stats.unfollowed_closes,
+        stats.unfollowed_resets
     );
 }
 

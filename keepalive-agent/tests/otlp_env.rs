@@ -38,7 +38,7 @@ fn records(id: u64) -> Vec<Record> {
             ts_ns: 2_000,
             conn,
             kind: RecordKind::Close {
-                state: TcpState::Established,
+                state: TcpState::Established, closed_by: None, idle: None,
             },
         },
     ]

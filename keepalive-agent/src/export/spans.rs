@@ -38,7 +38,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEve
 use crate::clock::WallClock;
 use crate::event::{Process, SockSettings, TcpState};
 use crate::timeline::{
-    errno_name, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
+    errno_name, ClosedBy, ConnView, Episode, EpisodeOutcome, Idle, Record, RecordKind, SettingsSource,
     TimeoutReason, UntrackReason,
 };
 
@@ -58,6 +58,7 @@ pub mod names {
     pub const EV_PEER_RESET: &str = "tcp.keepalive.peer_reset";
     pub const EV_ERROR: &str = "tcp.keepalive.error";
     pub const EV_CLOSE: &str = "tcp.keepalive.close";
+    pub const EV_REUSE_RACE: &str = "tcp.keepalive.reuse_race";
 
     // OpenTelemetry semantic conventions.
     pub const NETWORK_TRANSPORT: &str = "network.transport";
@@ -98,6 +99,14 @@ pub mod names {
     pub const RESET_ACTIVE: &str = "tcp.keepalive.reset.active";
     pub const ERRNO: &str = "tcp.keepalive.errno";
     pub const CLOSE_STATE: &str = "tcp.keepalive.close.state";
+    pub const CLOSED_BY: &str = "tcp.keepalive.close.closed_by";
+    pub const IDLE_MS: &str = "tcp.keepalive.idle_ms";
+    pub const SINCE_RECEIVED_MS: &str = "tcp.keepalive.since_received_ms";
+    pub const SINCE_SENT_MS: &str = "tcp.keepalive.since_sent_ms";
+    pub const RETRANSMITS: &str = "tcp.keepalive.retransmits";
+    pub const REUSE_PEER_IDLE_MS: &str = "tcp.keepalive.reuse_race.peer_idle_ms";
+    pub const REUSE_WRITE_AFTER_MS: &str = "tcp.keepalive.reuse_race.write_after_ms";
+    pub const REUSE_BYTES: &str = "tcp.keepalive.reuse_race.bytes";
     pub const INCOMPLETE: &str = "tcp.keepalive.incomplete";
     pub const UNTRACKED_REASON: &str = "tcp.keepalive.untracked.reason";
     pub const EPISODE_NUMBER: &str = "tcp.keepalive.episode.number";
@@ -181,7 +190,13 @@ struct Ending {
     timeout: Option<(TimeoutReason, u32)>,
     reset: Option<(String, bool)>,
     peer_reset: bool,
+    /// (peer idle, write after the FIN, bytes) of a reuse race.
+    reuse_race: Option<(u64, u64, u32)>,
     errno: Option<i32>,
+    /// Who sent the first FIN, from the `close` record.
+    closed_by: Option<ClosedBy>,
+    /// Idle times of the death or of the close, whichever came last.
+    idle: Option<Idle>,
 }
 
 /// A connection span being built: from the connection's first record to its last.
@@ -353,7 +368,11 @@ impl SpanModel {
                 let span = self.episode_span(rec.conn.id, ep, clock);
                 self.route_episode(rec.conn.id, span, problem_episode(ep), out);
             }
-            RecordKind::Close { state } => self.end_connection(rec.conn.id, at, Last::Close(*state), out),
+            RecordKind::Close { state, closed_by, idle } => {
+                st.ending.closed_by = *closed_by;
+                st.ending.idle = st.ending.idle.or(*idle);
+                self.end_connection(rec.conn.id, at, Last::Close(*state), out)
+            }
             RecordKind::Untracked { reason, .. } => {
                 if *reason == UntrackReason::Shutdown {
                     // The engine also ends an episode `incomplete` before untracking a connection
@@ -527,10 +546,13 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             st.counts.fin_wait2 += 1;
             st.events.important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
         }
-        RecordKind::Timeout { reason, probes } => {
+        RecordKind::Timeout { reason, probes, idle } => {
             st.problem = true;
             st.ending.timeout = Some((*reason, *probes));
-            st.events.important(Event::new(EV_TIMEOUT, at, timeout_attrs(*reason, *probes), 0));
+            st.ending.idle = idle.or(st.ending.idle);
+            let mut attrs = timeout_attrs(*reason, *probes);
+            attrs.extend(idle_attrs(*idle));
+            st.events.important(Event::new(EV_TIMEOUT, at, attrs, 0));
         }
         RecordKind::Reset { reason, active } => {
             st.problem = true;
@@ -538,10 +560,21 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             let attrs = vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
             st.events.important(Event::new(EV_RESET, at, attrs, 0));
         }
-        RecordKind::PeerReset => {
+        RecordKind::PeerReset { idle } => {
             st.problem = true;
             st.ending.peer_reset = true;
-            st.events.important(Event::new(EV_PEER_RESET, at, Vec::new(), 0));
+            st.ending.idle = idle.or(st.ending.idle);
+            st.events.important(Event::new(EV_PEER_RESET, at, idle_attrs(*idle), 0));
+        }
+        RecordKind::ReuseRace { peer_idle_ms, write_after_ms, bytes } => {
+            st.problem = true;
+            st.ending.reuse_race = Some((*peer_idle_ms, *write_after_ms, *bytes));
+            let attrs = vec![
+                KeyValue::new(REUSE_PEER_IDLE_MS, *peer_idle_ms as i64),
+                KeyValue::new(REUSE_WRITE_AFTER_MS, *write_after_ms as i64),
+                KeyValue::new(REUSE_BYTES, i64::from(*bytes)),
+            ];
+            st.events.important(Event::new(EV_REUSE_RACE, at, attrs, 0));
         }
         RecordKind::Error { errno } => {
             st.problem = true;
@@ -574,13 +607,29 @@ fn ending_attrs(e: &Ending, a: &mut Vec<KeyValue>) {
     if let Some(e) = e.errno {
         a.push(KeyValue::new(ERRNO, errno_name(e)));
     }
+    if let Some(c) = e.closed_by {
+        a.push(KeyValue::new(CLOSED_BY, c.name()));
+    }
+    a.extend(idle_attrs(e.idle));
 }
 
 fn timeout_attrs(reason: TimeoutReason, probes: u32) -> Vec<KeyValue> {
+    let count = if reason == TimeoutReason::Retransmit { RETRANSMITS } else { EPISODE_PROBES };
     vec![
         KeyValue::new(TIMEOUT_REASON, reason.name()),
-        KeyValue::new(EPISODE_PROBES, i64::from(probes)),
+        KeyValue::new(count, i64::from(probes)),
     ]
+}
+
+/// The idle times of a death or a close (none when unknown).
+fn idle_attrs(idle: Option<Idle>) -> Vec<KeyValue> {
+    idle.map_or_else(Vec::new, |i| {
+        vec![
+            KeyValue::new(IDLE_MS, i.idle_ms as i64),
+            KeyValue::new(SINCE_RECEIVED_MS, i.since_received_ms as i64),
+            KeyValue::new(SINCE_SENT_MS, i.since_sent_ms as i64),
+        ]
+    })
 }
 
 /// The episode's status, its outcome attributes and the event that ended it (at `end`).
@@ -635,6 +684,12 @@ fn conn_outcome(e: &Ending, last: &Last) -> (&'static str, Status, Option<String
             Some(timeout_type(reason).into()),
         );
     }
+    if let Some((peer_idle_ms, write_after_ms, bytes)) = e.reuse_race {
+        let message = format!(
+            "{bytes} bytes written {write_after_ms} ms after the peer closed the connection idle for {peer_idle_ms} ms"
+        );
+        return ("reuse_race", Status::error(message), Some("reuse_race".into()));
+    }
     if e.peer_reset {
         return (
             "peer_reset",
@@ -668,6 +723,7 @@ fn timeout_type(reason: TimeoutReason) -> &'static str {
     match reason {
         TimeoutReason::Keepalive => "keepalive_timeout",
         TimeoutReason::UserTimeout => "user_timeout",
+        TimeoutReason::Retransmit => "retransmit_timeout",
     }
 }
 
@@ -677,6 +733,7 @@ fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
         TimeoutReason::UserTimeout => {
             format!("TCP_USER_TIMEOUT expired with {probes} probes unanswered")
         }
+        TimeoutReason::Retransmit => format!("retransmission timeout after {probes} retransmissions"),
     }
 }
 

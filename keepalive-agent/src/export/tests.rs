@@ -88,7 +88,7 @@ async fn json_lines_with_open_connection_at_shutdown() {
         &clock,
     );
     let close = RecordKind::Close {
-        state: TcpState::Established,
+        state: TcpState::Established, closed_by: None, idle: None,
     };
     ex.on_records(&[record(1, 5_000, close)], &clock);
     assert_eq!(ex.stats().spans_exported, 1);
@@ -173,7 +173,7 @@ fn json_write_errors_are_counted() {
     let mut ex = Exporter::with_json_writer(&cfg(), Box::new(Broken));
     let clock = WallClock::with_offset_ns(0);
     let close = RecordKind::Close {
-        state: TcpState::Established,
+        state: TcpState::Established, closed_by: None, idle: None,
     };
     ex.on_records(&[opened(1, 1), record(1, 2, close)], &clock);
     let s = ex.stats();

@@ -112,8 +112,8 @@ mod tests {
         let m = Metrics::new(100, false, None);
         m.on_records(&[
             record(RecordKind::Probe { n: 1 }),
-            record(RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 1 }),
-            record(RecordKind::Close { state: TcpState::Established }),
+            record(RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 1, idle: None }),
+            record(RecordKind::Close { state: TcpState::Established, closed_by: None, idle: None }),
         ]);
         let (ct, text) = render(&m, false);
         assert_eq!(ct, TEXT_CONTENT_TYPE);

@@ -1,7 +1,7 @@
 //! The metric values: keep-alive counters counted from the engine's [`Record`]s, with workload
 //! attributes and a cardinality cap per metric, and the agent's own counters and gauges.
 //!
-//! Memory is bounded whatever the workload: at most `max_series` workloads are told apart, and each
+//! Memory is bounded whatever the workload: at most `max_series - 1` workloads are told apart, and each
 //! keep-alive counter holds at most `max_series - 1` series plus the overflow series
 //! (`otel.metric.overflow = "true"`) that counts everything past the cap.
 
@@ -11,7 +11,7 @@ use crate::container::CgroupResolver;
 use crate::kernel::progstats::KindCounts;
 use crate::event::comm_str;
 use crate::export::ExportStats;
-use crate::timeline::{AckPrecision, ConnView, EpisodeOutcome, Record, RecordKind, TimeoutReason};
+use crate::timeline::{AckPrecision, ConnView, DeathCause, EpisodeOutcome, Record, RecordKind};
 
 /// Default of `--metrics-max-series`.
 pub const DEFAULT_MAX_SERIES: usize = 2_000;
@@ -55,12 +55,12 @@ pub const SUPPRESSED: Family = Family {
     help: "Keep-alive timer firings that could not probe (data in flight or queued).",
     attribute: None,
 };
-/// `keepalive.connection.deaths`: value index = [`Death`].
+/// `keepalive.connection.deaths`: value index = [`death_index`].
 pub const DEATHS: Family = Family {
     name: "keepalive.connection.deaths",
     unit: "{connection}",
-    help: "Followed connections that died, by cause.",
-    attribute: Some(("keepalive.death.cause", &["keepalive_timeout", "user_timeout", "reset_sent", "peer_reset", "error"])),
+    help: "Connections that died, by cause (the engine's record that explains the death).",
+    attribute: Some(("keepalive.death.cause", &["keepalive_timeout", "user_timeout", "retransmit_timeout", "peer_reset", "reuse_race"])),
 };
 
 /// The keep-alive counters, in [`Store::counters`] order.
@@ -90,16 +90,14 @@ pub fn outcome_index(o: EpisodeOutcome) -> u8 {
     }
 }
 
-/// The cause of death a record gives, as a value index of [`DEATHS`]; `None` for records that do
-/// not kill.
-pub fn death_index(kind: &RecordKind) -> Option<u8> {
-    match kind {
-        RecordKind::Timeout { reason: TimeoutReason::Keepalive, .. } => Some(0),
-        RecordKind::Timeout { reason: TimeoutReason::UserTimeout, .. } => Some(1),
-        RecordKind::Reset { .. } => Some(2),
-        RecordKind::PeerReset => Some(3),
-        RecordKind::Error { .. } => Some(4),
-        _ => None,
+/// Value index of a cause of death in [`DEATHS`] (the engine's [`RecordKind::death_cause`]).
+pub fn death_index(cause: DeathCause) -> u8 {
+    match cause {
+        DeathCause::KeepaliveTimeout => 0,
+        DeathCause::UserTimeout => 1,
+        DeathCause::RetransmitTimeout => 2,
+        DeathCause::PeerReset => 3,
+        DeathCause::ReuseRace => 4,
     }
 }
 
@@ -285,9 +283,6 @@ pub struct Store {
     /// Regular series per counter at most.
     max: usize,
     workloads: Workloads,
-    /// Connections whose death was counted, freed at their last record (at most the engine's
-    /// tracked connections).
-    died: foldhash::HashSet<u64>,
     pub agent: AgentValues,
     pub points: PointStats,
     /// Resource attributes, for the Prometheus exposition's `target_info`.
@@ -304,7 +299,6 @@ impl Store {
             caps: [Cap::default(); 5],
             max: max - 1,
             workloads: Workloads { ids: Default::default(), last: None, labels: Vec::new(), max: max - 1, resolver, peer_labels },
-            died: Default::default(),
             agent: AgentValues::default(),
             points: PointStats::default(),
             resource: Vec::new(),
@@ -318,16 +312,11 @@ impl Store {
             RecordKind::Ack { precision, .. } => (I_ANSWERS, precision_index(*precision)),
             RecordKind::Suppressed { .. } => (I_SUPPRESSED, 0),
             RecordKind::EpisodeEnd(ep) => (I_EPISODES, outcome_index(ep.outcome)),
-            RecordKind::Close { .. } | RecordKind::Untracked { .. } => {
-                if !self.died.is_empty() {
-                    self.died.remove(&r.conn.id);
-                }
-                return;
-            }
-            kind => match death_index(kind) {
-                // The first fatal record says why (a keep-alive timeout also resets and errors).
-                Some(cause) if self.died.insert(r.conn.id) => (I_DEATHS, cause),
-                _ => return,
+            // One record explains each death (the reset and error a keep-alive timeout also
+            // causes do not).
+            kind => match kind.death_cause() {
+                Some(cause) => (I_DEATHS, death_index(cause)),
+                None => return,
             },
         };
         let w = self.workloads.id(&r.conn);
@@ -377,7 +366,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::event::{Process, TcpState};
-    use crate::timeline::Episode;
+    use crate::timeline::{Episode, TimeoutReason};
 
     fn conn(id: u64, comm: &str) -> ConnView {
         let mut c = [0u8; 16];
@@ -419,17 +408,17 @@ mod tests {
     }
 
     #[test]
-    fn a_keepalive_death_counts_once_with_the_first_cause() {
+    fn a_keepalive_death_counts_once_with_its_cause() {
         let mut s = store();
         let c = conn(1, "curl");
         for kind in [
             RecordKind::Probe { n: 1 },
             RecordKind::Probe { n: 2 },
-            RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 2 },
+            RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 2, idle: None },
             episode(EpisodeOutcome::TimedOut(TimeoutReason::Keepalive)),
             RecordKind::Reset { reason: "tcp_keepalive_timeout".into(), active: true },
             RecordKind::Error { errno: 110 },
-            RecordKind::Close { state: TcpState::Established },
+            RecordKind::Close { state: TcpState::Established, closed_by: None, idle: None },
         ] {
             s.count(&rec(c, kind));
         }
@@ -437,7 +426,6 @@ mod tests {
         assert_eq!(total(&s, &DEATHS, 0), 1);
         assert_eq!(total(&s, &DEATHS, 2) + total(&s, &DEATHS, 4), 0);
         assert_eq!(total(&s, &EPISODES, 1), 1);
-        assert!(s.died.is_empty(), "per-connection state freed at the last record");
         assert_eq!(s.workload(0).unwrap().executable.as_deref(), Some("curl"));
     }
 
@@ -448,7 +436,7 @@ mod tests {
         s.count(&rec(c, RecordKind::Ack { probes: 1, precision: AckPrecision::NextFiring }));
         s.count(&rec(c, episode(EpisodeOutcome::Answered(AckPrecision::NextFiring))));
         s.count(&rec(c, RecordKind::Suppressed { packets_out: 1, unsent: 0 }));
-        s.count(&rec(c, RecordKind::PeerReset));
+        s.count(&rec(c, RecordKind::PeerReset { idle: None }));
         s.count(&rec(c, RecordKind::Error { errno: 104 }));
         assert_eq!(total(&s, &ANSWERS, 1), 1);
         assert_eq!(total(&s, &EPISODES, 0), 1);
