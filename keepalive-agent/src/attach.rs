@@ -20,7 +20,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
+use keepalive_common::{AuditRecord, Offsets, AUDIT_RECORD_SIZE, LOST_SLOTS, RAW_EVENT_SIZE};
 use log::{debug, info, warn};
 
 /// The compiled eBPF object (built by build.rs).
@@ -317,6 +317,8 @@ pub enum AttachError {
     },
     #[error("reading the start-up snapshot: {0}")]
     Snapshot(String),
+    #[error("audit socket walk: {0}")]
+    Audit(String),
     #[error("no hook could be attached")]
     NothingAttached,
 }
@@ -789,6 +791,47 @@ fn in_netns<T>(path: &Path, f: impl FnOnce() -> T) -> std::io::Result<Result<T, 
     Ok(Ok(out))
 }
 
+/// Runs `f` in each of `namespaces` (a TCP iterator walks the sockets of the namespace it is
+/// created in) and returns the inode numbers of those entered; a namespace that vanished meanwhile
+/// is skipped. `err` makes the error of failing to come back.
+fn each_netns(
+    namespaces: &[PathBuf],
+    err: fn(String) -> AttachError,
+    mut f: impl FnMut() -> Result<(), AttachError>,
+) -> Result<Vec<u32>, AttachError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut walked = Vec::new();
+    for ns in namespaces {
+        let Ok(inode) = std::fs::metadata(ns).map(|m| m.ino() as u32) else {
+            continue;
+        };
+        match in_netns(ns, &mut f) {
+            Ok(Ok(r)) => {
+                r?;
+                walked.push(inode);
+            }
+            Ok(Err(e)) => {
+                return Err(err(format!("could not return to the agent's network namespace after {}: {e}", ns.display())))
+            }
+            Err(e) => debug!("walk of {}: {e}", ns.display()),
+        }
+    }
+    Ok(walked)
+}
+
+/// Creates an iterator of the loaded `iter` program `program` in the calling thread's namespace
+/// and returns the file to read it from.
+fn open_iter(ebpf: &mut Ebpf, program: &str) -> Result<File, String> {
+    let p: &mut Iter = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let link_id = p.attach().map_err(|e| error_chain(&e))?;
+    let link = p.take_link(link_id).map_err(|e| error_chain(&e))?;
+    link.into_file().map_err(|e| error_chain(&e))
+}
+
 impl Probes {
     /// Runs the start-up snapshot iterator in each of `namespaces` (a TCP iterator walks the
     /// sockets of the namespace it is created in) and returns the raw records (none when the
@@ -806,44 +849,20 @@ impl Probes {
     /// records, and the inode numbers of the namespaces actually walked (a namespace that vanished
     /// meanwhile is skipped and not listed).
     pub fn walk(&mut self, namespaces: &[PathBuf]) -> Result<(Vec<Vec<u8>>, Vec<u32>), AttachError> {
-        use std::os::unix::fs::MetadataExt as _;
         if !self.snapshot_ready {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut out = Vec::new();
-        let mut walked = Vec::new();
-        for ns in namespaces {
-            let Ok(inode) = std::fs::metadata(ns).map(|m| m.ino() as u32) else {
-                continue;
-            };
-            match in_netns(ns, || self.snapshot_here()) {
-                Ok(Ok(records)) => {
-                    out.extend(records?);
-                    walked.push(inode);
-                }
-                Ok(Err(e)) => {
-                    return Err(AttachError::Snapshot(format!(
-                        "could not return to the agent's network namespace after {}: {e}",
-                        ns.display()
-                    )))
-                }
-                Err(e) => debug!("snapshot of {}: {e}", ns.display()),
-            }
-        }
+        let walked = each_netns(namespaces, AttachError::Snapshot, || {
+            out.extend(self.snapshot_here()?);
+            Ok(())
+        })?;
         Ok((out, walked))
     }
 
     /// The snapshot of the calling thread's network namespace.
     fn snapshot_here(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
-        let p: &mut Iter = self
-            .ebpf
-            .program_mut("snapshot_tcp")
-            .ok_or_else(|| AttachError::Snapshot("program missing".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| AttachError::Snapshot(e.to_string()))?;
-        let link_id = p.attach().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
-        let link = p.take_link(link_id).map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
-        let mut file = link.into_file().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
+        let mut file = open_iter(&mut self.ebpf, "snapshot_tcp").map_err(AttachError::Snapshot)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .map_err(|e| AttachError::Snapshot(format!("reading the iterator: {e}")))?;
@@ -900,6 +919,90 @@ impl Probes {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// The `audit` socket walk: the eBPF object loaded with only the `audit_tcp` iterator program
+/// (`iter/tcp`, kernel 5.9+). Nothing is attached between walks: each walk creates an iterator
+/// link per namespace, reads it to the end and drops it. Dropping the walker unloads the program.
+pub struct AuditWalker {
+    ebpf: Ebpf,
+}
+
+/// What one [`AuditWalker::walk`] read.
+#[derive(Debug, Default)]
+pub struct AuditWalk {
+    /// One record per socket, namespace after namespace.
+    pub records: Vec<AuditRecord>,
+    /// Inode numbers of the namespaces walked (one that vanished meanwhile is skipped).
+    pub namespaces: Vec<u32>,
+}
+
+impl AuditWalker {
+    /// Loads the object with `offsets` and the audit iterator program.
+    pub fn load(offsets: &Offsets) -> Result<AuditWalker, AttachError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(AttachError::NoObject);
+        }
+        // The event ring is not used by the walk: the smallest size the kernel accepts.
+        // SAFETY: sysconf has no preconditions.
+        let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", offsets, true)
+            .map_max_entries("EVENTS", page)
+            .load(EBPF_OBJECT)?;
+        let btf = Btf::from_sys_fs().map_err(|e| AttachError::Audit(format!("kernel BTF: {}", error_chain(&e))))?;
+        let p: &mut Iter = ebpf
+            .program_mut(AUDIT_PROGRAM)
+            .ok_or_else(|| AttachError::Audit(format!("program {AUDIT_PROGRAM} missing from the object")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| AttachError::Audit(e.to_string()))?;
+        p.load("tcp", &btf).map_err(|e| AttachError::Audit(format!("loading {AUDIT_PROGRAM}: {}", error_chain(&e))))?;
+        Ok(AuditWalker { ebpf })
+    }
+
+    /// Walks every TCP socket of each of `namespaces` (see [`netns_paths`]).
+    pub fn walk(&mut self, namespaces: &[PathBuf]) -> Result<AuditWalk, AttachError> {
+        let mut records = Vec::new();
+        let namespaces = each_netns(namespaces, AttachError::Audit, || self.walk_here(&mut records))?;
+        Ok(AuditWalk { records, namespaces })
+    }
+
+    /// Runs the iterator in the calling thread's namespace, appending to `out`. Reads in fixed
+    /// chunks: memory grows with the records kept, not with a copy of the whole file.
+    fn walk_here(&mut self, out: &mut Vec<AuditRecord>) -> Result<(), AttachError> {
+        let mut file = open_iter(&mut self.ebpf, AUDIT_PROGRAM).map_err(AttachError::Audit)?;
+        let mut buf = vec![0u8; 64 * AUDIT_RECORD_SIZE * 8];
+        let mut filled = 0;
+        loop {
+            let n = file
+                .read(&mut buf[filled..])
+                .map_err(|e| AttachError::Audit(format!("reading the audit iterator: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            let whole = filled - filled % AUDIT_RECORD_SIZE;
+            out.extend(buf[..whole].chunks_exact(AUDIT_RECORD_SIZE).map(audit_record_from));
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
+        }
+        if filled != 0 {
+            return Err(AttachError::Audit(format!(
+                "the audit iterator ended with {filled} bytes, less than a record ({AUDIT_RECORD_SIZE})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The program of the `audit` walk.
+const AUDIT_PROGRAM: &str = "audit_tcp";
+
+/// One record from its bytes (`chunk` holds exactly [`AUDIT_RECORD_SIZE`] bytes).
+fn audit_record_from(chunk: &[u8]) -> AuditRecord {
+    // SAFETY: AuditRecord is plain `#[repr(C)]` integers (no invalid bit patterns) and `chunk`
+    // has its size; the read is unaligned.
+    unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const AuditRecord) }
 }
 
 #[cfg(test)]

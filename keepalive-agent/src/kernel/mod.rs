@@ -212,13 +212,32 @@ const FIELDS: &[FieldSpec] = &[
     owner("fdtable", &["max_fds"], |o| &mut o.fdt_max_fds, NO_ACCEPT_OWNER),
     owner("fdtable", &["fd"], |o| &mut o.fdt_fd, NO_ACCEPT_OWNER),
     owner("syscall_trace_exit", &["ret"], |o| &mut o.sys_exit_ret, NO_ACCEPT_OWNER),
+    // `audit` (optional: each absent field leaves one column of `audit` empty, the rest works).
+    owner("tcp_sock", &["snd_una"], |o| &mut o.tp_snd_una, NO_AUDIT_UNACKED),
+    owner("tcp_sock", &["lsndtime"], |o| &mut o.tp_lsndtime, NO_AUDIT_SEND_IDLE),
+    owner("inet_connection_sock", &["icsk_pending"], |o| &mut o.icsk_pending, NO_AUDIT_TIMER),
+    // `icsk_timeout` was folded into the retransmit timer's own expiry in 6.15.
+    owner(
+        "inet_connection_sock",
+        &["icsk_timeout", "icsk_retransmit_timer.expires"],
+        |o| &mut o.icsk_timeout,
+        NO_AUDIT_TIMER,
+    ),
+    owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_AUDIT_TIMER),
+    owner("inet_connection_sock", &["icsk_backoff"], |o| &mut o.icsk_backoff, NO_AUDIT_TIMER),
+    owner("net", &["ipv4.sysctl_tcp_retries2"], |o| &mut o.net_tcp_retries2, NO_AUDIT_RETRIES2),
 ];
+
+const NO_AUDIT_UNACKED: &str = "audit reports no unacknowledged byte count";
+const NO_AUDIT_SEND_IDLE: &str = "audit reports no time since the last segment sent";
+const NO_AUDIT_TIMER: &str = "audit cannot tell a retransmit or zero-window-probe timer";
+const NO_AUDIT_RETRIES2: &str = "audit assumes net.ipv4.tcp_retries2 = 15";
 
 const NO_OWNER: &str = "accepted sockets and sockets found at start-up are reported without their process";
 const NO_SNAPSHOT_OWNER: &str = "sockets found at start-up are reported without their process";
 const NO_ACCEPT_OWNER: &str = "accepted sockets are reported without their process";
 
-/// An optional field for process attribution: its absence is a note, not an error.
+/// An optional field (process attribution, `audit` columns): its absence is a note, not an error.
 const fn owner(
     strukt: &'static str,
     paths: &'static [&'static str],
@@ -590,6 +609,32 @@ mod tests {
                 (member, bits)
             })
             .collect()
+    }
+
+    /// The `audit` iterator's fields on this kernel: all present, the retransmit timer's expiry
+    /// inside `inet_connection_sock`, sizes as the kernel declares them.
+    #[test]
+    fn real_kernel_audit_offsets() {
+        let Some(facts) = real_facts() else { return };
+        let o = &facts.offsets;
+        let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
+        let icsk_size = btf.struct_size("inet_connection_sock").unwrap() as u32;
+        for f in [o.icsk_pending, o.icsk_retransmits, o.icsk_backoff, o.tp_snd_una, o.tp_lsndtime, o.net_tcp_retries2] {
+            assert!(f.present(), "{o:?}");
+        }
+        assert_eq!(o.icsk_timeout.size, std::mem::size_of::<usize>() as u32);
+        assert!(o.icsk_timeout.off < icsk_size);
+        let expected = match btf.member("inet_connection_sock", "icsk_timeout").unwrap() {
+            Some(m) => m.offset,
+            None => {
+                let timer = btf.member("inet_connection_sock", "icsk_retransmit_timer").unwrap().unwrap();
+                timer.offset + u64::from(o.timer_expires.off)
+            }
+        };
+        assert_eq!(u64::from(o.icsk_timeout.off), expected);
+        assert_eq!(o.tp_snd_una.size, 4);
+        assert_eq!(o.tp_lsndtime.size, 4);
+        assert_eq!(o.net_tcp_retries2.size, 1);
     }
 
     #[test]
