@@ -11,7 +11,9 @@
 //! - [`events`]: helpers to read the agent's JSON timeline.
 //! - [`nginx`]: a real nginx in the namespace, and `ss -tnp` to see who holds a socket.
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
+//! - [`audit`]: one `audit` run and its JSON, `ss -tnoi` in the namespace, a container-named cgroup.
 pub mod agent;
+pub mod audit;
 pub mod cgroup;
 pub mod events;
 pub mod netns;
