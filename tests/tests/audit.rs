@@ -388,3 +388,66 @@ fn bad_input_names_the_flag_and_exits_2() {
         assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
     }
 }
+
+/// Reads `KEY=N` from the environment, `default` when unset.
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).map_or(default, |v| v.parse().unwrap_or_else(|e| panic!("{key}={v}: {e}")))
+}
+
+/// Wall time and peak RSS of one `audit` run, and its own walk/owner timings (its last log line).
+fn measure_audit(ns: &NetNs) -> (Duration, u64, String) {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let t0 = std::time::Instant::now();
+    let mut child = Command::new(keepalive_tests::agent_binary())
+        .args(["audit", "--netns", ns.path().to_str().unwrap(), "--format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child reaps it and fills `ru`.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    let wall = t0.elapsed();
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4: {}", std::io::Error::last_os_error());
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "audit failed: {stderr}");
+    let timings = stderr.lines().last().unwrap_or_default().to_string();
+    (wall, ru.ru_maxrss as u64, timings)
+}
+
+/// The cost target of issue 13: 100,000 sockets audited in ≤ 1 s wall and ≤ 64 MiB RSS. 50,000
+/// loopback connections in the test namespace are 100,000 sockets (both ends), plus 2 listeners.
+/// Run with a release agent (BENCHMARKS.md):
+/// `cargo build --release -p keepalive-agent && KEEPALIVE_AGENT_BIN=target/release/keepalive-agent
+///  cargo test -p keepalive-tests --test audit -- --ignored --nocapture audit_cost`
+/// (`KEEPALIVE_AUDIT_SOCKETS` changes the socket count).
+#[test]
+#[ignore = "benchmark: see BENCHMARKS.md (audit)"]
+fn audit_cost_100k_sockets() {
+    let sockets = env_usize("KEEPALIVE_AUDIT_SOCKETS", 100_000);
+    let env = Env::new();
+    keepalive_tests::raise_nofile(sockets as u64 + 10_000);
+    // Each listener takes one client port per connection: room for all of them.
+    env.ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"]).unwrap();
+    let servers: Vec<Server> = (0..2).map(|_| Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap()).collect();
+    let per = sockets / 4;
+    let t0 = std::time::Instant::now();
+    let mut clients = Vec::with_capacity(sockets / 2);
+    for server in &servers {
+        for sock in ClientSocket::many(&env.ns, Family::V4, per).unwrap() {
+            clients.push(sock.connect(server.addr()).unwrap());
+        }
+        assert!(server.wait_accepted(per, Duration::from_secs(60)), "accepted {} of {per}", server.accepted());
+    }
+    eprintln!("{} connections ({} sockets) in {:?}", clients.len(), clients.len() * 2, t0.elapsed());
+    let runs: Vec<_> = (0..3).map(|_| measure_audit(&env.ns)).collect();
+    for (wall, rss_kib, timings) in &runs {
+        eprintln!("audit of {} sockets: wall {wall:?}, peak RSS {:.1} MiB; {timings}", clients.len() * 2, *rss_kib as f64 / 1024.0);
+    }
+    let (wall, rss) = (runs.iter().map(|r| r.0).min().unwrap(), runs.iter().map(|r| r.1).max().unwrap());
+    assert!(wall <= Duration::from_secs(1), "best wall time {wall:?} > 1 s");
+    assert!(rss <= 64 * 1024, "peak RSS {} KiB > 64 MiB", rss);
+}
