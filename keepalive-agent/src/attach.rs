@@ -928,15 +928,6 @@ pub struct AuditWalker {
     ebpf: Ebpf,
 }
 
-/// What one [`AuditWalker::walk`] read.
-#[derive(Debug, Default)]
-pub struct AuditWalk {
-    /// One record per socket, namespace after namespace.
-    pub records: Vec<AuditRecord>,
-    /// Inode numbers of the namespaces walked (one that vanished meanwhile is skipped).
-    pub namespaces: Vec<u32>,
-}
-
 impl AuditWalker {
     /// Loads the object with `offsets` and the audit iterator program.
     pub fn load(offsets: &Offsets) -> Result<AuditWalker, AttachError> {
@@ -946,11 +937,13 @@ impl AuditWalker {
         // The event ring is not used by the walk: the smallest size the kernel accepts.
         // SAFETY: sysconf has no preconditions.
         let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        // One parse of the kernel's BTF serves the loader and the iterator.
+        let btf = Btf::from_sys_fs().map_err(|e| AttachError::Audit(format!("kernel BTF: {}", error_chain(&e))))?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", page)
             .load(EBPF_OBJECT)?;
-        let btf = Btf::from_sys_fs().map_err(|e| AttachError::Audit(format!("kernel BTF: {}", error_chain(&e))))?;
         let p: &mut Iter = ebpf
             .program_mut(AUDIT_PROGRAM)
             .ok_or_else(|| AttachError::Audit(format!("program {AUDIT_PROGRAM} missing from the object")))?
@@ -960,16 +953,17 @@ impl AuditWalker {
         Ok(AuditWalker { ebpf })
     }
 
-    /// Walks every TCP socket of each of `namespaces` (see [`netns_paths`]).
-    pub fn walk(&mut self, namespaces: &[PathBuf]) -> Result<AuditWalk, AttachError> {
-        let mut records = Vec::new();
-        let namespaces = each_netns(namespaces, AttachError::Audit, || self.walk_here(&mut records))?;
-        Ok(AuditWalk { records, namespaces })
+    /// Walks every TCP socket of each of `namespaces` (see [`netns_paths`]), handing each record
+    /// to `sink` as it is read (nothing is kept here); returns the inode numbers of the namespaces
+    /// walked. Within a namespace, listeners come first (the kernel walks its listening hash
+    /// before the established one).
+    pub fn walk(&mut self, namespaces: &[PathBuf], mut sink: impl FnMut(&AuditRecord)) -> Result<Vec<u32>, AttachError> {
+        each_netns(namespaces, AttachError::Audit, || self.walk_here(&mut sink))
     }
 
-    /// Runs the iterator in the calling thread's namespace, appending to `out`. Reads in fixed
-    /// chunks: memory grows with the records kept, not with a copy of the whole file.
-    fn walk_here(&mut self, out: &mut Vec<AuditRecord>) -> Result<(), AttachError> {
+    /// Runs the iterator in the calling thread's namespace. Reads in fixed chunks: memory does not
+    /// grow with the number of sockets.
+    fn walk_here(&mut self, sink: &mut impl FnMut(&AuditRecord)) -> Result<(), AttachError> {
         let mut file = open_iter(&mut self.ebpf, AUDIT_PROGRAM).map_err(AttachError::Audit)?;
         let mut buf = vec![0u8; 64 * AUDIT_RECORD_SIZE * 8];
         let mut filled = 0;
@@ -982,7 +976,7 @@ impl AuditWalker {
             }
             filled += n;
             let whole = filled - filled % AUDIT_RECORD_SIZE;
-            out.extend(buf[..whole].chunks_exact(AUDIT_RECORD_SIZE).map(audit_record_from));
+            buf[..whole].chunks_exact(AUDIT_RECORD_SIZE).for_each(|c| sink(&audit_record_from(c)));
             buf.copy_within(whole..filled, 0);
             filled -= whole;
         }

@@ -528,7 +528,15 @@ fn audit_state_mask(facts: &KernelFacts) -> u32 {
 
 /// `audit`: one walk, one report; the exit status (0, or [`EXIT_PROBLEMS`] with `--fail-on`).
 fn audit(args: AuditArgs) -> Result<i32> {
-    let mut facts = preflight()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (loading the BPF iterator needs CAP_BPF and CAP_PERFMON)");
+    }
+    // No kernel addresses are needed: /proc/kallsyms is not read.
+    let mut facts = kernel::resolve_without_addresses().context("resolving kernel layout from BTF")?;
+    for note in &facts.notes {
+        warn!("{note}");
+    }
     facts.offsets.audit_state_mask = audit_state_mask(&facts);
     let mut walker = attach::AuditWalker::load(&facts.offsets).context("loading the audit iterator")?;
     let cgroup2 = attach::cgroup2_mount();

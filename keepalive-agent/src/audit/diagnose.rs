@@ -172,9 +172,13 @@ fn recommended(p: &Policy) -> (u64, u64, u64) {
 
 /// The diagnoses of `s` with their messages and fixes; `software` names the knob.
 pub fn diagnose(s: &AuditedSocket, software: Software, p: &Policy) -> Vec<Diagnosis> {
-    findings(s, p)
-        .into_iter()
-        .map(|id| Diagnosis { id, severity: id.severity(), message: message(id, s, p), fix: fix(id, s, software, p) })
+    explain(&findings(s, p), s, software, p)
+}
+
+/// The diagnoses `ids` of `s` (from [`findings`]) with their messages and fixes.
+pub fn explain(ids: &[DiagnosisId], s: &AuditedSocket, software: Software, p: &Policy) -> Vec<Diagnosis> {
+    ids.iter()
+        .map(|&id| Diagnosis { id, severity: id.severity(), message: message(id, s, p), fix: fix(id, s, software, p) })
         .collect()
 }
 

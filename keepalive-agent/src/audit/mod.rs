@@ -55,31 +55,37 @@ pub fn audit_host(
     proc_root: &Path,
     cgroup2: Option<&Path>,
 ) -> Result<Audit, AuditError> {
+    trim_heap();
     let started = Instant::now();
-    let walk = walker.walk(namespaces)?;
+    let mut conv = model::Converter::new(tables.hz, &tables.tcp_states, tables.af_inet6);
+    let mut sockets = Vec::new();
+    let walked = walker.walk(namespaces, |r| sockets.extend(conv.convert(r, None)))?;
+    sockets.shrink_to_fit();
     let walk_time = started.elapsed();
-    let conv = model::Converter::new(tables.hz, &tables.tcp_states, tables.af_inet6, &walk.records);
-    let listen = tables.tcp_states.iter().find(|(_, s)| *s == crate::event::TcpState::Listen).map(|(v, _)| *v);
-    let wanted: HashSet<u64> = walk
-        .records
-        .iter()
-        .filter(|r| Some(r.state) != listen && r.sock_ino != 0)
-        .map(|r| r.sock_ino)
-        .collect();
+    let wanted: HashSet<u64> = sockets.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
     let scan = owners::scan(proc_root, &wanted, cgroup2);
-    let sockets = walk
-        .records
-        .iter()
-        .filter_map(|r| conv.convert(r, scan.holders.get(&r.sock_ino).copied().filter(|_| r.sock_ino != 0)))
-        .collect();
+    drop(wanted);
+    for s in sockets.iter_mut().filter(|s| s.inode != 0) {
+        s.owner = scan.holders.get(&s.inode).copied();
+    }
     log::debug!(
-        "audit: {} records from {} namespaces in {walk_time:?}; owners from {} processes ({} skipped)",
-        walk.records.len(),
-        walk.namespaces.len(),
+        "audit: {} sockets from {} namespaces in {walk_time:?}; owners from {} processes ({} skipped)",
+        sockets.len(),
+        walked.len(),
         scan.processes,
         scan.skipped
     );
-    Ok(Audit { sockets, namespaces: walk.namespaces.len(), walk_time, owner_time: started.elapsed() - walk_time })
+    Ok(Audit { sockets, namespaces: walked.len(), walk_time, owner_time: started.elapsed() - walk_time })
+}
+
+/// Gives the heap's free pages back to the kernel (glibc keeps them): the BTF parsed at start-up
+/// is freed by now, and the walk's peak RSS should not sit on top of it.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Sockets per diagnosis (every id present, 0 when none): what `run` publishes as

@@ -125,8 +125,7 @@ impl AuditedSocket {
             .then(|| u64::from(self.idle.value) + u64::from(self.intvl.value) * u64::from(self.cnt.value))
     }
 
-    /// The keep-alive settings a socket with keep-alive on would use (what the effective settings
-    /// say even while keep-alive is off).
+    /// Whether `TCP_USER_TIMEOUT` is set.
     pub fn has_user_timeout(&self) -> bool {
         self.user_timeout_ms > 0
     }
@@ -151,22 +150,21 @@ pub struct Converter<'a> {
 }
 
 impl<'a> Converter<'a> {
-    /// A converter that knows the listeners among `records`.
-    pub fn new(hz: u32, states: &'a [(u8, TcpState)], af_inet6: u8, records: &[AuditRecord]) -> Converter<'a> {
-        let mut c = Converter { hz, states, af_inet6, listeners: HashMap::new() };
-        for r in records {
-            if c.state(r.state) == TcpState::Listen {
-                let l = Listener {
-                    addr: c.addrs(r).0.ip(),
-                    keepopen: r.flags & AUDIT_KEEPOPEN != 0,
-                    time: r.keepalive_time,
-                    intvl: r.keepalive_intvl,
-                    probes: r.keepalive_probes,
-                };
-                c.listeners.entry((r.netns, r.sport)).or_default().push(l);
-            }
-        }
-        c
+    /// A converter for one walk.
+    pub fn new(hz: u32, states: &'a [(u8, TcpState)], af_inet6: u8) -> Converter<'a> {
+        Converter { hz, states, af_inet6, listeners: HashMap::new() }
+    }
+
+    /// Remembers the keep-alive settings of the listener `r`.
+    fn learn_listener(&mut self, r: &AuditRecord) {
+        let l = Listener {
+            addr: self.addrs(r).0.ip(),
+            keepopen: r.flags & AUDIT_KEEPOPEN != 0,
+            time: r.keepalive_time,
+            intvl: r.keepalive_intvl,
+            probes: r.keepalive_probes,
+        };
+        self.listeners.entry((r.netns, r.sport)).or_default().push(l);
     }
 
     fn state(&self, v: u8) -> TcpState {
@@ -200,10 +198,13 @@ impl<'a> Converter<'a> {
             .find(|l| l.addr == local || l.addr.is_unspecified())
     }
 
-    /// The audited socket of record `r`; `None` for listeners (only used for inheritance).
-    pub fn convert(&self, r: &AuditRecord, owner: Option<Holder>) -> Option<AuditedSocket> {
+    /// The audited socket of record `r`; `None` for listeners, which are remembered to tell what
+    /// the sockets accepted from them inherited (the kernel's walk gives a namespace's listeners
+    /// before its established sockets).
+    pub fn convert(&mut self, r: &AuditRecord, owner: Option<Holder>) -> Option<AuditedSocket> {
         let state = self.state(r.state);
         if state == TcpState::Listen {
+            self.learn_listener(r);
             return None;
         }
         let (local, remote) = self.addrs(r);
@@ -302,7 +303,7 @@ pub(crate) mod tests {
 
     pub(crate) fn convert_all(records: &[AuditRecord]) -> Vec<AuditedSocket> {
         let t = DecodeTables::linux_defaults();
-        let c = Converter::new(250, &t.tcp_states, 10, records);
+        let mut c = Converter::new(250, &t.tcp_states, 10);
         records.iter().filter_map(|r| c.convert(r, None)).collect()
     }
 

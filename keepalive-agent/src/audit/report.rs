@@ -31,20 +31,26 @@ pub struct ReportFilter {
     pub only_problems: bool,
 }
 
-/// A socket ready to print: its owner's cgroup resolved and its diagnoses explained.
+/// A socket ready to print: its owner's cgroup resolved and its diagnoses found (explained only
+/// when printed: the text of 100,000 diagnoses would outweigh the sockets).
 struct Row<'a> {
     s: &'a AuditedSocket,
-    cgroup: Option<CgroupInfo>,
-    diagnoses: Vec<Diagnosis>,
+    cgroup: Option<&'a CgroupInfo>,
+    findings: Vec<DiagnosisId>,
+    software: Software,
 }
 
 impl Row<'_> {
     fn container(&self) -> Option<&str> {
-        self.cgroup.as_ref()?.container_id.as_deref()
+        self.cgroup?.container_id.as_deref()
     }
 
     fn worst(&self) -> Option<Severity> {
-        self.diagnoses.iter().map(|d| d.severity).max()
+        self.findings.iter().map(|d| d.severity()).max()
+    }
+
+    fn diagnoses(&self, policy: &Policy) -> Vec<Diagnosis> {
+        diagnose::explain(&self.findings, self.s, self.software, policy)
     }
 }
 
@@ -85,7 +91,7 @@ pub struct SocketJson<'a> {
     pub diagnoses: &'a [Diagnosis],
 }
 
-fn json_of<'a>(row: &'a Row<'a>, policy: &Policy) -> SocketJson<'a> {
+fn json_of<'a>(row: &'a Row<'a>, policy: &Policy, diagnoses: &'a [Diagnosis]) -> SocketJson<'a> {
     let s = row.s;
     SocketJson {
         netns: s.netns,
@@ -94,7 +100,7 @@ fn json_of<'a>(row: &'a Row<'a>, policy: &Policy) -> SocketJson<'a> {
         state: s.state.name(),
         pid: s.owner.map(|o| o.pid),
         comm: s.owner.as_ref().map(|o| comm_str(&o.comm)),
-        cgroup: row.cgroup.as_ref().map(|c| c.path.as_str()),
+        cgroup: row.cgroup.map(|c| c.path.as_str()),
         container_id: row.container(),
         keepalive: s.keepalive,
         keepalive_source: s.keepalive.then_some(s.keepalive_source),
@@ -118,7 +124,7 @@ fn json_of<'a>(row: &'a Row<'a>, policy: &Policy) -> SocketJson<'a> {
         orphan: s.orphan,
         inode: s.inode,
         idle_timeout_s: policy.middlebox.timeout_s,
-        diagnoses: &row.diagnoses,
+        diagnoses,
     }
 }
 
@@ -141,16 +147,18 @@ pub fn write_report<W: Write>(
     color: bool,
     cgroups: &mut CgroupResolver,
 ) -> io::Result<Outcome> {
-    let rows = rows(audit, policy, filter, cgroups);
+    let cgroups = resolve_cgroups(audit, cgroups);
+    let rows = rows(audit, policy, filter, &cgroups);
     let outcome = Outcome {
         reported: rows.len(),
-        problems: rows.iter().filter(|r| !r.diagnoses.is_empty()).count(),
+        problems: rows.iter().filter(|r| !r.findings.is_empty()).count(),
         worst: rows.iter().filter_map(Row::worst).max(),
     };
     match format {
         Format::Json => {
             for row in &rows {
-                serde_json::to_writer(&mut *out, &json_of(row, policy))?;
+                let diagnoses = row.diagnoses(policy);
+                serde_json::to_writer(&mut *out, &json_of(row, policy, &diagnoses))?;
                 out.write_all(b"\n")?;
             }
         }
@@ -159,7 +167,7 @@ pub fn write_report<W: Write>(
             let mut line = String::with_capacity(512);
             for row in &rows {
                 line.clear();
-                text_row(&mut line, row, color);
+                text_row(&mut line, row, policy, color);
                 out.write_all(line.as_bytes())?;
             }
         }
@@ -167,8 +175,26 @@ pub fn write_report<W: Write>(
     Ok(outcome)
 }
 
+/// Each owner's cgroup, resolved once per cgroup id.
+fn resolve_cgroups(audit: &Audit, resolver: &mut CgroupResolver) -> HashMap<u64, CgroupInfo> {
+    let mut out = HashMap::new();
+    for id in audit.sockets.iter().filter_map(|s| s.owner.map(|o| o.cgroup_id)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = out.entry(id) {
+            if let Some(info) = resolver.resolve(id) {
+                e.insert(info);
+            }
+        }
+    }
+    out
+}
+
 /// The reported rows, problems first (errors, then warnings), then by idle time, longest first.
-fn rows<'a>(audit: &'a Audit, policy: &Policy, filter: &ReportFilter, cgroups: &mut CgroupResolver) -> Vec<Row<'a>> {
+fn rows<'a>(
+    audit: &'a Audit,
+    policy: &Policy,
+    filter: &ReportFilter,
+    cgroups: &'a HashMap<u64, CgroupInfo>,
+) -> Vec<Row<'a>> {
     let mut rows: Vec<Row<'a>> = Vec::new();
     for s in &audit.sockets {
         if !filter.pids.is_empty() && !s.owner.is_some_and(|o| filter.pids.contains(&o.pid)) {
@@ -177,18 +203,19 @@ fn rows<'a>(audit: &'a Audit, policy: &Policy, filter: &ReportFilter, cgroups: &
         if !filter.ports.is_empty() && !filter.ports.iter().any(|&p| p == s.local.port() || p == s.remote.port()) {
             continue;
         }
-        if filter.only_problems && diagnose::findings(s, policy).is_empty() {
+        let findings = diagnose::findings(s, policy);
+        if filter.only_problems && findings.is_empty() {
             continue;
         }
-        let cgroup = s.owner.and_then(|o| cgroups.resolve(o.cgroup_id));
+        let cgroup = s.owner.and_then(|o| cgroups.get(&o.cgroup_id));
         if let Some(want) = &filter.container {
-            let id = cgroup.as_ref().and_then(|c| c.container_id.as_deref());
+            let id = cgroup.and_then(|c| c.container_id.as_deref());
             if !id.is_some_and(|id| id.starts_with(want.as_str())) {
                 continue;
             }
         }
         let software = s.owner.map_or(Software::Unknown, |o| Software::from_comm(comm_str(&o.comm)));
-        rows.push(Row { s, cgroup, diagnoses: diagnose::diagnose(s, software, policy) });
+        rows.push(Row { s, cgroup, findings, software });
     }
     rows.sort_by(|a, b| b.worst().cmp(&a.worst()).then(b.s.idle_ms().cmp(&a.s.idle_ms())));
     rows
@@ -219,15 +246,15 @@ fn write_summary<W: Write>(out: &mut W, audit: &Audit, policy: &Policy, rows: &[
         let key = (who(row.s), short_container(row.container()).to_string());
         let o = owners.entry(key).or_default();
         o.sockets += 1;
-        o.problems += usize::from(!row.diagnoses.is_empty());
+        o.problems += usize::from(!row.findings.is_empty());
         o.worst_idle_ms = o.worst_idle_ms.max(row.s.idle_ms());
-        for d in &row.diagnoses {
-            *o.counts.entry(d.id).or_default() += 1;
+        for id in &row.findings {
+            *o.counts.entry(*id).or_default() += 1;
         }
     }
     let mut owners: Vec<_> = owners.into_iter().collect();
     owners.sort_by(|a, b| b.1.problems.cmp(&a.1.problems).then(b.1.sockets.cmp(&a.1.sockets)).then(a.0.cmp(&b.0)));
-    let problems = rows.iter().filter(|r| !r.diagnoses.is_empty()).count();
+    let problems = rows.iter().filter(|r| !r.findings.is_empty()).count();
     let mut text = format!(
         "audit: {} sockets reported ({} audited in {} network namespaces, walk {:.1} ms, owners {:.1} ms), {problems} with problems\n",
         rows.len(),
@@ -287,7 +314,7 @@ fn setting(line: &mut String, key: &str, s: Setting, unit: &str) {
 
 /// One socket: state, local -> remote, owner, then `key=value` fields; its diagnoses follow on
 /// indented lines (`! severity id: message`, `  fix: ...`).
-fn text_row(line: &mut String, row: &Row<'_>, color: bool) {
+fn text_row(line: &mut String, row: &Row<'_>, policy: &Policy, color: bool) {
     let s = row.s;
     let (c0, c1) = paint(color, row.worst());
     let _ = write!(
@@ -324,7 +351,7 @@ fn text_row(line: &mut String, row: &Row<'_>, color: bool) {
     line.push_str(" netns=");
     let _ = write!(line, "{}", s.netns);
     line.push('\n');
-    for d in &row.diagnoses {
+    for d in row.diagnoses(policy) {
         let (c0, c1) = paint(color, Some(d.severity));
         let _ = writeln!(line, "    {c0}! {} {}{c1}: {}", d.severity.name(), d.id.name(), d.message);
         let _ = writeln!(line, "      fix: {}", d.fix);

@@ -100,6 +100,19 @@ pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, Ker
     Ok(KernelFacts { offsets, tables, notes, kernel_release })
 }
 
+/// The facts that need no kernel addresses (BTF offsets and HZ, no `/proc/kallsyms`): enough for
+/// the `audit` socket walk, which attaches to no kernel function. `offsets.tcp_keepalive_timer`
+/// and `offsets.jiffies_addr` are 0.
+pub fn resolve_without_addresses() -> Result<KernelFacts, KernelError> {
+    let kernel_release = kernel_release()?;
+    let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_btf(Path::new(VMLINUX_BTF))?;
+    let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
+    offsets.hz = hz;
+    let tables =
+        DecodeTables { hz, tcp_states, reset_reasons, af_inet: libc::AF_INET as u8, af_inet6: libc::AF_INET6 as u8 };
+    Ok(KernelFacts { offsets, tables, notes, kernel_release })
+}
+
 /// `CONFIG_HZ` of the running kernel (see [`hz`](mod@hz) for the sources tried).
 pub fn hz() -> Result<u32, KernelError> {
     Ok(hz::detect(&hz::HzSources::system(&kernel_release()?))?)
