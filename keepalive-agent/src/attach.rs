@@ -20,7 +20,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use keepalive_common::{AuditRecord, Offsets, AUDIT_RECORD_SIZE, LOST_SLOTS, RAW_EVENT_SIZE};
+use keepalive_common::{AuditRecord, Offsets, AUDIT_FILE_RECORD_SIZE, AUDIT_RECORD_SIZE, LOST_SLOTS, RAW_EVENT_SIZE};
 use log::{debug, info, warn};
 
 /// The compiled eBPF object (built by build.rs).
@@ -694,13 +694,7 @@ fn try_strategy(
             Ok(Vec::new())
         }
         Strategy::Iter { program, target } => {
-            let btf = btf.ok_or("kernel BTF unavailable")?;
-            let p: &mut Iter = ebpf
-                .program_mut(program)
-                .ok_or_else(|| format!("program {program} missing from the object"))?
-                .try_into()
-                .map_err(|e| format!("{program}: {e}"))?;
-            p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
+            load_iter(ebpf, program, target, btf.ok_or("kernel BTF unavailable")?)?;
             Ok(Vec::new())
         }
     }
@@ -819,6 +813,18 @@ fn each_netns(
     Ok(walked)
 }
 
+/// Runs the loaded `iter` program `program` once and reads all it writes, which must be whole
+/// records of `record_size` bytes.
+fn read_iter(ebpf: &mut Ebpf, program: &str, record_size: usize) -> Result<Vec<u8>, String> {
+    let mut file = open_iter(ebpf, program)?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(|e| format!("reading the {program} iterator: {e}"))?;
+    if buf.len() % record_size != 0 {
+        return Err(format!("{program} returned {} bytes, not a multiple of the record size {record_size}", buf.len()));
+    }
+    Ok(buf)
+}
+
 /// Creates an iterator of the loaded `iter` program `program` in the calling thread's namespace
 /// and returns the file to read it from.
 fn open_iter(ebpf: &mut Ebpf, program: &str) -> Result<File, String> {
@@ -862,16 +868,7 @@ impl Probes {
 
     /// The snapshot of the calling thread's network namespace.
     fn snapshot_here(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
-        let mut file = open_iter(&mut self.ebpf, "snapshot_tcp").map_err(AttachError::Snapshot)?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)
-            .map_err(|e| AttachError::Snapshot(format!("reading the iterator: {e}")))?;
-        if buf.len() % RAW_EVENT_SIZE != 0 {
-            return Err(AttachError::Snapshot(format!(
-                "iterator returned {} bytes, not a multiple of the record size {RAW_EVENT_SIZE}",
-                buf.len()
-            )));
-        }
+        let buf = read_iter(&mut self.ebpf, "snapshot_tcp", RAW_EVENT_SIZE).map_err(AttachError::Snapshot)?;
         Ok(buf.chunks_exact(RAW_EVENT_SIZE).map(<[u8]>::to_vec).collect())
     }
 
@@ -926,6 +923,9 @@ impl Probes {
 /// link per namespace, reads it to the end and drops it. Dropping the walker unloads the program.
 pub struct AuditWalker {
     ebpf: Ebpf,
+    /// Why the `audit_files` iterator is not available, if it is not (the owners are then found
+    /// in `/proc`).
+    files_unavailable: Option<String>,
 }
 
 impl AuditWalker {
@@ -944,13 +944,29 @@ impl AuditWalker {
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", page)
             .load(EBPF_OBJECT)?;
-        let p: &mut Iter = ebpf
-            .program_mut(AUDIT_PROGRAM)
-            .ok_or_else(|| AttachError::Audit(format!("program {AUDIT_PROGRAM} missing from the object")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| AttachError::Audit(e.to_string()))?;
-        p.load("tcp", &btf).map_err(|e| AttachError::Audit(format!("loading {AUDIT_PROGRAM}: {}", error_chain(&e))))?;
-        Ok(AuditWalker { ebpf })
+        load_iter(&mut ebpf, AUDIT_PROGRAM, "tcp", &btf).map_err(AttachError::Audit)?;
+        let files_unavailable = if offsets.task_tgid.present() && offsets.inode_i_mode.present() && offsets.socket_inode_ready() {
+            load_iter(&mut ebpf, AUDIT_FILES_PROGRAM, "task_file", &btf).err()
+        } else {
+            Some("kernel BTF lacks task_struct.tgid, inode.i_mode or file.f_inode".into())
+        };
+        if let Some(why) = &files_unavailable {
+            info!("audit: {AUDIT_FILES_PROGRAM} unavailable ({why}): socket owners come from /proc");
+        }
+        Ok(AuditWalker { ebpf, files_unavailable })
+    }
+
+    /// Every socket file some process holds, as (socket inode, process id), from one run of the
+    /// `audit_files` iterator (`iter/task_file`, 5.8+) over all tasks; `None` when that iterator
+    /// is unavailable here.
+    pub fn socket_files(&mut self) -> Result<Option<Vec<(u64, u32)>>, AttachError> {
+        if self.files_unavailable.is_some() {
+            return Ok(None);
+        }
+        let buf = read_iter(&mut self.ebpf, AUDIT_FILES_PROGRAM, AUDIT_FILE_RECORD_SIZE).map_err(AttachError::Audit)?;
+        let ino = |c: &[u8]| u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
+        let tgid = |c: &[u8]| u32::from_ne_bytes(c[8..12].try_into().expect("4 bytes"));
+        Ok(Some(buf.chunks_exact(AUDIT_FILE_RECORD_SIZE).map(|c| (ino(c), tgid(c))).collect()))
     }
 
     /// Walks every TCP socket of each of `namespaces` (see [`netns_paths`]), handing each record
@@ -989,8 +1005,19 @@ impl AuditWalker {
     }
 }
 
-/// The program of the `audit` walk.
+/// The programs of the `audit` walk: sockets, and the socket files processes hold.
 const AUDIT_PROGRAM: &str = "audit_tcp";
+const AUDIT_FILES_PROGRAM: &str = "audit_files";
+
+/// Loads the `iter` program `program` over `target`; the reason when it cannot be.
+fn load_iter(ebpf: &mut Ebpf, program: &str, target: &str, btf: &Btf) -> Result<(), String> {
+    let p: &mut Iter = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))
+}
 
 /// One record from its bytes (`chunk` holds exactly [`AUDIT_RECORD_SIZE`] bytes).
 fn audit_record_from(chunk: &[u8]) -> AuditRecord {

@@ -171,6 +171,10 @@ pub struct Offsets {
     pub icsk_backoff: Field,
     /// `net.ipv4.sysctl_tcp_retries2` of the namespace.
     pub net_tcp_retries2: Field,
+    /// `task_struct.tgid` (the process id), for the `audit_files` iterator.
+    pub task_tgid: Field,
+    /// `inode.i_mode` (file type and permissions), for the `audit_files` iterator.
+    pub inode_i_mode: Field,
 }
 
 impl Offsets {
@@ -503,8 +507,25 @@ pub const AUDIT_RECORD_SIZE: usize = core::mem::size_of::<AuditRecord>();
 // No implicit padding: the kernel side and the agent agree byte for byte.
 const _: () = assert!(AUDIT_RECORD_SIZE == 144);
 
+/// One socket file a process holds, from the `audit_files` iterator (`iter/task_file`, kernel
+/// 5.8+): the inode number `/proc/PID/fd/N` shows as `socket:[INODE]`, and the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditFileRecord {
+    pub ino: u64,
+    /// Process id (`tgid`).
+    pub tgid: u32,
+    /// Explicit padding to 16 bytes.
+    pub pad: u32,
+}
+
+/// Size of one [`AuditFileRecord`] in bytes.
+pub const AUDIT_FILE_RECORD_SIZE: usize = core::mem::size_of::<AuditFileRecord>();
+const _: () = assert!(AUDIT_FILE_RECORD_SIZE == 16);
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::AuditFileRecord {}
     unsafe impl aya::Pod for super::AuditRecord {}
     // SAFETY: plain `#[repr(C)]` integer structs without padding holes that matter to the kernel.
     unsafe impl aya::Pod for super::Offsets {}

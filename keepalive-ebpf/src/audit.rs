@@ -1,16 +1,20 @@
 //! The `audit` socket walk: a BPF iterator (`iter/tcp`, kernel 5.9+) that writes one
 //! [`AuditRecord`] per ESTABLISHED, CLOSE_WAIT or LISTEN TCP socket of the namespace it runs in
-//! (the states come from `OFFSETS.audit_state_mask`). Run on demand by `keepalive-agent audit`;
-//! nothing stays attached. Listeners are reported so that the agent can tell settings an accepted
-//! socket inherited from its listener.
+//! (the states come from `OFFSETS.audit_state_mask`), and one over every process's open files
+//! (`iter/task_file`, 5.8+) that writes an [`AuditFileRecord`] per socket file: which process holds
+//! which socket, without reading `/proc/PID/fd` link by link. Run on demand by
+//! `keepalive-agent audit`; nothing stays attached. Listeners are reported so that the agent can
+//! tell settings an accepted socket inherited from its listener.
 
-use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_seq_write};
-use keepalive_common::{AuditRecord, AUDIT_KEEPALIVE_TIMER_PENDING, AUDIT_RECORD_SIZE};
+use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_probe_read_kernel, bpf_seq_write};
+use keepalive_common::{
+    AuditFileRecord, AuditRecord, AUDIT_FILE_RECORD_SIZE, AUDIT_KEEPALIVE_TIMER_PENDING, AUDIT_RECORD_SIZE,
+};
 
 use crate::{
     off,
     read::{rd, read_addrs, read_settings},
-    snapshot::{iter_sock, sock_inode, IterTcpCtx},
+    snapshot::{iter_sock, sock_inode, IterMeta, IterTcpCtx},
     AUDIT_SCRATCH,
 };
 
@@ -99,6 +103,50 @@ pub fn audit_tcp(ctx: *mut IterTcpCtx) -> i32 {
     unsafe {
         let seq = (*(*ctx).meta).seq;
         bpf_seq_write(seq, r as *const AuditRecord as *const _, AUDIT_RECORD_SIZE as u32);
+    }
+    0
+}
+
+/// `struct bpf_iter__task_file { struct bpf_iter_meta *meta; struct task_struct *task; u32 fd;
+/// struct file *file; }`
+#[repr(C)]
+pub struct IterTaskFileCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+    _fd: u32,
+    file: *const u8,
+}
+
+/// File type bits of `i_mode` and the socket type (uapi `S_IFMT`, `S_IFSOCK`).
+const S_IFMT: u64 = 0o170000;
+const S_IFSOCK: u64 = 0o140000;
+
+/// A pointer slot of the context as a plain number (no arithmetic on typed context pointers).
+#[inline(always)]
+fn ctx_ptr(slot: *const *const u8) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: reading one pointer-sized slot of the context into a local.
+    unsafe { bpf_probe_read_kernel(&mut v as *mut u64 as *mut _, 8, slot as *const _) };
+    v
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn audit_files(ctx: *mut IterTaskFileCtx) -> i32 {
+    // SAFETY: taking the addresses of the context's slots, not reading through them.
+    let (task, file) = unsafe { (ctx_ptr(core::ptr::addr_of!((*ctx).task)), ctx_ptr(core::ptr::addr_of!((*ctx).file))) };
+    if task == 0 || file == 0 {
+        return 0;
+    }
+    let inode = rd(file, off!(file_f_inode));
+    if inode == 0 || rd(inode, off!(inode_i_mode)) & S_IFMT != S_IFSOCK {
+        return 0;
+    }
+    let rec = AuditFileRecord { ino: rd(inode, off!(inode_i_ino)), tgid: rd(task, off!(task_tgid)) as u32, pad: 0 };
+    // SAFETY: `meta->seq` is a typed pointer the verifier knows; the record is on the stack.
+    unsafe {
+        let seq = (*(*ctx).meta).seq;
+        bpf_seq_write(seq, &rec as *const AuditFileRecord as *const _, AUDIT_FILE_RECORD_SIZE as u32);
     }
     0
 }

@@ -298,7 +298,7 @@ fn keepalive_knob(software: Software, i: u64, v: u64, c: u64) -> String {
             "Java: socket.setKeepAlive(true) and socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE, {i}), TCP_KEEPINTERVAL {v}, TCP_KEEPCOUNT {c}"
         ),
         Software::Unknown => format!(
-            "in the application: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE={i}, TCP_KEEPINTVL={v}, TCP_KEEPCNT={c} (Go: net.Dialer{{KeepAlive: {i}*time.Second}} or KeepAliveConfig{{Enable: true, Idle: {i}s, Interval: {v}s, Count: {c}}}; Java: jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE; Node.js: socket.setKeepAlive(true, {}); libpq: keepalives_idle={i}; redis: tcp-keepalive {i}; nginx: listen ... so_keepalive={i}s:{v}s:{c})",
+            "in the application: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE={i}, TCP_KEEPINTVL={v}, TCP_KEEPCNT={c} (Go: net.Dialer{{KeepAlive: {i}*time.Second}} or KeepAliveConfig{{Enable: true, Idle: {i}s, Interval: {v}s, Count: {c}}}; Java: jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE; Node.js: socket.setKeepAlive(true, {}); libpq: keepalives_idle={i})",
             i * 1000
         ),
     }

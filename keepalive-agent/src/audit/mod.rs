@@ -16,7 +16,7 @@ pub mod model;
 pub mod report;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -63,19 +63,47 @@ pub fn audit_host(
     sockets.shrink_to_fit();
     let walk_time = started.elapsed();
     let wanted: HashSet<u64> = sockets.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
-    let scan = owners::scan(proc_root, &wanted, cgroup2);
+    let holders = match walker.socket_files()? {
+        Some(files) => holders_of(&wanted, &files, proc_root, cgroup2),
+        None => {
+            let scan = owners::scan(proc_root, &wanted, cgroup2);
+            log::debug!("audit: owners from {} processes in /proc ({} skipped)", scan.processes, scan.skipped);
+            scan.holders
+        }
+    };
     drop(wanted);
     for s in sockets.iter_mut().filter(|s| s.inode != 0) {
-        s.owner = scan.holders.get(&s.inode).copied();
+        s.owner = holders.get(&s.inode).copied();
     }
-    log::debug!(
-        "audit: {} sockets from {} namespaces in {walk_time:?}; owners from {} processes ({} skipped)",
-        sockets.len(),
-        walked.len(),
-        scan.processes,
-        scan.skipped
-    );
+    log::debug!("audit: {} sockets from {} namespaces in {walk_time:?}", sockets.len(), walked.len());
     Ok(Audit { sockets, namespaces: walked.len(), walk_time, owner_time: started.elapsed() - walk_time })
+}
+
+/// Socket inode → its holder with the lowest pid, for the inodes in `wanted`, from the socket
+/// files every process holds (`files`: inode, pid); each holder's name and cgroup read once from
+/// `proc_root`. A process that exited since is left out.
+pub fn holders_of(
+    wanted: &HashSet<u64>,
+    files: &[(u64, u32)],
+    proc_root: &Path,
+    cgroup2: Option<&Path>,
+) -> HashMap<u64, owners::Holder> {
+    let mut lowest: HashMap<u64, u32> = HashMap::new();
+    for &(ino, pid) in files.iter().filter(|(ino, _)| wanted.contains(ino)) {
+        let e = lowest.entry(ino).or_insert(pid);
+        *e = (*e).min(pid);
+    }
+    let mut processes: HashMap<u32, Option<owners::Holder>> = HashMap::new();
+    lowest
+        .into_iter()
+        .filter_map(|(ino, pid)| {
+            let h = *processes.entry(pid).or_insert_with(|| {
+                let dir = proc_root.join(pid.to_string());
+                dir.exists().then(|| owners::read_holder(&dir, pid, cgroup2))
+            });
+            h.map(|h| (ino, h))
+        })
+        .collect()
 }
 
 /// Gives the heap's free pages back to the kernel (glibc keeps them): the BTF parsed at start-up
@@ -104,6 +132,22 @@ pub fn at_risk(sockets: &[AuditedSocket], policy: &Policy) -> BTreeMap<Diagnosis
 mod tests {
     use super::*;
     use crate::audit::model::tests::{convert_all, record};
+
+    #[test]
+    fn holders_are_the_lowest_pid_of_wanted_sockets() {
+        let dir = crate::kernel::hz::tests::TempDir::new("audit-holders");
+        for (pid, comm) in [(7, "redis-server"), (9, "worker")] {
+            std::fs::create_dir_all(dir.0.join(pid.to_string())).unwrap();
+            std::fs::write(dir.0.join(format!("{pid}/comm")), format!("{comm}\n")).unwrap();
+        }
+        let wanted: HashSet<u64> = [100, 200, 300].into();
+        // 300 is held by a process that exited (no /proc directory); 400 is not wanted.
+        let files = [(100, 9), (100, 7), (200, 9), (300, 11), (400, 7)];
+        let h = holders_of(&wanted, &files, &dir.0, None);
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[&100].pid, h[&200].pid), (7, 9));
+        assert_eq!(crate::event::comm_str(&h[&100].comm), "redis-server");
+    }
 
     #[test]
     fn at_risk_counts_every_id() {

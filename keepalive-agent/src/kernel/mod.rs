@@ -239,7 +239,11 @@ const FIELDS: &[FieldSpec] = &[
     owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_AUDIT_TIMER),
     owner("inet_connection_sock", &["icsk_backoff"], |o| &mut o.icsk_backoff, NO_AUDIT_TIMER),
     owner("net", &["ipv4.sysctl_tcp_retries2"], |o| &mut o.net_tcp_retries2, NO_AUDIT_RETRIES2),
+    owner("task_struct", &["tgid"], |o| &mut o.task_tgid, NO_AUDIT_FILES),
+    owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
 ];
+
+const NO_AUDIT_FILES: &str = "audit finds the processes holding sockets in /proc (slower)";
 
 const NO_AUDIT_UNACKED: &str = "audit reports no unacknowledged byte count";
 const NO_AUDIT_SEND_IDLE: &str = "audit reports no time since the last segment sent";
@@ -632,7 +636,7 @@ mod tests {
         let o = &facts.offsets;
         let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
         let icsk_size = btf.struct_size("inet_connection_sock").unwrap() as u32;
-        for f in [o.icsk_pending, o.icsk_retransmits, o.icsk_backoff, o.tp_snd_una, o.tp_lsndtime, o.net_tcp_retries2] {
+        for f in [o.icsk_pending, o.icsk_retransmits, o.icsk_backoff, o.tp_snd_una, o.tp_lsndtime, o.net_tcp_retries2, o.task_tgid] {
             assert!(f.present(), "{o:?}");
         }
         assert_eq!(o.icsk_timeout.size, std::mem::size_of::<usize>() as u32);
@@ -648,6 +652,7 @@ mod tests {
         assert_eq!(o.tp_snd_una.size, 4);
         assert_eq!(o.tp_lsndtime.size, 4);
         assert_eq!(o.net_tcp_retries2.size, 1);
+        assert_eq!((o.task_tgid.size, o.inode_i_mode.size), (4, 2));
     }
 
     #[test]
