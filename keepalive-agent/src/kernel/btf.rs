@@ -109,10 +109,18 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    /// Parses a BTF file (e.g. `/sys/kernel/btf/vmlinux`).
+    /// Parses a BTF file (e.g. `/sys/kernel/btf/vmlinux`): mapped and read on demand where the
+    /// file can be mapped (`/sys/kernel/btf/vmlinux` since Linux 6.16; a regular file), else read
+    /// and parsed whole.
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path)
-            .map_err(|error| BtfError { path: path.to_path_buf(), kind: Box::new(BtfErrorKind::Open { error }) })?;
+        let btf = match Btf::from_file_with_backend(path, btf_rs::Backend::Mmap) {
+            Ok(btf) => Ok(btf),
+            Err(e) => {
+                log::debug!("{}: not mapped ({e}), parsing it whole", path.display());
+                Btf::from_file(path)
+            }
+        }
+        .map_err(|error| BtfError { path: path.to_path_buf(), kind: Box::new(BtfErrorKind::Open { error }) })?;
         Ok(KernelBtf { btf, path: path.to_path_buf() })
     }
 
