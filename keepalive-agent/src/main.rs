@@ -157,6 +157,10 @@ struct AuditArgs {
     /// Only sockets with at least one diagnosis.
     #[arg(long)]
     only_problems: bool,
+    /// Most sockets audited, 1 to 16777216 (about 220 bytes each); past it sockets are counted,
+    /// not audited, and that is reported.
+    #[arg(long, default_value_t = 1_048_576, value_parser = max_connections_parser(), allow_negative_numbers = true)]
+    max_sockets: usize,
     /// Exit with status 3 when a reported socket has a diagnosis of this severity or worse.
     #[arg(long, value_enum)]
     fail_on: Option<audit::Severity>,
@@ -541,7 +545,8 @@ fn audit(args: AuditArgs) -> Result<i32> {
     let mut walker = attach::AuditWalker::load(&facts.offsets).context("loading the audit iterator")?;
     let cgroup2 = attach::cgroup2_mount();
     let namespaces = attach::netns_paths(args.netns.as_deref());
-    let found = audit::audit_host(&mut walker, &facts.tables, &namespaces, std::path::Path::new("/proc"), cgroup2.as_deref())
+    let paths = audit::HostPaths { proc_root: std::path::Path::new("/proc"), cgroup2: cgroup2.as_deref() };
+    let found = audit::audit_host(&mut walker, &facts.tables, &namespaces, args.max_sockets, paths)
         .context("auditing sockets")?;
     drop(walker);
     let policy = audit::Policy {
@@ -691,6 +696,7 @@ mod tests {
         assert!(e.contains("unknown middlebox `aws-alb`") && e.contains("gcp-cloud-nat"), "{e}");
         rejected(&["audit", "--detect-within", "0"], "--detect-within");
         rejected(&["audit", "--container", "xyz"], "--container");
+        rejected(&["audit", "--max-sockets", "0"], "--max-sockets");
         let e = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--middlebox", "aws-nlb"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
         let cli = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--fail-on", "warning"]).unwrap();

@@ -367,6 +367,10 @@ fn json_keys_are_stable_and_fail_on_sets_the_exit_status() {
     for k in ["\"id\":", "\"severity\":", "\"message\":", "\"fix\":"] {
         assert!(d.to_string().contains(k), "{d}");
     }
+    // Bounded: past --max-sockets, counted and said.
+    let (run, bounded) = audit(&env.ns, &["--idle-timeout", "600", "--max-sockets", "1"], 0);
+    assert_eq!(bounded.len(), 1, "{}", run.stdout);
+    assert!(run.stderr.contains("1 sockets past the bound of 1 were not audited (--max-sockets)"), "{}", run.stderr);
     audit(&env.ns, &["--idle-timeout", "2", "--fail-on", "error"], 0);
     audit(&env.ns, &["--idle-timeout", "2"], 0);
     audit(&env.ns, &["--idle-timeout", "600", "--fail-on", "warning"], 0);
@@ -381,6 +385,7 @@ fn bad_input_names_the_flag_and_exits_2() {
         (&["--detect-within", "-1"][..], "--detect-within", "-1"),
         (&["--fail-on", "fatal"][..], "--fail-on", "fatal"),
         (&["--container", "not-hex"][..], "--container", "hexadecimal"),
+        (&["--max-sockets", "0"][..], "--max-sockets", "0"),
     ] {
         let run = run_audit(args);
         assert_eq!(run.status, Some(2), "{args:?}: {}", run.stderr);

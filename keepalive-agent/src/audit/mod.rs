@@ -40,26 +40,51 @@ pub struct Audit {
     pub sockets: Vec<AuditedSocket>,
     /// Network namespaces walked.
     pub namespaces: usize,
+    /// Sockets found past the `max_sockets` bound of [`audit_host`], not audited.
+    pub over_limit: u64,
     /// Wall time of the kernel walk and of the `/proc` owner scan.
     pub walk_time: Duration,
     pub owner_time: Duration,
 }
 
-/// Walks `namespaces` with `walker`, converts every socket with `tables` (HZ, TCP states) and
-/// finds each socket's owner under `proc_root` (normally `/proc`; `cgroup2`: the cgroup v2 mount
-/// for the owners' cgroup ids).
+/// Where [`audit_host`] looks for what it needs besides the kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct HostPaths<'a> {
+    /// Normally `/proc`: the owners' names and cgroups (and their sockets where the kernel has no
+    /// `iter/task_file`).
+    pub proc_root: &'a Path,
+    /// The cgroup v2 mount, for the owners' cgroup ids.
+    pub cgroup2: Option<&'a Path>,
+}
+
+/// Walks `namespaces` with `walker`, converts every socket with `tables` (HZ, TCP states), at most
+/// `max_sockets` of them (the others are counted in [`Audit::over_limit`]), and finds each
+/// socket's owner.
 pub fn audit_host(
     walker: &mut AuditWalker,
     tables: &DecodeTables,
     namespaces: &[PathBuf],
-    proc_root: &Path,
-    cgroup2: Option<&Path>,
+    max_sockets: usize,
+    paths: HostPaths<'_>,
 ) -> Result<Audit, AuditError> {
+    let HostPaths { proc_root, cgroup2 } = paths;
     trim_heap();
     let started = Instant::now();
     let mut conv = model::Converter::new(tables.hz, &tables.tcp_states, tables.af_inet6);
     let mut sockets = Vec::new();
-    let walked = walker.walk(namespaces, |r| sockets.extend(conv.convert(r, None)))?;
+    let mut over_limit = 0u64;
+    let walked = walker.walk(namespaces, |r| {
+        if let Some(s) = conv.convert(r, None) {
+            if sockets.len() < max_sockets {
+                sockets.push(s);
+            } else {
+                over_limit += 1;
+            }
+        }
+    })?;
+    if over_limit > 0 {
+        log::warn!("audit: {over_limit} sockets past the bound of {max_sockets} were not audited (--max-sockets)");
+    }
     sockets.shrink_to_fit();
     let walk_time = started.elapsed();
     let wanted: HashSet<u64> = sockets.iter().map(|s| s.inode).filter(|&i| i != 0).collect();
@@ -76,7 +101,7 @@ pub fn audit_host(
         s.owner = holders.get(&s.inode).copied();
     }
     log::debug!("audit: {} sockets from {} namespaces in {walk_time:?}", sockets.len(), walked.len());
-    Ok(Audit { sockets, namespaces: walked.len(), walk_time, owner_time: started.elapsed() - walk_time })
+    Ok(Audit { sockets, namespaces: walked.len(), over_limit, walk_time, owner_time: started.elapsed() - walk_time })
 }
 
 /// Socket inode → its holder with the lowest pid, for the inodes in `wanted`, from the socket

@@ -263,6 +263,9 @@ fn write_summary<W: Write>(out: &mut W, audit: &Audit, policy: &Policy, rows: &[
         audit.walk_time.as_secs_f64() * 1000.0,
         audit.owner_time.as_secs_f64() * 1000.0,
     );
+    if audit.over_limit > 0 {
+        let _ = writeln!(text, "NOT AUDITED: {} sockets past --max-sockets", audit.over_limit);
+    }
     let _ = writeln!(text, "middlebox idle timeout: {}", policy.middlebox);
     let _ = writeln!(text, "dead-peer detection target: {} s (--detect-within)\n", policy.detect_within_s);
     let _ = writeln!(text, "{:<28} {:<12} {:>7} {:>8} {:>11}  DIAGNOSES", "OWNER", "CONTAINER", "SOCKETS", "PROBLEMS", "WORST_IDLE");
