@@ -53,7 +53,27 @@ setup_otel() {
         "$("$venv/bin/rotel-agent" --version 2>/dev/null)" >&2
 }
 
+# Kubernetes manifest validation for tests/tests/manifests.rs: PyPI's `kubernetes-validate` (the
+# Kubernetes OpenAPI schemas bundled), pinned, installed into the same venv (after setup_otel made
+# it) without rebuilding it. Idempotent: installs only when the pinned version is missing.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+
+setup_k8s_validate() {
+    local venv sudo have
+    venv="${KEEPALIVE_OTEL_VENV:-$KEEPALIVE_OTEL_VENV_DEFAULT}"
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+    have="$("$venv/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p')"
+    if [ "$have" = "$KUBERNETES_VALIDATE_VERSION" ] && [ -x "$venv/bin/kubernetes-validate" ]; then
+        printf 'setup: kubernetes-validate %s present (%s)\n' "$have" "$venv" >&2
+        return 0
+    fi
+    printf 'setup: installing kubernetes-validate %s into %s\n' "$KUBERNETES_VALIDATE_VERSION" "$venv" >&2
+    $sudo "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     setup_otel
+    setup_k8s_validate
 fi

@@ -2,7 +2,7 @@
 # Idempotent set-up of everything keepalive needs on a fresh Debian 12 machine (run as root).
 # Installs: apt packages (LLVM 22 for bpf-linker, nftables and iproute2 for the tests, nginx-light
 # for the accepted-socket tests, QEMU and busybox for the kernel matrix, python3-venv for the OTLP
-# receivers), the nightly rust-src component, and bpf-linker built against Debian's LLVM 22; mounts
+# receivers; systemd (systemd-analyze) and binutils (strip) for the Debian package and its test), the nightly rust-src component, and bpf-linker built against Debian's LLVM 22; mounts
 # tracefs where it is not (the accept_owner hook's syscalls tracepoints need it).
 set -euo pipefail
 
@@ -19,6 +19,7 @@ APT_PACKAGES=(
     nftables iproute2 procps nginx-light
     qemu-system-x86 busybox-static cpio
     python3-venv
+    systemd binutils
 )
 
 missing=()
@@ -62,5 +63,6 @@ fi
 # shellcheck source=scripts/setup-otel.sh
 . "$(dirname "${BASH_SOURCE[0]}")/setup-otel.sh"
 setup_otel
+setup_k8s_validate
 
 log "done"

@@ -23,6 +23,8 @@ use aya::{
 use keepalive_common::{AuditRecord, Offsets, AUDIT_FILE_RECORD_SIZE, AUDIT_RECORD_SIZE, LOST_SLOTS, RAW_EVENT_SIZE};
 use log::{debug, info, warn};
 
+use crate::kernel::progstats::{read_prog_stats, KindCounts, ProgStatsError, SkippedRuns};
+
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
@@ -400,6 +402,8 @@ pub struct Probes {
     snapshot_ready: bool,
     /// On-demand hooks: the strategy that loaded, and its links while attached.
     on_demand: Vec<(Strategy, Option<Vec<TpLink>>)>,
+    /// Baseline of every event program's skipped-run counter, taken once all are loaded.
+    skipped: SkippedRuns,
 }
 
 /// A link of a tracepoint program, kept to detach it again.
@@ -521,7 +525,25 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         source: aya::maps::MapError::InvalidName { name: "LOST".into() },
     })?)
     .map_err(|source| AttachError::Map { name: "LOST", source })?;
-    Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand })
+    let skipped = skipped_runs_baseline(&ebpf, &outcomes);
+    Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand, skipped })
+}
+
+/// The skipped-run baseline of the programs of every chosen strategy, on-demand ones included
+/// (they stay loaded while detached, so their counter only grows while attached).
+fn skipped_runs_baseline(ebpf: &Ebpf, outcomes: &[HookOutcome]) -> SkippedRuns {
+    let programs = outcomes.iter().filter_map(|o| o.chosen).flat_map(|st| st.programs());
+    let skipped = SkippedRuns::baseline(programs, |name| program_fd(ebpf, name).map(read_prog_stats));
+    if let Some(why) = skipped.unsupported() {
+        warn!("runs of the agent's programs the kernel skips (recursion on one CPU) cannot be counted: {why}");
+    }
+    skipped
+}
+
+/// The fd of the loaded program `name`.
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Option<std::os::fd::BorrowedFd<'a>> {
+    use std::os::fd::AsFd as _;
+    Some(ebpf.program(name)?.fd().ok()?.as_fd())
 }
 
 /// The `--attach` spelling of `m`.
@@ -872,7 +894,8 @@ impl Probes {
         Ok(buf.chunks_exact(RAW_EVENT_SIZE).map(<[u8]>::to_vec).collect())
     }
 
-    /// Events lost because the ring buffer was full, per event kind, summed over CPUs.
+    /// The `LOST` counters summed over CPUs: events lost because the ring buffer was full, per
+    /// event kind, then `LOST_SLOT_INFLIGHT` (see `keepalive_common::LOST_SLOTS`).
     pub fn lost_counts(&self) -> [u64; LOST_SLOTS as usize] {
         let mut out = [0u64; LOST_SLOTS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
@@ -881,6 +904,12 @@ impl Probes {
             }
         }
         out
+    }
+
+    /// Runs of the agent's programs the kernel skipped since they were attached (recursion on the
+    /// same CPU), per event kind; `Ok(None)` before Linux 5.12.
+    pub fn skipped_runs(&self) -> Result<Option<KindCounts>, ProgStatsError> {
+        self.skipped.counts(|name| program_fd(&self.ebpf, name).map(read_prog_stats))
     }
 
     /// Hooks that attached.

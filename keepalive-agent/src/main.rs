@@ -18,10 +18,12 @@ use keepalive_agent::{
     kernel::{self, KernelFacts},
     output::{Format, Printer},
     owners,
-    runtime::{lost_breakdown, EventLoop, Filter},
+    runtime::{EventLoop, Filter},
     timeline::engine::{Engine, EngineConfig},
 };
 use log::{info, warn};
+
+mod config;
 
 /// Makes TCP keep-alive visible: per-connection timelines from the live kernel.
 #[derive(Parser, Debug)]
@@ -48,10 +50,45 @@ enum Command {
     /// Run as a daemon exporting timelines as OpenTelemetry traces (OTLP gRPC or HTTP/protobuf;
     /// spans as JSON lines on stdout when no endpoint is configured).
     Run(RunArgs),
+    /// Print the effective configuration of `run` (flags, OTEL_* variables, the --config file,
+    /// defaults) with the source of each value; header values are redacted.
+    Config(RunArgs),
+    /// Write the man pages and shell completions (bash, zsh, fish) generated from these
+    /// definitions into a directory (used by `cargo xtask package`).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Directory to write into (man pages in man1/, completions in completions/).
+    #[arg(long, value_name = "DIR")]
+    out_dir: PathBuf,
+}
+
+/// `keepalive-agent generate`: man pages (one per subcommand) and completions from the clap
+/// definitions, so that they never drift from the flags.
+fn generate(args: GenerateArgs) -> Result<()> {
+    use clap::CommandFactory as _;
+    let man = args.out_dir.join("man1");
+    let completions = args.out_dir.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man).with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "keepalive-agent", &completions)
+            .with_context(|| format!("writing {shell} completions to {}", completions.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
+    /// TOML configuration file holding any of these options (precedence: flags, then OTEL_*
+    /// variables, then the file, then defaults; see `keepalive-agent config`).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     attach: AttachArgs,
     #[command(flatten)]
@@ -306,7 +343,10 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // The matches say which values came from the command line (the configuration file's layering).
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let sub = matches.subcommand().map(|(_, m)| m.clone()).unwrap_or_default();
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
         .parse_env("RUST_LOG")
@@ -315,7 +355,9 @@ fn main() {
     let res = match cli.command {
         Command::Trace(args) => trace(args),
         Command::Check(args) => check(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => config::run_args(args, &sub).and_then(run),
+        Command::Config(args) => config::show(args, &sub),
+        Command::Generate(args) => generate(args),
         Command::Audit(args) => match audit(args) {
             Ok(0) => Ok(()),
             Ok(code) => std::process::exit(code),
@@ -411,18 +453,15 @@ fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: us
 /// The lost-event total (a warning) and the final summary line, with `extra` appended.
 fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine, extra: &str) {
     if summary.lost_total() > 0 {
-        warn!(
-            "lost {} kernel events in total (ring buffer full): {}",
-            summary.lost_total(),
-            lost_breakdown(&summary.lost)
-        );
+        warn!("lost {} kernel events in total: {}", summary.lost_total(), summary.loss_breakdown());
     }
     let stats = engine.stats();
     info!(
-        "stopped: {} kernel events, {} records, {} lost, {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
+        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
         summary.events,
         summary.records,
         summary.lost_total(),
+        summary.loss_causes(),
         summary.decode_errors,
         stats.opened,
         stats.tracked,
@@ -456,20 +495,20 @@ fn trace(args: TraceArgs) -> Result<()> {
     let cgroups = keepalive_agent::container::CgroupResolver::new(attach::cgroup2_mount());
     let mut printer =
         Printer::new(std::io::BufWriter::new(stdout.lock()), args.format, color, cgroups);
-    let mut ev_loop = EventLoop {
-        probes: &mut probes,
-        decoder: &decoder,
-        engine: &mut engine,
-        filter: &filter,
-        clock: WallClock::measure(),
-    };
+    let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         for r in recs {
             printer.write(r, clock)?;
         }
         printer.flush()
     };
-    let summary = match ev_loop.run(snapshot, &stop, until(args.duration), &mut sink) {
+    let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink).and_then(|s| {
+        // Every connection still followed ends with a record.
+        let last = ev_loop.end_all();
+        sink(&last, &ev_loop.clock, ev_loop.engine).map_err(keepalive_agent::runtime::RunError::Sink)?;
+        Ok(s)
+    });
+    let summary = match summary {
         Ok(s) => s,
         Err(keepalive_agent::runtime::RunError::Sink(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             return Ok(());
@@ -498,13 +537,7 @@ fn run(args: RunArgs) -> Result<()> {
     info!("exporting {}", exporter.description());
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections)?;
-    let mut ev_loop = EventLoop {
-        probes: &mut probes,
-        decoder: &decoder,
-        engine: &mut engine,
-        filter: &filter,
-        clock: WallClock::measure(),
-    };
+    let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
@@ -512,8 +545,10 @@ fn run(args: RunArgs) -> Result<()> {
         Ok(())
     };
     let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
+    // Every connection still followed ends with records; their spans skip the bounded queue.
+    let last = ev_loop.end_all();
     let clock = ev_loop.clock;
-    let report = runtime.block_on(exporter.shutdown(&clock, args.shutdown_timeout));
+    let report = runtime.block_on(exporter.shutdown(&last, &clock, args.shutdown_timeout));
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
 }

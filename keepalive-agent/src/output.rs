@@ -71,7 +71,7 @@ impl<M: SerializeMap> FieldSink for MapFields<'_, M> {
 
 /// The JSON line of one record (the README's contract). Keys in a stable order: `ts`, `event`,
 /// `local`, `remote`, `pid`, `comm`, the kind's keys, then `conn`, `netns`, `cgroup_id`,
-/// `cgroup`, `container_id`, `mono_ns`.
+/// `cgroup`, `container_id`, `pod_uid`, `pod_qos`, `mono_ns`.
 pub struct JsonRecord<'a> {
     pub rec: &'a Record,
     /// The record's time as Unix ns.
@@ -103,6 +103,10 @@ impl Serialize for JsonRecord<'_> {
             m.serialize_entry("cgroup", &cg.path)?;
             if let Some(id) = &cg.container_id {
                 m.serialize_entry("container_id", id)?;
+            }
+            if let Some(pod) = &cg.pod {
+                m.serialize_entry("pod_uid", &pod.uid)?;
+                m.serialize_entry("pod_qos", pod.qos.name())?;
             }
         }
         m.serialize_entry("mono_ns", &rec.ts_ns)?;

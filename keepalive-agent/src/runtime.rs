@@ -11,13 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keepalive_common::{EventKind, LOST_SLOTS};
+use keepalive_common::{EventKind, EVENT_KINDS, LOST_SLOT_INFLIGHT};
 use log::{debug, info, warn};
 
 use crate::{
     attach::Probes,
     clock::WallClock,
     decode::Decoder,
+    kernel::progstats::KindCounts,
     reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record},
 };
@@ -67,16 +68,66 @@ fn port_of(a: &SocketAddr) -> u16 {
 #[derive(Debug, Clone, Default)]
 pub struct LoopSummary {
     pub events: u64,
+    /// Records that could not be decoded (dropped, counted on every path: live, snapshot, final
+    /// drain).
     pub decode_errors: u64,
     pub records: u64,
     /// Events lost because the ring buffer was full, per event kind (index = kind value).
-    pub lost: [u64; LOST_SLOTS as usize],
+    pub lost: KindCounts,
+    /// Program runs the kernel skipped (a program re-entered on the same CPU), per event kind;
+    /// `None` when the kernel does not count them (before Linux 5.12).
+    pub skipped: Option<KindCounts>,
+    /// Keep-alive settings the kprobe strategy's in-flight map lost (`Setsockopt` events).
+    pub inflight_lost: u64,
     pub snapshot_sockets: u64,
 }
 
 impl LoopSummary {
+    /// Events lost for any cause: ring buffer full and skipped program runs.
     pub fn lost_total(&self) -> u64 {
+        self.ringbuf_full_total() + self.skipped_total() + self.inflight_lost
+    }
+
+    /// Events lost because the ring buffer was full.
+    pub fn ringbuf_full_total(&self) -> u64 {
         self.lost.iter().sum()
+    }
+
+    /// Program runs the kernel skipped (0 when it does not count them).
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.map_or(0, |s| s.iter().sum())
+    }
+
+    /// Losses by cause and event kind, e.g. `ringbuf_full: Setsockopt=3; skipped_run: State=5`
+    /// (causes with nothing lost are left out; `skipped_run: not counted on this kernel` when
+    /// skipped runs are not counted).
+    pub fn loss_breakdown(&self) -> String {
+        let mut parts = Vec::new();
+        if self.ringbuf_full_total() > 0 {
+            parts.push(format!("ringbuf_full: {}", lost_breakdown(&self.lost)));
+        }
+        match &self.skipped {
+            Some(s) if s.iter().any(|n| *n > 0) => parts.push(format!("skipped_run: {}", lost_breakdown(s))),
+            Some(_) => {}
+            None => parts.push("skipped_run: not counted on this kernel".to_string()),
+        }
+        if self.inflight_lost > 0 {
+            parts.push(format!("inflight_map: Setsockopt={}", self.inflight_lost));
+        }
+        parts.join("; ")
+    }
+
+    /// `R ring buffer full, S skipped runs` (S is `uncounted` when the kernel does not count them).
+    pub fn loss_causes(&self) -> String {
+        let skipped = match self.skipped {
+            Some(_) => self.skipped_total().to_string(),
+            None => "uncounted".to_string(),
+        };
+        let mut s = format!("{} ring buffer full, {skipped} skipped runs", self.ringbuf_full_total());
+        if self.inflight_lost > 0 {
+            s.push_str(&format!(", {} in-flight map", self.inflight_lost));
+        }
+        s
     }
 }
 
@@ -91,6 +142,23 @@ pub fn lost_breakdown(lost: &[u64]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// When some count grew from `before` to `now`: the increase, its per-kind breakdown and the
+/// new total.
+fn growth(now: &KindCounts, before: &KindCounts) -> Option<(u64, String, u64)> {
+    let new = increase(now, before);
+    let n: u64 = new.iter().sum();
+    (n > 0).then(|| (n, lost_breakdown(&new), now.iter().sum()))
+}
+
+/// The increase from `before` to `now`, per slot.
+fn increase(now: &KindCounts, before: &KindCounts) -> KindCounts {
+    let mut out = [0u64; EVENT_KINDS];
+    for (o, (a, b)) in out.iter_mut().zip(now.iter().zip(before.iter())) {
+        *o = a.saturating_sub(*b);
+    }
+    out
 }
 
 /// Errors of the event loop.
@@ -130,7 +198,58 @@ pub struct EventLoop<'a> {
     pub clock: WallClock,
 }
 
-impl EventLoop<'_> {
+/// The sink of an [`EventLoop`]: receives the records of each batch that pass the filter.
+pub type Sink<'s> = dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()> + 's;
+
+/// Most ring-buffer records handled between two flushes to the sink.
+const BATCH: usize = 4096;
+
+/// Counters as of the last once-a-second report, to warn about what is new.
+#[derive(Debug, Default)]
+struct Reported {
+    lost: KindCounts,
+    skipped: KindCounts,
+    decode_errors: u64,
+    /// A skipped-run counter could not be read (warned once).
+    skipped_unreadable: bool,
+}
+
+/// Buffers and counters of one [`EventLoop::run`].
+struct RunState {
+    summary: LoopSummary,
+    records: Vec<Record>,
+    passed: Vec<Record>,
+    reported: Reported,
+    /// Walks of the kernel's sockets that end connections whose close was missed.
+    reconciler: Reconciler,
+}
+
+/// The one path of a raw record, whatever its source (live ring buffer, start-up snapshot, final
+/// drain): decode, count (events or decode errors), namespace filter, engine. Undecodable records
+/// are counted; the first few are logged with the reason.
+fn ingest(decoder: &Decoder, filter: &Filter, engine: &mut Engine, raw: &[u8], records: &mut Vec<Record>, summary: &mut LoopSummary) {
+    match decoder.decode_bytes(raw) {
+        Ok(ev) => {
+            summary.events += 1;
+            if filter.wants_netns(ev.netns) {
+                engine.handle(&ev, records);
+            }
+        }
+        Err(e) => {
+            summary.decode_errors += 1;
+            if summary.decode_errors <= 10 {
+                warn!("undecodable kernel event (dropped): {e}");
+            }
+        }
+    }
+}
+
+impl<'a> EventLoop<'a> {
+    /// An event loop over attached `probes`, with the wall clock measured now.
+    pub fn new(probes: &'a mut Probes, decoder: &'a Decoder, engine: &'a mut Engine, filter: &'a Filter) -> Self {
+        EventLoop { probes, decoder, engine, filter, clock: WallClock::measure() }
+    }
+
     /// Feeds the start-up snapshot (raw records from [`Probes::snapshot`], taken after the programs
     /// were attached), then streams events. `sink` receives the records of each batch that pass the
     /// filter.
@@ -139,103 +258,108 @@ impl EventLoop<'_> {
         snapshot: Vec<Vec<u8>>,
         stop: &AtomicBool,
         until: Option<Instant>,
-        sink: &mut dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()>,
+        sink: &mut Sink<'_>,
     ) -> Result<LoopSummary, RunError> {
-        let mut summary = LoopSummary::default();
-        let mut records: Vec<Record> = Vec::with_capacity(1024);
-        let mut passed: Vec<Record> = Vec::with_capacity(1024);
-
+        let mut st = RunState {
+            summary: LoopSummary::default(),
+            records: Vec::with_capacity(1024),
+            passed: Vec::with_capacity(1024),
+            reported: Reported::default(),
+            reconciler: Reconciler::new(self.filter.netns),
+        };
         for raw in snapshot {
             // Owner records (the sockets' processes, see `owners`) precede their sockets.
             if crate::decode::raw_from_bytes(&raw).is_ok_and(|r| r.kind == EventKind::Snapshot as u8) {
-                summary.snapshot_sockets += 1;
+                st.summary.snapshot_sockets += 1;
             }
-            self.feed(&raw, &mut records, &mut summary);
+            ingest(self.decoder, self.filter, self.engine, &raw, &mut st.records, &mut st.summary);
         }
-        if summary.snapshot_sockets > 0 {
-            info!("start-up snapshot: {} existing keep-alive sockets", summary.snapshot_sockets);
+        if st.summary.snapshot_sockets > 0 {
+            info!("start-up snapshot: {} existing keep-alive sockets", st.summary.snapshot_sockets);
         }
-        self.flush(&mut records, &mut passed, &mut summary, sink)?;
+        self.flush(&mut st, sink)?;
 
-        let fd = self.probes.events.as_raw_fd();
         let mut on_demand = OnDemand::default();
         self.steer_on_demand(&mut on_demand);
         let mut last_report = Instant::now();
-        let mut last_lost = [0u64; LOST_SLOTS as usize];
-        let mut reconciler = Reconciler::new(self.filter.netns);
-        loop {
-            if stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t) {
-                break;
-            }
-            let timeout_ms = match until {
-                Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(100) as i32,
-                None => 100,
-            };
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(RunError::Poll(err));
-                }
-            }
-            // Drain in bounded batches so the sink sees records promptly.
+        while !(stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t)) {
+            self.wait_readable(until)?;
+            // Drain in bounded batches so the sink sees records promptly, and the once-a-second
+            // work happens even while the ring buffer never runs dry.
             loop {
-                let mut batch = 0;
-                while batch < 4096 {
-                    let Some(item) = self.probes.events.next() else { break };
-                    let bytes: &[u8] = &item;
-                    match self.decoder.decode_bytes(bytes) {
-                        Ok(ev) => {
-                            summary.events += 1;
-                            if self.filter.wants_netns(ev.netns) {
-                                self.engine.handle(&ev, &mut records);
-                            }
-                        }
-                        Err(e) => {
-                            summary.decode_errors += 1;
-                            if summary.decode_errors <= 10 {
-                                warn!("undecodable kernel event: {e}");
-                            }
-                        }
-                    }
-                    batch += 1;
-                }
-                self.flush(&mut records, &mut passed, &mut summary, sink)?;
+                let n = self.drain(&mut st, Some(BATCH));
+                self.flush(&mut st, sink)?;
                 self.steer_on_demand(&mut on_demand);
-                if batch < 4096 {
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = Instant::now();
+                    self.every_second(&mut st, sink)?;
+                }
+                if n < BATCH {
                     break;
                 }
             }
             // The ring buffer is drained: a walk taken before is applied now.
-            reconciler.apply(self.engine, &mut records);
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = Instant::now();
-                self.report(&mut last_lost, &mut summary);
-                self.clock.refresh();
-                // Events held for a timer record that a full ring buffer swallowed.
-                self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut records);
-                self.flush(&mut records, &mut passed, &mut summary, sink)?;
-                // Connections whose close and destruction were both missed.
-                reconciler.maybe_walk(self.probes, self.decoder, self.engine, summary.lost_total());
-            }
+            st.reconciler.apply(self.engine, &mut st.records);
         }
         // Drain what is left, then the final report.
-        while let Some(item) = self.probes.events.next() {
-            if let Ok(ev) = self.decoder.decode_bytes(&item) {
-                summary.events += 1;
-                if self.filter.wants_netns(ev.netns) {
-                    self.engine.handle(&ev, &mut records);
-                }
+        self.drain(&mut st, None);
+        self.flush(&mut st, sink)?;
+        self.report(&mut st);
+        Ok(st.summary)
+    }
+
+    /// Once a second: report losses, refresh the wall clock, release stale held events.
+    fn every_second(&mut self, st: &mut RunState, sink: &mut Sink<'_>) -> Result<(), RunError> {
+        self.report(st);
+        self.clock.refresh();
+        // Events held for a timer record that a full ring buffer swallowed.
+        self.engine.release_stale_held(crate::clock::monotonic_now_ns(), 1_000_000_000, &mut st.records);
+        self.flush(st, sink)?;
+        // Connections whose close and destruction were both missed.
+        let losses = st.summary.lost_total();
+        st.reconciler.maybe_walk(self.probes, self.decoder, self.engine, losses);
+        Ok(())
+    }
+
+    /// Ends every connection still followed (an open episode `incomplete`, then `untracked` with
+    /// reason `shutdown`) and returns the records that pass the filter. Call once, after
+    /// [`EventLoop::run`]: the caller hands them to its sink (the exporter builds their spans
+    /// outside its bounded queue, so that a stop never drops them).
+    pub fn end_all(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        self.engine.shutdown(crate::clock::monotonic_now_ns(), &mut records);
+        records.retain(|r| self.filter.matches(&r.conn));
+        records
+    }
+
+    /// Waits up to 100 ms (or until `until`) for the ring buffer to have data.
+    fn wait_readable(&self, until: Option<Instant>) -> Result<(), RunError> {
+        let timeout_ms = match until {
+            Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(100) as i32,
+            None => 100,
+        };
+        let mut pfd = libc::pollfd { fd: self.probes.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(RunError::Poll(err));
             }
         }
-        // Every connection still followed ends now: its open episode (`incomplete`), then
-        // `untracked` with reason `shutdown`.
-        self.engine.shutdown(crate::clock::monotonic_now_ns(), &mut records);
-        self.flush(&mut records, &mut passed, &mut summary, sink)?;
-        self.report(&mut last_lost, &mut summary);
-        Ok(summary)
+        Ok(())
+    }
+
+    /// Feeds up to `max` ring-buffer records (all that are there with `None`) through [`ingest`];
+    /// returns how many it took.
+    fn drain(&mut self, st: &mut RunState, max: Option<usize>) -> usize {
+        let mut n = 0;
+        while max.is_none_or(|m| n < m) {
+            let Some(item) = self.probes.events.next() else { break };
+            ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+            n += 1;
+        }
+        n
     }
 
     /// Attaches the on-demand hooks (the probe answer program on every received segment) while some
@@ -275,54 +399,44 @@ impl EventLoop<'_> {
         }
     }
 
-    fn feed(&mut self, raw: &[u8], records: &mut Vec<Record>, summary: &mut LoopSummary) {
-        match self.decoder.decode_bytes(raw) {
-            Ok(ev) => {
-                summary.events += 1;
-                if self.filter.wants_netns(ev.netns) {
-                    self.engine.handle(&ev, records);
-                }
-            }
-            Err(e) => {
-                summary.decode_errors += 1;
-                warn!("undecodable snapshot record: {e}");
-            }
-        }
-    }
-
-    fn flush(
-        &mut self,
-        records: &mut Vec<Record>,
-        passed: &mut Vec<Record>,
-        summary: &mut LoopSummary,
-        sink: &mut dyn FnMut(&[Record], &WallClock, &Engine) -> std::io::Result<()>,
-    ) -> Result<(), RunError> {
-        if records.is_empty() {
+    fn flush(&mut self, st: &mut RunState, sink: &mut Sink<'_>) -> Result<(), RunError> {
+        if st.records.is_empty() {
             return Ok(());
         }
-        passed.clear();
-        passed.extend(records.drain(..).filter(|r| self.filter.matches(&r.conn)));
-        summary.records += passed.len() as u64;
-        if !passed.is_empty() {
-            sink(passed, &self.clock, self.engine).map_err(RunError::Sink)?;
+        st.passed.clear();
+        st.passed.extend(st.records.drain(..).filter(|r| self.filter.matches(&r.conn)));
+        st.summary.records += st.passed.len() as u64;
+        if !st.passed.is_empty() {
+            sink(&st.passed, &self.clock, self.engine).map_err(RunError::Sink)?;
         }
         Ok(())
     }
 
-    /// Reports lost events and the connection cap, once a second at most.
-    fn report(&mut self, last_lost: &mut [u64; LOST_SLOTS as usize], summary: &mut LoopSummary) {
-        let lost = self.probes.lost_counts();
-        let new: Vec<u64> = lost.iter().zip(last_lost.iter()).map(|(a, b)| a.saturating_sub(*b)).collect();
-        let new_total: u64 = new.iter().sum();
-        if new_total > 0 {
-            warn!(
-                "lost {new_total} kernel events (ring buffer full; raise --ringbuf-size): {} (total {})",
-                lost_breakdown(&new),
-                lost.iter().sum::<u64>()
-            );
+    /// Reports what was lost since the last report (ring buffer full, skipped program runs,
+    /// undecodable records) and the connection cap, once a second at most; updates the summary.
+    fn report(&mut self, st: &mut RunState) {
+        let slots = self.probes.lost_counts();
+        let mut lost: KindCounts = [0; EVENT_KINDS];
+        lost.copy_from_slice(&slots[..EVENT_KINDS]);
+        if let Some((n, kinds, total)) = growth(&lost, &st.reported.lost) {
+            warn!("lost {n} kernel events (ring buffer full; raise --ringbuf-size): {kinds} (total {total})");
         }
-        *last_lost = lost;
-        summary.lost = lost;
+        st.reported.lost = lost;
+        st.summary.lost = lost;
+        let inflight = slots[LOST_SLOT_INFLIGHT as usize];
+        if inflight > st.summary.inflight_lost {
+            warn!(
+                "lost {} keep-alive settings (kprobe path: in-flight setsockopt map lost the call; total {inflight})",
+                inflight - st.summary.inflight_lost
+            );
+            st.summary.inflight_lost = inflight;
+        }
+        self.report_skipped(st);
+        let bad = st.summary.decode_errors - st.reported.decode_errors;
+        if bad > 0 {
+            warn!("dropped {bad} undecodable kernel events (total {})", st.summary.decode_errors);
+            st.reported.decode_errors = st.summary.decode_errors;
+        }
         let refused = self.engine.cap_hit_since_last_check();
         if refused > 0 {
             warn!(
@@ -331,6 +445,27 @@ impl EventLoop<'_> {
             );
         }
         debug!("engine: {:?}", self.engine.stats());
+    }
+
+    /// The skipped-run part of [`EventLoop::report`].
+    fn report_skipped(&mut self, st: &mut RunState) {
+        let skipped = match self.probes.skipped_runs() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                if !std::mem::replace(&mut st.reported.skipped_unreadable, true) {
+                    warn!("cannot read skipped program runs: {}", crate::attach::error_chain(&e));
+                }
+                return;
+            }
+        };
+        if let Some((n, kinds, total)) = growth(&skipped, &st.reported.skipped) {
+            warn!(
+                "skipped {n} kernel program runs (a BPF program re-entered on the same CPU is not run; each may be a lost event): {kinds} (total {total})"
+            );
+        }
+        st.reported.skipped = skipped;
+        st.summary.skipped = Some(skipped);
     }
 }
 
@@ -369,10 +504,64 @@ mod tests {
 
     #[test]
     fn lost_breakdown_names_kinds() {
-        let mut lost = [0u64; LOST_SLOTS as usize];
+        let mut lost = [0u64; EVENT_KINDS];
         lost[EventKind::Timer as usize] = 3;
         lost[EventKind::Setsockopt as usize] = 1;
         assert_eq!(lost_breakdown(&lost), "Timer=3 Setsockopt=1");
         assert_eq!(lost_breakdown(&[0; 4]), "");
+    }
+
+    #[test]
+    fn loss_breakdown_by_cause_and_kind() {
+        let mut s = LoopSummary::default();
+        assert_eq!(s.loss_breakdown(), "skipped_run: not counted on this kernel");
+        assert_eq!(s.loss_causes(), "0 ring buffer full, uncounted skipped runs");
+        s.skipped = Some([0; EVENT_KINDS]);
+        assert_eq!((s.loss_breakdown().as_str(), s.lost_total()), ("", 0));
+        assert_eq!(s.loss_causes(), "0 ring buffer full, 0 skipped runs");
+        s.lost[EventKind::Setsockopt as usize] = 3;
+        let mut skipped = [0; EVENT_KINDS];
+        skipped[EventKind::State as usize] = 5848;
+        skipped[EventKind::Destroy as usize] = 2;
+        s.skipped = Some(skipped);
+        assert_eq!(s.loss_breakdown(), "ringbuf_full: Setsockopt=3; skipped_run: State=5848 Destroy=2");
+        assert_eq!(s.loss_causes(), "3 ring buffer full, 5850 skipped runs");
+        s.inflight_lost = 4;
+        assert_eq!(s.lost_total(), 3 + 5850 + 4);
+        assert!(s.loss_breakdown().ends_with("; inflight_map: Setsockopt=4"), "{}", s.loss_breakdown());
+        assert_eq!(s.loss_causes(), "3 ring buffer full, 5850 skipped runs, 4 in-flight map");
+    }
+
+    #[test]
+    fn increase_saturates_per_kind() {
+        let mut now = [0; EVENT_KINDS];
+        let mut before = [0; EVENT_KINDS];
+        now[6] = 10;
+        before[6] = 4;
+        before[1] = 7; // a counter that went down (program reloaded) does not underflow
+        let d = increase(&now, &before);
+        assert_eq!((d[6], d[1]), (6, 0));
+    }
+
+    #[test]
+    fn ingest_counts_decode_errors_and_filters_namespaces() {
+        use crate::{event::DecodeTables, timeline::engine::EngineConfig};
+        use keepalive_common::{RawEvent, RAW_EVENT_SIZE};
+        let decoder = Decoder::new(DecodeTables::linux_defaults());
+        let mut engine = Engine::new(EngineConfig { max_connections: 16 });
+        let filter = Filter { netns: Some(7), ..Filter::default() };
+        let (mut records, mut summary) = (Vec::new(), LoopSummary::default());
+        let mut raw = RawEvent::zeroed();
+        raw.kind = EventKind::Destroy as u8;
+        raw.netns = 8;
+        // SAFETY: RawEvent is plain data.
+        let bytes = unsafe { std::slice::from_raw_parts((&raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) };
+        ingest(&decoder, &filter, &mut engine, bytes, &mut records, &mut summary);
+        ingest(&decoder, &filter, &mut engine, &bytes[..10], &mut records, &mut summary);
+        let mut bad_kind = bytes.to_vec();
+        bad_kind[std::mem::offset_of!(RawEvent, kind)] = 200;
+        ingest(&decoder, &filter, &mut engine, &bad_kind, &mut records, &mut summary);
+        assert_eq!((summary.events, summary.decode_errors), (1, 2));
+        assert!(records.is_empty());
     }
 }

@@ -91,7 +91,7 @@ fn flags_win_over_the_environment() -> Result<()> {
             let clock = WallClock::measure();
             ex.on_records(&records(1), &clock);
             let report = ex
-                .shutdown(std::iter::empty(), &clock, Duration::from_secs(10))
+                .shutdown(&[], &clock, Duration::from_secs(10))
                 .await;
             assert!(report.flushed, "{protocol:?}: {report}");
             assert_eq!(report.stats.spans_exported, 1);

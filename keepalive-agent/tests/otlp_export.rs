@@ -317,7 +317,7 @@ async fn deliver_span_tree(protocol: Protocol) -> Result<()> {
     ex.on_records(&dead_peer(), &clock);
     ex.on_records(&healthy_rest(), &clock);
     ex.on_records(&still_probing_at_shutdown(), &clock);
-    let report = ex.shutdown(&clock, Duration::from_secs(10)).await;
+    let report = ex.shutdown(&[], &clock, Duration::from_secs(10)).await;
     assert!(report.flushed, "{report}");
     assert_eq!(report.open_connections_ended, 1);
     assert_eq!(report.open_episodes_ended, 1);
@@ -488,7 +488,7 @@ async fn refusals(protocol: Protocol, transient: bool) -> Result<()> {
     let rx = Receiver::start(0, 0, fail)?;
     let mut ex = Exporter::from_config(config(&rx.endpoint(protocol), protocol, |_| {}))?;
     ex.on_records(&dead_peer(), &clock());
-    let report = ex.shutdown(&clock(), Duration::from_secs(15)).await;
+    let report = ex.shutdown(&[], &clock(), Duration::from_secs(15)).await;
     let requests = rx.lines("request");
     let s = report.stats;
     assert_eq!(s.spans_created, 2);
@@ -619,7 +619,7 @@ async fn collector_down_then_up(protocol: Protocol) -> Result<()> {
     }
     let recovered = ex.stats();
     ex.on_records(&churn(1_000_000, 10), &clock);
-    let report = ex.shutdown(&clock, Duration::from_secs(10)).await;
+    let report = ex.shutdown(&[], &clock, Duration::from_secs(10)).await;
     let s = report.stats;
     assert!(report.flushed, "{report}");
     assert_eq!(s.spans_exported, recovered.spans_exported + 10, "{report}");
@@ -694,7 +694,7 @@ async fn through_rotel_collector() -> Result<()> {
     ex.on_records(&dead_peer(), &clock());
     ex.on_records(&healthy_first_episode(), &clock());
     ex.on_records(&healthy_rest(), &clock());
-    let report = ex.shutdown(&clock(), Duration::from_secs(10)).await;
+    let report = ex.shutdown(&[], &clock(), Duration::from_secs(10)).await;
     assert!(report.flushed, "{report}");
     assert_eq!(report.stats.spans_exported, 4);
 

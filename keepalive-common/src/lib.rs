@@ -267,9 +267,6 @@ pub const FLAG_KEEPOPEN_AFTER: u32 = 1 << 7;
 /// close caused by the timer). The [`EventKind::Timer`] record of that run, emitted at timer exit,
 /// follows it in the ring buffer: the agent orders the timer's classification first.
 pub const FLAG_IN_TIMER: u32 = 1 << 8;
-/// setsockopt seen at the kernel function after it applied the option (fexit/kretprobe): `optval`
-/// is the value the socket now holds (seconds for TCP_KEEPIDLE/KEEPINTVL, as passed otherwise).
-pub const FLAG_APPLIED: u32 = 1 << 9;
 
 /// One event from the kernel. Fixed size; fields that do not apply to a kind are 0.
 ///
@@ -402,9 +399,15 @@ impl RawEvent {
 /// Size of one [`RawEvent`] record in bytes.
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
-/// Index in the per-CPU `LOST` counter array: events dropped because the ring buffer was full,
-/// counted per [`EventKind`] value (index 0 is unused).
-pub const LOST_SLOTS: u32 = EVENT_KINDS as u32;
+/// Size of the per-CPU `LOST` counter array. Slots `0..EVENT_KINDS`: events dropped because the
+/// ring buffer was full, per [`EventKind`] value (index 0 is unused); then
+/// [`LOST_SLOT_INFLIGHT`].
+pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 1;
+
+/// Slot of the `LOST` array counting keep-alive settings (`Setsockopt` events) the kprobe
+/// strategy could not report because its in-flight map lost the call's entry: the insert failed,
+/// or the thread's previous call left its entry behind (its kretprobe never ran).
+pub const LOST_SLOT_INFLIGHT: u32 = EVENT_KINDS as u32;
 
 // Socket option constants (uapi, stable ABI).
 pub const SOL_SOCKET: i32 = 1;

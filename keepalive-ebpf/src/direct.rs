@@ -18,17 +18,17 @@
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_pid_tgid, bpf_get_func_arg, bpf_get_func_ret},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use keepalive_common::{
-    FLAG_APPLIED, SOL_SOCKET, SOL_TCP, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
+    SOL_SOCKET, SOL_TCP, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
     TCP_USER_TIMEOUT,
 };
 
 use crate::{
-    off,
+    count_lost_inflight, off,
     read::rd,
     sock_events::emit_reset,
     sockopt::{emit_sockopt, is_keepalive_option},
@@ -148,7 +148,7 @@ pub fn fentry_tcp_set_keepalive(ctx: FEntryContext) -> i32 {
     let sk = func_arg(&ctx, 0);
     let val = func_arg(&ctx, 1) as i32;
     if sk != 0 {
-        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val, 0);
+        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val);
     }
     0
 }
@@ -158,7 +158,7 @@ pub fn kprobe_tcp_set_keepalive(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
     let val: u64 = ctx.arg(1).unwrap_or(0);
     if sk != 0 {
-        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val as i32, 0);
+        emit_sockopt(sk, SOL_SOCKET, SO_KEEPALIVE, val as i32);
     }
     0
 }
@@ -187,15 +187,19 @@ pub fn fexit_do_tcp_setsockopt(ctx: FExitContext) -> i32 {
     }
     let sk = func_arg(&ctx, 0);
     if sk != 0 {
-        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname), FLAG_APPLIED);
+        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname));
     }
     0
 }
 
 /// In-flight `do_tcp_setsockopt` calls seen by the kprobe, by thread: (sk, optname). The call may
-/// sleep (it takes the socket lock), so per-CPU storage would not do.
+/// sleep (it takes the socket lock), so per-CPU storage would not do. An LRU map: an entry whose
+/// kretprobe never ran (kretprobe instances exhausted) cannot fill the map for good, it is evicted
+/// first. Lost settings are counted in [`keepalive_common::LOST_SLOT_INFLIGHT`]: a failed insert,
+/// and an entry the same thread left behind (its call's return was missed). Evicting the entry of
+/// a call still in flight (more than 4096 sleeping calls at once) is the one loss it cannot see.
 #[map]
-static SOCKOPT_INFLIGHT: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(4096, 0);
+static SOCKOPT_INFLIGHT: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
 
 #[kprobe]
 pub fn kprobe_do_tcp_setsockopt(ctx: ProbeContext) -> u32 {
@@ -206,7 +210,13 @@ pub fn kprobe_do_tcp_setsockopt(ctx: ProbeContext) -> u32 {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
     // SAFETY: plain helper call.
     let tid = unsafe { bpf_get_current_pid_tgid() };
-    let _ = SOCKOPT_INFLIGHT.insert(&tid, &[sk, optname], 0);
+    if SOCKOPT_INFLIGHT.get_ptr(&tid).is_some() {
+        // A thread runs one setsockopt at a time: this entry's return was never seen.
+        count_lost_inflight();
+    }
+    if SOCKOPT_INFLIGHT.insert(&tid, &[sk, optname], 0).is_err() {
+        count_lost_inflight();
+    }
     0
 }
 
@@ -222,7 +232,7 @@ pub fn kretprobe_do_tcp_setsockopt(ctx: RetProbeContext) -> u32 {
     let ret: i64 = ctx.ret();
     if ret == 0 && sk != 0 {
         let optname = optname as i32;
-        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname), FLAG_APPLIED);
+        emit_sockopt(sk, SOL_TCP, optname, applied_value(sk, optname));
     }
     0
 }

@@ -92,7 +92,19 @@ pub(crate) fn submit<T>(entry: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
 /// Counts an event lost because the ring buffer was full.
 #[inline(always)]
 pub(crate) fn count_lost(kind: u8) {
-    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+    bump_lost(kind as u32);
+}
+
+/// Counts a keep-alive setting the kprobe strategy's in-flight map lost
+/// ([`keepalive_common::LOST_SLOT_INFLIGHT`]).
+#[inline(always)]
+pub(crate) fn count_lost_inflight() {
+    bump_lost(keepalive_common::LOST_SLOT_INFLIGHT);
+}
+
+#[inline(always)]
+fn bump_lost(index: u32) {
+    if let Some(slot) = LOST.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
     }

@@ -65,14 +65,14 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     // as a plain number, which the verifier lets us use for BTF-offset reads.
     unsafe { core::ptr::write_volatile(&mut ev.sk, sk as u64) };
     let sk_addr = unsafe { core::ptr::read_volatile(&ev.sk) };
-    fill_sockopt(ev, sk_addr, level, optname, value, 0);
+    fill_sockopt(ev, sk_addr, level, optname, value);
     crate::submit(entry);
     1
 }
 
 /// Fills a `Setsockopt` event for `sk` (shared with the fentry/kprobe strategies).
 #[inline(always)]
-pub fn fill_sockopt(ev: &mut RawEvent, sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
+pub fn fill_sockopt(ev: &mut RawEvent, sk: u64, level: i32, optname: i32, value: i32) {
     ev.kind = EventKind::Setsockopt as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
@@ -81,12 +81,11 @@ pub fn fill_sockopt(ev: &mut RawEvent, sk: u64, level: i32, optname: i32, value:
     ev.level = level;
     ev.optname = optname;
     ev.optval = value;
-    ev.flags |= flags;
 }
 
 /// Sends a `Setsockopt` event for `sk`.
 #[inline(always)]
-pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
+pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32) {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(EventKind::Setsockopt as u8);
         return;
@@ -94,7 +93,7 @@ pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32, flags: u32) {
     // SAFETY: reserved RawEvent-sized record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     *ev = RawEvent::zeroed();
-    fill_sockopt(ev, sk, level, optname, value, flags);
+    fill_sockopt(ev, sk, level, optname, value);
     crate::submit(entry);
 }
 

@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`.
 
 mod bench;
+mod package;
 mod vm;
 
 use std::path::PathBuf;
@@ -22,6 +23,9 @@ enum Command {
     VmTest(vm::VmTestArgs),
     /// Measure the agent's cost and scale on this machine; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (release binary, systemd unit, default configuration, man pages,
+    /// completions) into target/debian/; prints the .deb's path.
+    Package(package::PackageArgs),
 }
 
 fn main() -> Result<ExitCode> {
@@ -39,6 +43,10 @@ fn main() -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Package(args) => {
+            package::run(&workspace, args)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
             let all_met = bench::run(&workspace, args)?;

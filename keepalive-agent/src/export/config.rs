@@ -578,7 +578,8 @@ fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
         .map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
 }
 
-fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
+/// Checks an endpoint URL (`source` names the flag, variable or key in errors).
+pub fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| ExportError::config(source, format!("invalid URL `{url}`: {e}")))?;
@@ -603,7 +604,8 @@ fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
     Ok(())
 }
 
-fn check_header(k: &str, v: &str) -> Result<(), ExportError> {
+/// Checks one export header (name and value).
+pub fn check_header(k: &str, v: &str) -> Result<(), ExportError> {
     http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
         ExportError::config("OTLP header", format!("`{k}` is not a valid header name"))
     })?;

@@ -671,5 +671,4 @@ fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
 }
 
 #[cfg(test)]
-#[cfg(any())] // TEMP-DISABLED
 mod tests;

@@ -113,7 +113,7 @@ async fn json_lines_with_open_connection_at_shutdown() {
         &clock,
     );
     assert_eq!(ex.stats().spans_exported, 3);
-    let report = ex.shutdown(&clock, Duration::from_secs(1)).await;
+    let report = ex.shutdown(&[], &clock, Duration::from_secs(1)).await;
     assert!(report.flushed);
     assert_eq!(report.open_connections_ended, 1);
     assert_eq!(report.open_episodes_ended, 1);
@@ -153,7 +153,7 @@ async fn shutdown_ends_and_counts_leftovers() {
     let clock = WallClock::with_offset_ns(1_000_000_000_000_000_000);
     ex.on_records(&[opened(3, 1_000)], &clock);
     assert_eq!(ex.stats().spans_created, 0);
-    let report = ex.shutdown(&clock, Duration::from_secs(1)).await;
+    let report = ex.shutdown(&[], &clock, Duration::from_secs(1)).await;
     assert!(report.flushed);
     assert_eq!(report.open_connections_ended, 1);
     assert_eq!(report.open_episodes_ended, 0);

@@ -9,6 +9,7 @@
 pub mod btf;
 pub mod hz;
 pub mod kallsyms;
+pub mod progstats;
 
 use std::ffi::CStr;
 use std::io;

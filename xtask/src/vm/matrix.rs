@@ -119,6 +119,9 @@ pub struct CheckReport {
     pub hooks: Vec<HookLine>,
     /// The last line (`ok: ...` or `degraded: ...`).
     pub summary: Option<String>,
+    /// Why the agent cannot run with the method asked for (`cannot run here: ...`): `check` exits
+    /// non-zero when the forced method cannot reach the keep-alive timer.
+    pub cannot_run: Option<String>,
 }
 
 /// One hook of the `check` table.
@@ -162,6 +165,8 @@ impl CheckReport {
                     report.reset_reasons = Some(v.trim().to_string());
                 } else if line.starts_with("HOOK ") {
                     in_table = true;
+                } else if let Some(v) = line.strip_prefix("cannot run here: ") {
+                    report.cannot_run = Some(v.trim().to_string());
                 }
                 continue;
             }
@@ -216,6 +221,15 @@ impl CheckReport {
                 timer.kind
             )),
         }
+    }
+
+    /// Why `method`, forced, cannot reach the keep-alive timer, when `check` said so (it then stops
+    /// with a non-zero exit instead of printing the table).
+    pub fn core_unreachable(&self, method: Method) -> Option<&str> {
+        let why = self.cannot_run.as_deref()?;
+        let prefix = format!("--attach {} cannot reach {DECIDING_HOOK}", method.name());
+        let rest = &why[why.find(&prefix)? + prefix.len()..];
+        Some(rest.split_once(": ").map_or(rest, |(_, r)| r))
     }
 
     /// Hooks nothing reached.
@@ -448,7 +462,11 @@ impl Support {
                 Ok(()) => Support::Supported,
                 Err(why) => Support::NotApplicable(why),
             },
-            Some(code) => Support::CheckFailed(format!("keepalive-agent check exited {code}")),
+            Some(code) => match report.core_unreachable(method) {
+                // The method cannot reach the keep-alive timer here: not applicable, not a failure.
+                Some(why) => Support::NotApplicable(first_line(why).to_string()),
+                None => Support::CheckFailed(format!("keepalive-agent check exited {code}")),
+            },
             None => Support::CheckFailed("keepalive-agent check did not finish".to_string()),
         }
     }
@@ -642,6 +660,20 @@ setsockopt       cgroup     cgroup/setsockopt
 
 degraded: 1 hook(s) unreachable; the agent runs without them
 ";
+
+    #[test]
+    fn check_refusing_a_forced_method_is_not_applicable() {
+        let out = "kernel: 6.18.44\ncannot run here: attaching eBPF programs: --attach fentry cannot reach keepalive_timer, the hook this tool exists for: fentry: the kernel refused the BPF trampoline program (EPERM before verification) (--attach auto picks what this kernel allows)\n";
+        let r = CheckReport::parse(out);
+        assert_eq!(
+            Support::decide(Method::Fentry, Some(1), &r),
+            Support::NotApplicable(
+                "fentry: the kernel refused the BPF trampoline program (EPERM before verification) (--attach auto picks what this kernel allows)".into()
+            )
+        );
+        assert!(matches!(Support::decide(Method::Kprobe, Some(1), &r), Support::CheckFailed(_)));
+        assert!(matches!(Support::decide(Method::Fentry, Some(1), &CheckReport::default()), Support::CheckFailed(_)));
+    }
 
     #[test]
     fn check_table_with_a_verifier_log() {

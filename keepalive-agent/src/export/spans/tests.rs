@@ -1255,7 +1255,7 @@ fn engine_run_leaves_nothing_in_the_model() {
     ]);
     assert_eq!(run.engine.tracked(), 1);
     let mut gone = Vec::new();
-    run.engine.reconcile(T0 + 7 * S, |sk| sk != SK_D, &mut gone);
+    run.engine.reconcile(T0 + 7 * S, |c| c.sk != SK_D, &mut gone);
     run.take(gone, &"the socket walk");
 
     assert_eq!(run.model.open_connections(), 0);

@@ -1,0 +1,137 @@
+//! `keepalive-agent config`: the effective configuration of `run`, one `key = value  # source`
+//! line per setting, grouped in the file's tables (the output is itself a valid configuration
+//! file). Header values are secrets and never printed. A setting without a value is a comment line
+//! saying what its absence means.
+
+use std::io::Write;
+
+use clap::ArgMatches;
+use keepalive_agent::export::{ExportConfig, Target};
+
+use super::layers::{env_sets, given, list_keys, long_flag, Layered, Source};
+
+/// Printed instead of a header's value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Writes the effective configuration of `run`: `layered` (the file folded into the arguments)
+/// with `export` resolved from it.
+pub fn write_config(
+    out: &mut dyn Write,
+    layered: &Layered,
+    export: &ExportConfig,
+    matches: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::io::Result<()> {
+    let file = layered.file.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    writeln!(out, "# effective configuration of `keepalive-agent run` (file: {file})")?;
+    writeln!(out, "# precedence: flag, then environment (OTEL_*), then file, then default")?;
+    let a = &layered.args;
+    let line = |out: &mut dyn Write, key: &str, value: Option<String>| -> std::io::Result<()> {
+        let source = layered.source(key);
+        let name = key.rsplit('.').next().unwrap_or(key);
+        match value {
+            Some(v) => writeln!(out, "{name} = {v}  # {source}"),
+            None => writeln!(out, "# {name} is not set: {}  # {source}", unset_meaning(key)),
+        }
+    };
+    writeln!(out, "\n[attach]")?;
+    line(out, "attach.method", Some(quoted(&enum_name(&a.attach.attach))))?;
+    line(out, "attach.probe_answers", Some(quoted(&enum_name(&a.attach.probe_answers))))?;
+    line(out, "attach.cgroup", a.attach.cgroup.as_ref().map(|p| quoted(&p.display().to_string())))?;
+    line(out, "attach.ringbuf_size", Some(a.attach.ringbuf_size.to_string()))?;
+    line(out, "attach.no_snapshot", Some(a.attach.no_snapshot.to_string()))?;
+    writeln!(out, "\n[filter]")?;
+    line(out, "filter.netns", a.netns.as_ref().map(|p| quoted(&p.display().to_string())))?;
+    writeln!(out, "\n[limits]")?;
+    line(out, "limits.max_connections", Some(a.max_connections.to_string()))?;
+    line(out, "limits.shutdown_timeout", Some(seconds(a.shutdown_timeout)))?;
+    line(out, "limits.duration", a.duration.map(seconds))?;
+    writeln!(out, "\n[export]")?;
+    let (endpoint, protocol, headers) = match &export.target {
+        Target::Stdout => (None, None, &[][..]),
+        Target::Otlp { protocol, endpoint, headers } => (Some(quoted(endpoint)), Some(quoted(protocol.name())), &headers[..]),
+    };
+    line(out, "export.endpoint", endpoint)?;
+    line(out, "export.protocol", protocol)?;
+    line(out, "export.timeout_ms", Some(export.timeout.as_millis().to_string()))?;
+    line(out, "export.queue_size", Some(export.queue_size.to_string()))?;
+    line(out, "export.batch_size", Some(export.batch_size.to_string()))?;
+    line(out, "export.batch_delay_ms", Some(export.batch_delay.as_millis().to_string()))?;
+    line(out, "export.retry_max_s", Some(export.retry_max.as_secs().to_string()))?;
+    line(out, "export.max_span_events", Some(export.max_span_events.to_string()))?;
+    line(out, "export.service_name", Some(quoted(&export.service_name())))?;
+    for (k, _) in headers {
+        let source = pair_source(layered, matches, env, "export.headers", "otlp_headers", k);
+        writeln!(out, "headers.{} = {}  # {source}", quoted(k), quoted(REDACTED))?;
+    }
+    for kv in export.resource.iter().skip(1) {
+        let k = kv.key.as_str();
+        let source = pair_source(layered, matches, env, "export.resource_attributes", "resource_attributes", k);
+        writeln!(out, "resource_attributes.{} = {}  # {source}", quoted(k), quoted(&kv.value.as_str()))?;
+    }
+    Ok(())
+}
+
+/// What the absence of the optional setting `key` means.
+fn unset_meaning(key: &str) -> &'static str {
+    match key {
+        "attach.cgroup" => "the cgroup v2 root, every process",
+        "filter.netns" => "every network namespace",
+        "limits.duration" => "until SIGINT or SIGTERM",
+        "export.endpoint" => "spans are written as JSON lines on stdout",
+        "export.protocol" => "no endpoint",
+        _ => "default",
+    }
+}
+
+/// Where the entry `key` of a merged table (headers, resource attributes) came from: the flag
+/// when one of its `KEY=VALUE` values names it, else the layer that set the table, else (for the
+/// resource) the host.
+fn pair_source(
+    layered: &Layered,
+    matches: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+    table: &str,
+    flag_id: &str,
+    key: &str,
+) -> Source {
+    let flag_keys = || matches.get_raw(flag_id).into_iter().flatten().filter_map(|v| v.to_str()?.split_once('=')).map(|(k, _)| k.trim().to_ascii_lowercase());
+    if given(matches, flag_id) && flag_keys().any(|k| k.eq_ignore_ascii_case(key)) {
+        return Source::Flag(long_flag(flag_id));
+    }
+    let table_source = super::layers::SETTINGS.iter().find(|s| s.key == table).and_then(|s| {
+        let var = s.vars.iter().copied().find(|v| env_sets(env, v))?;
+        env(var).filter(|list| list_keys(list).any(|k| k.eq_ignore_ascii_case(key))).map(|_| Source::Env(var))
+    });
+    if let Some(s) = table_source {
+        return s;
+    }
+    match (table, key) {
+        ("export.resource_attributes", "host.name" | "host.id" | "os.type") if !file_has(layered, key) => Source::Detected,
+        ("export.resource_attributes", "k8s.node.name") if env_sets(env, keepalive_agent::k8s::NODE_NAME_VAR) => {
+            Source::Env(keepalive_agent::k8s::NODE_NAME_VAR)
+        }
+        _ => Source::File,
+    }
+}
+
+/// Whether the file's resource attributes hold `key` (they were folded into the flags' list).
+fn file_has(layered: &Layered, key: &str) -> bool {
+    layered.source("export.resource_attributes") != Source::Default
+        && layered.args.export.resource_attributes.iter().any(|a| a.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+}
+
+/// A TOML string.
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// A clap value enum's name as typed on the command line.
+fn enum_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value().map_or_else(|| "?".to_string(), |p| p.get_name().to_string())
+}
+
+/// Seconds as a TOML number.
+fn seconds(d: std::time::Duration) -> String {
+    toml::Value::Float(d.as_secs_f64()).to_string()
+}

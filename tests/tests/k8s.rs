@@ -1,0 +1,88 @@
+//! Kubernetes and container attribution from real cgroups: the test creates, below its own cgroup,
+//! cgroups named as the kubelet names them (systemd and cgroupfs drivers, each QoS class, the
+//! containerd and CRI-O scopes), moves itself into one, connects, and the agent's JSON lines carry
+//! the container id, the pod UID and the QoS class read from the cgroup path alone.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keepalive_tests::events::{is_conn, str_of};
+use keepalive_tests::tcp::{Client, Family, Keepalive, Server, ServerMode};
+use keepalive_tests::{Agent, Env};
+
+const WAIT: Duration = Duration::from_secs(20);
+const UID: &str = "0b7c3a52-6f1e-4d8a-9c2b-1e2f3a4b5c6d";
+const ID: &str = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
+
+/// A chain of cgroups below the test's own, holding the test process while it exists; dropping it
+/// moves the process back to `home` and removes the chain, deepest first.
+struct Nested {
+    home: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl Nested {
+    fn enter(home: &Path, relative: &str) -> Nested {
+        let mut dirs = Vec::new();
+        let mut dir = home.to_path_buf();
+        for part in relative.split('/') {
+            dir = dir.join(part);
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            dirs.push(dir.clone());
+        }
+        let nested = Nested { home: home.to_path_buf(), dirs };
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).expect("moving the test process");
+        nested
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        for dir in self.dirs.iter().rev() {
+            for _ in 0..100 {
+                match std::fs::remove_dir(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(Duration::from_millis(50)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// The first record of a connection made from the cgroup `relative` (below the test's) that has
+/// the key `key`; the cgroup exists until the agent printed it (it resolves cgroups when printing).
+fn record_from(env: &Env, agent: &Agent, server: &Server, relative: &str, key: &str) -> serde_json::Value {
+    let nested = Nested::enter(env.cgroup.path(), relative);
+    let client = Client::connect(&env.ns, server.addr(), &Keepalive::new(30, 5, 3)).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    let rec = agent.wait_for(WAIT, |e| is_conn(e, l, r) && str_of(e, key).is_some());
+    drop(client);
+    drop(nested);
+    rec.unwrap_or_else(|| panic!("{relative}: no record with `{key}` within {WAIT:?}:\n{:#?}", agent.events()))
+}
+
+#[test]
+fn json_lines_carry_container_pod_and_qos_from_kubelet_cgroups() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let u = UID.replace('-', "_");
+    let cases = [
+        // (cgroup below the test's, QoS class)
+        (format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"), "Burstable"),
+        (format!("kubepods.slice/kubepods-pod{u}.slice/crio-{ID}.scope"), "Guaranteed"),
+        (format!("kubepods/besteffort/pod{UID}/{ID}"), "BestEffort"),
+    ];
+    for (cgroup, qos) in &cases {
+        let rec = record_from(&env, &agent, &server, cgroup, "pod_uid");
+        assert_eq!(str_of(&rec, "pod_uid"), Some(UID), "{cgroup}: {rec}");
+        assert_eq!(str_of(&rec, "pod_qos"), Some(*qos), "{cgroup}: {rec}");
+        assert_eq!(str_of(&rec, "container_id"), Some(ID), "{cgroup}: {rec}");
+        assert!(str_of(&rec, "cgroup").is_some_and(|p| p.ends_with(cgroup.as_str())), "{cgroup}: {rec}");
+    }
+    // A cgroup that is not the kubelet's or a runtime's has none of these keys.
+    let rec = record_from(&env, &agent, &server, "app.slice/web.service", "cgroup");
+    assert!(str_of(&rec, "pod_uid").is_none() && str_of(&rec, "container_id").is_none(), "{rec}");
+    agent.stop();
+}
