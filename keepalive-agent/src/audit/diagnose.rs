@@ -35,6 +35,7 @@ pub enum DiagnosisId {
 }
 
 impl DiagnosisId {
+    /// Every diagnosis, in the order diagnoses are listed.
     pub const ALL: [DiagnosisId; 6] = [
         DiagnosisId::KeepaliveOffIdle,
         DiagnosisId::KeepaliveTooLate,
@@ -44,6 +45,7 @@ impl DiagnosisId {
         DiagnosisId::SlowDeadPeerDetection,
     ];
 
+    /// The stable id (JSON, scripts, the metric's `keepalive.diagnosis`).
     pub fn name(self) -> &'static str {
         match self {
             DiagnosisId::KeepaliveOffIdle => "keepalive_off_idle",
@@ -74,6 +76,7 @@ pub enum Severity {
 }
 
 impl Severity {
+    /// The JSON and text spelling.
     pub fn name(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
@@ -87,7 +90,9 @@ impl Severity {
 pub struct Diagnosis {
     pub id: DiagnosisId,
     pub severity: Severity,
+    /// One line: what will go wrong and why, with this socket's numbers.
     pub message: String,
+    /// What to change, naming the knob of the owner's software where it can be told.
     pub fix: String,
 }
 

@@ -34,6 +34,7 @@ pub enum Source {
 /// One effective keep-alive value and its source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Setting {
+    /// Seconds (idle, interval) or a count.
     pub value: u32,
     pub source: Source,
 }
@@ -57,6 +58,7 @@ pub enum TimerKind {
 }
 
 impl TimerKind {
+    /// The JSON and text spelling.
     pub fn name(self) -> &'static str {
         match self {
             TimerKind::Retransmit => "retransmit",
@@ -72,10 +74,13 @@ impl TimerKind {
 /// One audited socket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditedSocket {
+    /// Kernel address of the socket.
     pub sk: u64,
+    /// Network namespace inode number.
     pub netns: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// ESTABLISHED or CLOSE_WAIT.
     pub state: TcpState,
     /// Inode of the socket's file (0: none).
     pub inode: u64,
@@ -143,8 +148,11 @@ struct Listener {
 
 /// Converts the records of one walk. `states` maps kernel state values, `hz` converts jiffies.
 pub struct Converter<'a> {
+    /// CONFIG_HZ, to convert jiffies.
     pub hz: u32,
+    /// Kernel TCP state values (from BTF).
     pub states: &'a [(u8, TcpState)],
+    /// `AF_INET6`.
     pub af_inet6: u8,
     listeners: HashMap<(u32, u16), Vec<Listener>>,
 }

@@ -24,7 +24,9 @@ use crate::{
 /// chooses what is walked).
 #[derive(Clone, Debug, Default)]
 pub struct ReportFilter {
+    /// Sockets held by these processes (none: any).
     pub pids: Vec<u32>,
+    /// Sockets with one of these local or remote ports (none: any).
     pub ports: Vec<u16>,
     /// A container id or a prefix of one (as `docker ps` shortens them).
     pub container: Option<String>,
@@ -55,7 +57,7 @@ impl Row<'_> {
 }
 
 /// The JSON object of one socket (the README's contract; keys in this order, every key always
-/// present, `null` when unknown).
+/// present, `null` when unknown). The fields are those of [`AuditedSocket`] under their JSON names.
 #[derive(Serialize)]
 pub struct SocketJson<'a> {
     pub netns: u32,
@@ -131,7 +133,9 @@ fn json_of<'a>(row: &'a Row<'a>, policy: &Policy, diagnoses: &'a [Diagnosis]) ->
 /// What a report found, for `--fail-on`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
+    /// Sockets printed.
     pub reported: usize,
+    /// Of those, sockets with at least one diagnosis.
     pub problems: usize,
     /// The worst severity among the reported sockets' diagnoses.
     pub worst: Option<Severity>,
