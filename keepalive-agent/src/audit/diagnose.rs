@@ -105,6 +105,7 @@ pub enum Software {
     Libpq,
     Node,
     Java,
+    Python,
     Unknown,
 }
 
@@ -118,6 +119,7 @@ impl Software {
             "psql" | "pg_dump" | "pgbench" | "pg_basebackup" => Software::Libpq,
             "node" | "nodejs" => Software::Node,
             "java" => Software::Java,
+            c if c.starts_with("python") => Software::Python,
             _ => Software::Unknown,
         }
     }
@@ -302,6 +304,9 @@ fn keepalive_knob(software: Software, i: u64, v: u64, c: u64) -> String {
         Software::Java => format!(
             "Java: socket.setKeepAlive(true) and socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE, {i}), TCP_KEEPINTERVAL {v}, TCP_KEEPCOUNT {c}"
         ),
+        Software::Python => format!(
+            "Python: sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), then socket.IPPROTO_TCP options TCP_KEEPIDLE {i}, TCP_KEEPINTVL {v}, TCP_KEEPCNT {c}"
+        ),
         Software::Unknown => format!(
             "in the application: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE={i}, TCP_KEEPINTVL={v}, TCP_KEEPCNT={c} (Go: net.Dialer{{KeepAlive: {i}*time.Second}} or KeepAliveConfig{{Enable: true, Idle: {i}s, Interval: {v}s, Count: {c}}}; Java: jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE; Node.js: socket.setKeepAlive(true, {}); libpq: keepalives_idle={i})",
             i * 1000
@@ -317,7 +322,7 @@ fn user_timeout_knob(software: Software, ms: u64) -> String {
     match software {
         Software::Postgres => format!("postgresql.conf: tcp_user_timeout = {ms}"),
         Software::Libpq => format!("libpq connection string: tcp_user_timeout={ms}"),
-        Software::Java | Software::Node | Software::Redis | Software::Nginx | Software::Unknown => {
+        Software::Java | Software::Node | Software::Redis | Software::Nginx | Software::Python | Software::Unknown => {
             format!("{generic} (Go: a net.Dialer Control function setting TCP_USER_TIMEOUT)")
         }
     }
@@ -443,6 +448,7 @@ mod tests {
             (Software::Libpq, "keepalives_idle=120"),
             (Software::Node, "socket.setKeepAlive(true, 120000)"),
             (Software::Java, "jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE, 120"),
+            (Software::Python, "TCP_KEEPIDLE 120"),
             (Software::Unknown, "KeepAliveConfig"),
         ];
         for (sw, knob) in want {
@@ -452,6 +458,7 @@ mod tests {
         }
         assert_eq!(Software::from_comm("redis-server"), Software::Redis);
         assert_eq!(Software::from_comm("nginx"), Software::Nginx);
+        assert_eq!(Software::from_comm("python3"), Software::Python);
         assert_eq!(Software::from_comm("bash"), Software::Unknown);
     }
 
