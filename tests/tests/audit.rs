@@ -341,8 +341,8 @@ fn socket_in_a_container_cgroup_carries_the_container_id() {
 }
 
 /// Every key of a socket object, in order (the README's contract).
-const KEYS: [&str; 31] = [
-    "netns", "local", "remote", "state", "pid", "comm", "cgroup", "container_id", "keepalive", "keepalive_source",
+const KEYS: [&str; 33] = [
+    "netns", "local", "remote", "state", "pid", "comm", "cgroup", "container_id", "pod_uid", "pod_qos", "keepalive", "keepalive_source",
     "keepalive_idle_s", "keepalive_idle_source", "keepalive_intvl_s", "keepalive_intvl_source", "keepalive_cnt",
     "keepalive_cnt_source", "user_timeout_ms", "idle_send_ms", "idle_recv_ms", "timer", "timer_expires_ms",
     "probes_out", "retransmits", "packets_out", "unacked_bytes", "unsent_bytes", "dead_peer_detection_s", "orphan",

@@ -68,6 +68,9 @@ pub struct SocketJson<'a> {
     pub comm: Option<&'a str>,
     pub cgroup: Option<&'a str>,
     pub container_id: Option<&'a str>,
+    /// The Kubernetes pod's UID and QoS class, when the cgroup follows the kubelet's naming.
+    pub pod_uid: Option<&'a str>,
+    pub pod_qos: Option<&'static str>,
     pub keepalive: bool,
     pub keepalive_source: Option<Source>,
     pub keepalive_idle_s: u32,
@@ -104,6 +107,8 @@ fn json_of<'a>(row: &'a Row<'a>, policy: &Policy, diagnoses: &'a [Diagnosis]) ->
         comm: s.owner.as_ref().map(|o| comm_str(&o.comm)),
         cgroup: row.cgroup.map(|c| c.path.as_str()),
         container_id: row.container(),
+        pod_uid: row.cgroup.and_then(|c| c.pod.as_ref()).map(|p| p.uid.as_str()),
+        pod_qos: row.cgroup.and_then(|c| c.pod.as_ref()).map(|p| p.qos.name()),
         keepalive: s.keepalive,
         keepalive_source: s.keepalive.then_some(s.keepalive_source),
         keepalive_idle_s: s.idle.value,
