@@ -400,3 +400,25 @@ fn bad_input_names_the_flag_and_exits_2() {
     }
 }
 
+
+/// `--middlebox conntrack` takes this host's established-flow timeout when `nf_conntrack` is
+/// loaded, and is refused naming the flag when it is not.
+#[test]
+fn conntrack_preset_is_this_hosts_timeout() {
+    let env = Env::new();
+    let sysctl = std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established");
+    let ns = env.ns.path().to_str().unwrap();
+    match std::fs::read_to_string(sysctl) {
+        Ok(text) => {
+            let run = run_audit(&["--netns", ns, "--middlebox", "conntrack", "--color", "never"]);
+            assert_eq!(run.status, Some(0), "{}", run.stderr);
+            let want = format!("middlebox idle timeout: {} s (conntrack: this host's {})", text.trim(), sysctl.display());
+            assert!(run.stdout.contains(&want), "{want}\n{}", run.stdout);
+        }
+        Err(_) => {
+            let run = run_audit(&["--netns", ns, "--middlebox", "conntrack"]);
+            assert_eq!(run.status, Some(2), "{}", run.stderr);
+            assert!(run.stderr.contains("--middlebox") && run.stderr.contains("nf_conntrack"), "{}", run.stderr);
+        }
+    }
+}
