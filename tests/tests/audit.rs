@@ -131,12 +131,12 @@ fn probes_unanswered_with_the_death_time() {
     let left = 8 - found["probes_out"].as_i64().unwrap();
     let death_s = (found["timer_expires_ms"].as_i64().unwrap().max(0) + left * 1000) as f64 / 1000.0;
     assert!(message.contains(&format!("declared dead in ~{death_s:.1} s")), "{message} (expected {death_s:.1})");
-    // ss counts the same probes on the same timer (one more may have gone out since).
+    // ss counts the same probes on the same timer (one or two more may have gone out since).
     let ss = ss_of(&ss_sockets(&env.ns).unwrap(), client.local(), client.remote());
     let timer = ss.timer.clone().unwrap_or_else(|| panic!("ss shows no timer: {ss:?}"));
     assert_eq!(timer.name, "keepalive", "{ss:?}");
     let out = found["probes_out"].as_u64().unwrap();
-    assert!((out..=out + 1).contains(&u64::from(timer.count)), "audit {out} probes, ss {timer:?}");
+    assert!((out..=out + 2).contains(&u64::from(timer.count)), "audit {out} probes, ss {timer:?}");
 }
 
 #[test]
