@@ -106,7 +106,9 @@ pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, Ker
 /// and `offsets.jiffies_addr` are 0.
 pub fn resolve_without_addresses() -> Result<KernelFacts, KernelError> {
     let kernel_release = kernel_release()?;
-    let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_btf(Path::new(VMLINUX_BTF))?;
+    let btf = KernelBtf::from_file_mapped(Path::new(VMLINUX_BTF))?;
+    let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_from(&btf)?;
+    drop(btf);
     let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
     offsets.hz = hz;
     let tables =
@@ -654,6 +656,14 @@ mod tests {
         assert_eq!(o.tp_lsndtime.size, 4);
         assert_eq!(o.net_tcp_retries2.size, 1);
         assert_eq!((o.task_tgid.size, o.inode_i_mode.size), (4, 2));
+    }
+
+    /// The mapped BTF gives the same facts as the parsed one.
+    #[test]
+    fn mapped_btf_gives_the_same_facts() {
+        let Some(path) = vmlinux() else { return };
+        let mapped = resolve_from(&KernelBtf::from_file_mapped(path).unwrap()).unwrap();
+        assert_eq!(mapped, resolve_btf(path).unwrap());
     }
 
     #[test]
