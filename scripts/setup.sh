@@ -18,7 +18,7 @@ APT_PACKAGES=(
     llvm-22-dev libclang-22-dev libpolly-22-dev zlib1g-dev libzstd-dev libxml2-dev
     nftables iproute2 procps nginx-light
     qemu-system-x86 busybox-static cpio
-    python3-venv
+    python3-venv prometheus
     systemd binutils
 )
 

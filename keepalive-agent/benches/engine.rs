@@ -207,9 +207,9 @@ impl ConnGen {
 
 /// The stream: connections' steps interleaved round-robin. A step is the records the kernel emits
 /// for one happening (a timer run with what it caused is one step: the records stay together).
-struct Stream {
-    bytes: Vec<u8>,
-    events: usize,
+pub(crate) struct Stream {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) events: usize,
     /// Records per kind (index = kind value).
     mix: [usize; 10],
     conns: usize,
@@ -336,7 +336,7 @@ fn as_bytes(r: &RawEvent) -> &[u8] {
     unsafe { std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }
 }
 
-fn build_stream(conns: usize) -> Stream {
+pub(crate) fn build_stream(conns: usize) -> Stream {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let per_conn: Vec<Vec<Vec<RawEvent>>> =
         (0..conns).map(|i| connection_steps(i, &mut rng)).collect();
@@ -374,7 +374,7 @@ fn run_pipeline(decoder: &Decoder, engine: &mut Engine, bytes: &[u8], out: &mut 
     out.clear();
 }
 
-fn conns_from_env() -> usize {
+pub(crate) fn conns_from_env() -> usize {
     std::env::var("KEEPALIVE_BENCH_CONNS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -912,6 +912,12 @@ impl Probes {
         self.skipped.counts(|name| program_fd(&self.ebpf, name).map(read_prog_stats))
     }
 
+    /// (program name, kernel program id) of every loaded program (for the run counts of the
+    /// metrics).
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf.programs().filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id()))).collect()
+    }
+
     /// Hooks that attached.
     pub fn attached(&self) -> impl Iterator<Item = &HookOutcome> {
         self.outcomes.iter().filter(|o| o.chosen.is_some())

@@ -14,7 +14,7 @@ use keepalive_common::{
 };
 
 use crate::event::{
-    DecodeTables, Event, EventBody, Process, SockOpt, SockSettings, TcpState, TimerFiring,
+    DecodeTables, Event, EventBody, Process, SockOpt, SockSettings, SockTimes, TcpState, TimerFiring,
 };
 
 /// Why a kernel record could not be decoded.
@@ -110,7 +110,10 @@ impl Decoder {
                 reason: (flags & FLAG_HAS_REASON != 0).then(|| self.reset_reason(raw.reason)),
                 state,
             },
-            EventKind::ResetReceived => EventBody::ResetReceived { state },
+            EventKind::ResetReceived => EventBody::ResetReceived {
+                state,
+                times: self.times(raw),
+            },
             EventKind::Error => EventBody::Error {
                 errno: raw.err.saturating_abs(),
                 state,
@@ -121,6 +124,7 @@ impl Decoder {
                 settings: self.settings(raw),
                 process: process(raw),
                 err: raw.err.wrapping_abs(),
+                times: self.times(raw),
             },
             EventKind::Setsockopt => EventBody::Setsockopt {
                 option: sockopt(raw.level, raw.optname).ok_or(DecodeError::UnknownSockOpt {
@@ -185,6 +189,18 @@ impl Decoder {
             idle_default_s: (u64::from(raw.sysctl_time) / self.hz) as u32,
             intvl_default_s: (u64::from(raw.sysctl_intvl) / self.hz) as u32,
             cnt_default: u32::from(raw.sysctl_probes),
+        }
+    }
+
+    fn times(&self, raw: &RawEvent) -> SockTimes {
+        let ms = |j: u32| self.jiffies_to_ms(u64::from(j));
+        SockTimes {
+            since_sent_ms: ms(raw.since_sent_jiffies),
+            since_data_ms: ms(raw.since_data_jiffies),
+            since_ack_ms: ms(raw.since_ack_jiffies),
+            retransmits: raw.retransmits,
+            unacked: raw.unacked,
+            retransmitting_ms: (raw.retransmitting_ms != u32::MAX).then_some(u64::from(raw.retransmitting_ms)),
         }
     }
 
@@ -640,12 +656,38 @@ mod tests {
 
         let mut r = raw(EventKind::ResetReceived);
         r.state = 8;
+        r.since_sent_jiffies = 25; // 100 ms at HZ 250
+        r.since_data_jiffies = 300;
+        r.since_ack_jiffies = 50;
+        r.unacked = 77;
+        r.retransmits = 0;
+        r.retransmitting_ms = u32::MAX;
+        let times = SockTimes {
+            since_sent_ms: 100,
+            since_data_ms: 1200,
+            since_ack_ms: 200,
+            retransmits: 0,
+            unacked: 77,
+            retransmitting_ms: None,
+        };
         assert_eq!(
             d.decode(&r).unwrap().body,
             EventBody::ResetReceived {
-                state: TcpState::CloseWait
+                state: TcpState::CloseWait,
+                times,
             }
         );
+        // A close carries the same facts; a retransmission in progress has its waiting time.
+        let mut r = raw(EventKind::State);
+        r.state = 1;
+        r.new_state = 7;
+        r.err = 110;
+        r.retransmits = 3;
+        r.retransmitting_ms = 2500;
+        let EventBody::State { times, err, .. } = d.decode(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!((err, times.retransmits, times.retransmitting_ms), (110, 3, Some(2500)));
 
         let mut r = raw(EventKind::Ack);
         r.probes_out = 3;

@@ -132,6 +132,12 @@ impl SockSettings {
         self.keepalive || self.user_timeout_ms > 0
     }
 
+    /// Whether the kernel side reports the close and destruction of a socket with these settings
+    /// whatever happens (`SO_KEEPALIVE`, `TCP_USER_TIMEOUT` or any keep-alive value set on it).
+    pub fn reported_by_kernel(&self) -> bool {
+        self.relevant() || self.idle_s.is_some() || self.intvl_s.is_some() || self.cnt.is_some()
+    }
+
     /// The namespace defaults of `d` in place of these, when these were never read (all 0).
     pub fn with_defaults_from(mut self, d: &SockSettings) -> SockSettings {
         if self.idle_default_s == 0 && self.intvl_default_s == 0 && self.cnt_default == 0 {
@@ -141,6 +147,26 @@ impl SockSettings {
         }
         self
     }
+}
+
+/// What a socket says about its last activity, read when it closes or receives a reset (jiffies
+/// precision: 1 to 10 ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockTimes {
+    /// Since the last data segment was sent (`lsndtime`; a retransmission is a send).
+    pub since_sent_ms: u64,
+    /// Since the last data segment was received (`icsk_ack.lrcvtime`).
+    pub since_data_ms: u64,
+    /// Since the last acknowledgment was received (`rcv_tstamp`; a FIN carries one).
+    pub since_ack_ms: u64,
+    /// Retransmissions by the retransmission timer (`icsk_retransmits`).
+    pub retransmits: u32,
+    /// Bytes written and not acknowledged by the peer (`write_seq - snd_una`).
+    pub unacked: u32,
+    /// Since the first retransmission of the data now unacknowledged (`retrans_stamp`; the write
+    /// itself came one retransmission timeout or more before); `None` when nothing is
+    /// retransmitted (or the kernel lacks the fields).
+    pub retransmitting_ms: Option<u64>,
 }
 
 /// A keep-alive socket option as passed to `setsockopt(2)`.
@@ -202,14 +228,23 @@ pub enum EventBody {
     /// The socket sent a reset. `reason`: the kernel's `sk_rst_reason` name, lowercase without the
     /// `SK_RST_REASON_` prefix (None on kernels without reasons). `active`: `tcp_send_active_reset`.
     ResetSent { active: bool, reason: Option<String>, state: TcpState },
-    /// The peer reset the connection.
-    ResetReceived { state: TcpState },
+    /// The peer reset the connection. `times`: the socket's last activity, read at the reset.
+    ResetReceived { state: TcpState, times: SockTimes },
     /// A socket error was reported; `errno` positive (e.g. 110 = ETIMEDOUT).
     Error { errno: i32, state: TcpState },
     /// State change (only to SYN_SENT, ESTABLISHED and CLOSE are reported). `err`: `sk_err` at a
     /// change to CLOSE (positive errno, 0 if none): the kernel sets it before closing a connection
-    /// it kills and reports the error only after the close.
-    State { old: TcpState, new: TcpState, settings: SockSettings, process: Option<Process>, err: i32 },
+    /// it kills and reports the error only after the close. `times`: the socket's last activity,
+    /// read at a change to CLOSE (zero otherwise). Changes to CLOSE of sockets without keep-alive
+    /// come only for deaths (`err` set), or for every connection with `--all-closes`.
+    State {
+        old: TcpState,
+        new: TcpState,
+        settings: SockSettings,
+        process: Option<Process>,
+        err: i32,
+        times: SockTimes,
+    },
     /// `setsockopt(2)` of a keep-alive option (value as passed by the caller). `settings`: the
     /// socket's settings and its namespace's sysctls as read just before the option applies.
     Setsockopt { option: SockOpt, value: i32, state: TcpState, process: Process, settings: SockSettings },

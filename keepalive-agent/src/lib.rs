@@ -8,6 +8,7 @@ pub mod event;
 pub mod export;
 pub mod k8s;
 pub mod kernel;
+pub mod metrics;
 pub mod output;
 pub mod owners;
 pub mod reconcile;

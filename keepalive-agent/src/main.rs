@@ -16,6 +16,7 @@ use keepalive_agent::{
     clock::WallClock,
     decode::Decoder,
     kernel::{self, KernelFacts},
+    metrics::{config::MetricsConfig, Metrics},
     output::{Format, Printer},
     owners,
     runtime::{EventLoop, Filter},
@@ -93,6 +94,8 @@ struct RunArgs {
     attach: AttachArgs,
     #[command(flatten)]
     export: keepalive_agent::export::ExportArgs,
+    #[command(flatten)]
+    metrics: keepalive_agent::metrics::config::MetricsArgs,
     /// Most connections tracked at once, 1 to 16777216; past it new connections are not tracked
     /// (and that is reported).
     #[arg(long, default_value_t = 65_536, value_parser = max_connections_parser(), allow_negative_numbers = true)]
@@ -130,6 +133,11 @@ struct AttachArgs {
     /// arrives, at one program run per received segment on the whole host.
     #[arg(long, value_enum, default_value_t = attach::Answers::OnDemand)]
     probe_answers: attach::Answers,
+    /// Also report the normal close (`close` with `closed_by` and `idle_ms`) of connections without
+    /// keep-alive: one record per connection, most closes on a busy host. Their deaths (timeouts,
+    /// resets) are always reported.
+    #[arg(long)]
+    all_closes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -398,6 +406,7 @@ fn preflight() -> Result<KernelFacts> {
 fn prepare(args: &AttachArgs) -> Result<(KernelFacts, Probes)> {
     let mut facts = preflight()?;
     facts.offsets.snapshot_state_mask = snapshot_state_mask(&facts);
+    facts.offsets.report_all_closes = u32::from(args.all_closes);
     let opts = AttachOptions {
         ringbuf_bytes: args.ringbuf_size,
         cgroup: args.cgroup.clone(),
@@ -434,12 +443,19 @@ struct Started {
 
 /// Attaches the programs, takes the start-up snapshot and prints the `ready` line: the contract is
 /// one line starting with "ready" on stderr once every program is attached, before any event.
-fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: usize) -> Result<Started> {
+/// `on_attached` runs just before the `ready` line (`run` marks its metrics ready there).
+fn start(
+    args: &AttachArgs,
+    netns: Option<&std::path::Path>,
+    max_connections: usize,
+    on_attached: &dyn Fn(&Probes),
+) -> Result<Started> {
     let stop = stop_on_signals()?;
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
+    on_attached(&probes);
     eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
     Ok(Started {
         probes,
@@ -457,7 +473,7 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
     }
     let stats = engine.stats();
     info!(
-        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap{extra}",
+        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{extra}",
         summary.events,
         summary.records,
         summary.lost_total(),
@@ -465,7 +481,10 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         summary.decode_errors,
         stats.opened,
         stats.tracked,
-        stats.cap_rejected
+        stats.cap_rejected,
+        stats.unfollowed_deaths,
+        stats.unfollowed_closes,
+        stats.unfollowed_resets
     );
 }
 
@@ -485,7 +504,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
+        start(&args.attach, args.netns.as_deref(), args.max_connections, &|_| {})?;
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
@@ -535,13 +554,26 @@ fn run(args: RunArgs) -> Result<()> {
     let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
+    let (metrics, otlp_metrics) = start_metrics(&args, exporter.resource())?;
+    let attached = |probes: &Probes| {
+        if let Some(m) = &metrics {
+            m.set_hooks(probes.attached().filter_map(|o| Some((o.hook.name, o.chosen.as_ref()?.kind()))).collect());
+            m.health().set_ready();
+        }
+    };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
+        start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
+    let mut recorder = metrics.as_ref().map(|m| m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect()));
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
+    ev_loop.observer = recorder.as_mut().map(|r| r as &mut dyn keepalive_agent::runtime::LoopObserver);
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         exporter.on_records(recs, clock);
+        if let Some(m) = &metrics {
+            m.on_records(recs);
+            m.set_span_export(exporter.stats());
+        }
         Ok(())
     };
     let summary = ev_loop.run(snapshot, &stop, until(args.duration), &mut sink)?;
@@ -549,8 +581,56 @@ fn run(args: RunArgs) -> Result<()> {
     let last = ev_loop.end_all();
     let clock = ev_loop.clock;
     let report = runtime.block_on(exporter.shutdown(&last, &clock, args.shutdown_timeout));
+    if let Some(m) = &metrics {
+        m.on_records(&last);
+        m.set_span_export(report.stats);
+    }
+    if let Some(export) = otlp_metrics {
+        runtime.block_on(export.shutdown(args.shutdown_timeout));
+    }
     report_stop(&summary, &engine, &format!("; export: {report}"));
     Ok(())
+}
+
+/// The metrics of `run`, when `--metrics-listen` or an OTLP metrics export asks for them: binds the
+/// HTTP server (before attaching, so that `/readyz` answers 503 meanwhile) and starts the OTLP
+/// export. Must run inside the export runtime.
+fn start_metrics(
+    args: &RunArgs,
+    resource: &[opentelemetry::KeyValue],
+) -> Result<(Option<Metrics>, Option<keepalive_agent::metrics::otlp::OtlpExport>)> {
+    let cfg = MetricsConfig::from_args(&args.metrics, &args.export, resource).context("configuring metrics")?;
+    if cfg.listen.is_none() && cfg.otlp.is_none() {
+        return Ok((None, None));
+    }
+    let metrics = Metrics::new(cfg.max_series, cfg.peer_labels, attach::cgroup2_mount());
+    metrics.set_resource(resource.iter().map(|kv| (kv.key.to_string(), kv.value.to_string())).collect());
+    if let Some(addr) = cfg.listen {
+        let bound = keepalive_agent::metrics::http::serve(addr, metrics.clone())?;
+        info!("metrics: serving http://{bound}/metrics, /healthz and /readyz");
+    }
+    let otlp = match &cfg.otlp {
+        Some(c) => {
+            let export = keepalive_agent::metrics::otlp::start(c, metrics.clone(), cfg.max_series)
+                .context("configuring the OTLP metrics export")?;
+            info!("metrics: exporting {}", export.description);
+            Some(export)
+        }
+        None => None,
+    };
+    debug_attach_gate();
+    Ok((Some(metrics), otlp))
+}
+
+/// Test hook: with `KEEPALIVE_DEBUG_ATTACH_GATE=PATH`, waits until PATH exists before attaching, so
+/// that a test can see `/readyz` answer 503 before the programs are attached.
+fn debug_attach_gate() {
+    if let Some(path) = std::env::var_os("KEEPALIVE_DEBUG_ATTACH_GATE") {
+        warn!("KEEPALIVE_DEBUG_ATTACH_GATE: waiting for {} before attaching", PathBuf::from(&path).display());
+        while !std::path::Path::new(&path).exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// States the audit iterator reports: ESTABLISHED, CLOSE_WAIT, and LISTEN (to tell settings

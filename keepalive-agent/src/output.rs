@@ -155,7 +155,8 @@ fn color_of(kind: &RecordKind) -> &'static str {
     match kind {
         RecordKind::Timeout { .. }
         | RecordKind::Reset { .. }
-        | RecordKind::PeerReset
+        | RecordKind::PeerReset { .. }
+        | RecordKind::ReuseRace { .. }
         | RecordKind::Error { .. } => "\x1b[31m",
         RecordKind::Probe { .. } | RecordKind::Suppressed { .. } => "\x1b[33m",
         RecordKind::Ack { .. } => "\x1b[32m",
@@ -258,7 +259,7 @@ mod tests {
         let rec = Record {
             ts_ns: 1_500_000_000,
             conn: conn(),
-            kind: RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 3 },
+            kind: RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 3, idle: None },
         };
         let (text, v) = json_of(&rec, &clock);
         assert_eq!(v["ts"], "2023-11-14T22:13:21.500000Z");
@@ -269,9 +270,13 @@ mod tests {
         assert_eq!(v["comm"], "psql");
         assert_eq!(v["reason"], "keepalive");
         assert_eq!(v["probes"], 3);
+        assert!(v["idle_ms"].is_null(), "a keep-alive timer death reads no idle times from the socket");
         assert_eq!(
             keys(&text),
-            ["ts", "event", "local", "remote", "pid", "comm", "reason", "probes", "conn", "netns", "cgroup_id", "mono_ns"]
+            [
+                "ts", "event", "local", "remote", "pid", "comm", "reason", "probes", "idle_ms", "since_received_ms",
+                "since_sent_ms", "conn", "netns", "cgroup_id", "mono_ns"
+            ]
         );
     }
 

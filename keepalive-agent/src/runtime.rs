@@ -189,6 +189,12 @@ struct OnDemand {
     attaches: u64,
 }
 
+/// Told of each turn of the event loop (every batch drained from the ring buffer, at least every
+/// 100 ms): the metrics' heartbeat and gauges (see [`crate::metrics::Recorder`]).
+pub trait LoopObserver {
+    fn tick(&mut self, engine: &Engine, summary: &LoopSummary);
+}
+
 /// Drives the pipeline until `stop` is set or `until` passes.
 pub struct EventLoop<'a> {
     pub probes: &'a mut Probes,
@@ -196,6 +202,8 @@ pub struct EventLoop<'a> {
     pub engine: &'a mut Engine,
     pub filter: &'a Filter,
     pub clock: WallClock,
+    /// Told of every turn of the loop, if any.
+    pub observer: Option<&'a mut dyn LoopObserver>,
 }
 
 /// The sink of an [`EventLoop`]: receives the records of each batch that pass the filter.
@@ -247,7 +255,7 @@ fn ingest(decoder: &Decoder, filter: &Filter, engine: &mut Engine, raw: &[u8], r
 impl<'a> EventLoop<'a> {
     /// An event loop over attached `probes`, with the wall clock measured now.
     pub fn new(probes: &'a mut Probes, decoder: &'a Decoder, engine: &'a mut Engine, filter: &'a Filter) -> Self {
-        EventLoop { probes, decoder, engine, filter, clock: WallClock::measure() }
+        EventLoop { probes, decoder, engine, filter, clock: WallClock::measure(), observer: None }
     }
 
     /// Feeds the start-up snapshot (raw records from [`Probes::snapshot`], taken after the programs
@@ -289,6 +297,9 @@ impl<'a> EventLoop<'a> {
             loop {
                 let n = self.drain(&mut st, Some(BATCH));
                 self.flush(&mut st, sink)?;
+                if let Some(observer) = self.observer.as_deref_mut() {
+                    observer.tick(self.engine, &st.summary);
+                }
                 self.steer_on_demand(&mut on_demand);
                 if last_report.elapsed() >= Duration::from_secs(1) {
                     last_report = Instant::now();

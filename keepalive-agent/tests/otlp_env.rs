@@ -38,7 +38,7 @@ fn records(id: u64) -> Vec<Record> {
             ts_ns: 2_000,
             conn,
             kind: RecordKind::Close {
-                state: TcpState::Established,
+                state: TcpState::Established, closed_by: None, idle: None,
             },
         },
     ]
@@ -80,6 +80,8 @@ fn flags_win_over_the_environment() -> Result<()> {
                 service_name: Some("svc-flag".into()),
                 resource_attributes: vec!["deployment.environment.name=ci".into()],
                 otlp_batch_delay_ms: Some(50),
+                // Every span: these tests are about delivery.
+                spans: Some(keepalive_agent::export::spans::SpanPolicy::All),
                 ..Default::default()
             };
             let mut ex = Exporter::from_args(&args)?;

@@ -55,6 +55,8 @@ fn config(endpoint: &str, protocol: Protocol, extra: impl FnOnce(&mut ExportArgs
         resource_attributes: vec!["deployment.environment.name=ci".into()],
         otlp_batch_delay_ms: Some(50),
         otlp_timeout_ms: Some(3000),
+        // Every span: these tests are about delivery.
+        spans: Some(keepalive_agent::export::spans::SpanPolicy::All),
         ..Default::default()
     };
     extra(&mut args);
@@ -178,7 +180,7 @@ fn healthy_rest() -> Vec<Record> {
             1,
             t0() + 12 * S,
             RecordKind::Close {
-                state: TcpState::FinWait1,
+                state: TcpState::FinWait1, closed_by: None, idle: None,
             },
         ),
     ]
@@ -199,7 +201,7 @@ fn dead_peer() -> Vec<Record> {
         end,
         RecordKind::Timeout {
             reason: TimeoutReason::Keepalive,
-            probes: 3,
+            probes: 3, idle: None,
         },
     ));
     v.push(r(
@@ -234,7 +236,7 @@ fn dead_peer() -> Vec<Record> {
         2,
         end + 50_000,
         RecordKind::Close {
-            state: TcpState::Established,
+            state: TcpState::Established, closed_by: None, idle: None,
         },
     ));
     v
@@ -544,7 +546,7 @@ fn churn(from: u64, n: u64) -> Vec<Record> {
             id,
             t0() + S,
             RecordKind::Close {
-                state: TcpState::Established,
+                state: TcpState::Established, closed_by: None, idle: None,
             },
         ));
     }

@@ -149,24 +149,48 @@ pub struct Offsets {
     /// tracepoint.
     pub sys_exit_ret: Field,
 
-    // `audit` socket walk (the `audit_tcp` iterator). Appended: the fields above keep their places.
+    // Deaths of any connection (issue 14). Optional: a field absent on this kernel (`size == 0`)
+    // leaves only that fact out of the death records.
+    /// `tcp_sock.lsndtime`: jiffies (32 bits) of the last data segment sent.
+    pub tp_lsndtime: Field,
+    /// `tcp_sock.snd_una`: first byte not acknowledged by the peer.
+    pub tp_snd_una: Field,
+    /// `tcp_sock.retrans_stamp`: time (ms of `tcp_mstamp`) of the first retransmission of the
+    /// data now unacknowledged, 0 while nothing is retransmitted.
+    pub tp_retrans_stamp: Field,
+    /// `tcp_sock.tcp_mstamp`: the socket's clock, µs (refreshed by the retransmission timer).
+    pub tp_tcp_mstamp: Field,
+    /// `inet_connection_sock.icsk_retransmits`: retransmissions by the retransmission timer.
+    pub icsk_retransmits: Field,
+    /// `TCP_TIME_WAIT`: a reset sent by a socket in this state comes from an `inet_timewait_sock`,
+    /// read through its `sock_common` part only.
+    pub tcp_time_wait: u32,
+    /// `TCP_NEW_SYN_RECV`: a request socket (`sock_common` part only).
+    pub tcp_new_syn_recv: u32,
+    /// Bit `1 << state` set for the states whose change to CLOSE ends an established connection
+    /// (ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING). Set by the loader.
+    pub conn_close_mask: u32,
+    /// 1: report the close of every connection (`--all-closes`), not only deaths (a close with
+    /// `sk_err` set) of connections without keep-alive.
+    pub report_all_closes: u32,
+    /// `inet_sock.inet_sport` (network order): the local port of a full socket, still set after
+    /// `inet_put_port()` cleared `skc_num` on the way to CLOSE (the state-change tracepoint fires
+    /// after that).
+    pub inet_sport: Field,
+
+    // `audit` socket walk (the `audit_tcp` and `audit_files` iterators). Appended: the fields
+    // above keep their places. `tp_lsndtime`, `tp_snd_una` and `icsk_retransmits` above serve it too.
     /// Bit `1 << state` set for the TCP states the audit iterator reports (ESTABLISHED,
     /// CLOSE_WAIT, and LISTEN to tell inherited settings). Set by the loader from BTF state names.
     pub audit_state_mask: u32,
     /// Explicit padding (keeps the layout free of implicit holes).
     pub audit_pad: u32,
-    /// `tcp_sock.snd_una`: first unacknowledged sequence number.
-    pub tp_snd_una: Field,
-    /// `tcp_sock.lsndtime`: jiffies (32 bits) when the last data segment was sent.
-    pub tp_lsndtime: Field,
     /// `inet_connection_sock.icsk_pending`: which event the retransmit timer is armed for
     /// (`ICSK_TIME_*`).
     pub icsk_pending: Field,
     /// When the retransmit timer fires: `icsk_timeout` (before 6.15) or
     /// `icsk_retransmit_timer.expires` (since), jiffies.
     pub icsk_timeout: Field,
-    /// `inet_connection_sock.icsk_retransmits`.
-    pub icsk_retransmits: Field,
     /// `inet_connection_sock.icsk_backoff`.
     pub icsk_backoff: Field,
     /// `net.ipv4.sysctl_tcp_retries2` of the namespace.
@@ -208,11 +232,15 @@ pub enum EventKind {
     /// The socket sent a reset (`tcp:tcp_send_reset`); `FLAG_ACTIVE` when it was
     /// `tcp_send_active_reset` (no incoming skb).
     ResetSent = 3,
-    /// A reset arrived from the peer (`tcp:tcp_receive_reset`).
+    /// A reset arrived from the peer (`tcp:tcp_receive_reset`); carries the socket's idle times
+    /// and `unacked`, like a change to CLOSE.
     ResetReceived = 4,
     /// `sock:inet_sk_error_report`: a socket error was reported (`err` holds `sk_err`).
     Error = 5,
     /// `sock:inet_sock_set_state` to SYN_SENT, ESTABLISHED or CLOSE (`state` old, `new_state` new).
+    /// A change to CLOSE carries the socket's idle times (`since_*_jiffies`), `retransmits`,
+    /// `unacked` and `retransmitting_ms`; it is reported for sockets without keep-alive too when
+    /// `sk_err` is set (a death), or for every connection with `Offsets::report_all_closes`.
     State = 6,
     /// `cgroup/setsockopt` saw a keep-alive option.
     Setsockopt = 7,
@@ -350,6 +378,19 @@ pub struct RawEvent {
     /// Inode number of the socket's file ([`EventKind::Snapshot`]; 0 when the socket has no file
     /// or the kernel lacks the offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
     pub sock_ino: u64,
+    /// Jiffies since the last data segment was sent (`lsndtime`), at a close or a reset received.
+    pub since_sent_jiffies: u32,
+    /// Jiffies since the last data segment was received (`icsk_ack.lrcvtime`), same events.
+    pub since_data_jiffies: u32,
+    /// Jiffies since the last acknowledgment was received (`rcv_tstamp`), same events.
+    pub since_ack_jiffies: u32,
+    /// `icsk_retransmits`, same events.
+    pub retransmits: u32,
+    /// `write_seq - snd_una`: bytes written and not acknowledged by the peer, same events.
+    pub unacked: u32,
+    /// ms since the first retransmission of the data now unacknowledged (`tcp_mstamp -
+    /// retrans_stamp`), `u32::MAX` when nothing is retransmitted or the kernel lacks the fields.
+    pub retransmitting_ms: u32,
 }
 
 impl RawEvent {
@@ -392,6 +433,12 @@ impl RawEvent {
             keepalive_probes: 0,
             sysctl_probes: 0,
             sock_ino: 0,
+            since_sent_jiffies: 0,
+            since_data_jiffies: 0,
+            since_ack_jiffies: 0,
+            retransmits: 0,
+            unacked: 0,
+            retransmitting_ms: 0,
         }
     }
 }

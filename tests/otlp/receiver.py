@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A small OTLP trace receiver for keepalive's tests, independent of the Rust opentelemetry crates.
+"""A small OTLP trace and metrics receiver for keepalive's tests, independent of the Rust
+opentelemetry crates.
 
 It accepts OTLP/gRPC (grpcio + opentelemetry-proto) and OTLP/HTTP with protobuf bodies (stdlib
 http.server) and writes what it received as JSON lines to a file:
@@ -8,7 +9,15 @@ http.server) and writes what it received as JSON lines to a file:
   {"type": "span", "protocol": ..., "resource": {...}, "scope": {...}, "trace_id": "<hex>", ...}
 
 One "request" line per export request (including refused ones), then one "span" line per span of an
-accepted request. Every line is flushed when written, so a test can poll the file.
+accepted request. Metrics (OTLP metrics service, HTTP path /v1/metrics) give one "metrics_request"
+line per request, then one "metric" line per metric of an accepted request:
+
+  {"type": "metrics_request", "protocol": ..., "metrics": N, "points": N, "accepted": ..., "headers": {...}}
+  {"type": "metric", "protocol": ..., "resource": {...}, "scope": {...}, "name": ..., "unit": ...,
+   "data": "sum"|"gauge"|..., "temporality": "CUMULATIVE"|"DELTA"|null, "monotonic": true|false|null,
+   "points": [{"attributes": {...}, "value": number, "start_time_unix_nano": N, "time_unix_nano": N}]}
+
+Every line is flushed when written, so a test can poll the file.
 
 Fault injection: --fail-first N refuses the first N requests (gRPC status --fail-grpc-code, HTTP
 status --fail-http-status) so that a test can check the exporter's retries and error handling.
@@ -29,7 +38,9 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 
@@ -91,6 +102,62 @@ def span_json(protocol, resource, scope, span):
     }
 
 
+def number_point(p):
+    value = p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+    return {
+        "attributes": attrs(p.attributes),
+        "value": value,
+        "start_time_unix_nano": p.start_time_unix_nano,
+        "time_unix_nano": p.time_unix_nano,
+    }
+
+
+def metric_json(protocol, resource, scope, metric):
+    data = metric.WhichOneof("data")
+    out = {
+        "type": "metric",
+        "protocol": protocol,
+        "resource": resource,
+        "scope": scope,
+        "name": metric.name,
+        "unit": metric.unit,
+        "description": metric.description,
+        "data": data,
+        "temporality": None,
+        "monotonic": None,
+        "points": [],
+    }
+    if data == "sum":
+        out["temporality"] = metrics_pb2.AggregationTemporality.Name(metric.sum.aggregation_temporality)
+        out["temporality"] = out["temporality"].replace("AGGREGATION_TEMPORALITY_", "")
+        out["monotonic"] = metric.sum.is_monotonic
+        out["points"] = [number_point(p) for p in metric.sum.data_points]
+    elif data == "gauge":
+        out["points"] = [number_point(p) for p in metric.gauge.data_points]
+    return out
+
+
+def metric_lines(protocol, headers, request, accepted):
+    metrics = [m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics] \
+        if request is not None else []
+    points = sum(len(getattr(m, m.WhichOneof("data")).data_points) for m in metrics if m.WhichOneof("data"))
+    lines = [{
+        "type": "metrics_request",
+        "protocol": protocol,
+        "metrics": len(metrics),
+        "points": points,
+        "accepted": accepted,
+        "headers": headers,
+    }]
+    if accepted and request is not None:
+        for rm in request.resource_metrics:
+            resource = attrs(rm.resource.attributes)
+            for sm in rm.scope_metrics:
+                scope = {"name": sm.scope.name, "version": sm.scope.version}
+                lines.extend(metric_json(protocol, resource, scope, m) for m in sm.metrics)
+    return lines
+
+
 class Sink:
     """Serialises output lines and the fault-injection counter across both servers' threads."""
 
@@ -107,6 +174,9 @@ class Sink:
             return False
 
     def record(self, protocol, headers, request, accepted):
+        if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
+            self.write(metric_lines(protocol, headers, request, accepted))
+            return
         lines = [{
             "type": "request",
             "protocol": protocol,
@@ -122,6 +192,9 @@ class Sink:
                     scope = {"name": ss.scope.name, "version": ss.scope.version}
                     for span in ss.spans:
                         lines.append(span_json(protocol, resource, scope, span))
+        self.write(lines)
+
+    def write(self, lines):
         with self.lock:
             for line in lines:
                 self.out.write(json.dumps(line, sort_keys=True) + "\n")
@@ -146,6 +219,27 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, sink, fail_code):
+        self.sink = sink
+        self.fail_code = fail_code
+
+    def Export(self, request, context):
+        headers = {k: v for k, v in context.invocation_metadata() if not k.endswith("-bin")}
+        if self.sink.should_fail():
+            self.sink.record("grpc", headers, request, False)
+            context.abort(self.fail_code, "injected failure")
+        self.sink.record("grpc", headers, request, True)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+# HTTP path -> (request message, response message).
+HTTP_SIGNALS = {
+    "/v1/traces": (trace_service_pb2.ExportTraceServiceRequest, trace_service_pb2.ExportTraceServiceResponse),
+    "/v1/metrics": (metrics_service_pb2.ExportMetricsServiceRequest, metrics_service_pb2.ExportMetricsServiceResponse),
+}
+
+
 def make_http_handler(sink, fail_status):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -163,21 +257,22 @@ def make_http_handler(sink, fail_status):
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
-            if self.path != "/v1/traces":
+            if self.path not in HTTP_SIGNALS:
                 self.reply(404, b"not found", "text/plain")
                 return
+            request_type, response_type = HTTP_SIGNALS[self.path]
             if self.headers.get("Content-Encoding", "").lower() == "gzip":
                 body = gzip.decompress(body)
             headers = {k.lower(): v for k, v in self.headers.items()}
             if self.headers.get("Content-Type", "") != "application/x-protobuf":
-                sink.record("http", headers, None, False)
+                sink.record("http", headers, request_type(), False)
                 self.reply(415, b"only application/x-protobuf", "text/plain")
                 return
-            request = trace_service_pb2.ExportTraceServiceRequest()
+            request = request_type()
             try:
                 request.ParseFromString(body)
             except Exception:  # noqa: BLE001 - malformed body is a client error
-                sink.record("http", headers, None, False)
+                sink.record("http", headers, request_type(), False)
                 self.reply(400, b"bad protobuf", "text/plain")
                 return
             if sink.should_fail():
@@ -185,7 +280,7 @@ def make_http_handler(sink, fail_status):
                 self.reply(fail_status, b"injected failure", "text/plain")
                 return
             sink.record("http", headers, request, True)
-            self.reply(200, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+            self.reply(200, response_type().SerializeToString())
 
     return Handler
 
@@ -220,6 +315,8 @@ def main():
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
             TraceService(sink, grpc.StatusCode[args.fail_grpc_code]), grpc_server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
+            MetricsService(sink, grpc.StatusCode[args.fail_grpc_code]), grpc_server)
         bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
             raise SystemExit(f"cannot bind gRPC to {args.grpc}")

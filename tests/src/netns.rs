@@ -20,7 +20,7 @@ pub const NFT_TABLE: &str = "keepalive_test";
 pub struct NetNs {
     name: String,
     path: PathBuf,
-    /// Ports whose outgoing segments are currently dropped.
+    /// Ports with an nft rule of the harness (dropped or reset).
     dropped: Mutex<Vec<u16>>,
 }
 
@@ -135,6 +135,33 @@ impl NetNs {
             "add table inet {NFT_TABLE}\n\
              add chain inet {NFT_TABLE} out {{ type filter hook output priority 0; policy accept; }}\n\
              add rule inet {NFT_TABLE} out tcp sport {port} drop\n"
+        );
+        self.nft(&script)?;
+        self.dropped.lock().unwrap().push(port);
+        Ok(())
+    }
+
+    /// Makes the peer listening on `port` vanish for its clients while it still receives: every
+    /// TCP segment *from* `port` is dropped on the input hook, after it left the peer. A sender with
+    /// data in flight then retransmits until its retransmission timer gives up (a drop on output
+    /// would fail the peer's transmit locally instead). Applies to IPv4 and IPv6.
+    pub fn drop_input_from_port(&self, port: u16) -> Result<()> {
+        self.input_rule(port, &format!("tcp sport {port} drop"))
+    }
+
+    /// Emulates a NAT or load balancer that forgot the flows to `port`: every TCP segment *to*
+    /// `port` is answered with a reset on the input hook (`reject with tcp reset`), before the peer
+    /// sees it. Applies to IPv4 and IPv6.
+    pub fn reset_input_to_port(&self, port: u16) -> Result<()> {
+        self.input_rule(port, &format!("tcp dport {port} reject with tcp reset"))
+    }
+
+    /// Adds `rule` to the harness's input chain (created if needed), for `port`.
+    fn input_rule(&self, port: u16, rule: &str) -> Result<()> {
+        let script = format!(
+            "add table inet {NFT_TABLE}\n\
+             add chain inet {NFT_TABLE} in {{ type filter hook input priority 0; policy accept; }}\n\
+             add rule inet {NFT_TABLE} in {rule}\n"
         );
         self.nft(&script)?;
         self.dropped.lock().unwrap().push(port);

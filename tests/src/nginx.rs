@@ -27,6 +27,18 @@ impl Nginx {
     /// `1s:1s:2`) and `workers` worker processes; waits until it accepts connections and every
     /// worker runs.
     pub fn start(ns: &NetNs, port: u16, so_keepalive: &str, workers: u32) -> Result<Nginx> {
+        Nginx::start_with_timeout(ns, port, so_keepalive, workers, "300s")
+    }
+
+    /// Like [`Nginx::start`], with nginx's `keepalive_timeout` (e.g. `1s`): nginx closes a
+    /// keep-alive connection idle that long.
+    pub fn start_with_timeout(
+        ns: &NetNs,
+        port: u16,
+        so_keepalive: &str,
+        workers: u32,
+        keepalive_timeout: &str,
+    ) -> Result<Nginx> {
         if !Path::new(NGINX).exists() {
             bail!("{NGINX} not found: install nginx-light (scripts/setup.sh does)");
         }
@@ -34,7 +46,7 @@ impl Nginx {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(&dir, port, so_keepalive, workers))?;
+        std::fs::write(&conf, config(&dir, port, so_keepalive, workers, keepalive_timeout))?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), NGINX, "-c"])
             .arg(&conf)
@@ -94,7 +106,7 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, port: u16, so_keepalive: &str, workers: u32) -> String {
+fn config(dir: &Path, port: u16, so_keepalive: &str, workers: u32, keepalive_timeout: &str) -> String {
     let d = dir.display();
     format!(
         "daemon off;\n\
@@ -110,7 +122,7 @@ fn config(dir: &Path, port: u16, so_keepalive: &str, workers: u32) -> String {
            fastcgi_temp_path {d}/fastcgi;\n\
            uwsgi_temp_path {d}/uwsgi;\n\
            scgi_temp_path {d}/scgi;\n\
-           keepalive_timeout 300s;\n\
+           keepalive_timeout {keepalive_timeout};\n\
            server {{\n\
              listen 127.0.0.1:{port} so_keepalive={so_keepalive};\n\
              location / {{ return 200 \"ok\\n\"; }}\n\

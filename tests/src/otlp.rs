@@ -91,6 +91,10 @@ struct Seen {
     offset: u64,
     requests: Vec<Value>,
     spans: Vec<Span>,
+    /// "metric" lines (one per metric of an accepted metrics request).
+    metrics: Vec<Value>,
+    /// "metrics_request" lines.
+    metric_requests: Vec<Value>,
 }
 
 impl Receiver {
@@ -208,6 +212,8 @@ impl Receiver {
                     seen.spans.push(span);
                 }
                 Some("request") => seen.requests.push(v),
+                Some("metric") => seen.metrics.push(v),
+                Some("metrics_request") => seen.metric_requests.push(v),
                 _ => panic!("receiver wrote an unknown line: {v}"),
             }
         }
@@ -223,6 +229,31 @@ impl Receiver {
     /// Every span received so far, in arrival order.
     pub fn spans(&self) -> Vec<Span> {
         self.refresh().spans.clone()
+    }
+
+    /// Every metric received so far (the receiver's "metric" objects: `name`, `data`,
+    /// `temporality`, `points` with `attributes` and `value`, `resource`...), in arrival order.
+    pub fn metrics(&self) -> Vec<Value> {
+        self.refresh().metrics.clone()
+    }
+
+    /// One object per metrics export request: `protocol`, `metrics`, `points`, `accepted`, `headers`.
+    pub fn metric_requests(&self) -> Vec<Value> {
+        self.refresh().metric_requests.clone()
+    }
+
+    /// Polls the metrics received until `f` returns true (true) or `timeout` passes (false).
+    pub fn wait_metrics(&self, timeout: Duration, mut f: impl FnMut(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f(&self.refresh().metrics) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Number of spans received so far.

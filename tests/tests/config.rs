@@ -68,7 +68,8 @@ fn run_takes_its_options_from_the_file() {
     );
     // The namespace and cgroup flags come from the harness too (it never runs an agent unscoped);
     // the file's values are seen in the resource.
-    let agent = Agent::start_run(&env, &["--config", file.path()], &[("K8S_NODE_NAME", "node-7")]);
+    // `--spans all`: the connection is healthy, and only its span carries the resource to check.
+    let agent = Agent::start_run(&env, &["--config", file.path(), "--spans", "all"], &[("K8S_NODE_NAME", "node-7")]);
     assert!(agent.stderr_lines().iter().any(|l| l.contains(&format!("configuration file {}", file.path()))), "{:#?}", agent.stderr_lines());
     let client = Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 1, 3)).unwrap();
     let (l, r) = (client.local(), client.remote());

@@ -63,6 +63,9 @@ fn otlp_flags(endpoint: &str, protocol: Protocol, tag: &str) -> Vec<String> {
         &format!("x-keepalive-test={tag}"),
         "--otlp-batch-delay-ms",
         "100",
+        // Every span, healthy ones too (the span policy has its own tests in metrics.rs).
+        "--spans",
+        "all",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -744,7 +747,7 @@ fn healthy_connection_over_otlp_http() {
 fn json_lines_on_stdout_without_endpoint() {
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V6, ServerMode::Echo).unwrap();
-    let agent = Agent::start_run(&env, &[], &[]);
+    let agent = Agent::start_run(&env, &["--spans", "all"], &[]);
     let ka = Keepalive::new(1, 1, 3);
     let client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
     let (l, r) = (client.local(), client.remote());

@@ -133,7 +133,7 @@ fn keepalive_switched_off_before_close_leaves_nothing() {
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
     let tracer = Agent::start(&env, &[]);
-    let exporter = Agent::start_run(&env, &["--otlp-batch-delay-ms", "100"], &[]);
+    let exporter = Agent::start_run(&env, &["--otlp-batch-delay-ms", "100", "--spans", "all"], &[]);
     let plain = plain_keepalive_client(&env, &server);
     let tuned = Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 1, 3)).unwrap();
     let (pl, pr) = (plain.local(), plain.remote());

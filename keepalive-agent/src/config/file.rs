@@ -50,6 +50,9 @@ pub struct AttachFile {
     /// `--no-snapshot`.
     #[serde(default)]
     pub no_snapshot: Option<bool>,
+    /// `--all-closes`.
+    #[serde(default)]
+    pub all_closes: Option<bool>,
 }
 
 /// `[filter]`: which connections are followed.

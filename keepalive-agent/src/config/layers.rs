@@ -82,6 +82,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "attach.cgroup", flags: &["cgroup"], vars: &[], merges: false, apply: |f, a| put_some(&f.attach.cgroup, &mut a.attach.cgroup) },
     Setting { key: "attach.ringbuf_size", flags: &["ringbuf_size"], vars: &[], merges: false, apply: |f, a| put(&f.attach.ringbuf_size, &mut a.attach.ringbuf_size) },
     Setting { key: "attach.no_snapshot", flags: &["no_snapshot"], vars: &[], merges: false, apply: |f, a| put(&f.attach.no_snapshot, &mut a.attach.no_snapshot) },
+    Setting { key: "attach.all_closes", flags: &["all_closes"], vars: &[], merges: false, apply: |f, a| put(&f.attach.all_closes, &mut a.attach.all_closes) },
     Setting { key: "filter.netns", flags: &["netns"], vars: &[], merges: false, apply: |f, a| put_some(&f.filter.netns, &mut a.netns) },
     Setting { key: "limits.max_connections", flags: &["max_connections"], vars: &[], merges: false, apply: |f, a| put(&f.limits.max_connections, &mut a.max_connections) },
     Setting { key: "limits.shutdown_timeout", flags: &["shutdown_timeout"], vars: &[], merges: false, apply: |f, a| put(&f.limits.shutdown_timeout, &mut a.shutdown_timeout) },

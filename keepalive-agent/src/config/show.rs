@@ -40,6 +40,7 @@ pub fn write_config(
     line(out, "attach.cgroup", a.attach.cgroup.as_ref().map(|p| quoted(&p.display().to_string())))?;
     line(out, "attach.ringbuf_size", Some(a.attach.ringbuf_size.to_string()))?;
     line(out, "attach.no_snapshot", Some(a.attach.no_snapshot.to_string()))?;
+    line(out, "attach.all_closes", Some(a.attach.all_closes.to_string()))?;
     writeln!(out, "\n[filter]")?;
     line(out, "filter.netns", a.netns.as_ref().map(|p| quoted(&p.display().to_string())))?;
     writeln!(out, "\n[limits]")?;

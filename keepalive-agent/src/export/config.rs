@@ -27,7 +27,7 @@ impl Protocol {
         }
     }
 
-    fn parse_env(var: &str, value: &str) -> Result<Protocol, ExportError> {
+    pub(crate) fn parse_env(var: &str, value: &str) -> Result<Protocol, ExportError> {
         match value.trim() {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
@@ -84,7 +84,7 @@ impl Numeric {
     /// The value and where it came from (the flag, a variable, or `None` for the default): the
     /// flag when given, else the first variable set, else the default. Out-of-range values are
     /// errors naming their source.
-    fn resolve(&self, flag: Option<u64>, env: &Env) -> Result<(u64, Option<&'static str>), ExportError> {
+    pub(crate) fn resolve(&self, flag: Option<u64>, env: &Env) -> Result<(u64, Option<&'static str>), ExportError> {
         let (value, source) = match (flag, env.first(self.vars)) {
             (Some(v), _) => (v, self.flag),
             (None, Some((var, text))) => (parse_num(var, &text)?, var),
@@ -216,6 +216,12 @@ pub struct ExportArgs {
     #[arg(long, value_name = "EVENTS", value_parser = MAX_SPAN_EVENTS.parser::<usize>(), allow_negative_numbers = true)]
     pub max_span_events: Option<usize>,
 
+    /// Which spans are exported: problems (connections with an episode needing a second probe, a
+    /// timeout, a reset or an error: their connection span, problem episodes and last healthy
+    /// episode; healthy connections only count in the metrics) or all [default: problems]
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub spans: Option<super::spans::SpanPolicy>,
+
     /// `service.name` of the exported resource [default: keepalive-agent] [env: OTEL_SERVICE_NAME]
     #[arg(long, value_name = "NAME")]
     pub service_name: Option<String>,
@@ -257,6 +263,8 @@ pub struct ExportConfig {
     pub batch_delay: Duration,
     pub retry_max: Duration,
     pub max_span_events: usize,
+    /// Which spans are exported.
+    pub spans: super::spans::SpanPolicy,
     /// Resource attributes, `service.name` first.
     pub resource: Vec<KeyValue>,
 }
@@ -273,15 +281,15 @@ struct Limits {
 
 /// The environment as a lookup function; empty variables count as unset, as the OpenTelemetry
 /// specification asks.
-struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+pub(crate) struct Env<'a>(pub(crate) &'a dyn Fn(&str) -> Option<String>);
 
 impl Env<'_> {
-    fn get(&self, name: &str) -> Option<String> {
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
         (self.0)(name).filter(|v| !v.trim().is_empty())
     }
 
     /// The first of `names` that is set, with its value.
-    fn first(&self, names: &[&'static str]) -> Option<(&'static str, String)> {
+    pub(crate) fn first(&self, names: &[&'static str]) -> Option<(&'static str, String)> {
         names.iter().find_map(|n| self.get(n).map(|v| (*n, v)))
     }
 }
@@ -316,6 +324,7 @@ impl ExportConfig {
             batch_delay: limits.batch_delay,
             retry_max: limits.retry_max,
             max_span_events: limits.max_span_events,
+            spans: args.spans.unwrap_or_default(),
             resource,
         })
     }
@@ -382,13 +391,19 @@ fn pick_endpoint(args: &ExportArgs, env: &Env) -> Option<Endpoint> {
 /// Export headers: the traces-specific variable (or else the generic one), then `--otlp-header`
 /// flags over them, keys lower-cased; each checked as an HTTP header.
 fn resolve_headers(args: &ExportArgs, env: &Env) -> Result<Vec<(String, String)>, ExportError> {
+    headers_from(&args.otlp_headers, env, &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
+}
+
+/// Export headers: the first of `vars` set, then the `--otlp-header` values `flags` over them, keys
+/// lower-cased; each checked as an HTTP header.
+pub(crate) fn headers_from(flags: &[String], env: &Env, vars: &[&'static str]) -> Result<Vec<(String, String)>, ExportError> {
     let mut headers = Vec::new();
-    if let Some((var, v)) = env.first(&["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]) {
+    if let Some((var, v)) = env.first(vars) {
         for (k, v) in parse_list(var, &v)? {
             set(&mut headers, k.to_ascii_lowercase(), v);
         }
     }
-    for h in &args.otlp_headers {
+    for h in flags {
         let (k, v) = parse_pair("--otlp-header", h, false)?;
         set(&mut headers, k.to_ascii_lowercase(), v);
     }
@@ -512,7 +527,7 @@ pub fn host_facts() -> HostFacts {
     HostFacts { host_name, host_id }
 }
 
-fn nonempty(s: &Option<String>) -> Option<&str> {
+pub(crate) fn nonempty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 

@@ -67,6 +67,8 @@ impl ExportError {
 pub struct ExportStats {
     /// Spans built from records (connection and episode spans).
     pub spans_created: u64,
+    /// Spans the span policy did not export (`--spans problems`: healthy connections).
+    pub spans_withheld: u64,
     /// Spans delivered: acknowledged by the collector, or written to stdout.
     pub spans_exported: u64,
     /// Spans dropped because the export queue was full.
@@ -86,8 +88,9 @@ impl fmt::Display for ExportStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} spans created, {} exported, {} dropped (queue full), {} failed, {} export errors, {} retries, {} queued",
+            "{} spans created, {} withheld by the span policy, {} exported, {} dropped (queue full), {} failed, {} export errors, {} retries, {} queued",
             self.spans_created,
+            self.spans_withheld,
             self.spans_exported,
             self.spans_dropped,
             self.spans_failed,
@@ -231,7 +234,7 @@ impl Exporter {
                     },
                 );
                 Ok(Exporter {
-                    model: SpanModel::new(cfg.max_span_events),
+                    model: SpanModel::with_policy(cfg.max_span_events, cfg.spans),
                     sink: Sink::Otlp(pipeline),
                     resource: cfg.resource.clone(),
                     description: format!(
@@ -250,7 +253,7 @@ impl Exporter {
     /// tests).
     pub fn with_json_writer(cfg: &ExportConfig, out: Box<dyn Write + Send>) -> Exporter {
         Exporter {
-            model: SpanModel::new(cfg.max_span_events),
+            model: SpanModel::with_policy(cfg.max_span_events, cfg.spans),
             sink: Sink::Json {
                 out,
                 exported: 0,
@@ -262,6 +265,11 @@ impl Exporter {
             description: format!("JSON lines (service.name {})", cfg.service_name()),
             buf: Vec::new(),
         }
+    }
+
+    /// The resource every span carries (`service.name` first); metrics carry it too.
+    pub fn resource(&self) -> &[KeyValue] {
+        &self.resource
     }
 
     /// Where spans go, for a start-up log line.
@@ -317,7 +325,8 @@ impl Exporter {
     /// Current counters.
     pub fn stats(&self) -> ExportStats {
         let created = self.model.spans_built;
-        match &self.sink {
+        let withheld = self.model.spans_withheld;
+        let stats = match &self.sink {
             Sink::Json {
                 exported,
                 failed,
@@ -331,7 +340,8 @@ impl Exporter {
                 ..Default::default()
             },
             Sink::Otlp(p) => otlp_stats(created, p.counters()),
-        }
+        };
+        ExportStats { spans_withheld: withheld, ..stats }
     }
 
     /// Stops the exporter: `last` are the engine's shutdown records
@@ -368,7 +378,7 @@ impl Exporter {
                 let counters = p.counters().clone();
                 let (unsent, finished) = p.shutdown(last, deadline).await;
                 ExportReport {
-                    stats: otlp_stats(self.model.spans_built, &counters),
+                    stats: ExportStats { spans_withheld: self.model.spans_withheld, ..otlp_stats(self.model.spans_built, &counters) },
                     open_connections_ended: counts.connections,
                     open_episodes_ended: counts.episodes,
                     unsent,
@@ -389,6 +399,7 @@ fn otlp_stats(created: u64, c: &pipeline::Counters) -> ExportStats {
         export_errors: c.export_errors.load(Relaxed),
         retries: c.retries.load(Relaxed),
         queued: c.queued.load(Relaxed),
+        ..ExportStats::default()
     }
 }
 
@@ -396,7 +407,7 @@ fn otlp_stats(created: u64, c: &pipeline::Counters) -> ExportStats {
 /// exporter has added the metadata it read from `OTEL_EXPORTER_OTLP_HEADERS` itself, so that our
 /// values (where a flag wins over the environment) replace those.
 #[derive(Clone)]
-struct MetadataInterceptor(
+pub(crate) struct MetadataInterceptor(
     Arc<
         Vec<(
             tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
@@ -406,7 +417,7 @@ struct MetadataInterceptor(
 );
 
 impl MetadataInterceptor {
-    fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
+    pub(crate) fn new(headers: &[(String, String)]) -> Result<Self, ExportError> {
         let mut list = Vec::new();
         for (k, v) in headers {
             let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
@@ -436,13 +447,13 @@ impl tonic::service::Interceptor for MetadataInterceptor {
 /// HTTP client setting the resolved headers on every request, after (so over) those the exporter
 /// read from the environment itself.
 #[derive(Debug)]
-struct HeaderClient {
+pub(crate) struct HeaderClient {
     inner: reqwest::Client,
     headers: http::HeaderMap,
 }
 
 impl HeaderClient {
-    fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
+    pub(crate) fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {

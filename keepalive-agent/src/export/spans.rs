@@ -16,6 +16,12 @@
 //!   arrived; the only exception is the end of spans ended by the agent's shutdown (the engine's
 //!   shutdown records carry the stop time).
 //!
+//! - Span volume ([`SpanPolicy`]): by default a healthy connection (every episode answered by its
+//!   first probe, no timeout, reset or error) exports no span at all; a connection with a problem
+//!   exports its problem episodes as they end, the last healthy episode before each problem and at
+//!   its end (at most one healthy episode span is held per connection), and its connection span.
+//!   [`SpanPolicy::All`] exports every span.
+//!
 //! See the "OpenTelemetry traces" section of README.md for the user-facing description.
 
 use std::borrow::Cow;
@@ -32,7 +38,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEve
 use crate::clock::WallClock;
 use crate::event::{Process, SockSettings, TcpState};
 use crate::timeline::{
-    errno_name, ConnView, Episode, EpisodeOutcome, Record, RecordKind, SettingsSource,
+    errno_name, ClosedBy, ConnView, Episode, EpisodeOutcome, Idle, Record, RecordKind, SettingsSource,
     TimeoutReason, UntrackReason,
 };
 
@@ -52,6 +58,7 @@ pub mod names {
     pub const EV_PEER_RESET: &str = "tcp.keepalive.peer_reset";
     pub const EV_ERROR: &str = "tcp.keepalive.error";
     pub const EV_CLOSE: &str = "tcp.keepalive.close";
+    pub const EV_REUSE_RACE: &str = "tcp.keepalive.reuse_race";
 
     // OpenTelemetry semantic conventions.
     pub const NETWORK_TRANSPORT: &str = "network.transport";
@@ -92,6 +99,14 @@ pub mod names {
     pub const RESET_ACTIVE: &str = "tcp.keepalive.reset.active";
     pub const ERRNO: &str = "tcp.keepalive.errno";
     pub const CLOSE_STATE: &str = "tcp.keepalive.close.state";
+    pub const CLOSED_BY: &str = "tcp.keepalive.close.closed_by";
+    pub const IDLE_MS: &str = "tcp.keepalive.idle_ms";
+    pub const SINCE_RECEIVED_MS: &str = "tcp.keepalive.since_received_ms";
+    pub const SINCE_SENT_MS: &str = "tcp.keepalive.since_sent_ms";
+    pub const RETRANSMITS: &str = "tcp.keepalive.retransmits";
+    pub const REUSE_PEER_IDLE_MS: &str = "tcp.keepalive.reuse_race.peer_idle_ms";
+    pub const REUSE_WRITE_AFTER_MS: &str = "tcp.keepalive.reuse_race.write_after_ms";
+    pub const REUSE_BYTES: &str = "tcp.keepalive.reuse_race.bytes";
     pub const INCOMPLETE: &str = "tcp.keepalive.incomplete";
     pub const UNTRACKED_REASON: &str = "tcp.keepalive.untracked.reason";
     pub const EPISODE_NUMBER: &str = "tcp.keepalive.episode.number";
@@ -175,7 +190,13 @@ struct Ending {
     timeout: Option<(TimeoutReason, u32)>,
     reset: Option<(String, bool)>,
     peer_reset: bool,
+    /// (peer idle, write after the FIN, bytes) of a reuse race.
+    reuse_race: Option<(u64, u64, u32)>,
     errno: Option<i32>,
+    /// Who sent the first FIN, from the `close` record.
+    closed_by: Option<ClosedBy>,
+    /// Idle times of the death or of the close, whichever came last.
+    idle: Option<Idle>,
 }
 
 /// A connection span being built: from the connection's first record to its last.
@@ -195,6 +216,10 @@ struct ConnSpan {
     /// Its last episode ended `incomplete` (the engine stopped following the connection while
     /// probing): counted as ended by the shutdown only if the last record says so.
     incomplete_episode: bool,
+    /// A problem was seen (a problem episode, a timeout, a reset or an error).
+    problem: bool,
+    /// With [`SpanPolicy::Problems`]: the last healthy episode span not exported yet.
+    held: Option<SpanData>,
 }
 
 /// How a connection span ends: its last record.
@@ -214,10 +239,30 @@ pub struct FinishCounts {
     pub episodes: u64,
 }
 
+/// Which spans are exported (`--spans`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpanPolicy {
+    /// Only connections with a problem (an episode needing a second probe, a timeout, a reset, an
+    /// error): their connection span, every problem episode, and the last healthy episode for
+    /// context. Healthy connections are counted in the metrics only.
+    #[default]
+    Problems,
+    /// Every connection span and every episode span.
+    All,
+}
+
+/// Whether an episode is a problem: it needed more than one probe, or the connection died in it.
+pub fn problem_episode(ep: &Episode) -> bool {
+    ep.probes > 1 || matches!(ep.outcome, EpisodeOutcome::TimedOut(_) | EpisodeOutcome::Reset { .. })
+}
+
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
     conns: HashMap<u64, ConnSpan>,
+    policy: SpanPolicy,
+    /// Spans the policy did not export (healthy connections and the healthy episodes not kept).
+    pub spans_withheld: u64,
     ids: RandomIdGenerator,
     scope: InstrumentationScope,
     max_events: usize,
@@ -228,10 +273,18 @@ pub struct SpanModel {
 }
 
 impl SpanModel {
-    /// `max_events`: events kept per span (at least 2).
+    /// `max_events`: events kept per span (at least 2); every span is exported
+    /// ([`SpanPolicy::All`]).
     pub fn new(max_events: usize) -> Self {
+        Self::with_policy(max_events, SpanPolicy::All)
+    }
+
+    /// A model exporting the spans `policy` selects.
+    pub fn with_policy(max_events: usize, policy: SpanPolicy) -> Self {
         SpanModel {
             conns: HashMap::new(),
+            policy,
+            spans_withheld: 0,
             ids: RandomIdGenerator::default(),
             scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -264,8 +317,7 @@ impl SpanModel {
         for id in ids {
             if let Some(st) = self.conns.remove(&id) {
                 log::debug!("export: connection {id} had no last record; its span ends at the stop");
-                let span = self.connection_span(st, clock.to_system_time(stop_ns), Last::Leftover);
-                self.emit(span, out);
+                self.close_connection(st, clock.to_system_time(stop_ns), Last::Leftover, out);
             }
         }
         n
@@ -295,6 +347,8 @@ impl SpanModel {
             ending: Ending::default(),
             events: Events::new(max_events),
             incomplete_episode: false,
+            problem: false,
+            held: None,
         });
         // The view is copied into every record; keep the latest (the owning process may become
         // known after the connection was first seen), but never forget a process once known.
@@ -312,9 +366,13 @@ impl SpanModel {
                 st.counts.episodes += 1;
                 st.incomplete_episode = ep.outcome == EpisodeOutcome::Incomplete;
                 let span = self.episode_span(rec.conn.id, ep, clock);
-                self.emit(span, out);
+                self.route_episode(rec.conn.id, span, problem_episode(ep), out);
             }
-            RecordKind::Close { state } => self.end_connection(rec.conn.id, at, Last::Close(*state), out),
+            RecordKind::Close { state, closed_by, idle } => {
+                st.ending.closed_by = *closed_by;
+                st.ending.idle = st.ending.idle.or(*idle);
+                self.end_connection(rec.conn.id, at, Last::Close(*state), out)
+            }
             RecordKind::Untracked { reason, .. } => {
                 if *reason == UntrackReason::Shutdown {
                     // The engine also ends an episode `incomplete` before untracking a connection
@@ -332,8 +390,40 @@ impl SpanModel {
 
     fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
         if let Some(st) = self.conns.remove(&id) {
+            self.close_connection(st, at, last, out);
+        }
+    }
+
+    /// An episode span, by the policy: exported, or held as the connection's last healthy episode.
+    /// A problem episode is exported after the healthy episode held before it.
+    fn route_episode(&mut self, id: u64, span: SpanData, problem: bool, out: &mut Vec<SpanData>) {
+        if self.policy == SpanPolicy::All {
+            return self.emit(span, out);
+        }
+        let Some(st) = self.conns.get_mut(&id) else { return };
+        if problem {
+            st.problem = true;
+            let held = st.held.take();
+            if let Some(h) = held {
+                self.emit(h, out);
+            }
+            self.emit(span, out);
+        } else if st.held.replace(span).is_some() {
+            self.spans_withheld += 1;
+        }
+    }
+
+    /// The connection span and its held healthy episode, exported if the policy wants them.
+    fn close_connection(&mut self, mut st: ConnSpan, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
+        let held = st.held.take();
+        if self.policy == SpanPolicy::All || st.problem {
+            if let Some(h) = held {
+                self.emit(h, out);
+            }
             let span = self.connection_span(st, at, last);
             self.emit(span, out);
+        } else {
+            self.spans_withheld += 1 + u64::from(held.is_some());
         }
     }
 
@@ -456,20 +546,38 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             st.counts.fin_wait2 += 1;
             st.events.important(Event::new(EV_FIN_WAIT2, at, Vec::new(), 0));
         }
-        RecordKind::Timeout { reason, probes } => {
+        RecordKind::Timeout { reason, probes, idle } => {
+            st.problem = true;
             st.ending.timeout = Some((*reason, *probes));
-            st.events.important(Event::new(EV_TIMEOUT, at, timeout_attrs(*reason, *probes), 0));
+            st.ending.idle = idle.or(st.ending.idle);
+            let mut attrs = timeout_attrs(*reason, *probes);
+            attrs.extend(idle_attrs(*idle));
+            st.events.important(Event::new(EV_TIMEOUT, at, attrs, 0));
         }
         RecordKind::Reset { reason, active } => {
+            st.problem = true;
             st.ending.reset = Some((reason.clone(), *active));
             let attrs = vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
             st.events.important(Event::new(EV_RESET, at, attrs, 0));
         }
-        RecordKind::PeerReset => {
+        RecordKind::PeerReset { idle } => {
+            st.problem = true;
             st.ending.peer_reset = true;
-            st.events.important(Event::new(EV_PEER_RESET, at, Vec::new(), 0));
+            st.ending.idle = idle.or(st.ending.idle);
+            st.events.important(Event::new(EV_PEER_RESET, at, idle_attrs(*idle), 0));
+        }
+        RecordKind::ReuseRace { peer_idle_ms, write_after_ms, bytes } => {
+            st.problem = true;
+            st.ending.reuse_race = Some((*peer_idle_ms, *write_after_ms, *bytes));
+            let attrs = vec![
+                KeyValue::new(REUSE_PEER_IDLE_MS, *peer_idle_ms as i64),
+                KeyValue::new(REUSE_WRITE_AFTER_MS, *write_after_ms as i64),
+                KeyValue::new(REUSE_BYTES, i64::from(*bytes)),
+            ];
+            st.events.important(Event::new(EV_REUSE_RACE, at, attrs, 0));
         }
         RecordKind::Error { errno } => {
+            st.problem = true;
             st.ending.errno = Some(*errno);
             let attrs = vec![KeyValue::new(ERRNO, errno_name(*errno))];
             st.events.important(Event::new(EV_ERROR, at, attrs, 0));
@@ -499,13 +607,29 @@ fn ending_attrs(e: &Ending, a: &mut Vec<KeyValue>) {
     if let Some(e) = e.errno {
         a.push(KeyValue::new(ERRNO, errno_name(e)));
     }
+    if let Some(c) = e.closed_by {
+        a.push(KeyValue::new(CLOSED_BY, c.name()));
+    }
+    a.extend(idle_attrs(e.idle));
 }
 
 fn timeout_attrs(reason: TimeoutReason, probes: u32) -> Vec<KeyValue> {
+    let count = if reason == TimeoutReason::Retransmit { RETRANSMITS } else { EPISODE_PROBES };
     vec![
         KeyValue::new(TIMEOUT_REASON, reason.name()),
-        KeyValue::new(EPISODE_PROBES, i64::from(probes)),
+        KeyValue::new(count, i64::from(probes)),
     ]
+}
+
+/// The idle times of a death or a close (none when unknown).
+fn idle_attrs(idle: Option<Idle>) -> Vec<KeyValue> {
+    idle.map_or_else(Vec::new, |i| {
+        vec![
+            KeyValue::new(IDLE_MS, i.idle_ms as i64),
+            KeyValue::new(SINCE_RECEIVED_MS, i.since_received_ms as i64),
+            KeyValue::new(SINCE_SENT_MS, i.since_sent_ms as i64),
+        ]
+    })
 }
 
 /// The episode's status, its outcome attributes and the event that ended it (at `end`).
@@ -560,6 +684,12 @@ fn conn_outcome(e: &Ending, last: &Last) -> (&'static str, Status, Option<String
             Some(timeout_type(reason).into()),
         );
     }
+    if let Some((peer_idle_ms, write_after_ms, bytes)) = e.reuse_race {
+        let message = format!(
+            "{bytes} bytes written {write_after_ms} ms after the peer closed the connection idle for {peer_idle_ms} ms"
+        );
+        return ("reuse_race", Status::error(message), Some("reuse_race".into()));
+    }
     if e.peer_reset {
         return (
             "peer_reset",
@@ -593,6 +723,7 @@ fn timeout_type(reason: TimeoutReason) -> &'static str {
     match reason {
         TimeoutReason::Keepalive => "keepalive_timeout",
         TimeoutReason::UserTimeout => "user_timeout",
+        TimeoutReason::Retransmit => "retransmit_timeout",
     }
 }
 
@@ -602,6 +733,7 @@ fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
         TimeoutReason::UserTimeout => {
             format!("TCP_USER_TIMEOUT expired with {probes} probes unanswered")
         }
+        TimeoutReason::Retransmit => format!("retransmission timeout after {probes} retransmissions"),
     }
 }
 

@@ -46,7 +46,9 @@ fn cfg() -> ExportConfig {
         host_name: Some("h1".into()),
         host_id: None,
     };
-    ExportConfig::resolve(&ExportArgs::default(), &|_| None, &host).unwrap()
+    // Every span (these tests are about delivery; the span policy has its own tests).
+    let args = ExportArgs { spans: Some(spans::SpanPolicy::All), ..ExportArgs::default() };
+    ExportConfig::resolve(&args, &|_| None, &host).unwrap()
 }
 
 fn record(id: u64, ts_ns: u64, kind: RecordKind) -> Record {
@@ -86,7 +88,7 @@ async fn json_lines_with_open_connection_at_shutdown() {
         &clock,
     );
     let close = RecordKind::Close {
-        state: TcpState::Established,
+        state: TcpState::Established, closed_by: None, idle: None,
     };
     ex.on_records(&[record(1, 5_000, close)], &clock);
     assert_eq!(ex.stats().spans_exported, 1);
@@ -171,7 +173,7 @@ fn json_write_errors_are_counted() {
     let mut ex = Exporter::with_json_writer(&cfg(), Box::new(Broken));
     let clock = WallClock::with_offset_ns(0);
     let close = RecordKind::Close {
-        state: TcpState::Established,
+        state: TcpState::Established, closed_by: None, idle: None,
     };
     ex.on_records(&[opened(1, 1), record(1, 2, close)], &clock);
     let s = ex.stats();

@@ -228,9 +228,15 @@ const FIELDS: &[FieldSpec] = &[
     owner("fdtable", &["max_fds"], |o| &mut o.fdt_max_fds, NO_ACCEPT_OWNER),
     owner("fdtable", &["fd"], |o| &mut o.fdt_fd, NO_ACCEPT_OWNER),
     owner("syscall_trace_exit", &["ret"], |o| &mut o.sys_exit_ret, NO_ACCEPT_OWNER),
-    // `audit` (optional: each absent field leaves one column of `audit` empty, the rest works).
-    owner("tcp_sock", &["snd_una"], |o| &mut o.tp_snd_una, NO_AUDIT_UNACKED),
-    owner("tcp_sock", &["lsndtime"], |o| &mut o.tp_lsndtime, NO_AUDIT_SEND_IDLE),
+    // Death facts (optional: without one, death records lack only that fact).
+    owner("tcp_sock", &["lsndtime"], |o| &mut o.tp_lsndtime, NO_SINCE_SENT),
+    owner("tcp_sock", &["snd_una"], |o| &mut o.tp_snd_una, NO_UNACKED),
+    owner("tcp_sock", &["retrans_stamp"], |o| &mut o.tp_retrans_stamp, NO_RETRANSMITTING),
+    owner("tcp_sock", &["tcp_mstamp"], |o| &mut o.tp_tcp_mstamp, NO_RETRANSMITTING),
+    owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_RETRANSMITS),
+    owner("inet_sock", &["inet_sport"], |o| &mut o.inet_sport, NO_CLOSE_PORT),
+    // `audit` (optional: each absent field leaves one column of `audit` empty, the rest works;
+    // `lsndtime`, `snd_una` and `icsk_retransmits` above serve it too).
     owner("inet_connection_sock", &["icsk_pending"], |o| &mut o.icsk_pending, NO_AUDIT_TIMER),
     // `icsk_timeout` was folded into the retransmit timer's own expiry in 6.15.
     owner(
@@ -239,17 +245,19 @@ const FIELDS: &[FieldSpec] = &[
         |o| &mut o.icsk_timeout,
         NO_AUDIT_TIMER,
     ),
-    owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_AUDIT_TIMER),
     owner("inet_connection_sock", &["icsk_backoff"], |o| &mut o.icsk_backoff, NO_AUDIT_TIMER),
     owner("net", &["ipv4.sysctl_tcp_retries2"], |o| &mut o.net_tcp_retries2, NO_AUDIT_RETRIES2),
     owner("task_struct", &["tgid"], |o| &mut o.task_tgid, NO_AUDIT_FILES),
     owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
 ];
 
-const NO_AUDIT_FILES: &str = "audit finds the processes holding sockets in /proc (slower)";
+const NO_SINCE_SENT: &str = "deaths and closes carry no time since the last segment sent";
+const NO_UNACKED: &str = "reuse races carry no byte count";
+const NO_RETRANSMITTING: &str = "retransmission deaths carry no idle time before the write";
+const NO_CLOSE_PORT: &str = "closes of connections not followed carry local port 0";
+const NO_RETRANSMITS: &str = "retransmission deaths carry no retransmission count";
 
-const NO_AUDIT_UNACKED: &str = "audit reports no unacknowledged byte count";
-const NO_AUDIT_SEND_IDLE: &str = "audit reports no time since the last segment sent";
+const NO_AUDIT_FILES: &str = "audit finds the processes holding sockets in /proc (slower)";
 const NO_AUDIT_TIMER: &str = "audit cannot tell a retransmit or zero-window-probe timer";
 const NO_AUDIT_RETRIES2: &str = "audit assumes net.ipv4.tcp_retries2 = 15";
 
@@ -313,6 +321,9 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
     offsets.tcp_syn_sent = enum_u32(btf, states, "TCP_SYN_SENT", 256)?;
     offsets.tcp_close = enum_u32(btf, states, "TCP_CLOSE", 256)?;
     offsets.tcp_listen = enum_u32(btf, states, "TCP_LISTEN", 256)?;
+    offsets.tcp_time_wait = enum_u32(btf, states, "TCP_TIME_WAIT", 256)?;
+    offsets.tcp_new_syn_recv = enum_u32(btf, states, "TCP_NEW_SYN_RECV", 256)?;
+    offsets.conn_close_mask = conn_close_mask(&tcp_states);
     log::debug!("BTF: TCP states {tcp_states:?}");
 
     let ipproto =
@@ -378,6 +389,15 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
         log::debug!("BTF note: {note}");
     }
     Ok(BtfFacts { offsets, tcp_states, reset_reasons, notes })
+}
+
+/// Bit `1 << value` for each state whose change to CLOSE ends an established connection.
+fn conn_close_mask(tcp_states: &[(u8, TcpState)]) -> u32 {
+    use TcpState::*;
+    tcp_states
+        .iter()
+        .filter(|(v, s)| *v < 32 && matches!(s, Established | FinWait1 | FinWait2 | CloseWait | LastAck | Closing))
+        .fold(0u32, |m, (v, _)| m | (1 << v))
 }
 
 fn resolve_field(
@@ -493,6 +513,13 @@ mod tests {
         assert_eq!(o.sk_err.size, 4);
         assert_eq!(o.sk_flags.size, std::mem::size_of::<usize>() as u32);
         assert_eq!(o.net_ns_inum.size, 4);
+        // Death facts.
+        assert_eq!((o.tp_lsndtime.size, o.tp_snd_una.size, o.tp_retrans_stamp.size), (4, 4, 4));
+        assert_eq!(o.tp_tcp_mstamp.size, 8);
+        assert!(o.icsk_retransmits.present());
+        assert_eq!(o.inet_sport.size, 2);
+        let mask = [1, 4, 5, 8, 9, 11].iter().fold(0u32, |m, v| m | (1 << v));
+        assert_eq!((o.conn_close_mask, o.tcp_time_wait, o.tcp_new_syn_recv), (mask, 6, 12));
         // The timer: its fields lie inside the embedded timer_list.
         let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
         let timer_size = btf.struct_size("timer_list").unwrap() as u32;

@@ -39,12 +39,17 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, TcpState, TimerFiring};
+use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, SockTimes, TcpState, TimerFiring};
 
 use super::types::{
-    AckPrecision, ConnView, EngineStats, Episode, EpisodeOutcome, Record, RecordKind,
+    AckPrecision, ClosedBy, ConnView, EngineStats, Episode, EpisodeOutcome, Idle, Record, RecordKind,
     SettingsSource, TimeoutReason, UntrackReason, MAX_PROBE_TIMES,
 };
+
+/// `ETIMEDOUT`, `ECONNRESET`, `EPIPE` (Linux errno values, positive as the events carry them).
+const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+const ECONNRESET: i32 = libc::ECONNRESET;
+const EPIPE: i32 = libc::EPIPE;
 
 /// Hasher for socket addresses (`sk`): kernel pointers whose low bits are always zero and whose
 /// high bits barely vary. One folded 64×64→128 multiply spreads every input bit over the whole
@@ -168,8 +173,7 @@ impl Conn {
     /// Whether the kernel side still reports this socket's close and destruction: it does for
     /// sockets with `SO_KEEPALIVE`, `TCP_USER_TIMEOUT` or any keep-alive value set on them.
     fn followed_by_kernel(&self) -> bool {
-        let s = &self.settings;
-        s.relevant() || s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some()
+        self.settings.reported_by_kernel()
     }
 }
 
@@ -192,6 +196,8 @@ pub struct Engine {
     held: FastMap<u64, Vec<Event>>,
     stats: EngineStats,
     cap_rejected_reported: u64,
+    /// Connections tracked since the engine started (ids also number unfollowed deaths).
+    opened: u64,
 }
 
 /// States in which a socket is a connection keep-alive can apply to.
@@ -342,13 +348,14 @@ impl Engine {
             held: FastMap::default(),
             stats: EngineStats::default(),
             cap_rejected_reported: 0,
+            opened: 0,
         }
     }
 
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             tracked: self.conns.len() as u64,
-            opened: self.next_id - 1,
+            opened: self.opened,
             ..self.stats
         }
     }
@@ -356,6 +363,13 @@ impl Engine {
     /// Connections waiting for an answer to a keep-alive probe (an episode is open). O(tracked).
     pub fn awaiting_answer(&self) -> usize {
         self.conns.values().filter(|c| c.episode.is_some()).count()
+    }
+
+    /// Connections tracked now with keep-alive on, and with it off (followed for
+    /// `TCP_USER_TIMEOUT` alone). O(tracked). Read-only, for the metrics' gauges.
+    pub fn keepalive_split(&self) -> (usize, usize) {
+        let on = self.conns.values().filter(|c| c.settings.keepalive).count();
+        (on, self.conns.len() - on)
     }
 
     /// Connections tracked now.
@@ -473,9 +487,19 @@ impl Engine {
             EventBody::ResetSent { active, reason, state } => {
                 let reason = reason.clone().unwrap_or_else(|| "not_specified".to_owned());
                 let kind = RecordKind::Reset { reason, active: *active };
-                self.on_reset(ev, *state, kind, out);
+                if self.conns.contains_key(&ev.sk) {
+                    self.on_reset(ev, *state, kind, out);
+                } else if *state == TcpState::TimeWait || *state == TcpState::Close && !*active {
+                    // A segment arrived after the close. An active reset of a closed socket is
+                    // this host aborting its own close (unread data, zero linger): its close tells.
+                    self.unfollowed_reset(ev, *state, kind, out);
+                }
             }
-            EventBody::ResetReceived { state } => self.on_reset(ev, *state, RecordKind::PeerReset, out),
+            EventBody::ResetReceived { state, times } => {
+                // A connection not followed is reported at its close, which carries the same facts.
+                let kind = reset_received_kind(*state, times);
+                self.on_reset(ev, *state, kind, out)
+            }
             EventBody::Error { errno, state } => {
                 if let Some(conn) = self.conns.get_mut(&ev.sk) {
                     note_addrs(conn, ev);
@@ -490,7 +514,14 @@ impl Engine {
                 settings,
                 process,
                 err,
-            } => self.on_state(ev, *old, *new, settings, *process, *err, out),
+                times,
+            } => {
+                if *new == TcpState::Close {
+                    self.on_close(ev, *old, *err, settings, times, out);
+                } else {
+                    self.on_state(ev, *new, settings, *process, out);
+                }
+            }
             EventBody::Setsockopt {
                 option,
                 value,
@@ -533,7 +564,7 @@ impl Engine {
         if let Some(conn) = self.conns.get_mut(&ev.sk) {
             note_addrs(conn, ev);
             conn.state = state;
-            let by_peer = matches!(kind, RecordKind::PeerReset);
+            let by_peer = matches!(kind, RecordKind::PeerReset { .. } | RecordKind::ReuseRace { .. });
             emit(out, ev.ts_ns, conn, kind);
             end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset { by_peer });
         }
@@ -586,20 +617,9 @@ impl Engine {
             self.stats.cap_rejected += 1;
             return None;
         }
-        let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
-        let (local, remote) = ev.addrs.unwrap_or((unspecified, unspecified));
-        let id = self.next_id;
-        self.next_id += 1;
+        self.opened += 1;
         let conn = Conn {
-            view: ConnView {
-                id,
-                sk: ev.sk,
-                netns: ev.netns,
-                local,
-                remote,
-                process,
-                first_seen_ns: ev.ts_ns,
-            },
+            view: self.new_view(ev, process),
             addrs_known: ev.addrs.is_some(),
             state,
             settings,
@@ -623,6 +643,23 @@ impl Engine {
             RecordKind::Opened { state, established },
         );
         Some(conn)
+    }
+
+    /// A fresh identity for the connection of `ev` (a new id, never reused).
+    fn new_view(&mut self, ev: &Event, process: Option<Process>) -> ConnView {
+        let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+        let (local, remote) = ev.addrs.unwrap_or((unspecified, unspecified));
+        let id = self.next_id;
+        self.next_id += 1;
+        ConnView {
+            id,
+            sk: ev.sk,
+            netns: ev.netns,
+            local,
+            remote,
+            process,
+            first_seen_ns: ev.ts_ns,
+        }
     }
 
     /// Starts tracking a connection whose settings were just read from the kernel (established,
@@ -669,15 +706,12 @@ impl Engine {
     fn on_state(
         &mut self,
         ev: &Event,
-        old: TcpState,
         new: TcpState,
         settings: &SockSettings,
         process: Option<Process>,
-        err: i32,
         out: &mut Vec<Record>,
     ) {
         match new {
-            TcpState::Close => self.on_close(ev, old, err, out),
             TcpState::Established => {
                 if self.older_than_tracked(ev) {
                     // Keep the connection; learn what the older event knows.
@@ -718,21 +752,85 @@ impl Engine {
         }
     }
 
-    /// The connection closed: the error that killed it (the kernel reports it after the close, when
-    /// the connection is no longer tracked; older kernels before it), its episode, then `close`.
-    fn on_close(&mut self, ev: &Event, old: TcpState, err: i32, out: &mut Vec<Record>) {
-        if let Some(mut conn) = self.conns.remove(&ev.sk) {
-            note_addrs(&mut conn, ev);
-            if err != 0 && conn.last_errno != err {
-                emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
-            }
-            end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
-            emit(out, ev.ts_ns, &conn, RecordKind::Close { state: old });
-            self.stats.closed += 1;
-        }
+    /// The connection closed: a retransmission death (the keep-alive timer's deaths come from the
+    /// timer run), the error that killed it (the kernel reports it after the close, when the
+    /// connection is no longer tracked; older kernels before it), its episode, then `close` with
+    /// who closed and the idle time. A connection not followed is reported by [`Self::unfollowed_close`].
+    fn on_close(
+        &mut self,
+        ev: &Event,
+        old: TcpState,
+        err: i32,
+        settings: &SockSettings,
+        times: &SockTimes,
+        out: &mut Vec<Record>,
+    ) {
         if !self.pending.is_empty() {
             self.drop_pending(ev.sk);
         }
+        let Some(mut conn) = self.conns.remove(&ev.sk) else {
+            self.unfollowed_close(ev, old, err, settings, times, out);
+            return;
+        };
+        note_addrs(&mut conn, ev);
+        if err == ETIMEDOUT && !ev.in_timer {
+            let kind = retransmit_timeout(times);
+            emit(out, ev.ts_ns, &conn, kind);
+            end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::TimedOut(TimeoutReason::Retransmit));
+        }
+        if err != 0 && conn.last_errno != err {
+            emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
+        }
+        end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
+        emit(out, ev.ts_ns, &conn, close_kind(old, times));
+        self.stats.closed += 1;
+    }
+
+    /// The close of a connection the engine does not follow (the kernel reports it only for a
+    /// death, or for every close with `--all-closes`): a self-contained group under a new id, no
+    /// state kept. A death: `config` (the settings at the death), its cause, `error`, `close`; a
+    /// plain close: `close` alone.
+    fn unfollowed_close(
+        &mut self,
+        ev: &Event,
+        old: TcpState,
+        err: i32,
+        settings: &SockSettings,
+        times: &SockTimes,
+        out: &mut Vec<Record>,
+    ) {
+        if !is_connection(old) || err == 0 && settings.reported_by_kernel() {
+            // A connect or handshake that failed (no connection died), or the plain close of a
+            // keep-alive socket the engine did not take (the cap): not a close `--all-closes` asks for.
+            return;
+        }
+        let view = self.new_view(ev, None);
+        let mut push = |kind| out.push(Record { ts_ns: ev.ts_ns, conn: view, kind });
+        if err == 0 {
+            self.stats.unfollowed_closes += 1;
+            push(close_kind(old, times));
+            return;
+        }
+        self.stats.unfollowed_deaths += 1;
+        push(RecordKind::Config { settings: *settings, source: SettingsSource::Close, process: None });
+        if let Some(cause) = unfollowed_cause(old, err, ev.in_timer, settings, times) {
+            push(cause);
+        }
+        push(RecordKind::Error { errno: err });
+        push(close_kind(old, times));
+    }
+
+    /// A reset sent by a time-wait or closed socket the engine does not follow, answering a segment
+    /// that arrived after the close (`tcp_timewait_socket`, `tcp_abort_on_data`...): `reset` then
+    /// `close` (the time-wait socket is gone with it), under a new id.
+    fn unfollowed_reset(&mut self, ev: &Event, state: TcpState, kind: RecordKind, out: &mut Vec<Record>) {
+        self.stats.unfollowed_resets += 1;
+        let view = self.new_view(ev, None);
+        out.push(Record { ts_ns: ev.ts_ns, conn: view, kind });
+        // A time-wait socket exists only on the side that sent the first FIN (or both, at once).
+        let closed_by = (state == TcpState::TimeWait).then_some(ClosedBy::Local);
+        let close = RecordKind::Close { state, closed_by, idle: None };
+        out.push(Record { ts_ns: ev.ts_ns, conn: view, kind: close });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -876,6 +974,65 @@ impl Engine {
     }
 }
 
+/// The record of a reset received in `state`: the reuse race when data written after the peer's
+/// FIN (CLOSE_WAIT) was never acknowledged, a peer reset otherwise.
+fn reset_received_kind(state: TcpState, times: &SockTimes) -> RecordKind {
+    if state == TcpState::CloseWait && times.unacked > 0 {
+        reuse_race(times)
+    } else {
+        RecordKind::PeerReset { idle: Some(idle_of(times)) }
+    }
+}
+
+/// The reuse race from the socket's clocks at the reset: the FIN's acknowledgment is the last
+/// one received (`since_ack`), the response before it the last data received (`since_data`), and
+/// the write the last data sent (`since_sent`).
+fn reuse_race(times: &SockTimes) -> RecordKind {
+    RecordKind::ReuseRace {
+        peer_idle_ms: times.since_data_ms.saturating_sub(times.since_ack_ms),
+        write_after_ms: times.since_ack_ms.saturating_sub(times.since_sent_ms),
+        bytes: times.unacked,
+    }
+}
+
+/// Idle times from the socket's clocks. Idle is the time without data either way before what
+/// ended the connection: before the write still unacknowledged (its first retransmission
+/// `retransmitting_ms` ago while retransmitted, else its send, the last) when there is one, else
+/// up to now.
+fn idle_of(t: &SockTimes) -> Idle {
+    let write_ago = t.retransmitting_ms.or((t.unacked > 0).then_some(t.since_sent_ms));
+    let idle_ms = match write_ago {
+        Some(w) => t.since_data_ms.saturating_sub(w),
+        None => t.since_data_ms.min(t.since_sent_ms),
+    };
+    Idle { idle_ms, since_received_ms: t.since_data_ms, since_sent_ms: t.since_sent_ms }
+}
+
+/// The retransmission timer gave up (`probes`: its retransmissions).
+fn retransmit_timeout(times: &SockTimes) -> RecordKind {
+    RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: times.retransmits, idle: Some(idle_of(times)) }
+}
+
+/// The `close` of a connection that left `old` for CLOSE.
+fn close_kind(old: TcpState, times: &SockTimes) -> RecordKind {
+    RecordKind::Close { state: old, closed_by: ClosedBy::from_state(old), idle: Some(idle_of(times)) }
+}
+
+/// What killed a connection the engine did not follow, from the socket error set at its close.
+fn unfollowed_cause(old: TcpState, err: i32, in_timer: bool, s: &SockSettings, times: &SockTimes) -> Option<RecordKind> {
+    match err {
+        ETIMEDOUT if in_timer => {
+            let reason = if s.user_timeout_ms > 0 { TimeoutReason::UserTimeout } else { TimeoutReason::Keepalive };
+            Some(RecordKind::Timeout { reason, probes: 0, idle: Some(idle_of(times)) })
+        }
+        ETIMEDOUT => Some(retransmit_timeout(times)),
+        // tcp_reset(): EPIPE in CLOSE_WAIT, ECONNRESET in the other connection states.
+        EPIPE if old == TcpState::CloseWait => Some(reset_received_kind(old, times)),
+        ECONNRESET => Some(reset_received_kind(old, times)),
+        _ => None,
+    }
+}
+
 /// Whether settings hold any keep-alive value set on the socket itself.
 fn read_has_values(s: &SockSettings) -> bool {
     s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some()
@@ -923,7 +1080,7 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
             TimeoutReason::Keepalive
         };
         let probes = conn.episode.as_ref().map_or(u32::from(t.probes_before), |ep| ep.probes);
-        emit(out, ts, conn, RecordKind::Timeout { reason, probes });
+        emit(out, ts, conn, RecordKind::Timeout { reason, probes, idle: None });
         end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
     } else if t.packets_out > 0 || t.unsent > 0 {
         let kind = RecordKind::Suppressed {
@@ -948,12 +1105,15 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timeline::types::DeathCause;
 
     const A: u64 = 0xffff_8880_0a00_0800;
     const B: u64 = 0xffff_8880_0a00_1000;
     const C: u64 = 0xffff_8880_0a00_1800;
     const NETNS: u32 = 4026531840;
     const S: u64 = 1_000_000_000;
+    /// What a close event without socket times (the fixtures' default) reads as.
+    const ZERO_IDLE: Idle = Idle { idle_ms: 0, since_received_ms: 0, since_sent_ms: 0 };
 
     fn addrs(port: u16) -> Option<(SocketAddr, SocketAddr)> {
         Some((
@@ -1018,7 +1178,7 @@ mod tests {
                 new,
                 settings,
                 process: None,
-                err: 0,
+                err: 0, times: Default::default(),
             },
         )
     }
@@ -1197,7 +1357,7 @@ mod tests {
                     next_in_ms: Some(1000)
                 },
                 RecordKind::Close {
-                    state: TcpState::Established
+                    state: TcpState::Established, closed_by: None, idle: Some(ZERO_IDLE),
                 },
             ]
         );
@@ -1355,7 +1515,7 @@ mod tests {
             out[0].kind,
             RecordKind::Timeout {
                 reason: TimeoutReason::Keepalive,
-                probes: 3
+                probes: 3, idle: None,
             }
         );
         assert_eq!(
@@ -1381,7 +1541,7 @@ mod tests {
         assert_eq!(
             out[4].kind,
             RecordKind::Close {
-                state: TcpState::Established
+                state: TcpState::Established, closed_by: None, idle: Some(ZERO_IDLE),
             }
         );
         assert_eq!(
@@ -1415,7 +1575,7 @@ mod tests {
             out[1].kind,
             RecordKind::Timeout {
                 reason: TimeoutReason::UserTimeout,
-                probes: 1
+                probes: 1, idle: None,
             }
         );
         assert_eq!(
@@ -1574,7 +1734,7 @@ mod tests {
         let mut e = engine();
         let go = process(7, "client");
         let mut ns = SockSettings { idle_default_s: 600, intvl_default_s: 30, cnt_default: 4, ..Default::default() };
-        let mut opt = |ts, o, v, read: SockSettings| {
+        let opt = |ts, o, v, read: SockSettings| {
             let mut ev = setsockopt(ts, A, o, v, TcpState::Established, go);
             if let EventBody::Setsockopt { settings, .. } = &mut ev.body {
                 *settings = read;
@@ -1689,7 +1849,7 @@ mod tests {
         // The timeout reports every probe, and the episode keeps the first probe times only.
         let death = TimerFiring { state_after: TcpState::Close, ..firing(ut, 1, 1) };
         let out = feed(&mut e, &[timer(258 * S, A, death)]);
-        assert_eq!(out[0].kind, RecordKind::Timeout { reason: TimeoutReason::UserTimeout, probes: 257 });
+        assert_eq!(out[0].kind, RecordKind::Timeout { reason: TimeoutReason::UserTimeout, probes: 257, idle: None });
         let ep = episode(&out[1]);
         assert_eq!((ep.probes, ep.probe_ts_ns.len(), ep.probe_ts_ns[0]), (257, MAX_PROBE_TIMES, S));
     }
@@ -1732,7 +1892,7 @@ mod tests {
                         new: TcpState::SynSent,
                         settings: defaults(),
                         process: Some(curl),
-                        err: 0,
+                        err: 0, times: Default::default(),
                     },
                 ),
             ],
@@ -2070,7 +2230,7 @@ mod tests {
                 new: TcpState::SynSent,
                 settings: defaults(),
                 process: Some(p),
-                err: 0,
+                err: 0, times: Default::default(),
             },
         );
         let out = feed(
@@ -2085,6 +2245,7 @@ mod tests {
                     A,
                     EventBody::ResetReceived {
                         state: TcpState::Established,
+                        times: Default::default(),
                     },
                 ),
                 ev(
@@ -2120,7 +2281,7 @@ mod tests {
                 new: TcpState::SynSent,
                 settings: ka(),
                 process: Some(p),
-                err: 0,
+                err: 0, times: Default::default(),
             },
         );
         let out = feed(&mut e, &[connect, established(S, A, ka())]);
@@ -2163,6 +2324,7 @@ mod tests {
             C,
             EventBody::ResetReceived {
                 state: TcpState::Established,
+                times: Default::default(),
             },
         ));
         assert!(feed(&mut e, &[held]).is_empty());
@@ -2211,6 +2373,7 @@ mod tests {
                     A,
                     EventBody::ResetReceived {
                         state: TcpState::Established,
+                        times: Default::default(),
                     },
                 ),
                 probe(S, B, 0, 1),
@@ -2330,5 +2493,221 @@ mod tests {
         assert_eq!(names(&out), ["open", "config"]);
         assert_eq!(pids(&out), [Some(99), Some(99)]);
         assert_eq!(out[0].conn.process.unwrap().comm_str(), "redis-server");
+    }
+    /// A close event (to CLOSE from `old`) with the socket error and times the kernel side reads.
+    fn closed_with(ts: u64, sk: u64, old: TcpState, err: i32, settings: SockSettings, times: SockTimes) -> Event {
+        ev(ts, sk, EventBody::State { old, new: TcpState::Close, settings, process: None, err, times })
+    }
+
+    fn reset_received(ts: u64, sk: u64, state: TcpState, times: SockTimes) -> Event {
+        ev(ts, sk, EventBody::ResetReceived { state, times })
+    }
+
+    /// A connection idle 5 s before a write that was retransmitted 3 times over 7 s.
+    fn retransmitted() -> SockTimes {
+        SockTimes {
+            since_sent_ms: 800,
+            since_data_ms: 12_000,
+            since_ack_ms: 12_000,
+            retransmits: 3,
+            unacked: 100,
+            retransmitting_ms: Some(7_000),
+        }
+    }
+
+    /// A keep-alive HTTP connection: response 1.3 s ago, the peer's FIN 0.3 s ago, 77 bytes
+    /// written 0.1 s ago.
+    fn raced() -> SockTimes {
+        SockTimes {
+            since_sent_ms: 100,
+            since_data_ms: 1_300,
+            since_ack_ms: 300,
+            retransmits: 0,
+            unacked: 77,
+            retransmitting_ms: None,
+        }
+    }
+
+    fn race_kind() -> RecordKind {
+        RecordKind::ReuseRace { peer_idle_ms: 1_000, write_after_ms: 200, bytes: 77 }
+    }
+
+    /// Issue 14: a connection without keep-alive dies by retransmissions: one self-contained group
+    /// (settings at the death, the cause with the idle time before the write, error, close) under a
+    /// new id, no `open`, nothing kept.
+    #[test]
+    fn retransmission_death_of_a_connection_not_followed() {
+        let mut e = engine();
+        let out = feed(&mut e, &[closed_with(5 * S, A, TcpState::Established, 110, defaults(), retransmitted())]);
+        assert_eq!(names(&out), ["config", "timeout", "error", "close"]);
+        assert!(out.iter().all(|r| r.conn.id == out[0].conn.id && r.ts_ns == 5 * S));
+        assert_eq!(
+            out[0].kind,
+            RecordKind::Config { settings: defaults(), source: SettingsSource::Close, process: None }
+        );
+        let idle = Idle { idle_ms: 5_000, since_received_ms: 12_000, since_sent_ms: 800 };
+        assert_eq!(
+            out[1].kind,
+            RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: 3, idle: Some(idle) }
+        );
+        assert_eq!(out[1].kind.death_cause(), Some(DeathCause::RetransmitTimeout));
+        assert_eq!(out[2].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(
+            out[3].kind,
+            RecordKind::Close { state: TcpState::Established, closed_by: None, idle: Some(idle) }
+        );
+        // The error report that follows the close, and the destruction: nothing (nothing kept).
+        let later = feed(&mut e, &[ev(5 * S + 1, A, EventBody::Error { errno: 110, state: TcpState::Close }), ev(5 * S + 2, A, EventBody::Destroy)]);
+        assert!(later.is_empty(), "{later:?}");
+        let st = e.stats();
+        assert_eq!((st.tracked, st.opened, st.unfollowed_deaths, st.closed), (0, 0, 1, 0));
+        // A second death on the same socket address is another connection.
+        let again = feed(&mut e, &[closed_with(9 * S, A, TcpState::Established, 110, defaults(), retransmitted())]);
+        assert_ne!(again[0].conn.id, out[0].conn.id);
+    }
+
+    /// A followed connection whose retransmissions give up (data in flight: keep-alive silent) gets
+    /// the same `timeout`, then its error and close; a keep-alive timer death is unchanged.
+    #[test]
+    fn retransmission_death_of_a_followed_connection() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(&mut e, &[closed_with(20 * S, A, TcpState::Established, 110, ka(), retransmitted())]);
+        assert_eq!(names(&out), ["timeout", "error", "close"]);
+        assert!(matches!(out[0].kind, RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: 3, .. }));
+        assert_eq!(e.stats().closed, 1);
+        assert_eq!(e.stats().unfollowed_deaths, 0);
+    }
+
+    /// Issue 14: a reset received carries the idle time, followed or not.
+    #[test]
+    fn peer_reset_carries_the_idle_time() {
+        let mut e = engine();
+        let idle_30s = SockTimes { since_sent_ms: 30_000, since_data_ms: 30_000, since_ack_ms: 30_000, ..Default::default() };
+        let idle = Some(Idle { idle_ms: 30_000, since_received_ms: 30_000, since_sent_ms: 30_000 });
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                reset_received(30 * S, A, TcpState::Established, idle_30s),
+                closed_with(30 * S + 1, A, TcpState::Established, 104, ka(), idle_30s),
+            ],
+        );
+        assert_eq!(names(&out), ["peer_reset", "error", "close"]);
+        assert_eq!(out[0].kind, RecordKind::PeerReset { idle });
+        // Not followed: the reset itself says nothing; the close carries the death.
+        let out = feed(
+            &mut e,
+            &[
+                reset_received(40 * S, B, TcpState::Established, idle_30s),
+                closed_with(40 * S + 1, B, TcpState::Established, 104, defaults(), idle_30s),
+            ],
+        );
+        assert_eq!(names(&out), ["config", "peer_reset", "error", "close"]);
+        assert_eq!(out[1].kind, RecordKind::PeerReset { idle });
+        assert_eq!(out[1].kind.death_cause(), Some(DeathCause::PeerReset));
+    }
+
+    /// Issue 14: data written in CLOSE_WAIT (after the peer's FIN) and reset: the reuse race with
+    /// the peer's idle close time, the write's delay after it and the bytes; EPIPE; closed by the
+    /// peer. Without unacknowledged data it is a plain peer reset.
+    #[test]
+    fn reuse_race_followed_and_not() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                reset_received(2 * S, A, TcpState::CloseWait, raced()),
+                closed_with(2 * S + 1, A, TcpState::CloseWait, 32, ka(), raced()),
+            ],
+        );
+        assert_eq!(names(&out), ["reuse_race", "error", "close"]);
+        assert_eq!(out[0].kind, race_kind());
+        assert_eq!(out[1].kind, RecordKind::Error { errno: 32 });
+        // Idle before the write: the peer's idle close time and the write's delay after it.
+        let idle = Idle { idle_ms: 1_200, since_received_ms: 1_300, since_sent_ms: 100 };
+        assert_eq!(
+            out[2].kind,
+            RecordKind::Close { state: TcpState::CloseWait, closed_by: Some(ClosedBy::Peer), idle: Some(idle) }
+        );
+
+        let out = feed(&mut e, &[closed_with(3 * S, B, TcpState::CloseWait, 32, defaults(), raced())]);
+        assert_eq!(names(&out), ["config", "reuse_race", "error", "close"]);
+        assert_eq!(out[1].kind, race_kind());
+        assert_eq!(out[1].kind.death_cause(), Some(DeathCause::ReuseRace));
+
+        let nothing_written = SockTimes { unacked: 0, ..raced() };
+        let out = feed(&mut e, &[closed_with(4 * S, C, TcpState::CloseWait, 32, defaults(), nothing_written)]);
+        assert_eq!(names(&out), ["config", "peer_reset", "error", "close"]);
+    }
+
+    /// Issue 14: who sent the first FIN, from the state left for CLOSE, with the idle time at the
+    /// close; a connection not followed closes alone (the kernel sends its close only with
+    /// `--all-closes`), a keep-alive socket the engine did not take and a failed connect do not.
+    #[test]
+    fn closed_by_and_closes_of_connections_not_followed() {
+        let mut e = engine();
+        let idle = SockTimes { since_sent_ms: 1_010, since_data_ms: 1_005, since_ack_ms: 1_005, ..Default::default() };
+        feed(&mut e, &[established(0, A, ka()), established(0, B, ka())]);
+        let out = feed(
+            &mut e,
+            &[
+                closed_with(S, A, TcpState::LastAck, 0, ka(), idle),
+                closed_with(S, B, TcpState::FinWait2, 0, ka(), idle),
+            ],
+        );
+        let idle_close = Some(Idle { idle_ms: 1_005, since_received_ms: 1_005, since_sent_ms: 1_010 });
+        assert_eq!(
+            kinds(&out),
+            [
+                RecordKind::Close { state: TcpState::LastAck, closed_by: Some(ClosedBy::Peer), idle: idle_close },
+                RecordKind::Close { state: TcpState::FinWait2, closed_by: Some(ClosedBy::Local), idle: idle_close },
+            ]
+        );
+        let out = feed(&mut e, &[closed_with(2 * S, C, TcpState::Closing, 0, defaults(), idle)]);
+        assert_eq!(
+            kinds(&out),
+            [RecordKind::Close { state: TcpState::Closing, closed_by: Some(ClosedBy::Local), idle: idle_close }]
+        );
+        let out = feed(
+            &mut e,
+            &[
+                closed_with(3 * S, A, TcpState::Established, 0, ka(), idle),
+                closed_with(3 * S, B, TcpState::SynSent, 111, defaults(), idle),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let st = e.stats();
+        assert_eq!((st.tracked, st.closed, st.unfollowed_closes, st.unfollowed_deaths), (0, 2, 1, 0));
+    }
+
+    /// Issue 14: the reset a time-wait socket sends for data arriving after the close, with the
+    /// kernel's reason: `reset` then `close` (the time-wait socket is gone with it). A reset from a
+    /// live socket not followed says nothing by itself (its close does).
+    #[test]
+    fn reset_sent_by_a_time_wait_socket() {
+        let mut e = engine();
+        let reset = |ts, sk, state| {
+            ev(ts, sk, EventBody::ResetSent { active: false, reason: Some("tcp_timewait_socket".into()), state })
+        };
+        let out = feed(&mut e, &[reset(S, A, TcpState::TimeWait)]);
+        assert_eq!(
+            kinds(&out),
+            [
+                RecordKind::Reset { reason: "tcp_timewait_socket".into(), active: false },
+                RecordKind::Close { state: TcpState::TimeWait, closed_by: Some(ClosedBy::Local), idle: None },
+            ]
+        );
+        assert_eq!(out[0].conn.id, out[1].conn.id);
+        assert!(feed(&mut e, &[reset(2 * S, B, TcpState::Established), reset(2 * S, C, TcpState::Listen)]).is_empty());
+        // A closed socket answering data after its close (abort on data) is reported; one that
+        // aborts its own close (an active reset: unread data, zero linger) is not.
+        let closed = |active, reason: &str| {
+            ev(3 * S, B, EventBody::ResetSent { active, reason: Some(reason.into()), state: TcpState::Close })
+        };
+        assert_eq!(names(&feed(&mut e, &[closed(false, "tcp_abort_on_data")])), ["reset", "close"]);
+        assert!(feed(&mut e, &[closed(true, "tcp_abort_on_linger")]).is_empty());
+        assert_eq!((e.stats().unfollowed_resets, e.stats().tracked), (2, 0));
     }
 }

@@ -16,6 +16,9 @@ pub enum SettingsSource {
     Established,
     /// Nothing set on the socket: the namespace's sysctl defaults.
     Default,
+    /// Read from the socket when a connection the engine did not follow died (it carries no
+    /// `open`: see [`RecordKind::Close`]).
+    Close,
     /// Read from the socket at a timer firing: changed without a `setsockopt` we saw
     /// (bpf_setsockopt, an in-kernel user), or a connection first seen at its timer.
     Kernel,
@@ -28,18 +31,22 @@ impl SettingsSource {
             SettingsSource::Snapshot => "snapshot",
             SettingsSource::Established => "established",
             SettingsSource::Default => "default",
+            SettingsSource::Close => "close",
             SettingsSource::Kernel => "kernel",
         }
     }
 }
 
-/// Why the kernel killed the connection from the keep-alive timer.
+/// Why the kernel killed the connection with a timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeoutReason {
-    /// `TCP_KEEPCNT` probes went unanswered.
+    /// `TCP_KEEPCNT` probes went unanswered (the keep-alive timer).
     Keepalive,
-    /// `TCP_USER_TIMEOUT` expired while probes were unanswered.
+    /// `TCP_USER_TIMEOUT` expired while probes were unanswered (the keep-alive timer).
     UserTimeout,
+    /// The retransmission timer gave up on data in flight (`net.ipv4.tcp_retries2`, or
+    /// `TCP_USER_TIMEOUT` while data was in flight); also the zero-window probe timer.
+    Retransmit,
 }
 
 impl TimeoutReason {
@@ -47,6 +54,78 @@ impl TimeoutReason {
         match self {
             TimeoutReason::Keepalive => "keepalive",
             TimeoutReason::UserTimeout => "user_timeout",
+            TimeoutReason::Retransmit => "retransmit",
+        }
+    }
+}
+
+/// Who sent a connection's first FIN, from the state it left for CLOSE: FIN_WAIT1, FIN_WAIT2 or
+/// CLOSING (this host), CLOSE_WAIT or LAST_ACK (the peer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClosedBy {
+    Local,
+    Peer,
+}
+
+impl ClosedBy {
+    /// Who closed a connection that left `state` for CLOSE; `None` when no FIN was sent (a reset,
+    /// an abort) or the state says nothing (TIME_WAIT: either side may have sent it first).
+    pub fn from_state(state: TcpState) -> Option<ClosedBy> {
+        match state {
+            TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing => Some(ClosedBy::Local),
+            TcpState::CloseWait | TcpState::LastAck => Some(ClosedBy::Peer),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ClosedBy::Local => "local",
+            ClosedBy::Peer => "peer",
+        }
+    }
+}
+
+/// How long a connection had been idle, read from its socket at a death or a close (jiffy
+/// precision).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Idle {
+    /// Idle before what ended the connection: no data either way for this long. When a write
+    /// was never acknowledged, from the last data received to that write (answered by a reset),
+    /// or to its first retransmission (a retransmission death: the kernel keeps no earlier time;
+    /// the write came a tail-loss probe and an initial retransmission timeout, 0.2 s or more
+    /// each, before); otherwise up to the event.
+    pub idle_ms: u64,
+    /// Since the last data segment received (acknowledgments and FINs do not count).
+    pub since_received_ms: u64,
+    /// Since the last data segment sent (retransmissions count).
+    pub since_sent_ms: u64,
+}
+
+/// Why a connection died, for counting deaths (`keepalive.connection.deaths`); see
+/// [`RecordKind::death_cause`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeathCause {
+    /// The keep-alive timer's probes went unanswered.
+    KeepaliveTimeout,
+    /// `TCP_USER_TIMEOUT` expired while keep-alive probes were unanswered.
+    UserTimeout,
+    /// The retransmission timer gave up.
+    RetransmitTimeout,
+    /// A reset arrived from the peer.
+    PeerReset,
+    /// A request was written after the peer had closed the connection, and the peer reset it.
+    ReuseRace,
+}
+
+impl DeathCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeathCause::KeepaliveTimeout => "keepalive_timeout",
+            DeathCause::UserTimeout => "user_timeout",
+            DeathCause::RetransmitTimeout => "retransmit_timeout",
+            DeathCause::PeerReset => "peer_reset",
+            DeathCause::ReuseRace => "reuse_race",
         }
     }
 }
@@ -176,18 +255,33 @@ pub enum RecordKind {
     Busy,
     /// The timer handled an orphaned FIN_WAIT2 socket (it is the FIN_WAIT2 timer then).
     FinWait2,
-    /// The keep-alive timer killed the connection.
-    Timeout { reason: TimeoutReason, probes: u32 },
+    /// A timer killed the connection: the keep-alive timer (`probes` unanswered), or the
+    /// retransmission timer ([`TimeoutReason::Retransmit`]: `probes` holds the retransmissions,
+    /// and `idle` what the socket said at the death).
+    Timeout { reason: TimeoutReason, probes: u32, idle: Option<Idle> },
     /// This host reset the connection; `reason` lowercase kernel name (`tcp_keepalive_timeout`),
     /// `not_specified` where the kernel gives none.
     Reset { reason: String, active: bool },
-    /// The peer reset the connection.
-    PeerReset,
+    /// The peer reset the connection; `idle` read from the socket at the reset.
+    PeerReset { idle: Option<Idle> },
+    /// The HTTP keep-alive reuse race: data was written after the peer's FIN had arrived (the
+    /// socket was in CLOSE_WAIT), and the peer answered with a reset. `peer_idle_ms`: how long
+    /// the connection had been idle (since the last data received) when the peer closed it;
+    /// `write_after_ms`: how long after the peer's FIN the write came; `bytes`: bytes written
+    /// and never acknowledged.
+    ReuseRace { peer_idle_ms: u64, write_after_ms: u64, bytes: u32 },
     /// A socket error (`errno` positive).
     Error { errno: i32 },
-    /// The connection closed. `state` is the TCP state it left for CLOSE. The connection's last
-    /// record.
-    Close { state: TcpState },
+    /// The connection closed. `state` is the TCP state it left for CLOSE; `closed_by` who sent
+    /// the first FIN (`None`: no FIN, a reset or an abort); `idle` read from the socket at the
+    /// close (`None` where the kernel event carried none). The connection's last record.
+    ///
+    /// A connection the engine did not follow (no keep-alive) has no `open`: its death (a close
+    /// with a socket error) comes as `config` (source `close`), the cause (`timeout`,
+    /// `peer_reset`, `reuse_race`), `error` and `close`, all at the close; its plain close (with
+    /// `--all-closes`) as a lone `close`; a reset sent by its time-wait or closed socket as
+    /// `reset` then `close`. Each such group has its own connection id.
+    Close { state: TcpState, closed_by: Option<ClosedBy>, idle: Option<Idle> },
     /// The engine stopped following the connection without seeing its close; `state` is the last
     /// TCP state it knew. The connection's last record.
     Untracked { reason: UntrackReason, state: TcpState },
@@ -210,12 +304,26 @@ impl RecordKind {
             RecordKind::FinWait2 => "fin_wait2",
             RecordKind::Timeout { .. } => "timeout",
             RecordKind::Reset { .. } => "reset",
-            RecordKind::PeerReset => "peer_reset",
+            RecordKind::PeerReset { .. } => "peer_reset",
+            RecordKind::ReuseRace { .. } => "reuse_race",
             RecordKind::Error { .. } => "error",
             RecordKind::Close { .. } => "close",
             RecordKind::Untracked { .. } => "untracked",
             RecordKind::EpisodeEnd(_) => "episode",
         }
+    }
+
+    /// The death this record reports, if it is one (the record that explains why a connection
+    /// died; `error` and `close` follow it).
+    pub fn death_cause(&self) -> Option<DeathCause> {
+        Some(match self {
+            RecordKind::Timeout { reason: TimeoutReason::Keepalive, .. } => DeathCause::KeepaliveTimeout,
+            RecordKind::Timeout { reason: TimeoutReason::UserTimeout, .. } => DeathCause::UserTimeout,
+            RecordKind::Timeout { reason: TimeoutReason::Retransmit, .. } => DeathCause::RetransmitTimeout,
+            RecordKind::PeerReset { .. } => DeathCause::PeerReset,
+            RecordKind::ReuseRace { .. } => DeathCause::ReuseRace,
+            _ => return None,
+        })
     }
 
     /// Whether this is a connection's last record.
@@ -246,10 +354,18 @@ impl RecordKind {
                 sink.field("idle_ms", V::U64(*idle_ms))?;
                 sink.field("next_in_ms", V::OptU64(*next_in_ms))
             }
-            RecordKind::Busy | RecordKind::FinWait2 | RecordKind::PeerReset => Ok(()),
-            RecordKind::Timeout { reason, probes } => {
+            RecordKind::Busy | RecordKind::FinWait2 => Ok(()),
+            RecordKind::PeerReset { idle } => idle_fields(*idle, sink),
+            RecordKind::ReuseRace { peer_idle_ms, write_after_ms, bytes } => {
+                sink.field("peer_idle_ms", V::U64(*peer_idle_ms))?;
+                sink.field("write_after_ms", V::U64(*write_after_ms))?;
+                sink.field("bytes", V::U64(u64::from(*bytes)))
+            }
+            RecordKind::Timeout { reason, probes, idle } => {
                 sink.field("reason", V::Str(reason.name()))?;
-                sink.field("probes", V::U64(u64::from(*probes)))
+                let key = if *reason == TimeoutReason::Retransmit { "retransmits" } else { "probes" };
+                sink.field(key, V::U64(u64::from(*probes)))?;
+                idle_fields(*idle, sink)
             }
             RecordKind::Reset { reason, active } => {
                 sink.field("reason", V::Str(reason))?;
@@ -259,7 +375,11 @@ impl RecordKind {
                 sink.field("errno", V::Str(&errno_name(*errno)))?;
                 sink.field("errno_num", V::I64(i64::from(*errno)))
             }
-            RecordKind::Close { state } => sink.field("state", V::Str(state.name())),
+            RecordKind::Close { state, closed_by, idle } => {
+                sink.field("state", V::Str(state.name()))?;
+                sink.field("closed_by", V::Str(closed_by.map_or("none", ClosedBy::name)))?;
+                idle_fields(*idle, sink)
+            }
             RecordKind::Untracked { reason, state } => {
                 sink.field("reason", V::Str(reason.name()))?;
                 sink.field("state", V::Str(state.name()))
@@ -273,6 +393,14 @@ impl RecordKind {
             }
         }
     }
+}
+
+/// `idle_ms`, `since_received_ms`, `since_sent_ms` (JSON `null` when unknown).
+fn idle_fields<S: FieldSink>(idle: Option<Idle>, sink: &mut S) -> Result<(), S::Error> {
+    use FieldValue as V;
+    sink.field("idle_ms", V::OptU64(idle.map(|i| i.idle_ms)))?;
+    sink.field("since_received_ms", V::OptU64(idle.map(|i| i.since_received_ms)))?;
+    sink.field("since_sent_ms", V::OptU64(idle.map(|i| i.since_sent_ms)))
 }
 
 fn config_fields<S: FieldSink>(s: &SockSettings, source: SettingsSource, sink: &mut S) -> Result<(), S::Error> {
@@ -358,4 +486,11 @@ pub struct EngineStats {
     pub untracked: u64,
     /// Pending (pre-connect) settings dropped because their socket was destroyed unconnected.
     pub pending_dropped: u64,
+    /// Deaths of connections the engine did not follow (no keep-alive), each reported as a
+    /// self-contained group of records.
+    pub unfollowed_deaths: u64,
+    /// Plain closes of connections the engine did not follow (`--all-closes`).
+    pub unfollowed_closes: u64,
+    /// Resets sent by time-wait or closed sockets the engine did not follow.
+    pub unfollowed_resets: u64,
 }

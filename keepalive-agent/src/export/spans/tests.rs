@@ -208,7 +208,7 @@ fn healthy() -> Vec<Record> {
             1,
             T0 + 40 * S,
             RecordKind::Close {
-                state: TcpState::FinWait1,
+                state: TcpState::FinWait1, closed_by: None, idle: None,
             },
         ),
     ]
@@ -245,7 +245,7 @@ fn dead_peer() -> Vec<Record> {
             end,
             RecordKind::Timeout {
                 reason: TimeoutReason::Keepalive,
-                probes: 3,
+                probes: 3, idle: None,
             },
         ),
         rec(
@@ -277,7 +277,7 @@ fn dead_peer() -> Vec<Record> {
             2,
             end + 10_000,
             RecordKind::Close {
-                state: TcpState::Established,
+                state: TcpState::Established, closed_by: None, idle: None,
             },
         ),
     ]
@@ -474,12 +474,12 @@ fn peer_reset_and_plain_error_status() {
                     established: true,
                 },
             ),
-            rec(3, T0 + S, RecordKind::PeerReset),
+            rec(3, T0 + S, RecordKind::PeerReset { idle: None }),
             rec(
                 3,
                 T0 + S,
                 RecordKind::Close {
-                    state: TcpState::Established,
+                    state: TcpState::Established, closed_by: None, idle: None,
                 },
             ),
             rec(
@@ -501,7 +501,7 @@ fn peer_reset_and_plain_error_status() {
                 4,
                 T0 + S,
                 RecordKind::Close {
-                    state: TcpState::SynSent,
+                    state: TcpState::SynSent, closed_by: None, idle: None,
                 },
             ),
         ],
@@ -535,7 +535,7 @@ fn last_record_frees_the_connection() {
     ];
     let close = (
         RecordKind::Close {
-            state: TcpState::FinWait1,
+            state: TcpState::FinWait1, closed_by: None, idle: None,
         },
         None,
     );
@@ -789,7 +789,7 @@ fn episode_end_then_close_in_one_batch_count_the_episode() {
             6,
             T0 + 2 * S,
             RecordKind::Close {
-                state: TcpState::Established,
+                state: TcpState::Established, closed_by: None, idle: None,
             },
         ),
     ];
@@ -922,12 +922,12 @@ fn event_limit_keeps_the_ending() {
             },
         ));
     }
-    recs.push(rec(9, T0 + 200 * S, RecordKind::PeerReset));
+    recs.push(rec(9, T0 + 200 * S, RecordKind::PeerReset { idle: None }));
     recs.push(rec(
         9,
         T0 + 200 * S,
         RecordKind::Close {
-            state: TcpState::Established,
+            state: TcpState::Established, closed_by: None, idle: None,
         },
     ));
     let mut out = Vec::new();
@@ -956,7 +956,7 @@ fn ipv6_and_unknown_process() {
     let mut c = r.clone();
     c.ts_ns = T0 + S;
     c.kind = RecordKind::Close {
-        state: TcpState::Established,
+        state: TcpState::Established, closed_by: None, idle: None,
     };
     let mut out = Vec::new();
     m.on_records(&[r, c], &clock(), &mut out);
@@ -1084,7 +1084,7 @@ fn state_change(ts: u64, sk: u64, old: TcpState, new: TcpState, settings: SockSe
         new,
         settings,
         process: None,
-        err: 0,
+        err: 0, times: Default::default(),
     };
     event(ts, sk, body)
 }
@@ -1261,7 +1261,9 @@ fn engine_run_leaves_nothing_in_the_model() {
     assert_eq!(run.model.open_connections(), 0);
     assert_eq!(run.engine.tracked(), 0);
     run.assert_one_last_record_each();
-    assert_eq!(run.ids().len(), 5, "A, B, C twice, D");
+    // A's close reaches the engine only with `--all-closes` (keep-alive was off): a lone `close`
+    // of a connection not followed, with an id of its own.
+    assert_eq!(run.ids().len(), 6, "A, B, C twice, D, A's close");
     let (a, b_, c_old, c_new, d) = (
         run.id(SK_A, 0),
         run.id(SK_B, 0),
@@ -1315,15 +1317,15 @@ fn engine_run_leaves_nothing_in_the_model() {
         "gone"
     );
     assert_eq!(conn_span(&run.spans, d).end_time, wall(T0 + 7 * S));
-    assert_eq!(run.spans.len(), 7, "5 connections, 2 episodes");
-    assert_eq!(run.model.spans_built, 7);
+    assert_eq!(run.spans.len(), 8, "5 connections, A's lone close, 2 episodes");
+    assert_eq!(run.model.spans_built, 8);
 
     // None of that was the shutdown's doing, and the shutdown finds nothing left.
     assert_eq!(run.model.ended_at_shutdown, FinishCounts::default());
     run.shutdown(T0 + 8 * S);
-    assert_eq!(run.spans.len(), 7);
+    assert_eq!(run.spans.len(), 8);
     assert_eq!(run.model.finish(&clock(), T0 + 8 * S, &mut run.spans), 0);
-    assert_eq!(run.spans.len(), 7);
+    assert_eq!(run.spans.len(), 8);
 }
 
 /// The engine's shutdown records end an episode in progress, found under way by the snapshot, with
@@ -1389,4 +1391,125 @@ fn engine_shutdown_gives_incomplete_episode_and_open_connections() {
     assert_eq!(conn.start_time, wall(T0 + S));
     assert_eq!(conn.end_time, wall(stop));
     assert!(episode_spans(&run.spans, b_).is_empty());
+}
+
+/// `--spans problems`: the records of [`healthy`] without its second episode (the one that needed
+/// two probes): every episode answered by its first probe, closed normally.
+fn truly_healthy() -> Vec<Record> {
+    healthy()
+        .into_iter()
+        .filter(|r| !(T0 + 20 * S..=T0 + 24 * S).contains(&r.ts_ns))
+        .collect()
+}
+
+#[test]
+fn problem_policy_withholds_a_healthy_connection() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let spans = run_one_by_one(&mut m, &truly_healthy());
+    assert!(spans.is_empty(), "{spans:#?}");
+    assert_eq!((m.spans_built, m.spans_withheld), (0, 2), "its episode and connection spans");
+    assert_eq!(m.open_connections(), 0);
+    // `--spans all` exports both.
+    let mut all = SpanModel::with_policy(128, SpanPolicy::All);
+    assert_eq!(run_one_by_one(&mut all, &truly_healthy()).len(), 2);
+    assert_eq!(all.spans_withheld, 0);
+}
+
+#[test]
+fn problem_policy_exports_a_problem_with_its_last_healthy_episode() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let records = healthy();
+    let spans = run_one_by_one(&mut m, &records);
+    let second = records.iter().position(|r| matches!(&r.kind, RecordKind::EpisodeEnd(e) if e.number == 2)).unwrap();
+    let at: Vec<(usize, &str, i64)> = spans
+        .iter()
+        .map(|(n, s)| (*n, s.name.as_ref(), attr(&s.attributes, EPISODE_NUMBER).map_or(0, |v| v.as_str().parse().unwrap_or(0))))
+        .collect();
+    // The healthy episode held since it ended comes out with the problem episode (two probes),
+    // then the connection span at the close.
+    assert_eq!(at.len(), 3, "{at:?}");
+    assert_eq!((at[0].0, at[1].0), (second, second), "{at:?}");
+    let episodes = episode_spans(&spans.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(), 1)
+        .iter()
+        .map(|s| i(s, EPISODE_NUMBER))
+        .collect::<Vec<_>>();
+    assert_eq!(episodes, [1, 2]);
+    assert_eq!(spans[2].1.name, SPAN_CONNECTION);
+    assert_eq!(m.spans_withheld, 0);
+
+    let mut dead = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let spans: Vec<SpanData> = run_one_by_one(&mut dead, &dead_peer()).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(episode_spans(&spans, 2).len(), 1);
+    conn_span(&spans, 2);
+}
+
+#[test]
+fn problem_policy_holds_one_healthy_episode_per_connection() {
+    let mut m = SpanModel::with_policy(128, SpanPolicy::Problems);
+    let mut records = dead_peer();
+    let close = records.pop().unwrap();
+    // A peer reset ends the connection after ten healthy episodes (one probe, answered).
+    records.retain(|r| !matches!(r.kind, RecordKind::Timeout { .. } | RecordKind::EpisodeEnd(_) | RecordKind::Reset { .. } | RecordKind::Error { .. }));
+    for n in 1..=10u32 {
+        let t = T0 + u64::from(n) * 10 * S;
+        let ep = episode(n, &[t], t + MS, EpisodeOutcome::Answered(AckPrecision::Segment));
+        records.push(rec(2, t + MS, RecordKind::EpisodeEnd(ep)));
+    }
+    let mut out = Vec::new();
+    m.on_records(&records, &clock(), &mut out);
+    assert!(out.is_empty(), "healthy so far: {out:#?}");
+    assert_eq!(m.spans_withheld, 9, "one healthy episode held, the nine before it withheld");
+    m.on_records(&[rec(2, T0 + 200 * S, RecordKind::PeerReset { idle: None }), close], &clock(), &mut out);
+    let numbers: Vec<i64> = episode_spans(&out, 2).iter().map(|s| i(s, EPISODE_NUMBER)).collect();
+    assert_eq!(numbers, [10], "the last healthy episode, for context");
+    assert_eq!(s(conn_span(&out, 2), OUTCOME), "peer_reset");
+}
+
+/// Issue 14: the death of a connection the engine does not follow is a connection span of its own,
+/// of zero length at the death, made of that group of records alone (no `open`, no episode), and
+/// nothing of it stays in the model.
+#[test]
+fn deaths_of_connections_not_followed_are_spans_of_their_own() {
+    use crate::event::SockTimes;
+    let mut run = EngineRun::new();
+    let death = |ts, sk, old, err, times| {
+        event(ts, sk, EventBody::State { old, new: TcpState::Close, settings: sysctls(), process: None, err, times })
+    };
+    let retransmitted = SockTimes {
+        since_sent_ms: 800,
+        since_data_ms: 12_000,
+        since_ack_ms: 12_000,
+        retransmits: 3,
+        unacked: 100,
+        retransmitting_ms: Some(7_000),
+    };
+    let raced = SockTimes { since_sent_ms: 100, since_data_ms: 1_300, since_ack_ms: 300, unacked: 77, ..Default::default() };
+    run.feed(&[
+        death(T0, SK_A, TcpState::Established, 110, retransmitted),
+        death(T0 + S, SK_B, TcpState::CloseWait, 32, raced),
+    ]);
+    assert_eq!(run.model.open_connections(), 0);
+    run.assert_one_last_record_each();
+    let (a, b_) = (run.id(SK_A, 0), run.id(SK_B, 0));
+
+    let conn = conn_span(&run.spans, a);
+    assert_eq!((conn.start_time, conn.end_time), (wall(T0), wall(T0)));
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "timeout");
+    assert_eq!(s(conn, "tcp.keepalive.timeout.reason"), "retransmit");
+    assert_eq!(s(conn, "error.type"), "retransmit_timeout");
+    assert_eq!(s(conn, "tcp.keepalive.settings.source"), "close");
+    assert!(!b(conn, "tcp.keepalive.enabled"));
+    assert_eq!(i(conn, "tcp.keepalive.idle_ms"), 5_000);
+    assert!(attr(&conn.attributes, "tcp.keepalive.open.state").is_none());
+    assert_eq!(event_names(conn), ["tcp.keepalive.config", "tcp.keepalive.timeout", "tcp.keepalive.error"]);
+    assert!(episode_spans(&run.spans, a).is_empty());
+
+    let conn = conn_span(&run.spans, b_);
+    assert_eq!(s(conn, "tcp.keepalive.outcome"), "reuse_race");
+    assert_eq!(s(conn, "error.type"), "reuse_race");
+    assert_eq!(s(conn, "tcp.keepalive.close.closed_by"), "peer");
+    let race = conn.events.iter().find(|e| e.name == "tcp.keepalive.reuse_race").expect("the race event");
+    let bytes = race.attributes.iter().find(|kv| kv.key.as_str() == "tcp.keepalive.reuse_race.bytes");
+    assert_eq!(bytes.map(|kv| kv.value.clone()), Some(Value::I64(77)));
+    assert_eq!(run.spans.len(), 2);
 }
