@@ -109,6 +109,20 @@ struct RunArgs {
     /// Stop after this many seconds, 0 to 31536000 (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
+    /// With metrics on: audit every socket (as `keepalive-agent audit`, against the 240 s default
+    /// middlebox) every this many seconds and publish keepalive.connections.at_risk; 0 turns it
+    /// off; 1 to 86400 otherwise.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_audit_interval, allow_negative_numbers = true)]
+    audit_interval: Duration,
+}
+
+/// `run --audit-interval`: 0 (off), or 1 to 86400 seconds.
+fn parse_audit_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s, 86_400.0)?;
+    if !d.is_zero() && d < Duration::from_secs(1) {
+        return Err("must be 0 (off) or a number of seconds from 1 to 86400".into());
+    }
+    Ok(d)
 }
 
 /// Options shared by every command that attaches programs.
@@ -563,6 +577,10 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
+    let audit_thread = match &metrics {
+        Some(m) if !args.audit_interval.is_zero() => start_periodic_audit(&args, m.clone(), stop.clone()),
+        _ => None,
+    };
     let mut recorder = metrics.as_ref().map(|m| m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect()));
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     ev_loop.observer = recorder.as_mut().map(|r| r as &mut dyn keepalive_agent::runtime::LoopObserver);
@@ -589,7 +607,43 @@ fn run(args: RunArgs) -> Result<()> {
         runtime.block_on(export.shutdown(args.shutdown_timeout));
     }
     report_stop(&summary, &engine, &format!("; export: {report}"));
+    if let Some(t) = audit_thread {
+        // `--duration` ends the loop without a signal: the audit thread stops on the same flag.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = t.join();
+    }
     Ok(())
+}
+
+/// The periodic audit of `run` (`--audit-interval`), on its own thread until `stop`; `None`, with
+/// a warning saying why, when it cannot start (the rest of `run` goes on without it).
+fn start_periodic_audit(args: &RunArgs, metrics: Metrics, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    let start = || -> Result<std::thread::JoinHandle<()>> {
+        let mut facts = kernel::resolve_without_addresses().context("resolving kernel layout from BTF")?;
+        facts.offsets.audit_state_mask = audit_state_mask(&facts);
+        let walker = attach::AuditWalker::load(&facts.offsets).context("loading the audit iterator")?;
+        let cfg = audit::periodic::PeriodicConfig {
+            tables: facts.tables,
+            netns: args.netns.clone(),
+            interval: args.audit_interval,
+            policy: audit::Policy {
+                middlebox: audit::Middlebox::default_preset(),
+                detect_within_s: audit::diagnose::DEFAULT_DETECT_WITHIN_S,
+            },
+            cgroup2: attach::cgroup2_mount(),
+        };
+        Ok(audit::periodic::spawn(walker, cfg, stop, move |r| metrics.set_at_risk(r))?)
+    };
+    match start() {
+        Ok(t) => {
+            info!("audit: every {:?}, published as keepalive.connections.at_risk", args.audit_interval);
+            Some(t)
+        }
+        Err(e) => {
+            warn!("periodic audit unavailable ({e:#}): keepalive.connections.at_risk is not published");
+            None
+        }
+    }
 }
 
 /// The metrics of `run`, when `--metrics-listen` or an OTLP metrics export asks for them: binds the
@@ -812,6 +866,9 @@ mod tests {
         rejected(&["audit", "--detect-within", "0"], "--detect-within");
         rejected(&["audit", "--container", "xyz"], "--container");
         rejected(&["audit", "--max-sockets", "0"], "--max-sockets");
+        rejected(&["run", "--audit-interval", "-1"], "--audit-interval");
+        rejected(&["run", "--audit-interval", "0.5"], "--audit-interval");
+        rejected(&["run", "--audit-interval", "86401"], "--audit-interval");
         let e = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--middlebox", "aws-nlb"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
         let cli = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--fail-on", "warning"]).unwrap();

@@ -422,3 +422,39 @@ fn conntrack_preset_is_this_hosts_timeout() {
         }
     }
 }
+
+/// The value of the Prometheus sample whose line starts with `name{` and holds every one of
+/// `labels` (`key="value"`), if there is one.
+fn sample(exposition: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `run --audit-interval 1` with metrics: the walk repeats and `keepalive.connections.at_risk`
+/// counts the test's connection under its diagnosis and workload, every other diagnosis at 0.
+#[test]
+fn run_publishes_connections_at_risk_every_interval() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    // Keep-alive after 300 s: too late for the default 240 s middlebox.
+    let _late = Client::connect(&env.ns, server.addr(), &Keepalive::new(300, 10, 3)).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], keepalive_tests::otlp::free_loopback_port()));
+    let agent = keepalive_tests::Agent::start_run(&env, &["--metrics-listen", &addr.to_string(), "--audit-interval", "1"], &[]);
+    let audits = |body: &str| sample(body, "keepalive_agent_audits_total", &[]).unwrap_or(0.0);
+    let r = keepalive_tests::metrics::wait_http(addr, "/metrics", WAIT, |r| audits(&r.body) >= 2.0)
+        .unwrap_or_else(|e| panic!("{e:#}\nagent stderr:\n{}", agent.stderr_lines().join("\n")));
+    let comm = format!("process_executable_name=\"{}\"", process_comm());
+    let late = sample(&r.body, "keepalive_connections_at_risk", &["keepalive_diagnosis=\"keepalive_too_late\"", &comm]);
+    assert_eq!(late, Some(1.0), "{}", r.body);
+    for id in ["keepalive_off_idle", "stuck_without_user_timeout", "probes_unanswered", "close_wait_idle", "slow_dead_peer_detection"] {
+        let v = sample(&r.body, "keepalive_connections_at_risk", &[&format!("keepalive_diagnosis=\"{id}\"")]);
+        assert_eq!(v, Some(0.0), "{id}: {}", r.body);
+    }
+    assert!(sample(&r.body, "keepalive_agent_audit_sockets", &[]) >= Some(2.0), "{}", r.body);
+    assert!(sample(&r.body, "keepalive_agent_audit_duration_seconds", &[]).is_some(), "{}", r.body);
+    let stderr = agent.stderr_lines();
+    assert!(stderr.iter().any(|l| l.contains("audit: every 1s")), "{}", stderr.join("\n"));
+}

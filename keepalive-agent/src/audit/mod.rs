@@ -6,17 +6,18 @@
 //! source, idle times, the pending timer, what is in flight, the owning process and container),
 //! then judged against a middlebox idle timeout and a dead-peer detection target
 //! ([`diagnose::findings`], pure). [`audit_host`] is the library entry point (the `audit`
-//! command, and the periodic walk of `run`); [`report`] prints the result.
+//! command, and the periodic walk of `run`, [`periodic`]); [`report`] prints the result.
 //!
 //! Minimum kernel: 5.9 (`iter/tcp` BPF iterators), with BTF.
 
 pub mod diagnose;
 pub mod middlebox;
 pub mod model;
+pub mod periodic;
 pub mod report;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -141,22 +142,9 @@ fn trim_heap() {
     }
 }
 
-/// Sockets per diagnosis (every id present, 0 when none): what `run` publishes as
-/// `keepalive.connections.at_risk{keepalive.diagnosis}`.
-pub fn at_risk(sockets: &[AuditedSocket], policy: &Policy) -> BTreeMap<DiagnosisId, u64> {
-    let mut out: BTreeMap<DiagnosisId, u64> = DiagnosisId::ALL.iter().map(|&d| (d, 0)).collect();
-    for s in sockets {
-        for d in diagnose::findings(s, policy) {
-            *out.entry(d).or_default() += 1;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::model::tests::{convert_all, record};
 
     #[test]
     fn holders_are_the_lowest_pid_of_wanted_sockets() {
@@ -172,19 +160,5 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!((h[&100].pid, h[&200].pid), (7, 9));
         assert_eq!(crate::event::comm_str(&h[&100].comm), "redis-server");
-    }
-
-    #[test]
-    fn at_risk_counts_every_id() {
-        let mut idle = record();
-        idle.lsndtime = 1_000_000 - 250 * 200;
-        idle.lrcvtime = idle.lsndtime;
-        idle.rcv_tstamp = idle.lsndtime;
-        let sockets = convert_all(&[record(), idle]);
-        let policy = Policy { middlebox: Middlebox::default_preset(), detect_within_s: 900 };
-        let counts = at_risk(&sockets, &policy);
-        assert_eq!(counts.len(), DiagnosisId::ALL.len());
-        assert_eq!(counts[&DiagnosisId::KeepaliveOffIdle], 1);
-        assert_eq!(counts.values().sum::<u64>(), 1);
     }
 }
