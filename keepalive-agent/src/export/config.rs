@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 
+use super::tls::{Signal, TlsArgs, TlsSettings};
 use super::ExportError;
 
 /// OTLP transport.
@@ -224,6 +225,10 @@ pub struct ExportArgs {
     /// [env: OTEL_RESOURCE_ATTRIBUTES, as k1=v1,k2=v2]
     #[arg(long = "resource-attribute", value_name = "KEY=VALUE")]
     pub resource_attributes: Vec<String>,
+
+    /// TLS to the collector (https:// endpoints).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub const DEFAULT_SERVICE_NAME: &str = "keepalive-agent";
@@ -259,6 +264,8 @@ pub struct ExportConfig {
     pub max_span_events: usize,
     /// Resource attributes, `service.name` first.
     pub resource: Vec<KeyValue>,
+    /// TLS settings (used by https:// endpoints; files checked even when unused).
+    pub tls: TlsSettings,
 }
 
 /// The numeric part of [`ExportConfig`].
@@ -301,9 +308,10 @@ impl ExportConfig {
     ) -> Result<ExportConfig, ExportError> {
         let env = Env(env);
         let protocol = resolve_protocol(args, &env)?;
+        let tls = TlsSettings::resolve(&args.tls, Signal::Traces, env.0)?;
         let target = match pick_endpoint(args, &env) {
             None => Target::Stdout,
-            Some(endpoint) => endpoint.into_target(protocol, args, &env)?,
+            Some(endpoint) => endpoint.into_target(protocol, args, &env, &tls)?,
         };
         check_compression(&env)?;
         let limits = resolve_limits(args, &env)?;
@@ -317,6 +325,7 @@ impl ExportConfig {
             retry_max: limits.retry_max,
             max_span_events: limits.max_span_events,
             resource,
+            tls,
         })
     }
 
@@ -351,9 +360,11 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// Checks the URL, resolves the headers and builds the OTLP target.
-    fn into_target(self, protocol: Protocol, args: &ExportArgs, env: &Env) -> Result<Target, ExportError> {
-        let url = self.url.trim();
+    /// Checks the URL (a scheme-less gRPC one gets its scheme from `INSECURE`), resolves the
+    /// headers and builds the OTLP target.
+    fn into_target(self, protocol: Protocol, args: &ExportArgs, env: &Env, tls: &TlsSettings) -> Result<Target, ExportError> {
+        let url = tls.apply_scheme(self.source, self.url.trim(), protocol == Protocol::Grpc)?;
+        let url = url.as_str();
         check_endpoint(self.source, url)?;
         let headers = resolve_headers(args, env)?;
         let endpoint = if self.signal_specific || protocol == Protocol::Grpc {
@@ -583,17 +594,11 @@ fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
         .parse()
         .map_err(|e| ExportError::config(source, format!("invalid URL `{url}`: {e}")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(ExportError::config(
-                source,
-                format!("`{url}`: TLS is not built into this agent; use an http:// endpoint (e.g. a local collector)"),
-            ))
-        }
+        Some("http") | Some("https") => {}
         _ => {
             return Err(ExportError::config(
                 source,
-                format!("`{url}` needs an http:// scheme, e.g. http://127.0.0.1:4318"),
+                format!("`{url}` needs an http:// or https:// scheme, e.g. http://127.0.0.1:4318"),
             ))
         }
     }
@@ -711,6 +716,33 @@ mod tests {
     }
 
     #[test]
+    fn schemeless_grpc_endpoint_follows_insecure() {
+        let grpc = |extra: &[(&'static str, &'static str)]| {
+            let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+            env.extend_from_slice(extra);
+            resolve(&ExportArgs::default(), &env).map(|c| otlp(&c).1.to_string())
+        };
+        // The specification's default (INSECURE=false) is TLS.
+        assert_eq!(grpc(&[]).unwrap(), "https://127.0.0.1:4317");
+        assert_eq!(grpc(&[("OTEL_EXPORTER_OTLP_INSECURE", "true")]).unwrap(), "http://127.0.0.1:4317");
+        // The traces-specific variable wins over the generic one; the flag over both.
+        assert_eq!(
+            grpc(&[("OTEL_EXPORTER_OTLP_INSECURE", "true"), ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "false")]).unwrap(),
+            "https://127.0.0.1:4317"
+        );
+        let args = ExportArgs {
+            otlp_traces_endpoint: Some("localhost:4317".into()),
+            otlp_protocol: Some(Protocol::Grpc),
+            tls: TlsArgs { otlp_insecure: Some(true), ..Default::default() },
+            ..Default::default()
+        };
+        let c = resolve(&args, &[("OTEL_EXPORTER_OTLP_INSECURE", "false")]).unwrap();
+        assert_eq!(otlp(&c).1, "http://localhost:4317");
+        // An explicit scheme is used as given.
+        assert_eq!(grpc(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://h:1")]).unwrap(), "http://h:1");
+    }
+
+    #[test]
     fn flags_win_over_environment() {
         let args = ExportArgs {
             otlp_endpoint: Some("http://127.0.0.1:5000".into()),
@@ -821,7 +853,12 @@ mod tests {
                 .to_string()
         };
         assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("http://"));
-        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")]).contains("TLS"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317")]).contains("https://"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"), ("OTEL_EXPORTER_OTLP_INSECURE", "true")])
+            .starts_with("OTEL_EXPORTER_OTLP_INSECURE"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_INSECURE", "yes")]).starts_with("OTEL_EXPORTER_OTLP_INSECURE"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/nonexistent/ca.pem")])
+            .starts_with("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: cannot read /nonexistent/ca.pem"));
         assert!(bad(&[
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1")
