@@ -8,6 +8,7 @@ pub mod export;
 pub mod kernel;
 pub mod output;
 pub mod owners;
+pub mod privilege;
 pub mod reconcile;
 pub mod runtime;
 pub mod timeline;

@@ -16,7 +16,7 @@ use keepalive_agent::{
     decode::Decoder,
     kernel::{self, KernelFacts},
     output::{Format, Printer},
-    owners,
+    owners, privilege,
     runtime::{EventLoop, Filter},
     timeline::engine::{Engine, EngineConfig},
 };
@@ -257,10 +257,10 @@ fn main() {
 
 /// Preconditions that make the agent unable to run at all.
 fn preflight() -> Result<KernelFacts> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("must run as root (loading BPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)");
+    for need in privilege::require()? {
+        warn!("capability {} is missing: {}", need.cap, need.without);
     }
+    privilege::raise_memlock().context("raising RLIMIT_MEMLOCK (BPF maps are charged to it before Linux 5.11): needs CAP_SYS_RESOURCE")?;
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux");
     if !btf.exists() {
         bail!(
@@ -324,6 +324,9 @@ fn start(args: &AttachArgs, netns: Option<&std::path::Path>, max_connections: us
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
+    // Start-up is over: keep only the capabilities later work needs (README.md, "Least privilege").
+    let dropped = privilege::drop_after_start_up().context("dropping capabilities after start-up")?;
+    info!("capabilities after start-up: {dropped}");
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
     eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
     Ok(Started {
@@ -410,6 +413,11 @@ fn run(args: RunArgs) -> Result<()> {
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
         ..Filter::default()
     };
+    let export_config = keepalive_agent::export::ExportConfig::from_args(&args.export)
+        .context("configuring the OpenTelemetry export")?;
+    let Started { mut probes, decoder, mut engine, snapshot, stop } =
+        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
+    // Threads start only now, after `start` dropped the capabilities (they are per thread).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("keepalive-export")
@@ -417,11 +425,9 @@ fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the export runtime")?;
     let _enter = runtime.enter();
-    let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
+    let mut exporter = keepalive_agent::export::Exporter::from_config(export_config)
         .context("configuring the OpenTelemetry export")?;
     info!("exporting {}", exporter.description());
-    let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections)?;
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     // The event path only hands records to the exporter's bounded queue: it never waits on the
     // network.
@@ -440,6 +446,7 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn check(args: CheckArgs) -> Result<()> {
     println!("kernel: {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    print_capabilities()?;
     let (facts, probes) = match prepare(&args.attach) {
         Ok(v) => v,
         Err(e) => {
@@ -470,6 +477,31 @@ fn check(args: CheckArgs) -> Result<()> {
     } else {
         println!("degraded: {} hook(s) unreachable; the agent runs without them", missing.len());
     }
+    Ok(())
+}
+
+/// `check`'s capability table: each capability the agent needs, whether this process has it, and
+/// what it is for (what its absence costs).
+fn print_capabilities() -> Result<()> {
+    let have = privilege::effective()?;
+    let release = privilege::kernel_release();
+    println!("\n{:<20} {:<8} {}", "CAPABILITY", "STATE", "NEEDED FOR");
+    for need in privilege::CAPABILITIES {
+        let state = match (need.applies_to(&release), have.contains(&need.cap), need.required) {
+            (false, _, _) => "unneeded",
+            (true, true, _) => "ok",
+            (true, false, true) => "MISSING",
+            (true, false, false) => "missing",
+        };
+        let after = if need.kept { "kept after start-up" } else { "dropped after start-up" };
+        let optional = if need.required { "" } else { " (optional)" };
+        println!("{:<20} {:<8} {}{optional} ({after})", need.name(), state, need.used_for);
+        if state.eq_ignore_ascii_case("missing") {
+            let what = if need.required { "the agent cannot start" } else { "optional" };
+            println!("{:<20} {:<8} {what}: without it {}", "", "", need.without);
+        }
+    }
+    println!();
     Ok(())
 }
 

@@ -11,12 +11,16 @@
 //! - [`events`]: helpers to read the agent's JSON timeline.
 //! - [`nginx`]: a real nginx in the namespace, and `ss -tnp` to see who holds a socket.
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
+//! - [`pki`]: certificates the TLS tests generate.
+//! - [`privilege`]: running the agent as a non-root user with exactly a set of capabilities.
 pub mod agent;
 pub mod cgroup;
 pub mod events;
 pub mod netns;
 pub mod nginx;
 pub mod otlp;
+pub mod pki;
+pub mod privilege;
 pub mod tcp;
 
 use std::process::Command;
