@@ -1005,6 +1005,12 @@ mod tests {
         assert_eq!(cli.export.otlp_queue_size, Some(10));
         let cli = Cli::try_parse_from(["x", "--otlp-protocol", "grpc"]).unwrap();
         assert_eq!(cli.export.otlp_protocol, Some(Protocol::Grpc));
+        // TLS flags: a bare --otlp-insecure means true.
+        let cli = Cli::try_parse_from(["x", "--otlp-insecure", "--otlp-certificate", "/ca.pem"]).unwrap();
+        assert_eq!((cli.export.tls.otlp_insecure, cli.export.tls.otlp_certificate), (Some(true), Some("/ca.pem".into())));
+        let cli = Cli::try_parse_from(["x", "--otlp-insecure", "false"]).unwrap();
+        assert_eq!(cli.export.tls.otlp_insecure, Some(false));
+        assert!(Cli::try_parse_from(["x", "--otlp-insecure", "maybe"]).is_err());
         assert!(Cli::try_parse_from(["x", "--otlp-protocol", "http/json"]).is_err());
     }
 }

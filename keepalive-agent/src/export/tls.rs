@@ -335,3 +335,162 @@ fn add_system_roots(roots: &mut rustls::RootCertStore) -> Result<(), ExportError
     Ok(())
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A scratch directory with a CA, a client certificate it signs and its key, and junk.
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(tag: &str) -> Files {
+            let dir = std::env::temp_dir().join(format!("keepalive-tls-unit-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let issuer = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["client".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+            let other_key = rcgen::KeyPair::generate().unwrap();
+            for (name, text) in [
+                ("ca.pem", issuer.pem()),
+                ("client.pem", cert.pem()),
+                ("client.key", key.serialize_pem()),
+                ("other.key", other_key.serialize_pem()),
+                ("junk.pem", "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n".to_string()),
+                ("empty.pem", String::new()),
+            ] {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+            Files { dir }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.join(name).to_string_lossy().into_owned()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn resolve(args: &TlsArgs, signal: Signal, env: &[(&str, String)]) -> Result<TlsSettings, ExportError> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        TlsSettings::resolve(args, signal, &move |n| env.get(n).cloned())
+    }
+
+    #[test]
+    fn precedence_flag_then_signal_variable_then_generic() {
+        let f = Files::new("precedence");
+        let env = [
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", f.path("ca.pem")),
+            ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", f.path("client.pem")),
+            ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true".into()),
+        ];
+        let none = TlsArgs::default();
+        let t = resolve(&none, Signal::Traces, &env).unwrap();
+        assert_eq!(t.ca.as_ref().unwrap().source, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+        assert!(t.insecure());
+        let m = resolve(&none, Signal::Metrics, &env).unwrap();
+        assert_eq!(m.ca.as_ref().unwrap().source, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE");
+        assert!(!m.insecure(), "the traces variable does not apply to metrics");
+        let flags = TlsArgs { otlp_certificate: Some(f.path("ca.pem").into()), otlp_insecure: Some(false), ..Default::default() };
+        let t = resolve(&flags, Signal::Metrics, &env).unwrap();
+        assert_eq!(t.ca.as_ref().unwrap().source, "--otlp-certificate");
+        assert_eq!(t.insecure, Some((false, "--otlp-insecure".to_string())));
+        // Mutual TLS from the variables; the key from the signal-specific one.
+        let env = [
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", f.path("client.pem")),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", f.path("client.key")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", f.path("other.key")),
+        ];
+        let t = resolve(&none, Signal::Traces, &env).unwrap();
+        assert_eq!(t.client.as_ref().unwrap().1.source, "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY");
+        assert!(t.rustls_config(false).is_ok());
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let f = Files::new("bad");
+        let err = |args: TlsArgs, env: &[(&str, String)]| resolve(&args, Signal::Traces, env).unwrap_err().to_string();
+        let e = err(TlsArgs { otlp_certificate: Some("/nonexistent/x.pem".into()), ..Default::default() }, &[]);
+        assert!(e.starts_with("--otlp-certificate: cannot read /nonexistent/x.pem"), "{e}");
+        let e = err(TlsArgs::default(), &[("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", f.path("junk.pem"))]);
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: ") && e.contains("bad PEM"), "{e}");
+        let e = err(TlsArgs::default(), &[("OTEL_EXPORTER_OTLP_CERTIFICATE", f.path("empty.pem"))]);
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = err(TlsArgs { otlp_client_key: Some(f.path("client.key").into()), ..Default::default() }, &[]);
+        assert!(e.starts_with("--otlp-client-key: a client key needs a client certificate"), "{e}");
+        let pair = |key: &str| TlsArgs {
+            otlp_client_certificate: Some(f.path("client.pem").into()),
+            otlp_client_key: Some(f.path(key).into()),
+            ..Default::default()
+        };
+        let e = err(pair("client.pem"), &[]);
+        assert!(e.starts_with("--otlp-client-key: ") && e.contains("no usable PEM private key"), "{e}");
+        let e = err(pair("other.key"), &[]);
+        assert!(e.starts_with("--otlp-client-key: ") && e.contains("does not go with the certificate"), "{e}");
+        let e = err(TlsArgs::default(), &[("OTEL_EXPORTER_OTLP_INSECURE", "1".into())]);
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_INSECURE: `1` is not a boolean"), "{e}");
+        resolve(&pair("client.key"), Signal::Traces, &[]).unwrap();
+    }
+
+    #[test]
+    fn scheme_follows_insecure_for_grpc_only() {
+        let secure = TlsSettings::default();
+        let insecure = TlsSettings { insecure: Some((true, "OTEL_EXPORTER_OTLP_INSECURE".into())), ..Default::default() };
+        assert_eq!(secure.apply_scheme("e", "h:4317", true).unwrap(), "https://h:4317");
+        assert_eq!(insecure.apply_scheme("e", "h:4317", true).unwrap(), "http://h:4317");
+        assert_eq!(secure.apply_scheme("e", "h:4318", false).unwrap(), "h:4318", "HTTP: the endpoint check refuses it");
+        assert_eq!(insecure.apply_scheme("e", "http://h:1", true).unwrap(), "http://h:1");
+        let e = insecure.apply_scheme("--otlp-endpoint", "https://h:1", true).unwrap_err().to_string();
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_INSECURE: ") && e.contains("--otlp-endpoint"), "{e}");
+        assert!(is_https("HTTPS://x") && !is_https("http://x") && !is_https("h"));
+    }
+
+    #[test]
+    fn certificate_verdicts_are_permanent_transport_failures_are_not() {
+        use opentelemetry_sdk::error::OTelSdkError;
+        let retryable = |m: &str| super::super::pipeline::retryable(&OTelSdkError::InternalFailure(m.to_string()));
+        // Messages as the exporters produce them (seen in tests/tests/otlp_tls.rs).
+        for permanent in [
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error: invalid peer certificate: UnknownIssuer",
+            "HTTP export failed: network error: error sending request for url (https://127.0.0.1:1/v1/traces): client error (Connect): invalid peer certificate: certificate expired: verification time 1796000377 (UNIX), but certificate is not valid after 1609372800",
+            "HTTP export failed: network error: client error (Connect): received fatal alert: CertificateRequired",
+        ] {
+            assert!(is_permanent_tls_error(permanent) && !retryable(permanent), "{permanent}");
+        }
+        for transient in [
+            "TonicTracesClient export failed with gRPC code: Unknown: transport error: connection error: peer closed connection without sending TLS close_notify",
+            "HTTP export failed: network error: client error (Connect): tcp connect error: Connection refused (os error 111)",
+        ] {
+            assert!(!is_permanent_tls_error(transient) && retryable(transient), "{transient}");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_transports_build_from_the_settings() {
+        let f = Files::new("build");
+        let args = TlsArgs {
+            otlp_certificate: Some(f.path("ca.pem").into()),
+            otlp_client_certificate: Some(f.path("client.pem").into()),
+            otlp_client_key: Some(f.path("client.key").into()),
+            otlp_insecure: None,
+        };
+        let t = resolve(&args, Signal::Metrics, &[]).unwrap();
+        t.tonic_channel("https://127.0.0.1:4317", Duration::from_secs(1)).unwrap();
+        t.tonic_channel("http://127.0.0.1:4317", Duration::from_secs(1)).unwrap();
+        t.reqwest_client(Duration::from_secs(1), true).unwrap();
+        let c = t.rustls_config(false).unwrap();
+        assert_eq!(c.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(c.client_auth_cert_resolver.has_certs());
+    }
+}
