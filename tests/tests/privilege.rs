@@ -142,3 +142,41 @@ fn each_missing_capability_is_named() {
         }
     }
 }
+
+/// Without the optional CAP_SYS_ADMIN the start-up snapshot still covers the agent's own network
+/// namespace (no `setns` is needed there), with the owner process found as `nobody` (CAP_SYS_PTRACE,
+/// CAP_DAC_READ_SEARCH), while another namespace's older connections are only seen from their first
+/// keep-alive event on, and the warning names the capability.
+#[test]
+fn snapshot_without_cap_sys_admin() {
+    let caps = needed();
+    let rest: Vec<&str> = names(&caps).into_iter().filter(|n| *n != "CAP_SYS_ADMIN").collect();
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let ka = Keepalive::new(1, 1, 5);
+    let client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    let snapshot_config = |evs: &[Value]| evs.iter().find(|e| kind(e) == "config" && str_of(e, "source") == Some("snapshot")).cloned();
+
+    // Inside the test namespace (nsenter keeps the host's mounts, unlike `ip netns exec`).
+    let mut inside = vec!["nsenter".to_string(), format!("--net={}", env.ns.path().display())];
+    inside.extend(setpriv_args(&rest));
+    let inside: Vec<&str> = inside.iter().map(String::as_str).collect();
+    let agent = Agent::start_wrapped(&env, &inside, &[]);
+    wait_event(&agent, l, r, "probe");
+    let (events, stderr) = agent.stop_full();
+    assert!(stderr.iter().any(|l| l.contains("capability CAP_SYS_ADMIN is missing")), "{stderr:?}");
+    let evs = of_conn(&events, l, r);
+    let c = snapshot_config(&evs).unwrap_or_else(|| panic!("no snapshot of the agent's own namespace\n{}", render(&evs)));
+    assert_eq!(u64_of(&c, "pid"), Some(u64::from(std::process::id())), "owner found as nobody: {c}");
+
+    // From the host's namespace the test namespace needs setns: no snapshot, the connection is
+    // picked up at its next keep-alive event.
+    let outside = setpriv_args(&rest);
+    let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
+    let agent = Agent::start_wrapped(&env, &outside, &[]);
+    wait_event(&agent, l, r, "probe");
+    let evs = of_conn(&agent.stop(), l, r);
+    assert!(snapshot_config(&evs).is_none(), "a snapshot of another namespace without CAP_SYS_ADMIN\n{}", render(&evs));
+    drop(client);
+}
