@@ -1,7 +1,9 @@
 //! Running the agent as `nobody` with exactly a set of capabilities (ambient, inheritable and
 //! bounding sets, util-linux `setpriv`), and the capability list the agent itself declares (the
 //! table `keepalive-agent check` prints, so that the tests follow the agent's one list).
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
@@ -69,6 +71,37 @@ pub fn setpriv_args(caps: &[&str]) -> Vec<String> {
         format!("--bounding-set={list}"),
         "--".into(),
     ]
+}
+
+/// The agent binary at a path `nobody` can execute: [`crate::agent_binary`] when every directory
+/// above it is searchable by others, else (a CI checkout may live under a private directory) a
+/// hard link or, across file systems, a copy in a world-readable directory under the system's
+/// temporary directory, made once per test process and left for the next run to replace.
+pub fn agent_for_nobody() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BIN.get_or_init(|| reachable_agent().map_err(|e| format!("{e:#}"))) {
+        Ok(p) => p,
+        Err(e) => panic!("cannot give nobody the agent binary: {e}"),
+    }
+}
+
+fn reachable_agent() -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = crate::agent_binary();
+    let open_to_others = |p: &Path, bits: u32| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & bits == bits);
+    if open_to_others(bin, 0o005) && bin.ancestors().skip(1).all(|d| open_to_others(d, 0o001)) {
+        return Ok(bin.to_path_buf());
+    }
+    let dir = std::env::temp_dir().join("keepalive-tests-bin");
+    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let copy = dir.join(format!("keepalive-agent-{}", std::process::id()));
+    let _ = std::fs::remove_file(&copy);
+    if std::fs::hard_link(bin, &copy).is_err() {
+        std::fs::copy(bin, &copy).with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+    }
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
 }
 
 /// Bit numbers of the capabilities the agent may name (linux/capability.h).

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use keepalive_tests::events::{is_conn, kind, of_conn, of_kind, render, str_of, u64_of};
-use keepalive_tests::privilege::{cap_number, declared, setpriv_args, thread_masks, Declared};
+use keepalive_tests::privilege::{agent_for_nobody, cap_number, declared, setpriv_args, thread_masks, Declared};
 use keepalive_tests::tcp::{Client, Family, Keepalive, Server, ServerMode};
-use keepalive_tests::{agent_binary, Agent, Env};
+use keepalive_tests::{Agent, Env};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -47,7 +47,7 @@ fn dead_peer_as_nobody_with_exactly_the_declared_capabilities() {
     let wrapper = setpriv_args(&names(&caps));
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
-    let agent = Agent::start_wrapped(&env, &wrapper, &[]);
+    let agent = Agent::start_wrapped(&env, &wrapper, agent_for_nobody(), &[]);
     let pid = agent.pid();
     assert!(status_field(pid, "Uid:").starts_with("65534"), "runs as nobody: {}", status_field(pid, "Uid:"));
 
@@ -104,7 +104,7 @@ fn run_without(env: &Env, caps: &[Declared], without: &str) -> (std::process::Ou
     let run = |args: &[&str]| {
         Command::new(&wrapper[0])
             .args(&wrapper[1..])
-            .arg(agent_binary())
+            .arg(agent_for_nobody())
             .args(args)
             .output()
             .unwrap()
@@ -162,7 +162,7 @@ fn snapshot_without_cap_sys_admin() {
     let mut inside = vec!["nsenter".to_string(), format!("--net={}", env.ns.path().display())];
     inside.extend(setpriv_args(&rest));
     let inside: Vec<&str> = inside.iter().map(String::as_str).collect();
-    let agent = Agent::start_wrapped(&env, &inside, &[]);
+    let agent = Agent::start_wrapped(&env, &inside, agent_for_nobody(), &[]);
     wait_event(&agent, l, r, "probe");
     let (events, stderr) = agent.stop_full();
     assert!(stderr.iter().any(|l| l.contains("capability CAP_SYS_ADMIN is missing")), "{stderr:?}");
@@ -174,7 +174,7 @@ fn snapshot_without_cap_sys_admin() {
     // picked up at its next keep-alive event.
     let outside = setpriv_args(&rest);
     let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
-    let agent = Agent::start_wrapped(&env, &outside, &[]);
+    let agent = Agent::start_wrapped(&env, &outside, agent_for_nobody(), &[]);
     wait_event(&agent, l, r, "probe");
     let evs = of_conn(&agent.stop(), l, r);
     assert!(snapshot_config(&evs).is_none(), "a snapshot of another namespace without CAP_SYS_ADMIN\n{}", render(&evs));
