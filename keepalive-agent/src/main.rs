@@ -485,7 +485,7 @@ fn check(args: CheckArgs) -> Result<()> {
 fn print_capabilities() -> Result<()> {
     let have = privilege::effective()?;
     let release = privilege::kernel_release();
-    println!("\n{:<20} {:<8} {}", "CAPABILITY", "STATE", "NEEDED FOR");
+    println!("\n{:<20} {:<8} NEEDED FOR", "CAPABILITY", "STATE");
     for need in privilege::CAPABILITIES {
         let state = match (need.applies_to(&release), have.contains(&need.cap), need.required) {
             (false, _, _) => "unneeded",

@@ -443,7 +443,7 @@ impl tonic::service::Interceptor for MetadataInterceptor {
 /// The cause of the last failed HTTP request: the exporter reports a transport failure only as
 /// "network error", so [`HeaderClient`] keeps the cause here and [`WithCause`] adds it to the
 /// error the pipeline logs and classifies (a refused certificate is not retried).
-type CauseSlot = Arc<std::sync::Mutex<Option<String>>>;
+pub(crate) type CauseSlot = Arc<std::sync::Mutex<Option<String>>>;
 
 /// A span exporter whose failures carry the cause left in its [`CauseSlot`].
 #[derive(Debug)]
@@ -482,14 +482,16 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
 /// HTTP client setting the resolved headers on every request, after (so over) those the exporter
 /// read from the environment itself; the cause of a failed request goes to `cause`.
 #[derive(Debug)]
-struct HeaderClient {
+pub(crate) struct HeaderClient {
     inner: reqwest::Client,
     headers: http::HeaderMap,
     cause: CauseSlot,
 }
 
 impl HeaderClient {
-    fn new(headers: &[(String, String)], inner: reqwest::Client, cause: CauseSlot) -> Result<Self, ExportError> {
+    /// `inner` from [`tls::TlsSettings::reqwest_client`]; `cause` receives the cause of each failed
+    /// request (a metrics exporter can use the same client).
+    pub(crate) fn new(headers: &[(String, String)], inner: reqwest::Client, cause: CauseSlot) -> Result<Self, ExportError> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {

@@ -137,6 +137,11 @@ impl TlsSettings {
         Ok(settings)
     }
 
+    /// [`TlsSettings::resolve`] against the process environment.
+    pub fn from_args(args: &TlsArgs, signal: Signal) -> Result<TlsSettings, ExportError> {
+        Self::resolve(args, signal, &|name| std::env::var(name).ok())
+    }
+
     /// Whether `INSECURE` is set to true.
     pub fn insecure(&self) -> bool {
         self.insecure.as_ref().is_some_and(|(v, _)| *v)
