@@ -376,7 +376,7 @@ resource_attributes = { "k8s.cluster.name" = "c1" }
         let e = err("[attach]\nmethod = \"fast\"\n");
         assert!(e.contains("key `attach.method`: unknown value `fast` (one of: auto, fentry"), "{e}");
         let e = err("[export]\nendpoint = \"127.0.0.1:4318\"\n");
-        assert!(e.contains("key `export.endpoint`: `127.0.0.1:4318` needs an http:// scheme"), "{e}");
+        assert!(e.contains("key `export.endpoint`: `127.0.0.1:4318` needs an http:// or https:// scheme"), "{e}");
         let e = err("[export.headers]\n\"bad name\" = \"x\"\n");
         assert!(e.contains("key `export.headers`") && e.contains("not a valid header name"), "{e}");
         let e = err("[export]\nservice_name = \" \"\n");

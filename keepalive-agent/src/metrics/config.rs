@@ -9,6 +9,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::Temporality;
 
 use crate::export::config::{check_endpoint, headers_from, nonempty, Env, ExportArgs, Numeric, Protocol};
+use crate::export::tls::{Signal, TlsSettings};
 use crate::export::ExportError;
 
 /// Series per metric (`--metrics-max-series`).
@@ -95,6 +96,9 @@ pub struct OtlpMetrics {
     pub timeout: Duration,
     pub temporality: Temporality,
     pub resource: Vec<KeyValue>,
+    /// TLS for `https://` endpoints (`OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE`... over the generic
+    /// variables, the `--otlp-*` TLS flags over both).
+    pub tls: TlsSettings,
 }
 
 /// Resolved metrics configuration.
@@ -208,7 +212,9 @@ fn otlp(
             .map_err(|e| ExportError::config("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", e))?,
         (None, None) => Temporality::Cumulative,
     };
+    let tls = TlsSettings::resolve(&export.tls, Signal::Metrics, &|name| env.get(name))?;
     Ok(OtlpMetrics {
+        tls,
         protocol,
         endpoint,
         headers,
