@@ -77,7 +77,8 @@ fn keepalive_connection(env: &Env) -> (Server, Client) {
 /// Spans of the connection arrive; every request was accepted over `protocol` and, with mutual
 /// TLS, came with the client certificate; the agent's stop report counts no failure.
 fn expect_delivery(env: &Env, receiver: &Receiver, protocol: Protocol, agent_flags: &[String], envs: &[(&str, &str)], mtls: bool) {
-    let args: Vec<&str> = agent_flags.iter().map(String::as_str).collect();
+    // Every span (the default policy withholds a healthy connection's).
+    let args: Vec<&str> = agent_flags.iter().map(String::as_str).chain(["--spans", "all"]).collect();
     let agent = Agent::start_run(env, &args, envs);
     let (_server, client) = keepalive_connection(env);
     let (l, r): (SocketAddr, SocketAddr) = (client.local(), client.remote());
@@ -106,7 +107,8 @@ fn expect_delivery(env: &Env, receiver: &Receiver, protocol: Protocol, agent_fla
 /// refusal (our verdict on the collector's certificate) is not retried: it does not heal by
 /// retrying; others are retried within `--otlp-retry-max-s`.
 fn expect_refusal(env: &Env, receiver: &Receiver, agent_flags: &[String], envs: &[(&str, &str)], causes: &[&str], permanent: bool) {
-    let args: Vec<&str> = agent_flags.iter().map(String::as_str).collect();
+    // Every span (the default policy withholds a healthy connection's).
+    let args: Vec<&str> = agent_flags.iter().map(String::as_str).chain(["--spans", "all"]).collect();
     let agent = Agent::start_run(env, &args, envs);
     let (_server, client) = keepalive_connection(env);
     let deadline = std::time::Instant::now() + WAIT;
