@@ -279,6 +279,18 @@ mod tests {
         assert!(!memlock.applies_to("6.12.57+deb13-amd64"));
     }
 
+    /// The systemd unit and the DaemonSet take their set from packaging/capabilities: it grants every
+    /// required capability (the optional CAP_SYS_ADMIN is left to the operator).
+    #[test]
+    fn packaged_set_grants_every_required_capability() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/capabilities");
+        let text = std::fs::read_to_string(path).unwrap();
+        let listed: Vec<&str> = text.split_whitespace().collect();
+        for need in CAPABILITIES.iter().filter(|n| n.required) {
+            assert!(listed.contains(&need.name().as_str()), "{} is required but not in {path}", need.name());
+        }
+    }
+
     #[test]
     fn missing_names_each_capability_and_its_use() {
         let have: CapsHashSet = [Capability::CAP_BPF, Capability::CAP_NET_ADMIN].into_iter().collect();
