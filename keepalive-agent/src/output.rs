@@ -319,9 +319,9 @@ mod tests {
     fn error_untracked_and_episode_fields() {
         let clock = WallClock::with_offset_ns(0);
         let mk = |kind| Record { ts_ns: 0, conn: conn(), kind };
-        let (_, v) = json_of(&mk(RecordKind::Error { errno: libc::ETIMEDOUT }), &clock);
+        let (_, v) = json_of(&mk(RecordKind::Error { errno: libc::ETIMEDOUT, death: false }), &clock);
         assert_eq!((v["errno"].as_str(), v["errno_num"].as_i64()), (Some("ETIMEDOUT"), Some(110)));
-        let (_, v) = json_of(&mk(RecordKind::Error { errno: 9999 }), &clock);
+        let (_, v) = json_of(&mk(RecordKind::Error { errno: 9999, death: false }), &clock);
         assert_eq!(v["errno"], "9999");
         let untracked = RecordKind::Untracked { reason: UntrackReason::Destroyed, state: crate::event::TcpState::Established };
         let (_, v) = json_of(&mk(untracked), &clock);

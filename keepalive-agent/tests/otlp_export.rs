@@ -223,6 +223,7 @@ fn dead_peer() -> Vec<Record> {
         RecordKind::Reset {
             reason: "tcp_keepalive_timeout".into(),
             active: true,
+            death: false,
         },
     ));
     v.push(r(
@@ -230,6 +231,7 @@ fn dead_peer() -> Vec<Record> {
         end,
         RecordKind::Error {
             errno: libc::ETIMEDOUT,
+            death: false,
         },
     ));
     v.push(r(

@@ -554,7 +554,7 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             attrs.extend(idle_attrs(*idle));
             st.events.important(Event::new(EV_TIMEOUT, at, attrs, 0));
         }
-        RecordKind::Reset { reason, active } => {
+        RecordKind::Reset { reason, active, .. } => {
             st.problem = true;
             st.ending.reset = Some((reason.clone(), *active));
             let attrs = vec![KeyValue::new(RESET_REASON, reason.clone()), KeyValue::new(RESET_ACTIVE, *active)];
@@ -576,7 +576,7 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             ];
             st.events.important(Event::new(EV_REUSE_RACE, at, attrs, 0));
         }
-        RecordKind::Error { errno } => {
+        RecordKind::Error { errno, .. } => {
             st.problem = true;
             st.ending.errno = Some(*errno);
             let attrs = vec![KeyValue::new(ERRNO, errno_name(*errno))];

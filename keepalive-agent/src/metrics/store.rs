@@ -60,7 +60,7 @@ pub const DEATHS: Family = Family {
     name: "keepalive.connection.deaths",
     unit: "{connection}",
     help: "Connections that died, by cause (the engine's record that explains the death).",
-    attribute: Some(("keepalive.death.cause", &["keepalive_timeout", "user_timeout", "retransmit_timeout", "peer_reset", "reuse_race"])),
+    attribute: Some(("keepalive.death.cause", &["keepalive_timeout", "user_timeout", "retransmit_timeout", "peer_reset", "reuse_race", "reset_sent", "error"])),
 };
 
 /// The keep-alive counters, in [`Store::counters`] order.
@@ -98,14 +98,16 @@ pub fn death_index(cause: DeathCause) -> u8 {
         DeathCause::RetransmitTimeout => 2,
         DeathCause::PeerReset => 3,
         DeathCause::ReuseRace => 4,
+        DeathCause::ResetSent => 5,
+        DeathCause::Error => 6,
     }
 }
 
 /// Counts per workload: one cell per (counter, attribute value), [`CELLS`] in all; a counter's
 /// cells start at its [`OFFSETS`] entry.
 type Cells = [u64; CELLS];
-const CELLS: usize = 14;
-/// First cell of each counter of [`FAMILIES`] (probes 1, answers 2, episodes 5, suppressed 1, deaths 5).
+const CELLS: usize = 16;
+/// First cell of each counter of [`FAMILIES`] (probes 1, answers 2, episodes 5, suppressed 1, deaths 7).
 const OFFSETS: [usize; 5] = [0, 1, 3, 8, 9];
 
 /// The series bookkeeping of one keep-alive counter (its counts are in the workloads' cells).
@@ -426,8 +428,8 @@ mod tests {
             RecordKind::Probe { n: 2 },
             RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 2, idle: None },
             episode(EpisodeOutcome::TimedOut(TimeoutReason::Keepalive)),
-            RecordKind::Reset { reason: "tcp_keepalive_timeout".into(), active: true },
-            RecordKind::Error { errno: 110 },
+            RecordKind::Reset { reason: "tcp_keepalive_timeout".into(), active: true, death: false },
+            RecordKind::Error { errno: 110, death: false },
             RecordKind::Close { state: TcpState::Established, closed_by: None, idle: None },
         ] {
             s.count(&rec(c, kind));
@@ -447,7 +449,7 @@ mod tests {
         s.count(&rec(c, episode(EpisodeOutcome::Answered(AckPrecision::NextFiring))));
         s.count(&rec(c, RecordKind::Suppressed { packets_out: 1, unsent: 0 }));
         s.count(&rec(c, RecordKind::PeerReset { idle: None }));
-        s.count(&rec(c, RecordKind::Error { errno: 104 }));
+        s.count(&rec(c, RecordKind::Error { errno: 104, death: false }));
         assert_eq!(total(&s, &ANSWERS, 1), 1);
         assert_eq!(total(&s, &EPISODES, 0), 1);
         assert_eq!(total(&s, &SUPPRESSED, 0), 1);

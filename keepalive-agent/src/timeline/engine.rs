@@ -167,6 +167,8 @@ struct Conn {
     episode: Option<Box<OpenEpisode>>,
     /// The last socket error reported for this connection (to report each error once).
     last_errno: i32,
+    /// A record already said why the connection died (timeout, reset, error...).
+    died: bool,
 }
 
 impl Conn {
@@ -297,6 +299,18 @@ fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
         conn: conn.view,
         kind,
     });
+}
+
+/// Marks `kind` as the connection's death when it is the first record to explain it: an active
+/// reset or an error with no timeout, peer reset or race before them (`death: true`, counted as
+/// `reset_sent` / `error`). Every death record marks the connection as dead.
+fn note_death(conn: &mut Conn, kind: &mut RecordKind) {
+    if let RecordKind::Reset { active: true, death, .. } | RecordKind::Error { death, .. } = kind {
+        *death = !conn.died;
+    }
+    if kind.death_cause().is_some() {
+        conn.died = true;
+    }
 }
 
 /// Ends the connection's open episode, if any, with `outcome` at `ts_ns`.
@@ -486,7 +500,7 @@ impl Engine {
             }
             EventBody::ResetSent { active, reason, state } => {
                 let reason = reason.clone().unwrap_or_else(|| "not_specified".to_owned());
-                let kind = RecordKind::Reset { reason, active: *active };
+                let kind = RecordKind::Reset { reason, active: *active, death: false };
                 if self.conns.contains_key(&ev.sk) {
                     self.on_reset(ev, *state, kind, out);
                 } else if *state == TcpState::TimeWait || *state == TcpState::Close && !*active {
@@ -505,7 +519,9 @@ impl Engine {
                     note_addrs(conn, ev);
                     conn.state = *state;
                     conn.last_errno = *errno;
-                    emit(out, ev.ts_ns, conn, RecordKind::Error { errno: *errno });
+                    let mut kind = RecordKind::Error { errno: *errno, death: false };
+                    note_death(conn, &mut kind);
+                    emit(out, ev.ts_ns, conn, kind);
                 }
             }
             EventBody::State {
@@ -565,6 +581,8 @@ impl Engine {
             note_addrs(conn, ev);
             conn.state = state;
             let by_peer = matches!(kind, RecordKind::PeerReset { .. } | RecordKind::ReuseRace { .. });
+            let mut kind = kind;
+            note_death(conn, &mut kind);
             emit(out, ev.ts_ns, conn, kind);
             end_episode(out, ev.ts_ns, conn, EpisodeOutcome::Reset { by_peer });
         }
@@ -627,6 +645,7 @@ impl Engine {
             episodes: 0,
             episode: None,
             last_errno: 0,
+            died: false,
         };
         let conn = match self.conns.entry(ev.sk) {
             Entry::Occupied(mut o) => {
@@ -773,13 +792,16 @@ impl Engine {
             return;
         };
         note_addrs(&mut conn, ev);
-        if err == ETIMEDOUT && !ev.in_timer {
-            let kind = retransmit_timeout(times);
+        if err == ETIMEDOUT && !ev.in_timer && !conn.died {
+            let mut kind = retransmit_timeout(times);
+            note_death(&mut conn, &mut kind);
             emit(out, ev.ts_ns, &conn, kind);
             end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::TimedOut(TimeoutReason::Retransmit));
         }
         if err != 0 && conn.last_errno != err {
-            emit(out, ev.ts_ns, &conn, RecordKind::Error { errno: err });
+            let mut kind = RecordKind::Error { errno: err, death: false };
+            note_death(&mut conn, &mut kind);
+            emit(out, ev.ts_ns, &conn, kind);
         }
         end_episode(out, ev.ts_ns, &mut conn, EpisodeOutcome::Closed);
         emit(out, ev.ts_ns, &conn, close_kind(old, times));
@@ -813,10 +835,12 @@ impl Engine {
         }
         self.stats.unfollowed_deaths += 1;
         push(RecordKind::Config { settings: *settings, source: SettingsSource::Close, process: None });
-        if let Some(cause) = unfollowed_cause(old, err, ev.in_timer, settings, times) {
+        let cause = unfollowed_cause(old, err, ev.in_timer, settings, times);
+        let death = cause.is_none();
+        if let Some(cause) = cause {
             push(cause);
         }
-        push(RecordKind::Error { errno: err });
+        push(RecordKind::Error { errno: err, death });
         push(close_kind(old, times));
     }
 
@@ -1080,6 +1104,7 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
             TimeoutReason::Keepalive
         };
         let probes = conn.episode.as_ref().map_or(u32::from(t.probes_before), |ep| ep.probes);
+        conn.died = true;
         emit(out, ts, conn, RecordKind::Timeout { reason, probes, idle: None });
         end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
     } else if t.packets_out > 0 || t.unsent > 0 {
@@ -1370,6 +1395,34 @@ mod tests {
         );
     }
 
+    /// A connection this host aborts (`ss -K`, `tcp_abort`: an active reset, then ECONNABORTED) dies
+    /// of the reset (`reset_sent`); one killed by an error nothing explained (an ICMP
+    /// `EHOSTUNREACH`) dies of the error; the records after the death are not deaths again.
+    #[test]
+    fn abort_and_unexplained_error_are_deaths_once() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka()), established(0, B, ka())]);
+        let reset = ev(S, A, EventBody::ResetSent { active: true, reason: Some("not_specified".into()), state: TcpState::Established });
+        let aborted = ev(S, A, EventBody::Error { errno: libc::ECONNABORTED, state: TcpState::Close });
+        let out = feed(&mut e, &[reset, aborted, close(S, A)]);
+        let causes: Vec<_> = out.iter().filter_map(|r| r.kind.death_cause()).collect();
+        assert_eq!(causes, [DeathCause::ResetSent], "{:?}", names(&out));
+        let unreachable = ev(2 * S, B, EventBody::Error { errno: libc::EHOSTUNREACH, state: TcpState::Established });
+        let out = feed(&mut e, &[unreachable, close(3 * S, B)]);
+        let causes: Vec<_> = out.iter().filter_map(|r| r.kind.death_cause()).collect();
+        assert_eq!(causes, [DeathCause::Error], "{:?}", names(&out));
+        // A keep-alive death counts once: the timeout, not the reset and error that follow it.
+        feed(&mut e, &[established(4 * S, C, ka())]);
+        let death = TimerFiring { state_after: TcpState::Close, ..firing(ka(), 3, 3) };
+        let out = feed(&mut e, &[
+            in_timer(ev(5 * S, C, EventBody::ResetSent { active: true, reason: Some("tcp_keepalive_timeout".into()), state: TcpState::Established })),
+            timer(5 * S, C, death),
+        ]);
+        let out = [out, feed(&mut e, &[ev(5 * S, C, EventBody::Error { errno: libc::ETIMEDOUT, state: TcpState::Close }), close(5 * S, C)])].concat();
+        let causes: Vec<_> = out.iter().filter_map(|r| r.kind.death_cause()).collect();
+        assert_eq!(causes, [DeathCause::KeepaliveTimeout], "{:?}", names(&out));
+    }
+
     /// Linux 6.10+ (`tcp_done_with_error`): the connection is closed with `sk_err` already set and
     /// the error is reported only after the close. The error is reported once, before the close.
     #[test]
@@ -1395,7 +1448,7 @@ mod tests {
         };
         let out = feed(&mut e, &[reset, closed, late_error, timer(t4, A, death)]);
         assert_eq!(names(&out), ["timeout", "episode", "reset", "error", "close"]);
-        assert_eq!(out[3].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(out[3].kind, RecordKind::Error { errno: 110, death: false });
         assert_eq!(e.tracked(), 0);
 
         // An error reported before the close (older kernels) is not repeated by the close.
@@ -1534,10 +1587,11 @@ mod tests {
             out[2].kind,
             RecordKind::Reset {
                 reason: "tcp_keepalive_timeout".into(),
-                active: true
+                active: true,
+                death: false,
             }
         );
-        assert_eq!(out[3].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(out[3].kind, RecordKind::Error { errno: 110, death: false });
         assert_eq!(
             out[4].kind,
             RecordKind::Close {
@@ -2354,9 +2408,12 @@ mod tests {
             out[0].kind,
             RecordKind::Reset {
                 reason: "not_specified".into(),
-                active: true
+                active: true,
+                // The timer record that would have explained it was lost: the reset is the death.
+                death: true,
             }
         );
+        assert_eq!(out[0].kind.death_cause(), Some(DeathCause::ResetSent));
         assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset { by_peer: false });
     }
 
@@ -2551,7 +2608,7 @@ mod tests {
             RecordKind::Timeout { reason: TimeoutReason::Retransmit, probes: 3, idle: Some(idle) }
         );
         assert_eq!(out[1].kind.death_cause(), Some(DeathCause::RetransmitTimeout));
-        assert_eq!(out[2].kind, RecordKind::Error { errno: 110 });
+        assert_eq!(out[2].kind, RecordKind::Error { errno: 110, death: false });
         assert_eq!(
             out[3].kind,
             RecordKind::Close { state: TcpState::Established, closed_by: None, idle: Some(idle) }
@@ -2624,7 +2681,7 @@ mod tests {
         );
         assert_eq!(names(&out), ["reuse_race", "error", "close"]);
         assert_eq!(out[0].kind, race_kind());
-        assert_eq!(out[1].kind, RecordKind::Error { errno: 32 });
+        assert_eq!(out[1].kind, RecordKind::Error { errno: 32, death: false });
         // Idle before the write: the peer's idle close time and the write's delay after it.
         let idle = Idle { idle_ms: 1_200, since_received_ms: 1_300, since_sent_ms: 100 };
         assert_eq!(
@@ -2695,7 +2752,7 @@ mod tests {
         assert_eq!(
             kinds(&out),
             [
-                RecordKind::Reset { reason: "tcp_timewait_socket".into(), active: false },
+                RecordKind::Reset { reason: "tcp_timewait_socket".into(), active: false, death: false },
                 RecordKind::Close { state: TcpState::TimeWait, closed_by: Some(ClosedBy::Local), idle: None },
             ]
         );

@@ -116,6 +116,12 @@ pub enum DeathCause {
     PeerReset,
     /// A request was written after the peer had closed the connection, and the peer reset it.
     ReuseRace,
+    /// This host reset the connection, nothing else having killed it first (an abort: `ss -K`,
+    /// `tcp_abort`, a disconnect with data in flight).
+    ResetSent,
+    /// A socket error killed the connection, nothing else having explained it first (an ICMP
+    /// error such as `EHOSTUNREACH`, or an error whose cause the kernel did not report).
+    Error,
 }
 
 impl DeathCause {
@@ -126,6 +132,8 @@ impl DeathCause {
             DeathCause::RetransmitTimeout => "retransmit_timeout",
             DeathCause::PeerReset => "peer_reset",
             DeathCause::ReuseRace => "reuse_race",
+            DeathCause::ResetSent => "reset_sent",
+            DeathCause::Error => "error",
         }
     }
 }
@@ -261,7 +269,7 @@ pub enum RecordKind {
     Timeout { reason: TimeoutReason, probes: u32, idle: Option<Idle> },
     /// This host reset the connection; `reason` lowercase kernel name (`tcp_keepalive_timeout`),
     /// `not_specified` where the kernel gives none.
-    Reset { reason: String, active: bool },
+    Reset { reason: String, active: bool, death: bool },
     /// The peer reset the connection; `idle` read from the socket at the reset.
     PeerReset { idle: Option<Idle> },
     /// The HTTP keep-alive reuse race: data was written after the peer's FIN had arrived (the
@@ -271,7 +279,7 @@ pub enum RecordKind {
     /// and never acknowledged.
     ReuseRace { peer_idle_ms: u64, write_after_ms: u64, bytes: u32 },
     /// A socket error (`errno` positive).
-    Error { errno: i32 },
+    Error { errno: i32, death: bool },
     /// The connection closed. `state` is the TCP state it left for CLOSE; `closed_by` who sent
     /// the first FIN (`None`: no FIN, a reset or an abort); `idle` read from the socket at the
     /// close (`None` where the kernel event carried none). The connection's last record.
@@ -322,6 +330,8 @@ impl RecordKind {
             RecordKind::Timeout { reason: TimeoutReason::Retransmit, .. } => DeathCause::RetransmitTimeout,
             RecordKind::PeerReset { .. } => DeathCause::PeerReset,
             RecordKind::ReuseRace { .. } => DeathCause::ReuseRace,
+            RecordKind::Reset { death: true, .. } => DeathCause::ResetSent,
+            RecordKind::Error { death: true, .. } => DeathCause::Error,
             _ => return None,
         })
     }
@@ -367,13 +377,15 @@ impl RecordKind {
                 sink.field(key, V::U64(u64::from(*probes)))?;
                 idle_fields(*idle, sink)
             }
-            RecordKind::Reset { reason, active } => {
+            RecordKind::Reset { reason, active, death } => {
                 sink.field("reason", V::Str(reason))?;
-                sink.field("active", V::Bool(*active))
+                sink.field("active", V::Bool(*active))?;
+                death_field(*death, sink)
             }
-            RecordKind::Error { errno } => {
+            RecordKind::Error { errno, death } => {
                 sink.field("errno", V::Str(&errno_name(*errno)))?;
-                sink.field("errno_num", V::I64(i64::from(*errno)))
+                sink.field("errno_num", V::I64(i64::from(*errno)))?;
+                death_field(*death, sink)
             }
             RecordKind::Close { state, closed_by, idle } => {
                 sink.field("state", V::Str(state.name()))?;
@@ -401,6 +413,15 @@ fn idle_fields<S: FieldSink>(idle: Option<Idle>, sink: &mut S) -> Result<(), S::
     sink.field("idle_ms", V::OptU64(idle.map(|i| i.idle_ms)))?;
     sink.field("since_received_ms", V::OptU64(idle.map(|i| i.since_received_ms)))?;
     sink.field("since_sent_ms", V::OptU64(idle.map(|i| i.since_sent_ms)))
+}
+
+/// `death: true` on the reset or error that killed a connection when nothing before explained it
+/// (absent otherwise).
+fn death_field<S: FieldSink>(death: bool, sink: &mut S) -> Result<(), S::Error> {
+    if death {
+        sink.field("death", FieldValue::Bool(true))?;
+    }
+    Ok(())
 }
 
 fn config_fields<S: FieldSink>(s: &SockSettings, source: SettingsSource, sink: &mut S) -> Result<(), S::Error> {

@@ -264,6 +264,7 @@ fn dead_peer() -> Vec<Record> {
             RecordKind::Reset {
                 reason: "tcp_keepalive_timeout".into(),
                 active: true,
+                death: false,
             },
         ),
         rec(
@@ -271,6 +272,7 @@ fn dead_peer() -> Vec<Record> {
             end,
             RecordKind::Error {
                 errno: libc::ETIMEDOUT,
+                death: false,
             },
         ),
         rec(
@@ -495,6 +497,7 @@ fn peer_reset_and_plain_error_status() {
                 T0 + S,
                 RecordKind::Error {
                     errno: libc::ECONNREFUSED,
+                    death: false,
                 },
             ),
             rec(
