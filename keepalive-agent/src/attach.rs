@@ -20,7 +20,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use keepalive_common::{Offsets, LOST_SLOTS, RAW_EVENT_SIZE};
+use keepalive_common::{AuditRecord, Offsets, AUDIT_FILE_RECORD_SIZE, AUDIT_RECORD_SIZE, LOST_SLOTS, RAW_EVENT_SIZE};
 use log::{debug, info, warn};
 
 use crate::kernel::progstats::{read_prog_stats, KindCounts, ProgStatsError, SkippedRuns};
@@ -319,6 +319,8 @@ pub enum AttachError {
     },
     #[error("reading the start-up snapshot: {0}")]
     Snapshot(String),
+    #[error("audit socket walk: {0}")]
+    Audit(String),
     #[error("no hook could be attached")]
     NothingAttached,
 }
@@ -714,13 +716,7 @@ fn try_strategy(
             Ok(Vec::new())
         }
         Strategy::Iter { program, target } => {
-            let btf = btf.ok_or("kernel BTF unavailable")?;
-            let p: &mut Iter = ebpf
-                .program_mut(program)
-                .ok_or_else(|| format!("program {program} missing from the object"))?
-                .try_into()
-                .map_err(|e| format!("{program}: {e}"))?;
-            p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))?;
+            load_iter(ebpf, program, target, btf.ok_or("kernel BTF unavailable")?)?;
             Ok(Vec::new())
         }
     }
@@ -811,6 +807,59 @@ fn in_netns<T>(path: &Path, f: impl FnOnce() -> T) -> std::io::Result<Result<T, 
     Ok(Ok(out))
 }
 
+/// Runs `f` in each of `namespaces` (a TCP iterator walks the sockets of the namespace it is
+/// created in) and returns the inode numbers of those entered; a namespace that vanished meanwhile
+/// is skipped. `err` makes the error of failing to come back.
+fn each_netns(
+    namespaces: &[PathBuf],
+    err: fn(String) -> AttachError,
+    mut f: impl FnMut() -> Result<(), AttachError>,
+) -> Result<Vec<u32>, AttachError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut walked = Vec::new();
+    for ns in namespaces {
+        let Ok(inode) = std::fs::metadata(ns).map(|m| m.ino() as u32) else {
+            continue;
+        };
+        match in_netns(ns, &mut f) {
+            Ok(Ok(r)) => {
+                r?;
+                walked.push(inode);
+            }
+            Ok(Err(e)) => {
+                return Err(err(format!("could not return to the agent's network namespace after {}: {e}", ns.display())))
+            }
+            Err(e) => debug!("walk of {}: {e}", ns.display()),
+        }
+    }
+    Ok(walked)
+}
+
+/// Runs the loaded `iter` program `program` once and reads all it writes, which must be whole
+/// records of `record_size` bytes.
+fn read_iter(ebpf: &mut Ebpf, program: &str, record_size: usize) -> Result<Vec<u8>, String> {
+    let mut file = open_iter(ebpf, program)?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(|e| format!("reading the {program} iterator: {e}"))?;
+    if buf.len() % record_size != 0 {
+        return Err(format!("{program} returned {} bytes, not a multiple of the record size {record_size}", buf.len()));
+    }
+    Ok(buf)
+}
+
+/// Creates an iterator of the loaded `iter` program `program` in the calling thread's namespace
+/// and returns the file to read it from.
+fn open_iter(ebpf: &mut Ebpf, program: &str) -> Result<File, String> {
+    let p: &mut Iter = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let link_id = p.attach().map_err(|e| error_chain(&e))?;
+    let link = p.take_link(link_id).map_err(|e| error_chain(&e))?;
+    link.into_file().map_err(|e| error_chain(&e))
+}
+
 impl Probes {
     /// Runs the start-up snapshot iterator in each of `namespaces` (a TCP iterator walks the
     /// sockets of the namespace it is created in) and returns the raw records (none when the
@@ -828,53 +877,20 @@ impl Probes {
     /// records, and the inode numbers of the namespaces actually walked (a namespace that vanished
     /// meanwhile is skipped and not listed).
     pub fn walk(&mut self, namespaces: &[PathBuf]) -> Result<(Vec<Vec<u8>>, Vec<u32>), AttachError> {
-        use std::os::unix::fs::MetadataExt as _;
         if !self.snapshot_ready {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut out = Vec::new();
-        let mut walked = Vec::new();
-        for ns in namespaces {
-            let Ok(inode) = std::fs::metadata(ns).map(|m| m.ino() as u32) else {
-                continue;
-            };
-            match in_netns(ns, || self.snapshot_here()) {
-                Ok(Ok(records)) => {
-                    out.extend(records?);
-                    walked.push(inode);
-                }
-                Ok(Err(e)) => {
-                    return Err(AttachError::Snapshot(format!(
-                        "could not return to the agent's network namespace after {}: {e}",
-                        ns.display()
-                    )))
-                }
-                Err(e) => debug!("snapshot of {}: {e}", ns.display()),
-            }
-        }
+        let walked = each_netns(namespaces, AttachError::Snapshot, || {
+            out.extend(self.snapshot_here()?);
+            Ok(())
+        })?;
         Ok((out, walked))
     }
 
     /// The snapshot of the calling thread's network namespace.
     fn snapshot_here(&mut self) -> Result<Vec<Vec<u8>>, AttachError> {
-        let p: &mut Iter = self
-            .ebpf
-            .program_mut("snapshot_tcp")
-            .ok_or_else(|| AttachError::Snapshot("program missing".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| AttachError::Snapshot(e.to_string()))?;
-        let link_id = p.attach().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
-        let link = p.take_link(link_id).map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
-        let mut file = link.into_file().map_err(|e| AttachError::Snapshot(error_chain(&e)))?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)
-            .map_err(|e| AttachError::Snapshot(format!("reading the iterator: {e}")))?;
-        if buf.len() % RAW_EVENT_SIZE != 0 {
-            return Err(AttachError::Snapshot(format!(
-                "iterator returned {} bytes, not a multiple of the record size {RAW_EVENT_SIZE}",
-                buf.len()
-            )));
-        }
+        let buf = read_iter(&mut self.ebpf, "snapshot_tcp", RAW_EVENT_SIZE).map_err(AttachError::Snapshot)?;
         Ok(buf.chunks_exact(RAW_EVENT_SIZE).map(<[u8]>::to_vec).collect())
     }
 
@@ -935,6 +951,114 @@ impl Probes {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// The `audit` socket walk: the eBPF object loaded with only the `audit_tcp` iterator program
+/// (`iter/tcp`, kernel 5.9+). Nothing is attached between walks: each walk creates an iterator
+/// link per namespace, reads it to the end and drops it. Dropping the walker unloads the program.
+pub struct AuditWalker {
+    ebpf: Ebpf,
+    /// Why the `audit_files` iterator is not available, if it is not (the owners are then found
+    /// in `/proc`).
+    files_unavailable: Option<String>,
+}
+
+impl AuditWalker {
+    /// Loads the object with `offsets` and the audit iterator program.
+    pub fn load(offsets: &Offsets) -> Result<AuditWalker, AttachError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(AttachError::NoObject);
+        }
+        // The event ring is not used by the walk: the smallest size the kernel accepts.
+        // SAFETY: sysconf has no preconditions.
+        let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        // One parse of the kernel's BTF serves the loader and the iterator.
+        let btf = Btf::from_sys_fs().map_err(|e| AttachError::Audit(format!("kernel BTF: {}", error_chain(&e))))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", offsets, true)
+            .map_max_entries("EVENTS", page)
+            .load(EBPF_OBJECT)?;
+        load_iter(&mut ebpf, AUDIT_PROGRAM, "tcp", &btf).map_err(AttachError::Audit)?;
+        let files_unavailable = if offsets.task_tgid.present() && offsets.inode_i_mode.present() && offsets.socket_inode_ready() {
+            load_iter(&mut ebpf, AUDIT_FILES_PROGRAM, "task_file", &btf).err()
+        } else {
+            Some("kernel BTF lacks task_struct.tgid, inode.i_mode or file.f_inode".into())
+        };
+        if let Some(why) = &files_unavailable {
+            info!("audit: {AUDIT_FILES_PROGRAM} unavailable ({why}): socket owners come from /proc");
+        }
+        Ok(AuditWalker { ebpf, files_unavailable })
+    }
+
+    /// Every socket file some process holds, as (socket inode, process id), from one run of the
+    /// `audit_files` iterator (`iter/task_file`, 5.8+) over all tasks; `None` when that iterator
+    /// is unavailable here.
+    pub fn socket_files(&mut self) -> Result<Option<Vec<(u64, u32)>>, AttachError> {
+        if self.files_unavailable.is_some() {
+            return Ok(None);
+        }
+        let buf = read_iter(&mut self.ebpf, AUDIT_FILES_PROGRAM, AUDIT_FILE_RECORD_SIZE).map_err(AttachError::Audit)?;
+        let ino = |c: &[u8]| u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
+        let tgid = |c: &[u8]| u32::from_ne_bytes(c[8..12].try_into().expect("4 bytes"));
+        Ok(Some(buf.chunks_exact(AUDIT_FILE_RECORD_SIZE).map(|c| (ino(c), tgid(c))).collect()))
+    }
+
+    /// Walks every TCP socket of each of `namespaces` (see [`netns_paths`]), handing each record
+    /// to `sink` as it is read (nothing is kept here); returns the inode numbers of the namespaces
+    /// walked. Within a namespace, listeners come first (the kernel walks its listening hash
+    /// before the established one).
+    pub fn walk(&mut self, namespaces: &[PathBuf], mut sink: impl FnMut(&AuditRecord)) -> Result<Vec<u32>, AttachError> {
+        each_netns(namespaces, AttachError::Audit, || self.walk_here(&mut sink))
+    }
+
+    /// Runs the iterator in the calling thread's namespace. Reads in fixed chunks: memory does not
+    /// grow with the number of sockets.
+    fn walk_here(&mut self, sink: &mut impl FnMut(&AuditRecord)) -> Result<(), AttachError> {
+        let mut file = open_iter(&mut self.ebpf, AUDIT_PROGRAM).map_err(AttachError::Audit)?;
+        let mut buf = vec![0u8; 64 * AUDIT_RECORD_SIZE * 8];
+        let mut filled = 0;
+        loop {
+            let n = file
+                .read(&mut buf[filled..])
+                .map_err(|e| AttachError::Audit(format!("reading the audit iterator: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            let whole = filled - filled % AUDIT_RECORD_SIZE;
+            buf[..whole].chunks_exact(AUDIT_RECORD_SIZE).for_each(|c| sink(&audit_record_from(c)));
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
+        }
+        if filled != 0 {
+            return Err(AttachError::Audit(format!(
+                "the audit iterator ended with {filled} bytes, less than a record ({AUDIT_RECORD_SIZE})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The programs of the `audit` walk: sockets, and the socket files processes hold.
+const AUDIT_PROGRAM: &str = "audit_tcp";
+const AUDIT_FILES_PROGRAM: &str = "audit_files";
+
+/// Loads the `iter` program `program` over `target`; the reason when it cannot be.
+fn load_iter(ebpf: &mut Ebpf, program: &str, target: &str, btf: &Btf) -> Result<(), String> {
+    let p: &mut Iter = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(target, btf).map_err(|e| format!("loading {program}: {}", error_chain(&e)))
+}
+
+/// One record from its bytes (`chunk` holds exactly [`AUDIT_RECORD_SIZE`] bytes).
+fn audit_record_from(chunk: &[u8]) -> AuditRecord {
+    // SAFETY: AuditRecord is plain `#[repr(C)]` integers (no invalid bit patterns) and `chunk`
+    // has its size; the read is unaligned.
+    unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const AuditRecord) }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! keepalive-agent: makes TCP keep-alive visible.
 pub mod attach;
+pub mod audit;
 pub mod clock;
 pub mod container;
 pub mod decode;

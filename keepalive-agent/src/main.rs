@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use keepalive_agent::{
     attach::{self, AttachOptions, Probes},
+    audit,
     clock::WallClock,
     decode::Decoder,
     kernel::{self, KernelFacts},
@@ -42,6 +43,11 @@ enum Command {
     Trace(TraceArgs),
     /// Say which mechanism reaches each hook on this kernel, and whether the agent can run here.
     Check(CheckArgs),
+    /// Which connections will die silently, and why: every established and CLOSE_WAIT TCP socket
+    /// of the host with its effective keep-alive settings, owner, idle times, pending timer and
+    /// diagnoses against a middlebox idle timeout (exit 3 with --fail-on when a diagnosis is at
+    /// least that severe).
+    Audit(AuditArgs),
     /// Run as a daemon exporting timelines as OpenTelemetry traces (OTLP gRPC or HTTP/protobuf;
     /// spans as JSON lines on stdout when no endpoint is configured).
     Run(RunArgs),
@@ -103,6 +109,20 @@ struct RunArgs {
     /// Stop after this many seconds, 0 to 31536000 (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
+    /// With metrics on: audit every socket (as `keepalive-agent audit`, against the 240 s default
+    /// middlebox) every this many seconds and publish keepalive.connections.at_risk; 0 turns it
+    /// off; 1 to 86400 otherwise.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_audit_interval, allow_negative_numbers = true)]
+    audit_interval: Duration,
+}
+
+/// `run --audit-interval`: 0 (off), or 1 to 86400 seconds.
+fn parse_audit_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s, 86_400.0)?;
+    if !d.is_zero() && d < Duration::from_secs(1) {
+        return Err("must be 0 (off) or a number of seconds from 1 to 86400".into());
+    }
+    Ok(d)
 }
 
 /// Options shared by every command that attaches programs.
@@ -160,6 +180,68 @@ struct TraceArgs {
     /// Colour: auto (on a terminal), always, never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     color: String,
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// Idle timeout of the middlebox on the path (load balancer, NAT, firewall), in seconds above
+    /// 0 (default: 240, Azure's, the smallest common one).
+    #[arg(long, value_name = "SECS", value_parser = audit::middlebox::parse_idle_timeout, allow_negative_numbers = true, conflicts_with = "middlebox")]
+    idle_timeout: Option<audit::Middlebox>,
+    /// The middlebox on the path, by name: azure-lb, azure-nat-gateway (240 s), aws-nlb,
+    /// aws-nat-gateway (350 s), gcp-vpc (600 s), gcp-cloud-nat (1200 s), or conntrack (this host's
+    /// nf_conntrack_tcp_timeout_established).
+    #[arg(long, value_name = "NAME", value_parser = parse_middlebox)]
+    middlebox: Option<audit::Middlebox>,
+    /// Longest acceptable time to detect a dead peer (keep-alive idle + interval × count), seconds,
+    /// 1 to 31536000.
+    #[arg(long, value_name = "SECS", default_value_t = audit::diagnose::DEFAULT_DETECT_WITHIN_S, value_parser = clap::value_parser!(u64).range(1..=31_536_000), allow_negative_numbers = true)]
+    detect_within: u64,
+    /// Output format: text (summary by owner, then one line per socket) or json (one object per
+    /// socket and line).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Only sockets held by this process (repeatable).
+    #[arg(long, value_parser = pid_parser(), allow_negative_numbers = true)]
+    pid: Vec<u32>,
+    /// Only sockets with this local or remote port (repeatable).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..), allow_negative_numbers = true)]
+    port: Vec<u16>,
+    /// Only this network namespace (a path such as /run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH", value_parser = parse_netns)]
+    netns: Option<PathBuf>,
+    /// Only sockets of processes in this container (its id or a prefix of it, hexadecimal).
+    #[arg(long, value_name = "ID", value_parser = parse_container)]
+    container: Option<String>,
+    /// Only sockets with at least one diagnosis.
+    #[arg(long)]
+    only_problems: bool,
+    /// Most sockets audited, 1 to 16777216 (about 220 bytes each); past it sockets are counted,
+    /// not audited, and that is reported.
+    #[arg(long, default_value_t = 1_048_576, value_parser = max_connections_parser(), allow_negative_numbers = true)]
+    max_sockets: usize,
+    /// Exit with status 3 when a reported socket has a diagnosis of this severity or worse.
+    #[arg(long, value_enum)]
+    fail_on: Option<audit::Severity>,
+    /// Colour: auto (on a terminal), always, never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    color: String,
+}
+
+/// Exit status of `audit --fail-on` when a diagnosis is at least that severe.
+const EXIT_PROBLEMS: i32 = 3;
+
+/// `--middlebox`: a preset name, or `conntrack` (read now, so a missing module is a usage error).
+fn parse_middlebox(s: &str) -> Result<audit::Middlebox, String> {
+    audit::middlebox::parse_middlebox(s, std::path::Path::new(audit::middlebox::CONNTRACK_SYSCTL))
+}
+
+/// `--container`: a container id or a prefix of one (1 to 64 hexadecimal digits).
+fn parse_container(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("`{s}` is not a container id or a prefix of one (1 to 64 hexadecimal digits)"));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 #[derive(Args, Debug)]
@@ -298,6 +380,11 @@ fn main() {
         Command::Run(args) => config::run_args(args, &sub).and_then(run),
         Command::Config(args) => config::show(args, &sub),
         Command::Generate(args) => generate(args),
+        Command::Audit(args) => match audit(args) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = res {
         eprintln!("keepalive-agent: error: {e:#}");
@@ -491,6 +578,10 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
+    let audit_thread = match &metrics {
+        Some(m) if !args.audit_interval.is_zero() => start_periodic_audit(&args, m.clone(), stop.clone()),
+        _ => None,
+    };
     let mut recorder = metrics.as_ref().map(|m| m.recorder(probes.program_ids().into_iter().map(|(name, id)| (id, name)).collect()));
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     ev_loop.observer = recorder.as_mut().map(|r| r as &mut dyn keepalive_agent::runtime::LoopObserver);
@@ -517,7 +608,43 @@ fn run(args: RunArgs) -> Result<()> {
         runtime.block_on(export.shutdown(args.shutdown_timeout));
     }
     report_stop(&summary, &engine, &format!("; export: {report}"));
+    if let Some(t) = audit_thread {
+        // `--duration` ends the loop without a signal: the audit thread stops on the same flag.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = t.join();
+    }
     Ok(())
+}
+
+/// The periodic audit of `run` (`--audit-interval`), on its own thread until `stop`; `None`, with
+/// a warning saying why, when it cannot start (the rest of `run` goes on without it).
+fn start_periodic_audit(args: &RunArgs, metrics: Metrics, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    let start = || -> Result<std::thread::JoinHandle<()>> {
+        let mut facts = kernel::resolve_without_addresses().context("resolving kernel layout from BTF")?;
+        facts.offsets.audit_state_mask = audit_state_mask(&facts);
+        let walker = attach::AuditWalker::load(&facts.offsets).context("loading the audit iterator")?;
+        let cfg = audit::periodic::PeriodicConfig {
+            tables: facts.tables,
+            netns: args.netns.clone(),
+            interval: args.audit_interval,
+            policy: audit::Policy {
+                middlebox: audit::Middlebox::default_preset(),
+                detect_within_s: audit::diagnose::DEFAULT_DETECT_WITHIN_S,
+            },
+            cgroup2: attach::cgroup2_mount(),
+        };
+        Ok(audit::periodic::spawn(walker, cfg, stop, move |r| metrics.set_at_risk(r))?)
+    };
+    match start() {
+        Ok(t) => {
+            info!("audit: every {:?}, published as keepalive.connections.at_risk", args.audit_interval);
+            Some(t)
+        }
+        Err(e) => {
+            warn!("periodic audit unavailable ({e:#}): keepalive.connections.at_risk is not published");
+            None
+        }
+    }
 }
 
 /// The metrics of `run`, when `--metrics-listen` or an OTLP metrics export asks for them: binds the
@@ -559,6 +686,69 @@ fn debug_attach_gate() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// States the audit iterator reports: ESTABLISHED, CLOSE_WAIT, and LISTEN (to tell settings
+/// accepted sockets inherited), from the BTF state names.
+fn audit_state_mask(facts: &KernelFacts) -> u32 {
+    use keepalive_agent::event::TcpState::*;
+    facts
+        .tables
+        .tcp_states
+        .iter()
+        .filter(|(v, s)| matches!(s, Established | CloseWait | Listen) && *v < 32)
+        .fold(0u32, |m, (v, _)| m | (1 << v))
+}
+
+/// `audit`: one walk, one report; the exit status (0, or [`EXIT_PROBLEMS`] with `--fail-on`).
+fn audit(args: AuditArgs) -> Result<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (loading the BPF iterator needs CAP_BPF and CAP_PERFMON)");
+    }
+    // No kernel addresses are needed: /proc/kallsyms is not read.
+    let mut facts = kernel::resolve_without_addresses().context("resolving kernel layout from BTF")?;
+    for note in &facts.notes {
+        warn!("{note}");
+    }
+    facts.offsets.audit_state_mask = audit_state_mask(&facts);
+    let mut walker = attach::AuditWalker::load(&facts.offsets).context("loading the audit iterator")?;
+    let cgroup2 = attach::cgroup2_mount();
+    let namespaces = attach::netns_paths(args.netns.as_deref());
+    let paths = audit::HostPaths { proc_root: std::path::Path::new("/proc"), cgroup2: cgroup2.as_deref() };
+    let found = audit::audit_host(&mut walker, &facts.tables, &namespaces, args.max_sockets, paths)
+        .context("auditing sockets")?;
+    drop(walker);
+    let policy = audit::Policy {
+        middlebox: args.idle_timeout.or(args.middlebox).unwrap_or_else(audit::Middlebox::default_preset),
+        detect_within_s: args.detect_within,
+    };
+    let filter = audit::report::ReportFilter {
+        pids: args.pid,
+        ports: args.port,
+        container: args.container,
+        only_problems: args.only_problems,
+    };
+    let color = match args.color.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => std::io::stdout().is_terminal(),
+    };
+    let mut cgroups = keepalive_agent::container::CgroupResolver::new(cgroup2);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = audit::report::write_report(&mut out, &found, &policy, &filter, args.format, color, &mut cgroups)
+        .and_then(|o| out.flush().map(|()| o));
+    let outcome = match written {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+        Err(e) => return Err(e).context("writing the audit"),
+    };
+    info!(
+        "audit: {} sockets reported, {} with problems (walk {:?}, owners {:?})",
+        outcome.reported, outcome.problems, found.walk_time, found.owner_time
+    );
+    let fail = matches!((args.fail_on, outcome.worst), (Some(limit), Some(worst)) if worst >= limit);
+    Ok(if fail { EXIT_PROBLEMS } else { 0 })
 }
 
 fn check(args: CheckArgs) -> Result<()> {
@@ -670,6 +860,22 @@ mod tests {
         assert!(e.contains("/nonexistent"), "{e}");
         rejected(&["run", "--netns", "/etc/hostname"], "--netns");
         rejected(&["run", "--otlp-queue-size", "0"], "--otlp-queue-size");
+        rejected(&["audit", "--idle-timeout", "-5"], "--idle-timeout");
+        rejected(&["audit", "--idle-timeout", "0"], "--idle-timeout");
+        let e = rejected(&["audit", "--middlebox", "aws-alb"], "--middlebox");
+        assert!(e.contains("unknown middlebox `aws-alb`") && e.contains("gcp-cloud-nat"), "{e}");
+        rejected(&["audit", "--detect-within", "0"], "--detect-within");
+        rejected(&["audit", "--container", "xyz"], "--container");
+        rejected(&["audit", "--max-sockets", "0"], "--max-sockets");
+        rejected(&["run", "--audit-interval", "-1"], "--audit-interval");
+        rejected(&["run", "--audit-interval", "0.5"], "--audit-interval");
+        rejected(&["run", "--audit-interval", "86401"], "--audit-interval");
+        let e = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--middlebox", "aws-nlb"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        let cli = Cli::try_parse_from(["k", "audit", "--idle-timeout", "2", "--fail-on", "warning"]).unwrap();
+        let Command::Audit(a) = cli.command else { panic!("not audit") };
+        assert_eq!(a.idle_timeout.map(|m| m.timeout_s), Some(2.0));
+        assert_eq!((a.fail_on, a.detect_within), (Some(audit::Severity::Warning), 900));
         // Good values still parse.
         let cli = Cli::try_parse_from(["k", "trace", "--max-connections", "1", "--duration", "0.25", "--port", "65535"]).unwrap();
         let Command::Trace(t) = cli.command else { panic!("not trace") };

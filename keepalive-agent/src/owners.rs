@@ -117,7 +117,8 @@ pub fn scan(proc_root: &Path, wanted: &HashSet<u64>, cgroup2: Option<&Path>) -> 
     out
 }
 
-fn read_holder(dir: &Path, pid: u32, cgroup2: Option<&Path>) -> Holder {
+/// The holder `pid`: its name and cgroup, read from its `/proc` directory `dir`.
+pub fn read_holder(dir: &Path, pid: u32, cgroup2: Option<&Path>) -> Holder {
     let comm = std::fs::read(dir.join("comm")).map(|t| comm_from(&t)).unwrap_or([0; 16]);
     let cgroup_id = cgroup2
         .and_then(|root| {

@@ -177,6 +177,28 @@ pub struct Offsets {
     /// `inet_put_port()` cleared `skc_num` on the way to CLOSE (the state-change tracepoint fires
     /// after that).
     pub inet_sport: Field,
+
+    // `audit` socket walk (the `audit_tcp` and `audit_files` iterators). Appended: the fields
+    // above keep their places. `tp_lsndtime`, `tp_snd_una` and `icsk_retransmits` above serve it too.
+    /// Bit `1 << state` set for the TCP states the audit iterator reports (ESTABLISHED,
+    /// CLOSE_WAIT, and LISTEN to tell inherited settings). Set by the loader from BTF state names.
+    pub audit_state_mask: u32,
+    /// Explicit padding (keeps the layout free of implicit holes).
+    pub audit_pad: u32,
+    /// `inet_connection_sock.icsk_pending`: which event the retransmit timer is armed for
+    /// (`ICSK_TIME_*`).
+    pub icsk_pending: Field,
+    /// When the retransmit timer fires: `icsk_timeout` (before 6.15) or
+    /// `icsk_retransmit_timer.expires` (since), jiffies.
+    pub icsk_timeout: Field,
+    /// `inet_connection_sock.icsk_backoff`.
+    pub icsk_backoff: Field,
+    /// `net.ipv4.sysctl_tcp_retries2` of the namespace.
+    pub net_tcp_retries2: Field,
+    /// `task_struct.tgid` (the process id), for the `audit_files` iterator.
+    pub task_tgid: Field,
+    /// `inode.i_mode` (file type and permissions), for the `audit_files` iterator.
+    pub inode_i_mode: Field,
 }
 
 impl Offsets {
@@ -443,8 +465,118 @@ pub const TCP_KEEPINTVL: i32 = 5;
 pub const TCP_KEEPCNT: i32 = 6;
 pub const TCP_USER_TIMEOUT: i32 = 18;
 
+/// [`AuditRecord::flags`]: `SOCK_KEEPOPEN` is set (SO_KEEPALIVE on); the bit of [`FLAG_KEEPOPEN`].
+pub const AUDIT_KEEPOPEN: u32 = FLAG_KEEPOPEN;
+/// [`AuditRecord::flags`]: `SOCK_DEAD` is set (orphaned socket); the bit of [`FLAG_DEAD`].
+pub const AUDIT_DEAD: u32 = FLAG_DEAD;
+/// [`AuditRecord::flags`]: the keep-alive timer (`sk_timer` / `icsk_keepalive_timer`) is pending.
+pub const AUDIT_KEEPALIVE_TIMER_PENDING: u32 = 1 << 2;
+
+/// One socket as the `audit_tcp` iterator (`iter/tcp`, kernel 5.9+) found it: everything the
+/// `audit` command needs to tell its effective keep-alive settings, its idle times, its pending
+/// timer and what it has in flight. Jiffies values are raw; the agent converts them with HZ
+/// against [`AuditRecord::jiffies`], read in the same program run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Kernel address of the `struct sock`.
+    pub sk: u64,
+    /// Inode number of the socket's file (0: no file, e.g. orphaned or not yet accepted).
+    pub sock_ino: u64,
+    /// `bpf_jiffies64()` when the socket was read.
+    pub jiffies: u64,
+    /// Expiry of the keep-alive timer, jiffies (meaningful with [`AUDIT_KEEPALIVE_TIMER_PENDING`]).
+    pub keepalive_expires: u64,
+    /// Expiry of the retransmit timer (`icsk_timeout`), jiffies.
+    pub retransmit_expires: u64,
+    /// Local address (IPv4 in the first 4 bytes, network order).
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+    /// `AUDIT_*` bits.
+    pub flags: u32,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// `tp->keepalive_time`, jiffies (0: the namespace's sysctl applies).
+    pub keepalive_time: u32,
+    /// `tp->keepalive_intvl`, jiffies (0: sysctl).
+    pub keepalive_intvl: u32,
+    /// `net.ipv4.tcp_keepalive_time` of the namespace, jiffies.
+    pub sysctl_time: u32,
+    /// `net.ipv4.tcp_keepalive_intvl` of the namespace, jiffies.
+    pub sysctl_intvl: u32,
+    /// `icsk_user_timeout`, ms (0: unset).
+    pub user_timeout_ms: u32,
+    /// `tp->packets_out`: segments in flight.
+    pub packets_out: u32,
+    /// `write_seq - snd_nxt`: bytes queued, not yet sent.
+    pub unsent: u32,
+    /// `snd_nxt - snd_una`: bytes sent, not yet acknowledged.
+    pub unacked: u32,
+    /// `tp->lsndtime`: jiffies (low 32 bits) of the last data sent.
+    pub lsndtime: u32,
+    /// `tp->rcv_tstamp`: jiffies (low 32 bits) of the last ACK received.
+    pub rcv_tstamp: u32,
+    /// `icsk_ack.lrcvtime`: jiffies (low 32 bits) of the last data received.
+    pub lrcvtime: u32,
+    /// Local port (host order).
+    pub sport: u16,
+    /// Remote port (host order).
+    pub dport: u16,
+    /// Address family.
+    pub family: u8,
+    /// Kernel TCP state value.
+    pub state: u8,
+    /// `icsk_probes_out`: keep-alive or zero-window probes unanswered.
+    pub probes_out: u8,
+    /// `tp->keepalive_probes` (0: sysctl).
+    pub keepalive_probes: u8,
+    /// `net.ipv4.tcp_keepalive_probes` of the namespace.
+    pub sysctl_probes: u8,
+    /// `icsk_pending` (`ICSK_TIME_*`, 0: the retransmit timer is idle).
+    pub icsk_pending: u8,
+    /// `icsk_retransmits`.
+    pub retransmits: u8,
+    /// `icsk_backoff`.
+    pub backoff: u8,
+    /// `net.ipv4.tcp_retries2` of the namespace.
+    pub sysctl_retries2: u8,
+    /// Explicit padding to a multiple of 8 bytes.
+    pub pad: [u8; 7],
+}
+
+impl AuditRecord {
+    pub const fn zeroed() -> Self {
+        // SAFETY: plain integers and arrays; all-zero is a valid value.
+        unsafe { core::mem::zeroed() }
+    }
+}
+
+/// Size of one [`AuditRecord`] in bytes.
+pub const AUDIT_RECORD_SIZE: usize = core::mem::size_of::<AuditRecord>();
+// No implicit padding: the kernel side and the agent agree byte for byte.
+const _: () = assert!(AUDIT_RECORD_SIZE == 144);
+
+/// One socket file a process holds, from the `audit_files` iterator (`iter/task_file`, kernel
+/// 5.8+): the inode number `/proc/PID/fd/N` shows as `socket:[INODE]`, and the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditFileRecord {
+    pub ino: u64,
+    /// Process id (`tgid`).
+    pub tgid: u32,
+    /// Explicit padding to 16 bytes.
+    pub pad: u32,
+}
+
+/// Size of one [`AuditFileRecord`] in bytes.
+pub const AUDIT_FILE_RECORD_SIZE: usize = core::mem::size_of::<AuditFileRecord>();
+const _: () = assert!(AUDIT_FILE_RECORD_SIZE == 16);
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::AuditFileRecord {}
+    unsafe impl aya::Pod for super::AuditRecord {}
     // SAFETY: plain `#[repr(C)]` integer structs without padding holes that matter to the kernel.
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::Field {}

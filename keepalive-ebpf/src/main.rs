@@ -8,7 +8,8 @@
 //! - `tcp_send_active_reset`: `tcp:tcp_send_reset` with no incoming skb ([`sock_events`]);
 //! - setsockopt of keep-alive options: `cgroup/setsockopt` ([`sockopt`]);
 //! plus socket errors, state changes, destruction ([`sock_events`]), the process that accepted a
-//! socket ([`owner`]) and an `iter/tcp` start-up snapshot ([`snapshot`]).
+//! socket ([`owner`]), an `iter/tcp` start-up snapshot ([`snapshot`]) and the `audit` command's
+//! `iter/tcp` socket walk ([`audit`]).
 //!
 //! Every kernel struct offset comes from the read-only global [`OFFSETS`], filled by the agent from
 //! the running kernel's BTF before load. Programs are passive: they only read.
@@ -16,6 +17,7 @@
 #![no_main]
 
 mod read;
+mod audit;
 mod direct;
 mod owner;
 mod snapshot;
@@ -27,7 +29,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use keepalive_common::{Offsets, RawEvent, LOST_SLOTS};
+use keepalive_common::{AuditRecord, Offsets, RawEvent, LOST_SLOTS};
 
 /// Kernel layout, resolved from BTF by the agent (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -56,6 +58,10 @@ static TIMER_SCRATCH: PerCpuArray<TimerScratch> = PerCpuArray::with_max_entries(
 /// Scratch space for building one event outside the ring buffer (snapshot iterator).
 #[map]
 static EVENT_SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for building one audit record (`audit_tcp` iterator).
+#[map]
+static AUDIT_SCRATCH: PerCpuArray<AuditRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Reads one field of the global [`OFFSETS`] so the loader's value is used, not the zero
 /// initializer (the verifier sees the frozen read-only map and folds it to a constant).

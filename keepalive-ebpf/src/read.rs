@@ -72,20 +72,10 @@ pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
 #[inline(always)]
 pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
     ev.sk = sk;
-    let family = rd(sk, off!(skc_family)) as u32;
-    ev.family = family as u8;
+    ev.family = read_addrs(sk, &mut ev.saddr, &mut ev.daddr) as u8;
     ev.state = rd(sk, off!(skc_state)) as u8;
     ev.sport = rd(sk, off!(skc_num)) as u16;
     ev.dport = u16::from_be(rd(sk, off!(skc_dport)) as u16);
-    if family == off!(af_inet6) {
-        rd_bytes(sk, off!(skc_v6_rcv_saddr), &mut ev.saddr);
-        rd_bytes(sk, off!(skc_v6_daddr), &mut ev.daddr);
-    } else {
-        let s = rd(sk, off!(skc_rcv_saddr)) as u32;
-        let d = rd(sk, off!(skc_daddr)) as u32;
-        ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-        ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
-    }
     let net = rd(sk, off!(skc_net));
     ev.netns = rd(net, off!(net_ns_inum)) as u32;
     net
@@ -113,26 +103,74 @@ pub fn fill_times(ev: &mut RawEvent, sk: u64) {
     };
 }
 
+/// Reads the local and remote addresses of `sk` (IPv4 in the first 4 bytes, network order) and
+/// returns its address family.
+#[inline(always)]
+pub fn read_addrs(sk: u64, saddr: &mut [u8; 16], daddr: &mut [u8; 16]) -> u32 {
+    let family = rd(sk, off!(skc_family)) as u32;
+    if family == off!(af_inet6) {
+        rd_bytes(sk, off!(skc_v6_rcv_saddr), saddr);
+        rd_bytes(sk, off!(skc_v6_daddr), daddr);
+    } else {
+        let s = rd(sk, off!(skc_rcv_saddr)) as u32;
+        let d = rd(sk, off!(skc_daddr)) as u32;
+        saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        daddr[..4].copy_from_slice(&d.to_ne_bytes());
+    }
+    family
+}
+
+/// Keep-alive settings of a socket and of its namespace, as the kernel holds them (jiffies).
+pub struct Settings {
+    /// `FLAG_KEEPOPEN` and `FLAG_DEAD`.
+    pub flags: u32,
+    pub time: u32,
+    pub intvl: u32,
+    pub probes: u8,
+    pub user_timeout_ms: u32,
+    pub sysctl_time: u32,
+    pub sysctl_intvl: u32,
+    pub sysctl_probes: u8,
+}
+
+/// Reads the keep-alive settings of `sk` and of its namespace `net`.
+#[inline(always)]
+pub fn read_settings(sk: u64, net: u64) -> Settings {
+    let sk_flags = rd(sk, off!(sk_flags));
+    let mut flags = 0;
+    if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
+        flags |= FLAG_KEEPOPEN;
+    }
+    if sk_flags & (1u64 << (off!(sock_dead_bit) & 63)) != 0 {
+        flags |= FLAG_DEAD;
+    }
+    Settings {
+        flags,
+        time: rd(sk, off!(tp_keepalive_time)) as u32,
+        intvl: rd(sk, off!(tp_keepalive_intvl)) as u32,
+        probes: rd(sk, off!(tp_keepalive_probes)) as u8,
+        user_timeout_ms: rd(sk, off!(icsk_user_timeout)) as u32,
+        sysctl_time: rd(net, off!(net_keepalive_time)) as u32,
+        sysctl_intvl: rd(net, off!(net_keepalive_intvl)) as u32,
+        sysctl_probes: rd(net, off!(net_keepalive_probes)) as u8,
+    }
+}
+
 /// Keep-alive settings of the socket and of its namespace, and the socket flags.
 #[inline(always)]
 pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64) {
-    let sk_flags = rd(sk, off!(sk_flags));
-    if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
-        ev.flags |= FLAG_KEEPOPEN;
-    }
-    if sk_flags & (1u64 << (off!(sock_dead_bit) & 63)) != 0 {
-        ev.flags |= FLAG_DEAD;
-    }
+    let s = read_settings(sk, net);
+    ev.flags |= s.flags;
     if rd(sk, off!(sk_lock_owned)) != 0 {
         ev.flags |= FLAG_OWNED;
     }
-    ev.keepalive_time = rd(sk, off!(tp_keepalive_time)) as u32;
-    ev.keepalive_intvl = rd(sk, off!(tp_keepalive_intvl)) as u32;
-    ev.keepalive_probes = rd(sk, off!(tp_keepalive_probes)) as u8;
-    ev.user_timeout_ms = rd(sk, off!(icsk_user_timeout)) as u32;
-    ev.sysctl_time = rd(net, off!(net_keepalive_time)) as u32;
-    ev.sysctl_intvl = rd(net, off!(net_keepalive_intvl)) as u32;
-    ev.sysctl_probes = rd(net, off!(net_keepalive_probes)) as u8;
+    ev.keepalive_time = s.time;
+    ev.keepalive_intvl = s.intvl;
+    ev.keepalive_probes = s.probes;
+    ev.user_timeout_ms = s.user_timeout_ms;
+    ev.sysctl_time = s.sysctl_time;
+    ev.sysctl_intvl = s.sysctl_intvl;
+    ev.sysctl_probes = s.sysctl_probes;
     ev.probes_out = rd(sk, off!(icsk_probes_out)) as u8;
 }
 

@@ -16,20 +16,20 @@ use crate::{
 /// `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`
 #[repr(C)]
 pub struct IterTcpCtx {
-    meta: *const IterMeta,
+    pub(crate) meta: *const IterMeta,
     sk_common: *const u8,
 }
 
 /// `struct bpf_iter_meta { struct seq_file *seq; u64 session_id; u64 seq_num; }`
 #[repr(C)]
 pub struct IterMeta {
-    seq: *mut aya_ebpf::bindings::seq_file,
+    pub(crate) seq: *mut aya_ebpf::bindings::seq_file,
 }
 
 /// Inode number of the socket's file (`sk->sk_socket->file->f_inode->i_ino`, what `sock_i_ino`
 /// reads), 0 when the socket has no file (not yet accepted, orphaned) or an offset is absent.
 #[inline(always)]
-fn sock_inode(sk: u64) -> u64 {
+pub(crate) fn sock_inode(sk: u64) -> u64 {
     let socket = rd(sk, off!(sk_socket));
     if socket == 0 {
         return 0;
@@ -45,11 +45,10 @@ fn sock_inode(sk: u64) -> u64 {
     rd(inode, off!(inode_i_ino))
 }
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/tcp")]
-pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
-    // Read the socket pointer as a plain number (the verifier forbids offset arithmetic on the
-    // typed context pointer).
+/// The socket of an `iter/tcp` context as a plain number (0 at the end of the walk). Read with a
+/// probe read: the verifier forbids offset arithmetic on the typed context pointer.
+#[inline(always)]
+pub(crate) fn iter_sock(ctx: *mut IterTcpCtx) -> u64 {
     let mut sk: u64 = 0;
     // SAFETY: reading the context's second pointer slot into a local.
     unsafe {
@@ -59,6 +58,13 @@ pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
             core::ptr::addr_of!((*ctx).sk_common) as *const _,
         )
     };
+    sk
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
+    let sk = iter_sock(ctx);
     if sk == 0 {
         return 0;
     }

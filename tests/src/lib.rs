@@ -12,8 +12,10 @@
 //! - [`nginx`]: a real nginx in the namespace, and `ss -tnp` to see who holds a socket.
 //! - [`churn`]: many short connections, and an agent whose output is counted, not kept.
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
+//! - [`audit`]: one `audit` run and its JSON, `ss -tnoi` in the namespace, a container-named cgroup.
 //! - [`metrics`]: HTTP GET, Prometheus, promtool and rotel for the metrics tests.
 pub mod agent;
+pub mod audit;
 pub mod cgroup;
 pub mod churn;
 pub mod events;

@@ -101,6 +101,21 @@ pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, Ker
     Ok(KernelFacts { offsets, tables, notes, kernel_release })
 }
 
+/// The facts that need no kernel addresses (BTF offsets and HZ, no `/proc/kallsyms`): enough for
+/// the `audit` socket walk, which attaches to no kernel function. `offsets.tcp_keepalive_timer`
+/// and `offsets.jiffies_addr` are 0.
+pub fn resolve_without_addresses() -> Result<KernelFacts, KernelError> {
+    let kernel_release = kernel_release()?;
+    let btf = KernelBtf::from_file_mapped(Path::new(VMLINUX_BTF))?;
+    let BtfFacts { mut offsets, tcp_states, reset_reasons, notes } = resolve_from(&btf)?;
+    drop(btf);
+    let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
+    offsets.hz = hz;
+    let tables =
+        DecodeTables { hz, tcp_states, reset_reasons, af_inet: libc::AF_INET as u8, af_inet6: libc::AF_INET6 as u8 };
+    Ok(KernelFacts { offsets, tables, notes, kernel_release })
+}
+
 /// `CONFIG_HZ` of the running kernel (see [`hz`](mod@hz) for the sources tried).
 pub fn hz() -> Result<u32, KernelError> {
     Ok(hz::detect(&hz::HzSources::system(&kernel_release()?))?)
@@ -220,6 +235,20 @@ const FIELDS: &[FieldSpec] = &[
     owner("tcp_sock", &["tcp_mstamp"], |o| &mut o.tp_tcp_mstamp, NO_RETRANSMITTING),
     owner("inet_connection_sock", &["icsk_retransmits"], |o| &mut o.icsk_retransmits, NO_RETRANSMITS),
     owner("inet_sock", &["inet_sport"], |o| &mut o.inet_sport, NO_CLOSE_PORT),
+    // `audit` (optional: each absent field leaves one column of `audit` empty, the rest works;
+    // `lsndtime`, `snd_una` and `icsk_retransmits` above serve it too).
+    owner("inet_connection_sock", &["icsk_pending"], |o| &mut o.icsk_pending, NO_AUDIT_TIMER),
+    // `icsk_timeout` was folded into the retransmit timer's own expiry in 6.15.
+    owner(
+        "inet_connection_sock",
+        &["icsk_timeout", "icsk_retransmit_timer.expires"],
+        |o| &mut o.icsk_timeout,
+        NO_AUDIT_TIMER,
+    ),
+    owner("inet_connection_sock", &["icsk_backoff"], |o| &mut o.icsk_backoff, NO_AUDIT_TIMER),
+    owner("net", &["ipv4.sysctl_tcp_retries2"], |o| &mut o.net_tcp_retries2, NO_AUDIT_RETRIES2),
+    owner("task_struct", &["tgid"], |o| &mut o.task_tgid, NO_AUDIT_FILES),
+    owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
 ];
 
 const NO_SINCE_SENT: &str = "deaths and closes carry no time since the last segment sent";
@@ -228,11 +257,15 @@ const NO_RETRANSMITTING: &str = "retransmission deaths carry no idle time before
 const NO_CLOSE_PORT: &str = "closes of connections not followed carry local port 0";
 const NO_RETRANSMITS: &str = "retransmission deaths carry no retransmission count";
 
+const NO_AUDIT_FILES: &str = "audit finds the processes holding sockets in /proc (slower)";
+const NO_AUDIT_TIMER: &str = "audit cannot tell a retransmit or zero-window-probe timer";
+const NO_AUDIT_RETRIES2: &str = "audit assumes net.ipv4.tcp_retries2 = 15";
+
 const NO_OWNER: &str = "accepted sockets and sockets found at start-up are reported without their process";
 const NO_SNAPSHOT_OWNER: &str = "sockets found at start-up are reported without their process";
 const NO_ACCEPT_OWNER: &str = "accepted sockets are reported without their process";
 
-/// An optional field for process attribution: its absence is a note, not an error.
+/// An optional field (process attribution, `audit` columns): its absence is a note, not an error.
 const fn owner(
     strukt: &'static str,
     paths: &'static [&'static str],
@@ -623,6 +656,41 @@ mod tests {
                 (member, bits)
             })
             .collect()
+    }
+
+    /// The `audit` iterator's fields on this kernel: all present, the retransmit timer's expiry
+    /// inside `inet_connection_sock`, sizes as the kernel declares them.
+    #[test]
+    fn real_kernel_audit_offsets() {
+        let Some(facts) = real_facts() else { return };
+        let o = &facts.offsets;
+        let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
+        let icsk_size = btf.struct_size("inet_connection_sock").unwrap() as u32;
+        for f in [o.icsk_pending, o.icsk_retransmits, o.icsk_backoff, o.tp_snd_una, o.tp_lsndtime, o.net_tcp_retries2, o.task_tgid] {
+            assert!(f.present(), "{o:?}");
+        }
+        assert_eq!(o.icsk_timeout.size, std::mem::size_of::<usize>() as u32);
+        assert!(o.icsk_timeout.off < icsk_size);
+        let expected = match btf.member("inet_connection_sock", "icsk_timeout").unwrap() {
+            Some(m) => m.offset,
+            None => {
+                let timer = btf.member("inet_connection_sock", "icsk_retransmit_timer").unwrap().unwrap();
+                timer.offset + u64::from(o.timer_expires.off)
+            }
+        };
+        assert_eq!(u64::from(o.icsk_timeout.off), expected);
+        assert_eq!(o.tp_snd_una.size, 4);
+        assert_eq!(o.tp_lsndtime.size, 4);
+        assert_eq!(o.net_tcp_retries2.size, 1);
+        assert_eq!((o.task_tgid.size, o.inode_i_mode.size), (4, 2));
+    }
+
+    /// The mapped BTF gives the same facts as the parsed one.
+    #[test]
+    fn mapped_btf_gives_the_same_facts() {
+        let Some(path) = vmlinux() else { return };
+        let mapped = resolve_from(&KernelBtf::from_file_mapped(path).unwrap()).unwrap();
+        assert_eq!(mapped, resolve_btf(path).unwrap());
     }
 
     #[test]

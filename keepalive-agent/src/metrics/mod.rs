@@ -124,6 +124,13 @@ impl Metrics {
         self.store().resource.clone()
     }
 
+    /// The result of a periodic audit (`keepalive.connections.at_risk`).
+    pub fn set_at_risk(&self, at_risk: crate::audit::periodic::AtRisk) {
+        let mut store = self.store();
+        store.at_risk = Some(at_risk);
+        store.audits += 1;
+    }
+
     /// The hooks attached, with their method (`keepalive.agent.hooks`).
     pub fn set_hooks(&self, hooks: Vec<(&'static str, &'static str)>) {
         self.store().agent.hooks = hooks;
@@ -227,6 +234,7 @@ const fn desc(name: &'static str, unit: &'static str, kind: Kind, help: &'static
 /// OTLP exposition both render.
 pub fn visit(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     visit_keepalive(store, sink);
+    visit_at_risk(store, sink);
     visit_agent(store, sink);
 }
 
@@ -259,6 +267,40 @@ fn visit_keepalive(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
         &desc("keepalive.probes.outstanding", "{connection}", Kind::Gauge, "Connections with an unanswered keep-alive probe now (half-open suspects)."),
         &[point(&[], a.outstanding)],
     );
+}
+
+/// `keepalive.connections.at_risk` per diagnosis and workload (every diagnosis present, 0 when no
+/// socket has it; workload series past the series cap go to the overflow series), and what the periodic
+/// audit costs; nothing before the first audit.
+fn visit_at_risk(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
+    let Some(r) = &store.at_risk else { return };
+    let mut points = Vec::new();
+    let mut overflow = None;
+    for id in crate::audit::DiagnosisId::ALL {
+        let series: Vec<_> = r.series.iter().filter(|(d, _, _)| *d == id).collect();
+        if series.is_empty() {
+            points.push(point(&[("keepalive.diagnosis", id.name())], 0));
+        }
+        for (_, w, n) in series {
+            if points.len() >= store.max_series() {
+                *overflow.get_or_insert(0) += n;
+                continue;
+            }
+            let mut attrs = vec![("keepalive.diagnosis", id.name().to_string())];
+            attrs.extend(w.attributes().map(|(k, v)| (k, v.to_string())));
+            points.push(Point { attrs, value: *n as f64 });
+        }
+    }
+    if let Some(n) = overflow {
+        points.push(point(&[("otel.metric.overflow", "true")], n));
+    }
+    sink(
+        &desc("keepalive.connections.at_risk", "{connection}", Kind::Gauge, "Connections the last periodic audit diagnosed (run --audit-interval), by diagnosis and workload: what will die silently, and why."),
+        &points,
+    );
+    sink(&desc("keepalive.agent.audit.duration", "s", Kind::Gauge, "Wall time of the last periodic audit."), &[Point { attrs: Vec::new(), value: r.duration.as_secs_f64() }]);
+    sink(&desc("keepalive.agent.audit.sockets", "{socket}", Kind::Gauge, "Sockets the last periodic audit examined."), &[point(&[], r.sockets as u64)]);
+    sink(&desc("keepalive.agent.audits", "{audit}", Kind::Counter, "Periodic audits made."), &[point(&[], store.audits)]);
 }
 
 fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
@@ -331,6 +373,29 @@ mod tests {
         for n in ["keepalive.probes", "keepalive.connection.deaths", "keepalive.connections", "keepalive.probes.outstanding", "keepalive.agent.events.lost"] {
             assert!(names.contains(&n), "{n} missing: {names:?}");
         }
+    }
+
+    #[test]
+    fn at_risk_series_are_capped_with_an_overflow_series() {
+        use crate::audit::{periodic::AtRisk, DiagnosisId};
+        use store::Workload;
+        let m = Metrics::new(8, false, None);
+        let wl = |i: usize| Workload { executable: Some(format!("p{i}")), ..Workload::default() };
+        let series = (0..10).map(|i| (DiagnosisId::KeepaliveOffIdle, wl(i), 1)).collect();
+        m.set_at_risk(AtRisk { series, sockets: 10, ..AtRisk::default() });
+        let mut at_risk = Vec::new();
+        m.visit(&mut |d, p| {
+            if d.name == "keepalive.connections.at_risk" {
+                at_risk = p.to_vec();
+            }
+        });
+        // 7 workload series (the cap), the 3 others in the overflow series, and the 5 diagnoses no
+        // socket has at 0.
+        assert_eq!(at_risk.len(), 7 + 1 + 5, "{at_risk:?}");
+        let overflow = at_risk.iter().find(|p| p.attrs.iter().any(|(k, _)| *k == "otel.metric.overflow")).unwrap();
+        assert_eq!(overflow.value, 3.0);
+        let total: f64 = at_risk.iter().map(|p| p.value).sum();
+        assert_eq!(total, 10.0);
     }
 
     #[test]

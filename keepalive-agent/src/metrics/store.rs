@@ -287,6 +287,9 @@ pub struct Store {
     pub points: PointStats,
     /// Resource attributes, for the Prometheus exposition's `target_info`.
     pub resource: Vec<(String, String)>,
+    /// The last periodic audit (`run --audit-interval`), and how many walks were made.
+    pub at_risk: Option<crate::audit::periodic::AtRisk>,
+    pub audits: u64,
 }
 
 impl Store {
@@ -302,6 +305,8 @@ impl Store {
             agent: AgentValues::default(),
             points: PointStats::default(),
             resource: Vec::new(),
+            at_risk: None,
+            audits: 0,
         }
     }
 
@@ -354,6 +359,11 @@ impl Store {
     /// A workload's attributes (`None` for the overflow id).
     pub fn workload(&self, id: u32) -> Option<&Workload> {
         self.workloads.labels.get(id as usize)
+    }
+
+    /// Regular series one metric may have (past them, the overflow series).
+    pub fn max_series(&self) -> usize {
+        self.max
     }
 
     /// Workloads told apart so far.

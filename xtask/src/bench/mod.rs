@@ -9,13 +9,15 @@
 //! - `scale`: as many keep-alive connections as asked, probing every second: events handled, lost
 //!   events, agent CPU and memory;
 //! - `polling`: the same connections watched with `ss -tnoi` once a second (needs the scale setup; run
-//!   alone it builds it).
+//!   alone it builds it);
+//! - `audit`: one `keepalive-agent audit` of many sockets: wall time, CPU, peak RSS.
 //!
 //! Everything runs in network namespaces the bench creates (loopback only) with the agent's cgroup
 //! program on a cgroup the bench creates; all of it is removed afterwards. Each part's results are
 //! kept in `target/bench/<part>.json` so that a partial run refreshes only its parts of the report.
 
 mod agent;
+mod audit;
 mod bpf;
 mod engine;
 mod kernel;
@@ -40,6 +42,7 @@ pub enum Part {
     Overhead,
     Scale,
     Polling,
+    Audit,
 }
 
 impl Part {
@@ -50,10 +53,11 @@ impl Part {
             Part::Overhead => "overhead",
             Part::Scale => "scale",
             Part::Polling => "polling",
+            Part::Audit => "audit",
         }
     }
 
-    pub const ALL: [Part; 5] = [Part::Engine, Part::Kernel, Part::Overhead, Part::Scale, Part::Polling];
+    pub const ALL: [Part; 6] = [Part::Engine, Part::Kernel, Part::Overhead, Part::Scale, Part::Polling, Part::Audit];
 }
 
 /// `cargo xtask bench` options.
@@ -141,6 +145,12 @@ pub struct BenchArgs {
     /// polling: how many seconds to poll with `ss -tnoi` (once a second).
     #[arg(long, default_value_t = 20)]
     pub poll_s: u64,
+    /// audit: sockets to audit (half as many loopback connections).
+    #[arg(long, default_value_t = 100_000)]
+    pub audit_sockets: usize,
+    /// audit: audit runs over the same sockets.
+    #[arg(long, default_value_t = 3)]
+    pub audit_runs: usize,
     /// Agent ring buffer size in bytes (power of two); default: the agent's own default.
     #[arg(long)]
     pub ringbuf_size: Option<u32>,
@@ -259,7 +269,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     let root = unsafe { libc::geteuid() } == 0;
     let needs_kernel = args.parts.iter().any(|p| *p != Part::Engine);
     if needs_kernel && !root {
-        bail!("the kernel, overhead, scale and polling parts need root (BPF, network namespaces)");
+        bail!("the kernel, overhead, scale, polling and audit parts need root (BPF, network namespaces)");
     }
     let machine = sys::Machine::describe();
     // How busy the machine is right now (the load average would still count our own build).
@@ -302,6 +312,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
             Part::Overhead => overhead::run(&ctx).map(|s| vec![s]),
             Part::Scale => scale::run(&ctx, polling_with_scale),
             Part::Polling => scale::run_polling_only(&ctx).map(|s| vec![s]),
+            Part::Audit => audit::run(&ctx).map(|s| vec![s]),
         };
         match res {
             Ok(sections) => {

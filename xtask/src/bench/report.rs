@@ -160,7 +160,8 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
     );
     md.push_str("## Reproduce\n\n```sh\ncargo xtask bench                       # everything, about 10 minutes\n");
     md.push_str("cargo xtask bench --parts engine,kernel  # some parts; the others keep their last results\n");
-    md.push_str("cargo xtask bench --connections 40000   # sizes and durations: cargo xtask bench --help\n```\n\n");
+    md.push_str("cargo xtask bench --connections 40000   # sizes and durations: cargo xtask bench --help\n");
+    md.push_str("cargo xtask bench --parts audit          # one `keepalive-agent audit` of 100,000 sockets\n```\n\n");
     let _ = writeln!(md, "Last command: `cargo xtask bench {command}`\n");
     md.push_str("Needs root (BPF programs, network namespaces). Everything happens in network namespaces the bench creates\n\
                  (loopback only), the agent's setsockopt program is attached to a cgroup the bench creates, BPF run-time\n\
