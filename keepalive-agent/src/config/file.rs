@@ -156,6 +156,9 @@ pub struct MetricsFile {
     /// `--metrics-temporality`.
     #[serde(default, deserialize_with = "de::temporality")]
     pub temporality: Option<Temporality>,
+    /// `--audit-interval`, in seconds (0: off).
+    #[serde(default, deserialize_with = "de::audit_interval")]
+    pub audit_interval: Option<Duration>,
 }
 
 /// A configuration file that cannot be used.
@@ -347,6 +350,9 @@ mod de {
     pub fn export_interval_ms<'de, D: Deserializer<'de>>(d: D) -> Res<u64, D::Error> {
         numeric(d, &metrics::EXPORT_INTERVAL_MS)
     }
+    pub fn audit_interval<'de, D: Deserializer<'de>>(d: D) -> Res<Duration, D::Error> {
+        seconds(d, crate::parse_audit_interval)
+    }
     pub fn temporality<'de, D: Deserializer<'de>>(d: D) -> Res<Temporality, D::Error> {
         text(d, metrics::parse_temporality)
     }
@@ -396,6 +402,7 @@ endpoint = "http://127.0.0.1:4318/v1/metrics"
 protocol = "http/protobuf"
 export_interval_ms = 100
 temporality = "Delta"
+audit_interval = 0
 "#;
         // The cgroup check needs a cgroup2 mount; drop the key where there is none.
         let text = match keepalive_agent::attach::cgroup2_mount() {
@@ -469,6 +476,9 @@ temporality = "Delta"
         assert!(e.contains("key `metrics.export_interval_ms`: 99 is out of range: must be 100 to 86400000 ms"), "{e}");
         let e = err("[metrics]\ntemporality = \"sometimes\"\n");
         assert!(e.contains("key `metrics.temporality`: unknown temporality preference `sometimes`"), "{e}");
+        assert_eq!(parse(Path::new("k.toml"), "[metrics]\naudit_interval = 0\n").unwrap().metrics.audit_interval, Some(Duration::ZERO));
+        let e = err("[metrics]\naudit_interval = 0.5\n");
+        assert!(e.contains(":2:18: key `metrics.audit_interval`: must be 0 (off) or a number of seconds from 1 to 86400"), "{e}");
         let e = err("[metrics]\npeer_labels = 1\n");
         assert!(e.contains("key `metrics.peer_labels`: invalid type: integer `1`, expected a boolean"), "{e}");
         let e = err("[metrics]\nlisten_addr = \"x\"\n");

@@ -172,6 +172,7 @@ pub const SETTINGS: &[Setting] = &[
         merges: false,
         apply: |f, a| put_some(&f.metrics.temporality, &mut a.metrics.metrics_temporality),
     },
+    Setting { key: "metrics.audit_interval", flags: &["audit_interval"], vars: &[], merges: false, apply: |f, a| put(&f.metrics.audit_interval, &mut a.audit_interval) },
 ];
 
 /// The arguments of `run` with the file folded in, and where each setting came from.
@@ -461,6 +462,7 @@ team = "file"
         assert_eq!(format!("{:?}", metrics(&l)), format!("{:?}", metrics(&d)));
         let timing = |l: &Layered| keepalive_agent::metrics::config::push_timing_from(&l.args.metrics, &|_| None).unwrap();
         assert_eq!(timing(&l), timing(&d));
+        assert_eq!(l.args.audit_interval, d.args.audit_interval);
         assert_eq!((l.source("metrics.temporality"), l.source("export.spans")), (Source::File, Source::File));
         // Every key of every setting is shown in its own table, as a default or an example.
         for s in SETTINGS {

@@ -108,7 +108,8 @@ fn write_metrics(out: &mut dyn Write, layered: &Layered, metrics: &Metrics) -> s
     write_line(out, "metrics.endpoint", push.map(|p| quoted(&p.endpoint)), or_generic("metrics.endpoint", "export.endpoint"))?;
     write_line(out, "metrics.protocol", push.map(|p| quoted(p.protocol.name())), or_generic("metrics.protocol", "export.protocol"))?;
     line(out, "metrics.export_interval_ms", Some(metrics.interval.as_millis().to_string()))?;
-    line(out, "metrics.temporality", Some(quoted(metrics::temporality_name(metrics.temporality))))
+    line(out, "metrics.temporality", Some(quoted(metrics::temporality_name(metrics.temporality))))?;
+    line(out, "metrics.audit_interval", Some(seconds(layered.args.audit_interval)))
 }
 
 /// One `key = value  # source` line, or a comment saying what the absence of `key` means.
