@@ -504,6 +504,11 @@ team = "file"
                 assert!(run.get_arguments().any(|a| a.get_id() == *id), "{}: no flag {id}", s.key);
             }
         }
+        // And the other way: the file holds every option of `run`.
+        for arg in run.get_arguments().filter(|a| !["config", "help", "log_level"].contains(&a.get_id().as_str())) {
+            let id = arg.get_id().as_str();
+            assert!(SETTINGS.iter().any(|s| s.flags.contains(&id)), "--{}: no key in the configuration file", id.replace('_', "-"));
+        }
         assert_eq!(long_flag("otlp_headers"), "--otlp-header");
         assert_eq!(long_flag("attach"), "--attach");
     }
