@@ -793,8 +793,14 @@ pub fn netns_paths(only: Option<&Path>) -> Vec<PathBuf> {
 /// would be ambiguous), reported by the caller.
 fn in_netns<T>(path: &Path, f: impl FnOnce() -> T) -> std::io::Result<Result<T, std::io::Error>> {
     use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
     let home = File::open("/proc/thread-self/ns/net")?;
     let target = File::open(path)?;
+    // Already there: no setns, which needs CAP_SYS_ADMIN (optional, see crate::privilege).
+    let (h, t) = (home.metadata()?, target.metadata()?);
+    if (h.dev(), h.ino()) == (t.dev(), t.ino()) {
+        return Ok(Ok(f()));
+    }
     // SAFETY: valid namespace fds; network namespaces are per thread.
     if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod owners;
+pub mod privilege;
 pub mod reconcile;
 pub mod runtime;
 pub mod timeline;

@@ -18,7 +18,7 @@ use keepalive_agent::{
     kernel::{self, KernelFacts},
     metrics::{config::MetricsConfig, Metrics},
     output::{Format, Printer},
-    owners,
+    owners, privilege,
     runtime::{EventLoop, Filter},
     timeline::engine::{Engine, EngineConfig},
 };
@@ -394,10 +394,10 @@ fn main() {
 
 /// Preconditions that make the agent unable to run at all.
 fn preflight() -> Result<KernelFacts> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("must run as root (loading BPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)");
+    for need in privilege::require()? {
+        warn!("capability {} is missing: {}", need.cap, need.without);
     }
+    privilege::raise_memlock().context("raising RLIMIT_MEMLOCK (BPF maps are charged to it before Linux 5.11): needs CAP_SYS_RESOURCE")?;
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux");
     if !btf.exists() {
         bail!(
@@ -468,6 +468,9 @@ fn start(
     let (facts, mut probes) = prepare(args)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
+    // Start-up is over: keep only the capabilities later work needs (README.md, "Least privilege").
+    let dropped = privilege::drop_after_start_up().context("dropping capabilities after start-up")?;
+    info!("capabilities after start-up: {dropped}");
     let attached: Vec<&str> = probes.attached().map(|o| o.hook.name).collect();
     on_attached(&probes);
     eprintln!("ready: {} hooks attached ({})", attached.len(), attached.join(", "));
@@ -558,14 +561,21 @@ fn run(args: RunArgs) -> Result<()> {
         netns: args.netns.as_ref().map(netns_inode).transpose()?,
         ..Filter::default()
     };
+    // TLS files are read here, before the capabilities that may be needed to read them are dropped.
+    let export_config = keepalive_agent::export::ExportConfig::from_args(&args.export)
+        .context("configuring the OpenTelemetry export")?;
+    // The export runtime's threads (OTLP export, the metrics server) need no capability: each drops
+    // every one as it starts. They start before the programs are attached, so that the metrics
+    // server answers (`/readyz`: 503) meanwhile and a bad `--metrics-listen` stops the agent first.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("keepalive-export")
+        .on_thread_start(privilege::drop_all_in_this_thread)
         .enable_all()
         .build()
         .context("starting the export runtime")?;
     let _enter = runtime.enter();
-    let mut exporter = keepalive_agent::export::Exporter::from_args(&args.export)
+    let mut exporter = keepalive_agent::export::Exporter::from_config(export_config)
         .context("configuring the OpenTelemetry export")?
         .with_cgroups(keepalive_agent::container::CgroupResolver::new(attach::cgroup2_mount()));
     info!("exporting {}", exporter.description());
@@ -576,6 +586,7 @@ fn run(args: RunArgs) -> Result<()> {
             m.health().set_ready();
         }
     };
+    // Attaches, then drops this thread's capabilities to those later work needs.
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
     let audit_thread = match &metrics {
@@ -753,6 +764,7 @@ fn audit(args: AuditArgs) -> Result<i32> {
 
 fn check(args: CheckArgs) -> Result<()> {
     println!("kernel: {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    print_capabilities()?;
     let (facts, probes) = match prepare(&args.attach) {
         Ok(v) => v,
         Err(e) => {
@@ -783,6 +795,31 @@ fn check(args: CheckArgs) -> Result<()> {
     } else {
         println!("degraded: {} hook(s) unreachable; the agent runs without them", missing.len());
     }
+    Ok(())
+}
+
+/// `check`'s capability table: each capability the agent needs, whether this process has it, and
+/// what it is for (what its absence costs).
+fn print_capabilities() -> Result<()> {
+    let have = privilege::effective()?;
+    let release = privilege::kernel_release();
+    println!("\n{:<20} {:<8} NEEDED FOR", "CAPABILITY", "STATE");
+    for need in privilege::CAPABILITIES {
+        let state = match (need.applies_to(&release), have.contains(&need.cap), need.required) {
+            (false, _, _) => "unneeded",
+            (true, true, _) => "ok",
+            (true, false, true) => "MISSING",
+            (true, false, false) => "missing",
+        };
+        let after = if need.kept { "kept after start-up" } else { "dropped after start-up" };
+        let optional = if need.required { "" } else { " (optional)" };
+        println!("{:<20} {:<8} {}{optional} ({after})", need.name(), state, need.used_for);
+        if state.eq_ignore_ascii_case("missing") {
+            let what = if need.required { "the agent cannot start" } else { "optional" };
+            println!("{:<20} {:<8} {what}: without it {}", "", "", need.without);
+        }
+    }
+    println!();
     Ok(())
 }
 

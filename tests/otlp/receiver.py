@@ -22,6 +22,11 @@ Every line is flushed when written, so a test can poll the file.
 Fault injection: --fail-first N refuses the first N requests (gRPC status --fail-grpc-code, HTTP
 status --fail-http-status) so that a test can check the exporter's retries and error handling.
 
+TLS: --tls-cert/--tls-key serve both ports over TLS (grpc.ssl_server_credentials, an ssl-wrapped
+HTTP server); --tls-client-ca additionally requires a client certificate signed by that CA (mutual
+TLS). The "request" line then carries "peer_cn", the common name of the client's certificate (null
+without one).
+
 Only loopback addresses are accepted. Port 0 picks a free port; the chosen ports are written as JSON
 to --ready-file once both servers listen: {"grpc": PORT, "http": PORT}.
 """
@@ -32,6 +37,7 @@ import ipaddress
 import json
 import os
 import signal
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -173,12 +179,13 @@ class Sink:
                 return True
             return False
 
-    def record(self, protocol, headers, request, accepted):
+    def record(self, protocol, headers, request, accepted, peer_cn=None):
         if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
             self.write(metric_lines(protocol, headers, request, accepted))
             return
         lines = [{
             "type": "request",
+            "peer_cn": peer_cn,
             "protocol": protocol,
             "spans": sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             if request is not None else 0,
@@ -212,10 +219,12 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
     def Export(self, request, context):
         headers = {k: v for k, v in context.invocation_metadata() if not k.endswith("-bin")}
+        cn = context.auth_context().get("x509_common_name")
+        cn = cn[0].decode() if cn else None
         if self.sink.should_fail():
-            self.sink.record("grpc", headers, request, False)
+            self.sink.record("grpc", headers, request, False, cn)
             context.abort(self.fail_code, "injected failure")
-        self.sink.record("grpc", headers, request, True)
+        self.sink.record("grpc", headers, request, True, cn)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -254,7 +263,17 @@ def make_http_handler(sink, fail_status):
             self.end_headers()
             self.wfile.write(body)
 
+        def peer_cn(self):
+            getpeercert = getattr(self.connection, "getpeercert", None)
+            cert = getpeercert() if getpeercert else None
+            for rdn in (cert or {}).get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName":
+                        return value
+            return None
+
         def do_POST(self):
+            cn = self.peer_cn()
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             if self.path not in HTTP_SIGNALS:
@@ -276,10 +295,10 @@ def make_http_handler(sink, fail_status):
                 self.reply(400, b"bad protobuf", "text/plain")
                 return
             if sink.should_fail():
-                sink.record("http", headers, request, False)
+                sink.record("http", headers, request, False, cn)
                 self.reply(fail_status, b"injected failure", "text/plain")
                 return
-            sink.record("http", headers, request, True)
+            sink.record("http", headers, request, True, cn)
             self.reply(200, response_type().SerializeToString())
 
     return Handler
@@ -293,6 +312,29 @@ def loopback(hostport):
     return host, int(port)
 
 
+def tls_options(args):
+    """The TLS files as bytes: (cert, key, client CA or None), or None without --tls-cert."""
+    if not args.tls_cert:
+        return None
+    if not args.tls_key:
+        raise SystemExit("--tls-cert needs --tls-key")
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    return read(args.tls_cert), read(args.tls_key), read(args.tls_client_ca) if args.tls_client_ca else None
+
+
+def http_tls_context(args):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(args.tls_client_ca)
+    return ctx
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON lines output file (appended to)")
@@ -302,10 +344,14 @@ def main():
     p.add_argument("--fail-first", type=int, default=0, help="refuse the first N requests")
     p.add_argument("--fail-grpc-code", default="UNAVAILABLE", help="gRPC status for refused requests")
     p.add_argument("--fail-http-status", type=int, default=503, help="HTTP status for refused requests")
+    p.add_argument("--tls-cert", help="serve TLS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA (mutual TLS)")
     args = p.parse_args()
     if not args.grpc and not args.http:
         p.error("give --grpc and/or --http")
 
+    tls = tls_options(args)
     sink = Sink(args.out, args.fail_first)
     ports = {}
     grpc_server = None
@@ -317,7 +363,14 @@ def main():
             TraceService(sink, grpc.StatusCode[args.fail_grpc_code]), grpc_server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
             MetricsService(sink, grpc.StatusCode[args.fail_grpc_code]), grpc_server)
-        bound = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if tls is None:
+            bound = grpc_server.add_insecure_port(addr)
+        else:
+            cert, key, client_ca = tls
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+            bound = grpc_server.add_secure_port(addr, creds)
         if bound == 0:
             raise SystemExit(f"cannot bind gRPC to {args.grpc}")
         grpc_server.start()
@@ -326,6 +379,11 @@ def main():
         host, port = loopback(args.http)
         http_server = ThreadingHTTPServer((host, port), make_http_handler(sink, args.fail_http_status))
         http_server.daemon_threads = True
+        if tls is not None:
+            # The handshake runs in the handler's thread (on first read), so a client that fails
+            # it or stalls never blocks the accept loop.
+            http_server.socket = http_tls_context(args).wrap_socket(
+                http_server.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=http_server.serve_forever, daemon=True).start()
         ports["http"] = http_server.server_address[1]
 

@@ -213,6 +213,18 @@ impl<'env> Agent<'env> {
         Agent { process, _env: env }
     }
 
+    /// [`Agent::start`] with the agent binary `bin` executed by `wrapper` (a command that ends by
+    /// executing its arguments, such as `setpriv ...`): `wrapper... BIN trace --format json ...`.
+    /// Panics with the agent's stderr when it does not get ready.
+    pub fn start_wrapped(env: &'env Env, wrapper: &[&str], bin: &Path, extra: &[&str]) -> Agent<'env> {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(bin).args(["trace", "--format", "json"]);
+        scope(&mut cmd, env, extra);
+        let process = AgentProcess::spawn(cmd, ready_timeout()).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_forced_attach(&process.stderr_lines());
+        Agent { process, _env: env }
+    }
+
     /// `keepalive-agent --log-level info run --netns NS --cgroup CG [--attach M] <extra>`, with
     /// `envs` added to an environment cleared of every `OTEL_*` variable and of `RUST_LOG` (so that
     /// a developer's settings cannot change what a test checks); waits for `ready`. Stdout is read

@@ -14,6 +14,8 @@
 //! - [`otlp`]: the OTLP receiver for `run` tests, and the spans the agent exports.
 //! - [`audit`]: one `audit` run and its JSON, `ss -tnoi` in the namespace, a container-named cgroup.
 //! - [`metrics`]: HTTP GET, Prometheus, promtool and rotel for the metrics tests.
+//! - [`pki`]: certificates the TLS tests generate.
+//! - [`privilege`]: running the agent as a non-root user with exactly a set of capabilities.
 pub mod agent;
 pub mod audit;
 pub mod cgroup;
@@ -23,6 +25,8 @@ pub mod metrics;
 pub mod netns;
 pub mod nginx;
 pub mod otlp;
+pub mod pki;
+pub mod privilege;
 pub mod tcp;
 
 use std::process::Command;

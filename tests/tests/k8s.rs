@@ -13,6 +13,13 @@ use keepalive_tests::tcp::{Client, Family, Keepalive, Server, ServerMode};
 use keepalive_tests::{Agent, Env};
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// The tests move this (one) test process between cgroups: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 const UID: &str = "0b7c3a52-6f1e-4d8a-9c2b-1e2f3a4b5c6d";
 const ID: &str = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
 
@@ -66,6 +73,7 @@ fn record_from(env: &Env, agent: &Agent, server: &Server, relative: &str, key: &
 
 #[test]
 fn json_lines_carry_container_pod_and_qos_from_kubelet_cgroups() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
     let agent = Agent::start(&env, &[]);
@@ -91,6 +99,7 @@ fn json_lines_carry_container_pod_and_qos_from_kubelet_cgroups() {
 
 #[test]
 fn spans_carry_container_pod_and_qos_from_kubelet_cgroups() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
     // `--spans all`: the connection is healthy; no endpoint, so spans are JSON lines on stdout.

@@ -117,6 +117,18 @@ pub struct ExportFile {
     /// `--max-span-events`.
     #[serde(default, deserialize_with = "de::max_span_events")]
     pub max_span_events: Option<usize>,
+    /// `--otlp-certificate` (a readable file).
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub certificate: Option<PathBuf>,
+    /// `--otlp-client-certificate`.
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub client_certificate: Option<PathBuf>,
+    /// `--otlp-client-key`.
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub client_key: Option<PathBuf>,
+    /// `--otlp-insecure`.
+    #[serde(default)]
+    pub insecure: Option<bool>,
     /// `--spans`.
     #[serde(default, deserialize_with = "de::spans")]
     pub spans: Option<keepalive_agent::export::spans::SpanPolicy>,
@@ -332,6 +344,13 @@ mod de {
     pub fn max_span_events<'de, D: Deserializer<'de>>(d: D) -> Res<usize, D::Error> {
         numeric(d, &export::MAX_SPAN_EVENTS)
     }
+    /// A file the agent can open (the TLS files are read at start-up; this names the key).
+    pub fn pem_file<'de, D: Deserializer<'de>>(d: D) -> Res<PathBuf, D::Error> {
+        text(d, |s| match std::fs::File::open(s) {
+            Ok(_) => Ok(PathBuf::from(s)),
+            Err(e) => Err(format!("{s}: {e}")),
+        })
+    }
     pub fn spans<'de, D: Deserializer<'de>>(d: D) -> Res<keepalive_agent::export::spans::SpanPolicy, D::Error> {
         value_enum(d)
     }
@@ -390,6 +409,10 @@ batch_size = 5
 batch_delay_ms = 0
 retry_max_s = 0
 max_span_events = 2
+certificate = "/proc/self/status"
+client_certificate = "/proc/self/status"
+client_key = "/proc/self/status"
+insecure = true
 spans = "all"
 service_name = "svc"
 resource_attributes = { "k8s.cluster.name" = "c1" }
@@ -422,6 +445,8 @@ audit_interval = 0
         assert_eq!((f.export.queue_size, f.export.batch_delay_ms, f.export.max_span_events), (Some(5), Some(0), Some(2)));
         assert_eq!(f.export.service_name.as_deref(), Some("svc"));
         assert_eq!(f.export.spans, Some(keepalive_agent::export::spans::SpanPolicy::All));
+        assert_eq!((f.export.certificate.as_deref(), f.export.insecure), (Some(Path::new("/proc/self/status")), Some(true)));
+        assert!(f.export.client_certificate.is_some() && f.export.client_key.is_some());
         let m = &f.metrics;
         assert_eq!((m.listen, m.max_series, m.peer_labels), (Some("[::1]:9464".parse().unwrap()), Some(10), Some(true)));
         assert_eq!((m.exporter.as_deref(), m.endpoint.as_deref()), (Some("otlp"), Some("http://127.0.0.1:4318/v1/metrics")));
@@ -456,11 +481,13 @@ audit_interval = 0
         let e = err("[attach]\nmethod = \"fast\"\n");
         assert!(e.contains("key `attach.method`: unknown value `fast` (one of: auto, fentry"), "{e}");
         let e = err("[export]\nendpoint = \"127.0.0.1:4318\"\n");
-        assert!(e.contains("key `export.endpoint`: `127.0.0.1:4318` needs an http:// scheme"), "{e}");
+        assert!(e.contains("key `export.endpoint`: `127.0.0.1:4318` needs an http:// or https:// scheme"), "{e}");
         let e = err("[export.headers]\n\"bad name\" = \"x\"\n");
         assert!(e.contains("key `export.headers`") && e.contains("not a valid header name"), "{e}");
         let e = err("[export]\nservice_name = \" \"\n");
         assert!(e.contains("key `export.service_name`: must not be empty"), "{e}");
+        let e = err("[export]\ncertificate = \"/nonexistent/ca.pem\"\n");
+        assert!(e.contains(":2:15: key `export.certificate`: /nonexistent/ca.pem: No such file"), "{e}");
         let e = err("[export]\nspans = \"some\"\n");
         assert!(e.contains("key `export.spans`: unknown value `some` (one of: problems, all)"), "{e}");
         // [metrics]: the flags' rules.

@@ -76,6 +76,12 @@ pub fn write_config(
     line(out, "export.batch_delay_ms", Some(export.batch_delay.as_millis().to_string()))?;
     line(out, "export.retry_max_s", Some(export.retry_max.as_secs().to_string()))?;
     line(out, "export.max_span_events", Some(export.max_span_events.to_string()))?;
+    let tls = &export.tls;
+    let pem = |f: Option<&keepalive_agent::export::tls::PemFile>| f.map(|f| quoted(&f.path.display().to_string()));
+    line(out, "export.certificate", pem(tls.ca.as_ref()))?;
+    line(out, "export.client_certificate", pem(tls.client.as_ref().map(|(c, _)| c)))?;
+    line(out, "export.client_key", pem(tls.client.as_ref().map(|(_, k)| k)))?;
+    line(out, "export.insecure", Some(tls.insecure().to_string()))?;
     line(out, "export.spans", Some(quoted(&enum_name(&export.spans))))?;
     line(out, "export.service_name", Some(quoted(&export.service_name())))?;
     for (k, _) in headers {
@@ -129,6 +135,8 @@ fn unset_meaning(key: &str) -> &'static str {
         "limits.duration" => "until SIGINT or SIGTERM",
         "export.endpoint" => "spans are written as JSON lines on stdout",
         "export.protocol" => "no endpoint",
+        "export.certificate" => "the system's trust store",
+        "export.client_certificate" | "export.client_key" => "no client certificate",
         "metrics.listen" => "no /metrics, /healthz or /readyz endpoint",
         "metrics.endpoint" | "metrics.protocol" => "metrics are not pushed",
         _ => "default",

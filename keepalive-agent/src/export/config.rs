@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 
+use super::tls::{Signal, TlsArgs, TlsSettings};
 use super::ExportError;
 
 /// OTLP transport.
@@ -230,6 +231,10 @@ pub struct ExportArgs {
     /// [env: OTEL_RESOURCE_ATTRIBUTES, as k1=v1,k2=v2]
     #[arg(long = "resource-attribute", value_name = "KEY=VALUE")]
     pub resource_attributes: Vec<String>,
+
+    /// TLS to the collector (https:// endpoints).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub const DEFAULT_SERVICE_NAME: &str = "keepalive-agent";
@@ -267,6 +272,8 @@ pub struct ExportConfig {
     pub spans: super::spans::SpanPolicy,
     /// Resource attributes, `service.name` first.
     pub resource: Vec<KeyValue>,
+    /// TLS settings (used by https:// endpoints; files checked even when unused).
+    pub tls: TlsSettings,
 }
 
 /// The numeric part of [`ExportConfig`].
@@ -309,9 +316,10 @@ impl ExportConfig {
     ) -> Result<ExportConfig, ExportError> {
         let env = Env(env);
         let protocol = resolve_protocol(args, &env)?;
+        let tls = TlsSettings::resolve(&args.tls, Signal::Traces, env.0)?;
         let target = match pick_endpoint(args, &env) {
             None => Target::Stdout,
-            Some(endpoint) => endpoint.into_target(protocol, args, &env)?,
+            Some(endpoint) => endpoint.into_target(protocol, args, &env, &tls)?,
         };
         check_compression(&env)?;
         let limits = resolve_limits(args, &env)?;
@@ -326,6 +334,7 @@ impl ExportConfig {
             max_span_events: limits.max_span_events,
             spans: args.spans.unwrap_or_default(),
             resource,
+            tls,
         })
     }
 
@@ -360,9 +369,11 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// Checks the URL, resolves the headers and builds the OTLP target.
-    fn into_target(self, protocol: Protocol, args: &ExportArgs, env: &Env) -> Result<Target, ExportError> {
-        let url = self.url.trim();
+    /// Checks the URL (a scheme-less gRPC one gets its scheme from `INSECURE`), resolves the
+    /// headers and builds the OTLP target.
+    fn into_target(self, protocol: Protocol, args: &ExportArgs, env: &Env, tls: &TlsSettings) -> Result<Target, ExportError> {
+        let url = tls.apply_scheme(self.source, self.url.trim(), protocol == Protocol::Grpc)?;
+        let url = url.as_str();
         check_endpoint(self.source, url)?;
         let headers = resolve_headers(args, env)?;
         let endpoint = if self.signal_specific || protocol == Protocol::Grpc {
@@ -599,17 +610,11 @@ pub fn check_endpoint(source: &str, url: &str) -> Result<(), ExportError> {
         .parse()
         .map_err(|e| ExportError::config(source, format!("invalid URL `{url}`: {e}")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(ExportError::config(
-                source,
-                format!("`{url}`: TLS is not built into this agent; use an http:// endpoint (e.g. a local collector)"),
-            ))
-        }
+        Some("http") | Some("https") => {}
         _ => {
             return Err(ExportError::config(
                 source,
-                format!("`{url}` needs an http:// scheme, e.g. http://127.0.0.1:4318"),
+                format!("`{url}` needs an http:// or https:// scheme, e.g. http://127.0.0.1:4318"),
             ))
         }
     }
@@ -728,6 +733,33 @@ mod tests {
     }
 
     #[test]
+    fn schemeless_grpc_endpoint_follows_insecure() {
+        let grpc = |extra: &[(&'static str, &'static str)]| {
+            let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+            env.extend_from_slice(extra);
+            resolve(&ExportArgs::default(), &env).map(|c| otlp(&c).1.to_string())
+        };
+        // The specification's default (INSECURE=false) is TLS.
+        assert_eq!(grpc(&[]).unwrap(), "https://127.0.0.1:4317");
+        assert_eq!(grpc(&[("OTEL_EXPORTER_OTLP_INSECURE", "true")]).unwrap(), "http://127.0.0.1:4317");
+        // The traces-specific variable wins over the generic one; the flag over both.
+        assert_eq!(
+            grpc(&[("OTEL_EXPORTER_OTLP_INSECURE", "true"), ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "false")]).unwrap(),
+            "https://127.0.0.1:4317"
+        );
+        let args = ExportArgs {
+            otlp_traces_endpoint: Some("localhost:4317".into()),
+            otlp_protocol: Some(Protocol::Grpc),
+            tls: TlsArgs { otlp_insecure: Some(true), ..Default::default() },
+            ..Default::default()
+        };
+        let c = resolve(&args, &[("OTEL_EXPORTER_OTLP_INSECURE", "false")]).unwrap();
+        assert_eq!(otlp(&c).1, "http://localhost:4317");
+        // An explicit scheme is used as given.
+        assert_eq!(grpc(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://h:1")]).unwrap(), "http://h:1");
+    }
+
+    #[test]
     fn flags_win_over_environment() {
         let args = ExportArgs {
             otlp_endpoint: Some("http://127.0.0.1:5000".into()),
@@ -838,7 +870,12 @@ mod tests {
                 .to_string()
         };
         assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("http://"));
-        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")]).contains("TLS"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317")]).contains("https://"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"), ("OTEL_EXPORTER_OTLP_INSECURE", "true")])
+            .starts_with("OTEL_EXPORTER_OTLP_INSECURE"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_INSECURE", "yes")]).starts_with("OTEL_EXPORTER_OTLP_INSECURE"));
+        assert!(bad(&[("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/nonexistent/ca.pem")])
+            .starts_with("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: cannot read /nonexistent/ca.pem"));
         assert!(bad(&[
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1")
@@ -985,6 +1022,12 @@ mod tests {
         assert_eq!(cli.export.otlp_queue_size, Some(10));
         let cli = Cli::try_parse_from(["x", "--otlp-protocol", "grpc"]).unwrap();
         assert_eq!(cli.export.otlp_protocol, Some(Protocol::Grpc));
+        // TLS flags: a bare --otlp-insecure means true.
+        let cli = Cli::try_parse_from(["x", "--otlp-insecure", "--otlp-certificate", "/ca.pem"]).unwrap();
+        assert_eq!((cli.export.tls.otlp_insecure, cli.export.tls.otlp_certificate), (Some(true), Some("/ca.pem".into())));
+        let cli = Cli::try_parse_from(["x", "--otlp-insecure", "false"]).unwrap();
+        assert_eq!(cli.export.tls.otlp_insecure, Some(false));
+        assert!(Cli::try_parse_from(["x", "--otlp-insecure", "maybe"]).is_err());
         assert!(Cli::try_parse_from(["x", "--otlp-protocol", "http/json"]).is_err());
     }
 }

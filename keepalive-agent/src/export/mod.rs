@@ -14,6 +14,7 @@ pub mod config;
 pub mod json;
 pub mod pipeline;
 pub mod spans;
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;
@@ -214,17 +215,22 @@ impl Exporter {
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(ExportError::NoRuntime);
                 }
+                if cfg.tls.has_files() && !tls::is_https(endpoint) {
+                    log::warn!("the TLS certificate settings are not used: the endpoint {endpoint} is not https://");
+                }
                 let build_err = |source| ExportError::Build {
                     protocol: protocol.name(),
                     endpoint: endpoint.clone(),
                     source,
                 };
+                let cause = CauseSlot::default();
                 let mut exporter = match protocol {
                     Protocol::Grpc => {
                         let interceptor = MetadataInterceptor::new(headers)?;
+                        let channel = cfg.tls.tonic_channel(endpoint, cfg.timeout)?;
                         opentelemetry_otlp::SpanExporter::builder()
                             .with_tonic()
-                            .with_endpoint(endpoint.clone())
+                            .with_channel(channel)
                             .with_timeout(cfg.timeout)
                             .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
                             .with_interceptor(interceptor)
@@ -232,7 +238,8 @@ impl Exporter {
                             .map_err(build_err)?
                     }
                     Protocol::HttpProtobuf => {
-                        let client = HeaderClient::new(headers, cfg.timeout)?;
+                        let inner = cfg.tls.reqwest_client(cfg.timeout, tls::is_https(endpoint))?;
+                        let client = HeaderClient::new(headers, inner, cause.clone())?;
                         opentelemetry_otlp::SpanExporter::builder()
                             .with_http()
                             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -250,7 +257,7 @@ impl Exporter {
                         .build(),
                 );
                 let pipeline = Pipeline::start(
-                    exporter,
+                    WithCause { inner: exporter, cause },
                     PipelineConfig {
                         queue_size: cfg.queue_size,
                         batch_size: cfg.batch_size,
@@ -494,16 +501,58 @@ impl tonic::service::Interceptor for MetadataInterceptor {
     }
 }
 
+/// The cause of the last failed HTTP request: the exporter reports a transport failure only as
+/// "network error", so [`HeaderClient`] keeps the cause here and [`WithCause`] adds it to the
+/// error the pipeline logs and classifies (a refused certificate is not retried).
+pub(crate) type CauseSlot = Arc<std::sync::Mutex<Option<String>>>;
+
+/// A span exporter whose failures carry the cause left in its [`CauseSlot`].
+#[derive(Debug)]
+struct WithCause<E> {
+    inner: E,
+    cause: CauseSlot,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for WithCause<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        use opentelemetry_sdk::error::OTelSdkError;
+        let take = || self.cause.lock().unwrap_or_else(|p| p.into_inner()).take();
+        take();
+        match self.inner.export(batch).await {
+            Err(OTelSdkError::InternalFailure(msg)) => Err(OTelSdkError::InternalFailure(match take() {
+                Some(cause) => format!("{msg}: {cause}"),
+                None => msg,
+            })),
+            other => other,
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
 /// HTTP client setting the resolved headers on every request, after (so over) those the exporter
-/// read from the environment itself.
+/// read from the environment itself; the cause of a failed request goes to `cause`.
 #[derive(Debug)]
 pub(crate) struct HeaderClient {
     inner: reqwest::Client,
     headers: http::HeaderMap,
+    cause: CauseSlot,
 }
 
 impl HeaderClient {
-    pub(crate) fn new(headers: &[(String, String)], timeout: Duration) -> Result<Self, ExportError> {
+    /// `inner` from [`tls::TlsSettings::reqwest_client`]; `cause` receives the cause of each failed
+    /// request (a metrics exporter can use the same client).
+    pub(crate) fn new(headers: &[(String, String)], inner: reqwest::Client, cause: CauseSlot) -> Result<Self, ExportError> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
@@ -514,13 +563,10 @@ impl HeaderClient {
             })?;
             map.insert(name, value);
         }
-        let inner = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| ExportError::config("OTLP HTTP client", e.to_string()))?;
         Ok(HeaderClient {
             inner,
             headers: map,
+            cause,
         })
     }
 }
@@ -540,7 +586,15 @@ impl opentelemetry_http::HttpClient for HeaderClient {
         for (k, v) in &self.headers {
             request.headers_mut().insert(k.clone(), v.clone());
         }
-        opentelemetry_http::HttpClient::send_bytes(&self.inner, request)
+        Box::pin(async move {
+            opentelemetry_http::HttpClient::send_bytes(&self.inner, request)
+                .await
+                .inspect_err(|e| {
+                    // The whole chain: reqwest's own message ("error sending request") hides a
+                    // refused certificate in its sources.
+                    *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls::error_chain(e.as_ref()));
+                })
+        })
     }
 }
 

@@ -73,6 +73,9 @@ pub fn retryable(err: &OTelSdkError) -> bool {
 }
 
 fn retryable_message(msg: &str) -> bool {
+    if super::tls::is_permanent_tls_error(msg) {
+        return false;
+    }
     if let Some(rest) = msg.split("gRPC code: ").nth(1) {
         let code: String = rest
             .chars()

@@ -9,6 +9,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::Temporality;
 
 use crate::export::config::{check_endpoint, headers_from, nonempty, Env, ExportArgs, Numeric, Protocol};
+use crate::export::tls::{Signal, TlsSettings};
 use crate::export::ExportError;
 
 /// Series per metric (`--metrics-max-series`).
@@ -99,6 +100,9 @@ pub struct OtlpMetrics {
     pub timeout: Duration,
     pub temporality: Temporality,
     pub resource: Vec<KeyValue>,
+    /// TLS for `https://` endpoints (`OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE`... over the generic
+    /// variables, the `--otlp-*` TLS flags over both).
+    pub tls: TlsSettings,
 }
 
 /// Resolved metrics configuration.
@@ -206,7 +210,8 @@ fn otlp(
     let headers = headers_from(&export.otlp_headers, env, &["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])?;
     let (interval, temporality) = push_timing(args, env)?;
     let (timeout_ms, _) = METRICS_TIMEOUT_MS.resolve(export.otlp_timeout_ms, env)?;
-    Ok(OtlpMetrics { protocol, endpoint, headers, interval, timeout: Duration::from_millis(timeout_ms), temporality, resource: resource.to_vec() })
+    let tls = TlsSettings::resolve(&export.tls, Signal::Metrics, &|name| env.get(name))?;
+    Ok(OtlpMetrics { tls, protocol, endpoint, headers, interval, timeout: Duration::from_millis(timeout_ms), temporality, resource: resource.to_vec() })
 }
 
 /// The export interval and the temporality of an OTLP push, whether or not one is configured

@@ -22,7 +22,7 @@ use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMete
 use super::config::OtlpMetrics;
 use super::{Desc, Kind, Metrics, Point};
 use crate::export::config::Protocol;
-use crate::export::{ExportError, HeaderClient, MetadataInterceptor};
+use crate::export::{tls, CauseSlot, ExportError, HeaderClient, MetadataInterceptor};
 
 /// A [`ManualReader`] the provider and the export task share.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ fn build_exporter(cfg: &OtlpMetrics) -> Result<opentelemetry_otlp::MetricExporte
     match cfg.protocol {
         Protocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
-            .with_endpoint(cfg.endpoint.clone())
+            .with_channel(cfg.tls.tonic_channel(&cfg.endpoint, cfg.timeout)?)
             .with_timeout(cfg.timeout)
             .with_temporality(cfg.temporality)
             .with_interceptor(MetadataInterceptor::new(&cfg.headers)?)
@@ -149,7 +149,11 @@ fn build_exporter(cfg: &OtlpMetrics) -> Result<opentelemetry_otlp::MetricExporte
             .with_endpoint(cfg.endpoint.clone())
             .with_timeout(cfg.timeout)
             .with_temporality(cfg.temporality)
-            .with_http_client(HeaderClient::new(&cfg.headers, cfg.timeout)?)
+            .with_http_client(HeaderClient::new(
+                &cfg.headers,
+                cfg.tls.reqwest_client(cfg.timeout, tls::is_https(&cfg.endpoint))?,
+                CauseSlot::default(),
+            )?)
             .build()
             .map_err(build_err),
     }
