@@ -147,7 +147,7 @@ fn bad_files_stop_the_agent_naming_file_line_and_key() {
         ("table", "# comment\n\n[exporter]\n", ":3:2: key `exporter`: unknown field `exporter`"),
         ("type", "[export]\nqueue_size = \"big\"\n", ":2:14: key `export.queue_size`: invalid type: string \"big\""),
         ("range", "[attach]\nringbuf_size = 4097\n", ":2:16: key `attach.ringbuf_size`: 4097 is not a power of two"),
-        ("metrics", "[metrics]\nmax_series = 1\n", ":2:14: key `metrics.max_series`: 1 is out of range: must be 2 to 1000000 series"),
+        ("metrics_range", "[metrics]\nmax_series = 1\n", ":2:14: key `metrics.max_series`: 1 is out of range: must be 2 to 1000000 series"),
         ("syntax", "[limits\n", ":1:8: TOML syntax"),
     ];
     for (name, text, want) in cases {
