@@ -576,7 +576,8 @@ fn run(args: RunArgs) -> Result<()> {
         .context("starting the export runtime")?;
     let _enter = runtime.enter();
     let mut exporter = keepalive_agent::export::Exporter::from_config(export_config)
-        .context("configuring the OpenTelemetry export")?;
+        .context("configuring the OpenTelemetry export")?
+        .with_cgroups(keepalive_agent::container::CgroupResolver::new(attach::cgroup2_mount()));
     info!("exporting {}", exporter.description());
     let (metrics, otlp_metrics) = start_metrics(&args, exporter.resource())?;
     let attached = |probes: &Probes| {

@@ -90,10 +90,10 @@ pub const CAPABILITIES: &[CapNeed] = &[
     },
     CapNeed {
         cap: Capability::CAP_DAC_READ_SEARCH,
-        used_for: "listing other users' /proc/PID/fd, and reading the ids of syscall tracepoints in tracefs (root-only)",
-        without: "accepted connections carry no owner process (the accept hook cannot attach), nor do connections found at start-up",
+        used_for: "listing other users' /proc/PID/fd, reading the ids of syscall tracepoints in tracefs (root-only), and opening cgroup directories by handle (container and pod attribution, all along)",
+        without: "accepted connections carry no owner process (the accept hook cannot attach), nor do connections found at start-up; records, spans and metrics carry no cgroup path, container or pod",
         required: true,
-        kept: false,
+        kept: true,
         before_kernel: None,
     },
     CapNeed {
@@ -313,5 +313,7 @@ mod tests {
         let kept: Vec<_> = CAPABILITIES.iter().filter(|n| n.kept).map(|n| n.cap).collect();
         assert!(kept.contains(&Capability::CAP_BPF) && kept.contains(&Capability::CAP_PERFMON));
         assert!(!kept.contains(&Capability::CAP_NET_ADMIN));
+        // open_by_handle_at(2) of cgroup directories, for every new cgroup id (container attribution).
+        assert!(kept.contains(&Capability::CAP_DAC_READ_SEARCH));
     }
 }

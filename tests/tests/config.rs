@@ -121,6 +121,25 @@ fn flags_beat_environment_beats_file_beats_defaults() {
 }
 
 #[test]
+fn metrics_and_span_policy_come_from_the_file_under_flags_and_environment() {
+    let file = File::new("metrics", "[export]\nspans = \"all\"\n[metrics]\nmax_series = 77\nexport_interval_ms = 500\npeer_labels = true\n");
+    let (code, out, err) = agent(&["config", "--config", file.path()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(line(&out, "spans"), "spans = \"all\"  # file");
+    assert_eq!(line(&out, "max_series"), "max_series = 77  # file");
+    assert_eq!(line(&out, "export_interval_ms"), "export_interval_ms = 500  # file");
+    assert_eq!(line(&out, "peer_labels"), "peer_labels = true  # file");
+    assert_eq!(line(&out, "temporality"), "temporality = \"cumulative\"  # default");
+    let args = ["config", "--config", file.path(), "--metrics-max-series", "88", "--spans", "problems"];
+    let (code, out, err) = agent(&args, &[("OTEL_METRIC_EXPORT_INTERVAL", "900")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(line(&out, "max_series"), "max_series = 88  # flag --metrics-max-series");
+    assert_eq!(line(&out, "spans"), "spans = \"problems\"  # flag --spans");
+    assert_eq!(line(&out, "export_interval_ms"), "export_interval_ms = 900  # env OTEL_METRIC_EXPORT_INTERVAL");
+    assert_eq!(line(&out, "peer_labels"), "peer_labels = true  # file");
+}
+
+#[test]
 fn bad_files_stop_the_agent_naming_file_line_and_key() {
     let env = Env::new();
     let cases = [
@@ -128,6 +147,7 @@ fn bad_files_stop_the_agent_naming_file_line_and_key() {
         ("table", "# comment\n\n[exporter]\n", ":3:2: key `exporter`: unknown field `exporter`"),
         ("type", "[export]\nqueue_size = \"big\"\n", ":2:14: key `export.queue_size`: invalid type: string \"big\""),
         ("range", "[attach]\nringbuf_size = 4097\n", ":2:16: key `attach.ringbuf_size`: 4097 is not a power of two"),
+        ("metrics_range", "[metrics]\nmax_series = 1\n", ":2:14: key `metrics.max_series`: 1 is out of range: must be 2 to 1000000 series"),
         ("syntax", "[limits\n", ":1:8: TOML syntax"),
     ];
     for (name, text, want) in cases {

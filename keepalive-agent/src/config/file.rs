@@ -10,7 +10,8 @@
 
 use std::{collections::BTreeMap, path::{Path, PathBuf}, time::Duration};
 
-use keepalive_agent::{attach, export::config as export};
+use keepalive_agent::{attach, export::config as export, metrics::config as metrics};
+use opentelemetry_sdk::metrics::Temporality;
 use serde::{Deserialize, Deserializer};
 
 /// The whole file. Every table and key is optional; absent keys fall through to the defaults.
@@ -29,6 +30,9 @@ pub struct FileConfig {
     /// `[export]`.
     #[serde(default)]
     pub export: ExportFile,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsFile,
 }
 
 /// `[attach]`: the options every attaching command shares (`--attach`, `--cgroup`...).
@@ -113,12 +117,60 @@ pub struct ExportFile {
     /// `--max-span-events`.
     #[serde(default, deserialize_with = "de::max_span_events")]
     pub max_span_events: Option<usize>,
+    /// `--otlp-certificate` (a readable file).
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub certificate: Option<PathBuf>,
+    /// `--otlp-client-certificate`.
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub client_certificate: Option<PathBuf>,
+    /// `--otlp-client-key`.
+    #[serde(default, deserialize_with = "de::pem_file")]
+    pub client_key: Option<PathBuf>,
+    /// `--otlp-insecure`.
+    #[serde(default)]
+    pub insecure: Option<bool>,
+    /// `--spans`.
+    #[serde(default, deserialize_with = "de::spans")]
+    pub spans: Option<keepalive_agent::export::spans::SpanPolicy>,
     /// `--service-name`.
     #[serde(default, deserialize_with = "de::service_name")]
     pub service_name: Option<String>,
     /// Resource attribute → value, added to every span's resource.
     #[serde(default, deserialize_with = "de::resource_attributes")]
     pub resource_attributes: Option<BTreeMap<String, String>>,
+}
+
+/// `[metrics]`: the metrics endpoint and push (`--metrics-*`, `--otlp-metrics-*`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `--metrics-listen`.
+    #[serde(default, deserialize_with = "de::listen")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// `--metrics-max-series`.
+    #[serde(default, deserialize_with = "de::max_series")]
+    pub max_series: Option<usize>,
+    /// `--metrics-peer-labels`.
+    #[serde(default)]
+    pub peer_labels: Option<bool>,
+    /// `--metrics-exporter`.
+    #[serde(default, deserialize_with = "de::exporter")]
+    pub exporter: Option<String>,
+    /// `--otlp-metrics-endpoint` (used as given).
+    #[serde(default, deserialize_with = "de::endpoint")]
+    pub endpoint: Option<String>,
+    /// `--otlp-metrics-protocol`.
+    #[serde(default, deserialize_with = "de::protocol")]
+    pub protocol: Option<export::Protocol>,
+    /// `--metrics-export-interval-ms`.
+    #[serde(default, deserialize_with = "de::export_interval_ms")]
+    pub export_interval_ms: Option<u64>,
+    /// `--metrics-temporality`.
+    #[serde(default, deserialize_with = "de::temporality")]
+    pub temporality: Option<Temporality>,
+    /// `--audit-interval`, in seconds (0: off).
+    #[serde(default, deserialize_with = "de::audit_interval")]
+    pub audit_interval: Option<Duration>,
 }
 
 /// A configuration file that cannot be used.
@@ -292,6 +344,37 @@ mod de {
     pub fn max_span_events<'de, D: Deserializer<'de>>(d: D) -> Res<usize, D::Error> {
         numeric(d, &export::MAX_SPAN_EVENTS)
     }
+    /// A file the agent can open (the TLS files are read at start-up; this names the key).
+    pub fn pem_file<'de, D: Deserializer<'de>>(d: D) -> Res<PathBuf, D::Error> {
+        text(d, |s| match std::fs::File::open(s) {
+            Ok(_) => Ok(PathBuf::from(s)),
+            Err(e) => Err(format!("{s}: {e}")),
+        })
+    }
+    pub fn spans<'de, D: Deserializer<'de>>(d: D) -> Res<keepalive_agent::export::spans::SpanPolicy, D::Error> {
+        value_enum(d)
+    }
+    pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Res<std::net::SocketAddr, D::Error> {
+        text(d, |s| s.parse().map_err(|e| format!("`{s}` is not an ADDR:PORT: {e}")))
+    }
+    pub fn max_series<'de, D: Deserializer<'de>>(d: D) -> Res<usize, D::Error> {
+        numeric(d, &metrics::MAX_SERIES)
+    }
+    pub fn exporter<'de, D: Deserializer<'de>>(d: D) -> Res<String, D::Error> {
+        text(d, |s| match metrics::EXPORTERS.contains(&s) {
+            true => Ok(s.to_string()),
+            false => Err(format!("unknown value `{s}` (one of: {})", metrics::EXPORTERS.join(", "))),
+        })
+    }
+    pub fn export_interval_ms<'de, D: Deserializer<'de>>(d: D) -> Res<u64, D::Error> {
+        numeric(d, &metrics::EXPORT_INTERVAL_MS)
+    }
+    pub fn audit_interval<'de, D: Deserializer<'de>>(d: D) -> Res<Duration, D::Error> {
+        seconds(d, crate::parse_audit_interval)
+    }
+    pub fn temporality<'de, D: Deserializer<'de>>(d: D) -> Res<Temporality, D::Error> {
+        text(d, metrics::parse_temporality)
+    }
 }
 
 #[cfg(test)]
@@ -326,8 +409,23 @@ batch_size = 5
 batch_delay_ms = 0
 retry_max_s = 0
 max_span_events = 2
+certificate = "/proc/self/status"
+client_certificate = "/proc/self/status"
+client_key = "/proc/self/status"
+insecure = true
+spans = "all"
 service_name = "svc"
 resource_attributes = { "k8s.cluster.name" = "c1" }
+[metrics]
+listen = "[::1]:9464"
+max_series = 10
+peer_labels = true
+exporter = "otlp"
+endpoint = "http://127.0.0.1:4318/v1/metrics"
+protocol = "http/protobuf"
+export_interval_ms = 100
+temporality = "Delta"
+audit_interval = 0
 "#;
         // The cgroup check needs a cgroup2 mount; drop the key where there is none.
         let text = match keepalive_agent::attach::cgroup2_mount() {
@@ -346,6 +444,13 @@ resource_attributes = { "k8s.cluster.name" = "c1" }
         assert_eq!(f.export.headers.unwrap().get("authorization").map(String::as_str), Some("Bearer x"));
         assert_eq!((f.export.queue_size, f.export.batch_delay_ms, f.export.max_span_events), (Some(5), Some(0), Some(2)));
         assert_eq!(f.export.service_name.as_deref(), Some("svc"));
+        assert_eq!(f.export.spans, Some(keepalive_agent::export::spans::SpanPolicy::All));
+        assert_eq!((f.export.certificate.as_deref(), f.export.insecure), (Some(Path::new("/proc/self/status")), Some(true)));
+        assert!(f.export.client_certificate.is_some() && f.export.client_key.is_some());
+        let m = &f.metrics;
+        assert_eq!((m.listen, m.max_series, m.peer_labels), (Some("[::1]:9464".parse().unwrap()), Some(10), Some(true)));
+        assert_eq!((m.exporter.as_deref(), m.endpoint.as_deref()), (Some("otlp"), Some("http://127.0.0.1:4318/v1/metrics")));
+        assert_eq!((m.protocol, m.export_interval_ms, m.temporality), (Some(export::Protocol::HttpProtobuf), Some(100), Some(Temporality::Delta)));
         // An empty file is all defaults.
         let f = parse(Path::new("k.toml"), "").unwrap();
         assert!(f.attach.method.is_none() && f.export.endpoint.is_none());
@@ -381,6 +486,30 @@ resource_attributes = { "k8s.cluster.name" = "c1" }
         assert!(e.contains("key `export.headers`") && e.contains("not a valid header name"), "{e}");
         let e = err("[export]\nservice_name = \" \"\n");
         assert!(e.contains("key `export.service_name`: must not be empty"), "{e}");
+        let e = err("[export]\ncertificate = \"/nonexistent/ca.pem\"\n");
+        assert!(e.contains(":2:15: key `export.certificate`: /nonexistent/ca.pem: No such file"), "{e}");
+        let e = err("[export]\nspans = \"some\"\n");
+        assert!(e.contains("key `export.spans`: unknown value `some` (one of: problems, all)"), "{e}");
+        // [metrics]: the flags' rules.
+        let e = err("[metrics]\nlisten = \"9464\"\n");
+        assert!(e.contains(":2:10: key `metrics.listen`: `9464` is not an ADDR:PORT"), "{e}");
+        let e = err("[metrics]\nmax_series = 1\n");
+        assert!(e.contains("key `metrics.max_series`: 1 is out of range: must be 2 to 1000000 series"), "{e}");
+        let e = err("[metrics]\nexporter = \"statsd\"\n");
+        assert!(e.contains("key `metrics.exporter`: unknown value `statsd` (one of: otlp, prometheus, none)"), "{e}");
+        let e = err("[metrics]\nendpoint = \"ftp://x\"\n");
+        assert!(e.contains("key `metrics.endpoint`") && e.contains("scheme"), "{e}");
+        let e = err("[metrics]\nexport_interval_ms = 99\n");
+        assert!(e.contains("key `metrics.export_interval_ms`: 99 is out of range: must be 100 to 86400000 ms"), "{e}");
+        let e = err("[metrics]\ntemporality = \"sometimes\"\n");
+        assert!(e.contains("key `metrics.temporality`: unknown temporality preference `sometimes`"), "{e}");
+        assert_eq!(parse(Path::new("k.toml"), "[metrics]\naudit_interval = 0\n").unwrap().metrics.audit_interval, Some(Duration::ZERO));
+        let e = err("[metrics]\naudit_interval = 0.5\n");
+        assert!(e.contains(":2:18: key `metrics.audit_interval`: must be 0 (off) or a number of seconds from 1 to 86400"), "{e}");
+        let e = err("[metrics]\npeer_labels = 1\n");
+        assert!(e.contains("key `metrics.peer_labels`: invalid type: integer `1`, expected a boolean"), "{e}");
+        let e = err("[metrics]\nlisten_addr = \"x\"\n");
+        assert!(e.contains(":2:1: key `metrics.listen_addr`: unknown field"), "{e}");
         let e = err("[export\n");
         assert!(e.starts_with("/etc/k.toml:1:8: TOML syntax"), "{e}");
     }

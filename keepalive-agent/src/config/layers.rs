@@ -75,7 +75,7 @@ fn put_pairs(file: &Option<std::collections::BTreeMap<String, String>>, arg: &mu
     true
 }
 
-/// Every option of `run`, in the order `config` prints them. `[metrics]` adds its rows here.
+/// Every option of `run`, in the order `config` prints them.
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "attach.method", flags: &["attach"], vars: &[], merges: false, apply: |f, a| put(&f.attach.method, &mut a.attach.attach) },
     Setting { key: "attach.probe_answers", flags: &["probe_answers"], vars: &[], merges: false, apply: |f, a| put(&f.attach.probe_answers, &mut a.attach.probe_answers) },
@@ -124,6 +124,35 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "export.retry_max_s", flags: &["otlp_retry_max_s"], vars: &[], merges: false, apply: |f, a| put_some(&f.export.retry_max_s, &mut a.export.otlp_retry_max_s) },
     Setting { key: "export.max_span_events", flags: &["max_span_events"], vars: &["OTEL_SPAN_EVENT_COUNT_LIMIT"], merges: false, apply: |f, a| put_some(&f.export.max_span_events, &mut a.export.max_span_events) },
     Setting {
+        key: "export.certificate",
+        flags: &["otlp_certificate"],
+        vars: &["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"],
+        merges: false,
+        apply: |f, a| put_some(&f.export.certificate, &mut a.export.tls.otlp_certificate),
+    },
+    Setting {
+        key: "export.client_certificate",
+        flags: &["otlp_client_certificate"],
+        vars: &["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"],
+        merges: false,
+        apply: |f, a| put_some(&f.export.client_certificate, &mut a.export.tls.otlp_client_certificate),
+    },
+    Setting {
+        key: "export.client_key",
+        flags: &["otlp_client_key"],
+        vars: &["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"],
+        merges: false,
+        apply: |f, a| put_some(&f.export.client_key, &mut a.export.tls.otlp_client_key),
+    },
+    Setting {
+        key: "export.insecure",
+        flags: &["otlp_insecure"],
+        vars: &["OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"],
+        merges: false,
+        apply: |f, a| put_some(&f.export.insecure, &mut a.export.tls.otlp_insecure),
+    },
+    Setting { key: "export.spans", flags: &["spans"], vars: &[], merges: false, apply: |f, a| put_some(&f.export.spans, &mut a.export.spans) },
+    Setting {
         key: "export.service_name",
         flags: &["service_name"],
         vars: &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES[service.name]"],
@@ -137,6 +166,41 @@ pub const SETTINGS: &[Setting] = &[
         merges: true,
         apply: |f, a| put_pairs(&f.export.resource_attributes, &mut a.export.resource_attributes, true),
     },
+    Setting { key: "metrics.listen", flags: &["metrics_listen"], vars: &[], merges: false, apply: |f, a| put_some(&f.metrics.listen, &mut a.metrics.metrics_listen) },
+    Setting { key: "metrics.max_series", flags: &["metrics_max_series"], vars: &[], merges: false, apply: |f, a| put_some(&f.metrics.max_series, &mut a.metrics.metrics_max_series) },
+    Setting { key: "metrics.peer_labels", flags: &["metrics_peer_labels"], vars: &[], merges: false, apply: |f, a| put(&f.metrics.peer_labels, &mut a.metrics.metrics_peer_labels) },
+    Setting { key: "metrics.exporter", flags: &["metrics_exporter"], vars: &["OTEL_METRICS_EXPORTER"], merges: false, apply: |f, a| put_some(&f.metrics.exporter, &mut a.metrics.metrics_exporter) },
+    // The metrics-specific endpoint and protocol: the generic `--otlp-endpoint`/`--otlp-protocol`
+    // and their variables are weaker (OpenTelemetry: a signal's own setting wins over the generic one).
+    Setting {
+        key: "metrics.endpoint",
+        flags: &["otlp_metrics_endpoint"],
+        vars: &["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"],
+        merges: false,
+        apply: |f, a| put_some(&f.metrics.endpoint, &mut a.metrics.otlp_metrics_endpoint),
+    },
+    Setting {
+        key: "metrics.protocol",
+        flags: &["otlp_metrics_protocol"],
+        vars: &["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"],
+        merges: false,
+        apply: |f, a| put_some(&f.metrics.protocol, &mut a.metrics.otlp_metrics_protocol),
+    },
+    Setting {
+        key: "metrics.export_interval_ms",
+        flags: &["metrics_export_interval_ms"],
+        vars: &["OTEL_METRIC_EXPORT_INTERVAL"],
+        merges: false,
+        apply: |f, a| put_some(&f.metrics.export_interval_ms, &mut a.metrics.metrics_export_interval_ms),
+    },
+    Setting {
+        key: "metrics.temporality",
+        flags: &["metrics_temporality"],
+        vars: &["OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"],
+        merges: false,
+        apply: |f, a| put_some(&f.metrics.temporality, &mut a.metrics.metrics_temporality),
+    },
+    Setting { key: "metrics.audit_interval", flags: &["audit_interval"], vars: &[], merges: false, apply: |f, a| put(&f.metrics.audit_interval, &mut a.audit_interval) },
 ];
 
 /// The arguments of `run` with the file folded in, and where each setting came from.
@@ -382,6 +446,31 @@ team = "file"
         assert!(e.starts_with("K8S_NODE_NAME: "), "{e}");
     }
 
+    #[test]
+    fn metrics_table_layers_like_the_flags() {
+        use keepalive_agent::metrics::config::MetricsConfig;
+        let file = "[metrics]\nmax_series = 50\npeer_labels = true\nendpoint = \"http://127.0.0.1:5555/m\"\nexport_interval_ms = 700\ntemporality = \"delta\"\n";
+        let resolve = |l: &Layered, env: &[(&str, &str)]| {
+            let env_fn = |n: &str| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+            MetricsConfig::resolve(&l.args.metrics, &l.args.export, &[], &env_fn).unwrap()
+        };
+        let l = layered(&[], file, &[]);
+        let c = resolve(&l, &[]);
+        assert_eq!((c.max_series, c.peer_labels), (50, true));
+        let push = c.otlp.unwrap();
+        assert_eq!((push.endpoint.as_str(), push.interval, push.temporality), ("http://127.0.0.1:5555/m", Duration::from_millis(700), opentelemetry_sdk::metrics::Temporality::Delta));
+        assert_eq!((l.source("metrics.endpoint"), l.source("metrics.listen")), (Source::File, Source::Default));
+        // The variable beats the file, the flag beats both; the generic endpoint does not hide the file's own.
+        let env = [("OTEL_METRIC_EXPORT_INTERVAL", "800"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:6666")];
+        let l = layered(&["--metrics-max-series", "60"], file, &env);
+        let c = resolve(&l, &env);
+        assert_eq!(c.max_series, 60);
+        assert_eq!(l.source("metrics.max_series"), Source::Flag("--metrics-max-series".into()));
+        assert_eq!(l.source("metrics.export_interval_ms"), Source::Env("OTEL_METRIC_EXPORT_INTERVAL"));
+        let push = c.otlp.unwrap();
+        assert_eq!((push.endpoint.as_str(), push.interval), ("http://127.0.0.1:5555/m", Duration::from_millis(800)));
+    }
+
     /// The commented default configuration the Debian package installs.
     const PACKAGED: &str = include_str!("../../../packaging/config.toml");
 
@@ -397,17 +486,31 @@ team = "file"
         assert_eq!((l.args.max_connections, l.args.shutdown_timeout), (d.args.max_connections, d.args.shutdown_timeout));
         let resolve = |l: &Layered| keepalive_agent::export::ExportConfig::resolve(&l.args.export, &|_| None, &Default::default()).unwrap();
         assert_eq!(format!("{:?}", resolve(&l)), format!("{:?}", resolve(&d)));
-        // Every key of every setting is shown, as a default or an example.
+        let metrics = |l: &Layered| keepalive_agent::metrics::config::MetricsConfig::resolve(&l.args.metrics, &l.args.export, &[], &|_| None).unwrap();
+        assert_eq!(format!("{:?}", metrics(&l)), format!("{:?}", metrics(&d)));
+        let timing = |l: &Layered| keepalive_agent::metrics::config::push_timing_from(&l.args.metrics, &|_| None).unwrap();
+        assert_eq!(timing(&l), timing(&d));
+        assert_eq!(l.args.audit_interval, d.args.audit_interval);
+        assert_eq!((l.source("metrics.temporality"), l.source("export.spans")), (Source::File, Source::File));
+        // Every key of every setting is shown in its own table, as a default or an example.
         for s in SETTINGS {
             let (table, leaf) = s.key.split_once('.').unwrap();
-            let shown = |leaf: &str| PACKAGED.contains(&format!("#{leaf} = ")) || PACKAGED.contains(&format!("Example: {leaf} = "));
+            let section = table_text(PACKAGED, table);
+            let shown = |leaf: &str| section.contains(&format!("#{leaf} = ")) || section.contains(&format!("Example: {leaf} = "));
             let present = match leaf {
                 "headers" | "resource_attributes" => PACKAGED.contains(&format!("[{table}.{leaf}]")),
-                "endpoint" => shown("endpoint") && shown("traces_endpoint"),
+                "endpoint" if table == "export" => shown("endpoint") && shown("traces_endpoint"),
                 _ => shown(leaf),
             };
             assert!(present, "{} is missing from packaging/config.toml", s.key);
         }
+    }
+
+    /// The text of `[table]` in a TOML file (up to the next table header).
+    fn table_text<'a>(text: &'a str, table: &str) -> &'a str {
+        let start = text.find(&format!("\n[{table}]\n")).unwrap_or_else(|| panic!("no [{table}]"));
+        let rest = &text[start + table.len() + 4..];
+        &rest[..rest.find("\n[").unwrap_or(rest.len())]
     }
 
     #[test]
@@ -428,6 +531,11 @@ team = "file"
             for id in s.flags {
                 assert!(run.get_arguments().any(|a| a.get_id() == *id), "{}: no flag {id}", s.key);
             }
+        }
+        // And the other way: the file holds every option of `run`.
+        for arg in run.get_arguments().filter(|a| !["config", "help", "log_level"].contains(&a.get_id().as_str())) {
+            let id = arg.get_id().as_str();
+            assert!(SETTINGS.iter().any(|s| s.flags.contains(&id)), "--{}: no key in the configuration file", id.replace('_', "-"));
         }
         assert_eq!(long_flag("otlp_headers"), "--otlp-header");
         assert_eq!(long_flag("attach"), "--attach");

@@ -6,7 +6,7 @@
 //! keys and wrong types stop the agent with the file, line and key); [`layers`] folds it into the
 //! parsed flags and records each value's source; [`show`] prints the result.
 //!
-//! A new table (such as `[metrics]`) is one struct and one field in [`file::FileConfig`], one row
+//! A new table is one struct and one field in [`file::FileConfig`], one row
 //! per key in [`layers::SETTINGS`], and one line per key in [`show::write_config`].
 
 pub mod file;
@@ -39,6 +39,7 @@ pub fn run_args(args: RunArgs, matches: &ArgMatches) -> Result<RunArgs> {
 pub fn show(args: RunArgs, matches: &ArgMatches) -> Result<()> {
     let layered = layers::layer(args, matches, &process_env)?;
     let export = ExportConfig::from_args(&layered.args.export).context("configuring the OpenTelemetry export")?;
+    let metrics = show::Metrics::resolve(&layered.args, &export, &process_env).context("configuring the metrics")?;
     let mut out = std::io::stdout().lock();
-    show::write_config(&mut out, &layered, &export, matches, &process_env).context("writing the configuration")
+    show::write_config(&mut out, &layered, &export, &metrics, matches, &process_env).context("writing the configuration")
 }

@@ -5,20 +5,43 @@
 
 use std::io::Write;
 
+use std::time::Duration;
+
 use clap::ArgMatches;
-use keepalive_agent::export::{ExportConfig, Target};
+use keepalive_agent::export::{ExportConfig, ExportError, Target};
+use keepalive_agent::metrics::config::{self as metrics, MetricsConfig};
+use opentelemetry_sdk::metrics::Temporality;
 
 use super::layers::{env_sets, given, list_keys, long_flag, Layered, Source};
+use crate::RunArgs;
 
 /// Printed instead of a header's value.
 pub const REDACTED: &str = "<redacted>";
 
+/// The resolved metrics settings `config` prints.
+pub struct Metrics {
+    config: MetricsConfig,
+    /// The OTLP push's interval and temporality, also when no push is configured.
+    interval: Duration,
+    temporality: Temporality,
+}
+
+impl Metrics {
+    /// Resolves the metrics settings of `args` as `run` does (`export` for the resource).
+    pub fn resolve(args: &RunArgs, export: &ExportConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Metrics, ExportError> {
+        let config = MetricsConfig::resolve(&args.metrics, &args.export, &export.resource, env)?;
+        let (interval, temporality) = metrics::push_timing_from(&args.metrics, env)?;
+        Ok(Metrics { config, interval, temporality })
+    }
+}
+
 /// Writes the effective configuration of `run`: `layered` (the file folded into the arguments)
-/// with `export` resolved from it.
+/// with `export` and `metrics` resolved from it.
 pub fn write_config(
     out: &mut dyn Write,
     layered: &Layered,
     export: &ExportConfig,
+    metrics: &Metrics,
     matches: &ArgMatches,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> std::io::Result<()> {
@@ -26,14 +49,7 @@ pub fn write_config(
     writeln!(out, "# effective configuration of `keepalive-agent run` (file: {file})")?;
     writeln!(out, "# precedence: flag, then environment (OTEL_*), then file, then default")?;
     let a = &layered.args;
-    let line = |out: &mut dyn Write, key: &str, value: Option<String>| -> std::io::Result<()> {
-        let source = layered.source(key);
-        let name = key.rsplit('.').next().unwrap_or(key);
-        match value {
-            Some(v) => writeln!(out, "{name} = {v}  # {source}"),
-            None => writeln!(out, "# {name} is not set: {}  # {source}", unset_meaning(key)),
-        }
-    };
+    let line = |out: &mut dyn Write, key: &str, value: Option<String>| write_line(out, key, value, layered.source(key));
     writeln!(out, "\n[attach]")?;
     line(out, "attach.method", Some(quoted(&enum_name(&a.attach.attach))))?;
     line(out, "attach.probe_answers", Some(quoted(&enum_name(&a.attach.probe_answers))))?;
@@ -60,6 +76,13 @@ pub fn write_config(
     line(out, "export.batch_delay_ms", Some(export.batch_delay.as_millis().to_string()))?;
     line(out, "export.retry_max_s", Some(export.retry_max.as_secs().to_string()))?;
     line(out, "export.max_span_events", Some(export.max_span_events.to_string()))?;
+    let tls = &export.tls;
+    let pem = |f: Option<&keepalive_agent::export::tls::PemFile>| f.map(|f| quoted(&f.path.display().to_string()));
+    line(out, "export.certificate", pem(tls.ca.as_ref()))?;
+    line(out, "export.client_certificate", pem(tls.client.as_ref().map(|(c, _)| c)))?;
+    line(out, "export.client_key", pem(tls.client.as_ref().map(|(_, k)| k)))?;
+    line(out, "export.insecure", Some(tls.insecure().to_string()))?;
+    line(out, "export.spans", Some(quoted(&enum_name(&export.spans))))?;
     line(out, "export.service_name", Some(quoted(&export.service_name())))?;
     for (k, _) in headers {
         let source = pair_source(layered, matches, env, "export.headers", "otlp_headers", k);
@@ -70,7 +93,38 @@ pub fn write_config(
         let source = pair_source(layered, matches, env, "export.resource_attributes", "resource_attributes", k);
         writeln!(out, "resource_attributes.{} = {}  # {source}", quoted(k), quoted(&kv.value.as_str()))?;
     }
-    Ok(())
+    write_metrics(out, layered, metrics)
+}
+
+/// The `[metrics]` table. The push's endpoint and protocol fall back to the generic export ones
+/// (`export.endpoint`, `export.protocol`), whose source is then shown.
+fn write_metrics(out: &mut dyn Write, layered: &Layered, metrics: &Metrics) -> std::io::Result<()> {
+    let line = |out: &mut dyn Write, key: &str, value: Option<String>| write_line(out, key, value, layered.source(key));
+    let or_generic = |key: &str, generic: &str| match (layered.source(key), &metrics.config.otlp) {
+        (Source::Default, Some(_)) => layered.source(generic),
+        (source, _) => source,
+    };
+    let c = &metrics.config;
+    writeln!(out, "\n[metrics]")?;
+    line(out, "metrics.listen", c.listen.map(|a| quoted(&a.to_string())))?;
+    line(out, "metrics.max_series", Some(c.max_series.to_string()))?;
+    line(out, "metrics.peer_labels", Some(c.peer_labels.to_string()))?;
+    line(out, "metrics.exporter", Some(quoted(if c.otlp.is_some() { "otlp" } else { "none" })))?;
+    let push = c.otlp.as_ref();
+    write_line(out, "metrics.endpoint", push.map(|p| quoted(&p.endpoint)), or_generic("metrics.endpoint", "export.endpoint"))?;
+    write_line(out, "metrics.protocol", push.map(|p| quoted(p.protocol.name())), or_generic("metrics.protocol", "export.protocol"))?;
+    line(out, "metrics.export_interval_ms", Some(metrics.interval.as_millis().to_string()))?;
+    line(out, "metrics.temporality", Some(quoted(metrics::temporality_name(metrics.temporality))))?;
+    line(out, "metrics.audit_interval", Some(seconds(layered.args.audit_interval)))
+}
+
+/// One `key = value  # source` line, or a comment saying what the absence of `key` means.
+fn write_line(out: &mut dyn Write, key: &str, value: Option<String>, source: Source) -> std::io::Result<()> {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    match value {
+        Some(v) => writeln!(out, "{name} = {v}  # {source}"),
+        None => writeln!(out, "# {name} is not set: {}  # {source}", unset_meaning(key)),
+    }
 }
 
 /// What the absence of the optional setting `key` means.
@@ -81,6 +135,10 @@ fn unset_meaning(key: &str) -> &'static str {
         "limits.duration" => "until SIGINT or SIGTERM",
         "export.endpoint" => "spans are written as JSON lines on stdout",
         "export.protocol" => "no endpoint",
+        "export.certificate" => "the system's trust store",
+        "export.client_certificate" | "export.client_key" => "no client certificate",
+        "metrics.listen" => "no /metrics, /healthz or /readyz endpoint",
+        "metrics.endpoint" | "metrics.protocol" => "metrics are not pushed",
         _ => "default",
     }
 }

@@ -29,6 +29,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 
 use crate::clock::{monotonic_now_ns, WallClock};
+use crate::container::CgroupResolver;
 use crate::timeline::Record;
 
 pub use config::{ExportArgs, ExportConfig, Protocol, Target};
@@ -158,6 +159,33 @@ pub struct Exporter {
     resource: Vec<KeyValue>,
     description: String,
     buf: Vec<SpanData>,
+    cgroups: Option<CgroupResolver>,
+}
+
+/// Span attribute: the container of the connection's process (from its cgroup path).
+pub const CONTAINER_ID: &str = "container.id";
+/// Span attribute: the Kubernetes pod of the connection's process (from the kubelet's cgroup naming).
+pub const K8S_POD_UID: &str = "k8s.pod.uid";
+/// Span attribute: that pod's QoS class (`Guaranteed`, `Burstable`, `BestEffort`).
+pub const POD_QOS_CLASS: &str = "tcp.keepalive.pod.qos_class";
+
+/// Adds [`CONTAINER_ID`], [`K8S_POD_UID`] and [`POD_QOS_CLASS`] to each span whose process cgroup
+/// (`tcp.keepalive.process.cgroup_id`) `cgroups` resolves to a container or pod.
+fn annotate(cgroups: &mut CgroupResolver, spans: &mut [SpanData]) {
+    for span in spans {
+        let id = span.attributes.iter().find(|kv| kv.key.as_str() == spans::names::CGROUP_ID).and_then(|kv| match kv.value {
+            opentelemetry::Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        });
+        let Some(info) = id.and_then(|id| cgroups.resolve(id)) else { continue };
+        if let Some(c) = info.container_id {
+            span.attributes.push(KeyValue::new(CONTAINER_ID, c));
+        }
+        if let Some(pod) = info.pod {
+            span.attributes.push(KeyValue::new(K8S_POD_UID, pod.uid));
+            span.attributes.push(KeyValue::new(POD_QOS_CLASS, pod.qos.name()));
+        }
+    }
 }
 
 impl fmt::Debug for Exporter {
@@ -251,6 +279,7 @@ impl Exporter {
                         cfg.service_name()
                     ),
                     buf: Vec::new(),
+                    cgroups: None,
                 })
             }
         }
@@ -271,7 +300,15 @@ impl Exporter {
             resource: cfg.resource.clone(),
             description: format!("JSON lines (service.name {})", cfg.service_name()),
             buf: Vec::new(),
+            cgroups: None,
         }
+    }
+
+    /// Spans get their process' container and pod ([`CONTAINER_ID`], [`K8S_POD_UID`],
+    /// [`POD_QOS_CLASS`]) from `cgroups` (cgroup v2).
+    pub fn with_cgroups(mut self, cgroups: CgroupResolver) -> Exporter {
+        self.cgroups = Some(cgroups);
+        self
     }
 
     /// The resource every span carries (`service.name` first); metrics carry it too.
@@ -287,6 +324,13 @@ impl Exporter {
     /// Feeds a batch of records (in order). Finished spans are queued for export (or written, for
     /// JSON lines); this never waits on the network.
     pub fn on_records(&mut self, records: &[Record], clock: &WallClock) {
+        // Resolved (and cached) while the process' cgroup still exists: a container's cgroup is
+        // often gone by the time its connection's span ends.
+        if let Some(c) = &mut self.cgroups {
+            for p in records.iter().filter_map(crate::output::record_process) {
+                c.resolve(p.cgroup_id);
+            }
+        }
         self.model.on_records(records, clock, &mut self.buf);
         self.deliver();
     }
@@ -294,6 +338,9 @@ impl Exporter {
     fn deliver(&mut self) {
         if self.buf.is_empty() {
             return;
+        }
+        if let Some(c) = &mut self.cgroups {
+            annotate(c, &mut self.buf);
         }
         match &mut self.sink {
             Sink::Otlp(p) => {
@@ -382,6 +429,9 @@ impl Exporter {
                 }
             }
             Sink::Otlp(p) => {
+                if let Some(c) = &mut self.cgroups {
+                    annotate(c, &mut last);
+                }
                 let counters = p.counters().clone();
                 let (unsent, finished) = p.shutdown(last, deadline).await;
                 ExportReport {

@@ -223,3 +223,35 @@ fn exporter_is_send_and_help_names_the_variables() {
         eprintln!("{help}");
     }
 }
+
+#[tokio::test]
+async fn spans_carry_the_container_and_pod_of_their_process_cgroup() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const UID: &str = "0b7c3a52-6f1e-4d8a-9c2b-1e2f3a4b5c6d";
+    let id = "ab".repeat(32);
+    // The cgroup exists only until the connection's first record: it must be resolved then.
+    let exists = Arc::new(AtomicBool::new(true));
+    let (e, path) = (exists.clone(), format!("/kubepods/burstable/pod{UID}/{id}"));
+    let lookup = Box::new(move |cg: u64| (cg == 5 && e.load(Ordering::Relaxed)).then(|| path.clone()));
+    let buf = Shared::default();
+    let mut ex = Exporter::with_json_writer(&cfg(), Box::new(buf.clone())).with_cgroups(CgroupResolver::with_lookup(lookup, 16));
+    let clock = WallClock::with_offset_ns(1_000_000_000_000_000_000);
+    let in_cgroup = |id, ts, kind, cgroup_id| {
+        let mut r = record(id, ts, kind);
+        r.conn.process = Some(crate::event::Process { pid: 7, tid: 7, comm: [0; 16], cgroup_id });
+        r
+    };
+    ex.on_records(&[in_cgroup(1, 1_000, opened(1, 1_000).kind, 5), in_cgroup(2, 1_000, opened(2, 1_000).kind, 6)], &clock);
+    exists.store(false, Ordering::Relaxed);
+    let close = || RecordKind::Close { state: TcpState::Established, closed_by: None, idle: None };
+    ex.on_records(&[in_cgroup(1, 5_000, close(), 5), in_cgroup(2, 5_000, close(), 6)], &clock);
+    ex.shutdown(&[], &clock, Duration::from_secs(1)).await;
+    let lines = lines(&buf);
+    let span = |conn: i64| lines.iter().find(|l| l["attributes"]["tcp.keepalive.connection.id"] == conn).unwrap()["attributes"].clone();
+    let a = span(1);
+    assert_eq!((a[CONTAINER_ID].as_str(), a[K8S_POD_UID].as_str()), (Some(id.as_str()), Some(UID)), "{a}");
+    assert_eq!(a[POD_QOS_CLASS], "Burstable", "{a}");
+    // A cgroup that resolves to nothing adds nothing.
+    let a = span(2);
+    assert!(a.get(CONTAINER_ID).is_none() && a.get(K8S_POD_UID).is_none() && a.get(POD_QOS_CLASS).is_none(), "{a}");
+}

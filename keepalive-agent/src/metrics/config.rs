@@ -40,6 +40,10 @@ pub const METRICS_TIMEOUT_MS: Numeric = Numeric {
     unit: "ms",
 };
 
+/// The names `--metrics-exporter` (and the `metrics.exporter` key of the configuration file)
+/// accept.
+pub const EXPORTERS: [&str; 3] = ["otlp", "prometheus", "none"];
+
 /// Metrics options of `keepalive-agent run`.
 #[derive(clap::Args, Debug, Clone, Default)]
 #[command(next_help_heading = "Metrics and health")]
@@ -61,7 +65,7 @@ pub struct MetricsArgs {
 
     /// Where metrics are pushed: otlp, or none (prometheus: only the --metrics-listen endpoint)
     /// [default: otlp when --otlp-metrics-endpoint or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT is set, else none] [env: OTEL_METRICS_EXPORTER]
-    #[arg(long, value_name = "EXPORTER", value_parser = ["otlp", "prometheus", "none"])]
+    #[arg(long, value_name = "EXPORTER", value_parser = clap::builder::PossibleValuesParser::new(EXPORTERS))]
     pub metrics_exporter: Option<String>,
 
     /// OTLP metrics endpoint, used as given (no path appended); else --otlp-endpoint with
@@ -204,29 +208,40 @@ fn otlp(
         format!("{}/v1/metrics", url.trim_end_matches('/'))
     };
     let headers = headers_from(&export.otlp_headers, env, &["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])?;
-    let (interval_ms, _) = EXPORT_INTERVAL_MS.resolve(args.metrics_export_interval_ms, env)?;
+    let (interval, temporality) = push_timing(args, env)?;
     let (timeout_ms, _) = METRICS_TIMEOUT_MS.resolve(export.otlp_timeout_ms, env)?;
+    let tls = TlsSettings::resolve(&export.tls, Signal::Metrics, &|name| env.get(name))?;
+    Ok(OtlpMetrics { tls, protocol, endpoint, headers, interval, timeout: Duration::from_millis(timeout_ms), temporality, resource: resource.to_vec() })
+}
+
+/// The export interval and the temporality of an OTLP push, whether or not one is configured
+/// (`keepalive-agent config` shows them either way).
+pub fn push_timing_from(args: &MetricsArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<(Duration, Temporality), ExportError> {
+    push_timing(args, &Env(env))
+}
+
+fn push_timing(args: &MetricsArgs, env: &Env) -> Result<(Duration, Temporality), ExportError> {
+    let (interval_ms, _) = EXPORT_INTERVAL_MS.resolve(args.metrics_export_interval_ms, env)?;
     let temporality = match (args.metrics_temporality, env.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")) {
         (Some(t), _) => t,
         (None, Some(v)) => parse_temporality(&v)
             .map_err(|e| ExportError::config("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", e))?,
         (None, None) => Temporality::Cumulative,
     };
-    let tls = TlsSettings::resolve(&export.tls, Signal::Metrics, &|name| env.get(name))?;
-    Ok(OtlpMetrics {
-        tls,
-        protocol,
-        endpoint,
-        headers,
-        interval: Duration::from_millis(interval_ms),
-        timeout: Duration::from_millis(timeout_ms),
-        temporality,
-        resource: resource.to_vec(),
-    })
+    Ok((Duration::from_millis(interval_ms), temporality))
+}
+
+/// The name of a temporality preference, as [`parse_temporality`] reads it.
+pub fn temporality_name(t: Temporality) -> &'static str {
+    match t {
+        Temporality::Delta => "delta",
+        Temporality::LowMemory => "lowmemory",
+        _ => "cumulative",
+    }
 }
 
 /// `cumulative`, `delta` or `lowmemory`, any case (as the specification spells them).
-fn parse_temporality(s: &str) -> Result<Temporality, String> {
+pub fn parse_temporality(s: &str) -> Result<Temporality, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "cumulative" => Ok(Temporality::Cumulative),
         "delta" => Ok(Temporality::Delta),
