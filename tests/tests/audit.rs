@@ -13,7 +13,7 @@ use keepalive_tests::tcp::{fmt_addr, setsockopt_int, Client, ClientSocket, Famil
 use keepalive_tests::{process_comm, Env, NetNs};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// `audit --netns NS --format json ARGS`, which must exit with `status`.
 fn audit(ns: &NetNs, args: &[&str], status: i32) -> (AuditRun, Vec<Value>) {
