@@ -135,7 +135,12 @@ impl SockSettings {
     /// Whether the kernel side reports the close and destruction of a socket with these settings
     /// whatever happens (`SO_KEEPALIVE`, `TCP_USER_TIMEOUT` or any keep-alive value set on it).
     pub fn reported_by_kernel(&self) -> bool {
-        self.relevant() || self.idle_s.is_some() || self.intvl_s.is_some() || self.cnt.is_some()
+        self.relevant() || self.has_socket_values()
+    }
+
+    /// Whether any of `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT` is set on the socket itself.
+    pub fn has_socket_values(&self) -> bool {
+        self.idle_s.is_some() || self.intvl_s.is_some() || self.cnt.is_some()
     }
 
     /// The namespace defaults of `d` in place of these, when these were never read (all 0).

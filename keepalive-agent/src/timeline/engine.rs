@@ -171,14 +171,6 @@ struct Conn {
     died: bool,
 }
 
-impl Conn {
-    /// Whether the kernel side still reports this socket's close and destruction: it does for
-    /// sockets with `SO_KEEPALIVE`, `TCP_USER_TIMEOUT` or any keep-alive value set on them.
-    fn followed_by_kernel(&self) -> bool {
-        self.settings.reported_by_kernel()
-    }
-}
-
 /// What is remembered about a socket not (yet) tracked.
 #[derive(Debug, Default)]
 struct Pending {
@@ -258,7 +250,7 @@ fn apply_option(s: &mut SockSettings, option: SockOpt, value: i32) -> Option<u8>
 /// Where settings read when a connection is first seen came from, when no setsockopt explains them:
 /// `read_as` (where they were read) when values are set on the socket, else the sysctl defaults.
 fn read_source(s: &SockSettings, read_as: SettingsSource) -> SettingsSource {
-    if s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some() {
+    if s.has_socket_values() {
         read_as
     } else {
         SettingsSource::Default
@@ -883,7 +875,7 @@ impl Engine {
             }
             return;
         }
-        if !is_connection(state) || !settings.relevant() && !read_has_values(&settings) {
+        if !is_connection(state) || !settings.reported_by_kernel() {
             // A listener (its children are seen when established), a dying socket, or keep-alive
             // switched off on a socket we never followed.
             return;
@@ -921,7 +913,7 @@ impl Engine {
         let source = SettingsSource::Setsockopt(option);
         let kind = RecordKind::Config { settings, source, process: Some(*process) };
         emit(out, ev.ts_ns, conn, kind);
-        if !conn.followed_by_kernel() {
+        if !conn.settings.reported_by_kernel() {
             self.untrack(ev.sk, ev.ts_ns, UntrackReason::KeepaliveOff, out);
         }
     }
@@ -1055,11 +1047,6 @@ fn unfollowed_cause(old: TcpState, err: i32, in_timer: bool, s: &SockSettings, t
         ECONNRESET => Some(reset_received_kind(old, times)),
         _ => None,
     }
-}
-
-/// Whether settings hold any keep-alive value set on the socket itself.
-fn read_has_values(s: &SockSettings) -> bool {
-    s.idle_s.is_some() || s.intvl_s.is_some() || s.cnt.is_some()
 }
 
 /// Settings read at a timer run against the connection's: a `config` record (source `kernel`) when
