@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything keepalive needs on a fresh Debian 12 machine (run as root).
 # Installs: apt packages (LLVM 22 for bpf-linker, nftables and iproute2 for the tests, nginx-light
-# for the accepted-socket tests, QEMU and busybox for the kernel matrix, python3-venv for the OTLP
+# for the accepted-socket tests and the hostload benchmark, wrk for the hostload benchmark, QEMU and busybox for the kernel matrix, python3-venv for the OTLP
 # receivers; systemd (systemd-analyze) and binutils (strip) for the Debian package and its test), the nightly rust-src component, and bpf-linker built against Debian's LLVM 22; mounts
 # tracefs where it is not (the accept_owner hook's syscalls tracepoints need it).
 set -euo pipefail
@@ -16,7 +16,7 @@ fi
 
 APT_PACKAGES=(
     llvm-22-dev libclang-22-dev libpolly-22-dev zlib1g-dev libzstd-dev libxml2-dev
-    nftables iproute2 procps nginx-light
+    nftables iproute2 procps nginx-light wrk
     qemu-system-x86 busybox-static cpio
     python3-venv prometheus
     systemd binutils

@@ -1,4 +1,4 @@
-//! Running the real `keepalive-agent trace --format json` for a benchmark, reading what it says.
+//! Running the real agent (`trace --format json`, or `run`) for a benchmark, reading what it says.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
@@ -33,11 +33,23 @@ pub fn build_release(workspace: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Which of the agent's streaming commands a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentCommand {
+    /// `trace --format json --color never`: one JSON line per record.
+    #[default]
+    Trace,
+    /// `run` with no endpoint: spans (default policy) as JSON lines on stdout.
+    Run,
+}
+
 /// How to start the agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub binary: PathBuf,
-    pub netns: PathBuf,
+    pub command: AgentCommand,
+    /// `--netns`: only this namespace's connections (None: the whole host).
+    pub netns: Option<PathBuf>,
     pub cgroup: PathBuf,
     pub max_connections: usize,
     pub ringbuf_size: Option<u32>,
@@ -45,6 +57,9 @@ pub struct AgentConfig {
     pub env: Vec<(String, String)>,
     /// Extra arguments (e.g. `--attach raw-tracepoint`).
     pub extra_args: Vec<String>,
+    /// Write the agent's stdout to this file (created, truncated) instead of counting its records
+    /// through a pipe; [`Agent::counts`] then stays empty (see [`count_file`]).
+    pub stdout_file: Option<PathBuf>,
 }
 
 /// Counts of the records the agent printed, by `event` name.
@@ -78,10 +93,14 @@ pub struct StopReport {
 impl Agent {
     pub fn start(cfg: &AgentConfig) -> Result<Agent> {
         let mut cmd = Command::new(&cfg.binary);
-        cmd.args(["trace", "--format", "json", "--color", "never"])
-            .arg("--netns")
-            .arg(&cfg.netns)
-            .arg("--cgroup")
+        match cfg.command {
+            AgentCommand::Trace => cmd.args(["trace", "--format", "json", "--color", "never"]),
+            AgentCommand::Run => cmd.arg("run"),
+        };
+        if let Some(ns) = &cfg.netns {
+            cmd.arg("--netns").arg(ns);
+        }
+        cmd.arg("--cgroup")
             .arg(&cfg.cgroup)
             .arg("--max-connections")
             .arg(cfg.max_connections.to_string());
@@ -90,19 +109,25 @@ impl Agent {
             cmd.arg("--ringbuf-size").arg(rb.to_string());
         }
         cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let stdout = match &cfg.stdout_file {
+            Some(p) => Stdio::from(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+            None => Stdio::piped(),
+        };
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(Stdio::piped());
         debug!("starting {cmd:?}");
         let mut child = cmd.spawn().with_context(|| format!("starting {}", cfg.binary.display()))?;
         let pid = child.id();
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let stdout = child.stdout.take();
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let counts = Arc::new(Mutex::new(Counts::new()));
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
         let mut readers = Vec::new();
-        {
+        if let Some(stdout) = stdout {
             let counts = counts.clone();
-            readers.push(std::thread::spawn(move || count_events(stdout, &counts)));
+            readers.push(std::thread::spawn(move || {
+                count_events(stdout, &counts);
+            }));
         }
         {
             let lines = stderr_lines.clone();
@@ -200,13 +225,81 @@ fn number_before(s: &str, suffix: &str) -> Option<u64> {
     head[start..].parse().ok()
 }
 
+/// A process's CPU time (user + system) and its BPF programs' counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub at: Instant,
+    /// From `/proc/<pid>/stat` (clock ticks).
+    pub cpu_s: f64,
+    /// From the threads' `schedstat` (nanoseconds).
+    pub cpu_precise_s: f64,
+    pub progs: Vec<super::bpf::ProgSample>,
+}
+
+/// What a process and its BPF programs used between two [`Usage`] samples.
+#[derive(Debug, Clone)]
+pub struct UsageDelta {
+    pub secs: f64,
+    pub cpu_s: f64,
+    pub progs: Vec<super::bpf::ProgDelta>,
+}
+
+impl Usage {
+    /// Samples process `pid` (`/proc/<pid>/stat`, and its programs through its own fds).
+    pub fn sample(pid: u32) -> Result<Usage> {
+        Ok(Usage {
+            at: Instant::now(),
+            cpu_s: super::sys::process_cpu_s(pid)?,
+            cpu_precise_s: super::sys::process_cpu_precise_s(pid)?,
+            progs: super::bpf::process_bpf(pid)?.progs,
+        })
+    }
+
+    /// The nanosecond figure, unless threads that exited in between make it fall short of the
+    /// clock-tick one by more than two ticks.
+    pub fn since(&self, earlier: &Usage) -> UsageDelta {
+        let ticks = self.cpu_s - earlier.cpu_s;
+        let precise = self.cpu_precise_s - earlier.cpu_precise_s;
+        UsageDelta {
+            secs: self.at.duration_since(earlier.at).as_secs_f64(),
+            cpu_s: if ticks - precise > 2.0 / super::sys::clk_tck() { ticks } else { precise },
+            progs: super::bpf::deltas(&earlier.progs, &self.progs),
+        }
+    }
+}
+
+impl UsageDelta {
+    /// Run time of all the programs, ns.
+    pub fn bpf_ns(&self) -> u64 {
+        self.progs.iter().map(|p| p.run_time_ns).sum()
+    }
+}
+
+/// Records by event name, and lines, in bytes `from..to` of a file the agent writes its output
+/// to (a line cut at either end may be miscounted by one).
+pub fn count_file(path: &Path, from: u64, to: u64) -> Result<(Counts, u64)> {
+    use std::io::{Seek as _, SeekFrom};
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    f.seek(SeekFrom::Start(from)).with_context(|| format!("seeking in {}", path.display()))?;
+    let counts = Mutex::new(Counts::new());
+    let lines = count_events(std::io::Read::take(f, to.saturating_sub(from)), &counts);
+    Ok((counts.into_inner().expect("lock"), lines))
+}
+
+/// Current size of a file, 0 if it does not exist yet.
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
 /// Counts JSON lines by their `"event":"NAME"` field, reading in large chunks (the agent may print
 /// tens of thousands of lines a second; the reader must never be what slows it down).
-fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) {
+/// Returns the number of complete lines read.
+fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) -> u64 {
     const KEY: &[u8] = b"\"event\":\"";
     let mut buf = vec![0u8; 1 << 20];
     let mut carry: Vec<u8> = Vec::new();
     let mut local: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut lines = 0;
     loop {
         let n = match r.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -218,6 +311,7 @@ fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) {
             None => continue,
         };
         for line in carry[..last_nl].split(|&b| b == b'\n') {
+            lines += 1;
             if let Some(p) = find(line, KEY) {
                 let rest = &line[p + KEY.len()..];
                 let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
@@ -230,6 +324,7 @@ fn count_events(mut r: impl std::io::Read, counts: &Mutex<Counts>) {
             *c.entry(String::from_utf8_lossy(&k).into_owned()).or_default() += v;
         }
     }
+    lines
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -251,6 +346,19 @@ mod tests {
     }
 
     #[test]
+    fn counts_a_range_of_a_file() {
+        let path = std::env::temp_dir().join(format!("ka-bench-count-{}.jsonl", std::process::id()));
+        let text = "{\"event\":\"probe\"}\n{\"event\":\"ack\"}\n{\"event\":\"probe\"}\n";
+        std::fs::write(&path, text).unwrap();
+        let second = text.find('\n').unwrap() as u64 + 1;
+        let (c, lines) = count_file(&path, second, file_len(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(lines, 2);
+        assert_eq!(c.get("probe"), Some(&1));
+        assert_eq!(c.get("ack"), Some(&1));
+    }
+
+    #[test]
     fn counts_events_across_chunks() {
         let text = b"{\"conn\":1,\"event\":\"probe\",\"x\":1}\n{\"event\":\"ack\"}\n{\"event\":\"probe\"}\nnot json\n";
         // A reader that returns 5 bytes at a time splits lines across reads.
@@ -264,7 +372,7 @@ mod tests {
             }
         }
         let c = Mutex::new(Counts::new());
-        count_events(Slow(text), &c);
+        assert_eq!(count_events(Slow(text), &c), 4);
         let c = c.into_inner().unwrap();
         assert_eq!(c.get("probe"), Some(&2));
         assert_eq!(c.get("ack"), Some(&1));

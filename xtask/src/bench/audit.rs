@@ -19,7 +19,7 @@ use log::info;
 
 use super::load::{KaFarm, KeepAlive};
 use super::report::{bytes, Section, Verdict};
-use super::sys::NetNs;
+use super::sys::{self, NetNs};
 use super::{Ctx, Part};
 
 /// Targets of issue 13.
@@ -35,10 +35,6 @@ struct Run {
     sockets: usize,
     /// The agent's last log line (its own walk and owner-scan times).
     log: String,
-}
-
-fn tv(t: libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
 /// Runs `audit --netns NS --format json` once.
@@ -78,7 +74,7 @@ fn audit_once(agent: &std::path::Path, ns: &NetNs) -> Result<Run> {
     }
     Ok(Run {
         wall_s,
-        cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
+        cpu_s: sys::timeval_s(ru.ru_utime) + sys::timeval_s(ru.ru_stime),
         max_rss_kib: ru.ru_maxrss as u64,
         sockets: lines,
         log: err.lines().last().unwrap_or_default().to_string(),

@@ -20,7 +20,7 @@ use super::{Ctx, Mode, Part};
 pub const TARGET_NS: f64 = 50.0;
 
 /// Tracepoint programs of the agent on the hot path (fire for everything, not only our sockets).
-const HOT: &[&str] = &["timer_expire_entry", "timer_expire_exit", "tcp_probe", "inet_sock_set_state", "tcp_destroy_sock"];
+pub const HOT: &[&str] = &["timer_expire_entry", "timer_expire_exit", "tcp_probe", "inet_sock_set_state", "tcp_destroy_sock"];
 
 /// Reference programs attached next to the agent's. The `tp_btf` ones are optional: a kernel that
 /// refuses them is reported, not fatal.
@@ -86,7 +86,8 @@ impl HostCounters {
         })
     }
 
-    fn read(&self) -> Result<(u64, u64)> {
+    /// Keep-alive timer expiries and answers counted so far.
+    pub fn read(&self) -> Result<(u64, u64)> {
         Ok((self.timers.count()?, self.answers.count()?))
     }
 }

@@ -8,20 +8,27 @@
 //! - `overhead`: loopback TCP request/response throughput with and without the agent, interleaved;
 //! - `scale`: as many keep-alive connections as asked, probing every second: events handled, lost
 //!   events, agent CPU and memory;
-//! - `polling`: the same connections watched with `ss -tnoi` once a second (needs the scale setup; run
-//!   alone it builds it);
-//! - `audit`: one `keepalive-agent audit` of many sockets: wall time, CPU, peak RSS.
+//! - `observers` (alias `polling`): the same keep-alive connections watched one observer at a time,
+//!   `ss -tnoi` once a second, `trace --format json` and `run` to a file, at several sizes: CPU per
+//!   second of each, the agent's BPF run time above the empty-program floor, what each saw;
+//! - `audit`: one `keepalive-agent audit` of many sockets: wall time, CPU, peak RSS;
+//! - `hostload`: nginx served to `wrk` on loopback (new connection per request, and keep-alive
+//!   requests), with and without the agent: the agent's process and BPF time over the machine's
+//!   busy CPU time in the same window.
 //!
 //! Everything runs in network namespaces the bench creates (loopback only) with the agent's cgroup
 //! program on a cgroup the bench creates; all of it is removed afterwards. Each part's results are
-//! kept in `target/bench/<part>.json` so that a partial run refreshes only its parts of the report.
+//! kept in `target/bench/<part>.json` so that a partial run refreshes only its parts of the report;
+//! `--baseline DIR` keeps another results directory (a previous binary's) as the "before" columns.
 
 mod agent;
 mod audit;
 mod bpf;
 mod engine;
+mod hostload;
 mod kernel;
 mod load;
+mod observers;
 mod overhead;
 mod report;
 mod scale;
@@ -41,8 +48,10 @@ pub enum Part {
     Kernel,
     Overhead,
     Scale,
-    Polling,
+    #[value(alias = "polling")]
+    Observers,
     Audit,
+    Hostload,
 }
 
 impl Part {
@@ -52,12 +61,14 @@ impl Part {
             Part::Kernel => "kernel",
             Part::Overhead => "overhead",
             Part::Scale => "scale",
-            Part::Polling => "polling",
+            Part::Observers => "observers",
             Part::Audit => "audit",
+            Part::Hostload => "hostload",
         }
     }
 
-    pub const ALL: [Part; 6] = [Part::Engine, Part::Kernel, Part::Overhead, Part::Scale, Part::Polling, Part::Audit];
+    pub const ALL: [Part; 7] =
+        [Part::Engine, Part::Kernel, Part::Overhead, Part::Scale, Part::Observers, Part::Audit, Part::Hostload];
 }
 
 /// `cargo xtask bench` options.
@@ -79,6 +90,11 @@ pub struct BenchArgs {
     /// Only rewrite the report from the results kept in target/bench (after editing notes.md).
     #[arg(long)]
     pub report_only: bool,
+    /// Results directory of an earlier run (e.g. of the binary before a fix, measured with
+    /// `--agent OLD --results DIR`): copied into `<results>/baseline/` and shown as "before" next
+    /// to every measure of the same name. Kept there for `--report-only` until replaced.
+    #[arg(long, value_name = "DIR")]
+    pub baseline: Option<PathBuf>,
     /// Run even when the machine is busy (more than a quarter of its CPU time in use before starting).
     #[arg(long)]
     pub allow_busy: bool,
@@ -142,9 +158,25 @@ pub struct BenchArgs {
     /// scale: measurement window after warm-up, seconds.
     #[arg(long, default_value_t = 30)]
     pub scale_window_s: u64,
-    /// polling: how many seconds to poll with `ss -tnoi` (once a second).
+    /// observers: connection counts, one setup each (comma-separated; the first is the one the
+    /// targets are stated at, the last is compared with it per connection).
+    #[arg(long, value_delimiter = ',', default_values_t = [5_000, 20_000])]
+    pub observer_connections: Vec<usize>,
+    /// observers: measurement window of each observer, seconds.
     #[arg(long, default_value_t = 20)]
-    pub poll_s: u64,
+    pub observer_window_s: u64,
+    /// observers: warm-up after the connections are made and after each agent starts, seconds.
+    #[arg(long, default_value_t = 5)]
+    pub observer_warmup_s: u64,
+    /// hostload: length of each window (one wrk run), seconds.
+    #[arg(long, default_value_t = 8)]
+    pub hostload_window_s: u64,
+    /// hostload: rounds of (without agent, `run`, `run --all-closes`) per workload.
+    #[arg(long, default_value_t = 2)]
+    pub hostload_reps: usize,
+    /// hostload: wrk connections (wrk uses one thread per CPU, at most this many).
+    #[arg(long, default_value_t = 16)]
+    pub hostload_connections: usize,
     /// audit: sockets to audit (half as many loopback connections).
     #[arg(long, default_value_t = 100_000)]
     pub audit_sockets: usize,
@@ -221,12 +253,14 @@ impl Ctx<'_> {
         };
         Ok(agent::AgentConfig {
             binary: binary.clone(),
-            netns: netns.to_path_buf(),
+            command: agent::AgentCommand::Trace,
+            netns: Some(netns.to_path_buf()),
             cgroup: cg.path().to_path_buf(),
             max_connections,
             ringbuf_size: self.args.ringbuf_size,
             env: Vec::new(),
             extra_args: Vec::new(),
+            stdout_file: None,
         })
     }
 }
@@ -249,6 +283,9 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     if args.report_only {
         let results_dir = results_dir(workspace, &args);
         let out = if args.output.is_absolute() { args.output.clone() } else { workspace.join(&args.output) };
+        if let Some(b) = &args.baseline {
+            report::keep_baseline(&results_dir, b)?;
+        }
         let command = std::fs::read_to_string(results_dir.join("command")).unwrap_or_default();
         let all_met = report::write(&out, &results_dir, &sys::Machine::describe(), command.trim(), &[])?;
         info!("report written to {}", out.display());
@@ -269,7 +306,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     let root = unsafe { libc::geteuid() } == 0;
     let needs_kernel = args.parts.iter().any(|p| *p != Part::Engine);
     if needs_kernel && !root {
-        bail!("the kernel, overhead, scale, polling and audit parts need root (BPF, network namespaces)");
+        bail!("the kernel, overhead, scale, observers, audit and hostload parts need root (BPF, network namespaces)");
     }
     let machine = sys::Machine::describe();
     // How busy the machine is right now (the load average would still count our own build).
@@ -284,6 +321,9 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     }
     let results_dir = results_dir(workspace, &args);
     std::fs::create_dir_all(&results_dir).with_context(|| results_dir.display().to_string())?;
+    if let Some(b) = &args.baseline {
+        report::keep_baseline(&results_dir, b)?;
+    }
 
     let agent_bin = if needs_kernel {
         Some(match &args.agent {
@@ -297,11 +337,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     let ctx = Ctx { workspace, args: &args, agent_bin, cgroup: cgroup.as_ref() };
 
     let mut failed = Vec::new();
-    let polling_with_scale = args.parts.contains(&Part::Scale) && args.parts.contains(&Part::Polling);
     for &part in &args.parts {
-        if part == Part::Polling && polling_with_scale {
-            continue; // measured within the scale run, on the same connections
-        }
         info!("== {} ==", part.key());
         let started = std::time::Instant::now();
         let load_before = sys::loadavg();
@@ -310,14 +346,18 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
             Part::Engine => engine::run(&ctx).map(|s| vec![s]),
             Part::Kernel => kernel::run(&ctx).map(|s| vec![s]),
             Part::Overhead => overhead::run(&ctx).map(|s| vec![s]),
-            Part::Scale => scale::run(&ctx, polling_with_scale),
-            Part::Polling => scale::run_polling_only(&ctx).map(|s| vec![s]),
+            Part::Scale => scale::run(&ctx).map(|s| vec![s]),
+            Part::Observers => observers::run(&ctx).map(|s| vec![s]),
             Part::Audit => audit::run(&ctx).map(|s| vec![s]),
+            Part::Hostload => hostload::run(&ctx).map(|s| vec![s]),
         };
         match res {
             Ok(sections) => {
                 for mut s in sections {
                     s.stamp(started.elapsed().as_secs_f64(), load_before, busy_before);
+                    if let Some(agent) = &args.agent {
+                        s.code = format!("{} with agent binary {}", s.code, agent.display());
+                    }
                     s.save(&results_dir)?;
                 }
             }

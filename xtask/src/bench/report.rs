@@ -139,11 +139,14 @@ fn utc(secs: i64) -> String {
 /// Static analysis text kept with the bench code (profiles, causes, recommendations).
 const NOTES: &str = include_str!("notes.md");
 
-/// Writes BENCHMARKS.md from every part's saved results. Returns whether all targets were met.
-pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, failed: &[(Part, String)]) -> Result<bool> {
+/// Where a results directory keeps the "before" results (`--baseline`).
+pub const BASELINE_DIR: &str = "baseline";
+
+/// Every part's saved section in `dir` (parts without results are left out).
+fn load_sections(dir: &Path) -> Vec<Section> {
     let mut sections = Vec::new();
     for part in Part::ALL {
-        let p = results.join(format!("{}.json", part.key()));
+        let p = dir.join(format!("{}.json", part.key()));
         if let Ok(bytes) = std::fs::read(&p) {
             match serde_json::from_slice::<Section>(&bytes) {
                 Ok(s) => sections.push(s),
@@ -151,6 +154,58 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
             }
         }
     }
+    sections
+}
+
+/// Copies the results in `from` (a previous run's results directory) into `results/baseline`,
+/// replacing what was there: the "before" of the report until the next `--baseline`.
+pub fn keep_baseline(results: &Path, from: &Path) -> Result<()> {
+    let dest = results.join(BASELINE_DIR);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut copied = 0;
+    for part in Part::ALL {
+        let name = format!("{}.json", part.key());
+        if from.join(&name).is_file() {
+            std::fs::copy(from.join(&name), dest.join(&name)).with_context(|| format!("copying {}", from.join(&name).display()))?;
+            copied += 1;
+        }
+    }
+    if copied == 0 {
+        anyhow::bail!("--baseline {}: no part results (<part>.json) in it", from.display());
+    }
+    let _ = std::fs::copy(from.join("command"), dest.join("command"));
+    Ok(())
+}
+
+/// The baseline's measure of the same part and name, if any.
+fn before_of<'a>(before: &'a [Section], key: &str, what: &str) -> Option<&'a Verdict> {
+    before.iter().find(|s| s.key == key)?.verdicts.iter().find(|v| v.what == what)
+}
+
+/// "Before → now" table of a section's measures, when the baseline has the part.
+fn before_after(md: &mut String, s: &Section, before: &[Section]) {
+    let Some(b) = before.iter().find(|b| b.key == s.key) else { return };
+    let _ = writeln!(
+        md,
+        "Before and now (before: measured {} on Linux {}, code {}; CPUs {:.0} % busy, load average {}):\n",
+        b.measured_at, b.kernel, b.code, b.busy_before, b.load_before
+    );
+    md.push_str("| Measure | Target | Before | Now |\n|---|---|---|---|\n");
+    for v in &s.verdicts {
+        let was = before_of(before, &s.key, &v.what).map_or("–", |w| w.measured.as_str());
+        let _ = writeln!(md, "| {} | {} | {} | {} |", v.what, v.target, was, v.measured);
+    }
+    md.push('\n');
+}
+
+/// Writes BENCHMARKS.md from every part's saved results. Returns whether all targets were met.
+pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, failed: &[(Part, String)]) -> Result<bool> {
+    let sections = load_sections(results);
+    let before = load_sections(&results.join(BASELINE_DIR));
+    let before_command = std::fs::read_to_string(results.join(BASELINE_DIR).join("command")).unwrap_or_default();
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
     md.push_str(
@@ -161,7 +216,9 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
     md.push_str("## Reproduce\n\n```sh\ncargo xtask bench                       # everything, about 10 minutes\n");
     md.push_str("cargo xtask bench --parts engine,kernel  # some parts; the others keep their last results\n");
     md.push_str("cargo xtask bench --connections 40000   # sizes and durations: cargo xtask bench --help\n");
-    md.push_str("cargo xtask bench --parts audit          # one `keepalive-agent audit` of 100,000 sockets\n```\n\n");
+    md.push_str("cargo xtask bench --parts audit          # one `keepalive-agent audit` of 100,000 sockets\n");
+    md.push_str("cargo xtask bench --parts observers,hostload --agent OLD --results target/bench-before   # a previous binary\n");
+    md.push_str("cargo xtask bench --parts observers,hostload --baseline target/bench-before   # now, with before columns\n```\n\n");
     let _ = writeln!(md, "Last command: `cargo xtask bench {command}`\n");
     md.push_str("Needs root (BPF programs, network namespaces). Everything happens in network namespaces the bench creates\n\
                  (loopback only), the agent's setsockopt program is attached to a cgroup the bench creates, BPF run-time\n\
@@ -180,7 +237,13 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
     }
     md.push('\n');
 
-    md.push_str("## Summary\n\n| Part | Measure | Target | Measured | |\n|---|---|---|---|---|\n");
+    let with_before = !before.is_empty();
+    if with_before {
+        let _ = writeln!(md, "\"Before\" columns: the results kept with `--baseline` (command `cargo xtask bench {}`).\n", before_command.trim());
+        md.push_str("## Summary\n\n| Part | Measure | Target | Before | Measured | |\n|---|---|---|---|---|---|\n");
+    } else {
+        md.push_str("## Summary\n\n| Part | Measure | Target | Measured | |\n|---|---|---|---|---|\n");
+    }
     let mut all_met = failed.is_empty();
     for s in &sections {
         for v in &s.verdicts {
@@ -192,11 +255,17 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
                 }
                 None => "",
             };
-            let _ = writeln!(md, "| {} | {} | {} | {} | {} |", s.key, v.what, v.target, v.measured, mark);
+            if with_before {
+                let was = before_of(&before, &s.key, &v.what).map_or("–", |w| w.measured.as_str());
+                let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} |", s.key, v.what, v.target, was, v.measured, mark);
+            } else {
+                let _ = writeln!(md, "| {} | {} | {} | {} | {} |", s.key, v.what, v.target, v.measured, mark);
+            }
         }
     }
     for (p, e) in failed {
-        let _ = writeln!(md, "| {} | (part failed in the last run) | | {} | **failed** |", p.key(), e.replace('|', "/").replace('\n', " "));
+        let before_cell = if with_before { " |" } else { "" };
+        let _ = writeln!(md, "| {} | (part failed in the last run) |{before_cell} | {} | **failed** |", p.key(), e.replace('|', "/").replace('\n', " "));
     }
     md.push('\n');
     for part in Part::ALL {
@@ -213,6 +282,7 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
         );
         md.push_str(&s.markdown);
         md.push('\n');
+        before_after(&mut md, s, &before);
     }
     md.push_str(NOTES);
     std::fs::write(out, md).with_context(|| out.display().to_string())?;
@@ -274,6 +344,28 @@ mod tests {
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20Z");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(utc_now().len(), 20);
+    }
+
+    #[test]
+    fn baseline_measures_show_as_before() {
+        let dir = std::env::temp_dir().join(format!("ka-bench-report-{}", std::process::id()));
+        let old = dir.join("old");
+        std::fs::create_dir_all(&old).unwrap();
+        let mut s = Section::new(Part::Observers, "5. Observers");
+        s.verdict(Verdict::new("trace: user+sys", "≤ 10 ms/s", "55 ms/s", Some(false)));
+        s.stamp(1.0, (0.0, 0.0, 0.0), 0.0);
+        s.save(&old).unwrap();
+        s.verdicts[0] = Verdict::new("trace: user+sys", "≤ 10 ms/s", "8 ms/s", Some(true));
+        s.save(&dir).unwrap();
+        assert!(keep_baseline(&dir, &dir.join("nothing")).is_err());
+        keep_baseline(&dir, &old).unwrap();
+        let machine = Machine { cpu_model: "x".into(), cpus: 2, kernel: "k".into(), memory_mib: 1, clocksource: "c".into(), hz: None };
+        let out = dir.join("out.md");
+        assert!(write(&out, &dir, &machine, "", &[]).unwrap());
+        let md = std::fs::read_to_string(&out).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(md.contains("| observers | trace: user+sys | ≤ 10 ms/s | 55 ms/s | 8 ms/s | met |"), "{md}");
+        assert!(md.contains("| trace: user+sys | ≤ 10 ms/s | 55 ms/s | 8 ms/s |"), "{md}");
     }
 
     #[test]

@@ -1,11 +1,9 @@
-//! Parts `scale` and `polling`: many keep-alive connections probing every second, watched by the
-//! agent; then the same connections watched the way people do today, `ss -tnoi` once a second.
+//! Part `scale`: many keep-alive connections probing every second, watched by the agent (the same
+//! connections watched by other observers: part `observers`).
 
-use std::io::Read as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::Result;
 use log::info;
 
 use super::agent::{Agent, Counts};
@@ -27,70 +25,6 @@ fn diff(a: &Counts, b: &Counts) -> Counts {
 
 fn get(c: &Counts, k: &str) -> u64 {
     c.get(k).copied().unwrap_or(0)
-}
-
-/// One `ss -tnoi` run.
-#[derive(Debug, Default, Clone, Copy)]
-struct SsRun {
-    cpu_s: f64,
-    wall_s: f64,
-    sockets: u64,
-    keepalive: u64,
-    probing: u64,
-}
-
-fn tv(t: libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
-}
-
-/// Runs `ss -tnoi` in the namespace; CPU from the child's rusage.
-fn ss_once(ns: &NetNs) -> Result<SsRun> {
-    let start = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "ss", "-tnoi"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("running ss")?;
-    let mut out = Vec::new();
-    child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?.read_to_end(&mut out)?;
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid out-buffer.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: reaping our own child (std's handle is not used to wait afterwards).
-    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
-    if r < 0 {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("ss failed (status {status})");
-    }
-    let mut run = parse_ss(&String::from_utf8_lossy(&out));
-    run.cpu_s = tv(ru.ru_utime) + tv(ru.ru_stime);
-    run.wall_s = start.elapsed().as_secs_f64();
-    Ok(run)
-}
-
-/// Counts sockets, keep-alive timers and timers with probes outstanding in `ss -tnoi` output
-/// (`timer:(keepalive,571ms,0)`: the last number is `icsk_probes_out`).
-fn parse_ss(text: &str) -> SsRun {
-    let mut r = SsRun::default();
-    for line in text.lines() {
-        if !line.starts_with(char::is_whitespace) && !line.starts_with("State") && !line.is_empty() {
-            r.sockets += 1;
-        }
-        if let Some(p) = line.find("timer:(keepalive,") {
-            r.keepalive += 1;
-            let rest = &line[p + "timer:(keepalive,".len()..];
-            let inner = rest.split(')').next().unwrap_or("");
-            let probes: u64 = inner.rsplit(',').next().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-            if probes > 0 {
-                r.probing += 1;
-            }
-        }
-    }
-    r
 }
 
 struct Setup {
@@ -122,101 +56,7 @@ fn setup(ctx: &Ctx, n: usize) -> Result<Setup> {
     Ok(Setup { ns, farm, agent, mem0, _stats: stats })
 }
 
-struct Polling {
-    runs: Vec<SsRun>,
-    secs: f64,
-    agent_cpu_s: f64,
-    agent_bpf_ns: u64,
-    counts: Counts,
-}
-
-fn poll(st: &Setup, secs: u64) -> Result<Polling> {
-    info!("polling with ss -tnoi once a second for {secs} s");
-    let cpu0 = sys::process_cpu_s(st.agent.pid)?;
-    let b0 = bpf::process_bpf(st.agent.pid)?.progs;
-    let c0 = st.agent.counts();
-    let start = Instant::now();
-    let mut runs = Vec::new();
-    for i in 0..secs {
-        runs.push(ss_once(&st.ns)?);
-        let next = Duration::from_secs(i + 1);
-        if let Some(rest) = next.checked_sub(start.elapsed()) {
-            super::sys::sleep(rest)?;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let agent_cpu_s = sys::process_cpu_s(st.agent.pid)? - cpu0;
-    let b1 = bpf::process_bpf(st.agent.pid)?.progs;
-    let agent_bpf_ns = bpf::deltas(&b0, &b1).iter().map(|d| d.run_time_ns).sum();
-    Ok(Polling { runs, secs, agent_cpu_s, agent_bpf_ns, counts: diff(&c0, &st.agent.counts()) })
-}
-
-fn polling_section(p: &Polling, n: usize) -> Section {
-    let mut s = Section::new(Part::Polling, "5. Against polling: `ss -tnoi` once a second");
-    let k = p.runs.len().max(1) as f64;
-    let ss_cpu: f64 = p.runs.iter().map(|r| r.cpu_s).sum();
-    let ss_wall: f64 = p.runs.iter().map(|r| r.wall_s).sum::<f64>() / k;
-    let ka: u64 = p.runs.iter().map(|r| r.keepalive).sum();
-    let probing: u64 = p.runs.iter().map(|r| r.probing).sum();
-    let sockets = p.runs.iter().map(|r| r.sockets).max().unwrap_or(0);
-    let probes = get(&p.counts, "probe");
-    let acks = get(&p.counts, "ack");
-    let ss_cpu_per_s = ss_cpu / p.secs;
-    let agent_cpu_per_s = (p.agent_cpu_s + p.agent_bpf_ns as f64 / 1e9) / p.secs;
-    s.line(format!(
-        "The same {n} connections, while the agent runs, are also listed with `ip netns exec NS ss -tnoi` once a \
-         second for {:.0} s ({} runs), which is what people do today. CPU of `ss` from its rusage (user + system, \
-         including the kernel's socket dump); CPU of the agent from `/proc/<pid>/stat` plus its BPF programs' run \
-         time.\n",
-        p.secs,
-        p.runs.len()
-    ));
-    s.line("| | `ss -tnoi` every second | agent |");
-    s.line("|---|---|---|");
-    s.line(format!(
-        "| CPU per second of watching | {:.1} ms ({:.2} % of one core; {:.0} ms wall per run) | {:.1} ms ({:.2} %: {:.1} ms process + {:.1} ms BPF) |",
-        ss_cpu_per_s * 1e3,
-        ss_cpu_per_s * 100.0,
-        ss_wall * 1e3,
-        agent_cpu_per_s * 1e3,
-        agent_cpu_per_s * 100.0,
-        p.agent_cpu_s / p.secs * 1e3,
-        p.agent_bpf_ns as f64 / 1e6 / p.secs
-    ));
-    s.line(format!(
-        "| What it sees | {} sockets per snapshot; {:.0} keep-alive timers per snapshot; {} timer snapshots with a probe outstanding (of {}) | {} probes and {} answers, each with its time ({:.0}/s and {:.0}/s) |",
-        sockets,
-        ka as f64 / k,
-        probing,
-        ka,
-        probes,
-        acks,
-        probes as f64 / p.secs,
-        acks as f64 / p.secs
-    ));
-    s.line("");
-    s.line(format!(
-        "Every connection sent a probe every second and had it answered within microseconds (loopback), so a \
-         snapshot almost never catches one outstanding: `ss` saw {probing} of the {probes} probes the agent \
-         reported, never when one was sent or answered, and would miss a dead peer's probes until the connection \
-         is gone. It shows a timer's next expiry and the probe count at the instant of the poll, nothing in between.\n"
-    ));
-    s.verdict(Verdict::new(
-        "CPU per second, ss -tnoi once a second vs agent",
-        "",
-        format!("ss {:.1} ms/s vs agent {:.1} ms/s ({n} connections)", ss_cpu_per_s * 1e3, agent_cpu_per_s * 1e3),
-        None,
-    ));
-    s.verdict(Verdict::new(
-        "probes seen, ss vs agent",
-        "",
-        format!("ss {probing} vs agent {probes} over {:.0} s", p.secs),
-        None,
-    ));
-    s
-}
-
-pub fn run(ctx: &Ctx, with_polling: bool) -> Result<Vec<Section>> {
+pub fn run(ctx: &Ctx) -> Result<Section> {
     let a = ctx.args;
     let n = a.connections;
     let st = setup(ctx, n)?;
@@ -234,8 +74,6 @@ pub fn run(ctx: &Ctx, with_polling: bool) -> Result<Vec<Section>> {
     let progs: Vec<ProgDelta> = bpf::deltas(&b0, &bpf_now.progs);
     let counts = diff(&c0, &st.agent.counts());
     let mem1 = sys::process_mem(st.agent.pid)?;
-
-    let polling = if with_polling { Some(poll(&st, a.poll_s)?) } else { None };
 
     let Setup { ns, farm, agent, mem0, _stats } = st;
     let connect_s = farm.connect_s;
@@ -370,23 +208,7 @@ pub fn run(ctx: &Ctx, with_polling: bool) -> Result<Vec<Section>> {
         Some(per_conn <= TARGET_BYTES_PER_CONN),
     ));
     s.verdict(Verdict::new("kernel map memory per tracked connection", "", format!("0 B (fixed {} in all)", bytes(maps_total as f64)), None));
-    let mut out = vec![s];
-    if let Some(p) = polling {
-        out.push(polling_section(&p, n));
-    }
-    Ok(out)
-}
-
-/// Part `polling` alone: builds the scale setup, polls, reports the comparison.
-pub fn run_polling_only(ctx: &Ctx) -> Result<Section> {
-    let n = ctx.args.connections;
-    let st = setup(ctx, n)?;
-    let p = poll(&st, ctx.args.poll_s)?;
-    let Setup { ns, farm, agent, .. } = st;
-    agent.stop()?;
-    farm.close();
-    drop(ns);
-    Ok(polling_section(&p, n))
+    Ok(s)
 }
 
 fn map_type(t: u32) -> String {
@@ -397,25 +219,5 @@ fn map_type(t: u32) -> String {
         6 => "percpu_array".into(),
         27 => "ringbuf".into(),
         t => t.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_ss_output() {
-        let text = "State Recv-Q Send-Q Local Address:Port Peer Address:Port Process\n\
-ESTAB 0 0 127.0.0.1:40000 127.0.0.1:9000 timer:(keepalive,571ms,0)\n\
-\t cubic wscale:7,7 rto:201 rtt:0.02/0.01\n\
-ESTAB 0 0 127.0.0.1:40002 127.0.0.1:9000 timer:(keepalive,1.2sec,2)\n\
-\t cubic wscale:7,7\n\
-ESTAB 0 0 127.0.0.1:9000 127.0.0.1:40000\n\
-\t cubic\n";
-        let r = parse_ss(text);
-        assert_eq!(r.sockets, 3);
-        assert_eq!(r.keepalive, 2);
-        assert_eq!(r.probing, 1);
     }
 }

@@ -157,6 +157,11 @@ pub fn clk_tck() -> f64 {
     }
 }
 
+/// A `timeval` (as in a child's rusage) in seconds.
+pub fn timeval_s(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
 /// CPU time (user + system) a process used so far, in seconds.
 pub fn process_cpu_s(pid: u32) -> Result<f64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("/proc/{pid}/stat"))?;
@@ -167,6 +172,22 @@ pub fn process_cpu_s(pid: u32) -> Result<f64> {
     let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("no utime"))?;
     let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow!("no stime"))?;
     Ok((utime + stime) as f64 / clk_tck())
+}
+
+/// CPU time a process's live threads used so far, in seconds, to the nanosecond: the sum of
+/// `/proc/<pid>/task/*/schedstat` (first field, the scheduler's `sum_exec_runtime`: user + system).
+/// `/proc/<pid>/stat` counts in clock ticks (10 ms here), too coarse for a few ms per second over
+/// a short window; threads that exited are missing here but not there.
+pub fn process_cpu_precise_s(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns = 0u64;
+    for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
+        let Ok(entry) = entry else { continue };
+        // A thread may exit between the listing and the read.
+        let Ok(text) = fs::read_to_string(entry.path().join("schedstat")) else { continue };
+        ns += text.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Ok(ns as f64 / 1e9)
 }
 
 /// Memory figures of a process from `/proc/<pid>/status`, in KiB.
