@@ -382,7 +382,9 @@ fn describe(s: &mut Section, ctx: &Ctx) {
          agent program's runs is what the statistics and the dispatch cost by themselves, and \"above the floor\" \
          subtracts it. Probes: keep-alive timer expiries on the host in the window (a counting program on \
          `timer_expire_entry`; every expiry here sends a probe), answers: segments received while a probe is out \
-         (`tcp_probe`). Lost events: the agent's exit summary.\n",
+         (`tcp_probe`). These host counts include other processes' keep-alive connections (on a shared machine, \
+         other test suites'), which the agent's programs handle too: the \"sees\" column gives what the agent \
+         printed for the bench's namespace. Lost events: the agent's exit summary.\n",
         a.observer_window_s, a.observer_warmup_s
     ));
 }
