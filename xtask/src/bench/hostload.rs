@@ -261,6 +261,9 @@ fn mode_window(ctx: &Ctx, ns: &NetNs, wl: Workload, mode: Mode) -> Result<(Win, 
 type Results = Vec<(Workload, Vec<(Mode, Win, u64)>)>;
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
+    if ctx.args.hostload_window_s == 0 || ctx.args.hostload_connections == 0 {
+        bail!("--hostload-window-s and --hostload-connections must be at least 1");
+    }
     let ns = NetNs::new("hostload")?;
     ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;

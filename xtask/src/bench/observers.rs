@@ -363,6 +363,13 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Size> {
 }
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
+    let a = ctx.args;
+    if a.observer_connections.is_empty() || a.observer_connections.contains(&0) {
+        bail!("--observer-connections takes one or more connection counts above 0 (got {:?})", a.observer_connections);
+    }
+    if a.observer_window_s == 0 {
+        bail!("--observer-window-s must be at least 1");
+    }
     let mut sizes = Vec::new();
     for &n in &ctx.args.observer_connections {
         sizes.push(measure(ctx, n)?);
