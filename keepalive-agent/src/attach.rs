@@ -223,10 +223,16 @@ pub const PLAN: &[Hook] = &[
         reaches: "tcp_set_state (connect, established, close), tcp_v4_destroy_sock",
         without: "no open/close events; settings made before connect are not reported",
         on_demand: false,
-        strategies: &[Strategy::RawTracepoints(&[
-            ("inet_sock_set_state", "inet_sock_set_state"),
-            ("tcp_destroy_sock", "tcp_destroy_sock"),
-        ])],
+        strategies: &[
+            Strategy::BtfTracepoints(&[
+                ("btf_inet_sock_set_state", "inet_sock_set_state"),
+                ("btf_tcp_destroy_sock", "tcp_destroy_sock"),
+            ]),
+            Strategy::RawTracepoints(&[
+                ("inet_sock_set_state", "inet_sock_set_state"),
+                ("tcp_destroy_sock", "tcp_destroy_sock"),
+            ]),
+        ],
     },
     Hook {
         name: "setsockopt",

@@ -80,12 +80,28 @@ impl CgroupResolver {
 
     /// The cgroup `id` names, if it can be found.
     pub fn resolve(&mut self, id: u64) -> Option<CgroupInfo> {
+        self.resolve_ref(id).cloned()
+    }
+
+    /// [`CgroupResolver::resolve`] without a copy (per record in `trace`: the cache hit is the
+    /// common case).
+    pub fn resolve_ref(&mut self, id: u64) -> Option<&CgroupInfo> {
         if id == 0 {
             return None;
         }
-        if let Some(hit) = self.cache.get(&id) {
-            return hit.clone();
+        if !self.cache.contains_key(&id) {
+            let found = self.lookup_uncached(id);
+            if self.cache.len() >= self.max_cache {
+                self.stats.evicted += self.cache.len() as u64;
+                log::debug!("cgroup cache full ({} entries): emptied; {:?}", self.cache.len(), self.stats);
+                self.cache.clear();
+            }
+            self.cache.insert(id, found);
         }
+        self.cache.get(&id).and_then(Option::as_ref)
+    }
+
+    fn lookup_uncached(&mut self, id: u64) -> Option<CgroupInfo> {
         self.stats.lookups += 1;
         let found = (self.lookup)(id).map(|path| {
             let a = crate::k8s::parse_cgroup_path(&path);
@@ -94,12 +110,6 @@ impl CgroupResolver {
         if found.is_none() {
             self.stats.not_found += 1;
         }
-        if self.cache.len() >= self.max_cache {
-            self.stats.evicted += self.cache.len() as u64;
-            log::debug!("cgroup cache full ({} entries): emptied; {:?}", self.cache.len(), self.stats);
-            self.cache.clear();
-        }
-        self.cache.insert(id, found.clone());
         found
     }
 

@@ -530,7 +530,7 @@ fn trace(args: TraceArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let cgroups = keepalive_agent::container::CgroupResolver::new(attach::cgroup2_mount());
     let mut printer =
-        Printer::new(std::io::BufWriter::new(stdout.lock()), args.format, color, cgroups);
+        Printer::new(std::io::BufWriter::with_capacity(OUTPUT_BUFFER, stdout.lock()), args.format, color, cgroups);
     let mut ev_loop = EventLoop::new(&mut probes, &decoder, &mut engine, &filter);
     let mut sink = |recs: &[keepalive_agent::timeline::Record], clock: &WallClock, _: &Engine| {
         for r in recs {
@@ -555,6 +555,10 @@ fn trace(args: TraceArgs) -> Result<()> {
     let _ = std::io::stderr().flush();
     Ok(())
 }
+
+/// `trace`'s output buffer: records are flushed once per batch of ring-buffer events; a batch
+/// of JSON lines fits, so it is written with a few calls instead of one per 8 KiB.
+const OUTPUT_BUFFER: usize = 1 << 20;
 
 fn run(args: RunArgs) -> Result<()> {
     let filter = Filter {

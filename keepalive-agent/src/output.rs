@@ -121,21 +121,25 @@ pub struct Printer<W: Write> {
     color: bool,
     cgroups: CgroupResolver,
     line: String,
+    /// One JSON line, serialised here and written with one call (cheaper than many small writes
+    /// into the output's buffer).
+    json: Vec<u8>,
 }
 
 impl<W: Write> Printer<W> {
     pub fn new(out: W, format: Format, color: bool, cgroups: CgroupResolver) -> Self {
-        Printer { out, format, color, cgroups, line: String::with_capacity(256) }
+        Printer { out, format, color, cgroups, line: String::with_capacity(256), json: Vec::with_capacity(512) }
     }
 
     pub fn write(&mut self, rec: &Record, clock: &WallClock) -> io::Result<()> {
         let unix_ns = clock.to_unix_ns(rec.ts_ns);
         match self.format {
             Format::Json => {
-                let cg = record_process(rec).and_then(|p| self.cgroups.resolve(p.cgroup_id));
-                let line = JsonRecord { rec, unix_ns, cgroup: cg.as_ref() };
-                serde_json::to_writer(&mut self.out, &line)?;
-                self.out.write_all(b"\n")
+                let cgroup = record_process(rec).and_then(|p| self.cgroups.resolve_ref(p.cgroup_id));
+                self.json.clear();
+                serde_json::to_writer(&mut self.json, &JsonRecord { rec, unix_ns, cgroup })?;
+                self.json.push(b'\n');
+                self.out.write_all(&self.json)
             }
             Format::Text => {
                 self.line.clear();

@@ -55,15 +55,28 @@ pub fn is_tcp(sk: u64) -> bool {
     rd(sk, off!(sk_protocol)) as u32 == off!(ipproto_tcp)
 }
 
-/// Fills identity, addresses, namespace, state and keep-alive settings of `sk` into `ev`.
+/// Fills identity, addresses, namespace, state and keep-alive settings of `sk` into `ev`, with
+/// the namespace's keep-alive sysctls (settings records: setsockopt, snapshot).
 #[inline(always)]
 pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
+    fill_sock_with(ev, sk, true);
+}
+
+/// [`fill_sock`] for the frequent events (timer runs, state changes): the namespace's sysctls
+/// only where the socket's own value is unset ([`read_settings_with`]); 0 otherwise.
+#[inline(always)]
+pub fn fill_sock_lean(ev: &mut RawEvent, sk: u64) {
+    fill_sock_with(ev, sk, false);
+}
+
+#[inline(always)]
+fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool) {
     let net = fill_common(ev, sk);
     if ev.sport == 0 {
         // On the way to CLOSE, inet_put_port() cleared skc_num before the state-change tracepoint.
         ev.sport = u16::from_be(rd(sk, off!(inet_sport)) as u16);
     }
-    fill_settings(ev, sk, net);
+    fill_settings(ev, sk, net, all_sysctls);
 }
 
 /// Fills what `struct sock_common` holds (identity, addresses, namespace, state): all a program
@@ -136,6 +149,14 @@ pub struct Settings {
 /// Reads the keep-alive settings of `sk` and of its namespace `net`.
 #[inline(always)]
 pub fn read_settings(sk: u64, net: u64) -> Settings {
+    read_settings_with(sk, net, true)
+}
+
+/// [`read_settings`]; with `all_sysctls` false, the namespace's values only where the socket has
+/// none of its own (the only case they take effect, and the only case the kernel's timer reads
+/// them: otherwise their cache line is cold, and reading it is most of what a timer event costs).
+#[inline(always)]
+pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
     let sk_flags = rd(sk, off!(sk_flags));
     let mut flags = 0;
     if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
@@ -144,22 +165,31 @@ pub fn read_settings(sk: u64, net: u64) -> Settings {
     if sk_flags & (1u64 << (off!(sock_dead_bit) & 63)) != 0 {
         flags |= FLAG_DEAD;
     }
+    let time = rd(sk, off!(tp_keepalive_time));
+    let intvl = rd(sk, off!(tp_keepalive_intvl));
+    let probes = rd(sk, off!(tp_keepalive_probes));
+    let (mut sysctl_time, mut sysctl_intvl, mut sysctl_probes) = (0, 0, 0);
+    if all_sysctls || time == 0 || intvl == 0 || probes == 0 {
+        sysctl_time = rd(net, off!(net_keepalive_time));
+        sysctl_intvl = rd(net, off!(net_keepalive_intvl));
+        sysctl_probes = rd(net, off!(net_keepalive_probes));
+    }
     Settings {
         flags,
-        time: rd(sk, off!(tp_keepalive_time)) as u32,
-        intvl: rd(sk, off!(tp_keepalive_intvl)) as u32,
-        probes: rd(sk, off!(tp_keepalive_probes)) as u8,
+        time: time as u32,
+        intvl: intvl as u32,
+        probes: probes as u8,
         user_timeout_ms: rd(sk, off!(icsk_user_timeout)) as u32,
-        sysctl_time: rd(net, off!(net_keepalive_time)) as u32,
-        sysctl_intvl: rd(net, off!(net_keepalive_intvl)) as u32,
-        sysctl_probes: rd(net, off!(net_keepalive_probes)) as u8,
+        sysctl_time: sysctl_time as u32,
+        sysctl_intvl: sysctl_intvl as u32,
+        sysctl_probes: sysctl_probes as u8,
     }
 }
 
 /// Keep-alive settings of the socket and of its namespace, and the socket flags.
 #[inline(always)]
-pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64) {
-    let s = read_settings(sk, net);
+pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool) {
+    let s = read_settings_with(sk, net, all_sysctls);
     ev.flags |= s.flags;
     if rd(sk, off!(sk_lock_owned)) != 0 {
         ev.flags |= FLAG_OWNED;
@@ -179,9 +209,10 @@ pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64) {
 #[inline(always)]
 pub fn keepalive_relevant(sk: u64) -> bool {
     let sk_flags = rd(sk, off!(sk_flags));
-    sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0
-        || rd(sk, off!(icsk_user_timeout)) != 0
-        || rd(sk, off!(tp_keepalive_time)) != 0
+    if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 || rd(sk, off!(icsk_user_timeout)) != 0 {
+        return true;
+    }
+    rd(sk, off!(tp_keepalive_time)) != 0
         || rd(sk, off!(tp_keepalive_intvl)) != 0
         || rd(sk, off!(tp_keepalive_probes)) != 0
 }

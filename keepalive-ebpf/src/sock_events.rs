@@ -7,11 +7,11 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
     EbpfContext,
 };
-use keepalive_common::{EventKind, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
+use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
 
 use crate::{
     count_lost, off,
-    read::{ctx_arg_scalar, fill_common, fill_process, fill_sock, fill_times, is_tcp, keepalive_relevant, rd},
+    read::{ctx_arg_scalar, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
 };
@@ -22,7 +22,7 @@ pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
     let Some(mut entry) = reserve(kind) else { return };
     // SAFETY: a reserved RawEvent-sized ring buffer record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    fill_sock(ev, sk);
+    fill_sock_lean(ev, sk);
     if in_timer(sk) {
         ev.flags |= FLAG_IN_TIMER;
     }
@@ -61,10 +61,18 @@ pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
     }
     let off = off!(icsk_probes_out).off as usize;
     // SAFETY: typed `struct tcp_sock *`; the offset is `icsk_probes_out`'s, from BTF.
-    if unsafe { core::ptr::read_volatile(tp.wrapping_add(off)) } == 0 {
+    // SAFETY: as above.
+    let probes = unsafe { core::ptr::read_volatile(tp.wrapping_add(off)) };
+    if probes == 0 {
         return 0;
     }
-    emit(EventKind::Ack, ctx_arg_scalar(ctx.as_ptr(), 0), |_| {});
+    // The namespace by two more direct loads: `skc_net.net` (typed `struct net *`), `ns.inum`.
+    // SAFETY: typed loads at BTF offsets; a NULL `net` would read as 0 (fault-safe loads).
+    let netns = unsafe {
+        let net = core::ptr::read_volatile(tp.wrapping_add(off!(skc_net).off as usize) as *const *const u8);
+        core::ptr::read_volatile(net.wrapping_add(off!(net_ns_inum).off as usize) as *const u32)
+    };
+    emit_ack(ctx_arg_scalar(ctx.as_ptr(), 0), probes, netns);
     0
 }
 
@@ -74,11 +82,27 @@ pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    if rd(sk, off!(icsk_probes_out)) == 0 {
+    let probes = rd(sk, off!(icsk_probes_out)) as u8;
+    if probes == 0 {
         return 0;
     }
-    emit(EventKind::Ack, sk, |_| {});
+    emit_ack(sk, probes, rd(rd(sk, off!(skc_net)), off!(net_ns_inum)) as u32);
     0
+}
+
+/// Sends an `Ack` event: the socket, the time, the probes it answers and the namespace (for the
+/// agent's namespace filter), nothing else. The connection is followed already (an answer only
+/// counts within an episode the agent opened from a timer event, which carried the rest), so the
+/// socket is not read again: this program runs on every segment received while probes are out.
+#[inline(always)]
+fn emit_ack(sk: u64, probes: u8, netns: u32) {
+    let Some(mut entry) = reserve(EventKind::Ack) else { return };
+    // SAFETY: a reserved RawEvent-sized ring buffer record.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.sk = sk;
+    ev.probes_out = probes;
+    ev.netns = netns;
+    crate::submit(entry);
 }
 
 /// `tcp:tcp_send_reset(sk, skb[, reason])`: `skb == NULL` is `tcp_send_active_reset`. The reason
@@ -156,37 +180,110 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let old: u64 = ctx.arg(1);
-    let new: u64 = ctx.arg(2);
-    let new = new as u32;
-    let syn_sent = new == off!(tcp_syn_sent);
-    let close = new == off!(tcp_close);
-    if !(syn_sent || close || new == off!(tcp_established)) {
-        return 0;
-    }
+    let (old, new): (u64, u64) = (ctx.arg(1), ctx.arg(2));
+    let Some(close) = wanted_transition(new as u32) else { return 0 };
     if sk == 0 || !is_tcp(sk) {
         return 0;
     }
     // A connection killed by an error (timeouts, resets) has sk_err set before tcp_done() moves it
     // to CLOSE; the error report itself comes after the close.
     let err = if close { rd(sk, off!(sk_err)) as u32 } else { 0 };
-    if !keepalive_relevant(sk) {
-        let ended = (old as u32) < 32 && off!(conn_close_mask) & (1 << (old as u32)) != 0;
-        if !close || !ended || (err == 0 && off!(report_all_closes) == 0) {
-            return 0;
-        }
+    if !keepalive_relevant(sk) && !unfollowed_end_wanted(close, old as u32, err) {
+        return 0;
     }
+    emit_state(sk, old as u32, new as u32, err);
+    0
+}
+
+/// `sock:inet_sock_set_state` as a BTF-typed tracepoint (5.5+), the same filters as
+/// [`inet_sock_set_state`] by direct, verifier-checked loads from the typed socket instead of
+/// `bpf_probe_read_kernel` calls: this program runs on every state change of every TCP socket of
+/// the host (a new connection per request makes about ten), so its filters are its cost.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let (old, new): (u64, u64) = (ctx.arg(1), ctx.arg(2));
+    let Some(close) = wanted_transition(new as u32) else { return 0 };
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type (NULL unless TCP).
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return 0;
+    }
+    let err = if close { load_u32(tp, off!(sk_err)).unwrap_or_else(|| rd(tp as u64, off!(sk_err)) as u32) } else { 0 };
+    if !relevant_typed(tp) && !unfollowed_end_wanted(close, old as u32, err) {
+        return 0;
+    }
+    emit_state(ctx_arg_scalar(ctx.as_ptr(), 0), old as u32, new as u32, err);
+    0
+}
+
+/// Whether a move to `new` is one the agent reports (SYN_SENT, ESTABLISHED, CLOSE); `Some(true)`
+/// for CLOSE.
+#[inline(always)]
+fn wanted_transition(new: u32) -> Option<bool> {
+    let close = new == off!(tcp_close);
+    (close || new == off!(tcp_syn_sent) || new == off!(tcp_established)).then_some(close)
+}
+
+/// For a socket that is not keep-alive-relevant: whether its move is the end of an established
+/// connection worth a record (a death, or any close with `report_all_closes`).
+#[inline(always)]
+fn unfollowed_end_wanted(close: bool, old: u32, err: u32) -> bool {
+    let ended = old < 32 && off!(conn_close_mask) & (1 << old) != 0;
+    close && ended && (err != 0 || off!(report_all_closes) != 0)
+}
+
+#[inline(always)]
+fn emit_state(sk: u64, old: u32, new: u32, err: u32) {
     emit(EventKind::State, sk, |ev| {
         ev.state = old as u8;
         ev.new_state = new as u8;
-        if syn_sent {
+        if new == off!(tcp_syn_sent) {
             fill_process(ev);
-        } else if close {
+        } else if new == off!(tcp_close) {
             ev.err = err as i32;
             fill_times(ev, sk);
         }
     });
-    0
+}
+
+/// [`keepalive_relevant`] by direct loads from a BTF-typed `struct tcp_sock *` (each load only
+/// where the field has the size this code loads; a probe read otherwise).
+#[inline(always)]
+fn relevant_typed(tp: *const u8) -> bool {
+    let base = tp as u64;
+    let flags = load_u64(tp, off!(sk_flags)).unwrap_or_else(|| rd(base, off!(sk_flags)));
+    if flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
+        return true;
+    }
+    let u32_or_read = |f: Field| load_u32(tp, f).map_or_else(|| rd(base, f), u64::from);
+    u32_or_read(off!(icsk_user_timeout)) != 0
+        || u32_or_read(off!(tp_keepalive_time)) != 0
+        || u32_or_read(off!(tp_keepalive_intvl)) != 0
+        || load_u8(tp, off!(tp_keepalive_probes)).map_or_else(|| rd(base, off!(tp_keepalive_probes)), u64::from) != 0
+}
+
+/// A direct load of the 4-byte field `f` of a BTF-typed object; `None` when the field is not 4
+/// bytes on this kernel. The size test is on the loader's constant, so the verifier only sees the
+/// load this kernel's layout allows.
+#[inline(always)]
+fn load_u32(p: *const u8, f: Field) -> Option<u32> {
+    // SAFETY: a typed load at a BTF offset, checked by the verifier against the type.
+    (f.size == 4).then(|| unsafe { core::ptr::read_volatile(p.wrapping_add(f.off as usize) as *const u32) })
+}
+
+/// [`load_u32`] for an 8-byte field.
+#[inline(always)]
+fn load_u64(p: *const u8, f: Field) -> Option<u64> {
+    // SAFETY: as in load_u32.
+    (f.size == 8).then(|| unsafe { core::ptr::read_volatile(p.wrapping_add(f.off as usize) as *const u64) })
+}
+
+/// [`load_u32`] for a 1-byte field.
+#[inline(always)]
+fn load_u8(p: *const u8, f: Field) -> Option<u8> {
+    // SAFETY: as in load_u32.
+    (f.size == 1).then(|| unsafe { core::ptr::read_volatile(p.wrapping_add(f.off as usize)) })
 }
 
 /// `tcp:tcp_destroy_sock(sk)`: the socket is freed; its address may be reused by another socket.
@@ -197,5 +294,18 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     emit(EventKind::Destroy, sk, |_| {});
+    0
+}
+
+/// `tcp:tcp_destroy_sock` as a BTF-typed tracepoint (5.5+): the relevance filter by direct loads.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() || !relevant_typed(tp) {
+        return 0;
+    }
+    emit(EventKind::Destroy, ctx_arg_scalar(ctx.as_ptr(), 0), |_| {});
     0
 }

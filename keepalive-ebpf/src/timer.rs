@@ -20,7 +20,7 @@ use keepalive_common::{
 
 use crate::{
     count_lost, off,
-    read::{ctx_arg_scalar, fill_queues, fill_sock, rd},
+    read::{ctx_arg_scalar, fill_queues, fill_sock_lean, rd},
     EVENTS, TIMER_SCRATCH,
 };
 
@@ -84,7 +84,7 @@ pub fn timer_enter(timer: u64, jiffies: u64) {
     ev.kind = EventKind::Timer as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    fill_sock(ev, sk);
+    fill_sock_lean(ev, sk);
     ev.jiffies = jiffies;
     fill_queues(ev, sk);
     // keepalive_time_elapsed(): min(now - lrcvtime, now - rcv_tstamp), in 32-bit jiffies.

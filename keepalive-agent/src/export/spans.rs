@@ -218,8 +218,17 @@ struct ConnSpan {
     incomplete_episode: bool,
     /// A problem was seen (a problem episode, a timeout, a reset or an error).
     problem: bool,
-    /// With [`SpanPolicy::Problems`]: the last healthy episode span not exported yet.
-    held: Option<SpanData>,
+    /// With [`SpanPolicy::Problems`]: the last healthy episode, its span not built yet (most are
+    /// never exported: building each would cost more than the rest of the record's path).
+    held: Option<HeldEpisode>,
+}
+
+/// An episode and what its span takes from the connection at the time it ended.
+#[derive(Debug)]
+struct HeldEpisode {
+    ep: Episode,
+    view: ConnView,
+    settings: Option<(SockSettings, SettingsSource)>,
 }
 
 /// How a connection span ends: its last record.
@@ -317,7 +326,7 @@ impl SpanModel {
         for id in ids {
             if let Some(st) = self.conns.remove(&id) {
                 log::debug!("export: connection {id} had no last record; its span ends at the stop");
-                self.close_connection(st, clock.to_system_time(stop_ns), Last::Leftover, out);
+                self.close_connection(st, clock.to_system_time(stop_ns), Last::Leftover, clock, out);
             }
         }
         n
@@ -365,13 +374,13 @@ impl SpanModel {
             RecordKind::EpisodeEnd(ep) => {
                 st.counts.episodes += 1;
                 st.incomplete_episode = ep.outcome == EpisodeOutcome::Incomplete;
-                let span = self.episode_span(rec.conn.id, ep, clock);
-                self.route_episode(rec.conn.id, span, problem_episode(ep), out);
+                let held = HeldEpisode { ep: ep.clone(), view: st.view, settings: st.settings };
+                self.route_episode(rec.conn.id, held, problem_episode(ep), clock, out);
             }
             RecordKind::Close { state, closed_by, idle } => {
                 st.ending.closed_by = *closed_by;
                 st.ending.idle = st.ending.idle.or(*idle);
-                self.end_connection(rec.conn.id, at, Last::Close(*state), out)
+                self.end_connection(rec.conn.id, at, Last::Close(*state), clock, out)
             }
             RecordKind::Untracked { reason, .. } => {
                 if *reason == UntrackReason::Shutdown {
@@ -382,43 +391,48 @@ impl SpanModel {
                     self.ended_at_shutdown.connections += 1;
                     self.ended_at_shutdown.episodes += episodes;
                 }
-                self.end_connection(rec.conn.id, at, Last::Untracked(*reason), out)
+                self.end_connection(rec.conn.id, at, Last::Untracked(*reason), clock, out)
             }
             kind => on_event(st, kind, at),
         }
     }
 
-    fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
+    fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, clock: &WallClock, out: &mut Vec<SpanData>) {
         if let Some(st) = self.conns.remove(&id) {
-            self.close_connection(st, at, last, out);
+            self.close_connection(st, at, last, clock, out);
         }
     }
 
     /// An episode span, by the policy: exported, or held as the connection's last healthy episode.
     /// A problem episode is exported after the healthy episode held before it.
-    fn route_episode(&mut self, id: u64, span: SpanData, problem: bool, out: &mut Vec<SpanData>) {
+    fn route_episode(&mut self, id: u64, ep: HeldEpisode, problem: bool, clock: &WallClock, out: &mut Vec<SpanData>) {
+        let Some(st) = self.conns.get_mut(&id) else { return };
+        let parent = (st.trace_id, st.span_id);
         if self.policy == SpanPolicy::All {
+            let span = self.episode_span(parent, &ep, clock);
             return self.emit(span, out);
         }
-        let Some(st) = self.conns.get_mut(&id) else { return };
         if problem {
             st.problem = true;
             let held = st.held.take();
             if let Some(h) = held {
-                self.emit(h, out);
+                let span = self.episode_span(parent, &h, clock);
+                self.emit(span, out);
             }
+            let span = self.episode_span(parent, &ep, clock);
             self.emit(span, out);
-        } else if st.held.replace(span).is_some() {
+        } else if st.held.replace(ep).is_some() {
             self.spans_withheld += 1;
         }
     }
 
     /// The connection span and its held healthy episode, exported if the policy wants them.
-    fn close_connection(&mut self, mut st: ConnSpan, at: SystemTime, last: Last, out: &mut Vec<SpanData>) {
+    fn close_connection(&mut self, mut st: ConnSpan, at: SystemTime, last: Last, clock: &WallClock, out: &mut Vec<SpanData>) {
         let held = st.held.take();
         if self.policy == SpanPolicy::All || st.problem {
             if let Some(h) = held {
-                self.emit(h, out);
+                let span = self.episode_span((st.trace_id, st.span_id), &h, clock);
+                self.emit(span, out);
             }
             let span = self.connection_span(st, at, last);
             self.emit(span, out);
@@ -494,25 +508,25 @@ impl SpanModel {
         self.span(st.trace_id, st.span_id, SpanId::INVALID, SPAN_CONNECTION, (st.start, end), a, st.events, status)
     }
 
-    /// The episode span of connection `id` from its `episode` record: probes, then the event that
-    /// ended it.
-    fn episode_span(&self, id: u64, ep: &Episode, clock: &WallClock) -> SpanData {
-        let parent = &self.conns[&id];
+    /// The episode span of a connection (`parent`: its trace and span ids) from its `episode`
+    /// record: probes, then the event that ended it.
+    fn episode_span(&self, (trace_id, parent_id): (TraceId, SpanId), h: &HeldEpisode, clock: &WallClock) -> SpanData {
+        let ep = &h.ep;
         let mut events = Events::new(self.max_events);
         for (i, ts) in ep.probe_ts_ns.iter().enumerate() {
             events.routine(probe_event(clock, *ts, ep.first_timed_probe + i as u32));
         }
         let end = clock.to_system_time(ep.end_ns);
-        let mut a = conn_attrs(&parent.view);
+        let mut a = conn_attrs(&h.view);
         a.push(KeyValue::new(EPISODE_NUMBER, i64::from(ep.number)));
         a.push(KeyValue::new(EPISODE_PROBES, i64::from(ep.probes)));
-        if let Some((s, _)) = &parent.settings {
+        if let Some((s, _)) = &h.settings {
             a.extend(effective_settings(s));
         }
         a.push(KeyValue::new(EPISODE_OUTCOME, ep.outcome.name()));
         let status = episode_outcome(ep, end, &mut a, &mut events);
         let times = (clock.to_system_time(ep.start_ns), end);
-        self.span(parent.trace_id, self.ids.new_span_id(), parent.span_id, SPAN_EPISODE, times, a, events, status)
+        self.span(trace_id, self.ids.new_span_id(), parent_id, SPAN_EPISODE, times, a, events, status)
     }
 }
 

@@ -129,8 +129,8 @@ pub fn kind_of_program(name: &str) -> Option<EventKind> {
         n if n.contains("send_reset") || n.contains("active_reset") => EventKind::ResetSent,
         "tcp_receive_reset" => EventKind::ResetReceived,
         "inet_sk_error_report" => EventKind::Error,
-        "inet_sock_set_state" => EventKind::State,
-        "tcp_destroy_sock" => EventKind::Destroy,
+        "btf_inet_sock_set_state" | "inet_sock_set_state" => EventKind::State,
+        "btf_tcp_destroy_sock" | "tcp_destroy_sock" => EventKind::Destroy,
         n if n.starts_with("sys_exit_accept") => EventKind::Owner,
         n if n == "setsockopt" || n.contains("set_keepalive") || n.contains("tcp_setsockopt") => {
             EventKind::Setsockopt
