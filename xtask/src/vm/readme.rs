@@ -110,6 +110,13 @@ pub fn render(matrix: &Value) -> Result<String> {
              kernel while fentry code was patched, so it is not part of the default VM run)"
         });
     }
+    if has_scenario(matrix, "priv-dead") {
+        out.push_str(
+            "; least privilege (tests/tests/privilege.rs: the agent as `nobody` with exactly the \
+             capabilities `check` declares through a dead peer, each one removed in turn, the snapshot \
+             without CAP_SYS_ADMIN)",
+        );
+    }
     out.push_str(". n/a: the kernel does not support the method (not a failure).\n\n");
 
     // Table 2: hook × kernel → methods that reached it.
