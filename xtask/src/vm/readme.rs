@@ -385,6 +385,15 @@ mod tests {
     }
 
     #[test]
+    fn privilege_scenarios_are_named_when_run() {
+        assert!(!render(&matrix()).unwrap().contains("least privilege"));
+        let mut m = matrix();
+        m["scenarios"].as_array_mut().unwrap().push(json!({"test": "dead_peer_as_nobody_with_exactly_the_declared_capabilities", "short": "priv-dead", "in_vm": true}));
+        let md = render(&m).unwrap();
+        assert!(md.contains("; least privilege (tests/tests/privilege.rs: the agent as `nobody`"), "{md}");
+    }
+
+    #[test]
     fn only_the_marked_block_is_rewritten() {
         let readme = "# x\n\nintro\n\n## Design\n\ndesign\n";
         let once = update(readme, "table 1\n").unwrap();
