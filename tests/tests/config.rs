@@ -202,6 +202,12 @@ fn metrics_keys_of_the_file_and_tls_files_rank_and_are_named() {
     assert_eq!(table_line(&out, "metrics", "protocol"), "protocol = \"http/protobuf\"  # file");
     // The traces keep the generic one.
     assert_eq!(table_line(&out, "export", "protocol"), "protocol = \"grpc\"  # file");
+    // A traces variable does not hide the file's generic protocol from the metrics.
+    let generic = File::new("metrics-generic", "[export]\nprotocol = \"grpc\"\n");
+    let traces_var = [push[0], ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")];
+    let (code, out, err) = agent(&["config", "--config", generic.path()], &traces_var);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(table_line(&out, "metrics", "protocol"), "protocol = \"grpc\"  # file");
 
     let pki = Pki::generate().unwrap();
     let junk = pki.dir().join("junk.pem");
