@@ -271,6 +271,13 @@ pub const PLAN: &[Hook] = &[
     },
 ];
 
+/// An attach error of `perf_event_open(2)` (kprobes, tracefs tracepoints), naming CAP_SYS_ADMIN
+/// when the kernel's `perf_event_paranoid` level requires it (Debian's default).
+fn perf_event_error(message: String) -> String {
+    let hint = crate::privilege::perf_event_hint(&message);
+    message + &hint
+}
+
 /// Name of the hook that attributes accepted sockets to the accepting process.
 pub const ACCEPT_OWNER: &str = "accept_owner";
 
@@ -663,7 +670,7 @@ fn try_strategy(
                     .try_into()
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
-                p.attach(func, 0).map_err(|e| format!("attaching {prog} to {func}: {}", error_chain(&e)))?;
+                p.attach(func, 0).map_err(|e| perf_event_error(format!("attaching {prog} to {func}: {}", error_chain(&e))))?;
             }
             Ok(Vec::new())
         }
@@ -702,7 +709,7 @@ fn try_strategy(
                     .map_err(|e| format!("{prog}: {e}"))?;
                 p.load().map_err(|e| format!("loading {prog}: {}", error_chain(&e)))?;
                 p.attach(category, name)
-                    .map_err(|e| format!("attaching {prog} to {category}:{name}: {}", error_chain(&e)))?;
+                    .map_err(|e| perf_event_error(format!("attaching {prog} to {category}:{name}: {}", error_chain(&e))))?;
             }
             Ok(Vec::new())
         }

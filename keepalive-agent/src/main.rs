@@ -394,8 +394,9 @@ fn main() {
 
 /// Preconditions that make the agent unable to run at all.
 fn preflight() -> Result<KernelFacts> {
+    let paranoid = privilege::perf_event_paranoid();
     for need in privilege::require()? {
-        warn!("capability {} is missing: {}", need.cap, need.without);
+        warn!("capability {} is missing: {}", need.cap, need.cost(paranoid));
     }
     privilege::raise_memlock().context("raising RLIMIT_MEMLOCK (BPF maps are charged to it before Linux 5.11): needs CAP_SYS_RESOURCE")?;
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux");
@@ -807,6 +808,7 @@ fn check(args: CheckArgs) -> Result<()> {
 fn print_capabilities() -> Result<()> {
     let have = privilege::effective()?;
     let release = privilege::kernel_release();
+    let paranoid = privilege::perf_event_paranoid();
     println!("\n{:<20} {:<8} NEEDED FOR", "CAPABILITY", "STATE");
     for need in privilege::CAPABILITIES {
         let state = match (need.applies_to(&release), have.contains(&need.cap), need.required) {
@@ -820,7 +822,7 @@ fn print_capabilities() -> Result<()> {
         println!("{:<20} {:<8} {}{optional} ({after})", need.name(), state, need.used_for);
         if state.eq_ignore_ascii_case("missing") {
             let what = if need.required { "the agent cannot start" } else { "optional" };
-            println!("{:<20} {:<8} {what}: without it {}", "", "", need.without);
+            println!("{:<20} {:<8} {what}: without it {}", "", "", need.cost(paranoid));
         }
     }
     println!();

@@ -46,15 +46,21 @@ pub struct CapNeed {
     pub kept: bool,
     /// Needed only on kernels older than this `(major, minor)`; `None`: on every kernel.
     pub before_kernel: Option<(u32, u32)>,
+    /// Also what `perf_event_open(2)` needs where `kernel.perf_event_paranoid` is above 2
+    /// (Debian's default; see [`perf_event_open_needs_sys_admin`]): its absence then costs
+    /// [`PERF_EVENT_COST`] too.
+    pub perf_event_open: bool,
 }
 
-/// The capabilities the agent needs, in the order `check` lists them (measured on Linux 6.18 by
-/// running the agent as `nobody` with ambient capabilities and removing each one; README.md,
-/// "Least privilege"). On Linux 5.8+ (the agent's minimum: BPF ring buffer) CAP_BPF and
-/// CAP_PERFMON replace CAP_SYS_ADMIN for loading tracing programs and CAP_NET_ADMIN allows the
-/// cgroup attachment; CAP_SYS_ADMIN is only needed for `setns(CLONE_NEWNET)`, which no narrower
-/// capability allows, and is optional (it also implies the BPF ones, so granting it hides their
-/// absence).
+/// The capabilities the agent needs, in the order `check` lists them (measured on Linux 6.18 and
+/// on Debian's 6.1 and 6.12 by running the agent as `nobody` with ambient capabilities and
+/// removing each one, every attach method in turn: tests/tests/privilege.rs, in `cargo xtask
+/// vm-test`; README.md, "Least privilege"). On Linux 5.8+ (the agent's minimum: BPF ring buffer)
+/// CAP_BPF and CAP_PERFMON replace CAP_SYS_ADMIN for loading tracing programs and CAP_NET_ADMIN
+/// allows the cgroup attachment; CAP_SYS_ADMIN is needed for `setns(CLONE_NEWNET)`, which no
+/// narrower capability allows, and, on Debian's kernels at their default
+/// `kernel.perf_event_paranoid=3`, for `perf_event_open(2)`; it is optional (it also implies the
+/// BPF ones, so granting it hides their absence).
 pub const CAPABILITIES: &[CapNeed] = &[
     CapNeed {
         cap: Capability::CAP_BPF,
@@ -63,6 +69,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: true,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_PERFMON,
@@ -71,6 +78,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: true,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_NET_ADMIN,
@@ -79,6 +87,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: false,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_SYS_PTRACE,
@@ -87,6 +96,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: true,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_DAC_READ_SEARCH,
@@ -95,6 +105,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: true,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_SYSLOG,
@@ -103,6 +114,7 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: false,
         before_kernel: None,
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_SYS_RESOURCE,
@@ -111,21 +123,65 @@ pub const CAPABILITIES: &[CapNeed] = &[
         required: true,
         kept: false,
         before_kernel: Some((5, 11)),
+        perf_event_open: false,
     },
     CapNeed {
         cap: Capability::CAP_SYS_ADMIN,
-        used_for: "entering other network namespaces (setns) to walk their sockets: the start-up snapshot and the periodic reconciliation",
+        used_for: "entering other network namespaces (setns) to walk their sockets: the start-up snapshot and the periodic reconciliation; perf_event_open(2) (kprobes, the accept hook's tracepoints) where kernel.perf_event_paranoid is 3 (Debian's default)",
         without: "only the agent's own network namespace is walked: connections of other namespaces that predate the agent are reported from their first keep-alive event on (without owner or settings), and their missed closes are not reconciled",
         required: false,
         kept: true,
         before_kernel: None,
+        perf_event_open: true,
     },
 ];
+
+/// What CAP_SYS_ADMIN's absence also costs where `perf_event_open(2)` needs it.
+pub const PERF_EVENT_COST: &str = "kernel.perf_event_paranoid is above 2 (Debian's default 3), so perf_event_open(2) is refused: \
+     --attach kprobe cannot start and the accept hook's tracepoints (tp/syscalls) cannot attach (with the sysctl at 2, CAP_PERFMON suffices)";
+
+/// `kernel.perf_event_paranoid`, if readable.
+pub fn perf_event_paranoid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").ok()?.trim().parse().ok()
+}
+
+/// Whether `perf_event_open(2)` (kprobes and tracefs tracepoints are attached through it; fentry,
+/// raw and BTF tracepoints, iterators and cgroup programs are not) needs CAP_SYS_ADMIN rather than
+/// CAP_PERFMON at this `kernel.perf_event_paranoid`. Upstream Linux knows levels up to 2; Debian's
+/// kernels add a level 3, their default, at which only CAP_SYS_ADMIN may call it (measured on
+/// Debian 6.1 and 6.12: EACCES with CAP_PERFMON alone at 3, attached at 2).
+pub fn perf_event_open_needs_sys_admin(paranoid: Option<i32>) -> bool {
+    paranoid.is_some_and(|p| p > 2)
+}
+
+/// Added to an error of `perf_event_open(2)` (`message`): when it was refused (EACCES) at a
+/// `kernel.perf_event_paranoid` above 2 while CAP_SYS_ADMIN is not effective, says so; else empty.
+pub fn perf_event_hint(message: &str) -> String {
+    let lacks_sys_admin = effective().is_ok_and(|have| !have.contains(&Capability::CAP_SYS_ADMIN));
+    let paranoid = perf_event_paranoid();
+    if message.contains("Permission denied") && lacks_sys_admin && perf_event_open_needs_sys_admin(paranoid) {
+        format!(
+            " (kernel.perf_event_paranoid is {}: perf_event_open(2) needs CAP_SYS_ADMIN; grant it or set the sysctl to 2)",
+            paranoid.unwrap_or_default()
+        )
+    } else {
+        String::new()
+    }
+}
 
 impl CapNeed {
     /// `CAP_BPF` etc.
     pub fn name(&self) -> String {
         self.cap.to_string()
+    }
+
+    /// What its absence costs on this host, at `kernel.perf_event_paranoid` `paranoid`.
+    pub fn cost(&self, paranoid: Option<i32>) -> String {
+        if self.perf_event_open && perf_event_open_needs_sys_admin(paranoid) {
+            format!("{}; and {PERF_EVENT_COST}", self.without)
+        } else {
+            self.without.to_string()
+        }
     }
 
     /// Whether this kernel (`release`, e.g. `6.1.0-26-amd64`) needs it.
@@ -304,6 +360,22 @@ mod tests {
         assert!(text.contains("without it no tracing program loads"), "{text}");
         let all: CapsHashSet = CAPABILITIES.iter().map(|n| n.cap).collect();
         assert!(missing(&all, "5.4.0").is_empty());
+    }
+
+    /// Debian's level 3 of kernel.perf_event_paranoid adds to what CAP_SYS_ADMIN's absence costs.
+    #[test]
+    fn perf_event_paranoid_above_two_costs_more_without_cap_sys_admin() {
+        assert!(!perf_event_open_needs_sys_admin(Some(2)));
+        assert!(!perf_event_open_needs_sys_admin(None));
+        assert!(perf_event_open_needs_sys_admin(Some(3)));
+        let admin = CAPABILITIES.iter().find(|n| n.cap == Capability::CAP_SYS_ADMIN).unwrap();
+        assert_eq!(admin.cost(Some(2)), admin.without);
+        let cost = admin.cost(Some(3));
+        assert!(cost.starts_with(admin.without) && cost.contains("--attach kprobe cannot start"), "{cost}");
+        assert!(CAPABILITIES.iter().filter(|n| n.perf_event_open).all(|n| !n.required), "only an optional one");
+        let bpf = CAPABILITIES.iter().find(|n| n.cap == Capability::CAP_BPF).unwrap();
+        assert_eq!(bpf.cost(Some(3)), bpf.without);
+        assert_eq!(perf_event_hint("no such file"), "");
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! The configuration file (`run --config PATH`) with the real agent: a file alone drives `run`
 //! (spans carry the file's resource); flags beat `OTEL_*` variables, which beat the file, which
 //! beats the defaults, as `keepalive-agent config` reports value by value (header values redacted);
-//! an unknown key or a wrong type stops `run` and `config` with the file, line and key.
+//! for the metrics push, the `OTEL_EXPORTER_OTLP_METRICS_*` variables beat the file's generic
+//! `export.*` keys (protocol, headers, TLS files), proven by a real push to the receiver; an
+//! unknown key or a wrong type stops `run` and `config` with the file, line and key, and a bad TLS
+//! file the file names is reported with the file and key.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keepalive_tests::otlp::Span;
+use keepalive_tests::otlp::{venv, Protocol, Receiver, Span};
+use keepalive_tests::pki::{s, Pki};
 use keepalive_tests::tcp::{Client, Family, Keepalive, Server, ServerMode};
 use keepalive_tests::{agent_binary, Agent, Env};
 use serde_json::Value;
@@ -137,6 +141,93 @@ fn metrics_and_span_policy_come_from_the_file_under_flags_and_environment() {
     assert_eq!(line(&out, "spans"), "spans = \"problems\"  # flag --spans");
     assert_eq!(line(&out, "export_interval_ms"), "export_interval_ms = 900  # env OTEL_METRIC_EXPORT_INTERVAL");
     assert_eq!(line(&out, "peer_labels"), "peer_labels = true  # file");
+}
+
+/// The `key = value  # source` line of `key` in the table `[table]` of `config` output.
+fn table_line<'a>(out: &'a str, table: &str, key: &str) -> &'a str {
+    let start = out.find(&format!("\n[{table}]\n")).unwrap_or_else(|| panic!("no [{table}] table:\n{out}"));
+    let rest = &out[start + table.len() + 4..];
+    line(&rest[..rest.find("\n[").unwrap_or(rest.len())], key)
+}
+
+/// A real metrics push: the file names a generic protocol (grpc), headers and a 1 ms timeout; the
+/// `OTEL_EXPORTER_OTLP_METRICS_*` variables name HTTP, other headers and a sane timeout, and win:
+/// the HTTP receiver gets the metrics with the variables' header.
+#[test]
+fn metrics_variables_beat_the_files_generic_export_keys() {
+    venv();
+    let env = Env::new();
+    let receiver = Receiver::start(0, 0);
+    let tag = format!("metrics-env-{}", std::process::id());
+    let file = File::new(
+        "metrics-precedence",
+        "[export]\nprotocol = \"grpc\"\ntimeout_ms = 1\n[export.headers]\nx-keepalive-test = \"from-file\"\n\
+         [metrics]\nexport_interval_ms = 300\n",
+    );
+    let endpoint = format!("{}/v1/metrics", receiver.endpoint(Protocol::HttpProtobuf));
+    let header = format!("x-keepalive-test={tag}");
+    let envs = [
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", header.as_str()),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "5000"),
+    ];
+    let (code, out, err) = agent(&["config", "--config", file.path()], &envs);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(table_line(&out, "metrics", "protocol"), "protocol = \"http/protobuf\"  # env OTEL_EXPORTER_OTLP_METRICS_PROTOCOL");
+    let agent = Agent::start_run(&env, &["--config", file.path()], &envs);
+    let got = receiver.wait_metrics(WAIT, |ms| !ms.is_empty());
+    let stderr = agent.stderr_lines().join("\n");
+    drop(agent);
+    assert!(got, "no metrics pushed within {WAIT:?}\nreceiver: {}\nagent: {stderr}", receiver.stderr());
+    let reqs = receiver.metric_requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!((r["protocol"].as_str(), r["headers"]["x-keepalive-test"].as_str()), (Some("http"), Some(tag.as_str())), "{r}");
+    }
+}
+
+/// A metrics-specific key of the file beats the generic one; a TLS file named by the file is used
+/// only under every variable of the signal (no error when both signals' variables name good ones),
+/// and a bad one is reported naming the file and key, not the flag.
+#[test]
+fn metrics_keys_of_the_file_and_tls_files_rank_and_are_named() {
+    let file = File::new(
+        "metrics-specific",
+        "[export]\nendpoint = \"http://127.0.0.1:9\"\nprotocol = \"grpc\"\n[metrics]\nprotocol = \"http/protobuf\"\n",
+    );
+    let push = [("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:9/v1/metrics")];
+    let (code, out, err) = agent(&["config", "--config", file.path()], &push);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(table_line(&out, "metrics", "protocol"), "protocol = \"http/protobuf\"  # file");
+    // The traces keep the generic one.
+    assert_eq!(table_line(&out, "export", "protocol"), "protocol = \"grpc\"  # file");
+    // A traces variable does not hide the file's generic protocol from the metrics.
+    let generic = File::new("metrics-generic", "[export]\nprotocol = \"grpc\"\n");
+    let traces_var = [push[0], ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")];
+    let (code, out, err) = agent(&["config", "--config", generic.path()], &traces_var);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(table_line(&out, "metrics", "protocol"), "protocol = \"grpc\"  # file");
+
+    let pki = Pki::generate().unwrap();
+    let junk = pki.dir().join("junk.pem");
+    std::fs::write(&junk, "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n").unwrap();
+    let file = File::new("tls-junk", &format!("[export]\ncertificate = \"{}\"\n", s(&junk)));
+    let https = [("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "https://127.0.0.1:9/v1/metrics")];
+    let (code, _, err) = agent(&["config", "--config", file.path()], &https);
+    assert_eq!(code, Some(1), "{err}");
+    let key = format!("{}: key `export.certificate`: ", file.path());
+    assert!(err.contains(&key) && err.contains("bad PEM") && !err.contains("--otlp-certificate"), "{err}");
+    // Each signal's own variable hides the file's bad value: nothing reads it.
+    let mut both = https.to_vec();
+    both.extend([("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", s(&pki.ca)), ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", s(&pki.ca))]);
+    let (code, out, err) = agent(&["config", "--config", file.path()], &both);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(line(&out, "certificate"), format!("certificate = \"{}\"  # env OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", s(&pki.ca)));
+    // With only the traces' variable, the metrics push still reads the file's: refused, named.
+    let (code, _, err) = agent(&["config", "--config", file.path()], &both[..2]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&key), "{err}");
 }
 
 #[test]

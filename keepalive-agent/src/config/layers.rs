@@ -6,6 +6,12 @@
 //! `ExportConfig::resolve` exactly as without a file: a file value reaches it as if it were a flag,
 //! but only when no flag and no variable of the same setting is set, so the order holds.
 //!
+//! The generic export keys both signals share ([`SHARED`]: protocol, timeout, headers, TLS) are the
+//! exception: the traces and the metrics push have different variables for them
+//! (`OTEL_EXPORTER_OTLP_TRACES_*`, `OTEL_EXPORTER_OTLP_METRICS_*`), so their file values are kept
+//! apart (`ExportArgs::file`, `TlsArgs::file`) and each signal's resolver puts them after all of its
+//! own variables.
+//!
 //! Header and resource-attribute tables merge key by key with their flags (a flag wins for the
 //! same key); their environment variable, when set, replaces the file's table (as the
 //! traces-specific header variable replaces the generic one).
@@ -75,6 +81,25 @@ fn put_pairs(file: &Option<std::collections::BTreeMap<String, String>>, arg: &mu
     true
 }
 
+/// Settings whose file value is kept apart from the flags (see the module documentation): always
+/// stored, ranked by each signal's resolver.
+pub const SHARED: &[&str] = &[
+    "export.protocol",
+    "export.headers",
+    "export.timeout_ms",
+    "export.certificate",
+    "export.client_certificate",
+    "export.client_key",
+    "export.insecure",
+];
+
+/// Stores the file's `[export.headers]` table apart from the flags.
+fn keep_headers(file: &Option<std::collections::BTreeMap<String, String>>, kept: &mut Vec<(String, String)>) -> bool {
+    let Some(map) = file else { return false };
+    *kept = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    true
+}
+
 /// Every option of `run`, in the order `config` prints them.
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "attach.method", flags: &["attach"], vars: &[], merges: false, apply: |f, a| put(&f.attach.method, &mut a.attach.attach) },
@@ -102,21 +127,21 @@ pub const SETTINGS: &[Setting] = &[
         flags: &["otlp_protocol"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"],
         merges: false,
-        apply: |f, a| put_some(&f.export.protocol, &mut a.export.otlp_protocol),
+        apply: |f, a| put_some(&f.export.protocol, &mut a.export.file.protocol),
     },
     Setting {
         key: "export.headers",
         flags: &["otlp_headers"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"],
         merges: true,
-        apply: |f, a| put_pairs(&f.export.headers, &mut a.export.otlp_headers, false),
+        apply: |f, a| keep_headers(&f.export.headers, &mut a.export.file.headers),
     },
     Setting {
         key: "export.timeout_ms",
         flags: &["otlp_timeout_ms"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"],
         merges: false,
-        apply: |f, a| put_some(&f.export.timeout_ms, &mut a.export.otlp_timeout_ms),
+        apply: |f, a| put_some(&f.export.timeout_ms, &mut a.export.file.timeout_ms),
     },
     Setting { key: "export.queue_size", flags: &["otlp_queue_size"], vars: &["OTEL_BSP_MAX_QUEUE_SIZE"], merges: false, apply: |f, a| put_some(&f.export.queue_size, &mut a.export.otlp_queue_size) },
     Setting { key: "export.batch_size", flags: &["otlp_batch_size"], vars: &["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"], merges: false, apply: |f, a| put_some(&f.export.batch_size, &mut a.export.otlp_batch_size) },
@@ -128,28 +153,28 @@ pub const SETTINGS: &[Setting] = &[
         flags: &["otlp_certificate"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"],
         merges: false,
-        apply: |f, a| put_some(&f.export.certificate, &mut a.export.tls.otlp_certificate),
+        apply: |f, a| put_some(&f.export.certificate, &mut a.export.tls.file.certificate),
     },
     Setting {
         key: "export.client_certificate",
         flags: &["otlp_client_certificate"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"],
         merges: false,
-        apply: |f, a| put_some(&f.export.client_certificate, &mut a.export.tls.otlp_client_certificate),
+        apply: |f, a| put_some(&f.export.client_certificate, &mut a.export.tls.file.client_certificate),
     },
     Setting {
         key: "export.client_key",
         flags: &["otlp_client_key"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"],
         merges: false,
-        apply: |f, a| put_some(&f.export.client_key, &mut a.export.tls.otlp_client_key),
+        apply: |f, a| put_some(&f.export.client_key, &mut a.export.tls.file.client_key),
     },
     Setting {
         key: "export.insecure",
         flags: &["otlp_insecure"],
         vars: &["OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"],
         merges: false,
-        apply: |f, a| put_some(&f.export.insecure, &mut a.export.tls.otlp_insecure),
+        apply: |f, a| put_some(&f.export.insecure, &mut a.export.tls.file.insecure),
     },
     Setting { key: "export.spans", flags: &["spans"], vars: &[], merges: false, apply: |f, a| put_some(&f.export.spans, &mut a.export.spans) },
     Setting {
@@ -223,12 +248,16 @@ impl Layered {
 /// (`matches`) and the environment (`env`, a lookup; empty values count as unset).
 pub fn layer(mut args: RunArgs, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Layered, LayerError> {
     let file = args.config.as_deref().map(file::load).transpose()?;
+    if let Some(path) = &args.config {
+        args.export.tls.file.path = path.display().to_string();
+    }
     let mut sources = Vec::with_capacity(SETTINGS.len());
     for s in SETTINGS {
         let flag = s.flags.iter().find(|id| given(matches, id));
         let var = s.vars.iter().copied().find(|v| env_sets(env, v));
+        let shared = SHARED.contains(&s.key);
         let from_file = match &file {
-            Some(f) if var.is_none() && (flag.is_none() || s.merges) => (s.apply)(f, &mut args),
+            Some(f) if shared || (var.is_none() && (flag.is_none() || s.merges)) => (s.apply)(f, &mut args),
             _ => false,
         };
         let source = match (flag, var) {
@@ -469,6 +498,77 @@ team = "file"
         assert_eq!(l.source("metrics.export_interval_ms"), Source::Env("OTEL_METRIC_EXPORT_INTERVAL"));
         let push = c.otlp.unwrap();
         assert_eq!((push.endpoint.as_str(), push.interval), ("http://127.0.0.1:5555/m", Duration::from_millis(800)));
+    }
+
+    /// For the metrics push, every `OTEL_EXPORTER_OTLP_METRICS_*` variable beats the file's generic
+    /// `export.*` key, a traces variable does not hide the file from the metrics, flags beat both,
+    /// and `metrics.protocol` beats `export.protocol`.
+    #[test]
+    fn metrics_variables_beat_the_files_generic_export_keys() {
+        use keepalive_agent::export::{ExportConfig, Protocol, Target};
+        use keepalive_agent::metrics::config::{MetricsConfig, OtlpMetrics};
+        let file = "[export]\nprotocol = \"grpc\"\ntimeout_ms = 111\n[export.headers]\nx-a = \"file\"\nx-b = \"file\"\n";
+        let ep = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:4318/v1/metrics");
+        let env_fn = |env: &[(&str, &str)]| {
+            let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            move |n: &str| env.get(n).cloned()
+        };
+        let push = |argv: &[&str], file: &str, env: &[(&str, &str)]| -> OtlpMetrics {
+            let l = layered(argv, file, env);
+            MetricsConfig::resolve(&l.args.metrics, &l.args.export, &[], &env_fn(env)).unwrap().otlp.unwrap()
+        };
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        // The file alone serves the push.
+        let m = push(&[], file, &[ep]);
+        assert_eq!((m.protocol, m.timeout), (Protocol::Grpc, Duration::from_millis(111)));
+        assert_eq!(m.headers, pairs(&[("x-a", "file"), ("x-b", "file")]));
+        // Each metrics variable wins over the file's generic key; the header variable replaces the table.
+        let metrics_env = [
+            ep,
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "2222"),
+            ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-a=env"),
+        ];
+        let m = push(&[], file, &metrics_env);
+        assert_eq!((m.protocol, m.timeout), (Protocol::HttpProtobuf, Duration::from_millis(2222)));
+        assert_eq!(m.headers, pairs(&[("x-a", "env")]));
+        // The traces, with their own endpoint, keep the file's values under the metrics variables.
+        let l = layered(&["--otlp-endpoint", "http://127.0.0.1:4317"], file, &metrics_env);
+        let t = ExportConfig::resolve(&l.args.export, &env_fn(&metrics_env), &Default::default()).unwrap();
+        let Target::Otlp { protocol, headers, .. } = t.target else { panic!("stdout") };
+        assert_eq!((protocol, t.timeout, headers.len()), (Protocol::Grpc, Duration::from_millis(111), 2));
+        // Traces variables do not hide the file from the metrics push.
+        let traces_env = [ep, ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"), ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3333"), ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-c=t")];
+        let m = push(&[], file, &traces_env);
+        assert_eq!((m.protocol, m.timeout, m.headers.len()), (Protocol::Grpc, Duration::from_millis(111), 2));
+        assert_eq!(layered(&[], file, &traces_env).source("export.protocol"), Source::Env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"));
+        // Flags beat the variables and the file.
+        let m = push(&["--otlp-protocol", "http/protobuf", "--otlp-timeout-ms", "444", "--otlp-header", "x-b=flag"], file, &metrics_env);
+        assert_eq!((m.protocol, m.timeout), (Protocol::HttpProtobuf, Duration::from_millis(444)));
+        assert_eq!(m.headers, pairs(&[("x-a", "env"), ("x-b", "flag")]));
+        // The file's metrics-specific key beats its generic one.
+        let with_metrics = format!("{file}[metrics]\nprotocol = \"http/protobuf\"\n");
+        assert_eq!(push(&[], &with_metrics, &[ep]).protocol, Protocol::HttpProtobuf);
+    }
+
+    /// A TLS file named by the configuration file is reported with the file and key, and ranks
+    /// below the metrics variables.
+    #[test]
+    fn tls_file_keys_are_named_and_rank_below_every_variable() {
+        use keepalive_agent::metrics::config::MetricsConfig;
+        let junk = tempfile_with("-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n");
+        let file = format!("[export]\ncertificate = \"{}\"\n", junk.path().display());
+        let l = layered(&[], &file, &[]);
+        let e = keepalive_agent::export::ExportConfig::resolve(&l.args.export, &|_| None, &Default::default()).unwrap_err().to_string();
+        let key = format!("{}: key `export.certificate`: ", l.file.as_ref().unwrap().display());
+        assert!(e.starts_with(&key) && e.contains("bad PEM"), "{e}");
+        // A metrics variable naming a file hides the file's key from the metrics push (the
+        // variable's own file is then read: here a junk one too, named by the variable).
+        let env = [("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "https://127.0.0.1:4318/v1/metrics"), ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", junk.path().to_str().unwrap())];
+        let l = layered(&[], &file, &env);
+        let lookup = |n: &str| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+        let e = MetricsConfig::resolve(&l.args.metrics, &l.args.export, &[], &lookup).unwrap_err().to_string();
+        assert!(e.starts_with("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE: "), "{e}");
     }
 
     /// The commented default configuration the Debian package installs.

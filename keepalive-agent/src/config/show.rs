@@ -93,14 +93,16 @@ pub fn write_config(
         let source = pair_source(layered, matches, env, "export.resource_attributes", "resource_attributes", k);
         writeln!(out, "resource_attributes.{} = {}  # {source}", quoted(k), quoted(&kv.value.as_str()))?;
     }
-    write_metrics(out, layered, metrics)
+    write_metrics(out, layered, metrics, env)
 }
 
 /// The `[metrics]` table. The push's endpoint and protocol fall back to the generic export ones
-/// (`export.endpoint`, `export.protocol`), whose source is then shown.
-fn write_metrics(out: &mut dyn Write, layered: &Layered, metrics: &Metrics) -> std::io::Result<()> {
+/// (`export.endpoint`, `export.protocol`), whose source is then shown (for the protocol, as the
+/// metrics see it: see [`generic_protocol_for_metrics`]).
+fn write_metrics(out: &mut dyn Write, layered: &Layered, metrics: &Metrics, env: &dyn Fn(&str) -> Option<String>) -> std::io::Result<()> {
     let line = |out: &mut dyn Write, key: &str, value: Option<String>| write_line(out, key, value, layered.source(key));
     let or_generic = |key: &str, generic: &str| match (layered.source(key), &metrics.config.otlp) {
+        (Source::Default, Some(_)) if generic == "export.protocol" => generic_protocol_for_metrics(layered, env),
         (Source::Default, Some(_)) => layered.source(generic),
         (source, _) => source,
     };
@@ -116,6 +118,24 @@ fn write_metrics(out: &mut dyn Write, layered: &Layered, metrics: &Metrics) -> s
     line(out, "metrics.export_interval_ms", Some(metrics.interval.as_millis().to_string()))?;
     line(out, "metrics.temporality", Some(quoted(metrics::temporality_name(metrics.temporality))))?;
     line(out, "metrics.audit_interval", Some(seconds(layered.args.audit_interval)))
+}
+
+/// Where the metrics push's protocol came from when no metrics-specific setting gives it: the
+/// source of `export.protocol`, except that a traces-specific variable does not apply to the
+/// metrics; the generic variable, else the file's `export.protocol` (kept for the metrics under the
+/// traces variable), else the default, does.
+fn generic_protocol_for_metrics(layered: &Layered, env: &dyn Fn(&str) -> Option<String>) -> Source {
+    match layered.source("export.protocol") {
+        Source::Env(var) if var.contains("_TRACES_") => {
+            let vars = super::layers::SETTINGS.iter().find(|s| s.key == "export.protocol").map_or(&[][..], |s| s.vars);
+            match vars.iter().find(|v| !v.contains("_TRACES_") && env_sets(env, v)) {
+                Some(generic) => Source::Env(generic),
+                None if layered.args.export.file.protocol.is_some() => Source::File,
+                None => Source::Default,
+            }
+        }
+        source => source,
+    }
 }
 
 /// One `key = value  # source` line, or a comment saying what the absence of `key` means.

@@ -1,5 +1,6 @@
-//! Export configuration: command-line flags, the standard `OTEL_*` environment variables, and how
-//! they combine (flags win over the environment; within each, the traces-specific setting wins over
+//! Export configuration: command-line flags, the standard `OTEL_*` environment variables, the
+//! configuration file's generic export keys ([`ExportFile`]), and how they combine (flags win over
+//! the environment, which wins over the file; within each, the traces-specific setting wins over
 //! the generic one).
 
 use std::time::Duration;
@@ -235,6 +236,47 @@ pub struct ExportArgs {
     /// TLS to the collector (https:// endpoints).
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    /// The configuration file's generic keys shared by traces and metrics (not flags: they rank
+    /// below every variable).
+    #[arg(skip)]
+    pub file: ExportFile,
+}
+
+/// The configuration file's export keys that both signals share (`export.protocol`,
+/// `export.timeout_ms`, `[export.headers]`; the TLS keys are in
+/// [`TlsFile`](super::tls::TlsFile)), kept apart from the
+/// flags so that each signal ranks them below all of its variables: the traces below
+/// `OTEL_EXPORTER_OTLP_TRACES_*` and the generic ones, the metrics push below
+/// `OTEL_EXPORTER_OTLP_METRICS_*` and the generic ones. Empty without a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportFile {
+    pub protocol: Option<Protocol>,
+    pub timeout_ms: Option<u64>,
+    /// `[export.headers]`, in key order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The protocol of a signal: the flags (`flags`, strongest first), else the first of the signal's
+/// variables `vars` set, else the file's `export.protocol`, else HTTP/protobuf.
+pub(crate) fn protocol_from(flags: &[Option<Protocol>], env: &Env, vars: &[&'static str], file: &ExportFile) -> Result<Protocol, ExportError> {
+    if let Some(p) = flags.iter().find_map(|p| *p) {
+        return Ok(p);
+    }
+    match env.first(vars) {
+        Some((var, v)) => Protocol::parse_env(var, &v),
+        None => Ok(file.protocol.unwrap_or(Protocol::HttpProtobuf)),
+    }
+}
+
+/// The request timeout of a signal in milliseconds: `--otlp-timeout-ms`, else the first of
+/// `numeric`'s variables, else the file's `export.timeout_ms`, else the default (range-checked,
+/// the source named).
+pub(crate) fn timeout_from(numeric: &Numeric, flag: Option<u64>, env: &Env, file: &ExportFile) -> Result<u64, ExportError> {
+    match (flag, env.first(numeric.vars), file.timeout_ms) {
+        (None, None, Some(ms)) => Ok(ms),
+        _ => numeric.resolve(flag, env).map(|(ms, _)| ms),
+    }
 }
 
 pub const DEFAULT_SERVICE_NAME: &str = "keepalive-agent";
@@ -348,15 +390,10 @@ impl ExportConfig {
     }
 }
 
-/// `--otlp-protocol`, else the traces-specific variable, else the generic one, else HTTP/protobuf.
+/// `--otlp-protocol`, else the traces-specific variable, else the generic one, else the file's,
+/// else HTTP/protobuf.
 fn resolve_protocol(args: &ExportArgs, env: &Env) -> Result<Protocol, ExportError> {
-    if let Some(p) = args.otlp_protocol {
-        return Ok(p);
-    }
-    match env.first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
-        Some((var, v)) => Protocol::parse_env(var, &v),
-        None => Ok(Protocol::HttpProtobuf),
-    }
+    protocol_from(&[args.otlp_protocol], env, &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"], &args.file)
 }
 
 /// A configured endpoint before it is checked.
@@ -399,19 +436,27 @@ fn pick_endpoint(args: &ExportArgs, env: &Env) -> Option<Endpoint> {
     }
 }
 
-/// Export headers: the traces-specific variable (or else the generic one), then `--otlp-header`
-/// flags over them, keys lower-cased; each checked as an HTTP header.
+/// Export headers: the traces-specific variable (or else the generic one, or else the file's
+/// table), then `--otlp-header` flags over them, keys lower-cased; each checked as an HTTP header.
 fn resolve_headers(args: &ExportArgs, env: &Env) -> Result<Vec<(String, String)>, ExportError> {
-    headers_from(&args.otlp_headers, env, &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])
+    headers_from(&args.otlp_headers, env, &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"], &args.file)
 }
 
-/// Export headers: the first of `vars` set, then the `--otlp-header` values `flags` over them, keys
-/// lower-cased; each checked as an HTTP header.
-pub(crate) fn headers_from(flags: &[String], env: &Env, vars: &[&'static str]) -> Result<Vec<(String, String)>, ExportError> {
+/// Export headers: the first of `vars` set (it replaces the file's `[export.headers]` table, else
+/// used), then the `--otlp-header` values `flags` over them, keys lower-cased; each checked as an
+/// HTTP header.
+pub(crate) fn headers_from(flags: &[String], env: &Env, vars: &[&'static str], file: &ExportFile) -> Result<Vec<(String, String)>, ExportError> {
     let mut headers = Vec::new();
-    if let Some((var, v)) = env.first(vars) {
-        for (k, v) in parse_list(var, &v)? {
-            set(&mut headers, k.to_ascii_lowercase(), v);
+    match env.first(vars) {
+        Some((var, v)) => {
+            for (k, v) in parse_list(var, &v)? {
+                set(&mut headers, k.to_ascii_lowercase(), v);
+            }
+        }
+        None => {
+            for (k, v) in &file.headers {
+                set(&mut headers, k.to_ascii_lowercase(), v.clone());
+            }
         }
     }
     for h in flags {
@@ -442,7 +487,7 @@ fn check_compression(env: &Env) -> Result<(), ExportError> {
 /// Timeout, queue, batch, retry and span-event limits, each range-checked with its source named.
 /// A batch size given explicitly may not exceed the queue size; the default one is lowered to it.
 fn resolve_limits(args: &ExportArgs, env: &Env) -> Result<Limits, ExportError> {
-    let (timeout_ms, _) = TIMEOUT_MS.resolve(args.otlp_timeout_ms, env)?;
+    let timeout_ms = timeout_from(&TIMEOUT_MS, args.otlp_timeout_ms, env, &args.file)?;
     let (queue_size, queue_src) = QUEUE_SIZE.resolve(args.otlp_queue_size.map(|v| v as u64), env)?;
     let (batch_size, batch_src) = BATCH_SIZE.resolve(args.otlp_batch_size.map(|v| v as u64), env)?;
     let batch_size = match batch_src {

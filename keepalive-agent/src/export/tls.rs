@@ -4,8 +4,9 @@
 //! `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}CERTIFICATE`, `..._CLIENT_CERTIFICATE`, `..._CLIENT_KEY`
 //! and `..._INSECURE` variables (the Rust exporter reads none of the certificate variables itself)
 //! with the same precedence as every other export setting: a flag, then the signal-specific
-//! variable, then the generic one. Every file is read and its PEM parsed at start-up, so a bad one
-//! stops the agent with an error naming the flag or variable.
+//! variable, then the generic one, then the configuration file's key (`export.certificate`...,
+//! [`TlsFile`]). Every file is read and its PEM parsed at start-up, so a bad one stops the agent
+//! with an error naming the flag, variable or file key.
 //!
 //! [`TlsSettings::tonic_channel`] and [`TlsSettings::reqwest_client`] configure the two transports
 //! from the same settings. Both use rustls with the *ring* crypto provider (README.md,
@@ -66,6 +67,31 @@ pub struct TlsArgs {
     /// [env: OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub otlp_insecure: Option<bool>,
+
+    /// The configuration file's TLS keys (not flags: they rank below every variable).
+    #[arg(skip)]
+    pub file: TlsFile,
+}
+
+/// The TLS keys of the configuration file (`export.certificate`, `export.client_certificate`,
+/// `export.client_key`, `export.insecure`), kept apart from the flags so that every variable of
+/// the signal being resolved wins over them, the signal-specific ones included
+/// (`OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE` for the metrics push). Empty without a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFile {
+    /// The configuration file, as messages name it.
+    pub path: String,
+    pub certificate: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub insecure: Option<bool>,
+}
+
+impl TlsFile {
+    /// How messages name the file's key `export.<leaf>`: `PATH: key `export.certificate``.
+    pub fn key(&self, leaf: &str) -> String {
+        format!("{}: key `export.{leaf}`", self.path)
+    }
 }
 
 /// A PEM file read at start-up, with the flag or variable that named it.
@@ -90,33 +116,36 @@ pub struct TlsSettings {
 
 impl TlsSettings {
     /// Resolves the flags against the environment (a lookup function; empty values count as
-    /// unset) for `signal`, reading and checking every file named.
+    /// unset) for `signal`, then the configuration file's keys, reading and checking every file
+    /// named.
     pub fn resolve(
         args: &TlsArgs,
         signal: Signal,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<TlsSettings, ExportError> {
-        let pick = |flag: &Option<PathBuf>, flag_name: &str, suffix: &str| -> Option<(String, PathBuf)> {
-            if let Some(p) = flag.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-                return Some((flag_name.to_string(), p.clone()));
-            }
-            lookup(env, signal, suffix).map(|(var, v)| (var, PathBuf::from(v)))
+        let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        let pick = |flag: &Option<PathBuf>, flag_name: &str, suffix: &str, file: &Option<PathBuf>, leaf: &str| {
+            set(flag)
+                .map(|p| (flag_name.to_string(), p))
+                .or_else(|| lookup(env, signal, suffix).map(|(var, v)| (var, PathBuf::from(v))))
+                .or_else(|| set(file).map(|p| (args.file.key(leaf), p)))
         };
-        let ca = pick(&args.otlp_certificate, "--otlp-certificate", "CERTIFICATE")
+        let f = &args.file;
+        let ca = pick(&args.otlp_certificate, "--otlp-certificate", "CERTIFICATE", &f.certificate, "certificate")
             .map(|(src, path)| read_pem(src, path))
             .transpose()?;
         if let Some(ca) = &ca {
             parse_certs(ca)?;
         }
-        let cert = pick(&args.otlp_client_certificate, "--otlp-client-certificate", "CLIENT_CERTIFICATE");
-        let key = pick(&args.otlp_client_key, "--otlp-client-key", "CLIENT_KEY");
+        let cert = pick(&args.otlp_client_certificate, "--otlp-client-certificate", "CLIENT_CERTIFICATE", &f.client_certificate, "client_certificate");
+        let key = pick(&args.otlp_client_key, "--otlp-client-key", "CLIENT_KEY", &f.client_key, "client_key");
         let client = match (cert, key) {
             (None, None) => None,
             (Some((src, _)), None) => {
-                return Err(ExportError::config(src, "a client certificate needs a client key too (--otlp-client-key or OTEL_EXPORTER_OTLP_CLIENT_KEY)"))
+                return Err(ExportError::config(src, "a client certificate needs a client key too (--otlp-client-key, OTEL_EXPORTER_OTLP_CLIENT_KEY or export.client_key)"))
             }
             (None, Some((src, _))) => {
-                return Err(ExportError::config(src, "a client key needs a client certificate too (--otlp-client-certificate or OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)"))
+                return Err(ExportError::config(src, "a client key needs a client certificate too (--otlp-client-certificate, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE or export.client_certificate)"))
             }
             (Some((cs, cp)), Some((ks, kp))) => Some((read_pem(cs, cp)?, read_pem(ks, kp)?)),
         };
@@ -124,11 +153,10 @@ impl TlsSettings {
             parse_certs(cert)?;
             parse_key(key)?;
         }
-        let insecure = match args.otlp_insecure {
-            Some(v) => Some((v, "--otlp-insecure".to_string())),
-            None => lookup(env, signal, "INSECURE")
-                .map(|(var, v)| parse_bool(&var, &v).map(|b| (b, var)))
-                .transpose()?,
+        let insecure = match (args.otlp_insecure, lookup(env, signal, "INSECURE")) {
+            (Some(v), _) => Some((v, "--otlp-insecure".to_string())),
+            (None, Some((var, v))) => Some((parse_bool(&var, &v)?, var)),
+            (None, None) => f.insecure.map(|v| (v, f.key("insecure"))),
         };
         let settings = TlsSettings { ca, client, insecure };
         // Builds the rustls configuration once, so that a key not matching its certificate is
@@ -422,6 +450,43 @@ mod tests {
         assert!(t.rustls_config(false).is_ok());
     }
 
+    /// The file's keys rank below every variable, the signal-specific ones included, and a bad
+    /// file they name is reported with the file and key.
+    #[test]
+    fn file_keys_rank_below_the_variables_and_are_named() {
+        let f = Files::new("file");
+        let file = TlsFile {
+            path: "/etc/k.toml".into(),
+            certificate: Some(f.path("ca.pem").into()),
+            insecure: Some(true),
+            ..Default::default()
+        };
+        let args = TlsArgs { file: file.clone(), ..Default::default() };
+        let t = resolve(&args, Signal::Metrics, &[]).unwrap();
+        assert_eq!(t.ca.as_ref().unwrap().source, "/etc/k.toml: key `export.certificate`");
+        assert_eq!(t.insecure, Some((true, "/etc/k.toml: key `export.insecure`".to_string())));
+        let env = [
+            ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", f.path("client.pem")),
+            ("OTEL_EXPORTER_OTLP_METRICS_INSECURE", "false".into()),
+        ];
+        let m = resolve(&args, Signal::Metrics, &env).unwrap();
+        assert_eq!(m.ca.as_ref().unwrap().source, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE");
+        assert_eq!(m.insecure, Some((false, "OTEL_EXPORTER_OTLP_METRICS_INSECURE".to_string())));
+        // The metrics variables are not the traces': the traces keep the file's values.
+        let t = resolve(&args, Signal::Traces, &env).unwrap();
+        assert_eq!(t.ca.as_ref().unwrap().source, "/etc/k.toml: key `export.certificate`");
+        // A flag wins over both.
+        let flag = TlsArgs { otlp_certificate: Some(f.path("ca.pem").into()), ..args.clone() };
+        assert_eq!(resolve(&flag, Signal::Metrics, &env).unwrap().ca.unwrap().source, "--otlp-certificate");
+        // Bad files from the configuration file name the file and key, not the flag.
+        let junk = TlsArgs { file: TlsFile { certificate: Some(f.path("junk.pem").into()), ..file.clone() }, ..Default::default() };
+        let e = resolve(&junk, Signal::Traces, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/k.toml: key `export.certificate`: ") && e.contains("bad PEM"), "{e}");
+        let lone = TlsArgs { file: TlsFile { client_key: Some(f.path("client.key").into()), ..file }, ..Default::default() };
+        let e = resolve(&lone, Signal::Traces, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/k.toml: key `export.client_key`: a client key needs a client certificate"), "{e}");
+    }
+
     #[test]
     fn bad_files_are_named() {
         let f = Files::new("bad");
@@ -489,6 +554,7 @@ mod tests {
             otlp_client_certificate: Some(f.path("client.pem").into()),
             otlp_client_key: Some(f.path("client.key").into()),
             otlp_insecure: None,
+            file: TlsFile::default(),
         };
         let t = resolve(&args, Signal::Metrics, &[]).unwrap();
         t.tonic_channel("https://127.0.0.1:4317", Duration::from_secs(1)).unwrap();

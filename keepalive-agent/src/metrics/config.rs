@@ -1,6 +1,10 @@
 //! Metrics options of `keepalive-agent run`: the `--metrics-*` flags and the standard
 //! `OTEL_METRICS_EXPORTER`, `OTEL_EXPORTER_OTLP_METRICS_*` and `OTEL_METRIC_EXPORT_INTERVAL`
-//! variables (a flag wins over the environment; the metrics-specific variable over the generic one).
+//! variables (a flag wins over the environment; the metrics-specific variable over the generic
+//! one). The configuration file's generic export keys (`export.protocol`, `export.timeout_ms`,
+//! `[export.headers]`, the TLS keys) come after every variable, the metrics-specific ones
+//! included; its `[metrics]` keys are folded in by the layering as flags would be, under their own
+//! variables.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,7 +12,7 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::Temporality;
 
-use crate::export::config::{check_endpoint, headers_from, nonempty, Env, ExportArgs, Numeric, Protocol};
+use crate::export::config::{check_endpoint, headers_from, nonempty, protocol_from, timeout_from, Env, ExportArgs, Numeric, Protocol};
 use crate::export::tls::{Signal, TlsSettings};
 use crate::export::ExportError;
 
@@ -197,19 +201,16 @@ fn otlp(
 ) -> Result<OtlpMetrics, ExportError> {
     let url = url.trim();
     check_endpoint(source, url)?;
-    let protocol = match (args.otlp_metrics_protocol.or(export.otlp_protocol), env.first(&["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"])) {
-        (Some(p), _) => p,
-        (None, Some((var, v))) => Protocol::parse_env(var, &v)?,
-        (None, None) => Protocol::HttpProtobuf,
-    };
+    let protocol_vars = ["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"];
+    let protocol = protocol_from(&[args.otlp_metrics_protocol, export.otlp_protocol], env, &protocol_vars, &export.file)?;
     let endpoint = if as_given || protocol == Protocol::Grpc {
         url.to_string()
     } else {
         format!("{}/v1/metrics", url.trim_end_matches('/'))
     };
-    let headers = headers_from(&export.otlp_headers, env, &["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"])?;
+    let headers = headers_from(&export.otlp_headers, env, &["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"], &export.file)?;
     let (interval, temporality) = push_timing(args, env)?;
-    let (timeout_ms, _) = METRICS_TIMEOUT_MS.resolve(export.otlp_timeout_ms, env)?;
+    let timeout_ms = timeout_from(&METRICS_TIMEOUT_MS, export.otlp_timeout_ms, env, &export.file)?;
     let tls = TlsSettings::resolve(&export.tls, Signal::Metrics, &|name| env.get(name))?;
     Ok(OtlpMetrics { tls, protocol, endpoint, headers, interval, timeout: Duration::from_millis(timeout_ms), temporality, resource: resource.to_vec() })
 }

@@ -1,6 +1,7 @@
-//! The binaries the matrix runs: the agent and the integration test binary of
-//! `tests/tests/keepalive.rs`, built in release with cargo and located through cargo's JSON
-//! messages (so `CARGO_TARGET_DIR` and the hash in the test binary's name need no guessing).
+//! The binaries the matrix runs: the agent and the integration test binaries of the scenarios'
+//! targets (`tests/tests/keepalive.rs`, `tests/tests/privilege.rs`), built in release with cargo
+//! and located through cargo's JSON messages (so `CARGO_TARGET_DIR` and the hash in a test
+//! binary's name need no guessing).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,9 +11,8 @@ use serde_json::Value;
 
 use super::host::run;
 
-/// The package and test target holding the keep-alive scenarios.
+/// The package holding the scenarios' test targets.
 const TEST_PACKAGE: &str = "keepalive-tests";
-const TEST_TARGET: &str = "keepalive";
 const AGENT_PACKAGE: &str = "keepalive-agent";
 const AGENT_BIN: &str = "keepalive-agent";
 
@@ -26,22 +26,26 @@ pub fn build_agent(workspace: &Path) -> Result<PathBuf> {
         .with_context(|| format!("cargo built no {AGENT_BIN} binary"))
 }
 
-/// `cargo test --release -p keepalive-tests --test keepalive --no-run`; the test binary's path.
-pub fn build_tests(workspace: &Path) -> Result<PathBuf> {
-    let messages = cargo_json(
-        workspace,
-        &[
-            "test",
-            "--release",
-            "-p",
-            TEST_PACKAGE,
-            "--test",
-            TEST_TARGET,
-            "--no-run",
-        ],
-    )?;
-    executable(&messages, TEST_TARGET, |kinds| kinds.iter().any(|k| k == "test"))
-        .with_context(|| format!("cargo built no test binary for --test {TEST_TARGET}"))
+/// `cargo test --release -p keepalive-tests --test TARGET... --no-run`; each target with its test
+/// binary's path.
+pub fn build_tests(workspace: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut args = vec!["test", "--release", "-p", TEST_PACKAGE];
+    for target in targets {
+        args.extend(["--test", target]);
+    }
+    args.push("--no-run");
+    let messages = cargo_json(workspace, &args)?;
+    targets
+        .iter()
+        .map(|target| {
+            executable(&messages, target, |kinds| kinds.iter().any(|k| k == "test"))
+                .map(|path| (target.to_string(), path))
+                .with_context(|| format!("cargo built no test binary for --test {target}"))
+        })
+        .collect()
 }
 
 /// The tests a libtest binary contains (`--list --format terse`).

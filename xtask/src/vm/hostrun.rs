@@ -17,7 +17,8 @@ use super::matrix::{
 
 pub struct HostRun<'a> {
     pub agent: &'a Path,
-    pub tests: &'a Path,
+    /// Each test target with its binary.
+    pub tests: &'a [(String, PathBuf)],
     pub methods: &'a [Method],
     pub scenarios: &'a [Scenario],
     /// Limit per check or test run (0: none).
@@ -129,7 +130,13 @@ impl HostRun<'_> {
             let path = self
                 .log_dir
                 .join(format!("{method}.{}.{attempt}.log", scenario.test));
-            let mut cmd = Command::new(self.tests);
+            let binary = self
+                .tests
+                .iter()
+                .find(|(target, _)| target == scenario.target)
+                .map(|(_, path)| path)
+                .with_context(|| format!("no test binary for target {}", scenario.target))?;
+            let mut cmd = Command::new(binary);
             cmd.args(["--exact", "--test-threads=1", scenario.test])
                 .env("KEEPALIVE_TEST_ATTACH", method.name())
                 .env("KEEPALIVE_AGENT_BIN", self.agent);

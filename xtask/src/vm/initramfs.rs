@@ -1,9 +1,12 @@
-//! The guest's initramfs: busybox, `ip` and `nft`, the binaries under test with the shared
-//! libraries they need (found with `ldd`), the kernel modules for nftables, the init script and
-//! the commands; written as a gzip-compressed cpio "newc" archive.
+//! The guest's initramfs: busybox, `ip`, `nft`, util-linux `setpriv` and `nsenter`, the binaries
+//! under test with the shared libraries they need (found with `ldd`), the kernel modules for
+//! nftables, the init script and the commands; written as a gzip-compressed cpio "newc" archive.
 //!
 //! Guest layout:
-//! - /init, /bin/busybox and its applets (as symlinks), /bin/sh (dash), /usr/sbin/{ip,nft}
+//! - /init, /bin/busybox and its applets (as symlinks), /bin/sh (dash), /usr/sbin/{ip,nft},
+//!   /usr/bin/{setpriv,nsenter}
+//! - /etc/passwd and /etc/group with root and nobody/nogroup (the least-privilege tests run the
+//!   agent as nobody)
 //! - /usr/local/bin/<name>: the binaries under test
 //! - /lib/modules/<release>/: the selected modules, with a modules.dep and modules.alias
 //!   restricted to them (busybox modprobe is /sbin/modprobe, which the kernel calls on demand)
@@ -51,6 +54,11 @@ pub struct HostTools {
 
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
+/// The guest's users: root, and nobody (65534, Debian's numbers) for the least-privilege tests.
+const GUEST_PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const GUEST_GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
+
 impl HostTools {
     pub fn locate() -> Result<HostTools> {
         let busybox = find_program("busybox")
@@ -78,6 +86,18 @@ impl HostTools {
                 "usr/sbin/nft",
                 find_program("nft")
                     .with_context(|| format!("nftables is needed ({SETUP_HINT})"))?,
+            ),
+            // Busybox's applets of these names lack the options the least-privilege tests use
+            // (setpriv --reuid/--bounding-set, nsenter --net=PATH).
+            (
+                "usr/bin/setpriv",
+                find_program("setpriv")
+                    .with_context(|| format!("util-linux setpriv is needed ({SETUP_HINT})"))?,
+            ),
+            (
+                "usr/bin/nsenter",
+                find_program("nsenter")
+                    .with_context(|| format!("util-linux nsenter is needed ({SETUP_HINT})"))?,
             ),
         ];
         Ok(HostTools {
@@ -121,12 +141,8 @@ pub fn build(
         tree.dir(dir)?;
     }
     tree.symlink("var/run", "../run")?;
-    tree.data(
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
-        0o644,
-    )?;
-    tree.data("etc/group", b"root:x:0:\n".to_vec(), 0o644)?;
+    tree.data("etc/passwd", GUEST_PASSWD.as_bytes().to_vec(), 0o644)?;
+    tree.data("etc/group", GUEST_GROUP.as_bytes().to_vec(), 0o644)?;
     tree.data(
         "etc/hosts",
         b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),

@@ -4,7 +4,8 @@
 //! method, `keepalive-agent check --attach METHOD` says first whether the kernel supports the method:
 //! it does when the agent reached the `keepalive_timer` hook with it; otherwise the method is N/A on
 //! that kernel (with the reason `check` gave), which is not a failure. When it does, every scenario
-//! (one integration test of `tests/tests/keepalive.rs`) runs on its own with
+//! (one integration test of `tests/tests/keepalive.rs`, or of `tests/tests/privilege.rs`: the
+//! agent as `nobody` with exactly the capabilities it declares) runs on its own with
 //! `KEEPALIVE_TEST_ATTACH=METHOD`, which makes the test fail unless the agent used that method.
 //!
 //! Inside a guest this is one command per check and per scenario (see [`guest_commands`]); each
@@ -20,7 +21,6 @@ use super::guest::GuestCommand;
 
 /// Where the agent and the test binary are inside a guest.
 pub const GUEST_AGENT: &str = "/usr/local/bin/keepalive-agent";
-pub const GUEST_TESTS: &str = "keepalive-tests";
 /// Seconds the test harness waits for the agent's `ready` line in a guest
 /// (`KEEPALIVE_TEST_READY_TIMEOUT`). Under TCG each fentry program takes seconds to load and attach,
 /// and a 60 s wait (the host default) was missed once on Debian 6.1 with every hook on fentry.
@@ -60,6 +60,29 @@ pub struct Scenario {
     pub short: &'static str,
     /// Run inside the VMs by default (see [`SCENARIOS`] for the one that is not).
     pub in_vm: bool,
+    /// The integration test target (`tests/tests/<target>.rs`) holding the test.
+    pub target: &'static str,
+}
+
+/// The test target of the keep-alive scenarios.
+pub const KEEPALIVE_TARGET: &str = "keepalive";
+/// The test target of the least-privilege scenarios.
+pub const PRIVILEGE_TARGET: &str = "privilege";
+
+/// The name, in /usr/local/bin of a guest, of the test binary of `target`.
+pub fn guest_test_binary(target: &str) -> String {
+    format!("keepalive-tests-{target}")
+}
+
+/// The test targets `scenarios` need, in order of first use.
+pub fn test_targets(scenarios: &[Scenario]) -> Vec<&'static str> {
+    let mut targets: Vec<&'static str> = Vec::new();
+    for s in scenarios {
+        if !targets.contains(&s.target) {
+            targets.push(s.target);
+        }
+    }
+    targets
 }
 
 /// The scenarios, in matrix order.
@@ -70,16 +93,31 @@ pub struct Scenario {
 /// timers firing: the kernel's int3-based live code patching racing with QEMU TCG's handling of
 /// code modified by another vCPU, which takes the rest of that kernel's matrix down with it.
 /// `--scenario scale` forces it into the VMs.
+///
+/// The `priv-*` scenarios prove the capability set per kernel: the agent as `nobody` with exactly
+/// the capabilities `check` declares through a dead peer (`priv-dead`), each one removed in turn
+/// (`priv-missing`), and the snapshot without the optional CAP_SYS_ADMIN (`priv-snapshot`).
 pub const SCENARIOS: &[Scenario] = &[
-    Scenario { test: "healthy_peer_probes_are_answered", short: "healthy", in_vm: true },
-    Scenario { test: "dead_peer_times_out_v4", short: "dead-v4", in_vm: true },
-    Scenario { test: "dead_peer_times_out_v6", short: "dead-v6", in_vm: true },
-    Scenario { test: "user_timeout_cuts_probing_short", short: "user-timeout", in_vm: true },
-    Scenario { test: "unacked_data_suppresses_probes", short: "suppressed", in_vm: true },
-    Scenario { test: "snapshot_reports_existing_connection", short: "snapshot", in_vm: true },
-    Scenario { test: "setsockopt_before_connect_is_attributed", short: "settings", in_vm: true },
-    Scenario { test: "thousand_connections_no_lost_events", short: "scale", in_vm: false },
+    keepalive("healthy_peer_probes_are_answered", "healthy", true),
+    keepalive("dead_peer_times_out_v4", "dead-v4", true),
+    keepalive("dead_peer_times_out_v6", "dead-v6", true),
+    keepalive("user_timeout_cuts_probing_short", "user-timeout", true),
+    keepalive("unacked_data_suppresses_probes", "suppressed", true),
+    keepalive("snapshot_reports_existing_connection", "snapshot", true),
+    keepalive("setsockopt_before_connect_is_attributed", "settings", true),
+    keepalive("thousand_connections_no_lost_events", "scale", false),
+    privilege("dead_peer_as_nobody_with_exactly_the_declared_capabilities", "priv-dead"),
+    privilege("each_missing_capability_is_named", "priv-missing"),
+    privilege("snapshot_without_cap_sys_admin", "priv-snapshot"),
 ];
+
+const fn keepalive(test: &'static str, short: &'static str, in_vm: bool) -> Scenario {
+    Scenario { test, short, in_vm, target: KEEPALIVE_TARGET }
+}
+
+const fn privilege(test: &'static str, short: &'static str) -> Scenario {
+    Scenario { test, short, in_vm: true, target: PRIVILEGE_TARGET }
+}
 
 /// The scenarios named by `--scenario` (short names or test names; "all"), or the defaults.
 pub fn select_scenarios(names: &[String]) -> Result<Vec<Scenario>> {
@@ -598,13 +636,14 @@ pub fn guest_commands(
         for scenario in scenarios.iter().filter(|s| s.in_vm) {
             let name = scenario_command_name(method, scenario);
             let test = scenario.test;
+            let binary = guest_test_binary(scenario.target);
             let script = format!(
                 "[ -e {flag} ] || exit {NOT_APPLICABLE_EXIT}\n\
                  attempt=1\n\
                  while :; do\n\
                  \tKEEPALIVE_TEST_ATTACH={method} KEEPALIVE_AGENT_BIN={GUEST_AGENT} \
                  KEEPALIVE_TEST_READY_TIMEOUT={GUEST_READY_TIMEOUT_S} \
-                 {GUEST_TESTS} --exact --test-threads=1 {test} > /tmp/vmtest-out 2>&1\n\
+                 {binary} --exact --test-threads=1 {test} > /tmp/vmtest-out 2>&1\n\
                  \trc=$?\n\
                  \tcat /tmp/vmtest-out\n\
                  \t{{ grep -E '^test ({test} \\.\\.\\. |result: )' /tmp/vmtest-out; echo \"exit $rc\"; }} \
@@ -787,9 +826,9 @@ degraded: 1 hook(s) unreachable; the agent runs without them
         assert!(cmds[0].script.contains("^keepalive_timer[[:space:]]+kprobe"));
         assert!(cmds[1].script.contains("KEEPALIVE_TEST_ATTACH=kprobe"));
         assert!(cmds[1].script.contains("exit 77"));
-        assert!(cmds[1]
-            .script
-            .contains("--exact --test-threads=1 healthy_peer_probes_are_answered"));
+        assert!(cmds[1].script.contains(
+            "keepalive-tests-keepalive --exact --test-threads=1 healthy_peer_probes_are_answered"
+        ));
         assert!(cmds[1].script.contains("[ $attempt -gt 1 ]"));
         assert!(cmds[1]
             .script
@@ -808,5 +847,20 @@ degraded: 1 hook(s) unreachable; the agent runs without them
         );
         assert!(picked.iter().all(|s| s.in_vm));
         assert!(select_scenarios(&["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn privilege_scenarios_run_their_own_binary() {
+        let picked = select_scenarios(&["priv-dead".into(), "healthy".into()]).unwrap();
+        assert_eq!(test_targets(&picked), [PRIVILEGE_TARGET, KEEPALIVE_TARGET]);
+        let cmds = guest_commands(&[Method::Fentry], &picked, 0).unwrap();
+        assert!(cmds[1].script.contains(
+            "keepalive-tests-privilege --exact --test-threads=1 dead_peer_as_nobody_with_exactly_the_declared_capabilities"
+        ));
+        // By default every privilege scenario runs in the VMs.
+        let all = select_scenarios(&[]).unwrap();
+        let privilege: Vec<_> = all.iter().filter(|s| s.target == PRIVILEGE_TARGET).collect();
+        assert_eq!(privilege.len(), 3);
+        assert!(privilege.iter().all(|s| s.in_vm && s.short.starts_with("priv-")));
     }
 }

@@ -48,8 +48,6 @@ use qemu::{VmConfig, VmFiles, VmOutcome};
 use results::GuestReport;
 
 const AGENT_BINARY: &str = "keepalive-agent";
-/// Name of the integration test binary inside the guests.
-const TESTS_BINARY: &str = "keepalive-tests";
 
 /// Defaults that depend on the mode (commands, matrix).
 const COMMANDS_VM_TIMEOUT: u64 = 600;
@@ -102,18 +100,20 @@ pub struct VmTestArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "no_agent")]
     agent: Option<PathBuf>,
 
-    /// Matrix: the integration test binary of tests/tests/keepalive.rs [default: built with `cargo
-    /// test --release -p keepalive-tests --test keepalive --no-run`].
-    #[arg(long, value_name = "PATH")]
-    test_bin: Option<PathBuf>,
+    /// Matrix: an integration test binary already built, as TARGET=PATH (TARGET: keepalive or
+    /// privilege, the file under tests/tests/) or PATH (the keepalive one). Repeatable [default:
+    /// the targets the scenarios need, built with `cargo test --release -p keepalive-tests --test
+    /// TARGET --no-run`].
+    #[arg(long = "test-bin", value_name = "[TARGET=]PATH")]
+    test_bins: Vec<String>,
 
     /// Matrix: attach methods to try (comma-separated or repeated) [default: all].
     #[arg(long = "method", value_name = "METHOD", value_delimiter = ',', value_enum)]
     methods: Vec<Method>,
 
     /// Matrix: scenarios to run, by short name (healthy, dead-v4, dead-v6, user-timeout,
-    /// suppressed, snapshot, settings, scale) or test name, or `all` [default: all; scale runs on
-    /// the host only unless named].
+    /// suppressed, snapshot, settings, scale, priv-dead, priv-missing, priv-snapshot) or test
+    /// name, or `all` [default: all; scale runs on the host only unless named].
     #[arg(long = "scenario", value_name = "NAME", value_delimiter = ',')]
     scenarios: Vec<String>,
 
@@ -263,19 +263,10 @@ fn run_matrix(workspace: &Path, cache_dir: &Path, args: VmTestArgs) -> Result<bo
         Some(p) => p.clone(),
         None => artifacts::build_agent(workspace)?,
     };
-    let tests = match &args.test_bin {
-        Some(p) => p.clone(),
-        None => artifacts::build_tests(workspace)?,
-    };
     ensure!(agent.is_file(), "agent {} is not a file", agent.display());
-    ensure!(tests.is_file(), "test binary {} is not a file", tests.display());
-    let available = artifacts::list_tests(&tests)?;
-    artifacts::ensure_tests_exist(
-        &available,
-        &scenarios.iter().map(|s| s.test).collect::<Vec<_>>(),
-    )?;
+    let tests = test_binaries(workspace, &args.test_bins, &scenarios)?;
     let build_seconds = build_started.elapsed().as_secs_f64();
-    log::info!("agent {}, tests {}", agent.display(), tests.display());
+    log::info!("agent {}, tests {tests:?}", agent.display());
 
     let mut kernels: Vec<KernelResult> = Vec::new();
     if !args.no_host {
@@ -294,10 +285,12 @@ fn run_matrix(workspace: &Path, cache_dir: &Path, args: VmTestArgs) -> Result<bo
     }
 
     if !specs.is_empty() {
-        let mut executables = vec![
-            (AGENT_BINARY.to_string(), agent.clone()),
-            (TESTS_BINARY.to_string(), tests.clone()),
-        ];
+        let mut executables = vec![(AGENT_BINARY.to_string(), agent.clone())];
+        executables.extend(
+            tests
+                .iter()
+                .map(|(target, path)| (matrix::guest_test_binary(target), path.clone())),
+        );
         if !args.keep_debug {
             executables = stripped_copies(executables, &cache_dir.join("runs").join("bin"))?;
         }
@@ -348,6 +341,46 @@ fn run_matrix(workspace: &Path, cache_dir: &Path, args: VmTestArgs) -> Result<bo
     let passed = report_matrix::all_passed(&kernels);
     println!("{}", if passed { "matrix: PASS" } else { "matrix: FAIL" });
     Ok(passed)
+}
+
+/// The test binary of each target the scenarios need: those given with `--test-bin`, the others
+/// built; each checked to hold its scenarios' tests (a renamed test must not pass as "0 run").
+fn test_binaries(
+    workspace: &Path,
+    given: &[String],
+    scenarios: &[matrix::Scenario],
+) -> Result<Vec<(String, PathBuf)>> {
+    let targets = matrix::test_targets(scenarios);
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for value in given {
+        let (target, path) = match value.split_once('=') {
+            Some((t, p)) => (t.to_string(), PathBuf::from(p)),
+            None => (matrix::KEEPALIVE_TARGET.to_string(), PathBuf::from(value)),
+        };
+        ensure!(
+            targets.contains(&target.as_str()),
+            "--test-bin {value}: no selected scenario is in target {target:?} (targets: {targets:?})"
+        );
+        ensure!(path.is_file(), "--test-bin {value}: {} is not a file", path.display());
+        found.push((target, path));
+    }
+    let missing: Vec<&str> = targets
+        .iter()
+        .copied()
+        .filter(|t| !found.iter().any(|(f, _)| f == t))
+        .collect();
+    found.extend(artifacts::build_tests(workspace, &missing)?);
+    for (target, path) in &found {
+        let available = artifacts::list_tests(path)?;
+        let wanted: Vec<&str> = scenarios
+            .iter()
+            .filter(|s| s.target == target)
+            .map(|s| s.test)
+            .collect();
+        artifacts::ensure_tests_exist(&available, &wanted)
+            .with_context(|| format!("test binary {} ({target})", path.display()))?;
+    }
+    Ok(found)
 }
 
 /// The `--run` commands (and the trailing one, and the self-test) in every guest.

@@ -110,6 +110,13 @@ pub fn render(matrix: &Value) -> Result<String> {
              kernel while fentry code was patched, so it is not part of the default VM run)"
         });
     }
+    if has_scenario(matrix, "priv-dead") {
+        out.push_str(
+            "; least privilege (tests/tests/privilege.rs: the agent as `nobody` with exactly the \
+             capabilities `check` declares through a dead peer, each one removed in turn, the snapshot \
+             without CAP_SYS_ADMIN)",
+        );
+    }
     out.push_str(". n/a: the kernel does not support the method (not a failure).\n\n");
 
     // Table 2: hook × kernel → methods that reached it.
@@ -375,6 +382,15 @@ mod tests {
         assert!(md.contains("| reset reasons | none (kernel < 6.10) | yes: 26 (from BTF enum sk_rst_reason) |"), "{md}");
         assert!(md.contains("1000 connections on the host only"), "{md}");
         assert!(md.contains("Wall time of this run: 15.0 min"), "{md}");
+    }
+
+    #[test]
+    fn privilege_scenarios_are_named_when_run() {
+        assert!(!render(&matrix()).unwrap().contains("least privilege"));
+        let mut m = matrix();
+        m["scenarios"].as_array_mut().unwrap().push(json!({"test": "dead_peer_as_nobody_with_exactly_the_declared_capabilities", "short": "priv-dead", "in_vm": true}));
+        let md = render(&m).unwrap();
+        assert!(md.contains("; least privilege (tests/tests/privilege.rs: the agent as `nobody`"), "{md}");
     }
 
     #[test]

@@ -62,6 +62,8 @@ feature btf "$(yes_no test -e /sys/kernel/btf/vmlinux)"
 lockdown=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/security/lockdown 2>/dev/null)
 feature lockdown "${lockdown:-unknown}"
 feature bpf_jit "$(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null || echo unknown)"
+# Debian's kernels add a level 3 (their default) at which perf_event_open needs CAP_SYS_ADMIN.
+feature perf_event_paranoid "$(cat /proc/sys/kernel/perf_event_paranoid 2>/dev/null || echo unknown)"
 tracing=/sys/kernel/tracing
 feature kprobe_events "$(yes_no test -e $tracing/kprobe_events)"
 # A real kprobe on the keep-alive timer function, removed at once.
