@@ -80,7 +80,7 @@ pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
     };
     // SAFETY: per-CPU scratch slot.
     let ev = unsafe { &mut *ev };
-    *ev = RawEvent::zeroed();
+    crate::zero_event(ev);
     ev.kind = EventKind::Snapshot as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };

@@ -41,7 +41,7 @@ fn reserve(kind: EventKind) -> Option<RingBufEntry<RawEvent>> {
     };
     // SAFETY: a reserved RawEvent-sized ring buffer record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = RawEvent::zeroed();
+    crate::zero_event(ev);
     ev.kind = kind as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };

@@ -60,7 +60,7 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     };
     // SAFETY: reserved RawEvent-sized record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = RawEvent::zeroed();
+    crate::zero_event(ev);
     // The kernel address of the socket is its identity: store it, then read it back from the record
     // as a plain number, which the verifier lets us use for BTF-offset reads.
     unsafe { core::ptr::write_volatile(&mut ev.sk, sk as u64) };
@@ -92,7 +92,7 @@ pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32) {
     };
     // SAFETY: reserved RawEvent-sized record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    *ev = RawEvent::zeroed();
+    crate::zero_event(ev);
     fill_sockopt(ev, sk, level, optname, value);
     crate::submit(entry);
 }

@@ -80,7 +80,7 @@ pub fn timer_enter(timer: u64, jiffies: u64) {
     // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
     let slot = unsafe { &mut *slot };
     let ev = &mut slot.ev;
-    *ev = RawEvent::zeroed();
+    crate::zero_event(ev);
     ev.kind = EventKind::Timer as u8;
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
@@ -129,7 +129,7 @@ pub fn timer_leave(timer: Option<u64>) {
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points to a reserved RawEvent-sized ring buffer record.
     unsafe {
-        *ev = slot.ev;
+        crate::copy_event(&mut *ev, &slot.ev);
         let ev = &mut *ev;
         ev.exit_ts_ns = bpf_ktime_get_ns();
         ev.new_state = rd(sk, off!(skc_state)) as u8;
