@@ -12,15 +12,25 @@
 //! is known), `comm` is the process's name (`/proc/PID/comm`), `cgroup_id` the inode of its cgroup
 //! v2 directory (0 when unknown). Processes that vanish or cannot be read during the scan are
 //! skipped. The table built holds at most one entry per snapshot socket.
+//!
+//! The same scan names the owners of deaths of connections the agent does not follow
+//! ([`DeathOwners`]): the kernel side reports such a death in softirq (a timer, a segment received)
+//! with its socket's inode, while the application still holds the socket (it learns of the error
+//! afterwards). The event loop holds the records from the first such death on, at most one scan
+//! per [`DEATH_SCAN_INTERVAL`], and puts an `Owner` record in front of each death whose socket a
+//! process still holds: the engine gives the death's records that process. A death in its owner's
+//! process context carries the process already; a socket without a file has no owner.
 
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsStr,
+    mem::offset_of,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    path::Path,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use keepalive_common::{EventKind, RawEvent, FLAG_PROCESS};
+use keepalive_common::{EventKind, RawEvent, FLAG_PROCESS, RAW_EVENT_SIZE};
 use log::{debug, info};
 
 use crate::decode::{raw_from_bytes, raw_to_bytes};
@@ -88,7 +98,7 @@ pub fn scan(proc_root: &Path, wanted: &HashSet<u64>, cgroup2: Option<&Path>) -> 
     let mut pids: Vec<u32> = match std::fs::read_dir(proc_root) {
         Ok(rd) => rd.flatten().filter_map(|e| pid_of(&e.file_name())).collect(),
         Err(e) => {
-            info!("cannot list {}: {e}; start-up sockets are reported without their process", proc_root.display());
+            info!("cannot list {}: {e}; the sockets looked up are reported without their process", proc_root.display());
             return out;
         }
     };
@@ -156,16 +166,121 @@ pub fn attribute_snapshot(records: Vec<Vec<u8>>, proc_root: &Path, cgroup2: Opti
         found.processes,
         found.skipped
     );
-    let mut out = Vec::with_capacity(records.len() + found.holders.len());
+    with_owners(records, &found.holders, inode)
+}
+
+/// `records` with an `Owner` record in front of each one whose `inode(record)` has a holder.
+fn with_owners(records: Vec<Vec<u8>>, holders: &HashMap<u64, Holder>, inode: impl Fn(&[u8]) -> Option<u64>) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(records.len() + holders.len());
     for bytes in records {
-        if let Ok(raw) = raw_from_bytes(&bytes) {
-            if let Some(h) = found.holders.get(&raw.sock_ino).filter(|_| raw.sock_ino != 0) {
+        if let Some(h) = inode(&bytes).and_then(|i| holders.get(&i)) {
+            if let Ok(raw) = raw_from_bytes(&bytes) {
                 out.push(raw_to_bytes(&owner_record(&raw, h)));
             }
         }
         out.push(bytes);
     }
     out
+}
+
+/// Least time between two scans of `/proc` for the owners of deaths: bounds the agent's cost in a
+/// storm of deaths (a scan reads every process's descriptors) and how long death records wait.
+pub const DEATH_SCAN_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Most sockets one scan looks up; the deaths of further sockets in the same scan are reported
+/// without their owner and counted ([`DeathOwnerStats::dropped`]).
+pub const MAX_DEATH_INODES: usize = 1024;
+
+/// The socket inode of a raw ring-buffer record that asks for its owner: a change to CLOSE
+/// (a death) of a socket with a file, reported outside its owner's process context (no
+/// `FLAG_PROCESS`). Reads three fields in place: called for every record the event loop drains.
+pub fn death_inode(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() != RAW_EVENT_SIZE || bytes[offset_of!(RawEvent, kind)] != EventKind::State as u8 {
+        return None;
+    }
+    let flags = u32::from_ne_bytes(bytes[offset_of!(RawEvent, flags)..][..4].try_into().ok()?);
+    let ino = u64::from_ne_bytes(bytes[offset_of!(RawEvent, sock_ino)..][..8].try_into().ok()?);
+    (flags & FLAG_PROCESS == 0 && ino != 0).then_some(ino)
+}
+
+/// What the lookups of deaths' owners did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeathOwnerStats {
+    /// Scans of `/proc`.
+    pub scans: u64,
+    /// Deaths whose owner a scan found.
+    pub found: u64,
+    /// Deaths whose socket no process held at the scan (closed in between), or that could not be
+    /// read: reported without an owner.
+    pub not_found: u64,
+    /// Deaths not looked up (more than [`MAX_DEATH_INODES`] sockets for one scan): reported
+    /// without an owner.
+    pub dropped: u64,
+}
+
+/// The owners of deaths reported with their socket's inode (see the module documentation): one
+/// bounded scan of `/proc` per batch of such deaths, at most one per interval.
+#[derive(Debug)]
+pub struct DeathOwners {
+    proc_root: PathBuf,
+    cgroup2: Option<PathBuf>,
+    interval: Duration,
+    max_inodes: usize,
+    last_scan: Option<Instant>,
+    stats: DeathOwnerStats,
+}
+
+impl DeathOwners {
+    /// Lookups in `proc_root` (normally `/proc`), cgroups under the cgroup2 mount `cgroup2`, with
+    /// [`DEATH_SCAN_INTERVAL`] and [`MAX_DEATH_INODES`].
+    pub fn new(proc_root: PathBuf, cgroup2: Option<PathBuf>) -> Self {
+        Self::with_limits(proc_root, cgroup2, DEATH_SCAN_INTERVAL, MAX_DEATH_INODES)
+    }
+
+    /// Lookups with another interval between scans and bound of sockets per scan.
+    pub fn with_limits(proc_root: PathBuf, cgroup2: Option<PathBuf>, interval: Duration, max_inodes: usize) -> Self {
+        DeathOwners { proc_root, cgroup2, interval, max_inodes, last_scan: None, stats: DeathOwnerStats::default() }
+    }
+
+    pub fn stats(&self) -> DeathOwnerStats {
+        self.stats
+    }
+
+    /// How long after `now` the next scan may run (zero: now).
+    pub fn wait_before_scan(&self, now: Instant) -> Duration {
+        self.last_scan.map_or(Duration::ZERO, |t| (t + self.interval).saturating_duration_since(now))
+    }
+
+    /// Scans once, at `now`, for the sockets of the deaths in `batch` (raw records in ring-buffer
+    /// order), and returns the batch with an `Owner` record in front of each death whose socket a
+    /// process holds. At most [`Self::with_limits`]' `max_inodes` sockets are looked up.
+    pub fn attribute(&mut self, batch: Vec<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
+        let mut wanted = HashSet::new();
+        let mut deaths = 0u64;
+        for ino in batch.iter().filter_map(|r| death_inode(r)) {
+            deaths += 1;
+            if wanted.len() < self.max_inodes {
+                wanted.insert(ino);
+            }
+        }
+        if wanted.is_empty() {
+            return batch;
+        }
+        self.last_scan = Some(now);
+        self.stats.scans += 1;
+        let found = scan(&self.proc_root, &wanted, self.cgroup2.as_deref());
+        let inode = |bytes: &[u8]| death_inode(bytes).filter(|i| wanted.contains(i));
+        let looked_up = batch.iter().filter(|r| inode(r).is_some()).count() as u64;
+        let with = batch.iter().filter_map(|r| inode(r)).filter(|i| found.holders.contains_key(i)).count() as u64;
+        self.stats.found += with;
+        self.stats.not_found += looked_up - with;
+        self.stats.dropped += deaths - looked_up;
+        debug!(
+            "owners of deaths: {with} of {deaths} found ({} processes read, {} skipped)",
+            found.processes, found.skipped
+        );
+        with_owners(batch, &found.holders, inode)
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +378,58 @@ mod tests {
         assert_eq!(&owner.comm[..7], b"worker\0");
         assert_eq!(owner.cgroup_id, 0);
         assert_eq!(raw_from_bytes(&out[5]).unwrap().pid, 7);
+    }
+
+    /// A raw state-change record of socket `sk` with socket inode `ino` and `flags`.
+    fn death(sk: u64, ino: u64, flags: u32) -> Vec<u8> {
+        let mut r = RawEvent::zeroed();
+        r.kind = EventKind::State as u8;
+        r.sk = sk;
+        r.sock_ino = ino;
+        r.flags = flags;
+        r.netns = 5;
+        raw_to_bytes(&r)
+    }
+
+    #[test]
+    fn death_inode_only_for_state_records_without_a_process() {
+        assert_eq!(death_inode(&death(1, 100, 0)), Some(100));
+        assert_eq!(death_inode(&death(1, 0, 0)), None);
+        assert_eq!(death_inode(&death(1, 100, FLAG_PROCESS)), None, "the owner is known already");
+        let mut snap = raw_from_bytes(&death(1, 100, 0)).unwrap();
+        snap.kind = EventKind::Snapshot as u8;
+        assert_eq!(death_inode(&raw_to_bytes(&snap)), None);
+        assert_eq!(death_inode(&death(1, 100, 0)[1..]), None, "short record");
+    }
+
+    /// One scan per batch: owners in front of the deaths whose socket a process holds, in order;
+    /// the deaths of other sockets counted not found; past the bound, not looked up; records that
+    /// ask nothing untouched; the next scan not before the interval.
+    #[test]
+    fn death_owners_one_bounded_scan_per_batch() {
+        let dir = TempDir::new("owners-deaths");
+        fake_proc(dir.0.as_path());
+        let interval = Duration::from_secs(10);
+        let mut owners = DeathOwners::with_limits(dir.0.clone(), None, interval, 2);
+        let t0 = Instant::now();
+        assert_eq!(owners.wait_before_scan(t0), Duration::ZERO);
+        let other = death(9, 200, FLAG_PROCESS);
+        let batch = vec![death(1, 200, 0), other.clone(), death(2, 999, 0), death(3, 100, 0), death(4, 200, 0)];
+        let out = owners.attribute(batch, t0);
+        let kinds: Vec<(u8, u64)> = out.iter().map(|b| raw_from_bytes(b).map(|r| (r.kind, r.sk)).unwrap()).collect();
+        let (o, s) = (EventKind::Owner as u8, EventKind::State as u8);
+        // Inodes 200 and 999 fill the bound of 2: socket 3 (inode 100) is not looked up.
+        assert_eq!(kinds, [(o, 1), (s, 1), (s, 9), (s, 2), (s, 3), (o, 4), (s, 4)]);
+        let owner = raw_from_bytes(&out[0]).unwrap();
+        assert_eq!((owner.pid, owner.netns, owner.flags & FLAG_PROCESS), (30, 5, FLAG_PROCESS));
+        assert_eq!(&owner.comm[..7], b"worker\0");
+        assert_eq!(out[2], other);
+        assert_eq!(owners.stats(), DeathOwnerStats { scans: 1, found: 2, not_found: 1, dropped: 1 });
+        assert_eq!(owners.wait_before_scan(t0 + Duration::from_secs(4)), Duration::from_secs(6));
+        assert_eq!(owners.wait_before_scan(t0 + interval), Duration::ZERO);
+        // Nothing to look up: no scan.
+        let plain = vec![other.clone(), death(5, 0, 0)];
+        assert_eq!(owners.attribute(plain.clone(), t0 + interval), plain);
+        assert_eq!(owners.stats().scans, 1);
     }
 }

@@ -19,6 +19,7 @@ use crate::{
     clock::WallClock,
     decode::Decoder,
     kernel::progstats::KindCounts,
+    owners::{death_inode, DeathOwnerStats, DeathOwners},
     reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record},
 };
@@ -80,6 +81,8 @@ pub struct LoopSummary {
     /// Keep-alive settings the kprobe strategy's in-flight map lost (`Setsockopt` events).
     pub inflight_lost: u64,
     pub snapshot_sockets: u64,
+    /// Lookups of the owners of deaths of connections not followed.
+    pub death_owners: DeathOwnerStats,
 }
 
 impl LoopSummary {
@@ -129,6 +132,21 @@ impl LoopSummary {
         }
         s
     }
+}
+
+/// The final line on the owners of deaths of connections not followed, when any was looked up.
+fn report_death_owners(s: &DeathOwnerStats) {
+    if s.scans == 0 && s.dropped == 0 {
+        return;
+    }
+    info!(
+        "owners of deaths not followed: {} found in /proc, {} not found (the socket was closed first), {} not looked up (over {} in one scan); {} scans",
+        s.found,
+        s.not_found,
+        s.dropped,
+        crate::owners::MAX_DEATH_INODES,
+        s.scans
+    );
 }
 
 /// Human-readable per-kind breakdown of lost counts.
@@ -230,7 +248,15 @@ struct RunState {
     reported: Reported,
     /// Walks of the kernel's sockets that end connections whose close was missed.
     reconciler: Reconciler,
+    /// Raw records from the first death awaiting its owner's lookup on, in ring-buffer order (at
+    /// most [`MAX_HELD`]).
+    held: Vec<Vec<u8>>,
+    death_owners: DeathOwners,
 }
+
+/// Most raw records held while deaths await the lookup of their owners: past it, the loop waits
+/// for the next scan and releases them.
+const MAX_HELD: usize = 4 * BATCH;
 
 /// The one path of a raw record, whatever its source (live ring buffer, start-up snapshot, final
 /// drain): decode, count (events or decode errors), namespace filter, engine. Undecodable records
@@ -274,6 +300,8 @@ impl<'a> EventLoop<'a> {
             passed: Vec::with_capacity(1024),
             reported: Reported::default(),
             reconciler: Reconciler::new(self.filter.netns),
+            held: Vec::new(),
+            death_owners: DeathOwners::new("/proc".into(), crate::attach::cgroup2_mount()),
         };
         for raw in snapshot {
             // Owner records (the sockets' processes, see `owners`) precede their sockets.
@@ -309,13 +337,17 @@ impl<'a> EventLoop<'a> {
                     break;
                 }
             }
-            // The ring buffer is drained: a walk taken before is applied now.
-            st.reconciler.apply(self.engine, &mut st.records);
+            // The ring buffer is drained: a walk taken before is applied now (not while records
+            // are held: the engine has not seen them yet).
+            if st.held.is_empty() {
+                st.reconciler.apply(self.engine, &mut st.records);
+            }
         }
         // Drain what is left, then the final report.
         self.drain(&mut st, None);
         self.flush(&mut st, sink)?;
         self.report(&mut st);
+        report_death_owners(&st.summary.death_owners);
         Ok(st.summary)
     }
 
@@ -362,15 +394,47 @@ impl<'a> EventLoop<'a> {
     }
 
     /// Feeds up to `max` ring-buffer records (all that are there with `None`) through [`ingest`];
-    /// returns how many it took.
+    /// returns how many it took. From a death that awaits the lookup of its owner on, records are
+    /// held in order and fed once the lookup ran ([`Self::release_held`]); `max == None` (the
+    /// final drain) releases them all.
     fn drain(&mut self, st: &mut RunState, max: Option<usize>) -> usize {
         let mut n = 0;
         while max.is_none_or(|m| n < m) {
-            let Some(item) = self.probes.events.next() else { break };
-            ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+            {
+                let Some(item) = self.probes.events.next() else { break };
+                if st.held.is_empty() && death_inode(&item).is_none() {
+                    ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+                } else {
+                    st.held.push(item.to_vec());
+                }
+            }
             n += 1;
+            if st.held.len() >= MAX_HELD {
+                self.release_held(st, true);
+            }
         }
+        self.release_held(st, max.is_none());
         n
+    }
+
+    /// Looks up the owners of the held deaths and feeds the held records, when a scan is allowed
+    /// now or, with `wait`, after waiting for it (at most [`crate::owners::DEATH_SCAN_INTERVAL`]).
+    fn release_held(&mut self, st: &mut RunState, wait: bool) {
+        if st.held.is_empty() {
+            return;
+        }
+        let pause = st.death_owners.wait_before_scan(Instant::now());
+        if !pause.is_zero() {
+            if !wait {
+                return;
+            }
+            std::thread::sleep(pause);
+        }
+        let held = std::mem::take(&mut st.held);
+        for raw in st.death_owners.attribute(held, Instant::now()) {
+            ingest(self.decoder, self.filter, self.engine, &raw, &mut st.records, &mut st.summary);
+        }
+        st.summary.death_owners = st.death_owners.stats();
     }
 
     /// Attaches the on-demand hooks (the probe answer program on every received segment) while some

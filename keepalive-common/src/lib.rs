@@ -199,6 +199,12 @@ pub struct Offsets {
     pub task_tgid: Field,
     /// `inode.i_mode` (file type and permissions), for the `audit_files` iterator.
     pub inode_i_mode: Field,
+
+    // The owner of a death (issue 14). Appended: the fields above keep their places.
+    /// `task_struct.mm`: NULL for a kernel thread, which never owns a connection (a worker that
+    /// releases a file for someone else). Absent: a death is never attributed to the current
+    /// task, only through the socket's inode.
+    pub task_mm: Field,
 }
 
 impl Offsets {
@@ -241,6 +247,9 @@ pub enum EventKind {
     /// A change to CLOSE carries the socket's idle times (`since_*_jiffies`), `retransmits`,
     /// `unacked` and `retransmitting_ms`; it is reported for sockets without keep-alive too when
     /// `sk_err` is set (a death), or for every connection with `Offsets::report_all_closes`.
+    /// A change to CLOSE of a socket without keep-alive that still has a file names its owner:
+    /// `FLAG_PROCESS` when the change ran in the owner's process context (the socket locked by its
+    /// process), else, for a death, `sock_ino` for the agent to find the process holding it.
     State = 6,
     /// `cgroup/setsockopt` saw a keep-alive option.
     Setsockopt = 7,
@@ -375,8 +384,9 @@ pub struct RawEvent {
     pub keepalive_probes: u8,
     /// `net.ipv4.tcp_keepalive_probes` of the socket's namespace.
     pub sysctl_probes: u8,
-    /// Inode number of the socket's file ([`EventKind::Snapshot`]; 0 when the socket has no file
-    /// or the kernel lacks the offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
+    /// Inode number of the socket's file ([`EventKind::Snapshot`], and an [`EventKind::State`]
+    /// death without `FLAG_PROCESS`; 0 when the socket has no file or the kernel lacks the
+    /// offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
     pub sock_ino: u64,
     /// Jiffies since the last data segment was sent (`lsndtime`), at a close or a reset received.
     pub since_sent_jiffies: u32,

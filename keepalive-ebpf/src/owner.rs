@@ -10,17 +10,57 @@
 //! between is not misread. Only keep-alive-relevant TCP sockets produce an [`EventKind::Owner`]
 //! event: a failed accept, a UNIX or UDP socket, or a TCP socket without keep-alive costs a few
 //! reads. Accepts through io_uring (`IORING_OP_ACCEPT`) do not pass these tracepoints.
+//!
+//! The owner of a connection ending (a change to CLOSE, [`fill_close_owner`]): the current task
+//! when the change runs in its process context, else, for a death, the socket's inode number for
+//! the agent to look up in `/proc`.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_task, macros::tracepoint, programs::TracePointContext,
 };
-use keepalive_common::{EventKind, Field};
+use keepalive_common::{EventKind, Field, RawEvent, FLAG_OWNED};
 
 use crate::{
     off,
     read::{fill_process, is_tcp, keepalive_relevant, rd},
+    snapshot::sock_inode,
     sock_events::emit,
 };
+
+/// `ECONNABORTED` (uapi errno, stable ABI): the error `tcp_abort()` sets when another process
+/// destroys the socket (`ss -K`, `bpf_sock_destroy`) with the socket locked in *its* context.
+const ECONNABORTED: u32 = 103;
+
+/// Names the owner of `sk`, whose change to CLOSE with socket error `err` is being reported.
+///
+/// A socket without a file (orphaned after `close()`, a kernel socket) has no owner: nothing is
+/// set. With the socket locked by a process (`sk_lock.owned`, [`FLAG_OWNED`] already read into
+/// `ev`), the change runs in that process's context (a syscall on the socket, or the backlog and
+/// deferred timers it runs when it releases the lock; softirq never changes the state of a socket
+/// a process owns): the current task is the owner, unless it is a kernel thread (no `mm`) or the
+/// error is `tcp_abort()`'s (another process destroying it). Otherwise (softirq: a timer, a
+/// segment received), a death (`err` set) carries the socket's inode for the agent to resolve.
+#[inline(always)]
+pub fn fill_close_owner(ev: &mut RawEvent, sk: u64, err: u32) {
+    let ino = sock_inode(sk);
+    if ino == 0 {
+        return;
+    }
+    if ev.flags & FLAG_OWNED != 0 && err != ECONNABORTED && current_is_user_task() {
+        fill_process(ev);
+    } else if err != 0 {
+        ev.sock_ino = ino;
+    }
+}
+
+/// Whether the current task is a user process (has an address space), not a kernel thread. False
+/// when `task_struct.mm` is absent from BTF.
+#[inline(always)]
+fn current_is_user_task() -> bool {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    rd(task, off!(task_mm)) != 0
+}
 
 /// A kernel pointer (BPF is a 64-bit target, and so is every kernel it runs on).
 const PTR: Field = Field::new(0, 8);

@@ -11,6 +11,7 @@ use keepalive_common::{EventKind, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_I
 
 use crate::{
     count_lost, off,
+    owner::fill_close_owner,
     read::{ctx_arg_scalar, fill_common, fill_process, fill_sock, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
@@ -152,7 +153,9 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
 /// sockets entering SYN_SENT (process context: `connect()`), ESTABLISHED or CLOSE (with `sk_err`
 /// and the socket's idle times). For other TCP sockets only the end of an established connection
 /// is reported, and only when it is a death (`sk_err` set) or `report_all_closes` is on: one read
-/// of `sk_err` per connection, no per-connection state.
+/// of `sk_err` per connection, no per-connection state. Their change to CLOSE names the socket's
+/// owner ([`fill_close_owner`]: the current task in its process context, else the socket's inode);
+/// the agent knows the owner of the connections it follows from their start.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -170,7 +173,8 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // A connection killed by an error (timeouts, resets) has sk_err set before tcp_done() moves it
     // to CLOSE; the error report itself comes after the close.
     let err = if close { rd(sk, off!(sk_err)) as u32 } else { 0 };
-    if !keepalive_relevant(sk) {
+    let followed = keepalive_relevant(sk);
+    if !followed {
         let ended = (old as u32) < 32 && off!(conn_close_mask) & (1 << (old as u32)) != 0;
         if !close || !ended || (err == 0 && off!(report_all_closes) == 0) {
             return 0;
@@ -184,6 +188,9 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         } else if close {
             ev.err = err as i32;
             fill_times(ev, sk);
+            if !followed {
+                fill_close_owner(ev, sk, err);
+            }
         }
     });
     0
