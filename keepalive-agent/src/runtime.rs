@@ -19,7 +19,7 @@ use crate::{
     clock::WallClock,
     decode::Decoder,
     kernel::progstats::KindCounts,
-    owners::{death_inode, DeathOwnerStats, DeathOwners},
+    owners::{DeathOwnerStats, DeathOwners, DEATH_HOLD},
     reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record},
 };
@@ -136,11 +136,12 @@ impl LoopSummary {
 
 /// The final line on the owners of deaths of connections not followed, when any was looked up.
 fn report_death_owners(s: &DeathOwnerStats) {
-    if s.scans == 0 && s.dropped == 0 {
+    if s.scans == 0 && s.closed == 0 && s.dropped == 0 {
         return;
     }
     info!(
-        "owners of deaths not followed: {} found in /proc, {} not found (the socket was closed first), {} not looked up (over {} in one scan); {} scans",
+        "owners of deaths not followed: {} closed the socket, {} found in /proc, {} not found, {} not looked up (over {} in one scan); {} scans",
+        s.closed,
         s.found,
         s.not_found,
         s.dropped,
@@ -251,6 +252,8 @@ struct RunState {
     /// Raw records from the first death awaiting its owner's lookup on, in ring-buffer order (at
     /// most [`MAX_HELD`]).
     held: Vec<Vec<u8>>,
+    /// When the first of `held` was drained.
+    held_since: Option<Instant>,
     death_owners: DeathOwners,
 }
 
@@ -301,7 +304,8 @@ impl<'a> EventLoop<'a> {
             reported: Reported::default(),
             reconciler: Reconciler::new(self.filter.netns),
             held: Vec::new(),
-            death_owners: DeathOwners::new("/proc".into(), crate::attach::cgroup2_mount()),
+            held_since: None,
+            death_owners: DeathOwners::new("/proc".into(), crate::attach::cgroup2_mount()).only_netns(self.filter.netns),
         };
         for raw in snapshot {
             // Owner records (the sockets' processes, see `owners`) precede their sockets.
@@ -402,9 +406,10 @@ impl<'a> EventLoop<'a> {
         while max.is_none_or(|m| n < m) {
             {
                 let Some(item) = self.probes.events.next() else { break };
-                if st.held.is_empty() && death_inode(&item).is_none() {
+                if st.held.is_empty() && st.death_owners.wanted(&item).is_none() {
                     ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
                 } else {
+                    st.held_since.get_or_insert_with(Instant::now);
                     st.held.push(item.to_vec());
                 }
             }
@@ -417,20 +422,26 @@ impl<'a> EventLoop<'a> {
         n
     }
 
-    /// Looks up the owners of the held deaths and feeds the held records, when a scan is allowed
-    /// now or, with `wait`, after waiting for it (at most [`crate::owners::DEATH_SCAN_INTERVAL`]).
+    /// Names the owners of the held deaths and feeds the held records, once the first was held
+    /// [`DEATH_HOLD`] and a scan is allowed, or, with `wait`, after waiting for both (at most
+    /// [`DEATH_HOLD`] plus [`crate::owners::DEATH_SCAN_INTERVAL`]). What the ring buffer holds
+    /// then is taken first: the closes that came before the lookup name their sockets' owners.
     fn release_held(&mut self, st: &mut RunState, wait: bool) {
-        if st.held.is_empty() {
-            return;
-        }
-        let pause = st.death_owners.wait_before_scan(Instant::now());
-        if !pause.is_zero() {
+        let Some(since) = st.held_since else { return };
+        let now = Instant::now();
+        let ready = (since + DEATH_HOLD).max(now + st.death_owners.wait_before_scan(now));
+        if ready > now {
             if !wait {
                 return;
             }
-            std::thread::sleep(pause);
+            std::thread::sleep(ready - now);
+        }
+        while st.held.len() < MAX_HELD {
+            let Some(item) = self.probes.events.next() else { break };
+            st.held.push(item.to_vec());
         }
         let held = std::mem::take(&mut st.held);
+        st.held_since = None;
         for raw in st.death_owners.attribute(held, Instant::now()) {
             ingest(self.decoder, self.filter, self.engine, &raw, &mut st.records, &mut st.summary);
         }

@@ -201,10 +201,10 @@ pub struct Offsets {
     pub inode_i_mode: Field,
 
     // The owner of a death (issue 14). Appended: the fields above keep their places.
-    /// `task_struct.mm`: NULL for a kernel thread, which never owns a connection (a worker that
-    /// releases a file for someone else). Absent: a death is never attributed to the current
-    /// task, only through the socket's inode.
-    pub task_mm: Field,
+    /// `task_struct.flags` (`PF_*`): `PF_KTHREAD` marks a kernel thread, which never owns a
+    /// connection (a worker that releases a file for someone else). Absent: a death is never
+    /// attributed to the current task, only through the socket's inode.
+    pub task_flags: Field,
 }
 
 impl Offsets {
@@ -255,7 +255,9 @@ pub enum EventKind {
     Setsockopt = 7,
     /// `iter/tcp` start-up snapshot of one existing socket.
     Snapshot = 8,
-    /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused.
+    /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused. Reported for
+    /// keep-alive-relevant sockets, and, with `FLAG_PROCESS`, for others that their process
+    /// closes once they are CLOSE (after a death): the owner of that death.
     Destroy = 9,
     /// The process holding the socket: the one that accepted it (`syscalls:sys_exit_accept4`,
     /// `syscalls:sys_exit_accept`), or, for a socket found by the start-up snapshot, one found in

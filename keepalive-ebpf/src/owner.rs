@@ -13,7 +13,8 @@
 //!
 //! The owner of a connection ending (a change to CLOSE, [`fill_close_owner`]): the current task
 //! when the change runs in its process context, else, for a death, the socket's inode number for
-//! the agent to look up in `/proc`.
+//! the agent to look up in `/proc`, and the process that closes the dead socket
+//! ([`destroyed_by_owner`]).
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_task, macros::tracepoint, programs::TracePointContext,
@@ -37,7 +38,7 @@ const ECONNABORTED: u32 = 103;
 /// set. With the socket locked by a process (`sk_lock.owned`, [`FLAG_OWNED`] already read into
 /// `ev`), the change runs in that process's context (a syscall on the socket, or the backlog and
 /// deferred timers it runs when it releases the lock; softirq never changes the state of a socket
-/// a process owns): the current task is the owner, unless it is a kernel thread (no `mm`) or the
+/// a process owns): the current task is the owner, unless it is a kernel thread (`PF_KTHREAD`) or the
 /// error is `tcp_abort()`'s (another process destroying it). Otherwise (softirq: a timer, a
 /// segment received), a death (`err` set) carries the socket's inode for the agent to resolve.
 #[inline(always)]
@@ -53,13 +54,33 @@ pub fn fill_close_owner(ev: &mut RawEvent, sk: u64, err: u32) {
     }
 }
 
-/// Whether the current task is a user process (has an address space), not a kernel thread. False
-/// when `task_struct.mm` is absent from BTF.
+/// Whether `sk`, not keep-alive-relevant, is being destroyed by the process that held it: already
+/// CLOSE (killed earlier, or never connected) and locked by a user task: `close()` of its last
+/// descriptor (`tcp_close` destroys a closed socket with the lock held). The process that learns
+/// of a death in softirq usually closes the socket at once, before the agent could find it in
+/// `/proc`: this names it (the agent matches it to the death by socket and addresses).
+#[inline(always)]
+pub fn destroyed_by_owner(sk: u64) -> bool {
+    rd(sk, off!(skc_state)) as u32 == off!(tcp_close) && rd(sk, off!(sk_lock_owned)) != 0 && current_is_user_task()
+}
+
+/// `PF_KTHREAD` of `task_struct.flags`: a `#define`, absent from BTF, but ABI in practice: the
+/// flags word is the 9th field of `/proc/PID/stat` and tools tell kernel threads by this bit
+/// (systemd's `is_kernel_thread`). Unchanged since Linux 2.6.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Whether the current task is a user task, not a kernel thread (an exiting process, whose address
+/// space is already gone when its files are closed, is one). False when `task_struct.flags` is
+/// absent from BTF.
 #[inline(always)]
 fn current_is_user_task() -> bool {
+    let flags = off!(task_flags);
+    if !flags.present() {
+        return false;
+    }
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    rd(task, off!(task_mm)) != 0
+    rd(task, flags) & PF_KTHREAD == 0
 }
 
 /// A kernel pointer (BPF is a 64-bit target, and so is every kernel it runs on).

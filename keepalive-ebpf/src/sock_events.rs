@@ -11,7 +11,7 @@ use keepalive_common::{EventKind, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_I
 
 use crate::{
     count_lost, off,
-    owner::fill_close_owner,
+    owner::{destroyed_by_owner, fill_close_owner},
     read::{ctx_arg_scalar, fill_common, fill_process, fill_sock, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
@@ -197,12 +197,18 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 }
 
 /// `tcp:tcp_destroy_sock(sk)`: the socket is freed; its address may be reused by another socket.
+/// Reported for keep-alive-relevant sockets, and for others when their process closes them after
+/// they died (with the process: [`destroyed_by_owner`]).
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    if sk == 0 || !keepalive_relevant(sk) {
+    if sk == 0 {
         return 0;
     }
-    emit(EventKind::Destroy, sk, |_| {});
+    if keepalive_relevant(sk) {
+        emit(EventKind::Destroy, sk, |_| {});
+    } else if destroyed_by_owner(sk) {
+        emit(EventKind::Destroy, sk, fill_process);
+    }
     0
 }

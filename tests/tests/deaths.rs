@@ -6,6 +6,7 @@
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,6 +176,52 @@ fn orphaned_connection_death_names_no_owner() {
     assert_eq!(str_of(timeout, "reason"), Some("retransmit"), "{}", ctx(&evs));
     assert_eq!(str_of(&evs[3], "state"), Some("FIN_WAIT1"), "closed with data in flight\n{}", ctx(&evs));
     assert!(evs.iter().all(|e| e.get("pid").is_none() && e.get("comm").is_none()), "no owner\n{}", ctx(&evs));
+    env.ns.restore().unwrap();
+}
+
+/// A client in a process of its own (`cat` reading a socket that bash opened, keep-alive off)
+/// whose peer vanishes while it waits for an answer: the retransmission timer kills the connection
+/// in softirq and `cat`, told ETIMEDOUT, exits at once, closing the socket before a scan of `/proc`
+/// could find it. Its close names it: every record of the death carries cat's pid and comm.
+#[test]
+fn owner_that_closes_at_once_is_named_by_its_close() {
+    let env = Env::new();
+    env.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"]).unwrap();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{} && sleep 1 && printf hello >&3 && exec cat <&3", server.port());
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", env.ns.name(), "bash", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` and bash exec: the pid stays the child's.
+    let pid = child.id();
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_input_from_port(server.port()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "cat never saw the death");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert!(!status.success() && said.contains("timed out"), "cat: {status}, {said:?}");
+    let remote = fmt_addr(server.addr());
+    let to_server = |e: &Value| str_of(e, "remote") == Some(remote.as_str());
+    agent.wait_for(WAIT, |e| to_server(e) && kind(e) == "close").expect("the death's close");
+    let (all, stderr) = agent.stop_full();
+    let evs: Vec<Value> = all.into_iter().filter(to_server).collect();
+    assert_unfollowed_death(&evs, "timeout", "ETIMEDOUT");
+    for e in &evs {
+        assert_eq!((u64_of(e, "pid"), str_of(e, "comm")), (Some(u64::from(pid)), Some("cat")), "{e}\n{}", ctx(&evs));
+    }
+    let closed = stderr.iter().rev().find_map(|l| number_before(l, "owners of deaths not followed:", " closed the socket"));
+    assert!(closed.is_some_and(|n| n >= 1), "named by its close:\n{}", stderr.join("\n"));
     env.ns.restore().unwrap();
 }
 

@@ -250,7 +250,7 @@ const FIELDS: &[FieldSpec] = &[
     owner("task_struct", &["tgid"], |o| &mut o.task_tgid, NO_AUDIT_FILES),
     owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
     // The owner of a death in its own process context (optional: else found in /proc).
-    owner("task_struct", &["mm"], |o| &mut o.task_mm, NO_DEATH_OWNER_TASK),
+    owner("task_struct", &["flags"], |o| &mut o.task_flags, NO_DEATH_OWNER_TASK),
 ];
 
 const NO_DEATH_OWNER_TASK: &str = "owners of deaths are always looked up in /proc (slower; a quick close escapes it)";
