@@ -689,6 +689,13 @@ mod tests {
         assert_eq!((o.task_tgid.size, o.inode_i_mode.size), (4, 2));
     }
 
+    /// The death owner's field on this kernel: `task_struct.flags`, an `unsigned int`.
+    #[test]
+    fn real_kernel_death_owner_offsets() {
+        let Some(facts) = real_facts() else { return };
+        assert_eq!(facts.offsets.task_flags.size, 4, "{:?}", facts.offsets);
+    }
+
     /// The mapped BTF gives the same facts as the parsed one.
     #[test]
     fn mapped_btf_gives_the_same_facts() {

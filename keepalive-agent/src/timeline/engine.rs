@@ -12,7 +12,8 @@
 //! `TCP_USER_TIMEOUT` set when it becomes established (or in the start-up snapshot), a keep-alive
 //! `setsockopt` on it, or a keep-alive timer run on it. Other sockets are ignored, except for two
 //! small per-socket notes kept until the socket is established or gone: the process that called
-//! `connect()` (from the SYN_SENT state change) and keep-alive options set before `connect()`.
+//! `connect()` (from the SYN_SENT state change, or an `Owner` event just before the death of a
+//! connection not followed, which its close takes) and keep-alive options set before `connect()`.
 //! Listening sockets are never tracked: their accepted children are, when they inherit keep-alive.
 //!
 //! Everything is bounded by [`EngineConfig::max_connections`]: tracked connections, pre-connect
