@@ -12,15 +12,25 @@
 //! is known), `comm` is the process's name (`/proc/PID/comm`), `cgroup_id` the inode of its cgroup
 //! v2 directory (0 when unknown). Processes that vanish or cannot be read during the scan are
 //! skipped. The table built holds at most one entry per snapshot socket.
+//!
+//! The same scan names the owners of deaths of connections the agent does not follow
+//! ([`DeathOwners`]): the kernel side reports such a death in softirq (a timer, a segment received)
+//! with its socket's inode, while the application still holds the socket (it learns of the error
+//! afterwards). The event loop holds the records from the first such death on, at most one scan
+//! per [`DEATH_SCAN_INTERVAL`], and puts an `Owner` record in front of each death whose socket a
+//! process still holds: the engine gives the death's records that process. A death in its owner's
+//! process context carries the process already; a socket without a file has no owner.
 
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsStr,
+    mem::offset_of,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    path::Path,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use keepalive_common::{EventKind, RawEvent, FLAG_PROCESS};
+use keepalive_common::{EventKind, RawEvent, FLAG_PROCESS, RAW_EVENT_SIZE};
 use log::{debug, info};
 
 use crate::decode::{raw_from_bytes, raw_to_bytes};
@@ -88,7 +98,7 @@ pub fn scan(proc_root: &Path, wanted: &HashSet<u64>, cgroup2: Option<&Path>) -> 
     let mut pids: Vec<u32> = match std::fs::read_dir(proc_root) {
         Ok(rd) => rd.flatten().filter_map(|e| pid_of(&e.file_name())).collect(),
         Err(e) => {
-            info!("cannot list {}: {e}; start-up sockets are reported without their process", proc_root.display());
+            info!("cannot list {}: {e}; the sockets looked up are reported without their process", proc_root.display());
             return out;
         }
     };
@@ -156,16 +166,196 @@ pub fn attribute_snapshot(records: Vec<Vec<u8>>, proc_root: &Path, cgroup2: Opti
         found.processes,
         found.skipped
     );
-    let mut out = Vec::with_capacity(records.len() + found.holders.len());
-    for bytes in records {
-        if let Ok(raw) = raw_from_bytes(&bytes) {
-            if let Some(h) = found.holders.get(&raw.sock_ino).filter(|_| raw.sock_ino != 0) {
+    with_owners(records, |_, bytes| inode(bytes).and_then(|i| found.holders.get(&i)))
+}
+
+/// `records` with an `Owner` record in front of each one for which `owner_of(index, record)` names
+/// a holder.
+fn with_owners<'h>(records: Vec<Vec<u8>>, owner_of: impl Fn(usize, &[u8]) -> Option<&'h Holder>) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(records.len() + 16);
+    for (i, bytes) in records.into_iter().enumerate() {
+        if let Some(h) = owner_of(i, &bytes) {
+            if let Ok(raw) = raw_from_bytes(&bytes) {
                 out.push(raw_to_bytes(&owner_record(&raw, h)));
             }
         }
         out.push(bytes);
     }
     out
+}
+
+/// Least time between two scans of `/proc` for the owners of deaths: bounds the agent's cost in a
+/// storm of deaths (a scan reads every process's descriptors).
+pub const DEATH_SCAN_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long a death waits before its owner is looked up: time for the process that learns of the
+/// error to close the socket, which names it ([`EventKind::Destroy`] with `FLAG_PROCESS`) without
+/// a scan (a scan would no longer find it).
+pub const DEATH_HOLD: Duration = Duration::from_millis(100);
+
+/// Most sockets one scan looks up; the deaths of further sockets in the same scan are reported
+/// without their owner and counted ([`DeathOwnerStats::dropped`]).
+pub const MAX_DEATH_INODES: usize = 1024;
+
+/// The socket inode of a raw ring-buffer record that asks for its owner: a change to CLOSE
+/// (a death) of a socket with a file, reported outside its owner's process context (no
+/// `FLAG_PROCESS`). Reads three fields in place: called for every record the event loop drains.
+pub fn death_inode(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() != RAW_EVENT_SIZE || bytes[offset_of!(RawEvent, kind)] != EventKind::State as u8 {
+        return None;
+    }
+    let flags = u32::from_ne_bytes(bytes[offset_of!(RawEvent, flags)..][..4].try_into().ok()?);
+    let ino = u64::from_ne_bytes(bytes[offset_of!(RawEvent, sock_ino)..][..8].try_into().ok()?);
+    (flags & FLAG_PROCESS == 0 && ino != 0).then_some(ino)
+}
+
+/// The processes that closed sockets after their deaths in `batch` (raw records in ring-buffer
+/// order; `is_death` tells the deaths): for the index of each death record, the process of the first `Destroy` with
+/// `FLAG_PROCESS` after it on the same socket, with the same namespace and addresses. A change of
+/// state on the socket in between (another death: the address was reused) forgets the death.
+fn closers(batch: &[Vec<u8>], is_death: impl Fn(&[u8]) -> bool) -> HashMap<usize, Holder> {
+    let mut dying: HashMap<u64, (usize, RawEvent)> = HashMap::new();
+    let mut out = HashMap::new();
+    for (i, bytes) in batch.iter().enumerate() {
+        let Ok(raw) = raw_from_bytes(bytes) else { continue };
+        if is_death(bytes) {
+            dying.insert(raw.sk, (i, raw));
+            continue;
+        }
+        match EventKind::from_u8(raw.kind) {
+            Some(EventKind::Destroy) => {
+                let Some((d, death)) = dying.remove(&raw.sk) else { continue };
+                if raw.flags & FLAG_PROCESS != 0 && same_connection(&death, &raw) {
+                    out.insert(d, Holder { pid: raw.pid, comm: raw.comm, cgroup_id: raw.cgroup_id });
+                }
+            }
+            Some(EventKind::State) => {
+                dying.remove(&raw.sk);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether two records of one socket address describe the same connection.
+fn same_connection(a: &RawEvent, b: &RawEvent) -> bool {
+    (a.netns, a.family, a.saddr, a.daddr, a.sport, a.dport) == (b.netns, b.family, b.saddr, b.daddr, b.sport, b.dport)
+}
+
+/// What the lookups of deaths' owners did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeathOwnerStats {
+    /// Scans of `/proc`.
+    pub scans: u64,
+    /// Deaths whose owner closed the socket before the lookup (named by the close).
+    pub closed: u64,
+    /// Deaths whose owner a scan found.
+    pub found: u64,
+    /// Deaths whose socket no process held at the scan (closed in between), or that could not be
+    /// read: reported without an owner.
+    pub not_found: u64,
+    /// Deaths not looked up (more than [`MAX_DEATH_INODES`] sockets for one scan): reported
+    /// without an owner.
+    pub dropped: u64,
+}
+
+/// The owners of deaths reported with their socket's inode (see the module documentation): one
+/// bounded scan of `/proc` per batch of such deaths, at most one per interval.
+#[derive(Debug)]
+pub struct DeathOwners {
+    /// Only deaths in this network namespace (inode) are looked up.
+    only_netns: Option<u32>,
+    proc_root: PathBuf,
+    cgroup2: Option<PathBuf>,
+    interval: Duration,
+    max_inodes: usize,
+    last_scan: Option<Instant>,
+    stats: DeathOwnerStats,
+}
+
+impl DeathOwners {
+    /// Lookups in `proc_root` (normally `/proc`), cgroups under the cgroup2 mount `cgroup2`, with
+    /// [`DEATH_SCAN_INTERVAL`] and [`MAX_DEATH_INODES`].
+    pub fn new(proc_root: PathBuf, cgroup2: Option<PathBuf>) -> Self {
+        Self::with_limits(proc_root, cgroup2, DEATH_SCAN_INTERVAL, MAX_DEATH_INODES)
+    }
+
+    /// Lookups with another interval between scans and bound of sockets per scan.
+    pub fn with_limits(proc_root: PathBuf, cgroup2: Option<PathBuf>, interval: Duration, max_inodes: usize) -> Self {
+        let stats = DeathOwnerStats::default();
+        DeathOwners { only_netns: None, proc_root, cgroup2, interval, max_inodes, last_scan: None, stats }
+    }
+
+    /// Only deaths in network namespace `netns` (inode) are looked up (`--netns`); `None`: all.
+    pub fn only_netns(mut self, netns: Option<u32>) -> Self {
+        self.only_netns = netns;
+        self
+    }
+
+    /// The socket inode of a raw record whose owner is to be looked up: [`death_inode`], in the
+    /// namespace looked at.
+    pub fn wanted(&self, bytes: &[u8]) -> Option<u64> {
+        let ino = death_inode(bytes)?;
+        let netns = u32::from_ne_bytes(bytes[offset_of!(RawEvent, netns)..][..4].try_into().ok()?);
+        self.only_netns.is_none_or(|ns| ns == netns).then_some(ino)
+    }
+
+    pub fn stats(&self) -> DeathOwnerStats {
+        self.stats
+    }
+
+    /// How long after `now` the next scan may run (zero: now).
+    pub fn wait_before_scan(&self, now: Instant) -> Duration {
+        self.last_scan.map_or(Duration::ZERO, |t| (t + self.interval).saturating_duration_since(now))
+    }
+
+    /// Names the owners of the deaths in `batch` (raw records in ring-buffer order) and returns the
+    /// batch with an `Owner` record in front of each death whose owner is known: the process that
+    /// closed the socket later in the batch ([`closers`]), else one holding it now, found by one
+    /// scan at `now` of at most `max_inodes` sockets (no scan when none is left to look up).
+    pub fn attribute(&mut self, batch: Vec<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
+        let deaths: Vec<(usize, u64)> =
+            batch.iter().enumerate().filter_map(|(i, r)| self.wanted(r).map(|ino| (i, ino))).collect();
+        if deaths.is_empty() {
+            return batch;
+        }
+        let mut owners = closers(&batch, |r| self.wanted(r).is_some());
+        self.stats.closed += owners.len() as u64;
+        let mut wanted = HashSet::new();
+        let mut looked_up = Vec::new();
+        for &(i, ino) in deaths.iter().filter(|(i, _)| !owners.contains_key(i)) {
+            if wanted.len() < self.max_inodes || wanted.contains(&ino) {
+                wanted.insert(ino);
+                looked_up.push((i, ino));
+            } else {
+                self.stats.dropped += 1;
+            }
+        }
+        if !wanted.is_empty() {
+            self.last_scan = Some(now);
+            self.stats.scans += 1;
+            let found = scan(&self.proc_root, &wanted, self.cgroup2.as_deref());
+            for (i, ino) in looked_up {
+                match found.holders.get(&ino) {
+                    Some(h) => {
+                        owners.entry(i).or_insert(*h);
+                        self.stats.found += 1;
+                    }
+                    None => self.stats.not_found += 1,
+                }
+            }
+            debug!(
+                "owners of deaths: {} of {} named ({} sockets looked up in /proc: {} processes read, {} skipped)",
+                owners.len(),
+                deaths.len(),
+                wanted.len(),
+                found.processes,
+                found.skipped
+            );
+        }
+        with_owners(batch, |i, _| owners.get(&i))
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +453,114 @@ mod tests {
         assert_eq!(&owner.comm[..7], b"worker\0");
         assert_eq!(owner.cgroup_id, 0);
         assert_eq!(raw_from_bytes(&out[5]).unwrap().pid, 7);
+    }
+
+    /// A raw state-change record of socket `sk` with socket inode `ino` and `flags`.
+    fn death(sk: u64, ino: u64, flags: u32) -> Vec<u8> {
+        let mut r = RawEvent::zeroed();
+        r.kind = EventKind::State as u8;
+        r.sk = sk;
+        r.sock_ino = ino;
+        r.flags = flags;
+        r.netns = 5;
+        raw_to_bytes(&r)
+    }
+
+    #[test]
+    fn death_inode_only_for_state_records_without_a_process() {
+        assert_eq!(death_inode(&death(1, 100, 0)), Some(100));
+        assert_eq!(death_inode(&death(1, 0, 0)), None);
+        assert_eq!(death_inode(&death(1, 100, FLAG_PROCESS)), None, "the owner is known already");
+        let mut snap = raw_from_bytes(&death(1, 100, 0)).unwrap();
+        snap.kind = EventKind::Snapshot as u8;
+        assert_eq!(death_inode(&raw_to_bytes(&snap)), None);
+        assert_eq!(death_inode(&death(1, 100, 0)[1..]), None, "short record");
+    }
+
+    /// One scan per batch: owners in front of the deaths whose socket a process holds, in order;
+    /// the deaths of other sockets counted not found; past the bound, not looked up; records that
+    /// ask nothing untouched; the next scan not before the interval.
+    #[test]
+    fn death_owners_one_bounded_scan_per_batch() {
+        let dir = TempDir::new("owners-deaths");
+        fake_proc(dir.0.as_path());
+        let interval = Duration::from_secs(10);
+        let mut owners = DeathOwners::with_limits(dir.0.clone(), None, interval, 2);
+        let t0 = Instant::now();
+        assert_eq!(owners.wait_before_scan(t0), Duration::ZERO);
+        let other = death(9, 200, FLAG_PROCESS);
+        let batch = vec![death(1, 200, 0), other.clone(), death(2, 999, 0), death(3, 100, 0), death(4, 200, 0)];
+        let out = owners.attribute(batch, t0);
+        let kinds: Vec<(u8, u64)> = out.iter().map(|b| raw_from_bytes(b).map(|r| (r.kind, r.sk)).unwrap()).collect();
+        let (o, s) = (EventKind::Owner as u8, EventKind::State as u8);
+        // Inodes 200 and 999 fill the bound of 2: socket 3 (inode 100) is not looked up.
+        assert_eq!(kinds, [(o, 1), (s, 1), (s, 9), (s, 2), (s, 3), (o, 4), (s, 4)]);
+        let owner = raw_from_bytes(&out[0]).unwrap();
+        assert_eq!((owner.pid, owner.netns, owner.flags & FLAG_PROCESS), (30, 5, FLAG_PROCESS));
+        assert_eq!(&owner.comm[..7], b"worker\0");
+        assert_eq!(out[2], other);
+        assert_eq!(owners.stats(), DeathOwnerStats { scans: 1, closed: 0, found: 2, not_found: 1, dropped: 1 });
+        assert_eq!(owners.wait_before_scan(t0 + Duration::from_secs(4)), Duration::from_secs(6));
+        assert_eq!(owners.wait_before_scan(t0 + interval), Duration::ZERO);
+        // Nothing to look up: no scan.
+        let plain = vec![other.clone(), death(5, 0, 0)];
+        assert_eq!(owners.attribute(plain.clone(), t0 + interval), plain);
+        assert_eq!(owners.stats().scans, 1);
+    }
+
+    /// A raw record of `kind` on socket `sk` (ports 40000 -> `dport`), from process `pid` if any.
+    fn record(kind: EventKind, sk: u64, dport: u16, pid: Option<u32>) -> Vec<u8> {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind as u8;
+        r.sk = sk;
+        r.netns = 5;
+        (r.sport, r.dport) = (40000, dport);
+        if let Some(pid) = pid {
+            (r.flags, r.pid, r.tid, r.comm) = (FLAG_PROCESS, pid, pid + 1, comm_from(b"closer"));
+        }
+        raw_to_bytes(&r)
+    }
+
+    /// The process that closes a dead socket (its `Destroy` with the process, later in the batch,
+    /// same socket and addresses) names the owner without a scan; a close of another connection on
+    /// the same address (other port, or after another state change), or without a process, does
+    /// not; deaths of a namespace not looked at are left alone.
+    #[test]
+    fn the_closing_process_names_the_owner() {
+        let dir = TempDir::new("owners-closers");
+        fake_proc(dir.0.as_path());
+        let mut owners = DeathOwners::with_limits(dir.0.clone(), None, Duration::ZERO, 16);
+        let dead = |sk: u64, ino: u64| {
+            let mut r = raw_from_bytes(&record(EventKind::State, sk, 80, None)).unwrap();
+            r.sock_ino = ino;
+            raw_to_bytes(&r)
+        };
+        let batch = vec![
+            dead(1, 501),
+            record(EventKind::Error, 1, 80, None),
+            record(EventKind::Destroy, 1, 80, Some(55)),
+            dead(2, 502),
+            record(EventKind::Destroy, 2, 81, Some(66)),
+            dead(3, 503),
+            record(EventKind::State, 3, 80, Some(9)),
+            record(EventKind::Destroy, 3, 80, Some(77)),
+            dead(4, 504),
+            record(EventKind::Destroy, 4, 80, None),
+        ];
+        let out = owners.attribute(batch.clone(), Instant::now());
+        assert_eq!(out.len(), batch.len() + 1);
+        let owner = raw_from_bytes(&out[0]).unwrap();
+        assert_eq!((owner.kind, owner.sk, owner.pid, &owner.comm[..7]), (EventKind::Owner as u8, 1, 55, &b"closer\0"[..]));
+        assert_eq!(out[1..], batch[..]);
+        assert_eq!(owners.stats(), DeathOwnerStats { scans: 1, closed: 1, found: 0, not_found: 3, dropped: 0 });
+        // Everything named by closes: no scan.
+        let out = owners.attribute(batch[..3].to_vec(), Instant::now());
+        assert_eq!((out.len(), owners.stats().scans, owners.stats().closed), (4, 1, 2));
+        // Another namespace: not looked up.
+        let mut elsewhere = DeathOwners::with_limits(dir.0.clone(), None, Duration::ZERO, 16).only_netns(Some(6));
+        assert_eq!(elsewhere.wanted(&batch[0]), None);
+        assert_eq!(elsewhere.attribute(batch.clone(), Instant::now()), batch);
+        assert_eq!(elsewhere.stats(), DeathOwnerStats::default());
+        assert_eq!(owners.only_netns(Some(5)).wanted(&batch[0]), Some(501));
     }
 }

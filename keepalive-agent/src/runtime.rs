@@ -19,6 +19,7 @@ use crate::{
     clock::WallClock,
     decode::Decoder,
     kernel::progstats::KindCounts,
+    owners::{DeathOwnerStats, DeathOwners, DEATH_HOLD},
     reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record},
 };
@@ -80,6 +81,8 @@ pub struct LoopSummary {
     /// Keep-alive settings the kprobe strategy's in-flight map lost (`Setsockopt` events).
     pub inflight_lost: u64,
     pub snapshot_sockets: u64,
+    /// Lookups of the owners of deaths of connections not followed.
+    pub death_owners: DeathOwnerStats,
 }
 
 impl LoopSummary {
@@ -129,6 +132,22 @@ impl LoopSummary {
         }
         s
     }
+}
+
+/// The final line on the owners of deaths of connections not followed, when any was looked up.
+fn report_death_owners(s: &DeathOwnerStats) {
+    if s.scans == 0 && s.closed == 0 && s.dropped == 0 {
+        return;
+    }
+    info!(
+        "owners of deaths not followed: {} closed the socket, {} found in /proc, {} not found, {} not looked up (over {} in one scan); {} scans",
+        s.closed,
+        s.found,
+        s.not_found,
+        s.dropped,
+        crate::owners::MAX_DEATH_INODES,
+        s.scans
+    );
 }
 
 /// Human-readable per-kind breakdown of lost counts.
@@ -230,7 +249,17 @@ struct RunState {
     reported: Reported,
     /// Walks of the kernel's sockets that end connections whose close was missed.
     reconciler: Reconciler,
+    /// Raw records from the first death awaiting its owner's lookup on, in ring-buffer order (at
+    /// most [`MAX_HELD`]).
+    held: Vec<Vec<u8>>,
+    /// When the first of `held` was drained.
+    held_since: Option<Instant>,
+    death_owners: DeathOwners,
 }
+
+/// Most raw records held while deaths await the lookup of their owners: past it, the loop waits
+/// for the next scan and releases them.
+const MAX_HELD: usize = 4 * BATCH;
 
 /// The one path of a raw record, whatever its source (live ring buffer, start-up snapshot, final
 /// drain): decode, count (events or decode errors), namespace filter, engine. Undecodable records
@@ -274,6 +303,9 @@ impl<'a> EventLoop<'a> {
             passed: Vec::with_capacity(1024),
             reported: Reported::default(),
             reconciler: Reconciler::new(self.filter.netns),
+            held: Vec::new(),
+            held_since: None,
+            death_owners: DeathOwners::new("/proc".into(), crate::attach::cgroup2_mount()).only_netns(self.filter.netns),
         };
         for raw in snapshot {
             // Owner records (the sockets' processes, see `owners`) precede their sockets.
@@ -309,13 +341,17 @@ impl<'a> EventLoop<'a> {
                     break;
                 }
             }
-            // The ring buffer is drained: a walk taken before is applied now.
-            st.reconciler.apply(self.engine, &mut st.records);
+            // The ring buffer is drained: a walk taken before is applied now (not while records
+            // are held: the engine has not seen them yet).
+            if st.held.is_empty() {
+                st.reconciler.apply(self.engine, &mut st.records);
+            }
         }
         // Drain what is left, then the final report.
         self.drain(&mut st, None);
         self.flush(&mut st, sink)?;
         self.report(&mut st);
+        report_death_owners(&st.summary.death_owners);
         Ok(st.summary)
     }
 
@@ -362,15 +398,54 @@ impl<'a> EventLoop<'a> {
     }
 
     /// Feeds up to `max` ring-buffer records (all that are there with `None`) through [`ingest`];
-    /// returns how many it took.
+    /// returns how many it took. From a death that awaits the lookup of its owner on, records are
+    /// held in order and fed once the lookup ran ([`Self::release_held`]); `max == None` (the
+    /// final drain) releases them all.
     fn drain(&mut self, st: &mut RunState, max: Option<usize>) -> usize {
         let mut n = 0;
         while max.is_none_or(|m| n < m) {
-            let Some(item) = self.probes.events.next() else { break };
-            ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+            {
+                let Some(item) = self.probes.events.next() else { break };
+                if st.held.is_empty() && st.death_owners.wanted(&item).is_none() {
+                    ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+                } else {
+                    st.held_since.get_or_insert_with(Instant::now);
+                    st.held.push(item.to_vec());
+                }
+            }
             n += 1;
+            if st.held.len() >= MAX_HELD {
+                self.release_held(st, true);
+            }
         }
+        self.release_held(st, max.is_none());
         n
+    }
+
+    /// Names the owners of the held deaths and feeds the held records, once the first was held
+    /// [`DEATH_HOLD`] and a scan is allowed, or, with `wait`, after waiting for both (at most
+    /// [`DEATH_HOLD`] plus [`crate::owners::DEATH_SCAN_INTERVAL`]). What the ring buffer holds
+    /// then is taken first: the closes that came before the lookup name their sockets' owners.
+    fn release_held(&mut self, st: &mut RunState, wait: bool) {
+        let Some(since) = st.held_since else { return };
+        let now = Instant::now();
+        let ready = (since + DEATH_HOLD).max(now + st.death_owners.wait_before_scan(now));
+        if ready > now {
+            if !wait {
+                return;
+            }
+            std::thread::sleep(ready - now);
+        }
+        while st.held.len() < MAX_HELD {
+            let Some(item) = self.probes.events.next() else { break };
+            st.held.push(item.to_vec());
+        }
+        let held = std::mem::take(&mut st.held);
+        st.held_since = None;
+        for raw in st.death_owners.attribute(held, Instant::now()) {
+            ingest(self.decoder, self.filter, self.engine, &raw, &mut st.records, &mut st.summary);
+        }
+        st.summary.death_owners = st.death_owners.stats();
     }
 
     /// Attaches the on-demand hooks (the probe answer program on every received segment) while some

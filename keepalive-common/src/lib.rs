@@ -199,6 +199,12 @@ pub struct Offsets {
     pub task_tgid: Field,
     /// `inode.i_mode` (file type and permissions), for the `audit_files` iterator.
     pub inode_i_mode: Field,
+
+    // The owner of a death (issue 14). Appended: the fields above keep their places.
+    /// `task_struct.flags` (`PF_*`): `PF_KTHREAD` marks a kernel thread, which never owns a
+    /// connection (a worker that releases a file for someone else). Absent: a death is never
+    /// attributed to the current task, only through the socket's inode.
+    pub task_flags: Field,
 }
 
 impl Offsets {
@@ -241,12 +247,17 @@ pub enum EventKind {
     /// A change to CLOSE carries the socket's idle times (`since_*_jiffies`), `retransmits`,
     /// `unacked` and `retransmitting_ms`; it is reported for sockets without keep-alive too when
     /// `sk_err` is set (a death), or for every connection with `Offsets::report_all_closes`.
+    /// A change to CLOSE of a socket without keep-alive that still has a file names its owner:
+    /// `FLAG_PROCESS` when the change ran in the owner's process context (the socket locked by its
+    /// process), else, for a death, `sock_ino` for the agent to find the process holding it.
     State = 6,
     /// `cgroup/setsockopt` saw a keep-alive option.
     Setsockopt = 7,
     /// `iter/tcp` start-up snapshot of one existing socket.
     Snapshot = 8,
-    /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused.
+    /// `tcp:tcp_destroy_sock`: the socket is gone; its address may be reused. Reported for
+    /// keep-alive-relevant sockets, and, with `FLAG_PROCESS`, for others that their process
+    /// closes once they are CLOSE (after a death): the owner of that death.
     Destroy = 9,
     /// The process holding the socket: the one that accepted it (`syscalls:sys_exit_accept4`,
     /// `syscalls:sys_exit_accept`), or, for a socket found by the start-up snapshot, one found in
@@ -375,8 +386,9 @@ pub struct RawEvent {
     pub keepalive_probes: u8,
     /// `net.ipv4.tcp_keepalive_probes` of the socket's namespace.
     pub sysctl_probes: u8,
-    /// Inode number of the socket's file ([`EventKind::Snapshot`]; 0 when the socket has no file
-    /// or the kernel lacks the offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
+    /// Inode number of the socket's file ([`EventKind::Snapshot`], and an [`EventKind::State`]
+    /// death without `FLAG_PROCESS`; 0 when the socket has no file or the kernel lacks the
+    /// offsets): the `INODE` of `socket:[INODE]` in `/proc/PID/fd`.
     pub sock_ino: u64,
     /// Jiffies since the last data segment was sent (`lsndtime`), at a close or a reset received.
     pub since_sent_jiffies: u32,

@@ -11,6 +11,7 @@ use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON,
 
 use crate::{
     count_lost, off,
+    owner::{current_is_user_task, destroyed_by_owner, fill_close_owner},
     read::{ctx_arg_scalar, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
@@ -176,7 +177,9 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
 /// sockets entering SYN_SENT (process context: `connect()`), ESTABLISHED or CLOSE (with `sk_err`
 /// and the socket's idle times). For other TCP sockets only the end of an established connection
 /// is reported, and only when it is a death (`sk_err` set) or `report_all_closes` is on: one read
-/// of `sk_err` per connection, no per-connection state.
+/// of `sk_err` per connection, no per-connection state. Their change to CLOSE names the socket's
+/// owner ([`fill_close_owner`]: the current task in its process context, else the socket's inode);
+/// the agent knows the owner of the connections it follows from their start.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -188,10 +191,11 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // A connection killed by an error (timeouts, resets) has sk_err set before tcp_done() moves it
     // to CLOSE; the error report itself comes after the close.
     let err = if close { rd(sk, off!(sk_err)) as u32 } else { 0 };
-    if !keepalive_relevant(sk) && !unfollowed_end_wanted(close, old as u32, err) {
+    let followed = keepalive_relevant(sk);
+    if !followed && !unfollowed_end_wanted(close, old as u32, err) {
         return 0;
     }
-    emit_state(sk, old as u32, new as u32, err);
+    emit_state(sk, old as u32, new as u32, err, followed);
     0
 }
 
@@ -210,10 +214,11 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let err = if close { load_u32(tp, off!(sk_err)).unwrap_or_else(|| rd(tp as u64, off!(sk_err)) as u32) } else { 0 };
-    if !relevant_typed(tp) && !unfollowed_end_wanted(close, old as u32, err) {
+    let followed = relevant_typed(tp);
+    if !followed && !unfollowed_end_wanted(close, old as u32, err) {
         return 0;
     }
-    emit_state(ctx_arg_scalar(ctx.as_ptr(), 0), old as u32, new as u32, err);
+    emit_state(ctx_arg_scalar(ctx.as_ptr(), 0), old as u32, new as u32, err, followed);
     0
 }
 
@@ -234,7 +239,7 @@ fn unfollowed_end_wanted(close: bool, old: u32, err: u32) -> bool {
 }
 
 #[inline(always)]
-fn emit_state(sk: u64, old: u32, new: u32, err: u32) {
+fn emit_state(sk: u64, old: u32, new: u32, err: u32, followed: bool) {
     emit(EventKind::State, sk, |ev| {
         ev.state = old as u8;
         ev.new_state = new as u8;
@@ -243,6 +248,9 @@ fn emit_state(sk: u64, old: u32, new: u32, err: u32) {
         } else if new == off!(tcp_close) {
             ev.err = err as i32;
             fill_times(ev, sk);
+            if !followed {
+                fill_close_owner(ev, sk, err);
+            }
         }
     });
 }
@@ -287,13 +295,19 @@ fn load_u8(p: *const u8, f: Field) -> Option<u8> {
 }
 
 /// `tcp:tcp_destroy_sock(sk)`: the socket is freed; its address may be reused by another socket.
+/// Reported for keep-alive-relevant sockets, and for others when their process closes them after
+/// they died (with the process: [`destroyed_by_owner`]).
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    if sk == 0 || !keepalive_relevant(sk) {
+    if sk == 0 {
         return 0;
     }
-    emit(EventKind::Destroy, sk, |_| {});
+    if keepalive_relevant(sk) {
+        emit(EventKind::Destroy, sk, |_| {});
+    } else if destroyed_by_owner(sk) {
+        emit(EventKind::Destroy, sk, fill_process);
+    }
     0
 }
 
@@ -303,9 +317,26 @@ pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if tp.is_null() || !relevant_typed(tp) {
+    if tp.is_null() {
         return 0;
     }
-    emit(EventKind::Destroy, ctx_arg_scalar(ctx.as_ptr(), 0), |_| {});
+    let sk = ctx_arg_scalar(ctx.as_ptr(), 0);
+    if relevant_typed(tp) {
+        emit(EventKind::Destroy, sk, |_| {});
+    } else if destroyed_by_owner_typed(tp) {
+        emit(EventKind::Destroy, sk, fill_process);
+    }
     0
+}
+
+/// [`destroyed_by_owner`] by direct loads of the state and the lock owner.
+#[inline(always)]
+fn destroyed_by_owner_typed(tp: *const u8) -> bool {
+    let base = tp as u64;
+    let state = load_u8(tp, off!(skc_state)).map_or_else(|| rd(base, off!(skc_state)), u64::from);
+    if state as u32 != off!(tcp_close) {
+        return false;
+    }
+    let owned = load_u32(tp, off!(sk_lock_owned)).map_or_else(|| rd(base, off!(sk_lock_owned)), u64::from);
+    owned != 0 && current_is_user_task()
 }

@@ -6,16 +6,18 @@
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keepalive_tests::churn::{number_before, run_clients, serve, ChurnAgent};
 use keepalive_tests::events::{is_conn, kind, of_conn, of_kind, render, str_of, u64_of};
+use keepalive_tests::metrics::wait_http;
 use keepalive_tests::nginx::Nginx;
-use keepalive_tests::otlp::Span;
+use keepalive_tests::otlp::{free_loopback_port, Span};
 use keepalive_tests::tcp::{fmt_addr, setsockopt_int, Client, ClientSocket, Family, RecvEnd, Server, ServerMode};
-use keepalive_tests::{kernel_has_keepalive_reset_reason, Agent, Env};
+use keepalive_tests::{kernel_has_keepalive_reset_reason, process_comm, thread_comm, Agent, Env};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -49,17 +51,47 @@ fn assert_unfollowed_death<'a>(evs: &'a [Value], cause: &str, errno: &str) -> &'
     &evs[1]
 }
 
+/// The names a connection of the test process can carry as its owner's `comm`: the thread that
+/// used the socket (the death ran in its context) or the process (found holding it in `/proc`).
+fn own_comms() -> [String; 2] {
+    [thread_comm(), process_comm()]
+}
+
+/// Every record of the death names the test process, the client holding the socket, as its owner:
+/// its pid, and the comm of the thread that used the socket or of the process.
+fn assert_owned_by_this_process(evs: &[Value]) {
+    let comms = own_comms();
+    for e in evs {
+        assert_eq!(u64_of(e, "pid"), Some(u64::from(std::process::id())), "the client's pid on {e}\n{}", ctx(evs));
+        let comm = str_of(e, "comm").unwrap_or_else(|| panic!("no comm on {e}\n{}", ctx(evs)));
+        assert!(comms.iter().any(|c| c == comm), "comm {comm:?}, expected one of {comms:?}\n{}", ctx(evs));
+    }
+}
+
+/// The count the agent's final line gives of death owners found in `/proc`.
+fn owners_found_in_proc(stderr: &[String]) -> u64 {
+    stderr
+        .iter()
+        .rev()
+        .find_map(|l| number_before(l, "owners of deaths not followed:", " found in /proc"))
+        .unwrap_or(0)
+}
+
 /// Keep-alive off, data in flight, the peer vanishes (its segments dropped on the input hook) and
 /// the retransmission timer gives up (`tcp_retries2` lowered in the namespace): `timeout` with
 /// reason `retransmit`, its retransmissions and the idle time before the write, then `error`
-/// ETIMEDOUT; the exporter's connection span says the same.
+/// ETIMEDOUT; the exporter's connection span says the same. The timer kills the connection in
+/// softirq while the client blocks in `recv`: its owner, the test process, is found holding the
+/// socket in `/proc`, and named by every record, the span and the death metric.
 #[test]
 fn retransmission_death_without_keepalive() {
     let env = Env::new();
     env.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"]).unwrap();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
     let agent = Agent::start(&env, &[]);
-    let exporter = Agent::start_run(&env, &["--otlp-batch-delay-ms", "100"], &[]);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+    let exporter =
+        Agent::start_run(&env, &["--otlp-batch-delay-ms", "100", "--metrics-listen", &metrics.to_string()], &[]);
     let mut client = connect(&env, server.addr());
     let connected = Instant::now();
     let (l, r) = (client.local(), client.remote());
@@ -70,8 +102,11 @@ fn retransmission_death_without_keepalive() {
     let idle_before_write = connected.elapsed().as_millis() as u64;
     let took = client.expect_etimedout(Duration::from_secs(60));
     agent.wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "close").expect("the death's close");
-    let evs = of_conn(&agent.stop(), l, r);
+    let (all, stderr) = agent.stop_full();
+    let evs = of_conn(&all, l, r);
     let timeout = assert_unfollowed_death(&evs, "timeout", "ETIMEDOUT");
+    assert_owned_by_this_process(&evs);
+    assert!(owners_found_in_proc(&stderr) >= 1, "the owner was looked up in /proc:\n{}", stderr.join("\n"));
     assert_eq!(str_of(timeout, "reason"), Some("retransmit"), "{}", ctx(&evs));
     assert!(u64_of(timeout, "retransmits").is_some_and(|n| n >= 3), "tcp_retries2=3\n{}", ctx(&evs));
     // The kernel keeps when the first retransmission went out, not the write: idle runs to it, one
@@ -88,12 +123,106 @@ fn retransmission_death_without_keepalive() {
     env.ns.restore().unwrap();
 
     assert!(exporter.wait_until(WAIT, |v| conn_span(v, l).is_some()), "no connection span for the death");
+    let exe = wait_http(metrics, "/metrics", WAIT, |r| death_metric_exe(&r.body, "retransmit_timeout").is_some())
+        .map(|r| death_metric_exe(&r.body, "retransmit_timeout").unwrap())
+        .unwrap_or_else(|e| panic!("no retransmit_timeout death in the metrics: {e:#}"));
     let span = conn_span(&exporter.stop(), l).unwrap();
     assert_eq!(span.attr_str("tcp.keepalive.outcome"), Some("timeout"), "{:?}", span.attrs);
     assert_eq!(span.attr_str("tcp.keepalive.timeout.reason"), Some("retransmit"), "{:?}", span.attrs);
     assert_eq!(span.attr_str("error.type"), Some("retransmit_timeout"), "{:?}", span.attrs);
     assert_eq!(span.attr("tcp.keepalive.enabled").and_then(Value::as_bool), Some(false), "{:?}", span.attrs);
     assert!(span.attr("tcp.keepalive.idle_ms").is_some(), "{:?}", span.attrs);
+    let comms = own_comms();
+    assert_eq!(span.attr("process.pid").and_then(Value::as_i64), Some(i64::from(std::process::id())), "{:?}", span.attrs);
+    let span_exe = span.attr_str("process.executable.name").unwrap_or_default();
+    assert!(comms.iter().any(|c| c == span_exe), "span's process.executable.name {span_exe:?}, expected one of {comms:?}");
+    assert!(comms.contains(&exe), "death metric's process_executable_name {exe:?}, expected one of {comms:?}");
+}
+
+/// The `process_executable_name` of the `keepalive_connection_deaths_total` series with `cause`
+/// in a Prometheus exposition, if there is one with a non-zero value.
+fn death_metric_exe(exposition: &str, cause: &str) -> Option<String> {
+    let want = format!("keepalive_death_cause=\"{cause}\"");
+    exposition.lines().find_map(|l| {
+        let labels = l.strip_prefix("keepalive_connection_deaths_total{")?;
+        let (labels, value) = labels.rsplit_once("} ")?;
+        if !labels.contains(&want) || value.trim().parse::<f64>().ok()? <= 0.0 {
+            return None;
+        }
+        let exe = labels.split_once("process_executable_name=\"")?.1;
+        Some(exe.split_once('"')?.0.to_string())
+    })
+}
+
+/// A connection closed by its application with data still unacknowledged, whose peer vanished:
+/// the orphaned socket's retransmissions give up (`tcp_orphan_retries` lowered in the namespace).
+/// The socket had no file any more: its death names no owner (never the task that happened to run
+/// the timer or the segment).
+#[test]
+fn orphaned_connection_death_names_no_owner() {
+    let env = Env::new();
+    env.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_orphan_retries=1"]).unwrap();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let mut client = connect(&env, server.addr());
+    let (l, r) = (client.local(), client.remote());
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_input_from_port(server.port()).unwrap();
+    client.stream.write_all(&[0x42; 100]).unwrap();
+    drop(client);
+    agent.wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "close").expect("the orphan's death");
+    let evs = of_conn(&agent.stop(), l, r);
+    let timeout = assert_unfollowed_death(&evs, "timeout", "ETIMEDOUT");
+    assert_eq!(str_of(timeout, "reason"), Some("retransmit"), "{}", ctx(&evs));
+    assert_eq!(str_of(&evs[3], "state"), Some("FIN_WAIT1"), "closed with data in flight\n{}", ctx(&evs));
+    assert!(evs.iter().all(|e| e.get("pid").is_none() && e.get("comm").is_none()), "no owner\n{}", ctx(&evs));
+    env.ns.restore().unwrap();
+}
+
+/// A client in a process of its own (`cat` reading a socket that bash opened, keep-alive off)
+/// whose peer vanishes while it waits for an answer: the retransmission timer kills the connection
+/// in softirq and `cat`, told ETIMEDOUT, exits at once, closing the socket before a scan of `/proc`
+/// could find it. Its close names it: every record of the death carries cat's pid and comm.
+#[test]
+fn owner_that_closes_at_once_is_named_by_its_close() {
+    let env = Env::new();
+    env.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"]).unwrap();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let agent = Agent::start(&env, &[]);
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{} && sleep 1 && printf hello >&3 && exec cat <&3", server.port());
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", env.ns.name(), "bash", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` and bash exec: the pid stays the child's.
+    let pid = child.id();
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_input_from_port(server.port()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "cat never saw the death");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert!(!status.success() && said.contains("timed out"), "cat: {status}, {said:?}");
+    let remote = fmt_addr(server.addr());
+    let to_server = |e: &Value| str_of(e, "remote") == Some(remote.as_str());
+    agent.wait_for(WAIT, |e| to_server(e) && kind(e) == "close").expect("the death's close");
+    let (all, stderr) = agent.stop_full();
+    let evs: Vec<Value> = all.into_iter().filter(to_server).collect();
+    assert_unfollowed_death(&evs, "timeout", "ETIMEDOUT");
+    for e in &evs {
+        assert_eq!((u64_of(e, "pid"), str_of(e, "comm")), (Some(u64::from(pid)), Some("cat")), "{e}\n{}", ctx(&evs));
+    }
+    let closed = stderr.iter().rev().find_map(|l| number_before(l, "owners of deaths not followed:", " closed the socket"));
+    assert!(closed.is_some_and(|n| n >= 1), "named by its close:\n{}", stderr.join("\n"));
+    env.ns.restore().unwrap();
 }
 
 /// A client without keep-alive connected from the test namespace.
@@ -129,6 +258,7 @@ fn peer_reset_after_idle_without_keepalive() {
     agent.wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "close").expect("the death's close");
     let evs = of_conn(&agent.stop(), l, r);
     let reset = assert_unfollowed_death(&evs, "peer_reset", "ECONNRESET");
+    assert_owned_by_this_process(&evs);
     assert_near("idle before the reset", u64_of(reset, "idle_ms"), idle, &evs);
     assert!(u64_of(reset, "since_sent_ms").is_some_and(|s| s < SLACK_MS), "the write just went out\n{}", ctx(&evs));
     env.ns.restore().unwrap();
@@ -205,6 +335,11 @@ fn who_closed_an_idle_connection() {
         for k in ["reuse_race", "peer_reset", "error", "timeout"] {
             assert!(of_kind(&evs, k).is_empty(), "{who}: no death\n{}", ctx(&evs));
         }
+        if evs.len() == 1 {
+            // A lone close: the socket ended in softirq after its application closed it (no file,
+            // no owner).
+            assert!(closes[0].get("pid").is_none(), "{who}: no owner\n{}", ctx(&evs));
+        }
     }
     // The kept-alive client is followed (`open` ... `close`), the others are lone closes.
     assert_eq!(kind(&of_conn(&all, wl, wr)[0]), "open");
@@ -251,6 +386,7 @@ fn http_keepalive_reuse_race() {
     let all = agent.stop();
     let evs = of_conn(&all, l, r);
     let race = assert_unfollowed_death(&evs, "reuse_race", "EPIPE");
+    assert_owned_by_this_process(&evs);
     // nginx closed about 1 s after its response; the FIN was seen by polling, at most ~10 ms late.
     assert_near("nginx's idle close time", u64_of(race, "peer_idle_ms"), NGINX_IDLE.as_millis() as u64, &evs);
     assert!(peer_idle + 50 >= NGINX_IDLE.as_millis() as u64, "nginx closed after {peer_idle} ms");
@@ -271,6 +407,8 @@ fn http_keepalive_reuse_race() {
     }
     let last = nginx_side.last().unwrap();
     assert_eq!(kind(last), "close", "{}", ctx(&nginx_side));
+    // A time-wait socket has no file: no owner (never the client whose segment it answered).
+    assert!(nginx_side.iter().all(|e| e.get("pid").is_none()), "{}", ctx(&nginx_side));
 
     let reused = of_conn(&all, il, ir);
     assert!(of_kind(&reused, "reuse_race").is_empty(), "reused in time: no race\n{}", ctx(&reused));

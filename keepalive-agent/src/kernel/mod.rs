@@ -249,7 +249,11 @@ const FIELDS: &[FieldSpec] = &[
     owner("net", &["ipv4.sysctl_tcp_retries2"], |o| &mut o.net_tcp_retries2, NO_AUDIT_RETRIES2),
     owner("task_struct", &["tgid"], |o| &mut o.task_tgid, NO_AUDIT_FILES),
     owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
+    // The owner of a death in its own process context (optional: else found in /proc).
+    owner("task_struct", &["flags"], |o| &mut o.task_flags, NO_DEATH_OWNER_TASK),
 ];
+
+const NO_DEATH_OWNER_TASK: &str = "owners of deaths are always looked up in /proc (slower; a quick close escapes it)";
 
 const NO_SINCE_SENT: &str = "deaths and closes carry no time since the last segment sent";
 const NO_UNACKED: &str = "reuse races carry no byte count";
@@ -683,6 +687,13 @@ mod tests {
         assert_eq!(o.tp_lsndtime.size, 4);
         assert_eq!(o.net_tcp_retries2.size, 1);
         assert_eq!((o.task_tgid.size, o.inode_i_mode.size), (4, 2));
+    }
+
+    /// The death owner's field on this kernel: `task_struct.flags`, an `unsigned int`.
+    #[test]
+    fn real_kernel_death_owner_offsets() {
+        let Some(facts) = real_facts() else { return };
+        assert_eq!(facts.offsets.task_flags.size, 4, "{:?}", facts.offsets);
     }
 
     /// The mapped BTF gives the same facts as the parsed one.

@@ -12,7 +12,8 @@
 //! `TCP_USER_TIMEOUT` set when it becomes established (or in the start-up snapshot), a keep-alive
 //! `setsockopt` on it, or a keep-alive timer run on it. Other sockets are ignored, except for two
 //! small per-socket notes kept until the socket is established or gone: the process that called
-//! `connect()` (from the SYN_SENT state change) and keep-alive options set before `connect()`.
+//! `connect()` (from the SYN_SENT state change, or an `Owner` event just before the death of a
+//! connection not followed, which its close takes) and keep-alive options set before `connect()`.
 //! Listening sockets are never tracked: their accepted children are, when they inherit keep-alive.
 //!
 //! Everything is bounded by [`EngineConfig::max_connections`]: tracked connections, pre-connect
@@ -525,7 +526,7 @@ impl Engine {
                 times,
             } => {
                 if *new == TcpState::Close {
-                    self.on_close(ev, *old, *err, settings, times, out);
+                    self.on_close(ev, *old, *err, settings, *process, times, out);
                 } else {
                     self.on_state(ev, *new, settings, *process, out);
                 }
@@ -555,9 +556,10 @@ impl Engine {
         }
     }
 
-    /// A process holding the socket (it accepted it, or holds a socket of the start-up snapshot):
-    /// the connection's process from now on, unless it already has one. A socket not tracked yet
-    /// keeps it in its pending note, which the connection takes when it becomes tracked.
+    /// A process holding the socket (it accepted it, holds a socket of the start-up snapshot, or
+    /// holds a socket whose death follows): the connection's process from now on, unless it
+    /// already has one. A socket not tracked yet keeps it in its pending note, which the
+    /// connection takes when it becomes tracked, or the close of a connection not followed.
     fn on_owner(&mut self, ev: &Event, process: &Process) {
         if let Some(conn) = self.conns.get_mut(&ev.sk) {
             note_addrs(conn, ev);
@@ -592,12 +594,14 @@ impl Engine {
         }
     }
 
-    fn drop_pending(&mut self, sk: u64) {
-        if let Some(p) = self.pending.remove(&sk) {
-            if p.option.is_some() {
-                self.stats.pending_dropped += 1;
-            }
+    /// Forgets the pending note of `sk` (counting a keep-alive option it held as dropped); returns
+    /// the process it named.
+    fn drop_pending(&mut self, sk: u64) -> Option<Process> {
+        let p = self.pending.remove(&sk)?;
+        if p.option.is_some() {
+            self.stats.pending_dropped += 1;
         }
+        p.connect_process
     }
 
     /// The pending note for `sk`, created if there is room (a refusal counts against the cap).
@@ -766,21 +770,23 @@ impl Engine {
     /// The connection closed: a retransmission death (the keep-alive timer's deaths come from the
     /// timer run), the error that killed it (the kernel reports it after the close, when the
     /// connection is no longer tracked; older kernels before it), its episode, then `close` with
-    /// who closed and the idle time. A connection not followed is reported by [`Self::unfollowed_close`].
+    /// who closed and the idle time. A connection not followed is reported by [`Self::unfollowed_close`],
+    /// with its owner: `process` (the close ran in its context), else the owner note (`Owner`) of
+    /// the socket.
+    #[allow(clippy::too_many_arguments)]
     fn on_close(
         &mut self,
         ev: &Event,
         old: TcpState,
         err: i32,
         settings: &SockSettings,
+        process: Option<Process>,
         times: &SockTimes,
         out: &mut Vec<Record>,
     ) {
-        if !self.pending.is_empty() {
-            self.drop_pending(ev.sk);
-        }
+        let noted = if self.pending.is_empty() { None } else { self.drop_pending(ev.sk) };
         let Some(mut conn) = self.conns.remove(&ev.sk) else {
-            self.unfollowed_close(ev, old, err, settings, times, out);
+            self.unfollowed_close(ev, old, err, settings, process.or(noted), times, out);
             return;
         };
         note_addrs(&mut conn, ev);
@@ -802,14 +808,16 @@ impl Engine {
 
     /// The close of a connection the engine does not follow (the kernel reports it only for a
     /// death, or for every close with `--all-closes`): a self-contained group under a new id, no
-    /// state kept. A death: `config` (the settings at the death), its cause, `error`, `close`; a
-    /// plain close: `close` alone.
+    /// state kept, with `owner` (the process holding the socket) when known. A death: `config`
+    /// (the settings at the death), its cause, `error`, `close`; a plain close: `close` alone.
+    #[allow(clippy::too_many_arguments)]
     fn unfollowed_close(
         &mut self,
         ev: &Event,
         old: TcpState,
         err: i32,
         settings: &SockSettings,
+        owner: Option<Process>,
         times: &SockTimes,
         out: &mut Vec<Record>,
     ) {
@@ -818,7 +826,7 @@ impl Engine {
             // keep-alive socket the engine did not take (the cap): not a close `--all-closes` asks for.
             return;
         }
-        let view = self.new_view(ev, None);
+        let view = self.new_view(ev, owner);
         let mut push = |kind| out.push(Record { ts_ns: ev.ts_ns, conn: view, kind });
         if err == 0 {
             self.stats.unfollowed_closes += 1;
@@ -2753,5 +2761,41 @@ mod tests {
         assert_eq!(names(&feed(&mut e, &[closed(false, "tcp_abort_on_data")])), ["reset", "close"]);
         assert!(feed(&mut e, &[closed(true, "tcp_abort_on_linger")]).is_empty());
         assert_eq!((e.stats().unfollowed_resets, e.stats().tracked), (2, 0));
+    }
+
+    /// Issue 14: the death of a connection not followed names its owner: the process of the close
+    /// event (it ran in the owner's context), else the owner note delivered just before it (the
+    /// agent's lookup by inode), which the close takes; without either, no owner. A followed
+    /// connection keeps its own process.
+    #[test]
+    fn death_of_a_connection_not_followed_names_its_owner() {
+        let mut e = engine();
+        let client = process(4242, "client");
+        let in_context = |ts, sk, p: Process| {
+            let mut c = closed_with(ts, sk, TcpState::Established, 104, defaults(), SockTimes::default());
+            if let EventBody::State { process, .. } = &mut c.body {
+                *process = Some(p);
+            }
+            c
+        };
+        let out = feed(&mut e, &[in_context(S, A, client)]);
+        assert_eq!(names(&out), ["config", "peer_reset", "error", "close"]);
+        assert_eq!(pids(&out), [Some(4242); 4]);
+        assert_eq!(out[0].conn.process.unwrap().comm_str(), "client");
+        // Looked up: the owner note, then the death.
+        let out = feed(&mut e, &[owner(2 * S, B, process(77, "worker")), closed_with(2 * S, B, TcpState::Established, 110, defaults(), retransmitted())]);
+        assert_eq!(names(&out), ["config", "timeout", "error", "close"]);
+        assert_eq!(pids(&out), [Some(77); 4]);
+        // The note went with the death: the next death on that address has no owner.
+        let out = feed(&mut e, &[closed_with(3 * S, B, TcpState::Established, 110, defaults(), retransmitted())]);
+        assert_eq!(pids(&out), [None; 4]);
+        // The process of the close event comes before a note.
+        let out = feed(&mut e, &[owner(4 * S, C, process(1, "other")), in_context(4 * S, C, client)]);
+        assert_eq!(pids(&out), [Some(4242); 4]);
+        assert_eq!(e.stats().tracked, 0);
+        // A followed connection's own process is kept.
+        feed(&mut e, &[owner(5 * S, A, client), established(5 * S, A, ka())]);
+        let out = feed(&mut e, &[in_context(6 * S, A, process(9, "killer"))]);
+        assert!(!out.is_empty() && pids(&out).iter().all(|p| *p == Some(4242)), "{out:?}");
     }
 }
