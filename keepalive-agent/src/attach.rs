@@ -365,6 +365,14 @@ pub enum Answers {
     /// All the time: every answer seen as it arrives (`segment` precision), at the cost of one
     /// program run per segment received on every TCP connection of the host.
     Always,
+    /// Never: every answer is taken from the socket's last-ACK time at the probing socket's next
+    /// timer firing (`next_firing` precision: the kernel's jiffies; reported up to one probe
+    /// interval later). Nothing runs on received segments, even while probes are outstanding:
+    /// the cost of following answers is the timer runs of the sockets that probe, which the agent
+    /// pays anyway. The setting for fleets (metrics and spans do not need answers the instant they
+    /// arrive).
+    #[value(name = "next-firing")]
+    NextFiring,
 }
 
 /// The strategies of `hook` to try under `method`: with a specific method, the hook's strategies of
@@ -463,6 +471,10 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         let mut outcome = HookOutcome { hook, chosen: None, rejected: Vec::new() };
         let deferred = hook.on_demand && opts.answers == Answers::OnDemand;
         if opts.no_snapshot && hook.name == "snapshot" {
+            continue;
+        }
+        if hook.on_demand && opts.answers == Answers::NextFiring {
+            info!("hook {}: not attached (--probe-answers next-firing): {}", hook.name, hook.without);
             continue;
         }
         if let Some(why) = unmet(hook, offsets) {

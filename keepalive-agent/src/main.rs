@@ -144,7 +144,9 @@ struct AttachArgs {
     /// When to watch received segments for answers to keep-alive probes: on-demand attaches that
     /// program only while some probe is unanswered (no per-segment cost otherwise; quick answers
     /// are then timed from the socket's last-ACK time, to the jiffy); always sees every answer as it
-    /// arrives, at one program run per received segment on the whole host.
+    /// arrives, at one program run per received segment on the whole host; next-firing never
+    /// watches segments: every answer is timed from the last-ACK time at the socket's next timer
+    /// firing (up to one probe interval later), nothing runs per segment (the fleet setting).
     #[arg(long, value_enum, default_value_t = attach::Answers::OnDemand)]
     probe_answers: attach::Answers,
     /// Also report the normal close (`close` with `closed_by` and `idle_ms`) of connections without

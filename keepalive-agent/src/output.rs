@@ -36,12 +36,33 @@ pub fn record_process(rec: &Record) -> Option<Process> {
     }
 }
 
-/// Serialises a value by its `Display` form, without allocating.
-struct Shown<'a, T: fmt::Display>(&'a T);
+/// Serialises a socket address as `a.b.c.d:port` (IPv4, written with `itoa` into a stack buffer:
+/// `Display` goes through the formatting machinery per octet, a tenth of a record's cost in
+/// `trace`) or by its `Display` form (IPv6).
+struct Addr<'a>(&'a std::net::SocketAddr);
 
-impl<T: fmt::Display> Serialize for Shown<'_, T> {
+impl Serialize for Addr<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self.0)
+        let std::net::SocketAddr::V4(v4) = self.0 else {
+            return s.collect_str(self.0);
+        };
+        let mut buf = [0u8; 21]; // 255.255.255.255:65535
+        let mut len = 0;
+        let mut put = |bytes: &[u8]| {
+            buf[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
+        let mut n = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().iter().enumerate() {
+            if i > 0 {
+                put(b".");
+            }
+            put(n.format(*octet).as_bytes());
+        }
+        put(b":");
+        put(n.format(v4.port()).as_bytes());
+        // Digits, dots and a colon only.
+        s.serialize_str(std::str::from_utf8(&buf[..len]).unwrap_or_default())
     }
 }
 
@@ -86,8 +107,8 @@ impl Serialize for JsonRecord<'_> {
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("ts", &Rfc3339(self.unix_ns))?;
         m.serialize_entry("event", rec.kind.name())?;
-        m.serialize_entry("local", &Shown(&rec.conn.local))?;
-        m.serialize_entry("remote", &Shown(&rec.conn.remote))?;
+        m.serialize_entry("local", &Addr(&rec.conn.local))?;
+        m.serialize_entry("remote", &Addr(&rec.conn.remote))?;
         let process = record_process(rec);
         if let Some(p) = &process {
             m.serialize_entry("pid", &p.pid)?;
@@ -255,6 +276,14 @@ mod tests {
         let mut ks: Vec<(usize, String)> = v.keys().map(|k| (text.find(&format!("\"{k}\":")).unwrap(), k.clone())).collect();
         ks.sort();
         ks.into_iter().map(|(_, k)| k).collect()
+    }
+
+    #[test]
+    fn addresses_serialise_as_display_does() {
+        for a in ["0.0.0.0:0", "127.0.0.1:8080", "255.255.255.255:65535", "10.1.22.3:443", "[::1]:80", "[fe80::1]:5"] {
+            let addr: std::net::SocketAddr = a.parse().unwrap();
+            assert_eq!(serde_json::to_string(&super::Addr(&addr)).unwrap(), format!("\"{addr}\""));
+        }
     }
 
     #[test]

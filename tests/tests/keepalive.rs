@@ -118,20 +118,36 @@ fn idx(evs: &[Value], k: &str) -> usize {
 /// after the connection is gone.
 #[test]
 fn healthy_peer_probes_are_answered() {
-    healthy(&[], false);
+    healthy(&[], Answers::OnDemand);
 }
 
 /// Scenario 1 with `--probe-answers always`: every answer is seen on its segment.
 #[test]
 fn healthy_peer_answers_seen_on_every_segment() {
-    healthy(&["--probe-answers", "always"], true);
+    healthy(&["--probe-answers", "always"], Answers::Always);
+}
+
+/// Scenario 1 with `--probe-answers next-firing`: nothing ever runs on received segments; every
+/// answer is dated from the socket's last-ACK time at the next firing.
+#[test]
+fn healthy_peer_answers_timed_at_next_firing() {
+    healthy(&["--probe-answers", "next-firing"], Answers::NextFiring);
+}
+
+/// The agent's `--probe-answers` mode in [`healthy`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    OnDemand,
+    Always,
+    NextFiring,
 }
 
 fn mono(e: &Value) -> u64 {
     u64_of(e, "mono_ns").unwrap_or_else(|| panic!("no mono_ns: {e}"))
 }
 
-fn healthy(agent_args: &[&str], always: bool) {
+fn healthy(agent_args: &[&str], answers: Answers) {
+    let always = answers == Answers::Always;
     let env = Env::new();
     let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
     let agent = Agent::start(&env, agent_args);
@@ -153,13 +169,14 @@ fn healthy(agent_args: &[&str], always: bool) {
         ctx(&of_conn(&agent.events(), l, r))
     );
     let links = agent.linked_tracepoints();
-    assert!(
+    assert_eq!(
         links.iter().any(|t| t == "tcp_probe"),
-        "probes outstanding: the answer program is attached: {links:?}"
+        answers != Answers::NextFiring,
+        "probes outstanding: the answer program is attached unless next-firing: {links:?}"
     );
     drop(client); // FIN; the echo server closes its side too
     wait_event(&agent, l, r, "close");
-    if !always {
+    if answers == Answers::OnDemand {
         // No probe outstanding any more: detached after the linger (2 s).
         assert!(
             agent.wait_links(Duration::from_secs(10), |l| !l.iter().any(|t| t == "tcp_probe")),
@@ -202,12 +219,16 @@ fn healthy(agent_args: &[&str], always: bool) {
         );
         precisions.push(precision.to_string());
     }
-    if always {
-        assert!(precisions.iter().all(|p| p == "segment"), "{precisions:?}\n{}", ctx(&evs));
-    } else {
-        // The first answer came before the hook attached; once attached it sees the next ones.
-        assert_eq!(precisions.first().map(String::as_str), Some("next_firing"), "{}", ctx(&evs));
-        assert!(precisions.iter().any(|p| p == "segment"), "{precisions:?}\n{}", ctx(&evs));
+    match answers {
+        Answers::Always => assert!(precisions.iter().all(|p| p == "segment"), "{precisions:?}\n{}", ctx(&evs)),
+        Answers::NextFiring => {
+            assert!(precisions.iter().all(|p| p == "next_firing"), "{precisions:?}\n{}", ctx(&evs))
+        }
+        Answers::OnDemand => {
+            // The first answer came before the hook attached; once attached it sees the next ones.
+            assert_eq!(precisions.first().map(String::as_str), Some("next_firing"), "{}", ctx(&evs));
+            assert!(precisions.iter().any(|p| p == "segment"), "{precisions:?}\n{}", ctx(&evs));
+        }
     }
     assert!(answered_probes(&evs) >= 2, "{}", ctx(&evs));
     let answered_episodes = of_kind(&evs, "episode")

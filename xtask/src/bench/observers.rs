@@ -279,16 +279,22 @@ fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
 }
 
 /// The agent (`trace` or `run`) writing to a file, over the window.
-fn observe_agent(ctx: &Ctx, ns: &NetNs, kbtf: &KernelBtf, n: usize, command: AgentCommand) -> Result<Row> {
+/// The agent observers: command, extra arguments, the name in the report.
+const AGENT_OBSERVERS: [(AgentCommand, &[&str], &str); 3] = [
+    (AgentCommand::Trace, &[], "keepalive-agent trace --format json"),
+    (AgentCommand::Run, &[], "keepalive-agent run"),
+    // The packaged configuration's setting (packaging/config.toml): no program on received segments.
+    (AgentCommand::Run, &["--probe-answers", "next-firing"], "keepalive-agent run --probe-answers next-firing"),
+];
+
+fn observe_agent(ctx: &Ctx, ns: &NetNs, kbtf: &KernelBtf, n: usize, observer: (AgentCommand, &[&str], &'static str)) -> Result<Row> {
     let a = ctx.args;
-    let name = match command {
-        AgentCommand::Trace => "keepalive-agent trace --format json",
-        AgentCommand::Run => "keepalive-agent run",
-    };
+    let (command, extra, name) = observer;
     info!("observer {name}: {} s warm-up, {} s window", a.observer_warmup_s, a.observer_window_s);
     let out = OutFile(std::env::temp_dir().join(format!("ka-bench-observer-{}-{n}.jsonl", std::process::id())));
     let mut cfg = ctx.agent_config(ns.path(), (n + n / 4).max(65_536))?;
     cfg.command = command;
+    cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
     cfg.stdout_file = Some(out.0.clone());
     let agent = Agent::start(&cfg)?;
     sys::sleep(Duration::from_secs(a.observer_warmup_s))?;
@@ -355,8 +361,9 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Size> {
         let counters = HostCounters::attach(&kbtf).map_err(|e| warn!("no host keep-alive counters: {e:#}")).ok();
         rows.push(observe_ss(&ns, counters.as_ref(), a.observer_window_s)?);
     }
-    rows.push(observe_agent(ctx, &ns, &kbtf, n, AgentCommand::Trace)?);
-    rows.push(observe_agent(ctx, &ns, &kbtf, n, AgentCommand::Run)?);
+    for observer in AGENT_OBSERVERS {
+        rows.push(observe_agent(ctx, &ns, &kbtf, n, observer)?);
+    }
     farm.close();
     drop(ns);
     Ok(Size { n, rows })
@@ -395,7 +402,9 @@ fn describe(s: &mut Section, ctx: &Ctx) {
          - `ss -tnoi` in the namespace once a second: CPU of the `ss` processes from their rusage (user + system, \
            the kernel's socket dump included), per second of wall time;\n\
          - `keepalive-agent trace --format json --netns NS` writing to a file;\n\
-         - `keepalive-agent run --netns NS` with its default span policy and no endpoint (JSON lines to a file).\n\n\
+         - `keepalive-agent run --netns NS` with its default span policy and no endpoint (JSON lines to a file);\n\
+         - the same with `--probe-answers next-firing`, the packaged configuration's setting: no program on \
+           received segments, answers timed at the next timer firing.\n\n\
          Agent process: user + system over the window, from its threads' scheduler run time \
          (`/proc/<pid>/task/*/schedstat`, nanoseconds; `/proc/<pid>/stat` counts 10 ms ticks, too coarse here). BPF: run time of the agent's programs \
          (statistics through a `BPF_ENABLE_STATS` fd, programs found through the agent's own fds). The floor: an \
