@@ -72,11 +72,13 @@ impl Decoder {
     }
 
     /// Decodes one record as read from a ring buffer or a seq file (any alignment).
+    #[inline]
     pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
         self.decode(&raw_from_bytes(bytes)?)
     }
 
     /// Decodes one record.
+    #[inline]
     pub fn decode(&self, raw: &RawEvent) -> Result<Event, DecodeError> {
         let kind = EventKind::from_u8(raw.kind).ok_or(DecodeError::UnknownKind {
             kind: raw.kind,
