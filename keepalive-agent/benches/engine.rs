@@ -384,8 +384,8 @@ fn timeline_pass(engine: &mut Engine, decoded: &[Event], out: &mut Vec<Record>) 
 /// The agent's event loop, minus the ring buffer: decode, handle, hand records on in batches.
 fn run_pipeline(decoder: &Decoder, engine: &mut Engine, bytes: &[u8], out: &mut Vec<Record>) {
     for (i, rec) in bytes.chunks_exact(RAW_EVENT_SIZE).enumerate() {
-        match decoder.decode_bytes(rec) {
-            Ok(ev) => engine.handle(&ev, out),
+        match &decoder.decode_bytes(rec) {
+            Ok(ev) => engine.handle(ev, out),
             Err(e) => panic!("bench stream does not decode: {e}"),
         }
         if i % 4096 == 4095 {
@@ -561,7 +561,7 @@ fn main() {
         std::mem::size_of::<Record>(),
         std::mem::size_of::<keepalive_agent::timeline::ConnView>()
     );
-    let mut sizes = vec![1_000, 10_000, 14_000, 15_000, 20_000, 50_000, conns];
+    let mut sizes = vec![1_000, 10_000, 14_000, 14_337, 15_000, 20_000, 50_000, conns];
     sizes.sort_unstable();
     sizes.dedup();
     for n in sizes {

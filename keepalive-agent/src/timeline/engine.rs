@@ -376,7 +376,7 @@ fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: Epis
             end_ns: ts_ns.max(ep.start_ns),
             probes: ep.probes,
             outcome,
-            probe_ts_ns: ep.probe_ts_ns.into_vec(),
+            probe_ts_ns: ep.probe_ts_ns.to_vec(),
             first_timed_probe: ep.first_timed_probe,
         };
         emit(out, ts_ns, conn, RecordKind::EpisodeEnd(episode));
