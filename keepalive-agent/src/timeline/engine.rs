@@ -1112,9 +1112,13 @@ fn unfollowed_cause(old: TcpState, err: i32, in_timer: bool, s: &SockSettings, t
 /// Settings read at a timer run against the connection's: a `config` record (source `kernel`) when
 /// they changed without a setsockopt we saw (bpf_setsockopt, in-kernel users, sysctl).
 fn reconcile_settings(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, read: &SockSettings) {
+    let packed = PackedSettings::from(read);
+    if conn.known == KNOWN_ALL && packed == conn.settings {
+        return; // the usual firing: nothing changed, nothing guessed
+    }
     let mine = merge_unknown(&conn.settings(), conn.known, read);
     let changed = !same_effective(&mine, read);
-    conn.set_settings(read);
+    conn.settings = packed;
     conn.known = KNOWN_ALL;
     if changed {
         let kind = RecordKind::Config {
