@@ -14,6 +14,10 @@
 //! (`MIX ...`). `cargo xtask bench` collects both into BENCHMARKS.md.
 //!
 //! Environment: `KEEPALIVE_BENCH_CONNS` (default 10000) connections in the stream.
+//! `KEEPALIVE_BENCH_PASSES=N` (with `KEEPALIVE_BENCH_PART` = `decode`, `timeline` or
+//! `decode+timeline`, the default) runs exactly N passes of that part and nothing else: a fixed
+//! amount of work for `perf stat -e instructions`, whose count does not swing with the machine's
+//! load as wall time does (subtract a run with N=0 and divide by N × events).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -358,11 +362,30 @@ pub(crate) fn build_stream(conns: usize) -> Stream {
     Stream { bytes, events, mix, conns }
 }
 
+/// The decoder alone over the stream.
+fn decode_pass(decoder: &Decoder, bytes: &[u8]) {
+    for rec in bytes.chunks_exact(RAW_EVENT_SIZE) {
+        black_box(decoder.decode_bytes(black_box(rec)).ok());
+    }
+}
+
+/// The engine alone over decoded events, records handed on in batches.
+fn timeline_pass(engine: &mut Engine, decoded: &[Event], out: &mut Vec<Record>) {
+    for (i, ev) in decoded.iter().enumerate() {
+        engine.handle(ev, out);
+        if i % 4096 == 4095 {
+            black_box(&out[..]);
+            out.clear();
+        }
+    }
+    out.clear();
+}
+
 /// The agent's event loop, minus the ring buffer: decode, handle, hand records on in batches.
 fn run_pipeline(decoder: &Decoder, engine: &mut Engine, bytes: &[u8], out: &mut Vec<Record>) {
     for (i, rec) in bytes.chunks_exact(RAW_EVENT_SIZE).enumerate() {
-        match decoder.decode_bytes(rec) {
-            Ok(ev) => engine.handle(&ev, out),
+        match &decoder.decode_bytes(rec) {
+            Ok(ev) => engine.handle(ev, out),
             Err(e) => panic!("bench stream does not decode: {e}"),
         }
         if i % 4096 == 4095 {
@@ -388,13 +411,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(stream.events as u64));
 
-    group.bench_function("decode", |b| {
-        b.iter(|| {
-            for rec in stream.bytes.chunks_exact(RAW_EVENT_SIZE) {
-                black_box(decoder.decode_bytes(black_box(rec)).ok());
-            }
-        })
-    });
+    group.bench_function("decode", |b| b.iter(|| decode_pass(&decoder, &stream.bytes)));
 
     let decoded: Vec<Event> = stream
         .bytes
@@ -403,18 +420,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let mut engine = Engine::new(EngineConfig { max_connections: 65_536 });
     let mut out = Vec::with_capacity(8192);
-    group.bench_function("timeline", |b| {
-        b.iter(|| {
-            for (i, ev) in decoded.iter().enumerate() {
-                engine.handle(ev, &mut out);
-                if i % 4096 == 4095 {
-                    black_box(&out[..]);
-                    out.clear();
-                }
-            }
-            out.clear();
-        })
-    });
+    group.bench_function("timeline", |b| b.iter(|| timeline_pass(&mut engine, &decoded, &mut out)));
     drop(decoded);
 
     let mut engine = Engine::new(EngineConfig { max_connections: 65_536 });
@@ -493,9 +499,42 @@ fn check_records(stream: &Stream) {
 
 criterion_group!(benches, bench);
 
+/// `KEEPALIVE_BENCH_PASSES` mode: exactly `passes` passes of `part`, no criterion, no reports.
+fn fixed_passes(stream: &Stream, passes: usize, part: &str) {
+    let decoder = Decoder::new(DecodeTables::linux_defaults());
+    let mut engine = Engine::new(EngineConfig { max_connections: 65_536 });
+    let mut out = Vec::with_capacity(8192);
+    match part {
+        "decode" => (0..passes).for_each(|_| decode_pass(&decoder, &stream.bytes)),
+        "timeline" => {
+            let decoded: Vec<Event> = stream
+                .bytes
+                .chunks_exact(RAW_EVENT_SIZE)
+                .map(|r| decoder.decode_bytes(r).expect("stream decodes"))
+                .collect();
+            (0..passes).for_each(|_| timeline_pass(&mut engine, &decoded, &mut out));
+        }
+        "decode+timeline" => {
+            for _ in 0..passes {
+                run_pipeline(&decoder, &mut engine, &stream.bytes, &mut out);
+            }
+        }
+        other => panic!("KEEPALIVE_BENCH_PART={other}: expected decode, timeline or decode+timeline"),
+    }
+    println!("PASSES {passes} of {part}, {} events each", stream.events);
+}
+
 fn main() {
     let conns = conns_from_env();
     let stream = build_stream(conns);
+    if let Some(passes) = std::env::var("KEEPALIVE_BENCH_PASSES").ok() {
+        let passes = passes
+            .parse()
+            .unwrap_or_else(|_| panic!("KEEPALIVE_BENCH_PASSES={passes}: expected a number of passes"));
+        let part = std::env::var("KEEPALIVE_BENCH_PART").unwrap_or_else(|_| "decode+timeline".into());
+        fixed_passes(&stream, passes, &part);
+        return;
+    }
     let names = [
         "", "timer", "ack", "reset_sent", "reset_received", "error", "state", "setsockopt",
         "snapshot", "destroy",
@@ -522,7 +561,7 @@ fn main() {
         std::mem::size_of::<Record>(),
         std::mem::size_of::<keepalive_agent::timeline::ConnView>()
     );
-    let mut sizes = vec![1_000, 10_000, 14_000, 15_000, 20_000, 50_000, conns];
+    let mut sizes = vec![1_000, 10_000, 14_000, 14_337, 15_000, 20_000, 50_000, conns];
     sizes.sort_unstable();
     sizes.dedup();
     for n in sizes {

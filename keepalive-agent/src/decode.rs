@@ -44,12 +44,39 @@ pub enum DecodeError {
     MissingProcess { kind: EventKind, sk: u64 },
 }
 
+/// Division of any `u32` by a divisor fixed at start-up (HZ), by a multiplication: Lemire, Kaser
+/// and Kurz, "Faster remainder by direct computation" (2019), `fastdiv` for 32-bit operands:
+/// `M = ⌊(2⁶⁴ − 1) / d⌋ + 1`, `n / d = ⌊n · M / 2⁶⁴⌋`, exact for every `u32` `n` and `d ≥ 2`. A
+/// hardware division's latency sits on the path of every event that carries settings.
+#[derive(Clone, Copy, Debug)]
+struct DivU32 {
+    /// `M`, or 0 for `d == 1`.
+    m: u64,
+}
+
+impl DivU32 {
+    fn new(d: u32) -> Self {
+        let d = d.max(1);
+        DivU32 { m: if d == 1 { 0 } else { u64::MAX / u64::from(d) + 1 } }
+    }
+
+    #[inline]
+    fn div(self, n: u32) -> u32 {
+        if self.m == 0 {
+            return n;
+        }
+        ((u128::from(self.m) * u128::from(n)) >> 64) as u32
+    }
+}
+
 /// Turns raw kernel records into [`Event`]s.
 #[derive(Clone, Debug)]
 pub struct Decoder {
     tables: DecodeTables,
     /// `tables.hz`, at least 1.
     hz: u64,
+    /// Division by `hz`.
+    per_hz: DivU32,
     /// Kernel state value → state, for every possible byte.
     states: [TcpState; 256],
 }
@@ -64,7 +91,7 @@ impl Decoder {
             states[usize::from(v)] = s;
         }
         let hz = u64::from(tables.hz.max(1));
-        Decoder { tables, hz, states }
+        Decoder { per_hz: DivU32::new(tables.hz), tables, hz, states }
     }
 
     pub fn tables(&self) -> &DecodeTables {
@@ -72,11 +99,22 @@ impl Decoder {
     }
 
     /// Decodes one record as read from a ring buffer or a seq file (any alignment).
+    #[inline]
     pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        self.decode(&raw_from_bytes(bytes)?)
+        check_len(bytes)?;
+        if bytes.as_ptr().align_offset(std::mem::align_of::<RawEvent>()) == 0 {
+            // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes (checked), the pointer is
+            // aligned for RawEvent (checked), and RawEvent is plain integers and byte arrays, so
+            // every bit pattern is a valid value. Ring buffer records are 8-byte aligned: this is
+            // the usual path, and it reads the record where it lies instead of copying it first.
+            self.decode(unsafe { &*bytes.as_ptr().cast::<RawEvent>() })
+        } else {
+            self.decode(&raw_from_bytes(bytes)?)
+        }
     }
 
     /// Decodes one record.
+    #[inline(always)]
     pub fn decode(&self, raw: &RawEvent) -> Result<Event, DecodeError> {
         let kind = EventKind::from_u8(raw.kind).ok_or(DecodeError::UnknownKind {
             kind: raw.kind,
@@ -96,7 +134,7 @@ impl Decoder {
                 probes_after: raw.probes_out_after,
                 packets_out: raw.packets_out,
                 unsent: raw.unsent,
-                idle_ms: self.jiffies_to_ms(u64::from(raw.idle_jiffies)),
+                idle_ms: self.jiffies_to_ms(raw.idle_jiffies),
                 settings: self.settings(raw),
                 err_after: raw.err,
                 next_in_ms: self.timer_in_ms(raw),
@@ -163,9 +201,16 @@ impl Decoder {
         self.states[usize::from(v)]
     }
 
-    fn jiffies_to_ms(&self, jiffies: u64) -> u64 {
-        // u128: no overflow for any 64-bit jiffies value.
-        (u128::from(jiffies) * 1000 / u128::from(self.hz)) as u64
+    fn jiffies_to_ms(&self, jiffies: u32) -> u64 {
+        // No overflow: a 32-bit count times 1000 fits in 42 bits.
+        u64::from(jiffies) * 1000 / self.hz
+    }
+
+    fn jiffies64_to_ms(&self, jiffies: u64) -> u64 {
+        match jiffies.checked_mul(1000) {
+            Some(ms) => ms / self.hz,
+            None => (u128::from(jiffies) * 1000 / u128::from(self.hz)) as u64,
+        }
     }
 
     /// Time until `timer_expires` from `jiffies`, when the timer is pending. Jiffies wrap: the
@@ -175,25 +220,25 @@ impl Decoder {
             return None;
         }
         let delta = raw.timer_expires.wrapping_sub(raw.jiffies) as i64;
-        Some(self.jiffies_to_ms(delta.max(0) as u64))
+        Some(self.jiffies64_to_ms(delta.max(0) as u64))
     }
 
     fn settings(&self, raw: &RawEvent) -> SockSettings {
-        let secs = |jiffies: u32| (jiffies != 0).then(|| (u64::from(jiffies) / self.hz) as u32);
+        let secs = |jiffies: u32| (jiffies != 0).then(|| self.per_hz.div(jiffies));
         SockSettings {
             keepalive: raw.flags & FLAG_KEEPOPEN != 0,
             idle_s: secs(raw.keepalive_time),
             intvl_s: secs(raw.keepalive_intvl),
             cnt: (raw.keepalive_probes != 0).then_some(u32::from(raw.keepalive_probes)),
             user_timeout_ms: raw.user_timeout_ms,
-            idle_default_s: (u64::from(raw.sysctl_time) / self.hz) as u32,
-            intvl_default_s: (u64::from(raw.sysctl_intvl) / self.hz) as u32,
+            idle_default_s: self.per_hz.div(raw.sysctl_time),
+            intvl_default_s: self.per_hz.div(raw.sysctl_intvl),
             cnt_default: u32::from(raw.sysctl_probes),
         }
     }
 
     fn times(&self, raw: &RawEvent) -> SockTimes {
-        let ms = |j: u32| self.jiffies_to_ms(u64::from(j));
+        let ms = |j: u32| self.jiffies_to_ms(j);
         SockTimes {
             since_sent_ms: ms(raw.since_sent_jiffies),
             since_data_ms: ms(raw.since_data_jiffies),
@@ -245,16 +290,21 @@ impl Decoder {
 
 /// One record as read from a ring buffer or a seq file (any alignment), not yet decoded.
 pub fn raw_from_bytes(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    check_len(bytes)?;
+    // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes, `read_unaligned` has no
+    // alignment requirement, and RawEvent is plain integers and byte arrays, so every bit
+    // pattern is a valid value.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+fn check_len(bytes: &[u8]) -> Result<(), DecodeError> {
     if bytes.len() != RAW_EVENT_SIZE {
         return Err(DecodeError::BadLength {
             got: bytes.len(),
             expected: RAW_EVENT_SIZE,
         });
     }
-    // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes, `read_unaligned` has no
-    // alignment requirement, and RawEvent is plain integers and byte arrays, so every bit
-    // pattern is a valid value.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+    Ok(())
 }
 
 /// The bytes of a record, as the kernel side writes them (the inverse of [`raw_from_bytes`]).
@@ -311,6 +361,24 @@ mod tests {
 
     fn as_bytes(r: &RawEvent) -> Vec<u8> {
         raw_to_bytes(r)
+    }
+
+    #[test]
+    fn division_by_hz_is_exact() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for d in [1u32, 2, 3, 7, 100, 250, 300, 1000, 1024, 65_537, u32::MAX - 1, u32::MAX] {
+            let f = DivU32::new(d);
+            let edges = [0u32, 1, d - 1, d, d.saturating_add(1), u32::MAX - 1, u32::MAX];
+            for n in edges.into_iter().chain((0..20_000).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u32 >> (x % 32)
+            })) {
+                assert_eq!(f.div(n), n / d, "{n} / {d}");
+            }
+        }
+        assert_eq!(DivU32::new(0).div(7), 7, "HZ 0 reads as 1");
     }
 
     #[test]

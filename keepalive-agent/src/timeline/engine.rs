@@ -42,6 +42,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, SockTimes, TcpState, TimerFiring};
 
+use smallvec::SmallVec;
+
+use super::packed::{PackedAddrs, PackedSettings};
+use super::table::{Keyed, SkTable};
 use super::types::{
     AckPrecision, ClosedBy, ConnView, EngineStats, Episode, EpisodeOutcome, Idle, Record, RecordKind,
     SettingsSource, TimeoutReason, UntrackReason, MAX_PROBE_TIMES,
@@ -121,10 +125,11 @@ struct OpenEpisode {
     start_ns: u64,
     /// Probes sent, exact (counted by the engine: `icsk_probes_out` is 8 bits and wraps).
     probes: u32,
-    /// Times of the probes seen, at most [`MAX_PROBE_TIMES`].
-    probe_ts_ns: Vec<u64>,
     /// Number of the probe `probe_ts_ns[0]` times.
     first_timed_probe: u32,
+    /// Times of the probes seen, at most [`MAX_PROBE_TIMES`]; the first ones without an
+    /// allocation of their own (most episodes end after one probe).
+    probe_ts_ns: SmallVec<[u64; 3]>,
 }
 
 impl OpenEpisode {
@@ -132,7 +137,7 @@ impl OpenEpisode {
         OpenEpisode {
             start_ns,
             probes: probes_before,
-            probe_ts_ns: Vec::new(),
+            probe_ts_ns: SmallVec::new(),
             first_timed_probe: probes_before + 1,
         }
     }
@@ -151,26 +156,81 @@ impl OpenEpisode {
     }
 }
 
+/// A tracked connection. Every tracked connection pays for this struct (and the table's slack
+/// around it, see [`SkTable`]), so it holds its facts packed; [`Conn::view`] unpacks the identity
+/// that every record carries.
 #[derive(Debug)]
 struct Conn {
-    view: ConnView,
-    addrs_known: bool,
+    /// Engine-assigned id (see [`ConnView::id`]).
+    id: u64,
+    sk: u64,
+    first_seen_ns: u64,
+    /// Boxed: episodes are short and rare next to connections.
+    episode: Option<Box<OpenEpisode>>,
+    /// The owning process, valid when `has_process`.
+    process: Process,
+    addrs: PackedAddrs,
+    netns: u32,
+    settings: PackedSettings,
+    /// Episodes ended so far (numbers the next one).
+    episodes: u32,
+    /// The last socket error reported for this connection (to report each error once).
+    last_errno: i32,
     state: TcpState,
-    settings: SockSettings,
     /// `KNOWN_*` bits: fields of `settings` read from the kernel or set by a seen setsockopt. The
     /// others are guesses (a connection first seen through one setsockopt), silently replaced by
     /// the kernel's values at the first timer run.
     known: u8,
-    /// Episodes ended so far (numbers the next one).
-    episodes: u32,
-    /// Boxed: episodes are short and rare next to connections, and the table's bucket size is
-    /// what every tracked connection pays.
-    episode: Option<Box<OpenEpisode>>,
-    /// The last socket error reported for this connection (to report each error once).
-    last_errno: i32,
+    has_process: bool,
+    addrs_known: bool,
     /// A record already said why the connection died (timeout, reset, error...).
     died: bool,
 }
+
+impl Keyed for Conn {
+    fn key(&self) -> u64 {
+        self.sk
+    }
+}
+
+impl Conn {
+    /// The identity and context copied into each of the connection's records.
+    #[inline]
+    fn view(&self) -> ConnView {
+        ConnView {
+            id: self.id,
+            sk: self.sk,
+            netns: self.netns,
+            local: self.addrs.local(),
+            remote: self.addrs.remote(),
+            process: self.process(),
+            first_seen_ns: self.first_seen_ns,
+        }
+    }
+
+    fn process(&self) -> Option<Process> {
+        self.has_process.then_some(self.process)
+    }
+
+    /// The owning process, unless one is known already.
+    fn learn_process(&mut self, process: Option<Process>) {
+        if let (false, Some(p)) = (self.has_process, process) {
+            self.process = p;
+            self.has_process = true;
+        }
+    }
+
+    fn settings(&self) -> SockSettings {
+        self.settings.unpack()
+    }
+
+    fn set_settings(&mut self, s: &SockSettings) {
+        self.settings = PackedSettings::from(s);
+    }
+}
+
+/// The placeholder of [`Conn::process`] while no process is known.
+const NO_PROCESS: Process = Process { pid: 0, tid: 0, comm: [0; 16], cgroup_id: 0 };
 
 /// What is remembered about a socket not (yet) tracked.
 #[derive(Debug, Default)]
@@ -185,7 +245,7 @@ struct Pending {
 pub struct Engine {
     cap: usize,
     next_id: u64,
-    conns: FastMap<u64, Conn>,
+    conns: SkTable<Conn>,
     pending: FastMap<u64, Pending>,
     /// `in_timer` events waiting for their timer event, per socket.
     held: FastMap<u64, Vec<Event>>,
@@ -285,13 +345,14 @@ fn merge_unknown(mine: &SockSettings, known: u8, read: &SockSettings) -> SockSet
     m
 }
 
+/// Appends the connection's record of `kind`, written where it lies in `out` (a 232-byte record
+/// built aside and then copied in costs a copy per record).
 #[inline]
 fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
-    out.push(Record {
-        ts_ns,
-        conn: conn.view,
-        kind,
-    });
+    out.reserve(1);
+    out.spare_capacity_mut()[0].write(Record { ts_ns, conn: conn.view(), kind });
+    // SAFETY: the first slot past `len` exists (reserved) and was just initialised.
+    unsafe { out.set_len(out.len() + 1) };
 }
 
 /// Marks `kind` as the connection's death when it is the first record to explain it: an active
@@ -317,7 +378,7 @@ fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: Epis
             end_ns: ts_ns.max(ep.start_ns),
             probes: ep.probes,
             outcome,
-            probe_ts_ns: ep.probe_ts_ns,
+            probe_ts_ns: ep.probe_ts_ns.to_vec(),
             first_timed_probe: ep.first_timed_probe,
         };
         emit(out, ts_ns, conn, RecordKind::EpisodeEnd(episode));
@@ -337,9 +398,8 @@ fn answered(out: &mut Vec<Record>, at: u64, conn: &mut Conn, precision: AckPreci
 
 fn note_addrs(conn: &mut Conn, ev: &Event) {
     if !conn.addrs_known {
-        if let Some((local, remote)) = ev.addrs {
-            conn.view.local = local;
-            conn.view.remote = remote;
+        if let Some((local, remote)) = &ev.addrs {
+            conn.addrs = PackedAddrs::new(local, remote);
             conn.addrs_known = true;
         }
     }
@@ -350,7 +410,7 @@ impl Engine {
         Engine {
             cap: cfg.max_connections,
             next_id: 1,
-            conns: FastMap::default(),
+            conns: SkTable::new(),
             pending: FastMap::default(),
             held: FastMap::default(),
             stats: EngineStats::default(),
@@ -375,7 +435,7 @@ impl Engine {
     /// Connections tracked now with keep-alive on, and with it off (followed for
     /// `TCP_USER_TIMEOUT` alone). O(tracked). Read-only, for the metrics' gauges.
     pub fn keepalive_split(&self) -> (usize, usize) {
-        let on = self.conns.values().filter(|c| c.settings.keepalive).count();
+        let on = self.conns.values().filter(|c| c.settings.keepalive()).count();
         (on, self.conns.len() - on)
     }
 
@@ -386,7 +446,7 @@ impl Engine {
 
     /// The connections tracked now (not closed), in no particular order.
     pub fn open_connections(&self) -> impl Iterator<Item = ConnView> + '_ {
-        self.conns.values().map(|c| c.view)
+        self.conns.values().map(Conn::view)
     }
 
     /// How many sockets the cap refused since the previous call (each refusal counts: a socket
@@ -427,8 +487,8 @@ impl Engine {
         let mut gone: Vec<(u64, u64)> = self
             .conns
             .values()
-            .filter(|c| c.view.first_seen_ns < walk_start_ns && !alive(&c.view))
-            .map(|c| (c.view.id, c.view.sk))
+            .filter(|c| c.first_seen_ns < walk_start_ns && !alive(&c.view()))
+            .map(|c| (c.id, c.sk))
             .collect();
         gone.sort_unstable();
         for (_, sk) in gone {
@@ -442,7 +502,7 @@ impl Engine {
     /// events are replayed first. The engine is empty afterwards.
     pub fn shutdown(&mut self, stop_ns: u64, out: &mut Vec<Record>) {
         self.release_stale_held(u64::MAX, 0, out);
-        let mut sks: Vec<(u64, u64)> = self.conns.values().map(|c| (c.view.id, c.view.sk)).collect();
+        let mut sks: Vec<(u64, u64)> = self.conns.values().map(|c| (c.id, c.sk)).collect();
         sks.sort_unstable();
         for (_, sk) in sks {
             self.untrack(sk, stop_ns, UntrackReason::Shutdown, out);
@@ -563,7 +623,7 @@ impl Engine {
     fn on_owner(&mut self, ev: &Event, process: &Process) {
         if let Some(conn) = self.conns.get_mut(&ev.sk) {
             note_addrs(conn, ev);
-            conn.view.process.get_or_insert(*process);
+            conn.learn_process(Some(*process));
         } else if let Some(p) = self.pending_slot(ev.sk) {
             p.connect_process.get_or_insert(*process);
         }
@@ -586,7 +646,7 @@ impl Engine {
     /// `untracked` record with `reason`.
     fn untrack(&mut self, sk: u64, ts_ns: u64, reason: UntrackReason, out: &mut Vec<Record>) {
         if let Some(mut conn) = self.conns.remove(&sk) {
-            let ts = ts_ns.max(conn.view.first_seen_ns);
+            let ts = ts_ns.max(conn.first_seen_ns);
             end_episode(out, ts, &mut conn, EpisodeOutcome::Incomplete);
             let kind = RecordKind::Untracked { reason, state: conn.state };
             emit(out, ts, &conn, kind);
@@ -632,24 +692,24 @@ impl Engine {
             return None;
         }
         self.opened += 1;
-        let conn = Conn {
-            view: self.new_view(ev, process),
-            addrs_known: ev.addrs.is_some(),
-            state,
-            settings,
-            known,
-            episodes: 0,
+        let view = self.new_view(ev, process);
+        let conn = self.conns.insert(Conn {
+            id: view.id,
+            sk: ev.sk,
+            first_seen_ns: view.first_seen_ns,
             episode: None,
+            process: process.unwrap_or(NO_PROCESS),
+            addrs: PackedAddrs::new(&view.local, &view.remote),
+            netns: view.netns,
+            settings: PackedSettings::from(&settings),
+            episodes: 0,
             last_errno: 0,
+            state,
+            known,
+            has_process: process.is_some(),
+            addrs_known: ev.addrs.is_some(),
             died: false,
-        };
-        let conn = match self.conns.entry(ev.sk) {
-            Entry::Occupied(mut o) => {
-                o.insert(conn);
-                o.into_mut()
-            }
-            Entry::Vacant(v) => v.insert(conn),
-        };
+        });
         let established = state == TcpState::Established;
         emit(
             out,
@@ -715,7 +775,7 @@ impl Engine {
     /// Whether `ev` predates the tracked connection on its socket (it was first seen by the
     /// start-up snapshot taken after the event was queued).
     fn older_than_tracked(&self, ev: &Event) -> bool {
-        self.conns.get(&ev.sk).is_some_and(|c| ev.ts_ns <= c.view.first_seen_ns)
+        self.conns.get(&ev.sk).is_some_and(|c| ev.ts_ns <= c.first_seen_ns)
     }
 
     fn on_state(
@@ -732,7 +792,7 @@ impl Engine {
                     // Keep the connection; learn what the older event knows.
                     if let Some(conn) = self.conns.get_mut(&ev.sk) {
                         note_addrs(conn, ev);
-                        conn.view.process = conn.view.process.or(process);
+                        conn.learn_process(process);
                     }
                     return;
                 }
@@ -910,18 +970,18 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(&ev.sk) else { return };
         note_addrs(conn, ev);
         // Settings as the kernel holds them just before this option (read by the program).
-        let mut settings = merge_unknown(&conn.settings, conn.known & !KNOWN_DEFAULTS, read)
-            .with_defaults_from(&conn.settings);
+        let mine = conn.settings();
+        let mut settings = merge_unknown(&mine, conn.known & !KNOWN_DEFAULTS, read).with_defaults_from(&mine);
         let Some(_) = apply_option(&mut settings, option, value) else {
             return;
         };
-        conn.settings = settings;
+        conn.set_settings(&settings);
         conn.known = KNOWN_ALL;
-        conn.view.process = conn.view.process.or(Some(*process));
+        conn.learn_process(Some(*process));
         let source = SettingsSource::Setsockopt(option);
         let kind = RecordKind::Config { settings, source, process: Some(*process) };
         emit(out, ev.ts_ns, conn, kind);
-        if !conn.settings.reported_by_kernel() {
+        if !settings.reported_by_kernel() {
             self.untrack(ev.sk, ev.ts_ns, UntrackReason::KeepaliveOff, out);
         }
     }
@@ -1060,9 +1120,13 @@ fn unfollowed_cause(old: TcpState, err: i32, in_timer: bool, s: &SockSettings, t
 /// Settings read at a timer run against the connection's: a `config` record (source `kernel`) when
 /// they changed without a setsockopt we saw (bpf_setsockopt, in-kernel users, sysctl).
 fn reconcile_settings(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, read: &SockSettings) {
-    let mine = merge_unknown(&conn.settings, conn.known, read);
+    let packed = PackedSettings::from(read);
+    if conn.known == KNOWN_ALL && packed == conn.settings {
+        return; // the usual firing: nothing changed, nothing guessed
+    }
+    let mine = merge_unknown(&conn.settings(), conn.known, read);
     let changed = !same_effective(&mine, read);
-    conn.settings = *read;
+    conn.settings = packed;
     conn.known = KNOWN_ALL;
     if changed {
         let kind = RecordKind::Config {
@@ -1311,6 +1375,14 @@ mod tests {
             RecordKind::EpisodeEnd(ep) => ep,
             k => panic!("not an episode: {k:?}"),
         }
+    }
+
+    /// What every tracked connection costs besides the table's slack (see `table.rs`), and what
+    /// a connection with probes out adds: the budget of 256 bytes per connection rests on these.
+    #[test]
+    fn per_connection_sizes() {
+        assert!(std::mem::size_of::<Conn>() <= 144, "Conn is {} bytes", std::mem::size_of::<Conn>());
+        assert!(std::mem::size_of::<OpenEpisode>() <= 48, "OpenEpisode is {} bytes", std::mem::size_of::<OpenEpisode>());
     }
 
     #[test]
@@ -1765,7 +1837,7 @@ mod tests {
         assert_eq!(episode(&out[2]).probe_ts_ns, vec![4 * S]);
         // Idle 1 s at 5 s would date the answer at 4 s: never before the probe it answers.
         assert_eq!(out[1].ts_ns, 4 * S);
-        assert_eq!(e.conns[&A].episode.as_ref().unwrap().start_ns, 5 * S);
+        assert_eq!(e.conns.get(&A).unwrap().episode.as_ref().unwrap().start_ns, 5 * S);
         assert_eq!(e.awaiting_answer(), 1);
         let mut late = firing(ka(), 0, 0);
         late.idle_ms = 1_010; // a little longer than since the probe (jiffy rounding): clamped
@@ -1893,7 +1965,7 @@ mod tests {
         f.idle_ms = 257_000;
         let out = feed(&mut e, &[timer(257 * S, A, f)]);
         assert_eq!(kinds(&out), [RecordKind::Probe { n: 257 }]);
-        let ep = e.conns[&A].episode.as_ref().unwrap();
+        let ep = e.conns.get(&A).unwrap().episode.as_ref().unwrap();
         assert_eq!((ep.probes, ep.probe_ts_ns.len()), (257, MAX_PROBE_TIMES));
         // The timeout reports every probe, and the episode keeps the first probe times only.
         let death = TimerFiring { state_after: TcpState::Close, ..firing(ut, 1, 1) };
