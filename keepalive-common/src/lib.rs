@@ -460,13 +460,22 @@ pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
 /// Size of the per-CPU `LOST` counter array. Slots `0..EVENT_KINDS`: events dropped because the
 /// ring buffer was full, per [`EventKind`] value (index 0 is unused); then
-/// [`LOST_SLOT_INFLIGHT`].
-pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 1;
+/// [`LOST_SLOT_INFLIGHT`], [`LOST_SLOT_AWAIT_OWNER`].
+pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 2;
 
 /// Slot of the `LOST` array counting keep-alive settings (`Setsockopt` events) the kprobe
 /// strategy could not report because its in-flight map lost the call's entry: the insert failed,
 /// or the thread's previous call left its entry behind (its kretprobe never ran).
 pub const LOST_SLOT_INFLIGHT: u32 = EVENT_KINDS as u32;
+
+/// Slot of the `LOST` array counting deaths of connections not followed whose socket could not be
+/// remembered until its destruction (the bounded table of sockets awaiting their owner's close was
+/// full): their owner is only looked up in `/proc`.
+pub const LOST_SLOT_AWAIT_OWNER: u32 = EVENT_KINDS as u32 + 1;
+
+/// Entries of the eBPF table of sockets whose death was reported without an owner, kept until the
+/// socket is destroyed (see `LOST_SLOT_AWAIT_OWNER`).
+pub const AWAIT_OWNER_MAX: u32 = 4096;
 
 // Socket option constants (uapi, stable ABI).
 pub const SOL_SOCKET: i32 = 1;

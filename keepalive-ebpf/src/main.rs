@@ -27,9 +27,9 @@ mod timer;
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
-use keepalive_common::{AuditRecord, Offsets, RawEvent, LOST_SLOTS};
+use keepalive_common::{AuditRecord, Offsets, RawEvent, AWAIT_OWNER_MAX, LOST_SLOTS};
 
 /// Kernel layout, resolved from BTF by the agent (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -42,6 +42,32 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Events that did not fit in [`EVENTS`], per CPU, per event kind.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+/// Sockets not followed whose death was reported without an owner (it came in softirq), until
+/// they are destroyed: only their destruction is checked for the owner's context ([`owner`]), so
+/// that closing any other socket costs one lookup, not an event. An entry per dying socket, removed
+/// at its destruction; a full table is counted ([`keepalive_common::LOST_SLOT_AWAIT_OWNER`]).
+#[map]
+static AWAIT_OWNER: HashMap<u64, u8> = HashMap::with_max_entries(AWAIT_OWNER_MAX, 0);
+
+/// Remembers `sk`, dead without an owner, until its destruction.
+#[inline(always)]
+pub(crate) fn await_owner(sk: u64) {
+    if AWAIT_OWNER.insert(&sk, &1, 0).is_err() {
+        bump_lost(keepalive_common::LOST_SLOT_AWAIT_OWNER);
+    }
+}
+
+/// Whether `sk`, being destroyed, was awaiting its owner (and forgets it).
+#[inline(always)]
+pub(crate) fn awaited_owner(sk: u64) -> bool {
+    // SAFETY: the value is not kept past this call.
+    if unsafe { AWAIT_OWNER.get(&sk) }.is_none() {
+        return false;
+    }
+    let _ = AWAIT_OWNER.remove(&sk);
+    true
+}
 
 /// Per-CPU state of the `tcp_keepalive_timer` run in progress on this CPU (timer callbacks do not
 /// nest on a CPU): the socket and the event filled at timer entry, completed at timer exit.

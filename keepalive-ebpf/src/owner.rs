@@ -51,6 +51,7 @@ pub fn fill_close_owner(ev: &mut RawEvent, sk: u64, err: u32) {
         fill_process(ev);
     } else if err != 0 {
         ev.sock_ino = ino;
+        crate::await_owner(sk);
     }
 }
 

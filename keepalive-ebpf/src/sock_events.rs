@@ -296,7 +296,8 @@ fn load_u8(p: *const u8, f: Field) -> Option<u8> {
 
 /// `tcp:tcp_destroy_sock(sk)`: the socket is freed; its address may be reused by another socket.
 /// Reported for keep-alive-relevant sockets, and for others when their process closes them after
-/// they died (with the process: [`destroyed_by_owner`]).
+/// they died without an owner (with the process: [`destroyed_by_owner`]; only sockets in the
+/// `AWAIT_OWNER` table are checked: one lookup per destroyed socket).
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -305,7 +306,7 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     }
     if keepalive_relevant(sk) {
         emit(EventKind::Destroy, sk, |_| {});
-    } else if destroyed_by_owner(sk) {
+    } else if crate::awaited_owner(sk) && destroyed_by_owner(sk) {
         emit(EventKind::Destroy, sk, fill_process);
     }
     0
@@ -323,7 +324,7 @@ pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx_arg_scalar(ctx.as_ptr(), 0);
     if relevant_typed(tp) {
         emit(EventKind::Destroy, sk, |_| {});
-    } else if destroyed_by_owner_typed(tp) {
+    } else if crate::awaited_owner(sk) && destroyed_by_owner_typed(tp) {
         emit(EventKind::Destroy, sk, fill_process);
     }
     0

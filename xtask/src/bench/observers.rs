@@ -113,12 +113,12 @@ struct Row {
 }
 
 #[derive(Debug, Clone, Default)]
-struct Bpf {
+pub(super) struct Bpf {
     run_time_ns: u64,
     runs: u64,
     /// Σ over the agent's tracepoint programs of runs × the empty program's average on the same
     /// tracepoint (the cost of the statistics and dispatch alone).
-    floor_ns: f64,
+    pub(super) floor_ns: f64,
     /// Programs whose tracepoint had no empty reference (their runs get no floor).
     unfloored: Vec<String>,
 }
@@ -228,7 +228,7 @@ fn observe_ss(ns: &NetNs, counters: Option<&HostCounters>, secs: u64) -> Result<
 /// Empty reference programs on every tracepoint the agent's programs use, and on every hot-path
 /// tracepoint (the answer program is attached only while probes are out), attached after the
 /// agent's so that the agent's programs run first and keep their cache misses.
-fn floor_refs(pid: u32, kbtf: &KernelBtf) -> Vec<RefProg> {
+pub(super) fn floor_refs(pid: u32, kbtf: &KernelBtf) -> Vec<RefProg> {
     let mut tps: Vec<String> = bpf::process_bpf(pid)
         .map(|b| b.progs.iter().filter_map(|p| tracepoint_of(&p.attach).map(str::to_string)).collect())
         .unwrap_or_default();
@@ -260,7 +260,7 @@ fn name_detached(progs: &mut [ProgDelta], before: &[bpf::ProgSample]) {
 
 /// The floor of the agent's programs: each tracepoint program's runs × the empty program's
 /// average on its tracepoint.
-fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
+pub(super) fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
     let mut b = Bpf {
         run_time_ns: progs.iter().map(|p| p.run_time_ns).sum(),
         runs: progs.iter().map(|p| p.runs).sum(),
