@@ -578,11 +578,15 @@ team = "file"
     fn packaged_default_config_is_valid_and_complete() {
         let p = std::path::Path::new("packaging/config.toml");
         file::parse(p, PACKAGED).unwrap();
-        // Uncommenting every `#key = default` line gives a valid file whose values are the defaults.
+        // Uncommenting every `#key = default` line gives a valid file whose values are the defaults,
+        // but for the one setting the package chooses for a fleet: no program on received segments.
         let uncommented: String = PACKAGED.lines().map(|l| l.strip_prefix('#').filter(|r| !r.starts_with([' ', '#'])).unwrap_or(l)).map(|l| format!("{l}\n")).collect();
         let l = layered(&[], &uncommented, &[]);
         let d = layered(&[], "", &[]);
-        assert_eq!(format!("{:?}", l.args.attach), format!("{:?}", d.args.attach));
+        let mut fleet = d.args.attach.clone();
+        fleet.probe_answers = keepalive_agent::attach::Answers::NextFiring;
+        assert_eq!(format!("{:?}", l.args.attach), format!("{fleet:?}"));
+        assert_eq!(l.source("attach.probe_answers"), Source::File);
         assert_eq!((l.args.max_connections, l.args.shutdown_timeout), (d.args.max_connections, d.args.shutdown_timeout));
         let resolve = |l: &Layered| keepalive_agent::export::ExportConfig::resolve(&l.args.export, &|_| None, &Default::default()).unwrap();
         assert_eq!(format!("{:?}", resolve(&l)), format!("{:?}", resolve(&d)));
@@ -596,7 +600,11 @@ team = "file"
         for s in SETTINGS {
             let (table, leaf) = s.key.split_once('.').unwrap();
             let section = table_text(PACKAGED, table);
-            let shown = |leaf: &str| section.contains(&format!("#{leaf} = ")) || section.contains(&format!("Example: {leaf} = "));
+            let shown = |leaf: &str| {
+                section.contains(&format!("#{leaf} = "))
+                    || section.contains(&format!("Example: {leaf} = "))
+                    || s.key == "attach.probe_answers" && section.contains(&format!("\n{leaf} = "))
+            };
             let present = match leaf {
                 "headers" | "resource_attributes" => PACKAGED.contains(&format!("[{table}.{leaf}]")),
                 "endpoint" if table == "export" => shown("endpoint") && shown("traces_endpoint"),
