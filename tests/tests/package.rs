@@ -108,10 +108,12 @@ fn debian_package_builds_installs_runs_and_purges() {
     // `check` attaches and detaches every program: scoped to the test's cgroup.
     let out = ok(Command::new(BIN).arg("check").arg("--cgroup").arg(env.cgroup.path()));
     assert!(out.contains("HOOK") && (out.contains("ok: every hook") || out.contains("degraded:")), "{out}");
-    // The packaged configuration is valid and, commented out, changes nothing.
+    // The packaged configuration is valid and sets one value, the fleet's probe-answer mode (no
+    // program on received segments); everything else, commented out, is the default.
     let out = ok(Command::new(BIN).args(["config", "--config", CONFIG]).env_remove("K8S_NODE_NAME"));
     assert!(out.contains(&format!("(file: {CONFIG})")), "{out}");
-    assert!(!out.contains("# file"), "the default configuration sets a value:\n{out}");
+    let from_file: Vec<&str> = out.lines().filter(|l| l.ends_with("# file")).collect();
+    assert_eq!(from_file, ["probe_answers = \"next-firing\"  # file"], "the default configuration sets a value:\n{out}");
     // The unit's command line, as root, scoped to the test's cgroup and namespace and stopped at once.
     let cgroup = env.cgroup.path().to_str().unwrap();
     let netns = env.ns.path().to_str().unwrap();
