@@ -279,6 +279,17 @@ pub(super) fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
 }
 
 /// The agent (`trace` or `run`) writing to a file, over the window.
+/// The observer's name in summary rows.
+fn short_name(name: &str) -> &'static str {
+    if name.contains("trace") {
+        "trace"
+    } else if name.contains("next-firing") {
+        "run --probe-answers next-firing"
+    } else {
+        "run"
+    }
+}
+
 /// The agent observers: command, extra arguments, the name in the report.
 const AGENT_OBSERVERS: [(AgentCommand, &[&str], &str); 3] = [
     (AgentCommand::Trace, &[], "keepalive-agent trace --format json"),
@@ -500,7 +511,7 @@ fn verdicts(s: &mut Section, sizes: &[Size]) {
     let n = first.n;
     let ss = first.row("ss -tnoi");
     for r in first.rows.iter().filter(|r| r.bpf.is_some()) {
-        let short = if r.name.contains("trace") { "trace" } else { "run" };
+        let short = short_name(r.name);
         s.verdict(Verdict::new(
             format!("{short}: in-kernel above the floor, {n} connections"),
             format!("≤ {TARGET_BPF_MS_S} ms/s"),
@@ -535,7 +546,7 @@ fn verdicts(s: &mut Section, sizes: &[Size]) {
     }
     for z in sizes {
         for r in z.rows.iter().filter(|r| r.lost.is_some()) {
-            let short = if r.name.contains("trace") { "trace" } else { "run" };
+            let short = short_name(r.name);
             let lost = r.lost.unwrap_or(0);
             s.verdict(Verdict::new(format!("{short}: lost events, {} connections", z.n), "0", lost.to_string(), met(lost == 0)));
         }
@@ -544,7 +555,7 @@ fn verdicts(s: &mut Section, sizes: &[Size]) {
         for r in first.rows.iter().filter(|r| r.bpf.is_some()) {
             let Some(l) = last.row(r.name) else { continue };
             let ratio = (l.total_ms_s() / last.n as f64) / (r.total_ms_s() / n as f64);
-            let short = if r.name.contains("trace") { "trace" } else { "run" };
+            let short = short_name(r.name);
             s.verdict(Verdict::new(
                 format!("{short}: cost per connection, {} vs {n} connections", last.n),
                 format!("within {:.0} %", TARGET_LINEAR * 100.0),
