@@ -74,7 +74,7 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 /// space is already gone when its files are closed, is one). False when `task_struct.flags` is
 /// absent from BTF.
 #[inline(always)]
-pub fn current_is_user_task() -> bool {
+fn current_is_user_task() -> bool {
     let flags = off!(task_flags);
     if !flags.present() {
         return false;

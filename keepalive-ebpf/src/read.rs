@@ -154,7 +154,7 @@ pub fn read_settings(sk: u64, net: u64) -> Settings {
 
 /// [`read_settings`]; with `all_sysctls` false, the namespace's values only where the socket has
 /// none of its own (the only case they take effect, and the only case the kernel's timer reads
-/// them: otherwise their cache line is cold, and reading it is most of what a timer event costs).
+/// them: otherwise their cache line is one only the agent would touch).
 #[inline(always)]
 pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
     let sk_flags = rd(sk, off!(sk_flags));
@@ -209,10 +209,9 @@ pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool) {
 #[inline(always)]
 pub fn keepalive_relevant(sk: u64) -> bool {
     let sk_flags = rd(sk, off!(sk_flags));
-    if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 || rd(sk, off!(icsk_user_timeout)) != 0 {
-        return true;
-    }
-    rd(sk, off!(tp_keepalive_time)) != 0
+    sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0
+        || rd(sk, off!(icsk_user_timeout)) != 0
+        || rd(sk, off!(tp_keepalive_time)) != 0
         || rd(sk, off!(tp_keepalive_intvl)) != 0
         || rd(sk, off!(tp_keepalive_probes)) != 0
 }

@@ -11,7 +11,7 @@ use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON,
 
 use crate::{
     count_lost, off,
-    owner::{current_is_user_task, destroyed_by_owner, fill_close_owner},
+    owner::{destroyed_by_owner, fill_close_owner},
     read::{ctx_arg_scalar, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
@@ -49,20 +49,25 @@ fn reserve(kind: EventKind) -> Option<RingBufEntry<RawEvent>> {
     Some(entry)
 }
 
+/// The socket argument `n` of a BTF-typed tracepoint as a typed `struct tcp_sock *` (by
+/// `bpf_skc_to_tcp_sock`, a type check, no copy), for direct, verifier-checked loads; `None` when it
+/// is not a full TCP socket.
+#[inline(always)]
+fn typed_tcp_sock(ctx: &BtfTracePointContext, n: usize) -> Option<*const u8> {
+    let sk: *mut core::ffi::c_void = ctx.arg(n);
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    (!tp.is_null()).then_some(tp)
+}
+
 /// `tcp:tcp_probe` as a BTF-typed tracepoint (5.5+): `icsk_probes_out` is read by a direct,
 /// verifier-checked load from the `tcp_sock` that `bpf_skc_to_tcp_sock` (a type check, no copy)
 /// gives, instead of a `bpf_probe_read_kernel` call on every segment received.
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if tp.is_null() {
-        return 0;
-    }
+    let Some(tp) = typed_tcp_sock(&ctx, 0) else { return 0 };
     let off = off!(icsk_probes_out).off as usize;
     // SAFETY: typed `struct tcp_sock *`; the offset is `icsk_probes_out`'s, from BTF.
-    // SAFETY: as above.
     let probes = unsafe { core::ptr::read_volatile(tp.wrapping_add(off)) };
     if probes == 0 {
         return 0;
@@ -207,12 +212,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let (old, new): (u64, u64) = (ctx.arg(1), ctx.arg(2));
     let Some(close) = wanted_transition(new as u32) else { return 0 };
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type (NULL unless TCP).
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if tp.is_null() {
-        return 0;
-    }
+    let Some(tp) = typed_tcp_sock(&ctx, 0) else { return 0 };
     let err = if close { load_u32(tp, off!(sk_err)).unwrap_or_else(|| rd(tp as u64, off!(sk_err)) as u32) } else { 0 };
     let followed = relevant_typed(tp);
     if !followed && !unfollowed_end_wanted(close, old as u32, err) {
@@ -301,13 +301,8 @@ fn load_u8(p: *const u8, f: Field) -> Option<u8> {
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    if sk == 0 {
-        return 0;
-    }
-    if keepalive_relevant(sk) {
-        emit(EventKind::Destroy, sk, |_| {});
-    } else if crate::awaited_owner(sk) && destroyed_by_owner(sk) {
-        emit(EventKind::Destroy, sk, fill_process);
+    if sk != 0 {
+        on_destroy(sk, keepalive_relevant(sk));
     }
     0
 }
@@ -315,29 +310,19 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
 /// `tcp:tcp_destroy_sock` as a BTF-typed tracepoint (5.5+): the relevance filter by direct loads.
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks its type.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if tp.is_null() {
-        return 0;
-    }
-    let sk = ctx_arg_scalar(ctx.as_ptr(), 0);
-    if relevant_typed(tp) {
-        emit(EventKind::Destroy, sk, |_| {});
-    } else if crate::awaited_owner(sk) && destroyed_by_owner_typed(tp) {
-        emit(EventKind::Destroy, sk, fill_process);
-    }
+    let Some(tp) = typed_tcp_sock(&ctx, 0) else { return 0 };
+    on_destroy(ctx_arg_scalar(ctx.as_ptr(), 0), relevant_typed(tp));
     0
 }
 
-/// [`destroyed_by_owner`] by direct loads of the state and the lock owner.
+/// The destruction of `sk` (`relevant`: keep-alive-relevant), shared by both strategies. A socket
+/// that died without an owner is checked for its owner's context only after the table lookup says
+/// so: that is rare, so it reads the socket with probe reads.
 #[inline(always)]
-fn destroyed_by_owner_typed(tp: *const u8) -> bool {
-    let base = tp as u64;
-    let state = load_u8(tp, off!(skc_state)).map_or_else(|| rd(base, off!(skc_state)), u64::from);
-    if state as u32 != off!(tcp_close) {
-        return false;
+fn on_destroy(sk: u64, relevant: bool) {
+    if relevant {
+        emit(EventKind::Destroy, sk, |_| {});
+    } else if crate::awaited_owner(sk) && destroyed_by_owner(sk) {
+        emit(EventKind::Destroy, sk, fill_process);
     }
-    let owned = load_u32(tp, off!(sk_lock_owned)).map_or_else(|| rd(base, off!(sk_lock_owned)), u64::from);
-    owned != 0 && current_is_user_task()
 }
