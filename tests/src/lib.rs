@@ -61,8 +61,8 @@ pub fn require_root() {
     }
 }
 
-/// Everything a test needs: the global lock, a fresh network namespace and a cgroup holding the
-/// test process. Fields drop in declaration order: the process leaves the cgroup first, then the
+/// Everything a test needs: the global lock, the agent binary, a fresh network namespace and a
+/// cgroup holding the test process. Fields drop in declaration order: the process leaves the cgroup first, then the
 /// namespace is deleted, then the lock is released.
 pub struct Env {
     pub cgroup: Cgroup,
@@ -74,6 +74,9 @@ impl Env {
     pub fn new() -> Env {
         let serial = serial();
         require_root();
+        // The agent binary is built (once) before anything the test times: a test that started a
+        // server and then waited minutes for the build would find its connections timed out.
+        agent::agent_binary();
         let ns = NetNs::new().expect("creating the test network namespace");
         let cgroup = Cgroup::new().expect("creating the test cgroup");
         Env {

@@ -106,6 +106,8 @@ impl Drop for Nginx {
     }
 }
 
+/// nginx's configuration. `client_header_timeout` is long: tests hold accepted connections that
+/// send nothing, and on a loaded machine may look at them after nginx's default 60 s.
 fn config(dir: &Path, port: u16, so_keepalive: &str, workers: u32, keepalive_timeout: &str) -> String {
     let d = dir.display();
     format!(
@@ -123,6 +125,7 @@ fn config(dir: &Path, port: u16, so_keepalive: &str, workers: u32, keepalive_tim
            uwsgi_temp_path {d}/uwsgi;\n\
            scgi_temp_path {d}/scgi;\n\
            keepalive_timeout {keepalive_timeout};\n\
+           client_header_timeout 600s;\n\
            server {{\n\
              listen 127.0.0.1:{port} so_keepalive={so_keepalive};\n\
              location / {{ return 200 \"ok\\n\"; }}\n\

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keepalive_tests::audit::{diagnosis_ids, find, run_audit, ss_sockets, wait_until, AuditRun, ContainerCgroup, SsSocket};
-use keepalive_tests::nginx::Nginx;
+use keepalive_tests::nginx::{self, Nginx};
 use keepalive_tests::tcp::{fmt_addr, setsockopt_int, Client, ClientSocket, Family, Keepalive, Server, ServerMode};
 use keepalive_tests::{process_comm, Env, NetNs};
 use serde_json::Value;
@@ -296,18 +296,24 @@ fn accepted_socket_owned_by_the_nginx_worker_with_inherited_settings() {
     let client = plain_client(&env.ns, nginx.addr());
     let workers = nginx.worker_pids();
     let port = nginx.addr().port().to_string();
-    let mut found = Value::Null;
+    // First the fact the audit must report: the worker holds the accepted socket (ss -tnp). On a
+    // loaded machine the worker may accept late; waiting on audits instead would spend the wait
+    // on the agent's start-ups.
+    let mut held_by = Vec::new();
     wait_until(WAIT, || {
-        let (_, sockets) = audit(&env.ns, &["--idle-timeout", "600", "--port", &port, "--pid", &workers[0].to_string()], 0);
-        match find(&sockets, client.remote(), client.local()) {
-            Some(s) => {
-                found = s.clone();
-                true
-            }
-            None => false,
-        }
+        held_by = nginx::ss_processes(&env.ns, client.remote(), client.local()).unwrap_or_default();
+        held_by.iter().any(|(_, pid)| *pid == workers[0])
     })
-    .unwrap_or_else(|e| panic!("{e}: the accepted socket is not reported with --pid {}", workers[0]));
+    .unwrap_or_else(|e| panic!("{e}: nginx's worker {} does not hold the accepted socket; ss -tnp: {held_by:?}", workers[0]));
+    let (_, sockets) = audit(&env.ns, &["--idle-timeout", "600", "--port", &port, "--pid", &workers[0].to_string()], 0);
+    let Some(found) = find(&sockets, client.remote(), client.local()).cloned() else {
+        let (_, all) = audit(&env.ns, &["--idle-timeout", "600", "--port", &port], 0);
+        panic!(
+            "the accepted socket, held by {held_by:?} (ss -tnp), is not reported with --pid {}; without --pid: {:?}",
+            workers[0],
+            find(&all, client.remote(), client.local())
+        );
+    };
     let s = found;
     assert_eq!(s["pid"], workers[0], "{s}");
     assert_eq!(s["comm"], "nginx");
