@@ -459,6 +459,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         .override_global("OFFSETS", offsets, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
         .load(EBPF_OBJECT)?;
+    open_accept_window(&mut ebpf);
     let btf = Btf::from_sys_fs().ok();
     let cgroup = match &opts.cgroup {
         Some(p) => Some(p.clone()),
@@ -552,6 +553,21 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     .map_err(|source| AttachError::Map { name: "LOST", source })?;
     let skipped = skipped_runs_baseline(&ebpf, &outcomes);
     Ok(Probes { ebpf, events, lost, outcomes, snapshot_ready, on_demand, skipped })
+}
+
+/// Sets the accept-owner programs' mark to [`keepalive_common::ACCEPT_MARK_AT_START`]: their
+/// window ([`keepalive_common::ACCEPT_WINDOW_S`]) opens at the first accept, so that a keep-alive
+/// socket already waiting in an accept queue is named by its `accept()`. A failure is only logged:
+/// the window then opens at the next passive keep-alive establishment.
+fn open_accept_window(ebpf: &mut Ebpf) {
+    let r = ebpf
+        .map_mut("ACCEPT_MARK")
+        .ok_or_else(|| "map missing".to_string())
+        .and_then(|m| aya::maps::Array::<_, u64>::try_from(m).map_err(|e| e.to_string()))
+        .and_then(|mut a| a.set(0, keepalive_common::ACCEPT_MARK_AT_START, 0).map_err(|e| e.to_string()));
+    if let Err(e) = r {
+        warn!("ACCEPT_MARK: cannot open the accept-owner window at start-up ({e}): keep-alive sockets accepted before the next one is established are not named by their accept");
+    }
 }
 
 /// The skipped-run baseline of the programs of every chosen strategy, on-demand ones included

@@ -205,7 +205,30 @@ pub struct Offsets {
     /// connection (a worker that releases a file for someone else). Absent: a death is never
     /// attributed to the current task, only through the socket's inode.
     pub task_flags: Field,
+
+    // Accepted sockets (issue 10). Appended: the fields above keep their places.
+    /// `TCP_SYN_RECV`: a passively opened socket leaves it for ESTABLISHED before `accept()` can
+    /// return it (the state-change tracepoint marks a keep-alive one, [`ACCEPT_WINDOW_S`]).
+    pub tcp_syn_recv: u32,
+    /// Explicit padding (keeps the layout free of implicit holes).
+    pub accept_pad: u32,
 }
+
+/// How long, in seconds, after a keep-alive-relevant socket was passively established (or the
+/// first accept after the agent started) the accept-owner programs look at the sockets `accept()`
+/// returns. Outside that window, on a host whose listeners have no keep-alive (most web servers),
+/// an accept costs a map read and a read of `jiffies` instead of a walk of the descriptor table.
+/// A keep-alive socket left in an accept queue longer than this is not named by its accept (its
+/// process then comes from a `setsockopt` or from the owner lookups at its end).
+pub const ACCEPT_WINDOW_S: u64 = 30;
+
+/// The window's mark is rewritten at most this often, in seconds (it is one cache line that the
+/// state changes of every CPU would otherwise write).
+pub const ACCEPT_MARK_REFRESH_S: u64 = 1;
+
+/// The mark as the agent writes it before attaching: the window opens at the first accept (so a
+/// keep-alive socket already waiting in an accept queue is named).
+pub const ACCEPT_MARK_AT_START: u64 = u64::MAX;
 
 impl Offsets {
     /// Whether every offset the accept-owner programs need was found.

@@ -27,9 +27,13 @@ mod timer;
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use keepalive_common::{AuditRecord, Offsets, RawEvent, AWAIT_OWNER_MAX, LOST_SLOTS};
+use aya_ebpf::helpers::generated::bpf_jiffies64;
+use keepalive_common::{
+    AuditRecord, Offsets, RawEvent, ACCEPT_MARK_AT_START, ACCEPT_MARK_REFRESH_S, ACCEPT_WINDOW_S, AWAIT_OWNER_MAX,
+    LOST_SLOTS,
+};
 
 /// Kernel layout, resolved from BTF by the agent (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -49,6 +53,49 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 /// at its destruction; a full table is counted ([`keepalive_common::LOST_SLOT_AWAIT_OWNER`]).
 #[map]
 static AWAIT_OWNER: HashMap<u64, u8> = HashMap::with_max_entries(AWAIT_OWNER_MAX, 0);
+
+/// `jiffies` when a keep-alive-relevant socket was last passively established, or
+/// [`ACCEPT_MARK_AT_START`] (written by the agent before attaching): the accept-owner programs
+/// only walk the descriptor table within [`keepalive_common::ACCEPT_WINDOW_S`] of it ([`owner`]).
+/// `jiffies`, not `bpf_ktime_get_ns`: reading the clock source costs more than the rest of the
+/// check on a VM, and the window needs no precision.
+#[map]
+static ACCEPT_MARK: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Marks now as the time a keep-alive-relevant socket was passively established; written at most
+/// once per [`keepalive_common::ACCEPT_MARK_REFRESH_S`].
+#[inline(always)]
+pub(crate) fn mark_passive_keepalive() {
+    let Some(mark) = ACCEPT_MARK.get_ptr_mut(0) else { return };
+    // SAFETY: plain helper call (5.5+).
+    let now = unsafe { bpf_jiffies64() };
+    let refresh = ACCEPT_MARK_REFRESH_S * off!(hz) as u64;
+    // SAFETY: `mark` points into the array's value; a race between CPUs only moves the mark by
+    // the refresh interval.
+    unsafe {
+        let at = core::ptr::read_volatile(mark);
+        if at == ACCEPT_MARK_AT_START || now.wrapping_sub(at) >= refresh {
+            core::ptr::write_volatile(mark, now);
+        }
+    }
+}
+
+/// Whether a keep-alive-relevant socket was passively established within
+/// [`keepalive_common::ACCEPT_WINDOW_S`] (the first call after the agent started opens it).
+#[inline(always)]
+pub(crate) fn accept_window_open() -> bool {
+    let Some(mark) = ACCEPT_MARK.get_ptr_mut(0) else { return true };
+    // SAFETY: plain helper call (5.5+); `mark` points into the array's value.
+    unsafe {
+        let now = bpf_jiffies64();
+        let at = core::ptr::read_volatile(mark);
+        if at == ACCEPT_MARK_AT_START {
+            core::ptr::write_volatile(mark, now);
+            return true;
+        }
+        now.wrapping_sub(at) < ACCEPT_WINDOW_S * off!(hz) as u64
+    }
+}
 
 /// Remembers `sk`, dead without an owner, until its destruction.
 #[inline(always)]

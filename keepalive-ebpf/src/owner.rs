@@ -11,6 +11,15 @@
 //! event: a failed accept, a UNIX or UDP socket, or a TCP socket without keep-alive costs a few
 //! reads. Accepts through io_uring (`IORING_OP_ACCEPT`) do not pass these tracepoints.
 //!
+//! Every `accept()` on the host passes these programs; most accept sockets without keep-alive
+//! (a web server's). The descriptor table is only walked within
+//! [`keepalive_common::ACCEPT_WINDOW_S`] of the last passive establishment of a
+//! keep-alive-relevant socket ([`crate::mark_passive_keepalive`], from the state-change
+//! tracepoint: `accept()` takes the socket's lock, which the softirq moving it to ESTABLISHED
+//! holds, so the mark is always set before its `accept()` returns) or of the first accept after
+//! the agent started; otherwise an accept costs a map read and a read of `jiffies`. (A TCP Fast Open socket can be accepted before it is ESTABLISHED:
+//! its owner is named only inside a window another socket opened.)
+//!
 //! The owner of a connection ending (a change to CLOSE, [`fill_close_owner`]): the current task
 //! when the change runs in its process context, else, for a death, the socket's inode number for
 //! the agent to look up in `/proc`, and the process that closes the dead socket
@@ -101,6 +110,9 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_accept_exit(ctx: &TracePointContext) {
+    if !crate::accept_window_open() {
+        return;
+    }
     let ret_field = off!(sys_exit_ret);
     if ret_field.size != 8 {
         return;

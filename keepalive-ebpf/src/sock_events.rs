@@ -240,6 +240,9 @@ fn unfollowed_end_wanted(close: bool, old: u32, err: u32) -> bool {
 
 #[inline(always)]
 fn emit_state(sk: u64, old: u32, new: u32, err: u32, followed: bool) {
+    if followed && old == off!(tcp_syn_recv) && new == off!(tcp_established) {
+        crate::mark_passive_keepalive();
+    }
     emit(EventKind::State, sk, |ev| {
         ev.state = old as u8;
         ev.new_state = new as u8;

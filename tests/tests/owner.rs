@@ -62,9 +62,24 @@ fn assert_owner_from_first(evs: &[Value], pid: u32, comm: &str) {
 /// nginx's accepted socket (keep-alive inherited from the listener's `so_keepalive=1s:1s:2`): the
 /// client goes silent, the worker's socket probes twice, times out and resets. Its records carry
 /// the worker's pid and `nginx`, as `ss -tnp` names them, and `trace --pid WORKER` selects it
-/// (and not the client's own keep-alive connection).
+/// (and not the client's own keep-alive connection). Accepted within the window the agent opens at
+/// start-up.
 #[test]
 fn accepted_socket_carries_the_accepting_worker() {
+    accepted_socket_case(Duration::ZERO);
+}
+
+/// The same, accepted after the accept-owner window closed: opened by the first accept after the
+/// agents started (a connection made and dropped at once), it closes 30 s later (no keep-alive
+/// socket was passively established since, on a quiet host); the connection's own establishment
+/// reopens it before nginx's `accept()` returns.
+#[test]
+fn accepted_socket_carries_the_worker_after_the_accept_window_closed() {
+    accepted_socket_case(Duration::from_secs(keepalive_common::ACCEPT_WINDOW_S + 2));
+}
+
+/// The accepted-socket scenario, the client connecting `idle` after the agents are ready.
+fn accepted_socket_case(idle: Duration) {
     let env = Env::new();
     let nginx = Nginx::start(&env.ns, PORT, "1s:1s:2", 1).unwrap();
     let workers = nginx.worker_pids();
@@ -73,6 +88,11 @@ fn accepted_socket_carries_the_accepting_worker() {
     let all = Agent::start(&env, &[]);
     let by_pid = Agent::start(&env, &["--pid", &worker.to_string()]);
     assert_accept_hook(&all);
+    if !idle.is_zero() {
+        let addr = nginx.addr();
+        env.ns.run(|| std::net::TcpStream::connect(addr)).unwrap();
+        std::thread::sleep(idle);
+    }
 
     let mut client = Client::connect(&env.ns, nginx.addr(), &Keepalive::new(600, 60, 5)).unwrap();
     http_get(&mut client);

@@ -323,6 +323,7 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
     tcp_states.sort_by_key(|&(v, _)| v);
     offsets.tcp_established = enum_u32(btf, states, "TCP_ESTABLISHED", 256)?;
     offsets.tcp_syn_sent = enum_u32(btf, states, "TCP_SYN_SENT", 256)?;
+    offsets.tcp_syn_recv = enum_u32(btf, states, "TCP_SYN_RECV", 256)?;
     offsets.tcp_close = enum_u32(btf, states, "TCP_CLOSE", 256)?;
     offsets.tcp_listen = enum_u32(btf, states, "TCP_LISTEN", 256)?;
     offsets.tcp_time_wait = enum_u32(btf, states, "TCP_TIME_WAIT", 256)?;
@@ -548,6 +549,7 @@ mod tests {
         // Enum values.
         assert_eq!(o.tcp_established, 1);
         assert_eq!(o.tcp_syn_sent, 2);
+        assert_eq!(o.tcp_syn_recv, 3);
         assert_eq!(o.tcp_close, 7);
         assert_eq!(o.tcp_listen, 10);
         assert_eq!(o.ipproto_tcp, 6);
