@@ -15,6 +15,10 @@
 //! the running kernel's BTF before load. Programs are passive: they only read.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered;
+// the intrinsic lowers to the BPF atomic add (`lock xadd`, every kernel).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod read;
 mod audit;
@@ -97,22 +101,54 @@ pub(crate) fn accept_window_open() -> bool {
     }
 }
 
+/// How many sockets [`AWAIT_OWNER`] holds (index 0): while none, a destroyed socket is not looked
+/// up (the common case; the lookup is the larger part of the destroy program's cost). Raised
+/// before an insertion and lowered after a removal, so a socket in the table is never missed.
+#[map]
+static AWAIT_OWNER_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// `EEXIST` (uapi errno): the socket is in the table already.
+const EEXIST: i32 = 17;
+
+/// Adds `delta` to [`AWAIT_OWNER_COUNT`] atomically.
+#[inline(always)]
+fn await_count_add(delta: u64) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    if let Some(count) = AWAIT_OWNER_COUNT.get_ptr_mut(0) {
+        // SAFETY: `count` points into the array's value, aligned; updated only atomically. The
+        // previous value is not used (a plain atomic add, no fetch).
+        let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, delta) };
+    }
+}
+
 /// Remembers `sk`, dead without an owner, until its destruction.
 #[inline(always)]
 pub(crate) fn await_owner(sk: u64) {
-    if AWAIT_OWNER.insert(&sk, &1, 0).is_err() {
-        bump_lost(keepalive_common::LOST_SLOT_AWAIT_OWNER);
+    await_count_add(1);
+    // BPF_NOEXIST: a socket already waiting is counted once.
+    if let Err(e) = AWAIT_OWNER.insert(&sk, &1, aya_ebpf::bindings::BPF_NOEXIST as u64) {
+        await_count_add(u64::MAX);
+        if e != -EEXIST {
+            bump_lost(keepalive_common::LOST_SLOT_AWAIT_OWNER);
+        }
     }
 }
 
 /// Whether `sk`, being destroyed, was awaiting its owner (and forgets it).
 #[inline(always)]
 pub(crate) fn awaited_owner(sk: u64) -> bool {
+    let Some(count) = AWAIT_OWNER_COUNT.get_ptr(0) else { return false };
+    // SAFETY: `count` points into the array's value.
+    if unsafe { core::ptr::read_volatile(count) } == 0 {
+        return false;
+    }
     // SAFETY: the value is not kept past this call.
     if unsafe { AWAIT_OWNER.get(&sk) }.is_none() {
         return false;
     }
-    let _ = AWAIT_OWNER.remove(&sk);
+    if AWAIT_OWNER.remove(&sk).is_ok() {
+        await_count_add(u64::MAX);
+    }
     true
 }
 
