@@ -83,8 +83,47 @@ impl WallClock {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rfc3339(pub i128);
 
+/// Length of [`Rfc3339`]'s text: `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+const RFC3339_LEN: usize = 27;
+
+thread_local! {
+    /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`: records come in time
+    /// order, so consecutive ones share it and only their microseconds are formatted (the calendar
+    /// conversion showed in `trace`'s profile).
+    static SECOND: std::cell::Cell<Option<(i64, [u8; 19])>> = const { std::cell::Cell::new(None) };
+}
+
+impl Rfc3339 {
+    /// The text, written into `buf`; `None` outside the years jiff formats (-9999..=9999) or
+    /// before year 0 (a sign changes the length).
+    fn write_to<'b>(&self, buf: &'b mut [u8; RFC3339_LEN]) -> Option<&'b str> {
+        let secs = i64::try_from(self.0.div_euclid(1_000_000_000)).ok()?;
+        let mut micros = (self.0.rem_euclid(1_000_000_000) / 1_000) as u32;
+        let prefix = SECOND.with(|cell| match cell.get() {
+            Some((s, p)) if s == secs => Some(p),
+            _ => {
+                let text = format!("{:.0}", jiff::Timestamp::from_second(secs).ok()?);
+                let p: [u8; 19] = text.as_bytes().get(..19)?.try_into().ok()?;
+                (text.len() == 20).then(|| cell.set(Some((secs, p))))?;
+                Some(p)
+            }
+        })?;
+        buf[..19].copy_from_slice(&prefix);
+        buf[19] = b'.';
+        for digit in buf[20..26].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        buf[26] = b'Z';
+        std::str::from_utf8(buf).ok()
+    }
+}
+
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(text) = self.write_to(&mut [0; RFC3339_LEN]) {
+            return f.write_str(text);
+        }
         let ns = self.0 - self.0.rem_euclid(1_000);
         match jiff::Timestamp::from_nanosecond(ns) {
             Ok(t) => write!(f, "{t:.6}"),
@@ -96,7 +135,10 @@ impl std::fmt::Display for Rfc3339 {
 
 impl serde::Serialize for Rfc3339 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.write_to(&mut [0; RFC3339_LEN]) {
+            Some(text) => s.serialize_str(text),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -117,6 +159,23 @@ mod tests {
         assert_eq!(rfc3339(1_795_000_000_000_000_000), "2026-11-18T11:06:40.000000Z");
         assert_eq!(rfc3339(1_700_000_000_999_999_999), "2023-11-14T22:13:20.999999Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn fast_text_is_jiffs() {
+        let jiff_text = |ns: i128| format!("{:.6}", jiff::Timestamp::from_nanosecond(ns - ns.rem_euclid(1_000)).unwrap());
+        // Across second boundaries both ways, before 1970, and far apart (the cached second changes).
+        let mut ns: i128 = -3_000_000_123;
+        while ns < 3_000_000_000 {
+            assert_eq!(rfc3339(ns), jiff_text(ns), "{ns}");
+            ns += 123_456_789;
+        }
+        for ns in [0, 1_795_000_000_999_999_999, 253_402_207_199_999_999_999, -62_135_596_800_000_000_000, 951_827_696_789_012_345] {
+            assert_eq!(rfc3339(ns), jiff_text(ns), "{ns}");
+        }
+        // Before year 0 and outside jiff's range: the slow path, as before.
+        assert_eq!(rfc3339(-62_167_219_200_000_000_001), jiff_text(-62_167_219_200_000_000_001));
+        assert_eq!(rfc3339(i128::MAX), i128::MAX.to_string());
     }
 
     #[test]
