@@ -140,7 +140,12 @@ fn assert_otlp_metrics(receiver: &Receiver, temporality: &str, tag: Option<&str>
     });
     let metrics = receiver.metrics();
     let names: Vec<&str> = metrics.iter().filter_map(|m| m["name"].as_str()).collect();
-    assert!(got, "no keepalive_timeout death received within {WAIT:?}; metrics received: {names:?}");
+    let deaths_seen: Vec<String> = metrics.iter().filter(|m| m["name"] == "keepalive.connection.deaths").map(|m| m["points"].to_string()).collect();
+    assert!(
+        got,
+        "no keepalive_timeout death of {exe:?} received within {WAIT:?}; death points received: {deaths_seen:?}; metrics received: {:?}",
+        names.iter().collect::<std::collections::BTreeSet<_>>()
+    );
     if temporality == "DELTA" {
         assert_eq!(death(&metrics).iter().sum::<f64>(), 1.0, "the deltas add up to one death");
     }
