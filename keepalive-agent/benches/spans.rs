@@ -5,8 +5,10 @@
 //! its connection span is exported too (the default span policy, `--spans problems`).
 //!
 //! - `model`: records in, [`SpanData`] out ([`SpanModel`]), per record.
-//! - `json_via_value`: one span as a JSON line through a `serde_json::Value` tree
-//!   ([`json::span_json`], how the agent wrote spans before), per span.
+//! - `json`: one span as a JSON line, written straight into a reused buffer
+//!   ([`json::SpanWriter`], what `run` does), per span.
+//! - `json_via_value`: the same bytes through a `serde_json::Value` tree ([`json::span_json`], how
+//!   the agent wrote spans before: the baseline), per span.
 //! - `exporter`: the whole JSON-lines path of `run` ([`Exporter::on_records`]: model, JSON,
 //!   write) into a sink, per record; spans per record are printed once for the conversion.
 //!
@@ -131,6 +133,16 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(built.len() as u64));
     let res = resource();
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut writer = json::SpanWriter::new(&res);
+    g.bench_function("json", |b| {
+        b.iter(|| {
+            buf.clear();
+            for s in &built {
+                writer.write_line(s, &mut buf).unwrap();
+            }
+            black_box(buf.len())
+        })
+    });
     g.bench_function("json_via_value", |b| {
         b.iter(|| {
             buf.clear();
