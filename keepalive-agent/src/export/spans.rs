@@ -26,7 +26,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
 
 use opentelemetry::trace::{
@@ -791,7 +791,22 @@ fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
 }
 
 fn ip_kv(key: &'static str, addr: &SocketAddr) -> KeyValue {
-    KeyValue::new(key, addr.ip().to_string())
+    KeyValue::new(key, ip_text(addr.ip()))
+}
+
+/// An address as its `Display` text; IPv4 octets are written with `itoa` (`Display` goes through
+/// the formatting machinery per octet, a fifth of the cost of an episode span's attributes).
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else { return ip.to_string() };
+    let mut text = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    text
 }
 
 /// Attributes of the connection, with room for `more` (both span kinds have them: an episode
@@ -894,5 +909,13 @@ mod held_tests {
         assert_eq!(held.ep, new);
         assert_eq!(held.view, view(2));
         assert_eq!(held.settings, None);
+    }
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for ip in ["0.0.0.0", "127.0.0.1", "10.20.255.9", "255.255.255.255", "1.0.100.10", "::1", "fe80::1:2", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 }
