@@ -426,7 +426,7 @@ mod tests {
             sk: 1,
             netns: 4026531840,
             local: format!("127.0.0.1:{}", 40_000 + id).parse().unwrap(),
-            remote: if id % 2 == 0 { "[::1]:9000".parse().unwrap() } else { "10.0.0.1:9000".parse().unwrap() },
+            remote: if id.is_multiple_of(2) { "[::1]:9000".parse().unwrap() } else { "10.0.0.1:9000".parse().unwrap() },
             process: process.then_some(Process { pid: 7, tid: 7, comm: *b"py\"thon\0\0\0\0\0\0\0\0\0", cgroup_id: 1 }),
             first_seen_ns: 1_000,
         }
