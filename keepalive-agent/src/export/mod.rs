@@ -141,9 +141,15 @@ impl fmt::Display for ExportReport {
     }
 }
 
+/// Text kept for the next batch of JSON lines at most (a larger batch's buffer is shrunk to it).
+const JSON_BUF_KEEP: usize = 1 << 20;
+
 enum Sink {
     Json {
         out: Box<dyn Write + Send>,
+        writer: json::SpanWriter,
+        /// The batch's lines, written at once; reused from batch to batch.
+        text: Vec<u8>,
         exported: u64,
         failed: u64,
         errors: u64,
@@ -292,6 +298,8 @@ impl Exporter {
             model: SpanModel::with_policy(cfg.max_span_events, cfg.spans),
             sink: Sink::Json {
                 out,
+                writer: json::SpanWriter::new(&cfg.resource),
+                text: Vec::new(),
                 exported: 0,
                 failed: 0,
                 errors: 0,
@@ -350,27 +358,36 @@ impl Exporter {
             }
             Sink::Json {
                 out,
+                writer,
+                text,
                 exported,
                 failed,
                 errors,
                 warned_at,
             } => {
-                let n = self.buf.len() as u64;
-                let mut text = String::new();
+                let mut n = 0;
+                text.clear();
                 for span in self.buf.drain(..) {
-                    text.push_str(&json::span_json(&span, &self.resource).to_string());
-                    text.push('\n');
+                    match writer.write_line(&span, text) {
+                        Ok(()) => n += 1,
+                        Err(e) => {
+                            *errors += 1;
+                            *failed += 1;
+                            warn_json_loss(warned_at, *failed, &e);
+                        }
+                    }
                 }
-                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                match out.write_all(text).and_then(|()| out.flush()) {
                     Ok(()) => *exported += n,
                     Err(e) => {
                         *errors += 1;
                         *failed += n;
-                        if warned_at.is_none_or(|t| t.elapsed() >= pipeline::LOG_INTERVAL) {
-                            log::warn!("writing spans as JSON lines failed: {e} ({failed} spans lost so far)");
-                            *warned_at = Some(Instant::now());
-                        }
+                        warn_json_loss(warned_at, *failed, &e);
                     }
+                }
+                if text.capacity() > JSON_BUF_KEEP {
+                    text.clear();
+                    text.shrink_to(JSON_BUF_KEEP);
                 }
             }
         }
@@ -444,6 +461,15 @@ impl Exporter {
                 }
             }
         }
+    }
+}
+
+/// Warns that spans written as JSON lines were lost (`failed` so far), at most once per
+/// [`pipeline::LOG_INTERVAL`].
+fn warn_json_loss(warned_at: &mut Option<Instant>, failed: u64, e: &dyn fmt::Display) {
+    if warned_at.is_none_or(|t| t.elapsed() >= pipeline::LOG_INTERVAL) {
+        log::warn!("writing spans as JSON lines failed: {e} ({failed} spans lost so far)");
+        *warned_at = Some(Instant::now());
     }
 }
 

@@ -26,7 +26,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
 
 use opentelemetry::trace::{
@@ -120,6 +120,15 @@ pub mod names {
 
 use names::*;
 
+/// Attribute counts at most, to allocate each span's attributes at once: the connection's
+/// ([`conn_attrs`]), a process', settings', and what each span kind adds to the connection's
+/// (including the container and pod attributes the exporter may add).
+const CONN_ATTRS: usize = 8 + PROCESS_ATTRS;
+const PROCESS_ATTRS: usize = 3;
+const SETTINGS_ATTRS: usize = 8;
+const EPISODE_SPAN_ATTRS: usize = 16;
+const CONN_SPAN_ATTRS: usize = 40;
+
 /// Events appended to a span, at most `limit`; the last few slots are kept for the events that say
 /// how things ended (timeout, reset, error...), so that a flood of routine events (suppressed
 /// firings, settings changes, probes) cannot push them out. What does not fit is counted in the
@@ -133,8 +142,13 @@ struct Events {
 
 impl Events {
     fn new(limit: usize) -> Self {
+        Self::with_capacity(limit, 0)
+    }
+
+    /// Room for `n` events (at most `limit`) allocated at once.
+    fn with_capacity(limit: usize, n: usize) -> Self {
         Events {
-            list: Vec::new(),
+            list: Vec::with_capacity(n.min(limit)),
             dropped: 0,
             limit,
         }
@@ -229,6 +243,20 @@ struct HeldEpisode {
     ep: Episode,
     view: ConnView,
     settings: Option<(SockSettings, SettingsSource)>,
+}
+
+impl HeldEpisode {
+    /// Holds `ep` in place of the episode held, reusing its buffer of probe times (most episodes
+    /// are healthy and replace the one before without ever being exported).
+    fn replace(&mut self, ep: &Episode, view: ConnView, settings: Option<(SockSettings, SettingsSource)>) {
+        let Episode { number, start_ns, end_ns, probes, outcome, probe_ts_ns, first_timed_probe } = ep;
+        let held = &mut self.ep;
+        (held.number, held.start_ns, held.end_ns, held.probes) = (*number, *start_ns, *end_ns, *probes);
+        (held.outcome, held.first_timed_probe) = (*outcome, *first_timed_probe);
+        held.probe_ts_ns.clone_from(probe_ts_ns);
+        self.view = view;
+        self.settings = settings;
+    }
 }
 
 /// How a connection span ends: its last record.
@@ -374,8 +402,7 @@ impl SpanModel {
             RecordKind::EpisodeEnd(ep) => {
                 st.counts.episodes += 1;
                 st.incomplete_episode = ep.outcome == EpisodeOutcome::Incomplete;
-                let held = HeldEpisode { ep: ep.clone(), view: st.view, settings: st.settings };
-                self.route_episode(rec.conn.id, held, problem_episode(ep), clock, out);
+                self.route_episode(rec.conn.id, ep, clock, out);
             }
             RecordKind::Close { state, closed_by, idle } => {
                 st.ending.closed_by = *closed_by;
@@ -405,24 +432,28 @@ impl SpanModel {
 
     /// An episode span, by the policy: exported, or held as the connection's last healthy episode.
     /// A problem episode is exported after the healthy episode held before it.
-    fn route_episode(&mut self, id: u64, ep: HeldEpisode, problem: bool, clock: &WallClock, out: &mut Vec<SpanData>) {
+    fn route_episode(&mut self, id: u64, ep: &Episode, clock: &WallClock, out: &mut Vec<SpanData>) {
         let Some(st) = self.conns.get_mut(&id) else { return };
         let parent = (st.trace_id, st.span_id);
+        let (view, settings) = (st.view, st.settings);
         if self.policy == SpanPolicy::All {
-            let span = self.episode_span(parent, &ep, clock);
+            let span = self.episode_span(parent, ep, &view, settings.as_ref(), clock);
             return self.emit(span, out);
         }
-        if problem {
+        if problem_episode(ep) {
             st.problem = true;
             let held = st.held.take();
             if let Some(h) = held {
-                let span = self.episode_span(parent, &h, clock);
+                let span = self.episode_span(parent, &h.ep, &h.view, h.settings.as_ref(), clock);
                 self.emit(span, out);
             }
-            let span = self.episode_span(parent, &ep, clock);
+            let span = self.episode_span(parent, ep, &view, settings.as_ref(), clock);
             self.emit(span, out);
-        } else if st.held.replace(ep).is_some() {
+        } else if let Some(h) = &mut st.held {
+            h.replace(ep, view, settings);
             self.spans_withheld += 1;
+        } else {
+            st.held = Some(HeldEpisode { ep: ep.clone(), view, settings });
         }
     }
 
@@ -431,7 +462,7 @@ impl SpanModel {
         let held = st.held.take();
         if self.policy == SpanPolicy::All || st.problem {
             if let Some(h) = held {
-                let span = self.episode_span((st.trace_id, st.span_id), &h, clock);
+                let span = self.episode_span((st.trace_id, st.span_id), &h.ep, &h.view, h.settings.as_ref(), clock);
                 self.emit(span, out);
             }
             let span = self.connection_span(st, at, last);
@@ -477,7 +508,7 @@ impl SpanModel {
     }
 
     fn connection_span(&self, st: ConnSpan, end: SystemTime, last: Last) -> SpanData {
-        let mut a = conn_attrs(&st.view);
+        let mut a = conn_attrs(&st.view, CONN_SPAN_ATTRS);
         if let Some(state) = st.opened {
             a.push(KeyValue::new(OPEN_STATE, state.name()));
         }
@@ -486,7 +517,7 @@ impl SpanModel {
         }
         a.push(KeyValue::new(SNAPSHOT, st.first_source == Some(SettingsSource::Snapshot)));
         if let Some((s, source)) = &st.settings {
-            a.extend(settings_attrs(s, *source));
+            settings_attrs(s, *source, &mut a);
         }
         count_attrs(&st.counts, &mut a);
         ending_attrs(&st.ending, &mut a);
@@ -509,19 +540,26 @@ impl SpanModel {
     }
 
     /// The episode span of a connection (`parent`: its trace and span ids) from its `episode`
-    /// record: probes, then the event that ended it.
-    fn episode_span(&self, (trace_id, parent_id): (TraceId, SpanId), h: &HeldEpisode, clock: &WallClock) -> SpanData {
-        let ep = &h.ep;
-        let mut events = Events::new(self.max_events);
+    /// record, with the connection's `view` and `settings` when the episode ended: probes, then
+    /// the event that ended it.
+    fn episode_span(
+        &self,
+        (trace_id, parent_id): (TraceId, SpanId),
+        ep: &Episode,
+        view: &ConnView,
+        settings: Option<&(SockSettings, SettingsSource)>,
+        clock: &WallClock,
+    ) -> SpanData {
+        let mut events = Events::with_capacity(self.max_events, ep.probe_ts_ns.len() + 1);
         for (i, ts) in ep.probe_ts_ns.iter().enumerate() {
             events.routine(probe_event(clock, *ts, ep.first_timed_probe + i as u32));
         }
         let end = clock.to_system_time(ep.end_ns);
-        let mut a = conn_attrs(&h.view);
+        let mut a = conn_attrs(view, EPISODE_SPAN_ATTRS);
         a.push(KeyValue::new(EPISODE_NUMBER, i64::from(ep.number)));
         a.push(KeyValue::new(EPISODE_PROBES, i64::from(ep.probes)));
-        if let Some((s, _)) = &h.settings {
-            a.extend(effective_settings(s));
+        if let Some((s, _)) = settings {
+            effective_settings(s, &mut a);
         }
         a.push(KeyValue::new(EPISODE_OUTCOME, ep.outcome.name()));
         let status = episode_outcome(ep, end, &mut a, &mut events);
@@ -538,9 +576,10 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             st.first_source.get_or_insert(*source);
             st.settings = Some((*settings, *source));
             st.counts.settings_changes += 1;
-            let mut attrs = settings_attrs(settings, *source);
+            let mut attrs = Vec::with_capacity(SETTINGS_ATTRS + PROCESS_ATTRS);
+            settings_attrs(settings, *source, &mut attrs);
             if let Some(p) = process {
-                attrs.extend(process_attrs(p));
+                process_attrs(p, &mut attrs);
             }
             st.events.routine(Event::new(EV_CONFIG, at, attrs, 0));
         }
@@ -752,13 +791,29 @@ fn timeout_message(reason: TimeoutReason, probes: u32) -> String {
 }
 
 fn ip_kv(key: &'static str, addr: &SocketAddr) -> KeyValue {
-    KeyValue::new(key, addr.ip().to_string())
+    KeyValue::new(key, ip_text(addr.ip()))
 }
 
-/// Attributes of the connection, on both span kinds (an episode arrives long before its parent, so
-/// it must be understandable alone).
-fn conn_attrs(v: &ConnView) -> Vec<KeyValue> {
-    let mut a = vec![KeyValue::new(NETWORK_TRANSPORT, "tcp")];
+/// An address as its `Display` text; IPv4 octets are written with `itoa` (`Display` goes through
+/// the formatting machinery per octet, a fifth of the cost of an episode span's attributes).
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else { return ip.to_string() };
+    let mut text = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    text
+}
+
+/// Attributes of the connection, with room for `more` (both span kinds have them: an episode
+/// arrives long before its parent, so it must be understandable alone).
+fn conn_attrs(v: &ConnView, more: usize) -> Vec<KeyValue> {
+    let mut a = Vec::with_capacity(CONN_ATTRS + more);
+    a.push(KeyValue::new(NETWORK_TRANSPORT, "tcp"));
     // The engine uses 0.0.0.0:0 while it does not know the addresses (an option set before
     // connect); say nothing rather than something false.
     let known = |s: &SocketAddr| !(s.ip().is_unspecified() && s.port() == 0);
@@ -779,31 +834,27 @@ fn conn_attrs(v: &ConnView) -> Vec<KeyValue> {
     a.push(KeyValue::new(CONNECTION_ID, v.id as i64));
     a.push(KeyValue::new(NETNS, i64::from(v.netns)));
     if let Some(p) = &v.process {
-        a.extend(process_attrs(p));
+        process_attrs(p, &mut a);
     }
     a
 }
 
-fn process_attrs(p: &Process) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new(PROCESS_PID, i64::from(p.pid)),
-        KeyValue::new(PROCESS_EXECUTABLE_NAME, p.comm_str().to_string()),
-        KeyValue::new(CGROUP_ID, p.cgroup_id as i64),
-    ]
+fn process_attrs(p: &Process, a: &mut Vec<KeyValue>) {
+    a.push(KeyValue::new(PROCESS_PID, i64::from(p.pid)));
+    a.push(KeyValue::new(PROCESS_EXECUTABLE_NAME, p.comm_str().to_string()));
+    a.push(KeyValue::new(CGROUP_ID, p.cgroup_id as i64));
 }
 
-fn effective_settings(s: &SockSettings) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new(ENABLED, s.keepalive),
-        KeyValue::new(IDLE_S, i64::from(s.effective_idle_s())),
-        KeyValue::new(INTVL_S, i64::from(s.effective_intvl_s())),
-        KeyValue::new(CNT, i64::from(s.effective_cnt())),
-        KeyValue::new(USER_TIMEOUT_MS, i64::from(s.user_timeout_ms)),
-    ]
+fn effective_settings(s: &SockSettings, a: &mut Vec<KeyValue>) {
+    a.push(KeyValue::new(ENABLED, s.keepalive));
+    a.push(KeyValue::new(IDLE_S, i64::from(s.effective_idle_s())));
+    a.push(KeyValue::new(INTVL_S, i64::from(s.effective_intvl_s())));
+    a.push(KeyValue::new(CNT, i64::from(s.effective_cnt())));
+    a.push(KeyValue::new(USER_TIMEOUT_MS, i64::from(s.user_timeout_ms)));
 }
 
-fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
-    let mut a = effective_settings(s);
+fn settings_attrs(s: &SockSettings, source: SettingsSource, a: &mut Vec<KeyValue>) {
+    effective_settings(s, a);
     a.push(KeyValue::new(SETTINGS_SOURCE, source.name()));
     if let SettingsSource::Setsockopt(opt) = source {
         a.push(KeyValue::new(SETTINGS_OPTION, opt.name()));
@@ -813,8 +864,58 @@ fn settings_attrs(s: &SockSettings, source: SettingsSource) -> Vec<KeyValue> {
         SETTINGS_DEFAULTS,
         Value::Array(Array::String(defaults)),
     ));
-    a
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod held_tests {
+    use super::*;
+    use crate::timeline::AckPrecision;
+
+    /// Holding an episode in place of another leaves exactly that episode, whatever was held.
+    #[test]
+    fn replacing_the_held_episode_keeps_nothing_of_the_one_before() {
+        let view = |id| ConnView {
+            id,
+            sk: 1,
+            netns: 2,
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            process: None,
+            first_seen_ns: 3,
+        };
+        let old = Episode {
+            number: 1,
+            start_ns: 10,
+            end_ns: 20,
+            probes: 3,
+            outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
+            probe_ts_ns: vec![10, 11, 12],
+            first_timed_probe: 2,
+        };
+        let new = Episode {
+            number: 2,
+            start_ns: 30,
+            end_ns: 40,
+            probes: 1,
+            outcome: EpisodeOutcome::Answered(AckPrecision::NextFiring),
+            probe_ts_ns: vec![30],
+            first_timed_probe: 1,
+        };
+        let mut held = HeldEpisode { ep: old, view: view(1), settings: Some((SockSettings::default(), SettingsSource::Snapshot)) };
+        held.replace(&new, view(2), None);
+        assert_eq!(held.ep, new);
+        assert_eq!(held.view, view(2));
+        assert_eq!(held.settings, None);
+    }
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for ip in ["0.0.0.0", "127.0.0.1", "10.20.255.9", "255.255.255.255", "1.0.100.10", "::1", "fe80::1:2", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
+}
