@@ -255,7 +255,7 @@ fn string(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
 }
 
 fn time(buf: &mut Vec<u8>, unix_ns: i128) -> Result<(), serde_json::Error> {
-    serde_json::Serializer::new(buf).collect_str(&Rfc3339(unix_ns))
+    serde::Serialize::serialize(&Rfc3339(unix_ns), &mut serde_json::Serializer::new(buf))
 }
 
 fn int(buf: &mut Vec<u8>, i: impl itoa::Integer) {
