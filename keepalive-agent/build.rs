@@ -3,6 +3,10 @@
 //!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build (for working on pure user-space code); an empty object is
 //! written instead and loading it fails at run time with a clear error.
+//!
+//! `KEEPALIVE_EBPF_TOOLCHAIN` names the rustup toolchain for the eBPF build (default `nightly`):
+//! its LLVM must be the one bpf-linker was built against (LLVM 22), which the newest nightly stops
+//! being when Rust moves to the next LLVM (the container image pins one, see deploy/Containerfile).
 use anyhow::{anyhow, Context as _};
 use aya_build::Toolchain;
 
@@ -32,8 +36,10 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no parent for {manifest_path}"))?
         .as_str();
+    println!("cargo:rerun-if-env-changed=KEEPALIVE_EBPF_TOOLCHAIN");
+    let toolchain = std::env::var("KEEPALIVE_EBPF_TOOLCHAIN").ok().filter(|t| !t.is_empty());
     aya_build::build_ebpf(
         [aya_build::Package { name: name.as_str(), root_dir, ..Default::default() }],
-        Toolchain::default(),
+        toolchain.as_deref().map_or(Toolchain::Nightly, Toolchain::Custom),
     )
 }

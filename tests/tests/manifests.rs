@@ -161,4 +161,10 @@ fn containerfile_uses_the_setup_toolchain() {
     assert!(containerfile.contains(&format!("ARG LLVM_VERSION={llvm}")), "LLVM {llvm} of setup.sh");
     assert!(containerfile.contains("FROM debian:bookworm-slim"));
     assert!(containerfile.contains("rust-src"));
+    // The eBPF nightly is pinned (the newest one moves to an LLVM bpf-linker cannot read) and is the
+    // one the build uses.
+    let nightly = containerfile.lines().find_map(|l| l.strip_prefix("ARG EBPF_NIGHTLY=")).expect("ARG EBPF_NIGHTLY= in the Containerfile");
+    let date = nightly.strip_prefix("nightly-").unwrap_or_default();
+    assert!(date.len() == 10 && date.split('-').count() == 3, "EBPF_NIGHTLY pins a dated nightly: {nightly}");
+    assert!(containerfile.contains("KEEPALIVE_EBPF_TOOLCHAIN=${EBPF_NIGHTLY}"), "the build uses the pinned nightly");
 }
