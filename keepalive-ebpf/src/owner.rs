@@ -17,8 +17,9 @@
 //! keep-alive-relevant socket ([`crate::mark_passive_keepalive`], from the state-change
 //! tracepoint: `accept()` takes the socket's lock, which the softirq moving it to ESTABLISHED
 //! holds, so the mark is always set before its `accept()` returns) or of the first accept after
-//! the agent started; otherwise an accept costs a map read and a read of `jiffies`. (A TCP Fast Open socket can be accepted before it is ESTABLISHED:
-//! its owner is named only inside a window another socket opened.)
+//! the agent started; otherwise an accept costs a map read and a read of `jiffies`. (A TCP Fast
+//! Open socket can be accepted before it is ESTABLISHED: its owner is named only inside a window
+//! another socket opened.)
 //!
 //! The owner of a connection ending (a change to CLOSE, [`fill_close_owner`]): the current task
 //! when the change runs in its process context, else, for a death, the socket's inode number for
