@@ -162,7 +162,7 @@ impl SpanWriter {
         if span.parent_span_id == SpanId::INVALID {
             buf.extend_from_slice(b"null");
         } else {
-            id(buf, span.parent_span_id)?;
+            hex(buf, &span.parent_span_id.to_bytes());
         }
         buf.extend_from_slice(b",\"resource\":");
         buf.extend_from_slice(&self.resource);
@@ -171,7 +171,7 @@ impl SpanWriter {
         buf.extend_from_slice(b",\"version\":");
         serde_json::to_writer(&mut *buf, &span.instrumentation_scope.version())?;
         buf.extend_from_slice(b"},\"span_id\":");
-        id(buf, span.span_context.span_id())?;
+        hex(buf, &span.span_context.span_id().to_bytes());
         buf.extend_from_slice(b",\"start\":");
         time(buf, start)?;
         buf.extend_from_slice(b",\"start_unix_ns\":");
@@ -187,7 +187,7 @@ impl SpanWriter {
             }
         }
         buf.extend_from_slice(b",\"trace_id\":");
-        id(buf, span.span_context.trace_id())?;
+        hex(buf, &span.span_context.trace_id().to_bytes());
         buf.extend_from_slice(b"}\n");
         Ok(())
     }
@@ -262,9 +262,15 @@ fn int(buf: &mut Vec<u8>, i: impl itoa::Integer) {
     buf.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
 }
 
-/// A trace or span id as a JSON string: its own `Display` (lowercase hex).
-fn id(buf: &mut Vec<u8>, id: impl std::fmt::Display) -> Result<(), serde_json::Error> {
-    serde_json::Serializer::new(buf).collect_str(&id)
+/// A trace or span id as a JSON string of lowercase hex digits (the ids' `Display`).
+fn hex(buf: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    buf.push(b'"');
+    for b in bytes {
+        buf.push(DIGITS[usize::from(b >> 4)]);
+        buf.push(DIGITS[usize::from(b & 0xf)]);
+    }
+    buf.push(b'"');
 }
 
 #[cfg(test)]
