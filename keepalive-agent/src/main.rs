@@ -492,8 +492,12 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         warn!("lost {} kernel events in total: {}", summary.lost_total(), summary.loss_breakdown());
     }
     let stats = engine.stats();
+    let unreported = match stats.unreported_probes {
+        0 => String::new(),
+        n => format!("; {n} probes seen only by the kernel's probe counter (their timer runs reached no record)"),
+    };
     info!(
-        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{extra}",
+        "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{unreported}{extra}",
         summary.events,
         summary.records,
         summary.lost_total(),

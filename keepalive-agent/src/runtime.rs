@@ -11,8 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keepalive_common::{EventKind, EVENT_KINDS, LOST_SLOT_AWAIT_OWNER, LOST_SLOT_INFLIGHT};
-use log::{debug, info, warn};
+use keepalive_common::{EventKind, EVENT_KINDS, LOST_SLOT_AWAIT_OWNER, LOST_SLOT_INFLIGHT, LOST_SLOT_TIMER_UNPAIRED};
+use log::{debug, info, trace, warn};
 
 use crate::{
     attach::Probes,
@@ -80,6 +80,8 @@ pub struct LoopSummary {
     pub skipped: Option<KindCounts>,
     /// Keep-alive settings the kprobe strategy's in-flight map lost (`Setsockopt` events).
     pub inflight_lost: u64,
+    /// Keep-alive timer runs seen by only one of the two timer programs: their events are lost.
+    pub timer_unpaired: u64,
     /// Deaths not followed whose socket the kernel side could not remember for its owner's close
     /// (its bounded table full).
     pub death_owners_unawaited: u64,
@@ -91,7 +93,7 @@ pub struct LoopSummary {
 impl LoopSummary {
     /// Events lost for any cause: ring buffer full and skipped program runs.
     pub fn lost_total(&self) -> u64 {
-        self.ringbuf_full_total() + self.skipped_total() + self.inflight_lost
+        self.ringbuf_full_total() + self.skipped_total() + self.inflight_lost + self.timer_unpaired
     }
 
     /// Events lost because the ring buffer was full.
@@ -120,6 +122,9 @@ impl LoopSummary {
         if self.inflight_lost > 0 {
             parts.push(format!("inflight_map: Setsockopt={}", self.inflight_lost));
         }
+        if self.timer_unpaired > 0 {
+            parts.push(format!("unpaired_timer_run: Timer={}", self.timer_unpaired));
+        }
         parts.join("; ")
     }
 
@@ -132,6 +137,9 @@ impl LoopSummary {
         let mut s = format!("{} ring buffer full, {skipped} skipped runs", self.ringbuf_full_total());
         if self.inflight_lost > 0 {
             s.push_str(&format!(", {} in-flight map", self.inflight_lost));
+        }
+        if self.timer_unpaired > 0 {
+            s.push_str(&format!(", {} timer runs unpaired", self.timer_unpaired));
         }
         s
     }
@@ -164,6 +172,15 @@ pub fn lost_breakdown(lost: &[u64]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Warns with `message(increase, total)` when the counter `now` grew past `*last`, which then
+/// takes its value.
+fn warn_on_growth(now: u64, last: &mut u64, message: impl FnOnce(u64, u64) -> String) {
+    if now > *last {
+        warn!("{}", message(now - *last, now));
+        *last = now;
+    }
 }
 
 /// When some count grew from `before` to `now`: the increase, its per-kind breakdown and the
@@ -245,6 +262,8 @@ struct Reported {
     decode_errors: u64,
     /// A skipped-run counter could not be read (warned once).
     skipped_unreadable: bool,
+    /// Probes only the kernel's counter showed (engine), as last warned.
+    unreported_probes: u64,
 }
 
 /// Buffers and counters of one [`EventLoop::run`].
@@ -274,6 +293,7 @@ fn ingest(decoder: &Decoder, filter: &Filter, engine: &mut Engine, raw: &[u8], r
     match decoder.decode_bytes(raw) {
         Ok(ev) => {
             summary.events += 1;
+            trace!("kernel event: {ev:?}");
             if filter.wants_netns(ev.netns) {
                 engine.handle(&ev, records);
             }
@@ -515,29 +535,27 @@ impl<'a> EventLoop<'a> {
         }
         st.reported.lost = lost;
         st.summary.lost = lost;
-        let inflight = slots[LOST_SLOT_INFLIGHT as usize];
-        if inflight > st.summary.inflight_lost {
-            warn!(
-                "lost {} keep-alive settings (kprobe path: in-flight setsockopt map lost the call; total {inflight})",
-                inflight - st.summary.inflight_lost
-            );
-            st.summary.inflight_lost = inflight;
-        }
-        let unawaited = slots[LOST_SLOT_AWAIT_OWNER as usize];
-        if unawaited > st.summary.death_owners_unawaited {
-            warn!(
-                "{} deaths not followed could not wait in the kernel for their owner's close (table of {} full; looked up in /proc only; total {unawaited})",
-                unawaited - st.summary.death_owners_unawaited,
+        warn_on_growth(slots[LOST_SLOT_INFLIGHT as usize], &mut st.summary.inflight_lost, |n, total| {
+            format!("lost {n} keep-alive settings (kprobe path: in-flight setsockopt map lost the call; total {total})")
+        });
+        warn_on_growth(slots[LOST_SLOT_TIMER_UNPAIRED as usize], &mut st.summary.timer_unpaired, |n, total| {
+            format!("lost {n} keep-alive timer events (a timer run was seen at its entry or its exit only; total {total})")
+        });
+        warn_on_growth(slots[LOST_SLOT_AWAIT_OWNER as usize], &mut st.summary.death_owners_unawaited, |n, total| {
+            format!(
+                "{n} deaths not followed could not wait in the kernel for their owner's close (table of {} full; looked up in /proc only; total {total})",
                 keepalive_common::AWAIT_OWNER_MAX
-            );
-            st.summary.death_owners_unawaited = unawaited;
-        }
+            )
+        });
         self.report_skipped(st);
         let bad = st.summary.decode_errors - st.reported.decode_errors;
         if bad > 0 {
             warn!("dropped {bad} undecodable kernel events (total {})", st.summary.decode_errors);
             st.reported.decode_errors = st.summary.decode_errors;
         }
+        warn_on_growth(self.engine.stats().unreported_probes, &mut st.reported.unreported_probes, |n, total| {
+            format!("{n} keep-alive probes were seen only by the kernel's probe counter: the timer runs that sent them reached no record (total {total})")
+        });
         let refused = self.engine.cap_hit_since_last_check();
         if refused > 0 {
             warn!(

@@ -483,8 +483,8 @@ pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
 /// Size of the per-CPU `LOST` counter array. Slots `0..EVENT_KINDS`: events dropped because the
 /// ring buffer was full, per [`EventKind`] value (index 0 is unused); then
-/// [`LOST_SLOT_INFLIGHT`], [`LOST_SLOT_AWAIT_OWNER`].
-pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 2;
+/// [`LOST_SLOT_INFLIGHT`], [`LOST_SLOT_AWAIT_OWNER`], [`LOST_SLOT_TIMER_UNPAIRED`].
+pub const LOST_SLOTS: u32 = EVENT_KINDS as u32 + 3;
 
 /// Slot of the `LOST` array counting keep-alive settings (`Setsockopt` events) the kprobe
 /// strategy could not report because its in-flight map lost the call's entry: the insert failed,
@@ -495,6 +495,12 @@ pub const LOST_SLOT_INFLIGHT: u32 = EVENT_KINDS as u32;
 /// remembered until its destruction (the bounded table of sockets awaiting their owner's close was
 /// full): their owner is only looked up in `/proc`.
 pub const LOST_SLOT_AWAIT_OWNER: u32 = EVENT_KINDS as u32 + 1;
+
+/// Slot of the `LOST` array counting `tcp_keepalive_timer` runs whose event could not be made
+/// because one half of the run was not seen on the CPU: a timer entry found the previous run's
+/// state still waiting for its exit, or a timer exit named another timer than the entry it
+/// follows. Each is a timer event lost (the kernel's probe counter shows the probes among them).
+pub const LOST_SLOT_TIMER_UNPAIRED: u32 = EVENT_KINDS as u32 + 2;
 
 /// Entries of the eBPF table of sockets whose death was reported without an owner, kept until the
 /// socket is destroyed (see `LOST_SLOT_AWAIT_OWNER`).

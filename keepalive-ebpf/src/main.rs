@@ -238,6 +238,13 @@ pub(crate) fn count_lost_inflight() {
     bump_lost(keepalive_common::LOST_SLOT_INFLIGHT);
 }
 
+/// Counts a keep-alive timer run seen by only one of its programs
+/// ([`keepalive_common::LOST_SLOT_TIMER_UNPAIRED`]).
+#[inline(always)]
+pub(crate) fn count_timer_unpaired() {
+    bump_lost(keepalive_common::LOST_SLOT_TIMER_UNPAIRED);
+}
+
 #[inline(always)]
 fn bump_lost(index: u32) {
     if let Some(slot) = LOST.get_ptr_mut(index) {

@@ -24,17 +24,24 @@ use crate::{
     EVENTS, TIMER_SCRATCH,
 };
 
-/// `timer:timer_expire_entry` as a BTF-typed tracepoint (5.5+): `timer->function` is read by a
-/// direct, verifier-checked load instead of a `bpf_probe_read_kernel` call, which is what every
-/// timer expiry in the system pays.
-#[btf_tracepoint(function = "timer_expire_entry")]
-pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+/// Whether the BTF-typed tracepoint's `struct timer_list *` argument is a keep-alive timer:
+/// `timer->function` by a direct, verifier-checked load (the offset is `function`'s, from BTF;
+/// the load is fault-safe), not a `bpf_probe_read_kernel` call, which every timer expiry in the
+/// system would pay.
+#[inline(always)]
+fn is_keepalive_timer(ctx: &BtfTracePointContext) -> bool {
     let timer: *const u8 = ctx.arg(0);
     let off = off!(timer_function).off as usize;
-    // SAFETY: `timer` is a BTF-typed `struct timer_list *`; the verifier checks the access against
-    // the type (the offset is `function`'s, from BTF) and makes the load fault-safe.
+    // SAFETY: `timer` is a BTF-typed `struct timer_list *`; see above.
     let function = unsafe { core::ptr::read_volatile(timer.wrapping_add(off) as *const u64) };
-    if function != off!(tcp_keepalive_timer) {
+    function == off!(tcp_keepalive_timer)
+}
+
+/// `timer:timer_expire_entry` as a BTF-typed tracepoint (5.5+), filtered by
+/// [`is_keepalive_timer`].
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    if !is_keepalive_timer(&ctx) {
         return 0;
     }
     let timer = ctx_arg_scalar(ctx.as_ptr(), 0);
@@ -50,6 +57,11 @@ pub fn btf_timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = TIMER_SCRATCH.get_ptr(0) {
         // SAFETY: per-CPU slot.
         if unsafe { (*slot).sk } == 0 {
+            // A keep-alive run whose entry was not seen here (one direct load per timer exit):
+            // its event is lost, and counted.
+            if is_keepalive_timer(&ctx) {
+                crate::count_timer_unpaired();
+            }
             return 0;
         }
     }
@@ -79,6 +91,10 @@ pub fn timer_enter(timer: u64, jiffies: u64) {
     let sk = timer - off!(sk_timer).off as u64;
     // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
     let slot = unsafe { &mut *slot };
+    if slot.sk != 0 {
+        // The previous run's exit was not seen here: its event is lost, and counted.
+        crate::count_timer_unpaired();
+    }
     let ev = &mut slot.ev;
     crate::zero_event(ev);
     ev.kind = EventKind::Timer as u8;
@@ -118,6 +134,10 @@ pub fn timer_leave(timer: Option<u64>) {
     }
     if let Some(t) = timer {
         if sk + off!(sk_timer).off as u64 != t {
+            // Not the run that entered: that run's exit was missed. Count it and free the slot,
+            // so that the socket's later events are not taken as happening inside its timer.
+            crate::count_timer_unpaired();
+            slot.sk = 0;
             return;
         }
     }

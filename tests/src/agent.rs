@@ -342,7 +342,7 @@ pub fn lost_event_reports(lines: &[String]) -> Vec<&String> {
                 return false; // a live skipped-run report
             }
             if lower.contains("in total:") {
-                return lower.contains("ringbuf_full:") || lower.contains("inflight_map:");
+                return lower.contains("ringbuf_full:") || lower.contains("inflight_map:") || lower.contains("unpaired_timer_run:");
             }
             if let Some(i) = lower.find(" ring buffer full") {
                 return lower[..i].split_whitespace().next_back().is_some_and(|n| n.trim_start_matches('(') != "0");
@@ -626,12 +626,13 @@ mod tests {
             "[WARN k] lost 142 kernel events in total: skipped_run: State=142",
             "[INFO k] stopped: 9 kernel events, 150 lost (8 ring buffer full, 142 skipped runs), 0 decode errors",
             "[WARN k] lost 150 kernel events in total: ringbuf_full: Timer=8; skipped_run: State=142",
+            "[WARN k] lost 1 kernel events in total: unpaired_timer_run: Timer=1",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let lost = lost_event_reports(&lines);
-        assert_eq!(lost, vec![&lines[1], &lines[2], &lines[4], &lines[8], &lines[9]]);
+        assert_eq!(lost, vec![&lines[1], &lines[2], &lines[4], &lines[8], &lines[9], &lines[10]]);
         assert_eq!(skipped_run_reports(&lines), vec![&lines[5]]);
     }
 

@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use keepalive_common::EventKind;
+use keepalive_common::{EventKind, EVENT_KINDS};
 
 use crate::container::CgroupResolver;
 use crate::export::ExportStats;
 use crate::runtime::{LoopObserver, LoopSummary};
+use crate::kernel::progstats::KindCounts;
 use crate::timeline::engine::Engine;
 use crate::timeline::Record;
 use store::Store;
@@ -194,6 +195,7 @@ impl LoopObserver for Recorder {
         a.records = summary.records;
         a.lost.ringbuf_full = summary.lost;
         a.lost.skipped_run = summary.skipped.unwrap_or_default();
+        a.lost.unpaired_timer_run = summary.timer_unpaired;
         a.programs = programs;
     }
 }
@@ -305,15 +307,18 @@ fn visit_at_risk(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
 
 fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     let a = &store.agent;
-    let lost: Vec<Point> = [("ringbuf_full", &a.lost.ringbuf_full), ("skipped_run", &a.lost.skipped_run)]
-        .into_iter()
-        .flat_map(|(cause, counts)| {
-            counts.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(kind, n)| {
-                let kind = EventKind::from_u8(kind as u8).map_or_else(|| kind.to_string(), |k| format!("{k:?}").to_ascii_lowercase());
-                Point { attrs: vec![("keepalive.event.kind", kind), ("keepalive.loss.cause", cause.to_string())], value: *n as f64 }
+    let mut unpaired: KindCounts = [0; EVENT_KINDS];
+    unpaired[EventKind::Timer as usize] = a.lost.unpaired_timer_run;
+    let lost: Vec<Point> =
+        [("ringbuf_full", &a.lost.ringbuf_full), ("skipped_run", &a.lost.skipped_run), ("unpaired_timer_run", &unpaired)]
+            .into_iter()
+            .flat_map(|(cause, counts)| {
+                counts.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(kind, n)| {
+                    let kind = EventKind::from_u8(kind as u8).map_or_else(|| kind.to_string(), |k| format!("{k:?}").to_ascii_lowercase());
+                    Point { attrs: vec![("keepalive.event.kind", kind), ("keepalive.loss.cause", cause.to_string())], value: *n as f64 }
+                })
             })
-        })
-        .collect();
+            .collect();
     sink(&desc("keepalive.agent.events.lost", "{event}", Kind::Counter, "Kernel events lost, by event kind and cause."), &lost);
     let counter = |name, help, v| (desc(name, "{event}", Kind::Counter, help), vec![point(&[], v)]);
     for (d, p) in [

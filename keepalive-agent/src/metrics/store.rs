@@ -247,6 +247,8 @@ pub struct Lost {
     pub ringbuf_full: KindCounts,
     /// The kernel skipped a program run (recursion on one CPU); zero where it does not count them.
     pub skipped_run: KindCounts,
+    /// Keep-alive timer runs seen at their entry or their exit only (timer events).
+    pub unpaired_timer_run: u64,
 }
 
 /// The agent's own health, set by the event loop (see [`super::Recorder`]).

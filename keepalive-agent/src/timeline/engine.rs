@@ -1054,7 +1054,7 @@ impl Engine {
         if t.probes_before == 0 {
             infer_answer(out, ts, conn, t);
         }
-        classify_firing(out, ts, conn, t);
+        self.stats.unreported_probes += u64::from(classify_firing(out, ts, conn, t));
     }
 }
 
@@ -1153,9 +1153,31 @@ fn infer_answer(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring
     answered(out, received_at.clamp(last_probe, ts), conn, AckPrecision::NextFiring);
 }
 
+/// Probes the kernel's counter shows before this run that the episode has not counted: timer
+/// runs that sent them reached no record (lost before the agent read them). The episode takes the
+/// kernel's count, so later probes carry their true numbers; returns how many it was behind.
+/// `icsk_probes_out` is 8 bits: a difference of 128 or more is not a plausible loss (the counter
+/// wrapped, or zero-window probes counted there) and is left alone.
+fn catch_up_with_kernel(ep: &mut OpenEpisode, probes_before: u8) -> u32 {
+    let behind = probes_before.wrapping_sub(ep.probes as u8);
+    if behind == 0 || behind >= 128 {
+        return 0;
+    }
+    ep.probes = ep.probes.saturating_add(u32::from(behind));
+    // The times are a run of consecutive probes: they start again at the next one.
+    ep.probe_ts_ns.clear();
+    ep.first_timed_probe = ep.probes + 1;
+    u32::from(behind)
+}
+
 /// What the timer run did: killed the connection, could not probe (data in flight), probed, or
-/// only re-armed.
-fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) {
+/// only re-armed. Returns the probes the kernel sent that no record reported
+/// ([`catch_up_with_kernel`]).
+fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) -> u32 {
+    let unreported = match conn.episode.as_deref_mut() {
+        Some(ep) if t.probes_before > 0 => catch_up_with_kernel(ep, t.probes_before),
+        _ => 0,
+    };
     if t.state_after == TcpState::Close {
         let reason = if t.settings.user_timeout_ms > 0 {
             TimeoutReason::UserTimeout
@@ -1184,6 +1206,7 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
         };
         emit(out, ts, conn, kind);
     }
+    unreported
 }
 
 #[cfg(test)]
@@ -1578,6 +1601,26 @@ mod tests {
         e.release_stale_held(2 * S + 1, S, &mut out);
         assert_eq!(names(&out), ["reset", "close"]);
         assert_eq!(e.tracked(), 0);
+    }
+
+    #[test]
+    fn a_probe_only_the_kernel_counted_is_counted_and_later_probes_keep_their_numbers() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        // The run that sent probe 2 reached no record: the next one finds the counter at 2.
+        let out = feed(&mut e, &[probe(S, A, 0, 1), probe(3 * S, A, 2, 3)]);
+        assert_eq!(kinds(&out), vec![RecordKind::Probe { n: 1 }, RecordKind::Probe { n: 3 }]);
+        assert_eq!(e.stats().unreported_probes, 1);
+        let death = TimerFiring { state_after: TcpState::Close, err_after: 110, ..firing(ka(), 3, 3) };
+        let out = feed(&mut e, &[timer(4 * S, A, death)]);
+        assert!(matches!(out[0].kind, RecordKind::Timeout { probes: 3, .. }), "{out:?}");
+        let ep = episode(&out[1]);
+        assert_eq!((ep.probes, ep.first_timed_probe, ep.probe_ts_ns.clone()), (3, 3, vec![3 * S]));
+        // A counter far ahead (wrapped, or zero-window probes) is not taken for losses.
+        let mut e = engine();
+        feed(&mut e, &[established(0, B, ka())]);
+        feed(&mut e, &[probe(S, B, 0, 1), probe(2 * S, B, 200, 201)]);
+        assert_eq!(e.stats().unreported_probes, 0);
     }
 
     #[test]
