@@ -123,7 +123,9 @@ fn received(metrics: &[Value], name: &str, want: &[(&str, &str)]) -> Vec<f64> {
 /// After a dead peer, the receiver has the death (cause keepalive_timeout, the workload's
 /// executable) in `temporality`, the probes as a monotonic sum, the connections gauge, and the
 /// resource and headers the agent was given.
-fn assert_otlp_metrics(receiver: &Receiver, temporality: &str, tag: Option<&str>) {
+/// `context` is called only on failure: what else can tell where the death went (the agent's own
+/// counters, the collector's log).
+fn assert_otlp_metrics(receiver: &Receiver, temporality: &str, tag: Option<&str>, context: &dyn Fn() -> String) {
     let exe = own_comms();
     let death = |ms: &[Value]| {
         exe.iter()
@@ -143,8 +145,9 @@ fn assert_otlp_metrics(receiver: &Receiver, temporality: &str, tag: Option<&str>
     let deaths_seen: Vec<String> = metrics.iter().filter(|m| m["name"] == "keepalive.connection.deaths").map(|m| m["points"].to_string()).collect();
     assert!(
         got,
-        "no keepalive_timeout death of {exe:?} received within {WAIT:?}; death points received: {deaths_seen:?}; metrics received: {:?}",
-        names.iter().collect::<std::collections::BTreeSet<_>>()
+        "no keepalive_timeout death of {exe:?} received within {WAIT:?}; death points received: {deaths_seen:?}; metrics received: {:?}\n{}",
+        names.iter().collect::<std::collections::BTreeSet<_>>(),
+        context()
     );
     if temporality == "DELTA" {
         assert_eq!(death(&metrics).iter().sum::<f64>(), 1.0, "the deltas add up to one death");
@@ -182,7 +185,7 @@ fn otlp_metrics_to_receiver(protocol: Protocol) {
     };
     let agent = Agent::start_run(&env, &flags, envs);
     dead_peer(&env);
-    assert_otlp_metrics(&receiver, temporality, Some(&tag));
+    assert_otlp_metrics(&receiver, temporality, Some(&tag), &|| format!("agent stderr:\n{}", agent.stderr_lines().join("\n")));
     let reqs = receiver.metric_requests();
     assert!(reqs.iter().all(|r| r["protocol"] == protocol.receiver_name()), "{reqs:?}");
     agent.stop();
@@ -217,7 +220,11 @@ fn otlp_metrics_through_rotel(protocol: Protocol) {
     ];
     let agent = Agent::start_run(&env, &flags, &[]);
     dead_peer(&env);
-    assert_otlp_metrics(&receiver, "CUMULATIVE", None);
+    assert_otlp_metrics(&receiver, "CUMULATIVE", None, &|| {
+        let own = http_get(addr, "/metrics", None).map(|r| r.body).unwrap_or_else(|e| format!("{e:#}"));
+        let counted: Vec<&str> = own.lines().filter(|l| l.starts_with("keepalive_connection_deaths") || l.starts_with("keepalive_agent_")).collect();
+        format!("the agent's own /metrics:\n{}\nrotel log:\n{}", counted.join("\n"), rotel.log())
+    });
     let text = http_get(addr, "/metrics", None).unwrap().body;
     let value = |line: &str| -> f64 {
         text.lines().find(|l| l.starts_with(line)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
