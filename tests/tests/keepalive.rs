@@ -85,6 +85,41 @@ fn probe_numbers(evs: &[Value]) -> Vec<u64> {
         .collect()
 }
 
+/// Probes the agent's final summary reports as seen only by the kernel's probe counter: a timer
+/// run that reached none of its programs (no entry, no exit, nothing the kernel counted), found
+/// at the socket's next run when `icsk_probes_out` is ahead of the probes seen. On the
+/// development VM (a PVM guest, Linux 6.18) about one dead-peer run in ten has one.
+fn unreported_probes(stderr: &[String]) -> u64 {
+    stderr
+        .iter()
+        .find_map(|l| {
+            let i = l.find(" probes seen only by the kernel's probe counter")?;
+            l[..i].rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Probes `1..=n` were sent: each one has its record, or, at most one of them, was reported by
+/// the agent as seen only by the kernel's counter ([`unreported_probes`]); the probes after it
+/// keep the kernel's numbers (and the timeout and episode their true count, checked by the
+/// callers). Nothing may be missing without that report.
+fn assert_probes_accounted(evs: &[Value], n: u64, unreported: u64) {
+    let seen = probe_numbers(evs);
+    let all: Vec<u64> = (1..=n).collect();
+    if unreported == 0 {
+        assert_eq!(seen, all, "{}", ctx(evs));
+        return;
+    }
+    assert!(
+        unreported == 1
+            && seen.len() as u64 + unreported == n
+            && seen.windows(2).all(|w| w[0] < w[1])
+            && seen.iter().all(|p| all.contains(p)),
+        "probes {seen:?} with {unreported} reported as seen only by the kernel's counter\n{}",
+        ctx(evs)
+    );
+}
+
 /// Probes immediately followed (among probes and acks) by an ack.
 fn answered_probes(evs: &[Value]) -> usize {
     let pa: Vec<&Value> = evs
@@ -279,7 +314,8 @@ fn dead_peer_with(family: Family, agent_args: &[&str]) {
         "died after {elapsed:?}"
     );
     wait_event(&agent, l, r, "close");
-    let evs = of_conn(&agent.stop(), l, r);
+    let (all, stderr) = agent.stop_full();
+    let evs = of_conn(&all, l, r);
 
     assert_one_conn(&evs);
     if family == Family::V6 {
@@ -295,7 +331,7 @@ fn dead_peer_with(family: Family, agent_args: &[&str]) {
         }
     }
     config(&evs, "setsockopt", &ka);
-    assert_eq!(probe_numbers(&evs), vec![1, 2, 3], "{}", ctx(&evs));
+    assert_probes_accounted(&evs, 3, unreported_probes(&stderr));
     assert!(
         of_kind(&evs, "ack").is_empty(),
         "nothing can be answered\n{}",
@@ -401,7 +437,8 @@ fn user_timeout_cuts_probing_short() {
     // 10 probes would take over 10 s; the user timeout fires about 3 s after the last answer.
     assert!(elapsed < Duration::from_secs(8), "died after {elapsed:?}");
     wait_event(&agent, l, r, "close");
-    let evs = of_conn(&agent.stop(), l, r);
+    let (all, stderr) = agent.stop_full();
+    let evs = of_conn(&all, l, r);
 
     assert_one_conn(&evs);
     config(&evs, "setsockopt", &ka);
@@ -410,8 +447,7 @@ fn user_timeout_cuts_probing_short() {
     let n =
         u64_of(timeout, "probes").unwrap_or_else(|| panic!("timeout without probes: {timeout}"));
     assert!((1..10).contains(&n), "{timeout}");
-    let probes = probe_numbers(&evs);
-    assert_eq!(probes, (1..=n).collect::<Vec<_>>(), "{}", ctx(&evs));
+    assert_probes_accounted(&evs, n, unreported_probes(&stderr));
     assert_eq!(str_of(&evs[idx(&evs, "error")], "errno"), Some("ETIMEDOUT"));
     assert!(idx(&evs, "close") > idx(&evs, "timeout"), "{}", ctx(&evs));
 }
