@@ -91,7 +91,8 @@ pub struct LoopSummary {
 }
 
 impl LoopSummary {
-    /// Events lost for any cause: ring buffer full and skipped program runs.
+    /// Events lost for any cause: ring buffer full, skipped program runs, the kprobe path's
+    /// in-flight map and unpaired timer runs.
     pub fn lost_total(&self) -> u64 {
         self.ringbuf_full_total() + self.skipped_total() + self.inflight_lost + self.timer_unpaired
     }

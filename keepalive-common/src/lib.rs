@@ -498,8 +498,9 @@ pub const LOST_SLOT_AWAIT_OWNER: u32 = EVENT_KINDS as u32 + 1;
 
 /// Slot of the `LOST` array counting `tcp_keepalive_timer` runs whose event could not be made
 /// because one half of the run was not seen on the CPU: a timer entry found the previous run's
-/// state still waiting for its exit, or a timer exit named another timer than the entry it
-/// follows. Each is a timer event lost (the kernel's probe counter shows the probes among them).
+/// state still waiting for its exit, a timer exit named another timer than the entry it follows,
+/// or (BTF-typed exit) a keep-alive timer's exit found no entry at all. Each is a timer event
+/// lost (the kernel's probe counter shows the probes among them).
 pub const LOST_SLOT_TIMER_UNPAIRED: u32 = EVENT_KINDS as u32 + 2;
 
 /// Entries of the eBPF table of sockets whose death was reported without an owner, kept until the

@@ -86,8 +86,8 @@ fn probe_numbers(evs: &[Value]) -> Vec<u64> {
 }
 
 /// Probes the agent's final summary reports as seen only by the kernel's probe counter: a timer
-/// run that reached none of its programs (no entry, no exit, nothing the kernel counted), found
-/// at the socket's next run when `icsk_probes_out` is ahead of the probes seen. On the
+/// run that produced no event, found at the socket's next run when `icsk_probes_out` is ahead of
+/// the probes seen. On the
 /// development VM (a PVM guest, Linux 6.18) about one dead-peer run in ten has one.
 fn unreported_probes(stderr: &[String]) -> u64 {
     stderr

@@ -515,6 +515,7 @@ pub struct EngineStats {
     /// Resets sent by time-wait or closed sockets the engine did not follow.
     pub unfollowed_resets: u64,
     /// Probes that only the kernel's probe counter showed: the timer runs that sent them reached
-    /// no record (a lost event the kernel did not count). Later probes keep their true numbers.
+    /// no record, whether or not the kernel side also counted the run as lost (unpaired). Later
+    /// probes keep their true numbers.
     pub unreported_probes: u64,
 }
