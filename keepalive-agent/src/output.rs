@@ -183,7 +183,7 @@ fn color_of(kind: &RecordKind) -> &'static str {
         | RecordKind::PeerReset { .. }
         | RecordKind::ReuseRace { .. }
         | RecordKind::Error { .. } => "\x1b[31m",
-        RecordKind::Probe { .. } | RecordKind::Suppressed { .. } => "\x1b[33m",
+        RecordKind::Probe { .. } | RecordKind::UnseenProbes { .. } | RecordKind::Suppressed { .. } => "\x1b[33m",
         RecordKind::Ack { .. } => "\x1b[32m",
         RecordKind::Config { .. } | RecordKind::Opened { .. } => "\x1b[36m",
         _ => "\x1b[2m",

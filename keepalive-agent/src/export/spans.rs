@@ -583,7 +583,7 @@ fn on_event(st: &mut ConnSpan, kind: &RecordKind, at: SystemTime) {
             }
             st.events.routine(Event::new(EV_CONFIG, at, attrs, 0));
         }
-        RecordKind::Probe { .. } => st.counts.probes += 1,
+        RecordKind::Probe { .. } | RecordKind::UnseenProbes { .. } => st.counts.probes += u64::from(kind.probes_reported()),
         RecordKind::Ack { .. } => {} // on the episode span
         RecordKind::Suppressed { packets_out, unsent } => {
             st.counts.suppressed += 1;

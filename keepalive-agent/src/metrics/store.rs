@@ -317,7 +317,7 @@ impl Store {
     /// Counts one record (records of a connection in order).
     pub fn count(&mut self, r: &Record) {
         let (family, value) = match &r.kind {
-            RecordKind::Probe { .. } => (I_PROBES, 0),
+            RecordKind::Probe { .. } | RecordKind::UnseenProbes { .. } => (I_PROBES, 0),
             RecordKind::Ack { precision, .. } => (I_ANSWERS, precision_index(*precision)),
             RecordKind::Suppressed { .. } => (I_SUPPRESSED, 0),
             RecordKind::EpisodeEnd(ep) => (I_EPISODES, outcome_index(ep.outcome)),
@@ -328,13 +328,15 @@ impl Store {
                 None => return,
             },
         };
+        // Probes only the kernel's counter saw count too (one record, several probes).
+        let n = u64::from(r.kind.probes_reported()).max(1);
         let w = self.workloads.id(&r.conn);
-        self.add(w, family, value);
+        self.add(w, family, value, n);
     }
 
-    /// One more in counter `family`'s series (`workload`, `value`), or in its overflow series when
+    /// `n` more in counter `family`'s series (`workload`, `value`), or in its overflow series when
     /// that would be a series past the cap.
-    fn add(&mut self, workload: u32, family: usize, value: u8) {
+    fn add(&mut self, workload: u32, family: usize, value: u8, n: u64) {
         let cap = &mut self.caps[family];
         if workload != OVERFLOW {
             let w = workload as usize;
@@ -343,16 +345,16 @@ impl Store {
             }
             let cell = &mut self.cells[w][OFFSETS[family] + usize::from(value)];
             if *cell != 0 {
-                *cell += 1;
+                *cell += n;
                 return;
             }
             if cap.series < self.max {
                 cap.series += 1;
-                *cell = 1;
+                *cell = n;
                 return;
             }
         }
-        *cap.overflow.get_or_insert(0) += 1;
+        *cap.overflow.get_or_insert(0) += n;
     }
 
     /// The keep-alive counters, in [`FAMILIES`] order.
@@ -428,7 +430,9 @@ mod tests {
         for kind in [
             RecordKind::Probe { n: 1 },
             RecordKind::Probe { n: 2 },
-            RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 2, idle: None },
+            // Probes 3 and 4 only the kernel's probe counter saw: they count too.
+            RecordKind::UnseenProbes { first: 3, last: 4 },
+            RecordKind::Timeout { reason: TimeoutReason::Keepalive, probes: 4, idle: None },
             episode(EpisodeOutcome::TimedOut(TimeoutReason::Keepalive)),
             RecordKind::Reset { reason: "tcp_keepalive_timeout".into(), active: true, death: false },
             RecordKind::Error { errno: 110, death: false },
@@ -436,7 +440,7 @@ mod tests {
         ] {
             s.count(&rec(c, kind));
         }
-        assert_eq!(total(&s, &PROBES, 0), 2);
+        assert_eq!(total(&s, &PROBES, 0), 4);
         assert_eq!(total(&s, &DEATHS, 0), 1);
         assert_eq!(total(&s, &DEATHS, 2) + total(&s, &DEATHS, 4), 0);
         assert_eq!(total(&s, &EPISODES, 1), 1);

@@ -1171,13 +1171,17 @@ fn catch_up_with_kernel(ep: &mut OpenEpisode, probes_before: u8) -> u32 {
 }
 
 /// What the timer run did: killed the connection, could not probe (data in flight), probed, or
-/// only re-armed. Returns the probes the kernel sent that no record reported
-/// ([`catch_up_with_kernel`]).
+/// only re-armed. Probes the kernel sent that no record reported ([`catch_up_with_kernel`]) come
+/// first, as one `unseen_probes` record; returns how many.
 fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) -> u32 {
     let unreported = match conn.episode.as_deref_mut() {
         Some(ep) if t.probes_before > 0 => catch_up_with_kernel(ep, t.probes_before),
         _ => 0,
     };
+    if unreported > 0 {
+        let last = conn.episode.as_ref().map_or(0, |ep| ep.probes);
+        emit(out, ts, conn, RecordKind::UnseenProbes { first: last + 1 - unreported, last });
+    }
     if t.state_after == TcpState::Close {
         let reason = if t.settings.user_timeout_ms > 0 {
             TimeoutReason::UserTimeout
@@ -1609,13 +1613,23 @@ mod tests {
         feed(&mut e, &[established(0, A, ka())]);
         // The run that sent probe 2 reached no record: the next one finds the counter at 2.
         let out = feed(&mut e, &[probe(S, A, 0, 1), probe(3 * S, A, 2, 3)]);
-        assert_eq!(kinds(&out), vec![RecordKind::Probe { n: 1 }, RecordKind::Probe { n: 3 }]);
+        let unseen = RecordKind::UnseenProbes { first: 2, last: 2 };
+        assert_eq!(kinds(&out), vec![RecordKind::Probe { n: 1 }, unseen, RecordKind::Probe { n: 3 }]);
+        assert_eq!(out.iter().map(|r| r.kind.probes_reported()).sum::<u32>(), 3);
         assert_eq!(e.stats().unreported_probes, 1);
         let death = TimerFiring { state_after: TcpState::Close, err_after: 110, ..firing(ka(), 3, 3) };
         let out = feed(&mut e, &[timer(4 * S, A, death)]);
         assert!(matches!(out[0].kind, RecordKind::Timeout { probes: 3, .. }), "{out:?}");
         let ep = episode(&out[1]);
         assert_eq!((ep.probes, ep.first_timed_probe, ep.probe_ts_ns.clone()), (3, 3, vec![3 * S]));
+        // The last probe's run lost: the killing run reports it before the timeout.
+        let mut e = engine();
+        feed(&mut e, &[established(0, C, ka())]);
+        feed(&mut e, &[probe(S, C, 0, 1), probe(2 * S, C, 1, 2)]);
+        let death = TimerFiring { state_after: TcpState::Close, err_after: 110, ..firing(ka(), 3, 3) };
+        let out = feed(&mut e, &[timer(4 * S, C, death)]);
+        assert_eq!(out[0].kind, RecordKind::UnseenProbes { first: 3, last: 3 });
+        assert!(matches!(out[1].kind, RecordKind::Timeout { probes: 3, .. }), "{out:?}");
         // A counter far ahead (wrapped, or zero-window probes) is not taken for losses.
         let mut e = engine();
         feed(&mut e, &[established(0, B, ka())]);

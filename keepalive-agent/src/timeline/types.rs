@@ -253,6 +253,11 @@ pub enum RecordKind {
     Config { settings: SockSettings, source: SettingsSource, process: Option<Process> },
     /// A keep-alive probe went out (`tcp_write_wakeup`); `n` is 1-based within the episode.
     Probe { n: u32 },
+    /// Probes `first..=last` of the episode that the kernel's probe counter shows but whose timer
+    /// runs reached no record (the kernel's event never arrived, counted or not): found at the
+    /// next timer run of the connection, dated there. They count as probes everywhere (metrics,
+    /// spans), with no time of their own.
+    UnseenProbes { first: u32, last: u32 },
     /// The peer answered after `probes` probes.
     Ack { probes: u32, precision: AckPrecision },
     /// The timer fired but could not probe: data in flight or queued. Keep-alive is silent.
@@ -305,6 +310,7 @@ impl RecordKind {
             RecordKind::Opened { .. } => "open",
             RecordKind::Config { .. } => "config",
             RecordKind::Probe { .. } => "probe",
+            RecordKind::UnseenProbes { .. } => "unseen_probes",
             RecordKind::Ack { .. } => "ack",
             RecordKind::Suppressed { .. } => "suppressed",
             RecordKind::Idle { .. } => "idle",
@@ -336,6 +342,16 @@ impl RecordKind {
         })
     }
 
+    /// The keep-alive probes this record reports: 1 for a probe, the whole range for probes only
+    /// the kernel's counter saw, 0 otherwise.
+    pub fn probes_reported(&self) -> u32 {
+        match self {
+            RecordKind::Probe { .. } => 1,
+            RecordKind::UnseenProbes { first, last } => last.saturating_sub(*first) + 1,
+            _ => 0,
+        }
+    }
+
     /// Whether this is a connection's last record.
     pub fn is_last(&self) -> bool {
         matches!(self, RecordKind::Close { .. } | RecordKind::Untracked { .. })
@@ -352,6 +368,10 @@ impl RecordKind {
             }
             RecordKind::Config { settings, source, .. } => config_fields(settings, *source, sink),
             RecordKind::Probe { n } => sink.field("probe", V::U64(u64::from(*n))),
+            RecordKind::UnseenProbes { first, last } => {
+                sink.field("first_probe", V::U64(u64::from(*first)))?;
+                sink.field("last_probe", V::U64(u64::from(*last)))
+            }
             RecordKind::Ack { probes, precision } => {
                 sink.field("probes", V::U64(u64::from(*probes)))?;
                 sink.field("precision", V::Str(precision.name()))
