@@ -765,8 +765,9 @@ fn audit(args: AuditArgs) -> Result<i32> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
         Err(e) => return Err(e).context("writing the audit"),
     };
+    let peak = keepalive_agent::privilege::own_status("VmHWM").map_or_else(|| "unknown".into(), |kib| format!("{kib} KiB"));
     info!(
-        "audit: {} sockets reported, {} with problems (walk {:?}, owners {:?})",
+        "audit: {} sockets reported, {} with problems (walk {:?}, owners {:?}, peak RSS {peak})",
         outcome.reported, outcome.problems, found.walk_time, found.owner_time
     );
     let fail = matches!((args.fail_on, outcome.worst), (Some(limit), Some(worst)) if worst >= limit);

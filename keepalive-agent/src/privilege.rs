@@ -315,13 +315,29 @@ pub fn drop_all_in_this_thread() {
 
 /// Threads of this process (`Threads:` of /proc/self/status).
 fn thread_count() -> Option<usize> {
+    own_status("Threads").and_then(|n| usize::try_from(n).ok())
+}
+
+/// A number of this process's /proc/self/status (`VmHWM` in KiB, `Threads`), `None` where absent.
+/// `VmHWM` is this image's own peak: unlike `getrusage`'s `ru_maxrss`, it does not include the
+/// memory of the process that spawned it before `exec`.
+pub fn own_status(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_status_reads_numbers_and_units() {
+        assert!(own_status("Threads").is_some_and(|n| n >= 1));
+        assert!(own_status("VmHWM").is_some_and(|kib| kib > 0));
+        assert_eq!(own_status("NoSuchKey"), None);
+    }
 
     #[test]
     fn kernel_versions() {

@@ -370,6 +370,7 @@ pub fn run(workspace: &Path, mut args: BenchArgs) -> Result<bool> {
     drop(cgroup);
 
     let command = std::env::args().skip(2).collect::<Vec<_>>().join(" ");
+    let command = commands_kept(&results_dir, &command, args.parts.len() == Part::ALL.len());
     let _ = std::fs::write(results_dir.join("command"), &command);
     let out = if args.output.is_absolute() { args.output.clone() } else { workspace.join(&args.output) };
     let all_met = report::write(&out, &results_dir, &machine, &command, &failed)?;
@@ -410,6 +411,18 @@ fn reexec_optimized(workspace: &Path) -> Result<bool> {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
         _ => bail!("{} bench ended with {status}", bin.display()),
+    }
+}
+
+/// The commands the kept results come from: a run of every part starts the list again, a run of
+/// some parts adds to it (the other parts keep their results from the earlier commands). One
+/// command per line, oldest first.
+fn commands_kept(results_dir: &Path, command: &str, all_parts: bool) -> String {
+    let earlier = std::fs::read_to_string(results_dir.join("command")).unwrap_or_default();
+    match earlier.trim() {
+        "" => command.to_string(),
+        _ if all_parts => command.to_string(),
+        earlier => format!("{earlier}\n{command}"),
     }
 }
 

@@ -219,7 +219,20 @@ pub fn write(out: &Path, results: &Path, machine: &Machine, command: &str, faile
     md.push_str("cargo xtask bench --parts audit          # one `keepalive-agent audit` of 100,000 sockets\n");
     md.push_str("cargo xtask bench --parts observers,hostload --agent OLD --results target/bench-before   # a previous binary\n");
     md.push_str("cargo xtask bench --parts observers,hostload --baseline target/bench-before   # now, with before columns\n```\n\n");
-    let _ = writeln!(md, "Last command: `cargo xtask bench {command}`\n");
+    let commands: Vec<&str> = command.lines().map(str::trim).filter(|c| !c.is_empty()).collect();
+    match commands.as_slice() {
+        [] => {}
+        [only] => {
+            let _ = writeln!(md, "Last command: `cargo xtask bench {only}`\n");
+        }
+        all => {
+            md.push_str("Commands, in order (each later one measured its parts again; the other parts kept their results):\n\n");
+            for c in all {
+                let _ = writeln!(md, "- `cargo xtask bench {c}`");
+            }
+            md.push('\n');
+        }
+    }
     md.push_str("Needs root (BPF programs, network namespaces). Everything happens in network namespaces the bench creates\n\
                  (loopback only), the agent's setsockopt program is attached to a cgroup the bench creates, BPF run-time\n\
                  statistics are switched on with a `BPF_ENABLE_STATS` file descriptor (the `kernel.bpf_stats_enabled` sysctl\n\
