@@ -68,12 +68,17 @@ fn prometheus_scrapes_deaths_probes_and_answers() {
     let agent = Agent::start_run(&env, &["--metrics-listen", &addr.to_string()], &[]);
     let prom = Prometheus::start(addr, Duration::from_millis(500)).unwrap_or_else(|e| panic!("{e:#}"));
     dead_peer(&env);
-    healthy(&env, Duration::from_millis(3500));
+    // About five answered probes; at least two are asked for below, so that one timer run lost
+    // by the platform (its probe and answer reach no episode) still leaves enough.
+    healthy(&env, Duration::from_millis(5500));
     let comms = own_comms().join("|");
     let exe = format!("process_executable_name=~\"{comms}\"");
     let q = |promql: &str, pred: &dyn Fn(f64) -> bool| {
         let r = prom.wait_query(promql, WAIT, |r| r.len() == 1 && pred(sample_value(&r[0])));
-        r.unwrap_or_else(|e| panic!("{e:#}\nprometheus log:\n{}", prom.log()))
+        r.unwrap_or_else(|e| {
+            let stderr = agent.stderr_lines().join("\n");
+            panic!("{e:#}\nagent's log:\n{stderr}\nprometheus log:\n{}", prom.log())
+        })
     };
     q(r#"up{job="keepalive"}"#, &|v| v == 1.0);
     let deaths = q(&format!(r#"keepalive_connection_deaths_total{{keepalive_death_cause="keepalive_timeout",{exe}}}"#), &|v| v >= 1.0);

@@ -1170,16 +1170,37 @@ fn catch_up_with_kernel(ep: &mut OpenEpisode, probes_before: u8) -> u32 {
     u32::from(behind)
 }
 
+/// Probes the kernel's counter shows at a run of a connection with no episode open: the episode's
+/// first probes, whose runs reached no record, when the engine was following the connection
+/// before the first of them can have gone out (the idle time, counted from the last segment
+/// received, ended after the connection was first seen). Otherwise they went out before the agent
+/// saw the connection (it started mid-episode), and 0 is returned. Same plausibility bound as
+/// [`catch_up_with_kernel`].
+fn first_probes_unseen(first_seen_ns: u64, ts: u64, t: &TimerFiring) -> u32 {
+    let last_received = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000));
+    let first_probe_earliest = last_received + u64::from(t.settings.effective_idle_s()) * 1_000_000_000;
+    let watched = first_seen_ns.saturating_add(ANSWER_SLACK_NS) <= first_probe_earliest;
+    if watched && t.probes_before < 128 {
+        u32::from(t.probes_before)
+    } else {
+        0
+    }
+}
+
 /// What the timer run did: killed the connection, could not probe (data in flight), probed, or
 /// only re-armed. Probes the kernel sent that no record reported ([`catch_up_with_kernel`]) come
 /// first, as one `unseen_probes` record; returns how many.
 fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) -> u32 {
+    // With data in flight or queued the timer cannot probe, and the counter may be counting
+    // zero-window probes: only a run that could probe compares it with the episode.
+    let could_probe = t.packets_out == 0 && t.unsent == 0 && t.probes_before > 0;
     let unreported = match conn.episode.as_deref_mut() {
-        Some(ep) if t.probes_before > 0 => catch_up_with_kernel(ep, t.probes_before),
+        Some(ep) if could_probe => catch_up_with_kernel(ep, t.probes_before),
+        None if could_probe => first_probes_unseen(conn.first_seen_ns, ts, t),
         _ => 0,
     };
     if unreported > 0 {
-        let last = conn.episode.as_ref().map_or(0, |ep| ep.probes);
+        let last = conn.episode.as_ref().map_or(unreported, |ep| ep.probes);
         emit(out, ts, conn, RecordKind::UnseenProbes { first: last + 1 - unreported, last });
     }
     if t.state_after == TcpState::Close {
@@ -1630,6 +1651,22 @@ mod tests {
         let out = feed(&mut e, &[timer(4 * S, C, death)]);
         assert_eq!(out[0].kind, RecordKind::UnseenProbes { first: 3, last: 3 });
         assert!(matches!(out[1].kind, RecordKind::Timeout { probes: 3, .. }), "{out:?}");
+        // The episode's first probe lost: its second run finds the counter at 1 and no episode.
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka())]);
+        // Idle 2 s at the second run: the last segment came at 1 s, the first probe at 2 s.
+        let second = TimerFiring { idle_ms: 2000, ..firing(ka(), 1, 2) };
+        let out = feed(&mut e, &[timer(3 * S, A, second.clone())]);
+        let expected = [RecordKind::UnseenProbes { first: 1, last: 1 }, RecordKind::Probe { n: 2 }];
+        assert_eq!(kinds(&out), expected);
+        assert_eq!(e.stats().unreported_probes, 1);
+        // A connection first seen with probes already out (the agent started mid-episode): they
+        // went out before it was followed, nothing was lost.
+        let mut e = engine();
+        feed(&mut e, &[established(5 * S / 2, B, ka())]);
+        let out = feed(&mut e, &[timer(3 * S, B, second)]);
+        assert_eq!(kinds(&out), [RecordKind::Probe { n: 2 }]);
+        assert_eq!(e.stats().unreported_probes, 0);
         // A counter far ahead (wrapped, or zero-window probes) is not taken for losses.
         let mut e = engine();
         feed(&mut e, &[established(0, B, ka())]);
