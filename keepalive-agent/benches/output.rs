@@ -1,9 +1,10 @@
 //! Cost of writing one timeline record as a JSON line (`trace --format json`), per record kind mix
 //! of a healthy keep-alive connection (probe, ack, episode) plus a settings record.
 //!
-//! `json` is the agent's printer ([`JsonRecord`]: serde straight into the output buffer, keys in
-//! the contract's order). `json_via_map` builds a `serde_json::Map` per record first, as the agent
-//! did before (kept here as the baseline the change is measured against).
+//! `json` is the agent's printer ([`write_json_line`]: the bytes written directly, keys in the
+//! contract's order). `json_serde` is the printer before it ([`JsonRecord`], serde straight into
+//! the buffer), and `json_via_map` the one before that, building a `serde_json::Map` per record
+//! (both kept as the baselines the changes were measured against).
 
 use std::{hint::black_box, net::SocketAddr};
 
@@ -11,7 +12,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 use keepalive_agent::{
     clock::Rfc3339,
     event::{Process, SockOpt, SockSettings},
-    output::JsonRecord,
+    output::{write_json_line, JsonRecord},
     timeline::{AckPrecision, ConnView, Episode, EpisodeOutcome, FieldSink, FieldValue, Record, RecordKind, SettingsSource},
 };
 use serde_json::{json, Map, Value};
@@ -89,6 +90,16 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(recs.len() as u64));
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     g.bench_function("json", |b| {
+        b.iter(|| {
+            buf.clear();
+            for r in &recs {
+                write_json_line(&mut buf, r, 1_795_000_000_000_000_000 + r.ts_ns as i128, None);
+                buf.push(b'\n');
+            }
+            black_box(buf.len())
+        })
+    });
+    g.bench_function("json_serde", |b| {
         b.iter(|| {
             buf.clear();
             for r in &recs {

@@ -84,7 +84,7 @@ impl WallClock {
 pub struct Rfc3339(pub i128);
 
 /// Length of [`Rfc3339`]'s text: `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
-const RFC3339_LEN: usize = 27;
+pub(crate) const RFC3339_LEN: usize = 27;
 
 thread_local! {
     /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`: records come in time
@@ -96,7 +96,7 @@ thread_local! {
 impl Rfc3339 {
     /// The text, written into `buf`; `None` outside the years jiff formats (-9999..=9999) or
     /// before year 0 (a sign changes the length).
-    fn write_to<'b>(&self, buf: &'b mut [u8; RFC3339_LEN]) -> Option<&'b str> {
+    pub(crate) fn write_to<'b>(&self, buf: &'b mut [u8; RFC3339_LEN]) -> Option<&'b str> {
         let secs = i64::try_from(self.0.div_euclid(1_000_000_000)).ok()?;
         let mut micros = (self.0.rem_euclid(1_000_000_000) / 1_000) as u32;
         let prefix = SECOND.with(|cell| match cell.get() {
