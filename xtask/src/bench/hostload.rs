@@ -149,8 +149,20 @@ impl Drop for Nginx {
     }
 }
 
+/// One of the agent's programs over windows: what it cost per request.
+#[derive(Debug, Clone, Default)]
+struct ProgCost {
+    name: String,
+    attach: String,
+    runs: u64,
+    run_time_ns: u64,
+    /// Its runs × the empty program's average on its tracepoint (`None`: no reference there, e.g.
+    /// a cgroup program).
+    floor_ns: Option<f64>,
+}
+
 /// One wrk run, and what the machine and the agent used meanwhile.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Win {
     secs: f64,
     /// Non-idle CPU time of the whole machine, seconds.
@@ -162,10 +174,22 @@ struct Win {
     agent_bpf_floor_ns: f64,
     requests: f64,
     errors: u64,
+    /// The agent's programs, one entry each.
+    progs: Vec<ProgCost>,
 }
 
 impl Win {
     fn add(&mut self, o: &Win) {
+        for p in &o.progs {
+            match self.progs.iter_mut().find(|q| q.name == p.name && q.attach == p.attach) {
+                Some(q) => {
+                    q.runs += p.runs;
+                    q.run_time_ns += p.run_time_ns;
+                    q.floor_ns = q.floor_ns.zip(p.floor_ns).map(|(a, b)| a + b);
+                }
+                None => self.progs.push(p.clone()),
+            }
+        }
         self.secs += o.secs;
         self.busy_s += o.busy_s;
         self.agent_cpu_s += o.agent_cpu_s;
@@ -239,14 +263,26 @@ fn window(ctx: &Ctx, ns: &NetNs, wl: Workload, agent: Option<&Agent>, kbtf: Opti
     let out = child.wait_with_output().context("reading wrk's output")?;
     let (rps, errors) = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
     let usage = u0.zip(u1).map(|(a, b)| b.since(&a));
+    let ref_deltas = bpf::deltas(&r0, &r1);
+    let progs = usage.as_ref().map_or_else(Vec::new, |u| {
+        let cost = |p: &bpf::ProgDelta| ProgCost {
+            name: p.name.clone(),
+            attach: p.attach.clone(),
+            runs: p.runs,
+            run_time_ns: p.run_time_ns,
+            floor_ns: super::observers::floor_per_run(p, &ref_deltas).map(|avg| avg * p.runs as f64),
+        };
+        u.progs.iter().filter(|p| p.runs > 0).map(cost).collect()
+    });
     Ok(Win {
         secs: elapsed,
         busy_s: (b1 - b0) as f64 / sys::clk_tck(),
         agent_cpu_s: usage.as_ref().map_or(0.0, |u| u.cpu_s),
         agent_bpf_ns: usage.as_ref().map_or(0, |u| u.bpf_ns()),
-        agent_bpf_floor_ns: usage.as_ref().map_or(0.0, |u| super::observers::floor(&u.progs, &bpf::deltas(&r0, &r1)).floor_ns),
+        agent_bpf_floor_ns: usage.as_ref().map_or(0.0, |u| super::observers::floor(&u.progs, &ref_deltas).floor_ns),
         requests: rps * secs as f64,
         errors,
+        progs,
     })
 }
 
@@ -368,8 +404,40 @@ fn section(ctx: &Ctx, results: &Results) -> Section {
         }
     }
     s.line("");
+    program_tables(&mut s, results);
     verdicts(&mut s, results);
     s
+}
+
+/// Per program, for `run` with its defaults: what each costs a request, so that the figure above
+/// says which program bounds it.
+fn program_tables(s: &mut Section, results: &Results) {
+    for (wl, modes) in results {
+        let Some((_, w, _)) = modes.iter().find(|(m, _, _)| *m == Mode::Run) else { continue };
+        if w.requests <= 0.0 || w.progs.is_empty() {
+            continue;
+        }
+        s.line(format!("Per program, `run` (defaults), {} (BPF statistics; \"floor\": the empty program's average on the same tracepoint):\n", wl.name()));
+        s.line("| Program | Attached to | Runs per request | ns per run (of which the floor) | ns above the floor per request |");
+        s.line("|---|---|---|---|---|");
+        let mut progs = w.progs.clone();
+        progs.sort_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns));
+        for p in &progs {
+            let per_run = p.run_time_ns as f64 / p.runs as f64;
+            let (floor, above) = match p.floor_ns {
+                Some(f) => (format!("{:.0}", f / p.runs as f64), (p.run_time_ns as f64 - f).max(0.0)),
+                None => ("no reference".to_string(), p.run_time_ns as f64),
+            };
+            s.line(format!(
+                "| `{}` | {} | {:.2} | {per_run:.0} ({floor}) | {:.0} |",
+                p.name,
+                if p.attach.is_empty() { "detached" } else { &p.attach },
+                p.runs as f64 / w.requests,
+                above / w.requests
+            ));
+        }
+        s.line("");
+    }
 }
 
 fn sys_cpus() -> f64 {
@@ -433,9 +501,28 @@ Requests/sec:  15000.25\nTransfer/sec:     12.50MB\n";
 
     #[test]
     fn agent_share_of_busy_time() {
-        let w = Win { secs: 10.0, busy_s: 20.0, agent_cpu_s: 0.05, agent_bpf_ns: 50_000_000, agent_bpf_floor_ns: 30_000_000.0, requests: 1.0, errors: 0 };
+        let w = Win {
+            secs: 10.0,
+            busy_s: 20.0,
+            agent_cpu_s: 0.05,
+            agent_bpf_ns: 50_000_000,
+            agent_bpf_floor_ns: 30_000_000.0,
+            requests: 1.0,
+            ..Win::default()
+        };
         assert!((w.agent_pct() - 0.5).abs() < 1e-9);
         assert!((w.agent_pct_above_floor() - 0.35).abs() < 1e-9);
+    }
+
+    #[test]
+    fn windows_add_up_per_program() {
+        let prog = |name: &str, runs, floor_ns| ProgCost { name: name.into(), attach: "tp_btf/x".into(), runs, run_time_ns: runs * 100, floor_ns };
+        let mut sum = Win::default();
+        sum.add(&Win { progs: vec![prog("a", 10, Some(600.0)), prog("b", 5, None)], ..Win::default() });
+        sum.add(&Win { progs: vec![prog("a", 20, Some(1200.0)), prog("c", 1, Some(1.0))], ..Win::default() });
+        let runs: Vec<(&str, u64, u64, Option<f64>)> =
+            sum.progs.iter().map(|p| (p.name.as_str(), p.runs, p.run_time_ns, p.floor_ns)).collect();
+        assert_eq!(runs, [("a", 30, 3000, Some(1800.0)), ("b", 5, 500, None), ("c", 1, 100, Some(1.0))]);
     }
 
     #[test]

@@ -267,15 +267,20 @@ pub(super) fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
         ..Default::default()
     };
     for p in progs.iter().filter(|p| p.runs > 0) {
-        let avg = tracepoint_of(&p.attach)
-            .and_then(|tp| refs.iter().find(|r| tracepoint_of(&r.attach) == Some(tp)))
-            .and_then(ProgDelta::avg_ns);
-        match avg {
+        match floor_per_run(p, refs) {
             Some(avg) => b.floor_ns += p.runs as f64 * avg,
             None => b.unfloored.push(format!("`{}` ({})", p.name, if p.attach.is_empty() { "detached" } else { &p.attach })),
         }
     }
     b
+}
+
+/// The empty reference program's average run time on `p`'s tracepoint (`None`: not a tracepoint
+/// program, or no reference there).
+pub(super) fn floor_per_run(p: &ProgDelta, refs: &[ProgDelta]) -> Option<f64> {
+    tracepoint_of(&p.attach)
+        .and_then(|tp| refs.iter().find(|r| tracepoint_of(&r.attach) == Some(tp)))
+        .and_then(ProgDelta::avg_ns)
 }
 
 /// The agent (`trace` or `run`) writing to a file, over the window.
