@@ -421,7 +421,7 @@ fn program_tables(s: &mut Section, results: &Results) {
         s.line("| Program | Attached to | Runs per request | ns per run (of which the floor) | ns above the floor per request |");
         s.line("|---|---|---|---|---|");
         let mut progs = w.progs.clone();
-        progs.sort_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns));
+        progs.sort_by_key(|p| std::cmp::Reverse(p.run_time_ns));
         for p in &progs {
             let per_run = p.run_time_ns as f64 / p.runs as f64;
             let (floor, above) = match p.floor_ns {
