@@ -6,6 +6,7 @@ pub mod container;
 pub mod decode;
 pub mod event;
 pub mod export;
+pub mod json_text;
 pub mod k8s;
 pub mod kernel;
 pub mod metrics;

@@ -20,7 +20,8 @@ use opentelemetry_sdk::trace::SpanData;
 use serde::Serializer as _;
 use serde_json::{json, Map, Value as Json};
 
-use crate::clock::{rfc3339, Rfc3339};
+use crate::clock::rfc3339;
+use crate::json_text::{int, string, time};
 
 fn unix_ns(t: SystemTime) -> i128 {
     match t.duration_since(UNIX_EPOCH) {
@@ -146,7 +147,7 @@ impl SpanWriter {
         buf.extend_from_slice(b",\"duration_ms\":");
         serde_json::to_writer(&mut *buf, &((end - start) as f64 / 1e6))?;
         buf.extend_from_slice(b",\"end\":");
-        time(buf, end)?;
+        time(buf, end);
         buf.extend_from_slice(b",\"end_unix_ns\":");
         int(buf, end as i64);
         buf.extend_from_slice(b",\"events\":[");
@@ -157,7 +158,7 @@ impl SpanWriter {
             self.event(buf, e)?;
         }
         buf.extend_from_slice(b"],\"kind\":\"internal\",\"name\":");
-        string(buf, &span.name)?;
+        string(buf, &span.name);
         buf.extend_from_slice(b",\"parent_span_id\":");
         if span.parent_span_id == SpanId::INVALID {
             buf.extend_from_slice(b"null");
@@ -167,13 +168,13 @@ impl SpanWriter {
         buf.extend_from_slice(b",\"resource\":");
         buf.extend_from_slice(&self.resource);
         buf.extend_from_slice(b",\"scope\":{\"name\":");
-        string(buf, span.instrumentation_scope.name())?;
+        string(buf, span.instrumentation_scope.name());
         buf.extend_from_slice(b",\"version\":");
         serde_json::to_writer(&mut *buf, &span.instrumentation_scope.version())?;
         buf.extend_from_slice(b"},\"span_id\":");
         hex(buf, &span.span_context.span_id().to_bytes());
         buf.extend_from_slice(b",\"start\":");
-        time(buf, start)?;
+        time(buf, start);
         buf.extend_from_slice(b",\"start_unix_ns\":");
         int(buf, start as i64);
         buf.extend_from_slice(b",\"status\":");
@@ -182,7 +183,7 @@ impl SpanWriter {
             Status::Ok => buf.extend_from_slice(b"{\"code\":\"ok\"}"),
             Status::Error { description } => {
                 buf.extend_from_slice(b"{\"code\":\"error\",\"message\":");
-                string(buf, description)?;
+                string(buf, description);
                 buf.push(b'}');
             }
         }
@@ -197,9 +198,9 @@ impl SpanWriter {
         buf.extend_from_slice(b"{\"attributes\":");
         self.attrs(buf, &e.attributes)?;
         buf.extend_from_slice(b",\"name\":");
-        string(buf, &e.name)?;
+        string(buf, &e.name);
         buf.extend_from_slice(b",\"time\":");
-        time(buf, t)?;
+        time(buf, t);
         buf.extend_from_slice(b",\"time_unix_ns\":");
         int(buf, t as i64);
         buf.push(b'}');
@@ -223,7 +224,7 @@ impl SpanWriter {
                 buf.push(b',');
             }
             first = false;
-            string(buf, key(i))?;
+            string(buf, key(i));
             buf.push(b':');
             value_to(buf, &kvs[i].value)?;
         }
@@ -238,7 +239,7 @@ fn value_to(buf: &mut Vec<u8>, v: &Value) -> Result<(), serde_json::Error> {
         Value::Bool(b) => buf.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::I64(i) => int(buf, *i),
         Value::F64(f) => serde_json::to_writer(&mut *buf, f)?,
-        Value::String(s) => string(buf, s.as_str())?,
+        Value::String(s) => string(buf, s.as_str()),
         Value::Array(Array::Bool(a)) => serde_json::to_writer(&mut *buf, a)?,
         Value::Array(Array::I64(a)) => serde_json::to_writer(&mut *buf, a)?,
         Value::Array(Array::F64(a)) => serde_json::to_writer(&mut *buf, a)?,
@@ -248,18 +249,6 @@ fn value_to(buf: &mut Vec<u8>, v: &Value) -> Result<(), serde_json::Error> {
         other => serde_json::Serializer::new(&mut *buf).collect_str(other)?,
     }
     Ok(())
-}
-
-fn string(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
-    serde_json::Serializer::new(buf).serialize_str(s)
-}
-
-fn time(buf: &mut Vec<u8>, unix_ns: i128) -> Result<(), serde_json::Error> {
-    serde::Serialize::serialize(&Rfc3339(unix_ns), &mut serde_json::Serializer::new(buf))
-}
-
-fn int(buf: &mut Vec<u8>, i: impl itoa::Integer) {
-    buf.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
 }
 
 /// A trace or span id as a JSON string of lowercase hex digits (the ids' `Display`).
