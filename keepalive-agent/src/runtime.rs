@@ -549,11 +549,9 @@ impl<'a> EventLoop<'a> {
             )
         });
         self.report_skipped(st);
-        let bad = st.summary.decode_errors - st.reported.decode_errors;
-        if bad > 0 {
-            warn!("dropped {bad} undecodable kernel events (total {})", st.summary.decode_errors);
-            st.reported.decode_errors = st.summary.decode_errors;
-        }
+        warn_on_growth(st.summary.decode_errors, &mut st.reported.decode_errors, |n, total| {
+            format!("dropped {n} undecodable kernel events (total {total})")
+        });
         warn_on_growth(self.engine.stats().unreported_probes, &mut st.reported.unreported_probes, |n, total| {
             format!("{n} keep-alive probes were seen only by the kernel's probe counter: the timer runs that sent them reached no record (total {total})")
         });

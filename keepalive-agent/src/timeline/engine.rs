@@ -1153,14 +1153,18 @@ fn infer_answer(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring
     answered(out, received_at.clamp(last_probe, ts), conn, AckPrecision::NextFiring);
 }
 
+/// Probes behind the kernel's 8-bit `icsk_probes_out` that can be lost timer runs: a difference
+/// of this or more is not a plausible loss (the counter wrapped, or zero-window probes counted
+/// there) and is left alone.
+const MAX_UNSEEN_PROBES: u8 = 128;
+
 /// Probes the kernel's counter shows before this run that the episode has not counted: timer
 /// runs that sent them reached no record (lost before the agent read them). The episode takes the
-/// kernel's count, so later probes carry their true numbers; returns how many it was behind.
-/// `icsk_probes_out` is 8 bits: a difference of 128 or more is not a plausible loss (the counter
-/// wrapped, or zero-window probes counted there) and is left alone.
+/// kernel's count, so later probes carry their true numbers; returns how many it was behind
+/// (within [`MAX_UNSEEN_PROBES`]).
 fn catch_up_with_kernel(ep: &mut OpenEpisode, probes_before: u8) -> u32 {
     let behind = probes_before.wrapping_sub(ep.probes as u8);
-    if behind == 0 || behind >= 128 {
+    if behind == 0 || behind >= MAX_UNSEEN_PROBES {
         return 0;
     }
     ep.probes = ep.probes.saturating_add(u32::from(behind));
@@ -1174,13 +1178,12 @@ fn catch_up_with_kernel(ep: &mut OpenEpisode, probes_before: u8) -> u32 {
 /// first probes, whose runs reached no record, when the engine was following the connection
 /// before the first of them can have gone out (the idle time, counted from the last segment
 /// received, ended after the connection was first seen). Otherwise they went out before the agent
-/// saw the connection (it started mid-episode), and 0 is returned. Same plausibility bound as
-/// [`catch_up_with_kernel`].
+/// saw the connection (it started mid-episode), and 0 is returned. Within [`MAX_UNSEEN_PROBES`].
 fn first_probes_unseen(first_seen_ns: u64, ts: u64, t: &TimerFiring) -> u32 {
     let last_received = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000));
     let first_probe_earliest = last_received + u64::from(t.settings.effective_idle_s()) * 1_000_000_000;
     let watched = first_seen_ns.saturating_add(ANSWER_SLACK_NS) <= first_probe_earliest;
-    if watched && t.probes_before < 128 {
+    if watched && t.probes_before < MAX_UNSEEN_PROBES {
         u32::from(t.probes_before)
     } else {
         0
@@ -1656,7 +1659,7 @@ mod tests {
         feed(&mut e, &[established(0, A, ka())]);
         // Idle 2 s at the second run: the last segment came at 1 s, the first probe at 2 s.
         let second = TimerFiring { idle_ms: 2000, ..firing(ka(), 1, 2) };
-        let out = feed(&mut e, &[timer(3 * S, A, second.clone())]);
+        let out = feed(&mut e, &[timer(3 * S, A, second)]);
         let expected = [RecordKind::UnseenProbes { first: 1, last: 1 }, RecordKind::Probe { n: 2 }];
         assert_eq!(kinds(&out), expected);
         assert_eq!(e.stats().unreported_probes, 1);
