@@ -279,7 +279,8 @@ fn window(ctx: &Ctx, ns: &NetNs, wl: Workload, agent: Option<&Agent>, kbtf: Opti
         busy_s: (b1 - b0) as f64 / sys::clk_tck(),
         agent_cpu_s: usage.as_ref().map_or(0.0, |u| u.cpu_s),
         agent_bpf_ns: usage.as_ref().map_or(0, |u| u.bpf_ns()),
-        agent_bpf_floor_ns: usage.as_ref().map_or(0.0, |u| super::observers::floor(&u.progs, &ref_deltas).floor_ns),
+        // The programs' floors, as the observers part sums them (`observers::floor`).
+        agent_bpf_floor_ns: progs.iter().filter_map(|p| p.floor_ns).sum(),
         requests: rps * secs as f64,
         errors,
         progs,
