@@ -7,11 +7,15 @@
 //!   only does the agent's first filter step (read `timer->function` with a helper, compare), and
 //!   the same filters as BTF-typed (`tp_btf`) programs with direct loads. They are hand-assembled
 //!   (a dozen instructions), attached with `BPF_RAW_TRACEPOINT_OPEN`, never pinned, and detached
-//!   when their fds close.
+//!   when their fds close. The agent's other two kinds of hook get an empty reference program as
+//!   well: a `cgroup/setsockopt` program returning 1 (the call goes on untouched) on the bench's own
+//!   cgroup through a BPF link, and a tracepoint program on the classic (perf) syscall tracepoints
+//!   through a perf event.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
+use std::path::Path;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -24,6 +28,11 @@ const BPF_MAP_GET_FD_BY_ID: i64 = 14;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
 const BPF_ENABLE_STATS: i64 = 32;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+const BPF_PROG_TYPE_CGROUP_SOCKOPT: u32 = 25;
+/// `attach_type` (and `expected_attach_type`) of a cgroup setsockopt program.
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 const BPF_STATS_RUN_TIME: u32 = 0;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
@@ -529,12 +538,14 @@ impl CountProg {
     }
 }
 
-/// A reference program attached to a raw tracepoint by the bench; detached on drop.
+/// A reference program attached by the bench; detached on drop.
 pub struct RefProg {
     pub label: String,
-    pub tracepoint: String,
-    btf: bool,
+    /// Where it is attached, as [`process_bpf`] names the agent's programs there (`raw_tp/NAME`,
+    /// `tp_btf/NAME`, `cgroup`, `perf`).
+    attach: String,
     prog: OwnedFd,
+    /// The BPF link, or for a classic tracepoint the perf event the program is set on.
     _link: OwnedFd,
 }
 
@@ -577,8 +588,79 @@ impl RefProg {
             RefKind::BtfFilter => "tp_btf direct load + compare (the filter without a helper call)".to_string(),
             RefKind::BtfProbeFilter => "tp_btf skc_to_tcp_sock + direct load of icsk_probes_out".to_string(),
         };
-        Ok(RefProg { label, tracepoint: tracepoint.to_string(), btf: btf_id.is_some(), prog, _link: link })
+        let attach = format!("{}/{tracepoint}", if btf_id.is_some() { "tp_btf" } else { "raw_tp" });
+        Ok(RefProg { label, attach, prog, _link: link })
     }
+
+    /// An empty `cgroup/setsockopt` program (`r0 = 1`: the call goes on as if it were not there) on
+    /// `cgroup` through a BPF link (5.7+): like the agent's, it joins the programs attached there
+    /// and runs after them. The floor of the agent's `setsockopt` program on the same cgroup.
+    pub fn attach_cgroup_setsockopt(cgroup: &Path) -> Result<RefProg> {
+        let insns = [insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)];
+        let prog = load_as(&insns, b"kab_empty_sopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, BPF_CGROUP_SETSOCKOPT, None)
+            .context("loading the empty cgroup/setsockopt reference program")?;
+        let dir = fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+        let mut a = Attr::new();
+        a.u32(0, prog.as_raw_fd() as u32).u32(4, dir.as_raw_fd() as u32).u32(8, BPF_CGROUP_SETSOCKOPT);
+        let link = owned(
+            sys_bpf(BPF_LINK_CREATE, &mut a)
+                .with_context(|| format!("attaching the empty cgroup/setsockopt reference program to {}", cgroup.display()))?,
+        );
+        Ok(RefProg { label: "empty program (floor)".into(), attach: "cgroup".into(), prog, _link: link })
+    }
+
+    /// An empty program on the classic (perf) tracepoint `category:name`, set on a perf event of
+    /// that tracepoint (`PERF_EVENT_IOC_SET_BPF`; the program runs on every CPU, whichever CPU the
+    /// event was opened on). The floor of the agent's programs on classic tracepoints.
+    pub fn attach_perf_tracepoint(category: &str, name: &str) -> Result<RefProg> {
+        let id = tracepoint_id(category, name)?;
+        let prog = load_as(EMPTY, b"kab_empty_perf", BPF_PROG_TYPE_TRACEPOINT, 0, None)
+            .with_context(|| format!("loading the empty reference program for {category}:{name}"))?;
+        let event = perf_tracepoint_event(id).with_context(|| format!("perf_event_open of {category}:{name}"))?;
+        // SAFETY: an ioctl on the perf event fd just opened, with a program fd as its argument.
+        if unsafe { libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd()) } < 0 {
+            bail!("PERF_EVENT_IOC_SET_BPF on {category}:{name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(RefProg { label: "empty program (floor)".into(), attach: "perf".into(), prog, _link: event })
+    }
+}
+
+/// `_IOW('$', 8, __u32)`.
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+/// `perf_event_open` flag: close-on-exec.
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+
+/// The id of tracepoint `category:name`, from tracefs (mounted where the kernel puts it, or under
+/// debugfs).
+fn tracepoint_id(category: &str, name: &str) -> Result<u64> {
+    let paths = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].map(|d| format!("{d}/events/{category}/{name}/id"));
+    let text = paths
+        .iter()
+        .find_map(|p| fs::read_to_string(p).ok())
+        .with_context(|| format!("no tracepoint id at {} (tracefs not mounted?)", paths.join(" or ")))?;
+    text.trim().parse().with_context(|| format!("tracepoint id of {category}:{name}: {text:?}"))
+}
+
+/// A perf event counting tracepoint `id` on CPU 0 for every process, enabled, one sample per hit
+/// (what a BPF program on a classic tracepoint is set on).
+fn perf_tracepoint_event(id: u64) -> Result<OwnedFd> {
+    // struct perf_event_attr, first version (64 bytes): type, size, config, sample_period,
+    // sample_type, read_format, flags, wakeup_events.
+    let mut attr = Attr::new();
+    attr.u32(0, 2 /* PERF_TYPE_TRACEPOINT */)
+        .u32(4, 64)
+        .u64(8, id)
+        .u64(16, 1)
+        .u64(24, 1 << 10 /* PERF_SAMPLE_RAW */)
+        .u32(48, 1);
+    // SAFETY: a zeroed attr of the size it declares; pid -1, cpu 0, no group, close-on-exec.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_perf_event_open, attr.0.as_ptr(), -1 as libc::pid_t, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(owned(fd))
 }
 
 fn kind_name(kind: RefKind) -> &'static [u8] {
@@ -592,6 +674,14 @@ fn kind_name(kind: RefKind) -> &'static [u8] {
 
 /// Loads a program; raw tracepoint, or `tp_btf` for the tracepoint whose typedef is `btf_id`.
 fn load(insns: &[Insn], name: &[u8], btf_id: Option<u32>) -> Result<OwnedFd> {
+    match btf_id {
+        Some(_) => load_as(insns, name, BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, btf_id),
+        None => load_as(insns, name, BPF_PROG_TYPE_RAW_TRACEPOINT, 0, None),
+    }
+}
+
+/// Loads a program of `prog_type` (with its `expected_attach_type`, and `attach_btf_id` if any).
+fn load_as(insns: &[Insn], name: &[u8], prog_type: u32, expected_attach: u32, btf_id: Option<u32>) -> Result<OwnedFd> {
     let mut bytes = Vec::with_capacity(insns.len() * 8);
     for i in insns {
         bytes.push(i.code);
@@ -602,7 +692,7 @@ fn load(insns: &[Insn], name: &[u8], btf_id: Option<u32>) -> Result<OwnedFd> {
     let license = CString::new("GPL").expect("no NUL");
     let mut log = vec![0u8; 64 * 1024];
     let mut a = Attr::new();
-    a.u32(0, if btf_id.is_some() { BPF_PROG_TYPE_TRACING } else { BPF_PROG_TYPE_RAW_TRACEPOINT })
+    a.u32(0, prog_type)
         .u32(4, insns.len() as u32)
         .u64(8, bytes.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
@@ -610,8 +700,9 @@ fn load(insns: &[Insn], name: &[u8], btf_id: Option<u32>) -> Result<OwnedFd> {
         .u32(28, log.len() as u32)
         .u64(32, log.as_mut_ptr() as u64);
     a.0[48..48 + name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    a.u32(68, expected_attach);
     if let Some(id) = btf_id {
-        a.u32(68, BPF_TRACE_RAW_TP).u32(108, id);
+        a.u32(108, id);
     }
     match sys_bpf(BPF_PROG_LOAD, &mut a) {
         Ok(fd) => Ok(owned(fd)),
@@ -638,7 +729,7 @@ impl RefProg {
         ProgSample {
             id: num(&info, "prog_id") as u32,
             name: self.label.clone(),
-            attach: format!("{}/{}", if self.btf { "tp_btf" } else { "raw_tp" }, self.tracepoint),
+            attach: self.attach.clone(),
             run_time_ns: num(&info, "run_time_ns"),
             run_cnt: num(&info, "run_cnt"),
         }

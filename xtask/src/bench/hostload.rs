@@ -237,7 +237,7 @@ fn window(ctx: &Ctx, ns: &NetNs, wl: Workload, agent: Option<&Agent>, kbtf: Opti
     }
     cmd.arg(format!("http://{ADDR}/index.html")).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let refs = match (agent, kbtf) {
-        (Some(a), Some(k)) => super::observers::floor_refs(a.pid, k),
+        (Some(a), Some(k)) => super::observers::floor_refs(a.pid, k, ctx.cgroup.map(|c| c.path())),
         _ => Vec::new(),
     };
     let r0: Vec<bpf::ProgSample> = refs.iter().map(bpf::RefProg::sample).collect();
@@ -372,7 +372,8 @@ fn section(ctx: &Ctx, results: &Results) -> Section {
          threads' `schedstat` run time, + its BPF programs' run time) / the machine's busy CPU time (all CPUs, non-idle, from \
          `/proc/stat`) over the same window; the target is judged on that. BPF run time with statistics on includes \
          the statistics' own two clock reads per run: an empty program attached after the agent's on each of its \
-         tracepoints measures that floor, and \"above the floor\" subtracts the agent's runs × the empty program's \
+         hooks (each tracepoint; the bench's cgroup, by a `cgroup/setsockopt` program returning 1; the classic \
+         syscall tracepoints of the accept-owner hook, by a perf event) measures that floor, and \"above the floor\" subtracts the agent's runs × the empty program's \
          average (what its programs cost with statistics off). The agent watches the whole host, so whatever else runs on the machine \
          (other builds and tests on a shared machine) is in both the agent's work and the busy time; \
          the load before the part started is recorded above. Requests/s are information (throughput windows \
@@ -418,7 +419,7 @@ fn program_tables(s: &mut Section, results: &Results) {
         if w.requests <= 0.0 || w.progs.is_empty() {
             continue;
         }
-        s.line(format!("Per program, `run` (defaults), {} (BPF statistics; \"floor\": the empty program's average on the same tracepoint):\n", wl.name()));
+        s.line(format!("Per program, `run` (defaults), {} (BPF statistics; \"floor\": the empty program's average on the same hook):\n", wl.name()));
         s.line("| Program | Attached to | Runs per request | ns per run (of which the floor) | ns above the floor per request |");
         s.line("|---|---|---|---|---|");
         let mut progs = w.progs.clone();

@@ -7,7 +7,7 @@
 //! At several sizes (default 5,000 and 20,000 connections), so that growth per connection shows.
 
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -225,24 +225,30 @@ fn observe_ss(ns: &NetNs, counters: Option<&HostCounters>, secs: u64) -> Result<
     })
 }
 
+/// The classic (perf) tracepoints the agent's attach plan uses (its accept-owner hook): their
+/// links name no tracepoint, so the bench knows them.
+const PERF_TRACEPOINTS: [(&str, &str); 2] = [("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept")];
+
 /// Empty reference programs on every tracepoint the agent's programs use, and on every hot-path
 /// tracepoint (the answer program is attached only while probes are out), attached after the
-/// agent's so that the agent's programs run first and keep their cache misses.
-pub(super) fn floor_refs(pid: u32, kbtf: &KernelBtf) -> Vec<RefProg> {
-    let mut tps: Vec<String> = bpf::process_bpf(pid)
-        .map(|b| b.progs.iter().filter_map(|p| tracepoint_of(&p.attach).map(str::to_string)).collect())
-        .unwrap_or_default();
-    tps.extend(HOT.iter().map(|t| t.to_string()));
+/// agent's so that the agent's programs run first and keep their cache misses; likewise on the
+/// agent's cgroup (`cgroup`, the cgroup the agent was given) and classic tracepoints when it has
+/// programs there.
+pub(super) fn floor_refs(pid: u32, kbtf: &KernelBtf, cgroup: Option<&Path>) -> Vec<RefProg> {
+    let attached: Vec<String> = bpf::process_bpf(pid).map(|b| b.progs.into_iter().map(|p| p.attach).collect()).unwrap_or_default();
+    let mut tps: Vec<&str> = attached.iter().filter_map(|a| tracepoint_of(a)).chain(HOT.iter().copied()).collect();
     tps.sort();
     tps.dedup();
-    tps.iter()
-        .filter_map(|tp| match RefProg::attach(RefKind::Empty, tp, kbtf) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!("no empty reference program on {tp}: {e:#}");
-                None
-            }
-        })
+    let has = |key: &str| attached.iter().any(|a| floor_key(a) == Some(key));
+    let mut refs: Vec<Result<RefProg>> = tps.iter().map(|tp| RefProg::attach(RefKind::Empty, tp, kbtf)).collect();
+    if let (true, Some(cg)) = (has("cgroup"), cgroup) {
+        refs.push(RefProg::attach_cgroup_setsockopt(cg));
+    }
+    if has("perf") {
+        refs.extend(PERF_TRACEPOINTS.iter().map(|(cat, name)| RefProg::attach_perf_tracepoint(cat, name)));
+    }
+    refs.into_iter()
+        .filter_map(|r| r.map_err(|e| warn!("no empty reference program there: {e:#}")).ok())
         .collect()
 }
 
@@ -275,12 +281,23 @@ pub(super) fn floor(progs: &[ProgDelta], refs: &[ProgDelta]) -> Bpf {
     b
 }
 
-/// The empty reference program's average run time on `p`'s tracepoint (`None`: not a tracepoint
-/// program, or no reference there).
+/// The empty reference programs' average run time where `p` is attached (`None`: detached, or no
+/// reference there). Several references under one key (`perf`: one per classic tracepoint) are
+/// averaged over their runs.
 pub(super) fn floor_per_run(p: &ProgDelta, refs: &[ProgDelta]) -> Option<f64> {
-    tracepoint_of(&p.attach)
-        .and_then(|tp| refs.iter().find(|r| tracepoint_of(&r.attach) == Some(tp)))
-        .and_then(ProgDelta::avg_ns)
+    let key = floor_key(&p.attach)?;
+    let (ns, runs) = refs
+        .iter()
+        .filter(|r| floor_key(&r.attach) == Some(key))
+        .fold((0, 0), |(ns, runs), r| (ns + r.run_time_ns, runs + r.runs));
+    (runs > 0).then(|| ns as f64 / runs as f64)
+}
+
+/// What a program's floor is looked up by: its tracepoint, or the kind of hook for the hooks whose
+/// links name no tracepoint (`cgroup`, `perf`).
+fn floor_key(attach: &str) -> Option<&str> {
+    let first = attach.split(" + ").next()?;
+    tracepoint_of(first).or(matches!(first, "cgroup" | "perf").then_some(first))
 }
 
 /// The agent (`trace` or `run`) writing to a file, over the window.
@@ -314,7 +331,7 @@ fn observe_agent(ctx: &Ctx, ns: &NetNs, kbtf: &KernelBtf, n: usize, observer: (A
     cfg.stdout_file = Some(out.0.clone());
     let agent = Agent::start(&cfg)?;
     sys::sleep(Duration::from_secs(a.observer_warmup_s))?;
-    let refs = floor_refs(agent.pid, kbtf);
+    let refs = floor_refs(agent.pid, kbtf, ctx.cgroup.map(|c| c.path()));
     let counters = HostCounters::attach(kbtf).map_err(|e| warn!("no host keep-alive counters: {e:#}")).ok();
     let (u0, r0, h0, off0) = (Usage::sample(agent.pid)?, refs.iter().map(RefProg::sample).collect::<Vec<_>>(), host_ka(counters.as_ref())?, agent::file_len(&out.0));
     sys::sleep(Duration::from_secs(a.observer_window_s))?;
@@ -615,6 +632,23 @@ ESTAB 0 0 127.0.0.1:9000 127.0.0.1:40000\n\
         assert_eq!(b.runs, 1015);
         assert!((b.floor_ns - 1010.0 * 20.0).abs() < 1e-9);
         assert_eq!(b.unfloored, vec!["`c` (cgroup)".to_string()]);
+    }
+
+    #[test]
+    fn cgroup_and_perf_hooks_have_their_own_floor() {
+        let refs = [
+            delta("empty", "raw_tp/inet_sock_set_state", 10, 500),
+            delta("empty", "cgroup", 4, 200),
+            // One per classic tracepoint, averaged over their runs.
+            delta("empty", "perf", 3, 90),
+            delta("empty", "perf", 1, 70),
+        ];
+        assert_eq!(floor_per_run(&delta("setsockopt", "cgroup", 7, 700), &refs), Some(50.0));
+        assert_eq!(floor_per_run(&delta("sys_exit_accept", "perf", 7, 700), &refs), Some(40.0));
+        assert_eq!(floor_per_run(&delta("x", "tp_btf/inet_sock_set_state + tp_btf/x", 1, 1), &refs), Some(50.0));
+        assert_eq!(floor_per_run(&delta("x", "", 1, 1), &refs), None);
+        assert_eq!(floor_per_run(&delta("x", "netns", 1, 1), &refs), None);
+        assert_eq!(floor_per_run(&delta("setsockopt", "cgroup", 7, 700), &refs[..1]), None);
     }
 
     #[test]
