@@ -134,12 +134,18 @@ pub(crate) fn await_owner(sk: u64) {
     }
 }
 
+/// Whether any socket awaits its owner ([`AWAIT_OWNER_COUNT`] above 0).
+#[inline(always)]
+pub(crate) fn owners_awaited() -> bool {
+    let Some(count) = AWAIT_OWNER_COUNT.get_ptr(0) else { return false };
+    // SAFETY: `count` points into the array's value.
+    unsafe { core::ptr::read_volatile(count) != 0 }
+}
+
 /// Whether `sk`, being destroyed, was awaiting its owner (and forgets it).
 #[inline(always)]
 pub(crate) fn awaited_owner(sk: u64) -> bool {
-    let Some(count) = AWAIT_OWNER_COUNT.get_ptr(0) else { return false };
-    // SAFETY: `count` points into the array's value.
-    if unsafe { core::ptr::read_volatile(count) } == 0 {
+    if !owners_awaited() {
         return false;
     }
     // SAFETY: the value is not kept past this call.

@@ -314,7 +314,12 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     let Some(tp) = typed_tcp_sock(&ctx, 0) else { return 0 };
-    on_destroy(ctx_arg_scalar(ctx.as_ptr(), 0), relevant_typed(tp));
+    let relevant = relevant_typed(tp);
+    // The socket as a number costs a probe read of the context: only when there may be something
+    // to report (this program runs at every socket's destruction, nearly always with nothing).
+    if relevant || crate::owners_awaited() {
+        on_destroy(ctx_arg_scalar(ctx.as_ptr(), 0), relevant);
+    }
     0
 }
 
