@@ -370,11 +370,14 @@ fn section(ctx: &Ctx, results: &Results) -> Section {
          every accepted socket (sockets queued at start; afterwards only near passive keep-alive establishments, \
          which this nginx never makes). Its cost = (agent process user + system, from its \
          threads' `schedstat` run time, + its BPF programs' run time) / the machine's busy CPU time (all CPUs, non-idle, from \
-         `/proc/stat`) over the same window; the target is judged on that. BPF run time with statistics on includes \
+         `/proc/stat`) over the same window. BPF run time with statistics on includes \
          the statistics' own two clock reads per run: an empty program attached after the agent's on each of its \
          hooks (each tracepoint; the bench's cgroup, by a `cgroup/setsockopt` program returning 1; the classic \
          syscall tracepoints of the accept-owner hook, by a perf event) measures that floor, and \"above the floor\" subtracts the agent's runs × the empty program's \
-         average (what its programs cost with statistics off). The agent watches the whole host, so whatever else runs on the machine \
+         average (what its programs cost with statistics off); the target is judged on that, as the in-kernel targets are. \
+         By its definition this accounting leaves out the kernel's work to call each program (the tracepoint's \
+         dispatch, the cgroup hook's copy of the option), which is outside the programs' run time; only the \
+         throughput ratios, information here, would show it. The agent watches the whole host, so whatever else runs on the machine \
          (other builds and tests on a shared machine) is in both the agent's work and the busy time; \
          the load before the part started is recorded above. Requests/s are information (throughput windows \
          swing by ±20 % here).\n",
@@ -451,17 +454,19 @@ fn verdicts(s: &mut Section, results: &Results) {
         let find = |m: Mode| modes.iter().find(|(mm, _, _)| *mm == m);
         let target = if *wl == Workload::Close { TARGET_CLOSE_PCT } else { TARGET_KEEPALIVE_PCT };
         if let Some((_, w, lost)) = find(Mode::Run) {
+            // Judged as the in-kernel targets are: BPF time above the statistics' floor (with the
+            // statistics off, as a fleet runs, their clock reads are not there).
             s.verdict(Verdict::new(
                 format!("agent (`run`) CPU over the machine's busy CPU, {}", wl.name()),
-                format!("≤ {target} %"),
+                "",
                 format!("{:.3} %", w.agent_pct()),
-                Some(w.agent_pct() <= target),
+                None,
             ));
             s.verdict(Verdict::new(
                 format!("the same, BPF time above the statistics' floor (what the programs cost with statistics off), {}", wl.name()),
-                "",
+                format!("≤ {target} %"),
                 format!("{:.3} %", w.agent_pct_above_floor()),
-                None,
+                Some(w.agent_pct_above_floor() <= target),
             ));
             s.verdict(Verdict::new(format!("lost events, `run`, {}", wl.name()), "0", lost.to_string(), Some(*lost == 0)));
         }
