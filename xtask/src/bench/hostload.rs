@@ -156,8 +156,8 @@ struct ProgCost {
     attach: String,
     runs: u64,
     run_time_ns: u64,
-    /// Its runs × the empty program's average on its tracepoint (`None`: no reference there, e.g.
-    /// a cgroup program).
+    /// Its runs × the empty program's average on its hook (`None`: no reference there in some
+    /// window, e.g. one that failed to attach).
     floor_ns: Option<f64>,
 }
 
