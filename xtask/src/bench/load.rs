@@ -276,7 +276,8 @@ impl Drop for Sleepers {
 pub const PER_HOLDER: usize = 15_000;
 
 /// Many idle keep-alive connections: clients with `SO_KEEPALIVE` and the given timing (set before
-/// connect). Servers listen on 127.0.0.1, 127.0.0.2... port 9000 (so that ephemeral ports never run
+/// connect), each holder's connections made evenly over one idle time so that their timers are
+/// spread over it ([`holder_main`]). Servers listen on 127.0.0.1, 127.0.0.2... port 9000 (so that ephemeral ports never run
 /// out) and never accept: an established connection waiting in the accept queue is a full TCP
 /// socket that answers probes, and holds no file descriptor. Clients live in holder processes
 /// (this binary, `bench --holder-*`), at most [`PER_HOLDER`] each, so that no process needs more
@@ -362,6 +363,11 @@ pub struct HolderArgs {
     pub ka: KeepAlive,
 }
 
+/// When connection `i` of `count` is due, from the first: evenly over `idle_s` seconds.
+fn connect_due(i: usize, count: usize, idle_s: i32) -> Duration {
+    Duration::from_secs(idle_s.max(0) as u64).mul_f64(i as f64 / count.max(1) as f64)
+}
+
 /// The holder process: connect `count` clients from inside the namespace, say `ready COUNT`, keep
 /// them until stdin closes, then reset them all.
 pub fn holder_main(h: &HolderArgs) -> Result<()> {
@@ -371,7 +377,15 @@ pub fn holder_main(h: &HolderArgs) -> Result<()> {
         bail!("no targets");
     }
     let mut clients = Vec::with_capacity(h.count);
+    let started = Instant::now();
     for i in 0..h.count {
+        // Connections made in one burst have their keep-alive timers in phase: thousands of probes
+        // in one timer tick overflow the loopback's per-CPU backlog (`net.core.netdev_max_backlog`,
+        // 1000) and a third of them are dropped unanswered (the agent reports those episodes as
+        // problems). Spread over one idle time, the timers fire in every tick of it.
+        if let Some(wait) = connect_due(i, h.count, h.ka.idle_s).checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
         let addr = h.targets[(h.offset + i) % h.targets.len()];
         clients.push(connect(addr, Some(h.ka)).with_context(|| format!("connection {} to {addr}", h.offset + i))?);
     }
@@ -398,6 +412,14 @@ pub fn holder_main(h: &HolderArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_spread_over_one_idle_time() {
+        assert_eq!(connect_due(0, 4, 1), Duration::ZERO);
+        assert_eq!(connect_due(2, 4, 1), Duration::from_millis(500));
+        assert_eq!(connect_due(3, 4, 2), Duration::from_millis(1500));
+        assert_eq!(connect_due(1, 2, -1), Duration::ZERO);
+    }
 
     #[test]
     fn sockaddr_is_network_order() {

@@ -431,7 +431,8 @@ fn describe(s: &mut Section, ctx: &Ctx) {
     s.line(format!(
         "Keep-alive connections in a network namespace the bench creates (idle 1 s, interval 1 s, count 5, set \
          before `connect()`; servers that never accept, so peers answer every probe from the accept queue), made \
-         once per size and watched by one observer at a time, each for {} s after {} s of warm-up:\n\n\
+         once per size, evenly over one idle time (connections made in one burst would probe in phase, and the \
+         loopback's per-CPU backlog would drop a third of the probes), and watched by one observer at a time, each for {} s after {} s of warm-up:\n\n\
          - `ss -tnoi` in the namespace once a second: CPU of the `ss` processes from their rusage (user + system, \
            the kernel's socket dump included), per second of wall time;\n\
          - `keepalive-agent trace --format json --netns NS` writing to a file;\n\
