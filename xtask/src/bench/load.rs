@@ -277,8 +277,8 @@ pub const PER_HOLDER: usize = 15_000;
 
 /// Many idle keep-alive connections: clients with `SO_KEEPALIVE` and the given timing (set before
 /// connect), each holder's connections made evenly over one idle time so that their timers are
-/// spread over it ([`holder_main`]). Servers listen on 127.0.0.1, 127.0.0.2... port 9000 (so that ephemeral ports never run
-/// out) and never accept: an established connection waiting in the accept queue is a full TCP
+/// spread over it ([`holder_main`]). Servers listen on 127.0.0.1, 127.0.0.2... port 9000 (so that
+/// ephemeral ports never run out) and never accept: an established connection waiting in the accept queue is a full TCP
 /// socket that answers probes, and holds no file descriptor. Clients live in holder processes
 /// (this binary, `bench --holder-*`), at most [`PER_HOLDER`] each, so that no process needs more
 /// file descriptors than the hard limit allows.
