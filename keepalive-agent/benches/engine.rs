@@ -180,7 +180,6 @@ impl ConnGen {
     ) -> RawEvent {
         let mut r = self.base(EventKind::Timer, ts);
         self.settings(&mut r);
-        r.exit_ts_ns = ts + 3_000;
         r.state = TCP_ESTABLISHED;
         r.new_state = if killed { TCP_CLOSE } else { TCP_ESTABLISHED };
         r.probes_out = before;

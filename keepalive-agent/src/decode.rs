@@ -138,7 +138,6 @@ impl Decoder {
                 settings: self.settings(raw),
                 err_after: raw.err,
                 next_in_ms: self.timer_in_ms(raw),
-                exit_ts_ns: raw.exit_ts_ns,
             }),
             EventKind::Ack => EventBody::Ack {
                 probes: raw.probes_out,
@@ -437,7 +436,6 @@ mod tests {
     #[test]
     fn timer_jiffies_and_settings() {
         let mut r = raw(EventKind::Timer);
-        r.exit_ts_ns = 2_000;
         r.flags = FLAG_KEEPOPEN | FLAG_TIMER_PENDING;
         r.state = 1;
         r.new_state = 1;
@@ -464,7 +462,6 @@ mod tests {
         assert_eq!((t.probes_before, t.probes_after), (1, 2));
         assert_eq!(t.idle_ms, 3020);
         assert_eq!(t.next_in_ms, Some(2000));
-        assert_eq!(t.exit_ts_ns, 2_000);
         assert_eq!(
             t.settings,
             SockSettings {

@@ -220,8 +220,6 @@ pub struct TimerFiring {
     pub err_after: i32,
     /// When the timer fires next, if it was re-armed (ms after entry).
     pub next_in_ms: Option<u64>,
-    /// Monotonic time at timer exit.
-    pub exit_ts_ns: u64,
 }
 
 /// What the kernel reported. `ts_ns` is CLOCK_MONOTONIC from the kernel.

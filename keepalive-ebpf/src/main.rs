@@ -159,16 +159,31 @@ pub(crate) fn awaited_owner(sk: u64) -> bool {
 }
 
 /// Per-CPU state of the `tcp_keepalive_timer` run in progress on this CPU (timer callbacks do not
-/// nest on a CPU): the socket and the event filled at timer entry, completed at timer exit.
+/// nest on a CPU): the socket and what its entry read, which the run may change. The event itself
+/// is built at timer exit.
 #[repr(C)]
 pub struct TimerScratch {
     /// The socket whose keep-alive timer is running on this CPU, 0 if none.
     pub sk: u64,
-    pub ev: RawEvent,
+    /// Monotonic time at entry.
+    pub ts_ns: u64,
+    /// The timer base's clock at entry (jiffies).
+    pub jiffies: u64,
+    /// `FLAG_OWNED` at entry.
+    pub flags: u32,
+    /// `sk_state` at entry.
+    pub state: u8,
+    /// `icsk_probes_out` at entry.
+    pub probes_out: u8,
+    pub _pad: [u8; 2],
 }
 
 #[map]
 static TIMER_SCRATCH: PerCpuArray<TimerScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A BTF-typed pointer stored and loaded back as a plain number ([`read::arg_number`]).
+#[map]
+static LAUNDER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for building one event outside the ring buffer (snapshot iterator).
 #[map]
@@ -213,17 +228,6 @@ pub(crate) fn zero_event(ev: &mut RawEvent) {
         // SAFETY: RawEvent is 8-byte aligned, a multiple of 8 bytes, and all-zero is valid;
         // volatile keeps the compiler from turning the loop back into a memset call.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
-}
-
-/// Copies an event with 8-byte loads and stores (not the byte-wise BPF `memcpy`; see
-/// [`zero_event`]).
-#[inline(always)]
-pub(crate) fn copy_event(dst: &mut RawEvent, src: &RawEvent) {
-    let (d, s) = (dst as *mut RawEvent as *mut u64, src as *const RawEvent as *const u64);
-    for i in 0..WORDS {
-        // SAFETY: both are whole, 8-byte aligned RawEvents.
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
     }
 }
 

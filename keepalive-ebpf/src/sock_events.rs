@@ -12,7 +12,7 @@ use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON,
 use crate::{
     count_lost, off,
     owner::{destroyed_by_owner, fill_close_owner},
-    read::{ctx_arg_scalar, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
+    read::{arg_number, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
     timer::in_timer,
     EVENTS,
 };
@@ -78,7 +78,7 @@ pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
         let net = core::ptr::read_volatile(tp.wrapping_add(off!(skc_net).off as usize) as *const *const u8);
         core::ptr::read_volatile(net.wrapping_add(off!(net_ns_inum).off as usize) as *const u32)
     };
-    emit_ack(ctx_arg_scalar(ctx.as_ptr(), 0), probes, netns);
+    emit_ack(arg_number(ctx.as_ptr(), 0, tp), probes, netns);
     0
 }
 
@@ -218,7 +218,7 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if !followed && !unfollowed_end_wanted(close, old as u32, err) {
         return 0;
     }
-    emit_state(ctx_arg_scalar(ctx.as_ptr(), 0), old as u32, new as u32, err, followed);
+    emit_state(arg_number(ctx.as_ptr(), 0, tp), old as u32, new as u32, err, followed);
     0
 }
 
@@ -315,10 +315,10 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
 pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     let Some(tp) = typed_tcp_sock(&ctx, 0) else { return 0 };
     let relevant = relevant_typed(tp);
-    // The socket as a number costs a probe read of the context: only when there may be something
-    // to report (this program runs at every socket's destruction, nearly always with nothing).
+    // The socket as a number only when there may be something to report (this program runs at
+    // every socket's destruction, nearly always with nothing).
     if relevant || crate::owners_awaited() {
-        on_destroy(ctx_arg_scalar(ctx.as_ptr(), 0), relevant);
+        on_destroy(arg_number(ctx.as_ptr(), 0, tp), relevant);
     }
     0
 }

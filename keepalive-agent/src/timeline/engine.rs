@@ -42,13 +42,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::event::{Event, EventBody, Process, SockOpt, SockSettings, SockTimes, TcpState, TimerFiring};
 
-use smallvec::SmallVec;
 
 use super::packed::{PackedAddrs, PackedSettings};
 use super::table::{Keyed, SkTable};
 use super::types::{
-    AckPrecision, ClosedBy, ConnView, EngineStats, Episode, EpisodeOutcome, Idle, Record, RecordKind,
-    SettingsSource, TimeoutReason, UntrackReason, MAX_PROBE_TIMES,
+    AckPrecision, ClosedBy, ConnView, EngineStats, Episode, EpisodeOutcome, Idle, ProbeTimes, Record,
+    RecordKind, SettingsSource, TimeoutReason, UntrackReason, MAX_PROBE_TIMES,
 };
 
 /// `ETIMEDOUT`, `ECONNRESET`, `EPIPE` (Linux errno values, positive as the events carry them).
@@ -129,7 +128,7 @@ struct OpenEpisode {
     first_timed_probe: u32,
     /// Times of the probes seen, at most [`MAX_PROBE_TIMES`]; the first ones without an
     /// allocation of their own (most episodes end after one probe).
-    probe_ts_ns: SmallVec<[u64; 3]>,
+    probe_ts_ns: ProbeTimes,
 }
 
 impl OpenEpisode {
@@ -137,7 +136,7 @@ impl OpenEpisode {
         OpenEpisode {
             start_ns,
             probes: probes_before,
-            probe_ts_ns: SmallVec::new(),
+            probe_ts_ns: ProbeTimes::new(),
             first_timed_probe: probes_before + 1,
         }
     }
@@ -378,7 +377,7 @@ fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: Epis
             end_ns: ts_ns.max(ep.start_ns),
             probes: ep.probes,
             outcome,
-            probe_ts_ns: ep.probe_ts_ns.to_vec(),
+            probe_ts_ns: ep.probe_ts_ns,
             first_timed_probe: ep.first_timed_probe,
         };
         emit(out, ts_ns, conn, RecordKind::EpisodeEnd(episode));
@@ -1341,19 +1340,11 @@ mod tests {
             settings,
             err_after: 0,
             next_in_ms: Some(1000),
-            exit_ts_ns: 0,
         }
     }
 
     fn timer(ts: u64, sk: u64, t: TimerFiring) -> Event {
-        ev(
-            ts,
-            sk,
-            EventBody::Timer(TimerFiring {
-                exit_ts_ns: ts + 10_000,
-                ..t
-            }),
-        )
+        ev(ts, sk, EventBody::Timer(t))
     }
 
     /// The active reset the keep-alive timer sends when it gives up, seen during the timer run.
@@ -1483,7 +1474,7 @@ mod tests {
                 end_ns: 2 * S + 300,
                 probes: 1,
                 outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
-                probe_ts_ns: vec![2 * S],
+                probe_ts_ns: smallvec::smallvec![2 * S],
             }
         );
         assert!(out
@@ -1645,7 +1636,7 @@ mod tests {
         let out = feed(&mut e, &[timer(4 * S, A, death)]);
         assert!(matches!(out[0].kind, RecordKind::Timeout { probes: 3, .. }), "{out:?}");
         let ep = episode(&out[1]);
-        assert_eq!((ep.probes, ep.first_timed_probe, ep.probe_ts_ns.clone()), (3, 3, vec![3 * S]));
+        assert_eq!((ep.probes, ep.first_timed_probe, ep.probe_ts_ns.to_vec()), (3, 3, vec![3 * S]));
         // The last probe's run lost: the killing run reports it before the timeout.
         let mut e = engine();
         feed(&mut e, &[established(0, C, ka())]);
@@ -1744,7 +1735,7 @@ mod tests {
                 end_ns: t4,
                 probes: 3,
                 outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
-                probe_ts_ns: vec![S, 2 * S, 3 * S],
+                probe_ts_ns: smallvec::smallvec![S, 2 * S, 3 * S],
             }
         );
         assert_eq!(
@@ -1931,7 +1922,7 @@ mod tests {
         // Answered, and already idle long enough for a new episode in the same run.
         let out = feed(&mut e, &[probe(4 * S, A, 0, 1), probe(5 * S, A, 0, 1)]);
         assert_eq!(names(&out), ["probe", "ack", "episode", "probe"]);
-        assert_eq!(episode(&out[2]).probe_ts_ns, vec![4 * S]);
+        assert_eq!(episode(&out[2]).probe_ts_ns.to_vec(), vec![4 * S]);
         // Idle 1 s at 5 s would date the answer at 4 s: never before the probe it answers.
         assert_eq!(out[1].ts_ns, 4 * S);
         assert_eq!(e.conns.get(&A).unwrap().episode.as_ref().unwrap().start_ns, 5 * S);
@@ -2348,7 +2339,7 @@ mod tests {
                 end_ns: 3 * S,
                 probes: 3,
                 outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
-                probe_ts_ns: vec![2 * S],
+                probe_ts_ns: smallvec::smallvec![2 * S],
             }
         );
         // Not tracked: no keep-alive, listeners, or a socket seen live already.

@@ -3,7 +3,7 @@
 use super::*;
 use crate::event::{Event, EventBody, SockOpt, TimerFiring};
 use crate::timeline::engine::{Engine, EngineConfig};
-use crate::timeline::AckPrecision;
+use crate::timeline::{AckPrecision, ProbeTimes};
 use opentelemetry::trace::SpanId;
 
 const OFFSET: i128 = 1_700_000_000_000_000_000; // wall = mono + OFFSET
@@ -103,7 +103,7 @@ fn episode(number: u32, probe_ts_ns: &[u64], end_ns: u64, outcome: EpisodeOutcom
         end_ns,
         probes: probe_ts_ns.len() as u32,
         outcome,
-        probe_ts_ns: probe_ts_ns.to_vec(),
+        probe_ts_ns: probe_ts_ns.into(),
         first_timed_probe: 1,
     }
 }
@@ -716,7 +716,7 @@ fn episode_span_from_its_record_alone() {
             end_ns: end,
             probes: 4,
             outcome,
-            probe_ts_ns: probe_ts.to_vec(),
+            probe_ts_ns: ProbeTimes::from_slice(&probe_ts),
             first_timed_probe: 3,
         };
         let mut m = SpanModel::new(128);
@@ -1116,7 +1116,6 @@ fn probe_sent(ts: u64, sk: u64, settings: SockSettings, before: u8) -> Event {
         settings,
         err_after: 0,
         next_in_ms: Some(1000),
-        exit_ts_ns: ts + 10_000,
     };
     event(ts, sk, EventBody::Timer(firing))
 }
