@@ -43,7 +43,7 @@ fn records() -> Vec<Record> {
         end_ns: 2_000_070_000,
         probes: 1,
         outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
-        probe_ts_ns: vec![2_000_000_000],
+        probe_ts_ns: [2_000_000_000].as_slice().into(),
         first_timed_probe: 1,
     };
     let kinds = [

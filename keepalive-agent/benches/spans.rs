@@ -60,7 +60,7 @@ fn episode(c: ConnView, number: u32, start: u64, probes: u32, out: &mut Vec<Reco
     let end = probe_ts[probe_ts.len() - 1] + 70_000;
     rec(end, RecordKind::Ack { probes, precision: AckPrecision::Segment });
     let outcome = EpisodeOutcome::Answered(AckPrecision::Segment);
-    let ep = Episode { number, start_ns: start, end_ns: end, probes, outcome, probe_ts_ns: probe_ts, first_timed_probe: 1 };
+    let ep = Episode { number, start_ns: start, end_ns: end, probes, outcome, probe_ts_ns: probe_ts.as_slice().into(), first_timed_probe: 1 };
     rec(end, RecordKind::EpisodeEnd(ep));
 }
 

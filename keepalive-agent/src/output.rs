@@ -404,7 +404,7 @@ mod tests {
             end_ns: 1_000_123_457,
             probes: 3,
             outcome: EpisodeOutcome::Answered(AckPrecision::NextFiring),
-            probe_ts_ns: vec![1_000_000_000],
+            probe_ts_ns: smallvec::smallvec![1_000_000_000],
             first_timed_probe: 1,
         };
         let p = Process { pid: 9, tid: 10, comm: *b"a\"b\\c\x01d\0\0\0\0\0\0\0\0\0", cgroup_id: 3 };
@@ -553,7 +553,7 @@ mod tests {
             end_ns: 1_500_000,
             probes: 1,
             outcome: EpisodeOutcome::Answered(crate::timeline::AckPrecision::Segment),
-            probe_ts_ns: vec![0],
+            probe_ts_ns: smallvec::smallvec![0],
             first_timed_probe: 1,
         };
         let (_, v) = json_of(&mk(RecordKind::EpisodeEnd(ep)), &clock);

@@ -271,7 +271,6 @@ struct Reported {
 struct RunState {
     summary: LoopSummary,
     records: Vec<Record>,
-    passed: Vec<Record>,
     reported: Reported,
     /// Walks of the kernel's sockets that end connections whose close was missed.
     reconciler: Reconciler,
@@ -327,7 +326,6 @@ impl<'a> EventLoop<'a> {
         let mut st = RunState {
             summary: LoopSummary::default(),
             records: Vec::with_capacity(1024),
-            passed: Vec::with_capacity(1024),
             reported: Reported::default(),
             reconciler: Reconciler::new(self.filter.netns),
             held: Vec::new(),
@@ -516,13 +514,13 @@ impl<'a> EventLoop<'a> {
         if st.records.is_empty() {
             return Ok(());
         }
-        st.passed.clear();
-        st.passed.extend(st.records.drain(..).filter(|r| self.filter.matches(&r.conn)));
-        st.summary.records += st.passed.len() as u64;
-        if !st.passed.is_empty() {
-            sink(&st.passed, &self.clock, self.engine).map_err(RunError::Sink)?;
-        }
-        Ok(())
+        // Filtered in place: records (~230 bytes each) move only when one before them is dropped.
+        let filter = &self.filter;
+        st.records.retain(|r| filter.matches(&r.conn));
+        st.summary.records += st.records.len() as u64;
+        let sent = if st.records.is_empty() { Ok(()) } else { sink(&st.records, &self.clock, self.engine) };
+        st.records.clear();
+        sent.map_err(RunError::Sink)
     }
 
     /// Reports what was lost since the last report (ring buffer full, skipped program runs,

@@ -158,7 +158,7 @@ fn healthy_first_episode() -> Vec<Record> {
             end_ns: t0() + 5 * S + 300_000,
             probes: 1,
             outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
-            probe_ts_ns: vec![t0() + 5 * S],
+            probe_ts_ns: [t0() + 5 * S].as_slice().into(),
             first_timed_probe: 1,
         }),
     ));
@@ -213,7 +213,7 @@ fn dead_peer() -> Vec<Record> {
             end_ns: end,
             probes: 3,
             outcome: EpisodeOutcome::TimedOut(TimeoutReason::Keepalive),
-            probe_ts_ns: probes,
+            probe_ts_ns: probes.as_slice().into(),
             first_timed_probe: 1,
         }),
     ));
@@ -271,7 +271,7 @@ fn still_probing_at_shutdown() -> Vec<Record> {
                 end_ns: stop_ns(),
                 probes: 2,
                 outcome: EpisodeOutcome::Incomplete,
-                probe_ts_ns: probes,
+                probe_ts_ns: probes.as_slice().into(),
                 first_timed_probe: 1,
             }),
         ),

@@ -296,7 +296,9 @@ pub fn problem_episode(ep: &Episode) -> bool {
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
-    conns: HashMap<u64, ConnSpan>,
+    /// Boxed: a bucket holds the key and a pointer, so the table itself stays small enough to
+    /// stay in cache; a connection's ~700-byte state inline made every lookup a cache miss.
+    conns: HashMap<u64, Box<ConnSpan>, foldhash::fast::RandomState>,
     policy: SpanPolicy,
     /// Spans the policy did not export (healthy connections and the healthy episodes not kept).
     pub spans_withheld: u64,
@@ -319,7 +321,7 @@ impl SpanModel {
     /// A model exporting the spans `policy` selects.
     pub fn with_policy(max_events: usize, policy: SpanPolicy) -> Self {
         SpanModel {
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             policy,
             spans_withheld: 0,
             ids: RandomIdGenerator::default(),
@@ -354,7 +356,7 @@ impl SpanModel {
         for id in ids {
             if let Some(st) = self.conns.remove(&id) {
                 log::debug!("export: connection {id} had no last record; its span ends at the stop");
-                self.close_connection(st, clock.to_system_time(stop_ns), Last::Leftover, clock, out);
+                self.close_connection(*st, clock.to_system_time(stop_ns), Last::Leftover, clock, out);
             }
         }
         n
@@ -372,7 +374,7 @@ impl SpanModel {
         };
         let max_events = self.max_events;
         let ids = &self.ids;
-        let st = self.conns.entry(rec.conn.id).or_insert_with(|| ConnSpan {
+        let st = self.conns.entry(rec.conn.id).or_insert_with(|| Box::new(ConnSpan {
             trace_id: ids.new_trace_id(),
             span_id: ids.new_span_id(),
             start: clock.to_system_time(start_ns),
@@ -386,7 +388,7 @@ impl SpanModel {
             incomplete_episode: false,
             problem: false,
             held: None,
-        });
+        }));
         // The view is copied into every record; keep the latest (the owning process may become
         // known after the connection was first seen), but never forget a process once known.
         let process = rec.conn.process.or(st.view.process);
@@ -426,7 +428,7 @@ impl SpanModel {
 
     fn end_connection(&mut self, id: u64, at: SystemTime, last: Last, clock: &WallClock, out: &mut Vec<SpanData>) {
         if let Some(st) = self.conns.remove(&id) {
-            self.close_connection(st, at, last, clock, out);
+            self.close_connection(*st, at, last, clock, out);
         }
     }
 
@@ -892,7 +894,7 @@ mod held_tests {
             end_ns: 20,
             probes: 3,
             outcome: EpisodeOutcome::Answered(AckPrecision::Segment),
-            probe_ts_ns: vec![10, 11, 12],
+            probe_ts_ns: smallvec::smallvec![10, 11, 12],
             first_timed_probe: 2,
         };
         let new = Episode {
@@ -901,7 +903,7 @@ mod held_tests {
             end_ns: 40,
             probes: 1,
             outcome: EpisodeOutcome::Answered(AckPrecision::NextFiring),
-            probe_ts_ns: vec![30],
+            probe_ts_ns: smallvec::smallvec![30],
             first_timed_probe: 1,
         };
         let mut held = HeldEpisode { ep: old, view: view(1), settings: Some((SockSettings::default(), SettingsSource::Snapshot)) };

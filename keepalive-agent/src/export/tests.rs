@@ -100,7 +100,7 @@ async fn json_lines_with_open_connection_at_shutdown() {
         end_ns: 9_000,
         probes: 1,
         outcome: EpisodeOutcome::Incomplete,
-        probe_ts_ns: vec![3_000],
+        probe_ts_ns: smallvec::smallvec![3_000],
         first_timed_probe: 1,
     };
     let untracked = RecordKind::Untracked {

@@ -409,7 +409,7 @@ mod tests {
             end_ns: 1,
             probes: 1,
             outcome,
-            probe_ts_ns: vec![0],
+            probe_ts_ns: smallvec::smallvec![0],
             first_timed_probe: 1,
         })
     }

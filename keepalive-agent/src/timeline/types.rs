@@ -171,6 +171,10 @@ impl EpisodeOutcome {
 /// (a long `TCP_USER_TIMEOUT` can make an episode send thousands of probes).
 pub const MAX_PROBE_TIMES: usize = 128;
 
+/// Times of an episode's probes: the first three without an allocation of their own (most
+/// episodes end after one probe; an allocation per episode showed in profiles).
+pub type ProbeTimes = smallvec::SmallVec<[u64; 3]>;
+
 /// A finished keep-alive episode: from the first probe to its outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Episode {
@@ -185,7 +189,7 @@ pub struct Episode {
     pub outcome: EpisodeOutcome,
     /// Monotonic ns of each probe seen, in order, at most [`MAX_PROBE_TIMES`]. The first one is
     /// probe number [`Episode::first_timed_probe`].
-    pub probe_ts_ns: Vec<u64>,
+    pub probe_ts_ns: ProbeTimes,
     /// Number (1-based) of the probe `probe_ts_ns[0]` is the time of: greater than 1 when the
     /// episode was found under way by the start-up snapshot.
     pub first_timed_probe: u32,
