@@ -52,7 +52,7 @@ pub struct CgroupStats {
 /// Maps cgroup ids to paths, with a bounded cache.
 pub struct CgroupResolver {
     lookup: Box<dyn FnMut(u64) -> Option<String> + Send>,
-    cache: HashMap<u64, Option<CgroupInfo>>,
+    cache: HashMap<u64, Option<CgroupInfo>, foldhash::fast::RandomState>,
     max_cache: usize,
     stats: CgroupStats,
 }
@@ -75,7 +75,7 @@ impl CgroupResolver {
     /// A resolver asking `lookup` for the path (relative to the mount, starting with `/`) of the
     /// ids it has not cached, keeping at most `max_cache` answers.
     pub fn with_lookup(lookup: Box<dyn FnMut(u64) -> Option<String> + Send>, max_cache: usize) -> Self {
-        CgroupResolver { lookup, cache: HashMap::new(), max_cache: max_cache.max(1), stats: CgroupStats::default() }
+        CgroupResolver { lookup, cache: HashMap::default(), max_cache: max_cache.max(1), stats: CgroupStats::default() }
     }
 
     /// The cgroup `id` names, if it can be found.

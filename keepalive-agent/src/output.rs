@@ -83,7 +83,7 @@ pub fn write_json_line(buf: &mut Vec<u8>, rec: &Record, unix_ns: i128, cgroup: O
     w.0.extend_from_slice(b"{\"ts\":");
     json_text::time(w.0, unix_ns);
     w.key("event");
-    w.str(rec.kind.name());
+    json_text::plain(w.0, rec.kind.name());
     w.key("local");
     w.addr(&rec.conn.local);
     w.key("remote");
@@ -145,7 +145,7 @@ impl JsonLine<'_> {
 
     fn addr(&mut self, a: &std::net::SocketAddr) {
         match Addr(a).v4_text(&mut [0; 21]) {
-            Some(text) => self.str(text),
+            Some(text) => json_text::plain(self.0, text),
             None => json_text::serde(self.0, &Addr(a)),
         }
     }

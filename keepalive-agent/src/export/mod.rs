@@ -336,7 +336,8 @@ impl Exporter {
         // often gone by the time its connection's span ends.
         if let Some(c) = &mut self.cgroups {
             for p in records.iter().filter_map(crate::output::record_process) {
-                c.resolve(p.cgroup_id);
+                // Only to fill the cache: no copy of the names (their strings) per record.
+                c.resolve_ref(p.cgroup_id);
             }
         }
         self.model.on_records(records, clock, &mut self.buf);
