@@ -84,7 +84,7 @@ fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool) {
 /// `inet_timewait_sock` or a `request_sock`. Returns the namespace (`struct net *`).
 ///
 /// The fields sit in the first bytes of `struct sock_common` on every kernel: they are read with
-/// one `bpf_probe_read_kernel` of [`HEAD`] bytes (each call costs ~25 ns even on a cached line),
+/// one `bpf_probe_read_kernel` of [`HEAD`] bytes (a helper call costs the same on a cached line),
 /// each field taken from there where BTF put it inside, read on its own otherwise.
 #[inline(always)]
 pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
