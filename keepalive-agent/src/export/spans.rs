@@ -389,18 +389,11 @@ impl SpanModel {
             problem: false,
             held: None,
         }));
-        // The view is copied into every record and only grows: the engine learns the owning
-        // process and the addresses once and never forgets them. Spans take it from the records
-        // they are built at (an episode's end, the connection's last record), so it is refreshed
-        // there, not at every record: its three cache lines were most of the model's time per
-        // record. A process once known is never forgotten.
-        if matches!(rec.kind, RecordKind::EpisodeEnd(_) | RecordKind::Close { .. } | RecordKind::Untracked { .. }) {
-            let process = rec.conn.process.or(st.view.process);
-            st.view = rec.conn;
-            st.view.process = process;
-        } else if rec.conn.process.is_some() && st.view.process.is_none() {
-            st.view.process = rec.conn.process;
-        }
+        // The view is copied into every record; keep the latest (the owning process may become
+        // known after the connection was first seen), but never forget a process once known.
+        let process = rec.conn.process.or(st.view.process);
+        st.view = rec.conn;
+        st.view.process = process;
         st
     }
 
