@@ -968,6 +968,26 @@ fn ipv6_and_unknown_process() {
     assert!(attr(&out[0].attributes, "process.pid").is_none());
 }
 
+/// The view only grows (the engine learns the process and the addresses once): the connection
+/// span takes the last record's, and keeps a process seen on any record before it.
+#[test]
+fn view_from_the_last_record_and_a_process_never_forgotten() {
+    let mut m = SpanModel::new(128);
+    let mut first = rec(12, T0, RecordKind::Opened { state: TcpState::Established, established: true });
+    first.conn.local = "0.0.0.0:0".parse().unwrap();
+    first.conn.remote = "0.0.0.0:0".parse().unwrap();
+    first.conn.process = None;
+    let probe = rec(12, T0 + S, RecordKind::Probe { n: 1 });
+    let mut last = rec(12, T0 + 2 * S, RecordKind::Close { state: TcpState::Established, closed_by: None, idle: None });
+    last.conn.process = None;
+    let mut out = Vec::new();
+    m.on_records(&[first, probe, last], &clock(), &mut out);
+    let span = conn_span(&out, 12);
+    assert_eq!(i(span, "network.peer.port"), 8080);
+    assert_eq!(s(span, "network.local.address"), "127.0.0.1");
+    assert_eq!(i(span, "process.pid"), 4242);
+}
+
 #[test]
 fn unknown_addresses_are_not_reported() {
     let mut m = SpanModel::new(128);
