@@ -44,15 +44,10 @@ pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     if !is_keepalive_timer(&ctx) {
         return 0;
     }
-    let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
-    let slot = unsafe { &mut *slot };
     let timer = arg_number(ctx.as_ptr(), 0, ctx.arg(0));
     // `baseclk` is a plain number: a direct load of the context.
     let baseclk: u64 = ctx.arg(1);
-    timer_enter_slot(slot, timer, baseclk);
+    timer_enter(timer, baseclk);
     0
 }
 
@@ -100,22 +95,19 @@ pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
 
 /// Records the start of a `tcp_keepalive_timer` run on `timer`, at `jiffies`.
 /// Shared by every strategy that reaches the timer (tracepoint, fentry, kprobe).
-#[inline(always)]
-pub fn timer_enter(timer: u64, jiffies: u64) {
-    let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
-    timer_enter_slot(unsafe { &mut *slot }, timer, jiffies);
-}
-
+///
 /// Reads at entry only what the run may change: the state and the probe count before it, and
 /// whether the owner held the socket (the run then only re-arms). Everything else is read at exit
 /// ([`timer_leave`]), from cache lines the kernel's timer has just touched: read here, at the
 /// start of the run, each of the socket's lines cost this program a cache miss (5,000 sockets'
 /// lines are not in cache a second later), about 100 ns each on the machine it was measured on.
 #[inline(always)]
-fn timer_enter_slot(slot: &mut TimerScratch, timer: u64, jiffies: u64) {
+pub fn timer_enter(timer: u64, jiffies: u64) {
+    let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+    let slot = unsafe { &mut *slot };
     let sk = timer - off!(sk_timer).off as u64;
     if slot.sk != 0 {
         // The previous run's exit was not seen here: its event is lost, and counted.
