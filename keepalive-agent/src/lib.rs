@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod owners;
+pub mod prefetch;
 pub mod privilege;
 pub mod reconcile;
 pub mod runtime;

@@ -280,6 +280,43 @@ struct RunState {
     /// When the first of `held` was drained.
     held_since: Option<Instant>,
     death_owners: DeathOwners,
+    /// Raw records drained but not handled yet (see [`Staged`]).
+    staged: Staged,
+}
+
+/// Raw records copied out of the ring buffer, up to [`STAGED`], and handed to the engine together:
+/// their connections are looked up and fetched into cache first, so that the cache misses of a
+/// batch overlap instead of coming one after the other (each connection's record comes once a
+/// keep-alive interval, long after its state left the cache).
+#[derive(Default)]
+struct Staged {
+    bytes: Vec<u8>,
+    /// End of each record in `bytes`.
+    ends: Vec<usize>,
+}
+
+/// Records staged before the engine handles them.
+const STAGED: usize = 16;
+
+impl Staged {
+    fn push(&mut self, raw: &[u8]) {
+        self.bytes.extend_from_slice(raw);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(a, b)| &self.bytes[a..b])
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
 }
 
 /// Most raw records held while deaths await the lookup of their owners: past it, the loop waits
@@ -331,6 +368,7 @@ impl<'a> EventLoop<'a> {
             held: Vec::new(),
             held_since: None,
             death_owners: DeathOwners::new("/proc".into(), crate::attach::cgroup2_mount()).only_netns(self.filter.netns),
+            staged: Staged::default(),
         };
         for raw in snapshot {
             // Owner records (the sockets' processes, see `owners`) precede their sockets.
@@ -432,19 +470,37 @@ impl<'a> EventLoop<'a> {
             {
                 let Some(item) = self.probes.events.next() else { break };
                 if st.held.is_empty() && st.death_owners.wanted(&item).is_none() {
-                    ingest(self.decoder, self.filter, self.engine, &item, &mut st.records, &mut st.summary);
+                    st.staged.push(&item);
                 } else {
                     st.held_since.get_or_insert_with(Instant::now);
                     st.held.push(item.to_vec());
                 }
             }
             n += 1;
+            // Staged records came before any held one: they are handled first.
+            if st.staged.len() >= STAGED || !st.held.is_empty() {
+                self.ingest_staged(st);
+            }
             if st.held.len() >= MAX_HELD {
                 self.release_held(st, true);
             }
         }
+        self.ingest_staged(st);
         self.release_held(st, max.is_none());
         n
+    }
+
+    /// Hands the staged records to the engine, their connections fetched into cache first.
+    fn ingest_staged(&mut self, st: &mut RunState) {
+        for raw in st.staged.records() {
+            if let Ok(r) = crate::decode::raw_from_bytes(raw) {
+                self.engine.prefetch(r.sk);
+            }
+        }
+        for raw in st.staged.records() {
+            ingest(self.decoder, self.filter, self.engine, raw, &mut st.records, &mut st.summary);
+        }
+        st.staged.clear();
     }
 
     /// Names the owners of the held deaths and feeds the held records, once the first was held
@@ -657,6 +713,20 @@ mod tests {
         before[1] = 7; // a counter that went down (program reloaded) does not underflow
         let d = increase(&now, &before);
         assert_eq!((d[6], d[1]), (6, 0));
+    }
+
+    #[test]
+    fn staged_records_come_back_whole_and_in_order() {
+        let mut st = Staged::default();
+        st.push(&[1, 2, 3]);
+        st.push(&[]);
+        st.push(&[4]);
+        assert_eq!(st.len(), 3);
+        assert_eq!(st.records().collect::<Vec<_>>(), vec![&[1u8, 2, 3][..], &[][..], &[4][..]]);
+        st.clear();
+        assert_eq!((st.len(), st.records().count()), (0, 0));
+        st.push(&[5, 6]);
+        assert_eq!(st.records().collect::<Vec<_>>(), vec![&[5u8, 6][..]]);
     }
 
     #[test]

@@ -293,6 +293,9 @@ pub fn problem_episode(ep: &Episode) -> bool {
     ep.probes > 1 || matches!(ep.outcome, EpisodeOutcome::TimedOut(_) | EpisodeOutcome::Reset { .. })
 }
 
+/// Records whose connections' states are fetched into cache together (see [`SpanModel::prefetch`]).
+const PREFETCH_AHEAD: usize = 16;
+
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
@@ -341,8 +344,25 @@ impl SpanModel {
 
     /// Processes a batch of records, appending the spans that finished to `out`.
     pub fn on_records(&mut self, records: &[Record], clock: &WallClock, out: &mut Vec<SpanData>) {
+        for chunk in records.chunks(PREFETCH_AHEAD) {
+            self.prefetch(chunk);
+            for rec in chunk {
+                self.on_record(rec, clock, out);
+            }
+        }
+    }
+
+    /// Asks for the states of `records`' connections to be brought into cache: looked up one
+    /// after the other as the records come, each would be a cache miss of its own.
+    fn prefetch(&self, records: &[Record]) {
+        let mut last = None;
         for rec in records {
-            self.on_record(rec, clock, out);
+            if last != Some(rec.conn.id) {
+                last = Some(rec.conn.id);
+                if let Some(st) = self.conns.get(&rec.conn.id) {
+                    crate::prefetch::prefetch::<ConnSpan>(&**st);
+                }
+            }
         }
     }
 
