@@ -216,7 +216,8 @@ pub struct TimerFiring {
     /// Time since the last segment was received, at entry.
     pub idle_ms: u64,
     pub settings: SockSettings,
-    /// `sk_err` at exit (ETIMEDOUT when the timer killed the connection).
+    /// `sk_err` at exit when the run closed the connection (ETIMEDOUT when the timer killed it);
+    /// 0 when the connection is still open (the kernel side does not read it then).
     pub err_after: i32,
     /// When the timer fires next, if it was re-armed (ms after entry).
     pub next_in_ms: Option<u64>,

@@ -181,13 +181,23 @@ fn timer_leave_slot(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: O
     (ev.state, ev.probes_out) = (slot.state, slot.probes_out);
     ev.flags = (ev.flags & !FLAG_OWNED) | slot.flags;
     (ev.ts_ns, ev.jiffies) = (slot.ts_ns, slot.jiffies);
-    fill_queues(ev, sk);
+    // What is in flight or queued. The kernel probes only with neither (`packets_out == 0` and
+    // `write_seq == snd_nxt`, checked under the socket lock before the probe, which queues no
+    // data), so a run that probed had both 0: `packets_out`, `write_seq` and `snd_nxt` are read
+    // only on the other runs (measured: ~60 ns less per probe).
+    if ev.probes_out_after != ev.probes_out.wrapping_add(1) {
+        fill_queues(ev, sk);
+    }
     // keepalive_time_elapsed(): min(now - lrcvtime, now - rcv_tstamp), in 32-bit jiffies.
     let now = ev.jiffies as u32;
     let a = now.wrapping_sub(rd(sk, off!(icsk_ack_lrcvtime)) as u32);
     let b = now.wrapping_sub(rd(sk, off!(tp_rcv_tstamp)) as u32);
     ev.idle_jiffies = if a < b { a } else { b };
-    ev.err = rd(sk, off!(sk_err)) as u32 as i32;
+    // `sk_err` only where the run ended the connection (ETIMEDOUT); nothing reads it on the runs
+    // that leave the connection open, and its cache line is one the kernel's timer does not touch.
+    if u32::from(ev.new_state) == off!(tcp_close) {
+        ev.err = rd(sk, off!(sk_err)) as u32 as i32;
+    }
     let (expires, pprev) = match timer_fields {
         Some(f) => f,
         None => {
