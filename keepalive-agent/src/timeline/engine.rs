@@ -164,8 +164,7 @@ struct Conn {
     id: u64,
     sk: u64,
     first_seen_ns: u64,
-    /// The open keep-alive episode when `flags` has `EPISODE_OPEN`, in a box allocated at the connection's
-    /// first episode and kept for the next ones (see [`Conn::open_episode`]).
+    /// Boxed: episodes are short and rare next to connections.
     episode: Option<Box<OpenEpisode>>,
     /// The owning process, valid when `has_process`.
     process: Process,
@@ -183,14 +182,9 @@ struct Conn {
     known: u8,
     has_process: bool,
     addrs_known: bool,
-    /// `DIED`: a record already said why the connection died (timeout, reset, error...);
-    /// `EPISODE_OPEN`: `episode` holds an open episode.
-    flags: u8,
+    /// A record already said why the connection died (timeout, reset, error...).
+    died: bool,
 }
-
-/// [`Conn::flags`] bits.
-const DIED: u8 = 1 << 0;
-const EPISODE_OPEN: u8 = 1 << 1;
 
 impl Keyed for Conn {
     fn key(&self) -> u64 {
@@ -227,56 +221,6 @@ impl Conn {
 
     fn settings(&self) -> SockSettings {
         self.settings.unpack()
-    }
-
-    fn died(&self) -> bool {
-        self.flags & DIED != 0
-    }
-
-    /// The open episode.
-    fn episode(&self) -> Option<&OpenEpisode> {
-        self.episode.as_deref().filter(|_| self.has_episode())
-    }
-
-    fn episode_mut(&mut self) -> Option<&mut OpenEpisode> {
-        let open = self.has_episode();
-        self.episode.as_deref_mut().filter(|_| open)
-    }
-
-    fn has_episode(&self) -> bool {
-        self.flags & EPISODE_OPEN != 0
-    }
-
-    /// Opens `ep` (in place of the open episode, if any), in the box of the connection's earlier
-    /// episodes. Keep-alive timers fire in batches (the timer wheel rounds a 1 s timeout to tens
-    /// of ms), so hundreds of episodes open and end together, more than the allocator's
-    /// per-thread cache holds: a box allocated and freed per episode showed as ~4 % of `run` in
-    /// `perf`. A connection that never probed has no box.
-    fn open_episode(&mut self, ep: OpenEpisode) -> &mut OpenEpisode {
-        self.flags |= EPISODE_OPEN;
-        match self.episode.as_deref_mut() {
-            Some(b) => *b = ep,
-            None => self.episode = Some(Box::new(ep)),
-        }
-        self.episode.as_deref_mut().expect("set above")
-    }
-
-    /// The open episode, or `new()` opened.
-    fn episode_or_open(&mut self, new: impl FnOnce() -> OpenEpisode) -> &mut OpenEpisode {
-        if !self.has_episode() {
-            return self.open_episode(new());
-        }
-        self.episode.as_deref_mut().expect("an open episode has its box")
-    }
-
-    /// Ends the open episode: returns it, keeps the box.
-    fn take_episode(&mut self) -> Option<OpenEpisode> {
-        if !self.has_episode() {
-            return None;
-        }
-        self.flags &= !EPISODE_OPEN;
-        let b = self.episode.as_deref_mut()?;
-        Some(std::mem::replace(b, OpenEpisode::new(0, 0)))
     }
 
     fn set_settings(&mut self, s: &SockSettings) {
@@ -415,16 +359,17 @@ fn emit(out: &mut Vec<Record>, ts_ns: u64, conn: &Conn, kind: RecordKind) {
 /// `reset_sent` / `error`). Every death record marks the connection as dead.
 fn note_death(conn: &mut Conn, kind: &mut RecordKind) {
     if let RecordKind::Reset { active: true, death, .. } | RecordKind::Error { death, .. } = kind {
-        *death = !conn.died();
+        *death = !conn.died;
     }
     if kind.death_cause().is_some() {
-        conn.flags |= DIED;
+        conn.died = true;
     }
 }
 
 /// Ends the connection's open episode, if any, with `outcome` at `ts_ns`.
 fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: EpisodeOutcome) {
-    if let Some(ep) = conn.take_episode() {
+    if let Some(ep) = conn.episode.take() {
+        let ep = *ep;
         conn.episodes += 1;
         let episode = Episode {
             number: conn.episodes,
@@ -441,7 +386,7 @@ fn end_episode(out: &mut Vec<Record>, ts_ns: u64, conn: &mut Conn, outcome: Epis
 
 /// The answer to the open episode's probes, at `at`: `ack` then the episode's end.
 fn answered(out: &mut Vec<Record>, at: u64, conn: &mut Conn, precision: AckPrecision) {
-    let Some(ep) = conn.episode() else { return };
+    let Some(ep) = &conn.episode else { return };
     let kind = RecordKind::Ack {
         probes: ep.probes,
         precision,
@@ -483,7 +428,7 @@ impl Engine {
 
     /// Connections waiting for an answer to a keep-alive probe (an episode is open). O(tracked).
     pub fn awaiting_answer(&self) -> usize {
-        self.conns.values().filter(|c| c.has_episode()).count()
+        self.conns.values().filter(|c| c.episode.is_some()).count()
     }
 
     /// Connections tracked now with keep-alive on, and with it off (followed for
@@ -568,13 +513,7 @@ impl Engine {
     /// a batch of events before they are handled, so that their connections' cache misses overlap
     /// instead of coming one after the other. Changes nothing.
     pub fn prefetch(&self, sk: u64) {
-        if let Some(conn) = self.conns.get(&sk) {
-            crate::prefetch::prefetch::<Conn>(conn);
-            // The episode's box: its next episode is written there (see Conn::open_episode).
-            if let Some(ep) = conn.episode.as_deref() {
-                crate::prefetch::prefetch::<OpenEpisode>(ep);
-            }
-        }
+        self.conns.prefetch(sk);
     }
 
     /// Consumes one event; appends the records it causes to `out`.
@@ -775,7 +714,7 @@ impl Engine {
             known,
             has_process: process.is_some(),
             addrs_known: ev.addrs.is_some(),
-            flags: 0,
+            died: false,
         });
         let established = state == TcpState::Established;
         emit(
@@ -917,7 +856,7 @@ impl Engine {
             return;
         };
         note_addrs(&mut conn, ev);
-        if err == ETIMEDOUT && !ev.in_timer && !conn.died() {
+        if err == ETIMEDOUT && !ev.in_timer && !conn.died {
             let mut kind = retransmit_timeout(times);
             note_death(&mut conn, &mut kind);
             emit(out, ev.ts_ns, &conn, kind);
@@ -1079,7 +1018,7 @@ impl Engine {
         emit(out, ev.ts_ns, conn, kind);
         if keepalive_probes_out > 0 {
             // An episode under way: its earlier probes are counted, not timed.
-            conn.open_episode(OpenEpisode::new(ev.ts_ns, u32::from(keepalive_probes_out)));
+            conn.episode = Some(Box::new(OpenEpisode::new(ev.ts_ns, u32::from(keepalive_probes_out))));
         }
     }
 
@@ -1211,7 +1150,7 @@ fn reconcile_settings(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, read: &So
 /// (`rcv_tstamp`, set by that answer unless later traffic moved it): the answer came then, to the
 /// jiffy, and not before the last probe. A last segment older than the last probe means no answer.
 fn infer_answer(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) {
-    let Some(ep) = conn.episode() else { return };
+    let Some(ep) = &conn.episode else { return };
     let last_probe = ep.last_probe_ns();
     let received_at = ts.saturating_sub(t.idle_ms.saturating_mul(1_000_000));
     if received_at.saturating_add(ANSWER_SLACK_NS) < last_probe {
@@ -1264,13 +1203,13 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
     // With data in flight or queued the timer cannot probe, and the counter may be counting
     // zero-window probes: only a run that could probe compares it with the episode.
     let could_probe = t.packets_out == 0 && t.unsent == 0 && t.probes_before > 0;
-    let unreported = match conn.episode_mut() {
+    let unreported = match conn.episode.as_deref_mut() {
         Some(ep) if could_probe => catch_up_with_kernel(ep, t.probes_before),
         None if could_probe => first_probes_unseen(conn.first_seen_ns, ts, t),
         _ => 0,
     };
     if unreported > 0 {
-        let last = conn.episode().map_or(unreported, |ep| ep.probes);
+        let last = conn.episode.as_ref().map_or(unreported, |ep| ep.probes);
         emit(out, ts, conn, RecordKind::UnseenProbes { first: last + 1 - unreported, last });
     }
     if t.state_after == TcpState::Close {
@@ -1279,8 +1218,8 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
         } else {
             TimeoutReason::Keepalive
         };
-        let probes = conn.episode().map_or(u32::from(t.probes_before), |ep| ep.probes);
-        conn.flags |= DIED;
+        let probes = conn.episode.as_ref().map_or(u32::from(t.probes_before), |ep| ep.probes);
+        conn.died = true;
         emit(out, ts, conn, RecordKind::Timeout { reason, probes, idle: None });
         end_episode(out, ts, conn, EpisodeOutcome::TimedOut(reason));
     } else if t.packets_out > 0 || t.unsent > 0 {
@@ -1291,7 +1230,7 @@ fn classify_firing(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFir
         emit(out, ts, conn, kind);
     } else if t.probes_after == t.probes_before.wrapping_add(1) {
         // A probe went out (the counter is 8 bits: 255 → 0 is a probe too).
-        let ep = conn.episode_or_open(|| OpenEpisode::new(ts, u32::from(t.probes_before)));
+        let ep = conn.episode.get_or_insert_with(|| Box::new(OpenEpisode::new(ts, u32::from(t.probes_before))));
         let n = ep.probe(ts);
         emit(out, ts, conn, RecordKind::Probe { n });
     } else {
@@ -1489,25 +1428,6 @@ mod tests {
 
     /// What every tracked connection costs besides the table's slack (see `table.rs`), and what
     /// a connection with probes out adds: the budget of 256 bytes per connection rests on these.
-    #[test]
-    fn an_episode_ends_and_its_box_serves_the_next() {
-        let mut e = Engine::new(EngineConfig::default());
-        let mut out = Vec::new();
-        e.handle(&established(0, A, ka()), &mut out);
-        let conn = e.conns.get_mut(&A).unwrap();
-        assert!(conn.episode.is_none() && conn.episode().is_none() && conn.take_episode().is_none());
-        conn.episode_or_open(|| OpenEpisode::new(5, 0)).probe(6);
-        assert_eq!(conn.episode_or_open(|| unreachable!("open already")).probes, 1);
-        let first: *const OpenEpisode = conn.episode().unwrap();
-        let ended = conn.take_episode().unwrap();
-        assert_eq!((ended.start_ns, ended.probes, ended.probe_ts_ns.as_slice()), (5, 1, &[6][..]));
-        assert!(conn.episode().is_none() && conn.episode_mut().is_none() && !conn.has_episode());
-        assert!(conn.take_episode().is_none());
-        let next = conn.episode_or_open(|| OpenEpisode::new(9, 2));
-        assert_eq!((next.start_ns, next.probes, next.probe_ts_ns.len()), (9, 2, 0));
-        assert!(std::ptr::eq(first, conn.episode().unwrap()), "the box is reused");
-    }
-
     #[test]
     fn per_connection_sizes() {
         assert!(std::mem::size_of::<Conn>() <= 144, "Conn is {} bytes", std::mem::size_of::<Conn>());
@@ -2012,7 +1932,7 @@ mod tests {
         assert_eq!(episode(&out[2]).probe_ts_ns.to_vec(), vec![4 * S]);
         // Idle 1 s at 5 s would date the answer at 4 s: never before the probe it answers.
         assert_eq!(out[1].ts_ns, 4 * S);
-        assert_eq!(e.conns.get(&A).unwrap().episode().unwrap().start_ns, 5 * S);
+        assert_eq!(e.conns.get(&A).unwrap().episode.as_ref().unwrap().start_ns, 5 * S);
         assert_eq!(e.awaiting_answer(), 1);
         let mut late = firing(ka(), 0, 0);
         late.idle_ms = 1_010; // a little longer than since the probe (jiffy rounding): clamped
@@ -2140,7 +2060,7 @@ mod tests {
         f.idle_ms = 257_000;
         let out = feed(&mut e, &[timer(257 * S, A, f)]);
         assert_eq!(kinds(&out), [RecordKind::Probe { n: 257 }]);
-        let ep = e.conns.get(&A).unwrap().episode().unwrap();
+        let ep = e.conns.get(&A).unwrap().episode.as_ref().unwrap();
         assert_eq!((ep.probes, ep.probe_ts_ns.len()), (257, MAX_PROBE_TIMES));
         // The timeout reports every probe, and the episode keeps the first probe times only.
         let death = TimerFiring { state_after: TcpState::Close, ..firing(ut, 1, 1) };

@@ -46,6 +46,15 @@ impl<T: Keyed> SkTable<T> {
         Some(&self.values[i])
     }
 
+    /// Asks for `sk`'s value to be brought into cache (see [`crate::prefetch`]); the index
+    /// lookup this takes is the first of the two cache misses a later [`SkTable::get`] would pay.
+    #[inline]
+    pub fn prefetch(&self, sk: u64) {
+        if let Some(&i) = self.index.get(&sk) {
+            crate::prefetch::prefetch::<T>(&self.values[i]);
+        }
+    }
+
     #[inline]
     pub fn get_mut(&mut self, sk: &u64) -> Option<&mut T> {
         let &i = self.index.get(sk)?;
