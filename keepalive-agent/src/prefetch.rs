@@ -6,6 +6,12 @@
 //! record's cost. Asking for the lines of a whole batch first lets the CPU fetch them in parallel.
 //! A prefetch is only a hint: it never faults and never changes what the program computes.
 
+/// Entries fetched together before any of them is used: enough lookups to keep the CPU's
+/// outstanding misses busy, few enough that the first entries are still in cache when their turn
+/// comes. The event loop stages this many ring-buffer records, the span model takes its records
+/// in chunks of this many.
+pub const BATCH: usize = 16;
+
 /// Asks for the cache lines of `*p` (all `size_of::<T>()` bytes) to be loaded.
 #[inline(always)]
 pub fn prefetch<T>(p: *const T) {

@@ -284,7 +284,7 @@ struct RunState {
     staged: Staged,
 }
 
-/// Raw records copied out of the ring buffer, up to [`STAGED`], and handed to the engine together:
+/// Raw records copied out of the ring buffer, up to [`crate::prefetch::BATCH`], and handed to the engine together:
 /// their connections are looked up and fetched into cache first, so that the cache misses of a
 /// batch overlap instead of coming one after the other (each connection's record comes once a
 /// keep-alive interval, long after its state left the cache).
@@ -294,9 +294,6 @@ struct Staged {
     /// End of each record in `bytes`.
     ends: Vec<usize>,
 }
-
-/// Records staged before the engine handles them.
-const STAGED: usize = 16;
 
 impl Staged {
     fn push(&mut self, raw: &[u8]) {
@@ -478,7 +475,7 @@ impl<'a> EventLoop<'a> {
             }
             n += 1;
             // Staged records came before any held one: they are handled first.
-            if st.staged.len() >= STAGED || !st.held.is_empty() {
+            if st.staged.len() >= crate::prefetch::BATCH || !st.held.is_empty() {
                 self.ingest_staged(st);
             }
             if st.held.len() >= MAX_HELD {

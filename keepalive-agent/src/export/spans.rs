@@ -293,9 +293,6 @@ pub fn problem_episode(ep: &Episode) -> bool {
     ep.probes > 1 || matches!(ep.outcome, EpisodeOutcome::TimedOut(_) | EpisodeOutcome::Reset { .. })
 }
 
-/// Records whose connections' states are fetched into cache together (see [`SpanModel::prefetch`]).
-const PREFETCH_AHEAD: usize = 16;
-
 /// Turns records into spans. See the module documentation.
 #[derive(Debug)]
 pub struct SpanModel {
@@ -344,7 +341,7 @@ impl SpanModel {
 
     /// Processes a batch of records, appending the spans that finished to `out`.
     pub fn on_records(&mut self, records: &[Record], clock: &WallClock, out: &mut Vec<SpanData>) {
-        for chunk in records.chunks(PREFETCH_AHEAD) {
+        for chunk in records.chunks(crate::prefetch::BATCH) {
             self.prefetch(chunk);
             for rec in chunk {
                 self.on_record(rec, clock, out);
