@@ -482,6 +482,21 @@ impl RawEvent {
 /// Size of one [`RawEvent`] record in bytes.
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
+/// Bytes a record of `size` bytes takes in a BPF ring buffer: its 8-byte header and the record,
+/// rounded up to 8.
+pub const fn ring_record_bytes(size: usize) -> u64 {
+    ((size as u64 + 8) + 7) & !7
+}
+
+/// Whether the record just reserved (`rec` bytes, included in the `pending` bytes not yet
+/// consumed) takes the pending data to `first` (a power of two, as BPF ring sizes and their
+/// fractions are) or to a power of two above it: the highest bit set of the pending size grew,
+/// which is exactly when `pending ^ before > before`. The eBPF programs wake the agent only then.
+pub const fn ring_wake_crosses_mark(pending: u64, rec: u64, first: u64) -> bool {
+    let before = pending.saturating_sub(rec);
+    pending >= first && (pending ^ before) > before
+}
+
 /// Size of the per-CPU `LOST` counter array. Slots `0..EVENT_KINDS`: events dropped because the
 /// ring buffer was full, per [`EventKind`] value (index 0 is unused); then
 /// [`LOST_SLOT_INFLIGHT`], [`LOST_SLOT_AWAIT_OWNER`], [`LOST_SLOT_TIMER_UNPAIRED`].
@@ -633,4 +648,50 @@ mod user {
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::Field {}
     unsafe impl aya::Pod for super::RawEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::{ring_record_bytes, ring_wake_crosses_mark, RAW_EVENT_SIZE};
+
+    #[test]
+    fn a_record_takes_its_header_and_is_rounded_to_eight() {
+        assert_eq!(ring_record_bytes(1), 16);
+        assert_eq!(ring_record_bytes(8), 16);
+        assert_eq!(ring_record_bytes(9), 24);
+        assert_eq!(ring_record_bytes(RAW_EVENT_SIZE) % 8, 0);
+    }
+
+    /// Filling a ring record by record wakes once per mark (1/16, 1/8, 1/4 and 1/2 of the ring),
+    /// at the record that reaches it, never below the first mark or between marks.
+    #[test]
+    fn only_the_record_that_reaches_a_mark_wakes() {
+        let size: u64 = 8 << 20;
+        let first = size / 16;
+        let rec = ring_record_bytes(RAW_EVENT_SIZE);
+        let mut pending = 0;
+        let mut wakes = Vec::new();
+        while pending + rec <= size {
+            pending += rec;
+            if ring_wake_crosses_mark(pending, rec, first) {
+                wakes.push(pending);
+            }
+        }
+        assert_eq!(wakes.len(), 4, "{wakes:?}");
+        for (w, mark) in wakes.iter().zip([first, first * 2, first * 4, first * 8]) {
+            assert!(*w >= mark && *w - rec < mark, "wake at {w} for mark {mark}");
+        }
+    }
+
+    #[test]
+    fn a_record_exactly_on_a_mark_wakes_and_the_next_does_not() {
+        assert!(ring_wake_crosses_mark(1024, 16, 1024));
+        assert!(!ring_wake_crosses_mark(1040, 16, 1024));
+        assert!(!ring_wake_crosses_mark(1008, 16, 1024));
+        // A record larger than what was pending (the ring was empty) below the first mark.
+        assert!(!ring_wake_crosses_mark(16, 16, 1024));
+    }
 }
