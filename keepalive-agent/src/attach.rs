@@ -455,8 +455,10 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     if EBPF_OBJECT.is_empty() {
         return Err(AttachError::NoObject);
     }
+    let ring_bytes = u64::from(opts.ringbuf_bytes);
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
+        .override_global("RING_BYTES", &ring_bytes, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
         .load(EBPF_OBJECT)?;
     open_accept_window(&mut ebpf);

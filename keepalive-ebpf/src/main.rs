@@ -43,6 +43,12 @@ use keepalive_common::{
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = unsafe { core::mem::zeroed() };
 
+/// Bytes of [`EVENTS`], set by the agent with the map's size (`EbpfLoader::override_global`), so
+/// that [`submit`] does not ask the kernel for a number that never changes. 0 (not set: the audit
+/// loader, which sends no events) makes every power of two a wake-up mark.
+#[unsafe(no_mangle)]
+static RING_BYTES: u64 = 0;
+
 /// Events to user space. The agent sets the size at load time.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
@@ -218,9 +224,10 @@ pub(crate) use off;
 /// in between can hide it, and the next mark, or the poll, then wakes the agent.
 #[inline(always)]
 pub(crate) fn submit<T>(entry: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
-    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE};
+    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    // SAFETY: reading a plain global.
+    let size = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(RING_BYTES)) };
     let rec = keepalive_common::ring_record_bytes(core::mem::size_of::<T>());
     let flags = if keepalive_common::ring_wake_crosses_mark(pending, rec, size / 16) {
         BPF_RB_FORCE_WAKEUP

@@ -59,24 +59,31 @@ pub fn is_tcp(sk: u64) -> bool {
 /// the namespace's keep-alive sysctls (settings records: setsockopt, snapshot).
 #[inline(always)]
 pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
-    fill_sock_with(ev, sk, true);
+    fill_sock_with(ev, sk, true, true);
 }
 
 /// [`fill_sock`] for the frequent events (timer runs, state changes): the namespace's sysctls
 /// only where the socket's own value is unset ([`read_settings_with`]); 0 otherwise.
 #[inline(always)]
 pub fn fill_sock_lean(ev: &mut RawEvent, sk: u64) {
-    fill_sock_with(ev, sk, false);
+    fill_sock_with(ev, sk, false, true);
+}
+
+/// [`fill_sock_lean`] without whether the owner holds the socket ([`FLAG_OWNED`]): for the timer's
+/// exit, whose entry read it before the run.
+#[inline(always)]
+pub fn fill_sock_lean_unowned(ev: &mut RawEvent, sk: u64) {
+    fill_sock_with(ev, sk, false, false);
 }
 
 #[inline(always)]
-fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool) {
+fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: bool) {
     let net = fill_common(ev, sk);
     if ev.sport == 0 {
         // On the way to CLOSE, inet_put_port() cleared skc_num before the state-change tracepoint.
         ev.sport = u16::from_be(rd(sk, off!(inet_sport)) as u16);
     }
-    fill_settings(ev, sk, net, all_sysctls);
+    fill_settings(ev, sk, net, all_sysctls, owned);
 }
 
 /// Fills what `struct sock_common` holds (identity, addresses, namespace, state): all a program
@@ -246,10 +253,10 @@ pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
 
 /// Keep-alive settings of the socket and of its namespace, and the socket flags.
 #[inline(always)]
-pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool) {
+pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool, owned: bool) {
     let s = read_settings_with(sk, net, all_sysctls);
     ev.flags |= s.flags;
-    if rd(sk, off!(sk_lock_owned)) != 0 {
+    if owned && rd(sk, off!(sk_lock_owned)) != 0 {
         ev.flags |= FLAG_OWNED;
     }
     ev.keepalive_time = s.time;

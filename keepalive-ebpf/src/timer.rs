@@ -20,7 +20,7 @@ use keepalive_common::{
 
 use crate::{
     count_lost, off,
-    read::{arg_number, fill_queues, fill_sock_lean, rd},
+    read::{arg_number, fill_queues, fill_sock_lean_unowned, rd},
     TimerScratch, EVENTS, TIMER_SCRATCH,
 };
 
@@ -172,14 +172,15 @@ fn timer_leave_slot(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: O
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     crate::zero_event(ev);
     ev.kind = EventKind::Timer as u8;
-    fill_sock_lean(ev, sk);
-    // What fill_sock_lean read is the state after the run; the entry's is the state before.
+    // Whether the owner held the socket is the entry's reading (the run only re-arms then).
+    fill_sock_lean_unowned(ev, sk);
+    // What fill_sock_lean_unowned read is the state after the run; the entry's is the state before.
     (ev.new_state, ev.probes_out_after) = (ev.state, ev.probes_out);
     if ev.flags & FLAG_KEEPOPEN != 0 {
         ev.flags |= FLAG_KEEPOPEN_AFTER;
     }
     (ev.state, ev.probes_out) = (slot.state, slot.probes_out);
-    ev.flags = (ev.flags & !FLAG_OWNED) | slot.flags;
+    ev.flags |= slot.flags;
     (ev.ts_ns, ev.jiffies) = (slot.ts_ns, slot.jiffies);
     // What is in flight or queued. The kernel probes only with neither (`packets_out == 0` and
     // `write_seq == snd_nxt`, checked under the socket lock before the probe, which queues no
