@@ -97,8 +97,17 @@ impl Rfc3339 {
     /// The text, written into `buf`; `None` outside the years jiff formats (-9999..=9999) or
     /// before year 0 (a sign changes the length).
     pub(crate) fn write_to<'b>(&self, buf: &'b mut [u8; RFC3339_LEN]) -> Option<&'b str> {
-        let secs = i64::try_from(self.0.div_euclid(1_000_000_000)).ok()?;
-        let mut micros = (self.0.rem_euclid(1_000_000_000) / 1_000) as u32;
+        self.write_ascii(buf)?;
+        std::str::from_utf8(buf).ok()
+    }
+
+    /// [`Self::write_to`] as bytes (ASCII), for writers that append bytes. The arithmetic is on
+    /// `i64` nanoseconds (to 2262; later instants go to the `None` path): 128-bit division is a
+    /// library call.
+    pub(crate) fn write_ascii(&self, buf: &mut [u8; RFC3339_LEN]) -> Option<()> {
+        let ns = i64::try_from(self.0).ok()?;
+        let secs = ns.div_euclid(1_000_000_000);
+        let mut micros = (ns.rem_euclid(1_000_000_000) / 1_000) as u32;
         let prefix = SECOND.with(|cell| match cell.get() {
             Some((s, p)) if s == secs => Some(p),
             _ => {
@@ -115,7 +124,7 @@ impl Rfc3339 {
             micros /= 10;
         }
         buf[26] = b'Z';
-        std::str::from_utf8(buf).ok()
+        Some(())
     }
 }
 

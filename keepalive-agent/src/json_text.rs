@@ -40,8 +40,13 @@ pub fn plain(buf: &mut Vec<u8>, s: &str) {
 /// Unix nanoseconds as an RFC 3339 string ([`Rfc3339`]).
 #[inline]
 pub fn time(buf: &mut Vec<u8>, unix_ns: i128) {
-    match Rfc3339(unix_ns).write_to(&mut [0; RFC3339_LEN]) {
-        Some(text) => plain(buf, text),
+    let mut text = [0; RFC3339_LEN];
+    match Rfc3339(unix_ns).write_ascii(&mut text) {
+        Some(()) => {
+            buf.push(b'"');
+            buf.extend_from_slice(&text);
+            buf.push(b'"');
+        }
         None => serde(buf, &Rfc3339(unix_ns)),
     }
 }
