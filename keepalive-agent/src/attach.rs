@@ -26,7 +26,7 @@ use log::{debug, info, warn};
 use crate::kernel::progstats::{read_prog_stats, KindCounts, ProgStatsError, SkippedRuns};
 
 /// The compiled eBPF object (built by build.rs).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
 /// Where a direct (fentry/kprobe) program runs relative to the kernel function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,10 @@ pub enum Strategy {
     /// BTF-typed tracepoints (tp_btf, 5.5+): (program, tracepoint) pairs that must all attach.
     /// Cheaper than raw tracepoints where the program dereferences its arguments (direct loads).
     BtfTracepoints(&'static [(&'static str, &'static str)]),
+    /// [`Strategy::BtfTracepoints`] whose programs read the socket by plain loads through the
+    /// kfunc `bpf_rdonly_cast` (Linux 6.2+), instead of a helper call per field. Tried only
+    /// where the kernel's BTF has the kfunc and `struct tcp_sock` ([`crate::kfunc`]).
+    TypedBtfTracepoints(&'static [(&'static str, &'static str)]),
     /// Raw tracepoints: (program, tracepoint) pairs that must all attach.
     RawTracepoints(&'static [(&'static str, &'static str)]),
     /// Classic (perf) tracepoints, e.g. `syscalls:sys_exit_accept4`: (program, category, name)
@@ -79,7 +83,10 @@ impl Strategy {
         match self {
             Strategy::Fentry(_) => "fentry",
             Strategy::Kprobe(_) => "kprobe",
-            Strategy::BtfTracepoints(_) | Strategy::RawTracepoints(_) | Strategy::Tracepoints(_) => "tracepoint",
+            Strategy::BtfTracepoints(_)
+            | Strategy::TypedBtfTracepoints(_)
+            | Strategy::RawTracepoints(_)
+            | Strategy::Tracepoints(_) => "tracepoint",
             Strategy::CgroupSockopt(_) => "cgroup",
             Strategy::Iter { .. } => "iterator",
         }
@@ -89,7 +96,9 @@ impl Strategy {
     pub fn programs(&self) -> Vec<&'static str> {
         match *self {
             Strategy::Fentry(p) | Strategy::Kprobe(p) => p.iter().map(|(n, _, _)| *n).collect(),
-            Strategy::BtfTracepoints(p) | Strategy::RawTracepoints(p) => p.iter().map(|(n, _)| *n).collect(),
+            Strategy::BtfTracepoints(p) | Strategy::TypedBtfTracepoints(p) | Strategy::RawTracepoints(p) => {
+                p.iter().map(|(n, _)| *n).collect()
+            }
             Strategy::Tracepoints(p) => p.iter().map(|(n, _, _)| *n).collect(),
             Strategy::CgroupSockopt(n) => vec![n],
             Strategy::Iter { program, .. } => vec![program],
@@ -122,6 +131,10 @@ impl Strategy {
                 .map(|(_, tp)| format!("tp_btf/{tp}"))
                 .collect::<Vec<_>>()
                 .join(" + "),
+            Strategy::TypedBtfTracepoints(pairs) => format!(
+                "{} (socket read by plain loads, bpf_rdonly_cast)",
+                pairs.iter().map(|(_, tp)| format!("tp_btf/{tp}")).collect::<Vec<_>>().join(" + ")
+            ),
             Strategy::RawTracepoints(pairs) => pairs
                 .iter()
                 .map(|(_, tp)| format!("raw_tp/{tp}"))
@@ -169,6 +182,10 @@ pub const PLAN: &[Hook] = &[
             Strategy::Kprobe(&[
                 ("kprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Entry),
                 ("kretprobe_tcp_keepalive_timer", "tcp_keepalive_timer", At::Exit),
+            ]),
+            Strategy::TypedBtfTracepoints(&[
+                ("btf_timer_expire_entry_cast", "timer_expire_entry"),
+                ("btf_timer_expire_exit_cast", "timer_expire_exit"),
             ]),
             Strategy::BtfTracepoints(&[
                 ("btf_timer_expire_entry", "timer_expire_entry"),
@@ -380,7 +397,9 @@ pub enum Answers {
 pub fn strategies_for(hook: &Hook, method: Method) -> Vec<Strategy> {
     let fits = |s: &Strategy| match method {
         Method::Auto => true,
-        Method::RawTracepoint => s.method() == Method::Tracepoint && !matches!(s, Strategy::BtfTracepoints(_)),
+        Method::RawTracepoint => {
+            s.method() == Method::Tracepoint && !matches!(s, Strategy::BtfTracepoints(_) | Strategy::TypedBtfTracepoints(_))
+        }
         m => s.method() == m,
     };
     let all = hook.strategies.iter().copied();
@@ -455,14 +474,22 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
     if EBPF_OBJECT.is_empty() {
         return Err(AttachError::NoObject);
     }
+    let btf = Btf::from_sys_fs().ok();
+    let mut object = EBPF_OBJECT.to_vec();
+    let mut offsets = *offsets;
+    // The typed strategies' kfunc calls, rewritten where the kernel has the kfunc.
+    let typed = crate::kfunc::prepare_rdonly_cast(&mut object, btf.as_ref(), &mut offsets);
+    if let Err(why) = &typed {
+        debug!("typed socket reads unavailable: {why}");
+    }
     let ring_bytes = u64::from(opts.ringbuf_bytes);
     let mut ebpf = EbpfLoader::new()
-        .override_global("OFFSETS", offsets, true)
+        .btf(btf.as_ref())
+        .override_global("OFFSETS", &offsets, true)
         .override_global("RING_BYTES", &ring_bytes, true)
         .map_max_entries("EVENTS", opts.ringbuf_bytes)
-        .load(EBPF_OBJECT)?;
+        .load(&object)?;
     open_accept_window(&mut ebpf);
-    let btf = Btf::from_sys_fs().ok();
     let cgroup = match &opts.cgroup {
         Some(p) => Some(p.clone()),
         None => cgroup2_mount(),
@@ -480,7 +507,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
             info!("hook {}: not attached (--probe-answers next-firing): {}", hook.name, hook.without);
             continue;
         }
-        if let Some(why) = unmet(hook, offsets) {
+        if let Some(why) = unmet(hook, &offsets) {
             warn!("hook {}: {why}: {}", hook.name, hook.without);
             outcome.rejected.extend(hook.strategies.iter().map(|st| (*st, why.to_string())));
             outcomes.push(outcome);
@@ -488,7 +515,7 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
         }
         for st in strategies_for(hook, opts.method) {
             let st = &st;
-            let attempt = try_strategy(&mut ebpf, st, btf.as_ref(), cgroup.as_deref());
+            let attempt = try_strategy(&mut ebpf, st, btf.as_ref(), cgroup.as_deref(), &typed);
             if attempt.is_err() {
                 // Never leave half a strategy attached (e.g. an entry program without its exit).
                 unload(&mut ebpf, st);
@@ -630,7 +657,7 @@ fn attach_loaded(ebpf: &mut Ebpf, st: &Strategy) -> Result<Vec<TpLink>, String> 
     let mut links = Vec::new();
     let result = (|| {
         match *st {
-            Strategy::BtfTracepoints(pairs) => {
+            Strategy::BtfTracepoints(pairs) | Strategy::TypedBtfTracepoints(pairs) => {
                 for (prog, tp) in pairs {
                     let p: &mut BtfTracePoint = ebpf
                         .program_mut(prog)
@@ -668,8 +695,13 @@ fn try_strategy(
     st: &Strategy,
     btf: Option<&Btf>,
     cgroup: Option<&Path>,
+    typed: &Result<(), String>,
 ) -> Result<Vec<TpLink>, String> {
     match *st {
+        Strategy::TypedBtfTracepoints(pairs) => {
+            typed.clone()?;
+            try_strategy(ebpf, &Strategy::BtfTracepoints(pairs), btf, cgroup, typed)
+        }
         Strategy::Fentry(progs) => {
             let btf = btf.ok_or("kernel BTF unavailable")?;
             for &(prog, func, at) in progs {
@@ -1128,9 +1160,11 @@ mod tests {
         let timer = PLAN.iter().find(|h| h.name == "keepalive_timer").unwrap();
         let answer = PLAN.iter().find(|h| h.name == "probe_answer").unwrap();
         let kinds = |h, m| strategies_for(h, m).iter().map(|s| s.kind()).collect::<Vec<_>>();
-        assert_eq!(kinds(timer, Method::Auto), ["fentry", "kprobe", "tracepoint", "tracepoint"]);
+        assert_eq!(kinds(timer, Method::Auto), ["fentry", "kprobe", "tracepoint", "tracepoint", "tracepoint"]);
         assert_eq!(kinds(timer, Method::Kprobe), ["kprobe"]);
-        assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint", "tracepoint"]);
+        assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint", "tracepoint", "tracepoint"]);
+        let typed_first = strategies_for(timer, Method::Tracepoint);
+        assert!(matches!(typed_first[0], Strategy::TypedBtfTracepoints(_)), "{typed_first:?}");
         assert_eq!(kinds(answer, Method::Fentry), ["tracepoint", "tracepoint"]);
         let raw = strategies_for(timer, Method::RawTracepoint);
         assert!(matches!(raw.as_slice(), [Strategy::RawTracepoints(_)]), "{raw:?}");

@@ -9,6 +9,7 @@ pub mod export;
 pub mod json_text;
 pub mod k8s;
 pub mod kernel;
+pub mod kfunc;
 pub mod metrics;
 pub mod output;
 pub mod owners;

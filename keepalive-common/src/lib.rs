@@ -183,8 +183,9 @@ pub struct Offsets {
     /// Bit `1 << state` set for the TCP states the audit iterator reports (ESTABLISHED,
     /// CLOSE_WAIT, and LISTEN to tell inherited settings). Set by the loader from BTF state names.
     pub audit_state_mask: u32,
-    /// Explicit padding (keeps the layout free of implicit holes).
-    pub audit_pad: u32,
+    /// BTF type id of `struct tcp_sock` in the kernel's BTF, for `bpf_rdonly_cast` (0: unknown;
+    /// the programs that need it are then not loaded). Also keeps the layout free of holes.
+    pub tcp_sock_btf_id: u32,
     /// `inet_connection_sock.icsk_pending`: which event the retransmit timer is armed for
     /// (`ICSK_TIME_*`).
     pub icsk_pending: Field,
@@ -478,6 +479,12 @@ impl RawEvent {
         }
     }
 }
+
+/// Helper number the eBPF programs call in place of the kfunc `bpf_rdonly_cast` (Linux 6.2+): the
+/// loader rewrites each such call into a call of the kfunc by its BTF id (the object format has no
+/// kfunc relocation the loader library resolves). Far above any helper number, so an unrewritten
+/// call is refused by the verifier, never taken for a helper.
+pub const KFUNC_MARK_RDONLY_CAST: u32 = 0x7fff_0001;
 
 /// Size of one [`RawEvent`] record in bytes.
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();

@@ -49,6 +49,72 @@ pub fn rd_bytes<const N: usize>(base: u64, f: Field, dst: &mut [u8; N]) {
     };
 }
 
+/// How a program reads a socket: [`Probe`] by `bpf_probe_read_kernel` from its address (any
+/// kernel, any program), [`Typed`] by plain loads from a pointer the verifier knows to be a
+/// `struct tcp_sock` (`bpf_rdonly_cast`, a kfunc of Linux 6.2+): no helper call per field, and
+/// the loads' cache misses overlap. Typed loads are fault-safe (the JIT gives them an exception
+/// entry), as the helper is.
+pub trait Mem {
+    /// The base the fields of the socket at `sk` are read from.
+    fn base(sk: u64) -> u64;
+    /// The field `f` of the object at `base` (a base from [`Mem::base`], or an object reached
+    /// from it by a pointer field read with this `Mem`).
+    fn rd(base: u64, f: Field) -> u64;
+    /// Whether [`Head::read`] reads ahead (helper calls) or [`Head::get`] reads each field.
+    const BLOCK_HEAD: bool;
+}
+
+/// Reads with `bpf_probe_read_kernel`.
+pub struct Probe;
+
+impl Mem for Probe {
+    #[inline(always)]
+    fn base(sk: u64) -> u64 {
+        sk
+    }
+    #[inline(always)]
+    fn rd(base: u64, f: Field) -> u64 {
+        rd(base, f)
+    }
+    const BLOCK_HEAD: bool = true;
+}
+
+/// Reads with plain loads through `bpf_rdonly_cast(sk, <struct tcp_sock>)`. Only programs on a
+/// strategy that requires the kfunc use it: the loader rewrites [`RDONLY_CAST_MARK`] calls into
+/// the kfunc's, or leaves them, and such a program is then refused and the plan moves on.
+pub struct Typed;
+
+/// Helper number the loader rewrites into a call of the kfunc `bpf_rdonly_cast`.
+pub const RDONLY_CAST_MARK: u32 = keepalive_common::KFUNC_MARK_RDONLY_CAST;
+
+impl Mem for Typed {
+    #[inline(always)]
+    fn base(sk: u64) -> u64 {
+        // SAFETY: a call the loader turns into `bpf_rdonly_cast(obj, btf_id)` (btf_id a
+        // constant to the verifier: a read-only global), which only retypes the pointer.
+        unsafe {
+            let cast: unsafe extern "C" fn(u64, u32) -> u64 = core::mem::transmute(RDONLY_CAST_MARK as usize);
+            cast(sk, off!(tcp_sock_btf_id))
+        }
+    }
+    #[inline(always)]
+    fn rd(base: u64, f: Field) -> u64 {
+        let p = (base as *const u8).wrapping_add(f.off as usize);
+        // SAFETY: typed, fault-safe loads at a BTF offset of the right size (a constant to the
+        // verifier: only the matching arm is kept).
+        unsafe {
+            match f.size {
+                1 => core::ptr::read_volatile(p) as u64,
+                2 => core::ptr::read_volatile(p as *const u16) as u64,
+                4 => core::ptr::read_volatile(p as *const u32) as u64,
+                8 => core::ptr::read_volatile(p as *const u64),
+                _ => 0,
+            }
+        }
+    }
+    const BLOCK_HEAD: bool = false;
+}
+
 /// Whether `sk` is a TCP socket.
 #[inline(always)]
 pub fn is_tcp(sk: u64) -> bool {
@@ -59,31 +125,32 @@ pub fn is_tcp(sk: u64) -> bool {
 /// the namespace's keep-alive sysctls (settings records: setsockopt, snapshot).
 #[inline(always)]
 pub fn fill_sock(ev: &mut RawEvent, sk: u64) {
-    fill_sock_with(ev, sk, true, true);
+    fill_sock_with::<Probe>(ev, sk, true, true);
 }
 
 /// [`fill_sock`] for the frequent events (timer runs, state changes): the namespace's sysctls
 /// only where the socket's own value is unset ([`read_settings_with`]); 0 otherwise.
 #[inline(always)]
 pub fn fill_sock_lean(ev: &mut RawEvent, sk: u64) {
-    fill_sock_with(ev, sk, false, true);
+    fill_sock_with::<Probe>(ev, sk, false, true);
 }
 
 /// [`fill_sock_lean`] without whether the owner holds the socket ([`FLAG_OWNED`]): for the timer's
-/// exit, whose entry read it before the run.
+/// exit, whose entry read it before the run. `sk` is a base of `M` ([`Mem::base`]); `ev.sk` is
+/// left to the caller.
 #[inline(always)]
-pub fn fill_sock_lean_unowned(ev: &mut RawEvent, sk: u64) {
-    fill_sock_with(ev, sk, false, false);
+pub fn fill_sock_lean_unowned<M: Mem>(ev: &mut RawEvent, sk: u64) {
+    fill_sock_with::<M>(ev, sk, false, false);
 }
 
 #[inline(always)]
-fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: bool) {
-    let net = fill_common(ev, sk);
+fn fill_sock_with<M: Mem>(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: bool) {
+    let net = fill_common_with::<M>(ev, sk);
     if ev.sport == 0 {
         // On the way to CLOSE, inet_put_port() cleared skc_num before the state-change tracepoint.
-        ev.sport = u16::from_be(rd(sk, off!(inet_sport)) as u16);
+        ev.sport = u16::from_be(M::rd(sk, off!(inet_sport)) as u16);
     }
-    fill_settings(ev, sk, net, all_sysctls, owned);
+    fill_settings::<M>(ev, sk, net, all_sysctls, owned);
 }
 
 /// Fills what `struct sock_common` holds (identity, addresses, namespace, state): all a program
@@ -95,14 +162,20 @@ fn fill_sock_with(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: bool) {
 /// each field taken from there where BTF put it inside, read on its own otherwise.
 #[inline(always)]
 pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
-    let head = Head::read(sk);
+    fill_common_with::<Probe>(ev, sk)
+}
+
+/// [`fill_common`] with reads of `M`.
+#[inline(always)]
+fn fill_common_with<M: Mem>(ev: &mut RawEvent, sk: u64) -> u64 {
+    let head = Head::read_with::<M>(sk);
     ev.sk = sk;
-    ev.family = read_addrs_in(&head, sk, &mut ev.saddr, &mut ev.daddr) as u8;
-    ev.state = head.get(sk, off!(skc_state)) as u8;
-    ev.sport = head.get(sk, off!(skc_num)) as u16;
-    ev.dport = u16::from_be(head.get(sk, off!(skc_dport)) as u16);
-    let net = head.get(sk, off!(skc_net));
-    ev.netns = rd(net, off!(net_ns_inum)) as u32;
+    ev.family = read_addrs_in::<M>(&head, sk, &mut ev.saddr, &mut ev.daddr) as u8;
+    ev.state = head.get_with::<M>(sk, off!(skc_state)) as u8;
+    ev.sport = head.get_with::<M>(sk, off!(skc_num)) as u16;
+    ev.dport = u16::from_be(head.get_with::<M>(sk, off!(skc_dport)) as u16);
+    let net = head.get_with::<M>(sk, off!(skc_net));
+    ev.netns = M::rd(net, off!(net_ns_inum)) as u32;
     net
 }
 
@@ -120,6 +193,15 @@ impl Head {
     /// `memset` call).
     #[inline(always)]
     pub fn read(base: u64) -> Head {
+        Self::read_with::<Probe>(base)
+    }
+
+    /// [`Head::read`]; nothing read ahead where `M` reads each field by a plain load.
+    #[inline(always)]
+    pub fn read_with<M: Mem>(base: u64) -> Head {
+        if !M::BLOCK_HEAD {
+            return Head { words: [0; HEAD / 8] };
+        }
         let mut words = core::mem::MaybeUninit::<[u64; HEAD / 8]>::uninit();
         let p = words.as_mut_ptr() as *mut u64;
         // SAFETY: `words` holds exactly HEAD bytes; the helper takes uninitialised memory and
@@ -136,6 +218,15 @@ impl Head {
     /// one of the two paths is kept.
     #[inline(always)]
     pub fn get(&self, base: u64, f: Field) -> u64 {
+        self.get_with::<Probe>(base, f)
+    }
+
+    /// [`Head::get`] for a head read with [`Head::read_with`]`::<M>`.
+    #[inline(always)]
+    pub fn get_with<M: Mem>(&self, base: u64, f: Field) -> u64 {
+        if !M::BLOCK_HEAD {
+            return M::rd(base, f);
+        }
         let (off, size) = (f.off as usize, f.size as usize);
         if !matches!(size, 1 | 2 | 4 | 8) || off + size > HEAD || off % size != 0 {
             return rd(base, f);
@@ -179,19 +270,19 @@ pub fn fill_times(ev: &mut RawEvent, sk: u64) {
 /// returns its address family.
 #[inline(always)]
 pub fn read_addrs(sk: u64, saddr: &mut [u8; 16], daddr: &mut [u8; 16]) -> u32 {
-    read_addrs_in(&Head::read(sk), sk, saddr, daddr)
+    read_addrs_in::<Probe>(&Head::read(sk), sk, saddr, daddr)
 }
 
 /// [`read_addrs`] with the socket's first bytes already read.
 #[inline(always)]
-fn read_addrs_in(head: &Head, sk: u64, saddr: &mut [u8; 16], daddr: &mut [u8; 16]) -> u32 {
-    let family = head.get(sk, off!(skc_family)) as u32;
+fn read_addrs_in<M: Mem>(head: &Head, sk: u64, saddr: &mut [u8; 16], daddr: &mut [u8; 16]) -> u32 {
+    let family = head.get_with::<M>(sk, off!(skc_family)) as u32;
     if family == off!(af_inet6) {
         rd_bytes(sk, off!(skc_v6_rcv_saddr), saddr);
         rd_bytes(sk, off!(skc_v6_daddr), daddr);
     } else {
-        let s = head.get(sk, off!(skc_rcv_saddr)) as u32;
-        let d = head.get(sk, off!(skc_daddr)) as u32;
+        let s = head.get_with::<M>(sk, off!(skc_rcv_saddr)) as u32;
+        let d = head.get_with::<M>(sk, off!(skc_daddr)) as u32;
         saddr[..4].copy_from_slice(&s.to_ne_bytes());
         daddr[..4].copy_from_slice(&d.to_ne_bytes());
     }
@@ -214,15 +305,15 @@ pub struct Settings {
 /// Reads the keep-alive settings of `sk` and of its namespace `net`.
 #[inline(always)]
 pub fn read_settings(sk: u64, net: u64) -> Settings {
-    read_settings_with(sk, net, true)
+    read_settings_with::<Probe>(sk, net, true)
 }
 
 /// [`read_settings`]; with `all_sysctls` false, the namespace's values only where the socket has
 /// none of its own (the only case they take effect, and the only case the kernel's timer reads
 /// them: otherwise their cache line is one only the agent would touch).
 #[inline(always)]
-pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
-    let sk_flags = rd(sk, off!(sk_flags));
+pub fn read_settings_with<M: Mem>(sk: u64, net: u64, all_sysctls: bool) -> Settings {
+    let sk_flags = M::rd(sk, off!(sk_flags));
     let mut flags = 0;
     if sk_flags & (1u64 << (off!(sock_keepopen_bit) & 63)) != 0 {
         flags |= FLAG_KEEPOPEN;
@@ -230,21 +321,21 @@ pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
     if sk_flags & (1u64 << (off!(sock_dead_bit) & 63)) != 0 {
         flags |= FLAG_DEAD;
     }
-    let time = rd(sk, off!(tp_keepalive_time));
-    let intvl = rd(sk, off!(tp_keepalive_intvl));
-    let probes = rd(sk, off!(tp_keepalive_probes));
+    let time = M::rd(sk, off!(tp_keepalive_time));
+    let intvl = M::rd(sk, off!(tp_keepalive_intvl));
+    let probes = M::rd(sk, off!(tp_keepalive_probes));
     let (mut sysctl_time, mut sysctl_intvl, mut sysctl_probes) = (0, 0, 0);
     if all_sysctls || time == 0 || intvl == 0 || probes == 0 {
-        sysctl_time = rd(net, off!(net_keepalive_time));
-        sysctl_intvl = rd(net, off!(net_keepalive_intvl));
-        sysctl_probes = rd(net, off!(net_keepalive_probes));
+        sysctl_time = M::rd(net, off!(net_keepalive_time));
+        sysctl_intvl = M::rd(net, off!(net_keepalive_intvl));
+        sysctl_probes = M::rd(net, off!(net_keepalive_probes));
     }
     Settings {
         flags,
         time: time as u32,
         intvl: intvl as u32,
         probes: probes as u8,
-        user_timeout_ms: rd(sk, off!(icsk_user_timeout)) as u32,
+        user_timeout_ms: M::rd(sk, off!(icsk_user_timeout)) as u32,
         sysctl_time: sysctl_time as u32,
         sysctl_intvl: sysctl_intvl as u32,
         sysctl_probes: sysctl_probes as u8,
@@ -253,10 +344,10 @@ pub fn read_settings_with(sk: u64, net: u64, all_sysctls: bool) -> Settings {
 
 /// Keep-alive settings of the socket and of its namespace, and the socket flags.
 #[inline(always)]
-pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool, owned: bool) {
-    let s = read_settings_with(sk, net, all_sysctls);
+pub fn fill_settings<M: Mem>(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool, owned: bool) {
+    let s = read_settings_with::<M>(sk, net, all_sysctls);
     ev.flags |= s.flags;
-    if owned && rd(sk, off!(sk_lock_owned)) != 0 {
+    if owned && M::rd(sk, off!(sk_lock_owned)) != 0 {
         ev.flags |= FLAG_OWNED;
     }
     ev.keepalive_time = s.time;
@@ -266,7 +357,7 @@ pub fn fill_settings(ev: &mut RawEvent, sk: u64, net: u64, all_sysctls: bool, ow
     ev.sysctl_time = s.sysctl_time;
     ev.sysctl_intvl = s.sysctl_intvl;
     ev.sysctl_probes = s.sysctl_probes;
-    ev.probes_out = rd(sk, off!(icsk_probes_out)) as u8;
+    ev.probes_out = M::rd(sk, off!(icsk_probes_out)) as u8;
 }
 
 /// Whether keep-alive matters on `sk`: SO_KEEPALIVE on, or any keep-alive value or
@@ -285,10 +376,10 @@ pub fn keepalive_relevant(sk: u64) -> bool {
 /// keep-alive cannot probe while either is non-zero, and `icsk_probes_out` then counts zero-window
 /// probes, not keep-alive probes.
 #[inline(always)]
-pub fn fill_queues(ev: &mut RawEvent, sk: u64) {
-    ev.packets_out = rd(sk, off!(tp_packets_out)) as u32;
-    let write_seq = rd(sk, off!(tp_write_seq)) as u32;
-    let snd_nxt = rd(sk, off!(tp_snd_nxt)) as u32;
+pub fn fill_queues<M: Mem>(ev: &mut RawEvent, sk: u64) {
+    ev.packets_out = M::rd(sk, off!(tp_packets_out)) as u32;
+    let write_seq = M::rd(sk, off!(tp_write_seq)) as u32;
+    let snd_nxt = M::rd(sk, off!(tp_snd_nxt)) as u32;
     ev.unsent = write_seq.wrapping_sub(snd_nxt);
 }
 

@@ -85,7 +85,7 @@ pub fn snapshot_tcp(ctx: *mut IterTcpCtx) -> i32 {
     // SAFETY: plain helper call.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     fill_sock(ev, sk);
-    fill_queues(ev, sk);
+    fill_queues::<crate::read::Probe>(ev, sk);
     ev.sock_ino = sock_inode(sk);
     // SAFETY: `meta` and `meta->seq` are typed pointers the verifier knows; bpf_seq_write copies
     // RAW_EVENT_SIZE bytes from the scratch slot.

@@ -20,7 +20,7 @@ use keepalive_common::{
 
 use crate::{
     count_lost, off,
-    read::{arg_number, fill_queues, fill_sock_lean_unowned, rd},
+    read::{arg_number, fill_queues, fill_sock_lean_unowned, rd, Mem, Probe, Typed},
     TimerScratch, EVENTS, TIMER_SCRATCH,
 };
 
@@ -51,9 +51,34 @@ pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// [`btf_timer_expire_entry`] reading the socket with plain loads ([`Typed`]: `bpf_rdonly_cast`,
+/// 6.2+).
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn btf_timer_expire_entry_cast(ctx: BtfTracePointContext) -> i32 {
+    if !is_keepalive_timer(&ctx) {
+        return 0;
+    }
+    let timer = arg_number(ctx.as_ptr(), 0, ctx.arg(0));
+    let baseclk: u64 = ctx.arg(1);
+    timer_enter_with::<Typed>(timer, baseclk);
+    0
+}
+
 /// `timer:timer_expire_exit` as a BTF-typed tracepoint (pairs with [`btf_timer_expire_entry`]).
 #[btf_tracepoint(function = "timer_expire_exit")]
 pub fn btf_timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
+    btf_timer_exit::<Probe>(&ctx)
+}
+
+/// [`btf_timer_expire_exit`] reading the socket with plain loads (pairs with
+/// [`btf_timer_expire_entry_cast`]).
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub fn btf_timer_expire_exit_cast(ctx: BtfTracePointContext) -> i32 {
+    btf_timer_exit::<Typed>(&ctx)
+}
+
+#[inline(always)]
+fn btf_timer_exit<M: Mem>(ctx: &BtfTracePointContext) -> i32 {
     let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -63,7 +88,7 @@ pub fn btf_timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     if slot.sk == 0 {
         // A keep-alive run whose entry was not seen here (one direct load per timer exit):
         // its event is lost, and counted.
-        if is_keepalive_timer(&ctx) {
+        if is_keepalive_timer(ctx) {
             crate::count_timer_unpaired();
         }
         return 0;
@@ -77,7 +102,7 @@ pub fn btf_timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
             core::ptr::read_volatile(ptr.wrapping_add(off!(timer_pprev).off as usize) as *const u64),
         )
     };
-    timer_leave_slot(slot, Some(timer), Some((expires, pprev)));
+    timer_leave_slot::<M>(slot, Some(timer), Some((expires, pprev)));
     0
 }
 
@@ -103,6 +128,12 @@ pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
 /// lines are not in cache a second later), about 100 ns each on the machine it was measured on.
 #[inline(always)]
 pub fn timer_enter(timer: u64, jiffies: u64) {
+    timer_enter_with::<Probe>(timer, jiffies);
+}
+
+/// [`timer_enter`] with reads of `M`.
+#[inline(always)]
+fn timer_enter_with<M: Mem>(timer: u64, jiffies: u64) {
     let Some(slot) = TIMER_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -116,9 +147,10 @@ pub fn timer_enter(timer: u64, jiffies: u64) {
     // SAFETY: plain helper call.
     slot.ts_ns = unsafe { bpf_ktime_get_ns() };
     slot.jiffies = jiffies;
-    slot.state = rd(sk, off!(skc_state)) as u8;
-    slot.probes_out = rd(sk, off!(icsk_probes_out)) as u8;
-    slot.flags = if rd(sk, off!(sk_lock_owned)) != 0 { FLAG_OWNED } else { 0 };
+    let base = M::base(sk);
+    slot.state = M::rd(base, off!(skc_state)) as u8;
+    slot.probes_out = M::rd(base, off!(icsk_probes_out)) as u8;
+    slot.flags = if M::rd(base, off!(sk_lock_owned)) != 0 { FLAG_OWNED } else { 0 };
     slot.sk = sk;
 }
 
@@ -138,7 +170,7 @@ pub fn timer_leave(timer: Option<u64>) {
         return;
     };
     // SAFETY: per-CPU slot.
-    timer_leave_slot(unsafe { &mut *slot }, timer, None);
+    timer_leave_slot::<Probe>(unsafe { &mut *slot }, timer, None);
 }
 
 /// [`timer_leave`] with the slot; `timer_fields`: the timer's `expires` and `entry.pprev` when the
@@ -149,7 +181,7 @@ pub fn timer_leave(timer: Option<u64>) {
 /// the memory is still a socket's, with the values it had, unless it was reused in the
 /// microseconds since on this CPU.
 #[inline(always)]
-fn timer_leave_slot(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: Option<(u64, u64)>) {
+fn timer_leave_slot<M: Mem>(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: Option<(u64, u64)>) {
     let sk = slot.sk;
     if sk == 0 {
         return;
@@ -173,7 +205,9 @@ fn timer_leave_slot(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: O
     crate::zero_event(ev);
     ev.kind = EventKind::Timer as u8;
     // Whether the owner held the socket is the entry's reading (the run only re-arms then).
-    fill_sock_lean_unowned(ev, sk);
+    let base = M::base(sk);
+    fill_sock_lean_unowned::<M>(ev, base);
+    ev.sk = sk;
     // What fill_sock_lean_unowned read is the state after the run; the entry's is the state before.
     (ev.new_state, ev.probes_out_after) = (ev.state, ev.probes_out);
     if ev.flags & FLAG_KEEPOPEN != 0 {
@@ -187,17 +221,17 @@ fn timer_leave_slot(slot: &mut TimerScratch, timer: Option<u64>, timer_fields: O
     // data), so a run that probed had both 0: `packets_out`, `write_seq` and `snd_nxt` are read
     // only on the other runs (measured: ~60 ns less per probe).
     if ev.probes_out_after != ev.probes_out.wrapping_add(1) {
-        fill_queues(ev, sk);
+        fill_queues::<M>(ev, base);
     }
     // keepalive_time_elapsed(): min(now - lrcvtime, now - rcv_tstamp), in 32-bit jiffies.
     let now = ev.jiffies as u32;
-    let a = now.wrapping_sub(rd(sk, off!(icsk_ack_lrcvtime)) as u32);
-    let b = now.wrapping_sub(rd(sk, off!(tp_rcv_tstamp)) as u32);
+    let a = now.wrapping_sub(M::rd(base, off!(icsk_ack_lrcvtime)) as u32);
+    let b = now.wrapping_sub(M::rd(base, off!(tp_rcv_tstamp)) as u32);
     ev.idle_jiffies = if a < b { a } else { b };
     // `sk_err` only where the run ended the connection (ETIMEDOUT); nothing reads it on the runs
     // that leave the connection open, and its cache line is one the kernel's timer does not touch.
     if u32::from(ev.new_state) == off!(tcp_close) {
-        ev.err = rd(sk, off!(sk_err)) as u32 as i32;
+        ev.err = M::rd(base, off!(sk_err)) as u32 as i32;
     }
     let (expires, pprev) = match timer_fields {
         Some(f) => f,
