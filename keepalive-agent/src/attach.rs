@@ -203,6 +203,7 @@ pub const PLAN: &[Hook] = &[
         without: "answers to probes only inferred at the next timer firing (one interval late)",
         on_demand: true,
         strategies: &[
+            Strategy::TypedBtfTracepoints(&[("btf_tcp_probe_cast", "tcp_probe")]),
             Strategy::BtfTracepoints(&[("btf_tcp_probe", "tcp_probe")]),
             Strategy::RawTracepoints(&[("tcp_probe", "tcp_probe")]),
         ],

@@ -170,6 +170,6 @@ mod tests {
             return;
         }
         let mut obj = crate::attach::EBPF_OBJECT.to_vec();
-        assert!(patch_calls(&mut obj, KFUNC_MARK_RDONLY_CAST, 1).unwrap() >= 2);
+        assert!(patch_calls(&mut obj, KFUNC_MARK_RDONLY_CAST, 1).unwrap() >= 3);
     }
 }

@@ -12,7 +12,7 @@ use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON,
 use crate::{
     count_lost, off,
     owner::{destroyed_by_owner, fill_close_owner},
-    read::{arg_number, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd},
+    read::{arg_number, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd, Mem, Typed},
     timer::in_timer,
     EVENTS,
 };
@@ -79,6 +79,23 @@ pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
         core::ptr::read_volatile(net.wrapping_add(off!(net_ns_inum).off as usize) as *const u32)
     };
     emit_ack(arg_number(ctx.as_ptr(), 0, tp), probes, netns);
+    0
+}
+
+/// [`btf_tcp_probe`] without the type-checking helper call: `tcp_probe` fires only in
+/// `tcp_rcv_established`, on TCP sockets, so the socket is retyped as a `struct tcp_sock` with
+/// `bpf_rdonly_cast` (kfunc, 6.2+; the verifier turns the call into a register copy) and read with
+/// plain loads.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn btf_tcp_probe_cast(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let tp = Typed::base(sk);
+    let probes = Typed::rd(tp, off!(icsk_probes_out)) as u8;
+    if probes == 0 {
+        return 0;
+    }
+    let netns = Typed::rd(Typed::rd(tp, off!(skc_net)), off!(net_ns_inum)) as u32;
+    emit_ack(arg_number(ctx.as_ptr(), 0, ctx.arg(0)), probes, netns);
     0
 }
 
