@@ -1166,7 +1166,7 @@ mod tests {
         assert_eq!(kinds(timer, Method::Tracepoint), ["tracepoint", "tracepoint", "tracepoint"]);
         let typed_first = strategies_for(timer, Method::Tracepoint);
         assert!(matches!(typed_first[0], Strategy::TypedBtfTracepoints(_)), "{typed_first:?}");
-        assert_eq!(kinds(answer, Method::Fentry), ["tracepoint", "tracepoint"]);
+        assert_eq!(kinds(answer, Method::Fentry), ["tracepoint", "tracepoint", "tracepoint"]);
         let raw = strategies_for(timer, Method::RawTracepoint);
         assert!(matches!(raw.as_slice(), [Strategy::RawTracepoints(_)]), "{raw:?}");
         let snapshot = PLAN.iter().find(|h| h.name == "snapshot").unwrap();

@@ -125,7 +125,7 @@ pub fn read_prog_stats(fd: BorrowedFd<'_>) -> Result<ProgStats, ProgStatsError> 
 pub fn kind_of_program(name: &str) -> Option<EventKind> {
     Some(match name {
         n if n.contains("keepalive_timer") || n.contains("timer_expire") => EventKind::Timer,
-        "btf_tcp_probe" | "tcp_probe" => EventKind::Ack,
+        "btf_tcp_probe" | "btf_tcp_probe_cast" | "tcp_probe" => EventKind::Ack,
         n if n.contains("send_reset") || n.contains("active_reset") => EventKind::ResetSent,
         "tcp_receive_reset" => EventKind::ResetReceived,
         "inet_sk_error_report" => EventKind::Error,
