@@ -21,7 +21,7 @@ use crate::{
     kernel::progstats::KindCounts,
     owners::{DeathOwnerStats, DeathOwners, DEATH_HOLD},
     reconcile::Reconciler,
-    timeline::{engine::Engine, ConnView, Record},
+    timeline::{engine::Engine, ConnView, Record, RecordKind},
 };
 
 /// Which connections' records reach the sink.
@@ -227,6 +227,9 @@ const ON_DEMAND_RETRY: Duration = Duration::from_secs(10);
 struct OnDemand {
     last_check: Option<Instant>,
     last_wanted: Option<Instant>,
+    /// A probe record came since the last look: answers were awaited meanwhile, whatever the
+    /// connections hold at the look, so the O(tracked) count is skipped.
+    probe_seen: bool,
     retry_after: Option<Instant>,
     /// Times attached, for the debug log.
     attaches: u64,
@@ -388,6 +391,7 @@ impl<'a> EventLoop<'a> {
             // work happens even while the ring buffer never runs dry.
             loop {
                 let n = self.drain(&mut st, Some(BATCH));
+                on_demand.probe_seen = on_demand.probe_seen || st.records.iter().any(|r| matches!(r.kind, RecordKind::Probe { .. }));
                 self.flush(&mut st, sink)?;
                 if let Some(observer) = self.observer.as_deref_mut() {
                     observer.tick(self.engine, &st.summary);
@@ -538,7 +542,8 @@ impl<'a> EventLoop<'a> {
             return;
         }
         st.last_check = Some(now);
-        let awaiting = self.engine.awaiting_answer();
+        let probe_seen = std::mem::take(&mut st.probe_seen);
+        let awaiting = if probe_seen { 1 } else { self.engine.awaiting_answer() };
         if awaiting > 0 {
             st.last_wanted = Some(now);
         }
@@ -550,7 +555,8 @@ impl<'a> EventLoop<'a> {
             match self.probes.set_on_demand(true) {
                 Ok(()) => {
                     st.attaches += 1;
-                    debug!("probe answers: watching received segments ({awaiting} connections await an answer; attach #{})", st.attaches);
+                    let why = if probe_seen { "a probe went out".to_string() } else { format!("{awaiting} connections await an answer") };
+                    debug!("probe answers: watching received segments ({why}; attach #{})", st.attaches);
                 }
                 Err(e) => {
                     st.retry_after = Some(now + ON_DEMAND_RETRY);
