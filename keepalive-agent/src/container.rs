@@ -57,6 +57,19 @@ pub struct CgroupResolver {
     stats: CgroupStats,
 }
 
+/// Asks `lookup` for the cgroup `id` and parses its path, counting the lookup in `stats`.
+fn lookup_uncached(lookup: &mut (dyn FnMut(u64) -> Option<String> + Send), stats: &mut CgroupStats, id: u64) -> Option<CgroupInfo> {
+    stats.lookups += 1;
+    let found = lookup(id).map(|path| {
+        let a = crate::k8s::parse_cgroup_path(&path);
+        CgroupInfo { container_id: a.container_id, pod: a.pod, path }
+    });
+    if found.is_none() {
+        stats.not_found += 1;
+    }
+    found
+}
+
 impl CgroupResolver {
     /// A resolver over the cgroup2 hierarchy mounted at `root` (`None`, or a hierarchy whose
     /// directories cannot be opened by handle: resolves nothing, said once in the log).
@@ -89,28 +102,14 @@ impl CgroupResolver {
         if id == 0 {
             return None;
         }
-        if !self.cache.contains_key(&id) {
-            let found = self.lookup_uncached(id);
-            if self.cache.len() >= self.max_cache {
-                self.stats.evicted += self.cache.len() as u64;
-                log::debug!("cgroup cache full ({} entries): emptied; {:?}", self.cache.len(), self.stats);
-                self.cache.clear();
-            }
-            self.cache.insert(id, found);
+        if self.cache.len() >= self.max_cache && !self.cache.contains_key(&id) {
+            self.stats.evicted += self.cache.len() as u64;
+            log::debug!("cgroup cache full ({} entries): emptied; {:?}", self.cache.len(), self.stats);
+            self.cache.clear();
         }
-        self.cache.get(&id).and_then(Option::as_ref)
-    }
-
-    fn lookup_uncached(&mut self, id: u64) -> Option<CgroupInfo> {
-        self.stats.lookups += 1;
-        let found = (self.lookup)(id).map(|path| {
-            let a = crate::k8s::parse_cgroup_path(&path);
-            CgroupInfo { container_id: a.container_id, pod: a.pod, path }
-        });
-        if found.is_none() {
-            self.stats.not_found += 1;
-        }
-        found
+        // One hash lookup on a hit (the common case).
+        let (lookup, stats) = (&mut self.lookup, &mut self.stats);
+        self.cache.entry(id).or_insert_with(|| lookup_uncached(lookup, stats, id)).as_ref()
     }
 
     /// What the resolver did so far.

@@ -494,8 +494,8 @@ impl<'a> EventLoop<'a> {
     /// Hands the staged records to the engine, their connections fetched into cache first.
     fn ingest_staged(&mut self, st: &mut RunState) {
         for raw in st.staged.records() {
-            if let Ok(r) = crate::decode::raw_from_bytes(raw) {
-                self.engine.prefetch(r.sk);
+            if let Some(sk) = crate::decode::raw_sk(raw) {
+                self.engine.prefetch(sk);
             }
         }
         for raw in st.staged.records() {
