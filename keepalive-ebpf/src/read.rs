@@ -60,7 +60,7 @@ pub trait Mem {
     /// The field `f` of the object at `base` (a base from [`Mem::base`], or an object reached
     /// from it by a pointer field read with this `Mem`).
     fn rd(base: u64, f: Field) -> u64;
-    /// Whether [`Head::read`] reads ahead (helper calls) or [`Head::get`] reads each field.
+    /// Whether [`Head::read`] reads ahead (helper calls) or [`Head::get_with`] reads each field.
     const BLOCK_HEAD: bool;
 }
 
@@ -216,12 +216,8 @@ impl Head {
     /// naturally aligned (the verifier requires aligned stack loads; C fields are), else with
     /// [`rd`]. The offset and size are constants to the verifier (read-only globals), so only
     /// one of the two paths is kept.
-    #[inline(always)]
-    pub fn get(&self, base: u64, f: Field) -> u64 {
-        self.get_with::<Probe>(base, f)
-    }
-
-    /// [`Head::get`] for a head read with [`Head::read_with`]`::<M>`.
+    /// With `M` reading each field by a plain load ([`Head::read_with`] read nothing ahead), that
+    /// load.
     #[inline(always)]
     pub fn get_with<M: Mem>(&self, base: u64, f: Field) -> u64 {
         if !M::BLOCK_HEAD {
