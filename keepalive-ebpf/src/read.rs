@@ -99,20 +99,27 @@ impl Mem for Typed {
     }
     #[inline(always)]
     fn rd(base: u64, f: Field) -> u64 {
-        let p = (base as *const u8).wrapping_add(f.off as usize);
-        // SAFETY: typed, fault-safe loads at a BTF offset of the right size (a constant to the
-        // verifier: only the matching arm is kept).
-        unsafe {
-            match f.size {
-                1 => core::ptr::read_volatile(p) as u64,
-                2 => core::ptr::read_volatile(p as *const u16) as u64,
-                4 => core::ptr::read_volatile(p as *const u32) as u64,
-                8 => core::ptr::read_volatile(p as *const u64),
-                _ => 0,
-            }
-        }
+        // SAFETY: typed, fault-safe loads at a BTF offset, of the field's size.
+        unsafe { load_sized((base as *const u8).wrapping_add(f.off as usize), f.size) }
     }
     const BLOCK_HEAD: bool = false;
+}
+
+/// A load of `size` bytes (1, 2, 4 or 8) at `p`, zero-extended; 0 for any other size. `size` is a
+/// constant to the verifier (a read-only global): only its arm is kept.
+///
+/// # Safety
+/// `p` must be valid for a load of `size` bytes, aligned to it: memory the verifier lets the
+/// program read directly (a typed kernel pointer, or the program's stack).
+#[inline(always)]
+unsafe fn load_sized(p: *const u8, size: u32) -> u64 {
+    match size {
+        1 => core::ptr::read_volatile(p) as u64,
+        2 => core::ptr::read_volatile(p as *const u16) as u64,
+        4 => core::ptr::read_volatile(p as *const u32) as u64,
+        8 => core::ptr::read_volatile(p as *const u64),
+        _ => 0,
+    }
 }
 
 /// Whether `sk` is a TCP socket.
@@ -136,8 +143,7 @@ pub fn fill_sock_lean(ev: &mut RawEvent, sk: u64) {
 }
 
 /// [`fill_sock_lean`] without whether the owner holds the socket ([`FLAG_OWNED`]): for the timer's
-/// exit, whose entry read it before the run. `sk` is a base of `M` ([`Mem::base`]); `ev.sk` is
-/// left to the caller.
+/// exit, whose entry read it before the run.
 #[inline(always)]
 pub fn fill_sock_lean_unowned<M: Mem>(ev: &mut RawEvent, sk: u64) {
     fill_sock_with::<M>(ev, sk, false, false);
@@ -145,12 +151,13 @@ pub fn fill_sock_lean_unowned<M: Mem>(ev: &mut RawEvent, sk: u64) {
 
 #[inline(always)]
 fn fill_sock_with<M: Mem>(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: bool) {
-    let net = fill_common_with::<M>(ev, sk);
+    let base = M::base(sk);
+    let net = fill_common_with::<M>(ev, sk, base);
     if ev.sport == 0 {
         // On the way to CLOSE, inet_put_port() cleared skc_num before the state-change tracepoint.
-        ev.sport = u16::from_be(M::rd(sk, off!(inet_sport)) as u16);
+        ev.sport = u16::from_be(M::rd(base, off!(inet_sport)) as u16);
     }
-    fill_settings::<M>(ev, sk, net, all_sysctls, owned);
+    fill_settings::<M>(ev, base, net, all_sysctls, owned);
 }
 
 /// Fills what `struct sock_common` holds (identity, addresses, namespace, state): all a program
@@ -162,19 +169,19 @@ fn fill_sock_with<M: Mem>(ev: &mut RawEvent, sk: u64, all_sysctls: bool, owned: 
 /// each field taken from there where BTF put it inside, read on its own otherwise.
 #[inline(always)]
 pub fn fill_common(ev: &mut RawEvent, sk: u64) -> u64 {
-    fill_common_with::<Probe>(ev, sk)
+    fill_common_with::<Probe>(ev, sk, sk)
 }
 
-/// [`fill_common`] with reads of `M`.
+/// [`fill_common`] of the socket at address `sk`, read from `base` ([`Mem::base`] of `sk`).
 #[inline(always)]
-fn fill_common_with<M: Mem>(ev: &mut RawEvent, sk: u64) -> u64 {
-    let head = Head::read_with::<M>(sk);
+fn fill_common_with<M: Mem>(ev: &mut RawEvent, sk: u64, base: u64) -> u64 {
+    let head = Head::read_with::<M>(base);
     ev.sk = sk;
-    ev.family = read_addrs_in::<M>(&head, sk, &mut ev.saddr, &mut ev.daddr) as u8;
-    ev.state = head.get_with::<M>(sk, off!(skc_state)) as u8;
-    ev.sport = head.get_with::<M>(sk, off!(skc_num)) as u16;
-    ev.dport = u16::from_be(head.get_with::<M>(sk, off!(skc_dport)) as u16);
-    let net = head.get_with::<M>(sk, off!(skc_net));
+    ev.family = read_addrs_in::<M>(&head, base, &mut ev.saddr, &mut ev.daddr) as u8;
+    ev.state = head.get_with::<M>(base, off!(skc_state)) as u8;
+    ev.sport = head.get_with::<M>(base, off!(skc_num)) as u16;
+    ev.dport = u16::from_be(head.get_with::<M>(base, off!(skc_dport)) as u16);
+    let net = head.get_with::<M>(base, off!(skc_net));
     ev.netns = M::rd(net, off!(net_ns_inum)) as u32;
     net
 }
@@ -216,6 +223,7 @@ impl Head {
     /// naturally aligned (the verifier requires aligned stack loads; C fields are), else with
     /// [`rd`]. The offset and size are constants to the verifier (read-only globals), so only
     /// one of the two paths is kept.
+    ///
     /// With `M` reading each field by a plain load ([`Head::read_with`] read nothing ahead), that
     /// load.
     #[inline(always)]
@@ -229,14 +237,7 @@ impl Head {
         }
         let p = (self.words.as_ptr() as *const u8).wrapping_add(off);
         // SAFETY: inside `words` and aligned to `size` (checked above; `words` is 8-aligned).
-        unsafe {
-            match size {
-                1 => core::ptr::read_volatile(p) as u64,
-                2 => core::ptr::read_volatile(p as *const u16) as u64,
-                4 => core::ptr::read_volatile(p as *const u32) as u64,
-                _ => core::ptr::read_volatile(p as *const u64),
-            }
-        }
+        unsafe { load_sized(p, f.size) }
     }
 }
 

@@ -41,26 +41,25 @@ fn is_keepalive_timer(ctx: &BtfTracePointContext) -> bool {
 /// [`is_keepalive_timer`].
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn btf_timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
-    if !is_keepalive_timer(&ctx) {
-        return 0;
-    }
-    let timer = arg_number(ctx.as_ptr(), 0, ctx.arg(0));
-    // `baseclk` is a plain number: a direct load of the context.
-    let baseclk: u64 = ctx.arg(1);
-    timer_enter(timer, baseclk);
-    0
+    btf_timer_enter::<Probe>(&ctx)
 }
 
 /// [`btf_timer_expire_entry`] reading the socket with plain loads ([`Typed`]: `bpf_rdonly_cast`,
 /// 6.2+).
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn btf_timer_expire_entry_cast(ctx: BtfTracePointContext) -> i32 {
-    if !is_keepalive_timer(&ctx) {
+    btf_timer_enter::<Typed>(&ctx)
+}
+
+#[inline(always)]
+fn btf_timer_enter<M: Mem>(ctx: &BtfTracePointContext) -> i32 {
+    if !is_keepalive_timer(ctx) {
         return 0;
     }
     let timer = arg_number(ctx.as_ptr(), 0, ctx.arg(0));
+    // `baseclk` is a plain number: a direct load of the context.
     let baseclk: u64 = ctx.arg(1);
-    timer_enter_with::<Typed>(timer, baseclk);
+    timer_enter_with::<M>(timer, baseclk);
     0
 }
 
@@ -205,9 +204,8 @@ fn timer_leave_slot<M: Mem>(slot: &mut TimerScratch, timer: Option<u64>, timer_f
     crate::zero_event(ev);
     ev.kind = EventKind::Timer as u8;
     // Whether the owner held the socket is the entry's reading (the run only re-arms then).
+    fill_sock_lean_unowned::<M>(ev, sk);
     let base = M::base(sk);
-    fill_sock_lean_unowned::<M>(ev, base);
-    ev.sk = sk;
     // What fill_sock_lean_unowned read is the state after the run; the entry's is the state before.
     (ev.new_state, ev.probes_out_after) = (ev.state, ev.probes_out);
     if ev.flags & FLAG_KEEPOPEN != 0 {
