@@ -62,7 +62,8 @@ setup_k8s_validate() {
     local venv sudo have
     venv="${KEEPALIVE_OTEL_VENV:-$KEEPALIVE_OTEL_VENV_DEFAULT}"
     if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
-    have="$("$venv/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p')"
+    # `pip show` fails while the package is missing: that is not an error here (set -e, pipefail).
+    have="$("$venv/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p' || true)"
     if [ "$have" = "$KUBERNETES_VALIDATE_VERSION" ] && [ -x "$venv/bin/kubernetes-validate" ]; then
         printf 'setup: kubernetes-validate %s present (%s)\n' "$have" "$venv" >&2
         return 0
