@@ -495,15 +495,44 @@ impl AgentProcess {
                     return true;
                 }
             }
-            if out.stdout_closed {
-                return false;
-            }
             let now = Instant::now();
-            if now >= deadline {
+            if out.stdout_closed || now >= deadline {
+                let (closed, n) = (out.stdout_closed, out.events.len());
+                drop(out);
+                // What a failing test needs to tell a stuck agent from a blind one.
+                eprintln!("{}", self.state_report(closed, n));
                 return false;
             }
             out = self.shared.cv.wait_timeout(out, deadline - now).unwrap().0;
         }
+    }
+
+    /// The agent's state when a wait gave up: alive or not, each thread's kernel state, wait
+    /// channel and stack (`/proc/<pid>/task/*`), how many stdout objects came and the last one.
+    fn state_report(&self, stdout_closed: bool, objects: usize) -> String {
+        let pid = self.child.id();
+        let read = |p: String| std::fs::read_to_string(p).unwrap_or_else(|e| format!("({e})"));
+        let mut r = format!("agent {pid}: stdout closed: {stdout_closed}; {objects} stdout objects\n");
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let dir = t.path().display().to_string();
+                let stat = read(format!("{dir}/stat"));
+                let state = stat.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?");
+                r += &format!(
+                    "  task {} {} state {state} wchan {} stack:\n{}",
+                    t.file_name().to_string_lossy(),
+                    read(format!("{dir}/comm")).trim(),
+                    read(format!("{dir}/wchan")).trim(),
+                    read(format!("{dir}/stack"))
+                );
+            }
+        } else {
+            r += "  process gone\n";
+        }
+        if let Some(last) = self.shared.out.lock().unwrap().events.last() {
+            r += &format!("  last object: {last}\n");
+        }
+        r
     }
 
     /// Waits for the first event satisfying `pred` (earlier events included) and returns it.
