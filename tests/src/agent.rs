@@ -29,6 +29,10 @@ pub fn ready_timeout() -> Duration {
         Err(_) => READY_TIMEOUT,
     }
 }
+/// How much longer [`AgentProcess::wait_for`] looks, after giving up, for the object it waited for
+/// (the wait still fails): whether it comes late tells a slow agent from a blind one.
+const LATE_LOOK: Duration = Duration::from_secs(10);
+
 /// How long the agent may take to exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -484,7 +488,13 @@ impl AgentProcess {
 
     /// Waits until `f` (called with every event so far, each time new ones arrive) returns true.
     /// Returns false on timeout or when the agent's stdout closed without `f` being satisfied.
-    pub fn wait_until(&self, timeout: Duration, mut f: impl FnMut(&[Value]) -> bool) -> bool {
+    pub fn wait_until(&self, timeout: Duration, f: impl FnMut(&[Value]) -> bool) -> bool {
+        self.wait_until_reporting(timeout, f, true)
+    }
+
+    /// [`AgentProcess::wait_until`]; with `report`, a wait that gives up prints the agent's state
+    /// ([`AgentProcess::state_report`]) on stderr.
+    fn wait_until_reporting(&self, timeout: Duration, mut f: impl FnMut(&[Value]) -> bool, report: bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut out = self.shared.out.lock().unwrap();
         let mut seen = usize::MAX;
@@ -499,8 +509,10 @@ impl AgentProcess {
             if out.stdout_closed || now >= deadline {
                 let (closed, n) = (out.stdout_closed, out.events.len());
                 drop(out);
-                // What a failing test needs to tell a stuck agent from a blind one.
-                eprintln!("{}", self.state_report(closed, n));
+                if report {
+                    // What a failing test needs to tell a stuck agent from a blind or dead one.
+                    eprintln!("{}", self.state_report(closed, n));
+                }
                 return false;
             }
             out = self.shared.cv.wait_timeout(out, deadline - now).unwrap().0;
@@ -517,7 +529,12 @@ impl AgentProcess {
             for t in tasks.flatten() {
                 let dir = t.path().display().to_string();
                 let stat = read(format!("{dir}/stat"));
-                let state = stat.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?");
+                let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+                let state = fields.first().copied().unwrap_or("?");
+                if state == "Z" {
+                    // Field 52 of stat, `exit_code` as waitpid reports it (a signal in the low bits).
+                    r += &format!("  exited, not reaped: wait status {}\n", fields.get(49).copied().unwrap_or("?"));
+                }
                 r += &format!(
                     "  task {} {} state {state} wchan {} stack:\n{}",
                     t.file_name().to_string_lossy(),
@@ -543,14 +560,23 @@ impl AgentProcess {
     ) -> Option<Value> {
         let mut found = None;
         let mut next = 0;
-        self.wait_until(timeout, |evs| {
+        let mut matches = |evs: &[Value]| {
             if let Some(e) = evs[next..].iter().find(|e| pred(e)) {
                 found = Some(e.clone());
                 return true;
             }
             next = evs.len();
             false
-        });
+        };
+        if !self.wait_until(timeout, &mut matches) {
+            // Still a failure; waiting a little longer tells a slow agent from a blind one.
+            let late = Instant::now();
+            if self.wait_until_reporting(LATE_LOOK, &mut matches, false) {
+                eprintln!("the awaited object came {:?} after the wait gave up: {}", late.elapsed(), found.take().unwrap_or_default());
+            } else {
+                eprintln!("the awaited object did not come in {LATE_LOOK:?} more either");
+            }
+        }
         found
     }
 
@@ -681,9 +707,7 @@ mod tests {
             .wait_for(Duration::from_secs(5), |e| events::kind(e) == "probe")
             .expect("probe event");
         assert_eq!(events::u64_of(&e, "probe"), Some(1));
-        assert!(p
-            .wait_for(Duration::from_millis(300), |e| events::kind(e) == "close")
-            .is_none());
+        assert!(!p.wait_until(Duration::from_millis(300), |evs| evs.iter().any(|e| events::kind(e) == "close")));
         let evs = p.stop().unwrap();
         assert_eq!(evs.len(), 2);
         assert_eq!(events::kind(&evs[0]), "open");
