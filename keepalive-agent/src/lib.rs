@@ -18,3 +18,4 @@ pub mod privilege;
 pub mod reconcile;
 pub mod runtime;
 pub mod timeline;
+pub mod watchdog;

@@ -14,6 +14,8 @@ use std::{
 use keepalive_common::{EventKind, EVENT_KINDS, LOST_SLOT_AWAIT_OWNER, LOST_SLOT_INFLIGHT, LOST_SLOT_TIMER_UNPAIRED};
 use log::{debug, info, trace, warn};
 
+use crate::watchdog::{Pulse, Step, Watchdog};
+
 use crate::{
     attach::Probes,
     clock::WallClock,
@@ -385,21 +387,28 @@ impl<'a> EventLoop<'a> {
         let mut on_demand = OnDemand::default();
         self.steer_on_demand(&mut on_demand);
         let mut last_report = Instant::now();
+        let watchdog = Watchdog::start();
+        let pulse = watchdog.pulse();
         while !(stop.load(Ordering::Relaxed) || until.is_some_and(|t| Instant::now() >= t)) {
+            pulse.enter(Step::Wait);
             self.wait_readable(until)?;
             // Drain in bounded batches so the sink sees records promptly, and the once-a-second
             // work happens even while the ring buffer never runs dry.
             loop {
+                pulse.enter(Step::Drain);
                 let n = self.drain(&mut st, Some(BATCH));
                 on_demand.probe_seen = on_demand.probe_seen || st.records.iter().any(|r| matches!(r.kind, RecordKind::Probe { .. }));
+                pulse.enter(Step::Output);
                 self.flush(&mut st, sink)?;
                 if let Some(observer) = self.observer.as_deref_mut() {
                     observer.tick(self.engine, &st.summary);
                 }
+                pulse.enter(Step::OnDemand);
                 self.steer_on_demand(&mut on_demand);
                 if last_report.elapsed() >= Duration::from_secs(1) {
                     last_report = Instant::now();
-                    self.every_second(&mut st, sink)?;
+                    pulse.enter(Step::Report);
+                    self.every_second(&mut st, sink, pulse)?;
                 }
                 if n < BATCH {
                     break;
@@ -420,7 +429,7 @@ impl<'a> EventLoop<'a> {
     }
 
     /// Once a second: report losses, refresh the wall clock, release stale held events.
-    fn every_second(&mut self, st: &mut RunState, sink: &mut Sink<'_>) -> Result<(), RunError> {
+    fn every_second(&mut self, st: &mut RunState, sink: &mut Sink<'_>, pulse: &Pulse) -> Result<(), RunError> {
         self.report(st);
         self.clock.refresh();
         // Events held for a timer record that a full ring buffer swallowed.
@@ -428,6 +437,7 @@ impl<'a> EventLoop<'a> {
         self.flush(st, sink)?;
         // Connections whose close and destruction were both missed.
         let losses = st.summary.lost_total();
+        pulse.enter(Step::Walk);
         st.reconciler.maybe_walk(self.probes, self.decoder, self.engine, losses);
         Ok(())
     }

@@ -6,10 +6,15 @@
 //! and every event the kernel produced must be accounted for: received plus lost is at least what
 //! the test generated.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use keepalive_tests::{
-    agent::{lost_event_reports, Agent},
+    agent::{agent_binary, lost_event_reports, Agent},
     raise_nofile,
     tcp::{ClientSocket, Family, Keepalive, Server, ServerMode},
     Env,
@@ -78,4 +83,62 @@ fn full_ring_buffer_losses_are_counted_and_reported() {
         "the loss is not broken down by event kind:\n{}",
         stderr.join("\n")
     );
+}
+
+/// An agent whose output nobody reads (`trace` into a pipe that fills, as behind a paused pager)
+/// stands still in its write: its watchdog says so within seconds, naming the step, instead of
+/// going silent.
+#[test]
+fn stalled_output_is_reported_with_its_step() {
+    const N: usize = 400;
+    raise_nofile(4096);
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    let mut child = Command::new(agent_binary())
+        .args(["trace", "--format", "json", "--no-snapshot", "--netns"])
+        .arg(env.ns.path())
+        .arg("--cgroup")
+        .arg(env.cgroup.path())
+        .stdout(Stdio::piped()) // never read: the pipe fills
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[agent] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_line = |what: &str, within: Duration| {
+        let end = Instant::now() + within;
+        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            let hit = line.contains(what);
+            seen.push(line);
+            if hit {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(wait_line("ready", Duration::from_secs(60)), "agent not ready:\n{}", seen.join("\n"));
+    // Each connection's records (open, settings) are a few hundred bytes of JSON: far more than
+    // the pipe holds.
+    let ka = Keepalive::new(600, 60, 5);
+    let mut clients = Vec::with_capacity(N);
+    for s in ClientSocket::many(&env.ns, Family::V4, N).unwrap() {
+        s.set_keepalive(&ka).unwrap();
+        clients.push(s.connect(server.addr()).unwrap());
+    }
+    let said = wait_line("event loop stalled", Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(clients);
+    assert!(said, "no stall reported:\n{}", seen.join("\n"));
+    let line = seen.last().unwrap();
+    assert!(line.contains("writing records to the output"), "the step is not named: {line}");
 }
