@@ -14,8 +14,6 @@ use std::{
 use keepalive_common::{EventKind, EVENT_KINDS, LOST_SLOT_AWAIT_OWNER, LOST_SLOT_INFLIGHT, LOST_SLOT_TIMER_UNPAIRED};
 use log::{debug, info, trace, warn};
 
-use crate::watchdog::{Pulse, Step, Watchdog};
-
 use crate::{
     attach::Probes,
     clock::WallClock,
@@ -24,6 +22,7 @@ use crate::{
     owners::{DeathOwnerStats, DeathOwners, DEATH_HOLD},
     reconcile::Reconciler,
     timeline::{engine::Engine, ConnView, Record, RecordKind},
+    watchdog::{Pulse, Step, Watchdog},
 };
 
 /// Which connections' records reach the sink.
@@ -421,6 +420,7 @@ impl<'a> EventLoop<'a> {
             }
         }
         // Drain what is left, then the final report.
+        pulse.enter(Step::Drain);
         self.drain(&mut st, None);
         self.flush(&mut st, sink)?;
         self.report(&mut st);

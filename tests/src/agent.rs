@@ -568,8 +568,9 @@ impl AgentProcess {
             next = evs.len();
             false
         };
-        if !self.wait_until(timeout, &mut matches) {
-            // Still a failure; waiting a little longer tells a slow agent from a blind one.
+        if !self.wait_until(timeout, &mut matches) && !self.shared.out.lock().unwrap().stdout_closed {
+            // Still a failure; waiting a little longer tells a slow agent from a blind one (with
+            // stdout closed there is nothing to wait for: the state report said so).
             let late = Instant::now();
             if self.wait_until_reporting(LATE_LOOK, &mut matches, false) {
                 eprintln!("the awaited object came {:?} after the wait gave up: {}", late.elapsed(), found.take().unwrap_or_default());
