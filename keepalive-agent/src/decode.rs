@@ -8,8 +8,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use keepalive_common::{
-    EventKind, RawEvent, FLAG_ACTIVE, FLAG_DEAD, FLAG_HAS_REASON, FLAG_IN_TIMER, FLAG_KEEPOPEN,
-    FLAG_OWNED, FLAG_PROCESS, FLAG_TIMER_PENDING, RAW_EVENT_SIZE, SOL_SOCKET, SOL_TCP,
+    EventKind, RawAck, RawEvent, FLAG_ACTIVE, FLAG_DEAD, FLAG_HAS_REASON, FLAG_IN_TIMER, FLAG_KEEPOPEN,
+    FLAG_OWNED, FLAG_PROCESS, FLAG_TIMER_PENDING, RAW_ACK_SIZE, RAW_EVENT_SIZE, SOL_SOCKET, SOL_TCP,
     SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
 };
 
@@ -22,7 +22,7 @@ use crate::event::{
 pub enum DecodeError {
     /// The record does not have the size of a [`RawEvent`] (truncated read, or the agent and the
     /// eBPF object disagree on the layout).
-    #[error("event record is {got} bytes, expected {expected}")]
+    #[error("event record is {got} bytes, expected {expected} (or 24 for an answer's short record)")]
     BadLength { got: usize, expected: usize },
     /// The `kind` byte is not an [`EventKind`].
     #[error("unknown event kind {kind} (socket {sk:#x})")]
@@ -101,6 +101,9 @@ impl Decoder {
     /// Decodes one record as read from a ring buffer or a seq file (any alignment).
     #[inline]
     pub fn decode_bytes(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        if bytes.len() == RAW_ACK_SIZE {
+            return decode_ack(bytes);
+        }
         check_len(bytes)?;
         if bytes.as_ptr().align_offset(std::mem::align_of::<RawEvent>()) == 0 {
             // SAFETY: the slice holds exactly size_of::<RawEvent>() bytes (checked), the pointer is
@@ -296,10 +299,31 @@ pub fn raw_from_bytes(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
 }
 
-/// The socket address of a raw record (its `sk` field), without copying the record: for the
-/// event loop's prefetch pass. `None` for a record of the wrong length.
+/// An answer's short record ([`RawAck`]).
+fn decode_ack(bytes: &[u8]) -> Result<Event, DecodeError> {
+    // SAFETY: the slice holds exactly size_of::<RawAck>() bytes (the caller checked), and RawAck
+    // is plain integers, so every bit pattern is a valid value.
+    let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawAck>()) };
+    if raw.kind != EventKind::Ack as u8 {
+        return Err(DecodeError::UnknownKind { kind: raw.kind, sk: raw.sk });
+    }
+    Ok(Event {
+        ts_ns: raw.ts_ns,
+        sk: raw.sk,
+        netns: raw.netns,
+        addrs: None,
+        in_timer: false,
+        body: EventBody::Ack { probes: raw.probes_out },
+    })
+}
+
+/// The socket address of a raw record (its `sk` field, at the same offset in both record sizes),
+/// without copying the record: for the event loop's prefetch pass. `None` for a record of neither
+/// length.
 pub fn raw_sk(bytes: &[u8]) -> Option<u64> {
-    check_len(bytes).ok()?;
+    if bytes.len() != RAW_ACK_SIZE {
+        check_len(bytes).ok()?;
+    }
     let at = std::mem::offset_of!(RawEvent, sk);
     Some(u64::from_ne_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
@@ -350,6 +374,32 @@ mod tests {
         let bytes = raw_to_bytes(&raw);
         assert_eq!(super::raw_sk(&bytes), Some(0xffff_8881_0000_1234));
         assert_eq!(super::raw_sk(&bytes[1..]), None);
+    }
+
+    fn ack_bytes(ack: &RawAck) -> Vec<u8> {
+        // SAFETY: RawAck is `#[repr(C)]` plain integers without padding.
+        unsafe { std::slice::from_raw_parts((ack as *const RawAck).cast::<u8>(), RAW_ACK_SIZE) }.to_vec()
+    }
+
+    #[test]
+    fn an_answers_short_record_decodes_as_the_full_one_did() {
+        let ack = RawAck { ts_ns: 7_000, netns: 4026531840, probes_out: 2, kind: EventKind::Ack as u8, pad: [0; 2], sk: 0xffff_8881_0000_1234 };
+        let bytes = ack_bytes(&ack);
+        assert_eq!(super::raw_sk(&bytes), Some(0xffff_8881_0000_1234));
+        let mut full = raw(EventKind::Ack);
+        full.sport = 0;
+        full.dport = 0;
+        full.family = 0;
+        full.ts_ns = 7_000;
+        full.netns = 4026531840;
+        full.probes_out = 2;
+        full.sk = 0xffff_8881_0000_1234;
+        let d = decoder();
+        assert_eq!(d.decode_bytes(&bytes).unwrap(), d.decode(&full).unwrap());
+        // Any other kind in a record of that length is refused, not taken for an answer.
+        let odd = RawAck { kind: EventKind::Destroy as u8, ..ack };
+        assert!(matches!(d.decode_bytes(&ack_bytes(&odd)), Err(DecodeError::UnknownKind { .. })));
+        assert!(matches!(d.decode_bytes(&bytes[1..]), Err(DecodeError::BadLength { got: 23, .. })));
     }
 
     use super::*;

@@ -489,6 +489,36 @@ pub const KFUNC_MARK_RDONLY_CAST: u32 = 0x7fff_0001;
 /// Size of one [`RawEvent`] record in bytes.
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 
+/// The short record of an answer to a keep-alive probe ([`EventKind::Ack`]): all the answer
+/// program knows, in 24 bytes instead of a [`RawEvent`]'s 192. That program runs on every segment
+/// received while probes are out, and each record's bytes are stores in the kernel and cache lines
+/// the agent reads on another CPU. `ts_ns` and `sk` sit at a [`RawEvent`]'s offsets, so a reader
+/// that only wants the socket reads either record the same way; the length tells them apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawAck {
+    /// Monotonic time the segment was received.
+    pub ts_ns: u64,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// `icsk_probes_out` when the answer came.
+    pub probes_out: u8,
+    /// [`EventKind::Ack`].
+    pub kind: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+    /// Kernel address of the `struct sock`.
+    pub sk: u64,
+}
+
+/// Size of one [`RawAck`] record in bytes.
+pub const RAW_ACK_SIZE: usize = core::mem::size_of::<RawAck>();
+const _: () = assert!(
+    RAW_ACK_SIZE == 24
+        && core::mem::offset_of!(RawAck, ts_ns) == core::mem::offset_of!(RawEvent, ts_ns)
+        && core::mem::offset_of!(RawAck, sk) == core::mem::offset_of!(RawEvent, sk)
+);
+
 /// Bytes a record of `size` bytes takes in a BPF ring buffer: its 8-byte header and the record,
 /// rounded up to 8.
 pub const fn ring_record_bytes(size: usize) -> u64 {

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
     EbpfContext,
 };
-use keepalive_common::{EventKind, Field, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
+use keepalive_common::{EventKind, Field, RawAck, RawEvent, FLAG_ACTIVE, FLAG_HAS_REASON, FLAG_IN_TIMER};
 
 use crate::{
     count_lost, off,
@@ -113,18 +113,22 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Sends an `Ack` event: the socket, the time, the probes it answers and the namespace (for the
-/// agent's namespace filter), nothing else. The connection is followed already (an answer only
-/// counts within an episode the agent opened from a timer event, which carried the rest), so the
-/// socket is not read again: this program runs on every segment received while probes are out.
+/// Sends an `Ack` record ([`RawAck`], 24 bytes): the socket, the time, the probes it answers and
+/// the namespace (for the agent's namespace filter), nothing else. The connection is followed
+/// already (an answer only counts within an episode the agent opened from a timer event, which
+/// carried the rest), so the socket is not read again: this program runs on every segment received
+/// while probes are out.
 #[inline(always)]
 fn emit_ack(sk: u64, probes: u8, netns: u32) {
-    let Some(mut entry) = reserve(EventKind::Ack) else { return };
-    // SAFETY: a reserved RawEvent-sized ring buffer record.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    ev.sk = sk;
-    ev.probes_out = probes;
-    ev.netns = netns;
+    let Some(mut entry) = EVENTS.reserve::<RawAck>(0) else {
+        count_lost(EventKind::Ack as u8);
+        return;
+    };
+    // SAFETY: plain helper call.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let ack = RawAck { ts_ns, netns, probes_out: probes, kind: EventKind::Ack as u8, pad: [0; 2], sk };
+    // SAFETY: a reserved RawAck-sized ring buffer record; three 8-byte stores.
+    unsafe { core::ptr::write_volatile(entry.as_mut_ptr(), ack) };
     crate::submit(entry);
 }
 
