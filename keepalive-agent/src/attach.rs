@@ -46,8 +46,9 @@ pub enum Method {
     Kprobe,
     /// Tracepoints (BTF-typed first, then raw), cgroup and iterator programs only.
     Tracepoint,
-    /// Like `tracepoint`, but raw tracepoints only (no BTF-typed ones): the path for kernels
-    /// before 5.5, and a way to exercise it anywhere.
+    /// Like `tracepoint`, but raw tracepoints only (no BTF-typed ones): what `auto` falls back to
+    /// where a BTF-typed program does not load or attach (every kernel the agent runs on, 5.8+, has
+    /// BTF-typed tracepoints, 5.5+), and a way to exercise that path anywhere.
     #[value(name = "raw-tracepoint")]
     RawTracepoint,
 }

@@ -341,7 +341,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     if modes.len() > 1 {
         s.line("Two agents run side by side on the same load: the agent as shipped (`--attach auto`, which picks");
         s.line("BTF-typed tracepoints (`tp_btf`) where the kernel has them) and the agent restricted to raw tracepoints");
-        s.line("(`--attach raw-tracepoint`, the path for kernels before 5.5; also the agent before BTF-typed programs");
+        s.line("(`--attach raw-tracepoint`, the fallback where a BTF-typed program does not load; the agent's minimum kernel, 5.8, has BTF-typed tracepoints; also the agent before BTF-typed programs");
         s.line("were added: the before/after of that change).");
     }
     s.line("Reference programs, hand-assembled by the bench, are attached to the same tracepoints: an empty program");
