@@ -213,6 +213,20 @@ pub struct Offsets {
     pub tcp_syn_recv: u32,
     /// Explicit padding (keeps the layout free of implicit holes).
     pub accept_pad: u32,
+
+    // Which segments answer a probe. Appended: the fields above keep their places. Optional: with
+    // any absent, every segment received while probes are out counts as the answer (as before).
+    /// `tcp_sock.rcv_wup`: `rcv_nxt` at the last window update; a segment that ends before it is
+    /// wholly old (the peer's own keep-alive probe: one byte before `rcv_nxt`) and is dropped.
+    pub tp_rcv_wup: Field,
+    /// `TCP_SKB_CB(skb)->end_seq`, from the start of `struct sk_buff` (`cb` plus the member's
+    /// offset in `struct tcp_skb_cb`; the loader adds them).
+    pub skb_end_seq: Field,
+    /// `TCP_SKB_CB(skb)->ack_seq`, from the start of `struct sk_buff`.
+    pub skb_ack_seq: Field,
+    /// `TCP_SKB_CB(skb)->tcp_flags` (the header's flag byte; 2 bytes on current kernels), from the
+    /// start of `struct sk_buff`.
+    pub skb_tcp_flags: Field,
 }
 
 /// How long, in seconds, after a keep-alive-relevant socket was passively established (or the

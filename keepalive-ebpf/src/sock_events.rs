@@ -12,7 +12,7 @@ use keepalive_common::{EventKind, Field, RawAck, RawEvent, FLAG_ACTIVE, FLAG_HAS
 use crate::{
     count_lost, off,
     owner::{destroyed_by_owner, fill_close_owner},
-    read::{arg_number, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd, Mem, Typed},
+    read::{arg_number, fill_common, fill_process, fill_sock_lean, fill_times, is_tcp, keepalive_relevant, rd, Mem, Probe, Typed},
     timer::in_timer,
     EVENTS,
 };
@@ -69,7 +69,7 @@ pub fn btf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
     let off = off!(icsk_probes_out).off as usize;
     // SAFETY: typed `struct tcp_sock *`; the offset is `icsk_probes_out`'s, from BTF.
     let probes = unsafe { core::ptr::read_volatile(tp.wrapping_add(off)) };
-    if probes == 0 {
+    if probes == 0 || !answers::<Typed>(tp as u64, ctx.arg(1)) {
         return 0;
     }
     // The namespace by two more direct loads: `skc_net.net` (typed `struct net *`), `ns.inum`.
@@ -91,7 +91,7 @@ pub fn btf_tcp_probe_cast(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let tp = Typed::base(sk);
     let probes = Typed::rd(tp, off!(icsk_probes_out)) as u8;
-    if probes == 0 {
+    if probes == 0 || !answers::<Typed>(tp, ctx.arg(1)) {
         return 0;
     }
     let netns = Typed::rd(Typed::rd(tp, off!(skc_net)), off!(net_ns_inum)) as u32;
@@ -106,11 +106,61 @@ pub fn btf_tcp_probe_cast(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let probes = rd(sk, off!(icsk_probes_out)) as u8;
-    if probes == 0 {
+    if probes == 0 || !answers::<Probe>(sk, ctx.arg(1)) {
         return 0;
     }
     emit_ack(sk, probes, rd(rd(sk, off!(skc_net)), off!(net_ns_inum)) as u32);
     0
+}
+
+/// `TCPHDR_*` flag bits of `tcp_skb_cb.tcp_flags`.
+const TCPHDR_SYN: u64 = 0x02;
+const TCPHDR_RST: u64 = 0x04;
+const TCPHDR_ACK: u64 = 0x10;
+
+/// Whether the segment `skb`, received by the socket `tp` while its probes are out, is one that
+/// `tcp_ack` will take as their answer (it zeroes `icsk_probes_out` then): an ACK without RST or
+/// SYN, not wholly before the receive window (`end_seq` not before `rcv_wup`; the peer's own
+/// keep-alive probe is one byte before it and is dropped with a duplicate ACK), acknowledging
+/// neither less than `snd_una` nor more than `snd_nxt`. Anything else received then is not an
+/// answer: the peer's probes on a connection whose own probes get no answer (one way lost), a
+/// reset (reported as such), a stale duplicate. Sequence numbers compare modulo 2^32, as the
+/// kernel's `before()`. Where the kernel's BTF lacks one of the offsets, every segment counts, as
+/// before (`check` names the missing field). Reads `skb`'s control block (filled by the receive path just
+/// before) and three `tcp_sock` fields `tcp_ack` reads next: run only while probes are out.
+#[inline(always)]
+fn answers<M: Mem>(tp: u64, skb: u64) -> bool {
+    // Each offset by a volatile read (`off!`): a plain read of the global would be folded into
+    // its compile-time value, all absent.
+    let ready = off!(tp_rcv_wup).size != 0
+        && off!(tp_snd_una).size != 0
+        && off!(skb_end_seq).size != 0
+        && off!(skb_ack_seq).size != 0
+        && off!(skb_tcp_flags).size != 0;
+    if !ready {
+        return true;
+    }
+    let before = |a: u64, b: u64| ((a as u32).wrapping_sub(b as u32) as i32) < 0;
+    let flags = skb_rd::<M>(skb, off!(skb_tcp_flags));
+    if flags & (TCPHDR_RST | TCPHDR_SYN) != 0 || flags & TCPHDR_ACK == 0 {
+        return false;
+    }
+    if before(skb_rd::<M>(skb, off!(skb_end_seq)), M::rd(tp, off!(tp_rcv_wup))) {
+        return false;
+    }
+    let ack = skb_rd::<M>(skb, off!(skb_ack_seq));
+    !before(ack, M::rd(tp, off!(tp_snd_una))) && !before(M::rd(tp, off!(tp_snd_nxt)), ack)
+}
+
+/// A field of the `sk_buff` at `skb`: by a plain load where the socket is read so ([`Typed`]: the
+/// BTF-typed tracepoints, whose `skb` argument is a typed pointer), else by a helper read.
+#[inline(always)]
+fn skb_rd<M: Mem>(skb: u64, f: Field) -> u64 {
+    if M::BLOCK_HEAD {
+        rd(skb, f)
+    } else {
+        Typed::rd(skb, f)
+    }
 }
 
 /// Sends an `Ack` record ([`RawAck`], 24 bytes): the socket, the time, the probes it answers and

@@ -149,6 +149,13 @@ impl NetNs {
         self.input_rule(port, &format!("tcp sport {port} drop"))
     }
 
+    /// Loses one direction of the connections to the peer listening on `port`: every TCP segment
+    /// *to* `port` is dropped on the input hook, while the peer's own segments still arrive (a
+    /// one-way loss, or a peer whose host stopped receiving). Applies to IPv4 and IPv6.
+    pub fn drop_input_to_port(&self, port: u16) -> Result<()> {
+        self.input_rule(port, &format!("tcp dport {port} drop"))
+    }
+
     /// Emulates a NAT or load balancer that forgot the flows to `port`: every TCP segment *to*
     /// `port` is answered with a reset on the input hook (`reject with tcp reset`), before the peer
     /// sees it. Applies to IPv4 and IPv6.

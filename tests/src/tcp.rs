@@ -398,6 +398,13 @@ impl Server {
         self.addr.port()
     }
 
+    /// Keep-alive on the listener: connections accepted afterwards inherit it (the kernel copies
+    /// the listener's settings into each new socket and starts its keep-alive timer), as servers
+    /// such as PostgreSQL's `tcp_keepalives_*` have both ends of a connection probing.
+    pub fn set_keepalive(&self, ka: &Keepalive) -> io::Result<()> {
+        set_keepalive(self.listener_fd, ka)
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.streams.lock().unwrap().len()
     }

@@ -418,6 +418,65 @@ fn dead_peer_times_out_with_raw_tracepoints() {
     env_check(&stderr);
 }
 
+/// Both ends probe (keep-alive on the server's listener too, as PostgreSQL's
+/// `tcp_keepalives_*` do) and the client's segments stop reaching the server: the server's probes
+/// still arrive at the client while the client's own probes are out. The kernel drops each of them
+/// (one byte before the window) with a duplicate ACK and the client's probes stay unanswered; the
+/// agent must not take them for answers: no `ack` on the client's side, all three probes, then the
+/// timeout. (Before the answer program checked segments as `tcp_ack` does, each server probe showed
+/// as an answer, and the client's next probes as unseen.)
+#[test]
+fn peer_probes_are_not_answers() {
+    one_way_loss(&[]);
+}
+
+/// [`peer_probes_are_not_answers`] through raw tracepoints (the segment read by helper calls).
+#[test]
+fn peer_probes_are_not_answers_with_raw_tracepoints() {
+    if keepalive_tests::agent::forced_attach().is_some() {
+        eprintln!("KEEPALIVE_TEST_ATTACH is set: this run already forces one method");
+        return;
+    }
+    one_way_loss(&["--attach", "raw-tracepoint", "--probe-answers", "always"]);
+}
+
+fn one_way_loss(agent_args: &[&str]) {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Hold).unwrap();
+    // The server probes every second from 1 s on, eight times; the client from 2 s on, three
+    // times: the server's probes at 3 and 4 s reach the client while its probes are out.
+    server.set_keepalive(&Keepalive::new(1, 1, 8)).unwrap();
+    let agent = Agent::start(&env, agent_args);
+    let ka = Keepalive::new(2, 1, 3);
+    let mut client = Client::connect(&env.ns, server.addr(), &ka).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    assert!(server.wait_accepted(1, Duration::from_secs(5)));
+    env.ns.drop_input_to_port(server.port()).unwrap();
+    client.expect_etimedout(Duration::from_secs(15));
+    wait_event(&agent, l, r, "close");
+    let (all, stderr) = agent.stop_full();
+    let evs = of_conn(&all, l, r);
+    let peer = of_conn(&all, r, l);
+    // The scenario happened: a server probe was seen between the client's first probe and its end.
+    let first = ts(&evs[idx(&evs, "probe")]);
+    let end = ts(&evs[idx(&evs, "timeout")]);
+    let crossing = of_kind(&peer, "probe").into_iter().filter(|p| (first..end).contains(&ts(p))).count();
+    assert!(crossing > 0, "no server probe while the client's probes were out\nclient:\n{}\nserver:\n{}", ctx(&evs), ctx(&peer));
+    assert!(
+        of_kind(&evs, "ack").is_empty(),
+        "the server's probes were taken for answers ({crossing} crossed)\n{}",
+        ctx(&evs)
+    );
+    assert_probes_accounted(&evs, 3, unreported_probes(&stderr));
+    assert_eq!(u64_of(&evs[idx(&evs, "timeout")], "probes"), Some(3), "{}", ctx(&evs));
+    let episode = of_kind(&evs, "episode");
+    assert!(
+        episode.len() == 1 && str_of(episode[0], "outcome") == Some("timeout"),
+        "one episode, timed out\n{}",
+        ctx(&evs)
+    );
+}
+
 /// Scenario 5: IPv6 dead peer: addresses are reported as `[::1]:port`.
 #[test]
 fn dead_peer_times_out_v6() {

@@ -251,7 +251,39 @@ const FIELDS: &[FieldSpec] = &[
     owner("inode", &["i_mode"], |o| &mut o.inode_i_mode, NO_AUDIT_FILES),
     // The owner of a death in its own process context (optional: else found in /proc).
     owner("task_struct", &["flags"], |o| &mut o.task_flags, NO_DEATH_OWNER_TASK),
+    // Which segments answer a probe (optional: else every segment received while probes are out
+    // counts). The `tcp_skb_cb` members are offsets in `sk_buff.cb` until [`rebase_skb_cb`].
+    owner("tcp_sock", &["rcv_wup"], |o| &mut o.tp_rcv_wup, NO_ANSWER_CHECK),
+    owner("tcp_skb_cb", &["end_seq"], |o| &mut o.skb_end_seq, NO_ANSWER_CHECK),
+    owner("tcp_skb_cb", &["ack_seq"], |o| &mut o.skb_ack_seq, NO_ANSWER_CHECK),
+    owner("tcp_skb_cb", &["tcp_flags"], |o| &mut o.skb_tcp_flags, NO_ANSWER_CHECK),
 ];
+
+const NO_ANSWER_CHECK: &str = "every segment received while keep-alive probes are out counts as their answer, \
+     the peer's own keep-alive probes included (a connection that only receives could look answered)";
+
+/// Makes the `tcp_skb_cb` member offsets offsets from the start of `struct sk_buff` (the control
+/// block is its `cb` array), or absent when `cb` is missing or too small to hold them.
+fn rebase_skb_cb(btf: &KernelBtf, o: &mut Offsets, notes: &mut Vec<String>) -> Result<(), BtfError> {
+    let fields = [&mut o.skb_end_seq, &mut o.skb_ack_seq, &mut o.skb_tcp_flags];
+    let cb = btf.member("sk_buff", "cb")?;
+    let fits = |f: &Field, size: u64| u64::from(f.off) + u64::from(f.size) <= size;
+    match cb {
+        Some(cb) if fields.iter().all(|f| fits(f, cb.size)) => {
+            let base = u32::try_from(cb.offset).unwrap_or(u32::MAX);
+            for f in fields.into_iter().filter(|f| f.present()) {
+                f.off = f.off.saturating_add(base);
+            }
+        }
+        _ => {
+            notes.push(format!("struct sk_buff has no cb holding struct tcp_skb_cb ({NO_ANSWER_CHECK})"));
+            for f in fields {
+                *f = Field::ABSENT;
+            }
+        }
+    }
+    Ok(())
+}
 
 const NO_DEATH_OWNER_TASK: &str = "owners of deaths are always looked up in /proc (slower; a quick close escapes it)";
 
@@ -299,6 +331,7 @@ fn resolve_from(btf: &KernelBtf) -> Result<BtfFacts, BtfError> {
         let field = resolve_field(btf, spec, timer_list_size, &mut notes)?;
         *(spec.slot)(&mut offsets) = field;
     }
+    rebase_skb_cb(btf, &mut offsets, &mut notes)?;
 
     // enum sock_flags: bit numbers in sk_flags.
     let sock_flags =
@@ -564,6 +597,23 @@ mod tests {
         values.dedup();
         assert_eq!(values.len(), facts.tcp_states.len());
         assert_eq!(o.tcp_keepalive_timer, 0, "BTF alone does not give addresses");
+    }
+
+    /// What the answer program checks segments with: the control block's members rebased onto
+    /// the `sk_buff`, and `rcv_wup`.
+    #[test]
+    fn real_kernel_answer_check_offsets() {
+        let Some(facts) = real_facts() else { return };
+        let o = &facts.offsets;
+        let btf = KernelBtf::from_file(Path::new(VMLINUX_BTF)).unwrap();
+        let cb = btf.member("sk_buff", "cb").unwrap().unwrap();
+        // The control block's members, rebased onto the sk_buff: `end_seq` is its second word.
+        assert_eq!(o.skb_end_seq, Field::new(cb.offset as u32 + 4, 4));
+        assert_eq!(o.skb_ack_seq.size, 4);
+        assert!(u64::from(o.skb_ack_seq.off) < cb.offset + cb.size, "{:?}", o.skb_ack_seq);
+        assert!(matches!(o.skb_tcp_flags.size, 1 | 2), "{:?}", o.skb_tcp_flags);
+        assert_eq!(o.tp_rcv_wup.size, 4);
+        assert!(!facts.notes.iter().any(|n| n.contains("tcp_skb_cb") || n.contains("rcv_wup")), "{:?}", facts.notes);
     }
 
     /// Kernel-version-specific expectations for the 6.18 development kernel.
