@@ -22,7 +22,7 @@ use crate::event::{
 pub enum DecodeError {
     /// The record does not have the size of a [`RawEvent`] (truncated read, or the agent and the
     /// eBPF object disagree on the layout).
-    #[error("event record is {got} bytes, expected {expected} (or 24 for an answer's short record)")]
+    #[error("event record is {got} bytes, expected {expected} (or {ack} for an answer's short record)", ack = RAW_ACK_SIZE)]
     BadLength { got: usize, expected: usize },
     /// The `kind` byte is not an [`EventKind`].
     #[error("unknown event kind {kind} (socket {sk:#x})")]

@@ -57,8 +57,9 @@ pub fn rd_bytes<const N: usize>(base: u64, f: Field, dst: &mut [u8; N]) {
 pub trait Mem {
     /// The base the fields of the socket at `sk` are read from.
     fn base(sk: u64) -> u64;
-    /// The field `f` of the object at `base` (a base from [`Mem::base`], or an object reached
-    /// from it by a pointer field read with this `Mem`).
+    /// The field `f` of the object at `base` (a base from [`Mem::base`], an object reached from it
+    /// by a pointer field read with this `Mem`, or, for [`Typed`], a BTF-typed argument of the
+    /// program, such as the `skb` of `tcp_probe`).
     fn rd(base: u64, f: Field) -> u64;
     /// Whether [`Head::read`] reads ahead (helper calls) or [`Head::get_with`] reads each field.
     const BLOCK_HEAD: bool;

@@ -126,8 +126,10 @@ const TCPHDR_ACK: u64 = 0x10;
 /// answer: the peer's probes on a connection whose own probes get no answer (one way lost), a
 /// reset (reported as such), a stale duplicate. Sequence numbers compare modulo 2^32, as the
 /// kernel's `before()`. Where the kernel's BTF lacks one of the offsets, every segment counts, as
-/// before (`check` names the missing field). Reads `skb`'s control block (filled by the receive path just
-/// before) and three `tcp_sock` fields `tcp_ack` reads next: run only while probes are out.
+/// before (the agent warns at start-up, naming the missing field). Reads `skb`'s control block
+/// (filled by the receive path just before; through `M` as the socket is: plain loads of the typed
+/// argument, or helper reads) and three `tcp_sock` fields `tcp_ack` reads next: run only while
+/// probes are out.
 #[inline(always)]
 fn answers<M: Mem>(tp: u64, skb: u64) -> bool {
     // Each offset by a volatile read (`off!`): a plain read of the global would be folded into
@@ -141,26 +143,15 @@ fn answers<M: Mem>(tp: u64, skb: u64) -> bool {
         return true;
     }
     let before = |a: u64, b: u64| ((a as u32).wrapping_sub(b as u32) as i32) < 0;
-    let flags = skb_rd::<M>(skb, off!(skb_tcp_flags));
+    let flags = M::rd(skb, off!(skb_tcp_flags));
     if flags & (TCPHDR_RST | TCPHDR_SYN) != 0 || flags & TCPHDR_ACK == 0 {
         return false;
     }
-    if before(skb_rd::<M>(skb, off!(skb_end_seq)), M::rd(tp, off!(tp_rcv_wup))) {
+    if before(M::rd(skb, off!(skb_end_seq)), M::rd(tp, off!(tp_rcv_wup))) {
         return false;
     }
-    let ack = skb_rd::<M>(skb, off!(skb_ack_seq));
+    let ack = M::rd(skb, off!(skb_ack_seq));
     !before(ack, M::rd(tp, off!(tp_snd_una))) && !before(M::rd(tp, off!(tp_snd_nxt)), ack)
-}
-
-/// A field of the `sk_buff` at `skb`: by a plain load where the socket is read so ([`Typed`]: the
-/// BTF-typed tracepoints, whose `skb` argument is a typed pointer), else by a helper read.
-#[inline(always)]
-fn skb_rd<M: Mem>(skb: u64, f: Field) -> u64 {
-    if M::BLOCK_HEAD {
-        rd(skb, f)
-    } else {
-        Typed::rd(skb, f)
-    }
 }
 
 /// Sends an `Ack` record ([`RawAck`], 24 bytes): the socket, the time, the probes it answers and
