@@ -290,6 +290,20 @@ pub const PLAN: &[Hook] = &[
     },
 ];
 
+/// Where the keep-alive timer is reached by fentry or kprobe, whose programs get no tick argument
+/// and read `jiffies` through its address: says that the tick is approximated when `/proc/kallsyms`
+/// lacks it (`CONFIG_KALLSYMS_ALL` off). The tracepoints get the tick as an argument.
+fn warn_tick_approximated(hook: &Hook, st: &Strategy, offsets: &Offsets) {
+    if hook.name == CORE_HOOK && offsets.jiffies_addr == 0 && matches!(st, Strategy::Fentry(_) | Strategy::Kprobe(_)) {
+        warn!(
+            "hook {}: jiffies is not in /proc/kallsyms (CONFIG_KALLSYMS_ALL off): the {} timer programs approximate \
+             the current tick by the timer's expiry",
+            hook.name,
+            st.kind()
+        );
+    }
+}
+
 /// An attach error of `perf_event_open(2)` (kprobes, tracefs tracepoints), naming CAP_SYS_ADMIN
 /// when the kernel's `perf_event_paranoid` level requires it (Debian's default).
 fn perf_event_error(message: String) -> String {
@@ -548,7 +562,10 @@ pub fn attach(offsets: &Offsets, opts: &AttachOptions) -> Result<Probes, AttachE
                 st.kind(),
                 st.describe()
             ),
-            Some(st) => info!("hook {}: {} via {}", hook.name, st.kind(), st.describe()),
+            Some(st) => {
+                info!("hook {}: {} via {}", hook.name, st.kind(), st.describe());
+                warn_tick_approximated(hook, st, &offsets);
+            }
             None if hook.name == CORE_HOOK => {
                 // Without it the agent has nothing to say: stop, whatever the method. Dropping
                 // `ebpf` unloads whatever was loaded so far.

@@ -248,6 +248,7 @@ impl Decoder {
             retransmits: raw.retransmits,
             unacked: raw.unacked,
             retransmitting_ms: (raw.retransmitting_ms != u32::MAX).then_some(u64::from(raw.retransmitting_ms)),
+            unread: (raw.unread != u32::MAX).then_some(raw.unread),
         }
     }
 
@@ -794,6 +795,7 @@ mod tests {
         r.unacked = 77;
         r.retransmits = 0;
         r.retransmitting_ms = u32::MAX;
+        r.unread = 1;
         let times = SockTimes {
             since_sent_ms: 100,
             since_data_ms: 1200,
@@ -801,6 +803,7 @@ mod tests {
             retransmits: 0,
             unacked: 77,
             retransmitting_ms: None,
+            unread: Some(1),
         };
         assert_eq!(
             d.decode(&r).unwrap().body,

@@ -172,6 +172,10 @@ pub struct SockTimes {
     /// itself came one retransmission timeout or more before); `None` when nothing is
     /// retransmitted (or the kernel lacks the fields).
     pub retransmitting_ms: Option<u64>,
+    /// Bytes received and not read by the application (`rcv_nxt - copied_seq`), the peer's FIN
+    /// counting one until the application read the end of stream; `None` where the kernel lacks
+    /// the fields.
+    pub unread: Option<u32>,
 }
 
 /// A keep-alive socket option as passed to `setsockopt(2)`.

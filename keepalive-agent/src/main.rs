@@ -103,7 +103,8 @@ struct RunArgs {
     /// Only connections in this network namespace (a path such as /run/netns/NAME).
     #[arg(long, value_name = "PATH", value_parser = parse_netns)]
     netns: Option<PathBuf>,
-    /// How long to wait for pending spans at shutdown, in seconds, 0 to 3600.
+    /// How long the stop may take, in seconds, 0 to 3600: the pending spans first, then the last
+    /// OTLP metrics export with what is left.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_shutdown_timeout, allow_negative_numbers = true)]
     shutdown_timeout: Duration,
     /// Stop after this many seconds, 0 to 31536000 (default: until SIGINT/SIGTERM).
@@ -621,13 +622,20 @@ fn run(args: RunArgs) -> Result<()> {
     // Every connection still followed ends with records; their spans skip the bounded queue.
     let last = ev_loop.end_all();
     let clock = ev_loop.clock;
+    // One budget for the whole stop: the spans first, the last metrics export with what is left.
+    let stop_by = std::time::Instant::now() + args.shutdown_timeout;
     let report = runtime.block_on(exporter.shutdown(&last, &clock, args.shutdown_timeout));
     if let Some(m) = &metrics {
         m.on_records(&last);
         m.set_span_export(report.stats);
     }
     if let Some(export) = otlp_metrics {
-        runtime.block_on(export.shutdown(args.shutdown_timeout));
+        let left = stop_by.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            warn!("OTLP metrics: no last export (--shutdown-timeout was spent on the spans)");
+        } else {
+            runtime.block_on(export.shutdown(left));
+        }
     }
     report_stop(&summary, &engine, &format!("; export: {report}"));
     if let Some(t) = audit_thread {

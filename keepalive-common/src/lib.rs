@@ -227,6 +227,14 @@ pub struct Offsets {
     /// `TCP_SKB_CB(skb)->tcp_flags` (the header's flag byte; 2 bytes on current kernels), from the
     /// start of `struct sk_buff`.
     pub skb_tcp_flags: Field,
+
+    // Whether the application read the peer's FIN before a reset (optional: without them, a reset
+    // after the peer's FIN with data unacknowledged is the reuse race, as before). Appended.
+    /// `tcp_sock.rcv_nxt`: the next sequence number expected (a FIN received counts one).
+    pub tp_rcv_nxt: Field,
+    /// `tcp_sock.copied_seq`: the next sequence number the application reads (reading the end of
+    /// stream counts the FIN).
+    pub tp_copied_seq: Field,
 }
 
 /// How long, in seconds, after a keep-alive-relevant socket was passively established (or the
@@ -354,9 +362,13 @@ pub const FLAG_IN_TIMER: u32 = 1 << 8;
 pub struct RawEvent {
     /// Monotonic time of the event (timer entry for [`EventKind::Timer`]).
     pub ts_ns: u64,
-    /// Unused, 0 (was the time at timer exit: no reader needed it, and the clock read cost
-    /// ~70 ns on every keep-alive timer run).
-    pub reserved: u64,
+    /// `rcv_nxt - copied_seq` at a close or a reset received: bytes received that the application
+    /// has not read, the peer's FIN counting one until the application read the end of stream;
+    /// `u32::MAX` where the kernel lacks the fields. 0 on other events.
+    pub unread: u32,
+    /// Unused, 0 (with `unread`, what was the time at timer exit: no reader needed it, and the
+    /// clock read cost ~70 ns on every keep-alive timer run).
+    pub reserved: u32,
     /// Kernel address of the `struct sock`: the socket's identity while it lives.
     pub sk: u64,
     /// `bpf_get_current_cgroup_id()` with `FLAG_PROCESS`.
@@ -448,6 +460,7 @@ impl RawEvent {
     pub const fn zeroed() -> Self {
         RawEvent {
             ts_ns: 0,
+            unread: 0,
             reserved: 0,
             sk: 0,
             cgroup_id: 0,

@@ -255,6 +255,11 @@ pub fn fill_times(ev: &mut RawEvent, sk: u64) {
     ev.retransmits = rd(sk, off!(icsk_retransmits)) as u32;
     let write_seq = rd(sk, off!(tp_write_seq)) as u32;
     ev.unacked = write_seq.wrapping_sub(rd(sk, off!(tp_snd_una)) as u32);
+    ev.unread = if off!(tp_rcv_nxt).present() && off!(tp_copied_seq).present() {
+        (rd(sk, off!(tp_rcv_nxt)) as u32).wrapping_sub(rd(sk, off!(tp_copied_seq)) as u32)
+    } else {
+        u32::MAX
+    };
     let stamp = rd(sk, off!(tp_retrans_stamp)) as u32;
     ev.retransmitting_ms = if stamp == 0 || !off!(tp_tcp_mstamp).present() {
         u32::MAX

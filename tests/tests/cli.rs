@@ -110,9 +110,20 @@ fn bad_flags_are_rejected_naming_the_flag() {
         ("run", &["--otlp-batch-delay-ms", "99999999999", "--duration", "0"], &["--otlp-batch-delay-ms"]),
         ("run", &["--otlp-retry-max-s", "-1", "--duration", "0"], &["--otlp-retry-max-s"]),
         ("run", &["--max-span-events", "1", "--duration", "0"], &["--max-span-events"]),
+        ("run", &["--otlp-endpoint", "foo", "--duration", "0"], &["--otlp-endpoint", "http:// or https://"]),
+        ("run", &["--otlp-traces-endpoint", "http://", "--duration", "0"], &["--otlp-traces-endpoint"]),
+        ("run", &["--otlp-metrics-endpoint", "ftp://x", "--duration", "0"], &["--otlp-metrics-endpoint", "http:// or https://"]),
+        ("run", &["--metrics-listen", "localhost:9464", "--duration", "0"], &["--metrics-listen", "not an IP address and a port"]),
     ];
     for (cmd, args, words) in cases {
-        agent(&env, cmd, args, &[], true).assert_rejected(&format!("{cmd} {args:?}"), words);
+        let exit = agent(&env, cmd, args, &[], true);
+        exit.assert_rejected(&format!("{cmd} {args:?}"), words);
+        // A bad value of one flag is a usage error (exit 2); flags that disagree are checked with
+        // the configuration file's and the environment's values (exit 1, as a bad file).
+        let disagree = args.contains(&"--otlp-batch-size") && args.contains(&"--otlp-queue-size");
+        if !disagree {
+            assert_eq!(exit.code, Some(2), "{cmd} {args:?}: a bad flag is a usage error:\n{}", exit.stderr);
+        }
     }
     // Paths (unscoped: the path under test replaces the test's own).
     let ns = env.ns.path().to_str().unwrap().to_string();

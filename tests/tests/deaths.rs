@@ -1,6 +1,7 @@
 //! Issue 14: every connection death explained, keep-alive or not, on the real kernel. Connections
 //! without keep-alive die by retransmissions or by a reset after idle; nginx closes idle keep-alive
-//! connections (who closed, after how long); the HTTP keep-alive reuse race, made deterministic;
+//! connections (who closed, after how long); the HTTP keep-alive reuse race, made deterministic,
+//! and a real TLS server's goodbye to a client that left, which is not that race;
 //! a spans exporter sees the same deaths; and 100,000 connections without keep-alive leave no
 //! state. Root required.
 use std::io::{Read as _, Write as _};
@@ -281,11 +282,16 @@ fn request(stream: &mut TcpStream) {
 
 /// Waits until `ss` lists the connection from `local` in CLOSE_WAIT (the peer's FIN arrived).
 fn wait_close_wait(env: &Env, local: SocketAddr, within: Duration) -> bool {
+    wait_ss(env, "close-wait", &format!(" {} ", fmt_addr(local)), within)
+}
+
+/// Waits until `ss -Htn state STATE` in the test's namespace lists a line holding `needle` (each
+/// line is searched with a space after it).
+fn wait_ss(env: &Env, state: &str, needle: &str, within: Duration) -> bool {
     let deadline = Instant::now() + within;
-    let me = format!(" {} ", fmt_addr(local));
     while Instant::now() < deadline {
-        let out = env.ns.exec(&["ss", "-Htn", "state", "close-wait"]).unwrap_or_default();
-        if out.lines().any(|l| format!("{l} ").contains(&me)) {
+        let out = env.ns.exec(&["ss", "-Htn", "state", state]).unwrap_or_default();
+        if out.lines().any(|l| format!("{l} ").contains(needle)) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -414,6 +420,57 @@ fn http_keepalive_reuse_race() {
     assert!(of_kind(&reused, "reuse_race").is_empty(), "reused in time: no race\n{}", ctx(&reused));
     assert_eq!(reused.iter().map(kind).collect::<Vec<_>>(), ["close"], "{}", ctx(&reused));
     assert_eq!(str_of(&reused[0], "closed_by"), Some("local"), "{}", ctx(&reused));
+}
+
+/// A real TLS server whose client went away: the client's FIN arrives, `openssl s_server` reads the
+/// end of stream and answers with its close_notify alert, which the client's closed socket resets.
+/// The server had read the FIN before it wrote (it knew the peer was gone): a `peer_reset`, not the
+/// reuse race, which is a write on a connection whose FIN the application had not read
+/// ([`http_keepalive_reuse_race`]).
+#[test]
+fn tls_goodbye_after_the_peer_left_is_no_reuse_race() {
+    let env = Env::new();
+    let pki = keepalive_tests::pki::Pki::generate().unwrap();
+    let port = free_loopback_port();
+    let agent = Agent::start(&env, &["--all-closes"]);
+    let openssl = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", env.ns.name(), "openssl"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl (Debian's openssl package)")
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let (cert, key) = (keepalive_tests::pki::s(&pki.server_cert), keepalive_tests::pki::s(&pki.server_key));
+    let mut server = openssl(&["s_server", "-accept", &listen, "-cert", cert, "-key", key, "-quiet"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        let out = env.ns.exec(&["ss", "-Htln"]).unwrap_or_default();
+        if out.contains(&format!("{listen} ")) {
+            break openssl(&["s_client", "-connect", &listen, "-quiet"]);
+        }
+        assert!(Instant::now() < deadline, "s_server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(wait_ss(&env, "established", &format!(":{port} "), Duration::from_secs(10)), "s_client never connected");
+    // The handshake done, the client goes away (its kernel closes the socket: a FIN).
+    std::thread::sleep(Duration::from_millis(800));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let server_side = |e: &Value| e["local"].as_str() == Some(listen.as_str());
+    agent.wait_for(WAIT, |e| server_side(e) && kind(e) == "close").expect("the server's close");
+    let all = agent.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+    let evs: Vec<Value> = all.into_iter().filter(server_side).collect();
+    let kinds: Vec<&str> = evs.iter().map(kind).collect();
+    assert!(kinds.contains(&"peer_reset"), "the client's reset of the alert\n{}", ctx(&evs));
+    assert!(!kinds.contains(&"reuse_race"), "the server had read the FIN: no race\n{}", ctx(&evs));
+    let close = evs.iter().find(|e| kind(e) == "close").unwrap();
+    assert_eq!(str_of(close, "state"), Some("CLOSE_WAIT"), "the FIN came first, then the write\n{}", ctx(&evs));
 }
 
 /// `SO_ERROR` of the socket once it is set (the reset may still be on its way), or 0.

@@ -103,6 +103,59 @@ fn prometheus_scrapes_deaths_probes_and_answers() {
     agent.stop();
 }
 
+/// `keepalive_probes_outstanding` in one scrape of `/metrics` at `addr`.
+fn outstanding(addr: SocketAddr) -> f64 {
+    let text = http_get(addr, "/metrics", None).unwrap().body;
+    let line = text.lines().find(|l| l.starts_with("keepalive_probes_outstanding ")).unwrap_or_else(|| panic!("{text}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+/// The half-open gauge counts connections whose probes went unanswered for an interval, not
+/// healthy ones: with `--probe-answers next-firing` (the packaged setting) a healthy peer's answer
+/// is learnt only at the next timer firing, so every healthy keep-alive connection waited for one
+/// most of the time; a dead peer shows from its second probe until it dies.
+#[test]
+fn outstanding_gauge_counts_unanswered_probes_only() {
+    let env = Env::new();
+    let addr = listen_addr();
+    let agent = Agent::start_run(&env, &["--metrics-listen", &addr.to_string(), "--probe-answers", "next-firing"], &[]);
+    wait_http(addr, "/readyz", Duration::from_secs(30), |r| r.status == 200)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.stderr_lines().join("\n")));
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let client = Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 1, 3)).unwrap();
+    let end = Instant::now() + Duration::from_millis(4500);
+    let mut healthy = Vec::new();
+    while Instant::now() < end {
+        healthy.push(outstanding(addr));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(client);
+    let probes = http_get(addr, "/metrics", None).unwrap().body;
+    let probed: f64 = probes
+        .lines()
+        .filter(|l| l.starts_with("keepalive_probes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(probed >= 2.0, "the healthy connection probed at least twice:\n{probes}");
+    assert!(healthy.iter().all(|&v| v == 0.0), "a healthy connection counted as half-open: {healthy:?}");
+
+    let mut dying = Vec::new();
+    std::thread::scope(|s| {
+        let done = s.spawn(|| dead_peer(&env));
+        while !done.is_finished() {
+            dying.push(outstanding(addr));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    assert!(dying.contains(&1.0), "the dead peer never counted between its second probe and its death: {dying:?}");
+    let after = Instant::now() + Duration::from_secs(3);
+    while outstanding(addr) != 0.0 {
+        assert!(Instant::now() < after, "still counted after the death");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.stop();
+}
+
 /// The value of the point of `metric` (a receiver "metric" object) whose attributes include
 /// `want`.
 fn points_with<'a>(metric: &'a Value, want: &[(&str, &str)]) -> Vec<&'a Value> {

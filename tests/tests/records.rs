@@ -1,7 +1,7 @@
 //! The engine's records are complete and right on the real kernel: effective settings in a fresh
 //! namespace, zero-window probes that are not keep-alive, keep-alive switched off before the close
-//! (the engine and the exporter end the connection and hold nothing), and every connection still
-//! open ending with a record when the agent stops. Root required.
+//! (the engine and the exporter end the connection and hold nothing), an answer learnt only at the
+//! close, and every connection still open ending with a record when the agent stops. Root required.
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
@@ -174,6 +174,34 @@ fn keepalive_switched_off_before_close_leaves_nothing() {
 
 /// When the agent stops, every connection it still follows ends with a record: an episode in
 /// progress `incomplete` with its probes, then `untracked` with reason `shutdown`.
+/// An answer no timer run saw, then the close: with `--probe-answers next-firing` nothing runs on
+/// received segments and an answer is learnt at the next timer run; a connection that ends before
+/// that run had its probe answered all the same (`ack` with precision `at_end`, the episode
+/// `answered`), not left unanswered until the close.
+#[test]
+fn answer_learnt_at_the_close() {
+    let env = Env::new();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let agent = Agent::start(&env, &["--probe-answers", "next-firing"]);
+    // The probe after 1 s idle, answered at once; the next run would come 1 s after the answer.
+    let client = Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 5, 9)).unwrap();
+    let (l, r) = (client.local(), client.remote());
+    agent.wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "probe").expect("a probe");
+    std::thread::sleep(Duration::from_millis(200));
+    drop(client);
+    agent.wait_for(WAIT, |e| is_conn(e, l, r) && kind(e) == "close").expect("the close");
+    let all = agent.stop();
+    let evs = of_conn(&all, l, r);
+    assert_ends_once(&evs);
+    let probes = of_kind(&evs, "probe");
+    let ep = of_kind(&evs, "episode");
+    assert_eq!((probes.len(), ep.len()), (1, 1), "{}", ctx(&evs));
+    assert_eq!(str_of(ep[0], "outcome"), Some("answered"), "{}", ctx(&evs));
+    let ack = of_kind(&evs, "ack");
+    assert_eq!(ack.len(), 1, "{}", ctx(&evs));
+    assert_eq!(str_of(ack[0], "precision"), Some("at_end"), "{}", ctx(&evs));
+}
+
 #[test]
 fn stop_ends_every_open_connection_with_a_record() {
     let env = Env::new();

@@ -216,7 +216,7 @@ pub fn message(id: DiagnosisId, s: &AuditedSocket, p: &Policy) -> String {
         DiagnosisId::ProbesUnanswered => format!(
             "{} of {} keep-alive probes unanswered: the peer is not answering (half-open suspect); declared dead in ~{} s unless it answers",
             s.probes_out,
-            s.cnt.value,
+            probes_allowed(s),
             secs(death_in_ms(s))
         ),
         DiagnosisId::CloseWaitIdle => format!(
@@ -224,11 +224,16 @@ pub fn message(id: DiagnosisId, s: &AuditedSocket, p: &Policy) -> String {
             secs(s.idle_ms())
         ),
         DiagnosisId::SlowDeadPeerDetection => format!(
-            "a dead peer takes {} + {} × {} = {} s to detect, more than --detect-within {} s",
+            "a dead peer takes {} + {} × {} = {} s to detect{}, more than --detect-within {} s",
             s.idle.value,
             s.intvl.value,
-            s.cnt.value,
+            s.probes_to_give_up(),
             s.dead_peer_detection_s().unwrap_or(0),
+            if s.has_user_timeout() {
+                format!(" (TCP_USER_TIMEOUT {} ms: the probe count does not apply)", s.user_timeout_ms)
+            } else {
+                String::new()
+            },
             p.detect_within_s
         ),
     }
@@ -242,12 +247,31 @@ fn source_words(src: Source) -> &'static str {
     }
 }
 
+/// The probes the kernel sends before it gives up, as said to the user: the count, or with
+/// `TCP_USER_TIMEOUT` those that fit in it (see [`AuditedSocket::probes_to_give_up`]).
+fn probes_allowed(s: &AuditedSocket) -> String {
+    if s.has_user_timeout() {
+        format!("~{} (TCP_USER_TIMEOUT {} ms)", s.probes_to_give_up(), s.user_timeout_ms)
+    } else {
+        s.cnt.value.to_string()
+    }
+}
+
 /// When the peer is declared dead if no probe is answered: the next firing, then one interval
-/// per probe still allowed.
+/// per probe still allowed. With `TCP_USER_TIMEOUT` (the count does not apply), the first firing
+/// at which the time since the last segment received reaches it.
 pub fn death_in_ms(s: &AuditedSocket) -> u64 {
-    let left = u64::from(s.cnt.value.saturating_sub(u32::from(s.probes_out)));
     let next = s.timer_in_ms.unwrap_or(0).max(0) as u64;
-    next + left * u64::from(s.intvl.value) * 1000
+    let intvl_ms = u64::from(s.intvl.value) * 1000;
+    let more = if s.has_user_timeout() {
+        let idle_at_next = s.idle_recv_ms + next;
+        let k = u64::from(s.user_timeout_ms).saturating_sub(idle_at_next).div_ceil(intvl_ms.max(1));
+        // The firing gives up only with a probe out.
+        if s.probes_out == 0 { k.max(1) } else { k }
+    } else {
+        u64::from(s.cnt.value.saturating_sub(u32::from(s.probes_out)))
+    };
+    next + more * intvl_ms
 }
 
 /// How long retransmissions last before the kernel gives up (`tcp_model_timeout` with
@@ -281,11 +305,18 @@ pub fn fix(id: DiagnosisId, s: &AuditedSocket, software: Software, p: &Policy) -
             out
         }
         DiagnosisId::StuckWithoutUserTimeout => user_timeout_knob(software, (i + v * c) * 1000),
-        DiagnosisId::ProbesUnanswered => format!(
-            "check the path to {} (a NAT or load balancer that forgot the flow, a crashed or partitioned peer); if a middlebox forgot it, keep-alive must fire sooner: {}",
-            s.remote,
-            keepalive_knob(software, i, v, c)
-        ),
+        DiagnosisId::ProbesUnanswered => {
+            let path =
+                format!("check the path to {} (a NAT or load balancer that forgot the flow, a crashed or partitioned peer)", s.remote);
+            if i < u64::from(s.idle.value) {
+                format!("{path}; if a middlebox forgot it, keep-alive must fire sooner: {}", keepalive_knob(software, i, v, c))
+            } else {
+                format!(
+                    "{path}; keep-alive already fires after {} s idle, within the {} s middlebox idle timeout assumed here: if a middlebox forgot the flow, its timeout is shorter (give it with --idle-timeout)",
+                    s.idle.value, p.middlebox.timeout_s
+                )
+            }
+        }
         DiagnosisId::CloseWaitIdle => format!(
             "close the socket when a read returns end of file (0 bytes){}; until then the descriptor and its buffers leak",
             s.owner.map(|o| format!(" in pid {}", o.pid)).unwrap_or_default()
@@ -300,7 +331,10 @@ fn keepalive_knob(software: Software, i: u64, v: u64, c: u64) -> String {
         Software::Nginx => format!("nginx: listen ... so_keepalive={i}s:{v}s:{c} (and proxy_socket_keepalive on for upstreams)"),
         Software::Postgres => format!("postgresql.conf: tcp_keepalives_idle = {i}, tcp_keepalives_interval = {v}, tcp_keepalives_count = {c}"),
         Software::Libpq => format!("libpq connection string: keepalives=1 keepalives_idle={i} keepalives_interval={v} keepalives_count={c}"),
-        Software::Node => format!("Node.js: socket.setKeepAlive(true, {}) (interval and count follow the sysctls)", i * 1000),
+        Software::Node => format!(
+            "Node.js: socket.setKeepAlive(true, {}) (it sets the idle time only; the interval and count are libuv's: 1 s and 10 in recent releases, the namespace's sysctls in older ones, as this socket's keepalive_intvl_source/keepalive_cnt_source say)",
+            i * 1000
+        ),
         Software::Java => format!(
             "Java: socket.setKeepAlive(true) and socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE, {i}), TCP_KEEPINTERVAL {v}, TCP_KEEPCOUNT {c}"
         ),
@@ -418,8 +452,44 @@ mod tests {
         assert_eq!(d[0].id, DiagnosisId::ProbesUnanswered);
         // Next firing in 4 s, then 2 more intervals of 10 s.
         assert!(d[0].message.contains("1 of 3 keep-alive probes unanswered") && d[0].message.contains("~24.0 s"), "{}", d[0].message);
+        // The policy's idle (120 s) is later than this socket's 60 s: not offered as "sooner".
+        assert!(d[0].fix.contains("already fires after 60 s idle") && !d[0].fix.contains("120"), "{}", d[0].fix);
+        let sooner = diagnose(&s, Software::Unknown, &policy(100.0));
+        assert!(sooner[0].fix.contains("fire sooner: ") && sooner[0].fix.contains("TCP_KEEPIDLE=50"), "50 s < 60 s: {}", sooner[0].fix);
+        // TCP_USER_TIMEOUT 75 s, idle 60 s so far plus 4 s to the next firing: that firing (64 s)
+        // does not reach it, the one after (74 s) does not either, the third (84 s) does.
+        s.user_timeout_ms = 75_000;
+        s.idle_recv_ms = 60_000;
+        let d = diagnose(&s, Software::Unknown, &policy(240.0));
+        assert!(d[0].message.contains("1 of ~2 (TCP_USER_TIMEOUT 75000 ms)") && d[0].message.contains("~24.0 s"), "{}", d[0].message);
+        s.user_timeout_ms = 64_000;
+        assert!(diagnose(&s, Software::Unknown, &policy(240.0))[0].message.contains("~4.0 s"), "the next firing reaches it");
+        s.user_timeout_ms = 0;
         s.packets_out = 1;
         assert!(!findings(&s, &policy(240.0)).contains(&DiagnosisId::ProbesUnanswered), "zero-window probes are not keep-alive probes");
+    }
+
+    /// With `TCP_USER_TIMEOUT` the count does not apply: the kernel gives up at the first firing
+    /// with a probe out past the user timeout (an application saw ETIMEDOUT after 4 s with idle 2,
+    /// interval 2, count 6 and a 3 s user timeout, where idle + interval × count says 14).
+    #[test]
+    fn slow_detection_follows_the_user_timeout() {
+        let mut s = healthy();
+        s.idle.value = 2;
+        s.intvl.value = 2;
+        s.cnt.value = 6;
+        s.user_timeout_ms = 3_000;
+        assert_eq!(s.dead_peer_detection_s(), Some(4));
+        s.idle.value = 60;
+        s.intvl.value = 60;
+        s.cnt.value = 20;
+        s.user_timeout_ms = 120_000;
+        assert_eq!(s.dead_peer_detection_s(), Some(120));
+        assert!(!findings(&s, &policy(240.0)).contains(&DiagnosisId::SlowDeadPeerDetection), "120 s, not 1260 s");
+        s.user_timeout_ms = 1_000_000;
+        let d = diagnose(&s, Software::Unknown, &policy(240.0));
+        let slow = d.iter().find(|d| d.id == DiagnosisId::SlowDeadPeerDetection).expect("slow");
+        assert!(slow.message.contains("60 + 60 × 16 = 1020 s to detect (TCP_USER_TIMEOUT 1000000 ms"), "{}", slow.message);
     }
 
     #[test]

@@ -123,11 +123,26 @@ impl AuditedSocket {
         self.idle_send_ms.map_or(self.idle_recv_ms, |s| s.min(self.idle_recv_ms))
     }
 
-    /// Time a dead peer would take to be detected by keep-alive once the connection goes idle:
-    /// idle + interval × count, seconds. `None` with keep-alive off.
+    /// Time a dead peer would take to be detected by keep-alive once the connection goes idle,
+    /// seconds (`None` with keep-alive off): the firing at which `tcp_keepalive_timer` gives up.
+    /// It fires after idle, then every interval. Without `TCP_USER_TIMEOUT` it gives up once
+    /// `count` probes are out: idle + interval × count. With it, the count does not matter: it gives
+    /// up at the first firing with a probe out at which the time since the last segment received
+    /// reaches the user timeout: idle + interval × k, k ≥ 1 the fewest intervals that reach it.
     pub fn dead_peer_detection_s(&self) -> Option<u64> {
-        self.keepalive
-            .then(|| u64::from(self.idle.value) + u64::from(self.intvl.value) * u64::from(self.cnt.value))
+        let (idle, intvl) = (u64::from(self.idle.value), u64::from(self.intvl.value));
+        self.keepalive.then(|| idle + intvl * self.probes_to_give_up())
+    }
+
+    /// The probes `tcp_keepalive_timer` sends to a dead peer before it gives up (see
+    /// [`Self::dead_peer_detection_s`]).
+    pub fn probes_to_give_up(&self) -> u64 {
+        let (idle_ms, intvl_ms) = (u64::from(self.idle.value) * 1000, u64::from(self.intvl.value) * 1000);
+        if self.user_timeout_ms == 0 {
+            return u64::from(self.cnt.value);
+        }
+        let ut = u64::from(self.user_timeout_ms);
+        ut.saturating_sub(idle_ms).div_ceil(intvl_ms.max(1)).max(1)
     }
 
     /// Whether `TCP_USER_TIMEOUT` is set.
@@ -359,6 +374,14 @@ pub(crate) mod tests {
         assert_eq!(a.cnt.source, Source::Sysctl);
         assert_eq!((a.timer, a.timer_in_ms), (TimerKind::Keepalive, Some(2000)));
         assert_eq!(a.dead_peer_detection_s(), Some(30 + 5 * 9));
+        // TCP_USER_TIMEOUT replaces the count: the first firing with a probe out past it.
+        let mut ut = a.clone();
+        ut.user_timeout_ms = 36_000;
+        assert_eq!(ut.dead_peer_detection_s(), Some(30 + 5 * 2));
+        ut.user_timeout_ms = 35_000;
+        assert_eq!(ut.dead_peer_detection_s(), Some(30 + 5));
+        ut.user_timeout_ms = 1_000;
+        assert_eq!(ut.dead_peer_detection_s(), Some(30 + 5), "one probe out at least");
         assert_eq!(c.keepalive_source, Source::Socket);
         assert_eq!(c.idle.source, Source::Socket);
         assert_eq!((c.timer, c.timer_in_ms), (TimerKind::Retransmit, Some(-100)));

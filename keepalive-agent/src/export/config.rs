@@ -168,12 +168,12 @@ pub const MAX_SPAN_EVENTS: Numeric = Numeric {
 pub struct ExportArgs {
     /// OTLP endpoint base URL, e.g. http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318
     /// (http/protobuf, `/v1/traces` is appended). [env: OTEL_EXPORTER_OTLP_ENDPOINT]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = endpoint_flag)]
     pub otlp_endpoint: Option<String>,
 
     /// OTLP traces endpoint, used as given (no path appended); wins over --otlp-endpoint.
     /// [env: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = endpoint_flag)]
     pub otlp_traces_endpoint: Option<String>,
 
     /// OTLP transport [default: http/protobuf]
@@ -647,6 +647,17 @@ fn percent_decode(what: &str, s: &str) -> Result<String, ExportError> {
         .decode_utf8()
         .map(std::borrow::Cow::into_owned)
         .map_err(|_| ExportError::config(what, format!("`{s}` is not UTF-8 once decoded")))
+}
+
+/// `--otlp-*endpoint` flags, checked as the command line is parsed (a bad one is a usage error,
+/// exit 2, like every other flag); empty means unset.
+pub fn endpoint_flag(s: &str) -> Result<String, String> {
+    match check_endpoint("", s) {
+        _ if s.is_empty() => Ok(String::new()),
+        Ok(()) => Ok(s.to_string()),
+        Err(ExportError::Config { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Checks an endpoint URL (`source` names the flag, variable or key in errors).

@@ -85,14 +85,8 @@ pub fn resolve(btf_path: &Path, kallsyms_path: &Path) -> Result<KernelFacts, Ker
         Some(a) => a,
         None => kallsyms::lookup_data(kallsyms_path, "jiffies")?.unwrap_or(0),
     };
-    let mut notes = notes;
-    if offsets.jiffies_addr == 0 {
-        notes.push(
-            "jiffies is not in /proc/kallsyms (CONFIG_KALLSYMS_ALL off): fentry/kprobe timer programs \
-             approximate the current tick by the timer's expiry"
-                .into(),
-        );
-    }
+    // Without `jiffies` (CONFIG_KALLSYMS_ALL off) the fentry/kprobe timer programs approximate the
+    // tick; the attach plan says so where it picks one of them.
     let hz = hz::detect(&hz::HzSources::system(&kernel_release))?;
     offsets.hz = hz;
     let tables =
@@ -257,7 +251,13 @@ const FIELDS: &[FieldSpec] = &[
     owner("tcp_skb_cb", &["end_seq"], |o| &mut o.skb_end_seq, NO_ANSWER_CHECK),
     owner("tcp_skb_cb", &["ack_seq"], |o| &mut o.skb_ack_seq, NO_ANSWER_CHECK),
     owner("tcp_skb_cb", &["tcp_flags"], |o| &mut o.skb_tcp_flags, NO_ANSWER_CHECK),
+    // Whether the application had read the peer's FIN when a reset came (optional).
+    owner("tcp_sock", &["rcv_nxt"], |o| &mut o.tp_rcv_nxt, NO_UNREAD),
+    owner("tcp_sock", &["copied_seq"], |o| &mut o.tp_copied_seq, NO_UNREAD),
 ];
+
+const NO_UNREAD: &str = "a reset after the peer's FIN, with data written and not acknowledged, reads as the reuse race \
+     even where the application had read the end of stream before writing (a TLS close_notify, a goodbye message)";
 
 const NO_ANSWER_CHECK: &str = "every segment received while keep-alive probes are out counts as their answer, \
      the peer's own keep-alive probes included (a connection that only receives could look answered)";

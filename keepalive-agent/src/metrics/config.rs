@@ -54,7 +54,7 @@ pub const EXPORTERS: [&str; 3] = ["otlp", "prometheus", "none"];
 pub struct MetricsArgs {
     /// Serve GET /metrics (Prometheus text, or OpenMetrics when asked), /healthz and /readyz on
     /// this address, e.g. 127.0.0.1:9464 or [::]:9464.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// Series per metric at most, 2 to 1000000, the overflow series (otel.metric.overflow="true")
@@ -74,7 +74,7 @@ pub struct MetricsArgs {
 
     /// OTLP metrics endpoint, used as given (no path appended); else --otlp-endpoint with
     /// /v1/metrics appended for http/protobuf. [env: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = crate::export::config::endpoint_flag)]
     pub otlp_metrics_endpoint: Option<String>,
 
     /// OTLP transport of metrics [default: --otlp-protocol, else http/protobuf]
@@ -255,6 +255,11 @@ fn parse_temporality_flag(s: &str) -> Result<Temporality, String> {
     parse_temporality(s)
 }
 
+/// `--metrics-listen`: an IP address and a port (no name is resolved: the address is bound as given).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("`{s}` is not an IP address and a port, e.g. 127.0.0.1:9464, [::1]:9464 or 0.0.0.0:9464 (host names are not resolved)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,3 +319,4 @@ mod tests {
         }
     }
 }
+

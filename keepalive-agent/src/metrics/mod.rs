@@ -182,7 +182,7 @@ impl LoopObserver for Recorder {
         }
         self.last_gauges = Some(now);
         let (on, off) = engine.keepalive_split();
-        let outstanding = engine.awaiting_answer() as u64;
+        let outstanding = engine.unanswered_probes() as u64;
         let stats = engine.stats();
         let programs = if programs::stats_enabled() { programs::program_stats(&self.programs) } else { Vec::new() };
         let mut store = self.metrics.store();
@@ -266,7 +266,7 @@ fn visit_keepalive(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
         &[point(&[("keepalive.enabled", "true")], a.connections[0]), point(&[("keepalive.enabled", "false")], a.connections[1])],
     );
     sink(
-        &desc("keepalive.probes.outstanding", "{connection}", Kind::Gauge, "Connections with an unanswered keep-alive probe now (half-open suspects)."),
+        &desc("keepalive.probes.outstanding", "{connection}", Kind::Gauge, "Connections whose keep-alive probes went unanswered for a whole interval now (a second probe is out: half-open suspects)."),
         &[point(&[], a.outstanding)],
     );
 }

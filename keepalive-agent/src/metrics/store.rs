@@ -39,7 +39,7 @@ pub const ANSWERS: Family = Family {
     name: "keepalive.answers",
     unit: "{probe}",
     help: "Keep-alive probes answered, by how precisely the answer was timed.",
-    attribute: Some(("keepalive.answer.precision", &["segment", "next_firing"])),
+    attribute: Some(("keepalive.answer.precision", &["segment", "next_firing", "at_end"])),
 };
 /// `keepalive.episodes`: value index = [`outcome_index`].
 pub const EPISODES: Family = Family {
@@ -76,6 +76,7 @@ pub fn precision_index(p: AckPrecision) -> u8 {
     match p {
         AckPrecision::Segment => 0,
         AckPrecision::NextFiring => 1,
+        AckPrecision::AtEnd => 2,
     }
 }
 
@@ -106,9 +107,28 @@ pub fn death_index(cause: DeathCause) -> u8 {
 /// Counts per workload: one cell per (counter, attribute value), [`CELLS`] in all; a counter's
 /// cells start at its [`OFFSETS`] entry.
 type Cells = [u64; CELLS];
-const CELLS: usize = 16;
-/// First cell of each counter of [`FAMILIES`] (probes 1, answers 2, episodes 5, suppressed 1, deaths 7).
-const OFFSETS: [usize; 5] = [0, 1, 3, 8, 9];
+/// First cell of each counter of [`FAMILIES`], from the number of values of each (computed, so
+/// that a value added to an attribute moves the counters after it).
+const OFFSETS: [usize; FAMILIES.len()] = offsets();
+const CELLS: usize = OFFSETS[FAMILIES.len() - 1] + width(FAMILIES[FAMILIES.len() - 1]);
+
+/// The cells of counter `f`: one per value of its attribute, or one.
+const fn width(f: &Family) -> usize {
+    match f.attribute {
+        Some((_, values)) => values.len(),
+        None => 1,
+    }
+}
+
+const fn offsets() -> [usize; FAMILIES.len()] {
+    let mut out = [0; FAMILIES.len()];
+    let mut i = 1;
+    while i < FAMILIES.len() {
+        out[i] = out[i - 1] + width(FAMILIES[i - 1]);
+        i += 1;
+    }
+    out
+}
 
 /// The series bookkeeping of one keep-alive counter (its counts are in the workloads' cells).
 #[derive(Debug, Default, Clone, Copy)]
@@ -129,7 +149,7 @@ pub struct Series<'a> {
 impl<'a> Series<'a> {
     /// Every regular series, by workload: (workload, value index, count).
     pub fn iter(&self) -> impl Iterator<Item = (u32, u8, u64)> + 'a {
-        let (off, n) = (OFFSETS[self.family], values_of(FAMILIES[self.family]));
+        let (off, n) = (OFFSETS[self.family], width(FAMILIES[self.family]));
         self.store.cells.iter().enumerate().flat_map(move |(w, cells)| {
             (0..n).filter(move |&v| cells[off + v] != 0).map(move |v| (w as u32, v as u8, cells[off + v]))
         })
@@ -148,10 +168,6 @@ impl<'a> Series<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn values_of(f: &Family) -> usize {
-    f.attribute.map_or(1, |(_, values)| values.len())
 }
 
 /// The attributes of one workload: who holds the connections a series counts.
@@ -461,6 +477,25 @@ mod tests {
         assert_eq!(total(&s, &SUPPRESSED, 0), 1);
         assert_eq!(total(&s, &DEATHS, 3), 1);
         assert_eq!(total(&s, &DEATHS, 4), 0);
+    }
+
+    /// Every value of every counter has a cell of its own: an answer found at the close is counted
+    /// as such and nowhere else (the cells were laid out by hand once, and a new value ran into the
+    /// next counter's first cell).
+    #[test]
+    fn every_value_has_its_own_cell() {
+        let mut s = store();
+        let c = conn(3, "app");
+        s.count(&rec(c, RecordKind::Ack { probes: 1, precision: AckPrecision::AtEnd }));
+        assert_eq!(total(&s, &ANSWERS, 2), 1);
+        assert_eq!(total(&s, &EPISODES, 0), 0);
+        s.count(&rec(c, episode(EpisodeOutcome::Answered(AckPrecision::AtEnd))));
+        assert_eq!((total(&s, &ANSWERS, 2), total(&s, &EPISODES, 0)), (1, 1));
+        let cells: usize = FAMILIES.iter().map(|f| width(f)).sum();
+        assert_eq!(CELLS, cells);
+        for (i, f) in FAMILIES.iter().enumerate().skip(1) {
+            assert_eq!(OFFSETS[i], OFFSETS[i - 1] + width(FAMILIES[i - 1]), "{}", f.name);
+        }
     }
 
     #[test]

@@ -431,6 +431,17 @@ impl Engine {
         self.conns.values().filter(|c| c.episode.is_some()).count()
     }
 
+    /// Connections whose keep-alive probes went unanswered for a whole probe interval: the open
+    /// episode holds a second probe (the kernel probes again only when no answer reset its count).
+    /// Unlike [`Engine::awaiting_answer`], not raised by a healthy peer whose answer the engine
+    /// learns only at the next timer firing (`--probe-answers next-firing`, or an answer that came
+    /// before the on-demand hook attached), nor by a probe sent a moment ago. A connection whose
+    /// count is 1 (or whose `TCP_USER_TIMEOUT` is shorter than an interval) dies at the next
+    /// firing without a second probe and is never counted. O(tracked).
+    pub fn unanswered_probes(&self) -> usize {
+        self.conns.values().filter(|c| c.episode.as_ref().is_some_and(|e| e.probes >= 2)).count()
+    }
+
     /// Connections tracked now with keep-alive on, and with it off (followed for
     /// `TCP_USER_TIMEOUT` alone). O(tracked). Read-only, for the metrics' gauges.
     pub fn keepalive_split(&self) -> (usize, usize) {
@@ -571,6 +582,9 @@ impl Engine {
             EventBody::ResetReceived { state, times } => {
                 // A connection not followed is reported at its close, which carries the same facts.
                 let kind = reset_received_kind(*state, times);
+                if let Some(conn) = self.conns.get_mut(&ev.sk) {
+                    answer_before_end(out, ev.ts_ns, conn, times);
+                }
                 self.on_reset(ev, *state, kind, out)
             }
             EventBody::Error { errno, state } => {
@@ -856,6 +870,7 @@ impl Engine {
             return;
         };
         note_addrs(&mut conn, ev);
+        answer_before_end(out, ev.ts_ns, &mut conn, times);
         if err == ETIMEDOUT && !ev.in_timer && !conn.died {
             let mut kind = retransmit_timeout(times);
             note_death(&mut conn, &mut kind);
@@ -1065,9 +1080,11 @@ impl Engine {
 }
 
 /// The record of a reset received in `state`: the reuse race when data written after the peer's
-/// FIN (CLOSE_WAIT) was never acknowledged, a peer reset otherwise.
+/// FIN (CLOSE_WAIT) was never acknowledged and the application had not read that FIN (it wrote
+/// on a connection it did not know was closed), a peer reset otherwise: an application that read
+/// the end of stream and then wrote (a TLS close_notify, a goodbye) knew.
 fn reset_received_kind(state: TcpState, times: &SockTimes) -> RecordKind {
-    if state == TcpState::CloseWait && times.unacked > 0 {
+    if state == TcpState::CloseWait && times.unacked > 0 && times.unread != Some(0) {
         reuse_race(times)
     } else {
         RecordKind::PeerReset { idle: Some(idle_of(times)) }
@@ -1149,6 +1166,23 @@ fn reconcile_settings(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, read: &So
 /// `TCP_USER_TIMEOUT`). The kernel's idle time counts from the last segment received
 /// (`rcv_tstamp`, set by that answer unless later traffic moved it): the answer came then, to the
 /// jiffy, and not before the last probe. A last segment older than the last probe means no answer.
+/// At the connection's end (its close, a reset received), the answer to the open episode's probes
+/// that no timer firing saw yet: the socket's last acknowledgment (`rcv_tstamp`, `times`) came
+/// after the last probe. Each probe goes out at least an interval after the last segment received
+/// (or it is not sent), so an acknowledgment after it is an answer (`tcp_ack` zeroed the probe
+/// count then). A reset does not move `rcv_tstamp`; a FIN acknowledges, and a peer that closes
+/// after a probe has answered it. Without this, an answer that came before the answer hook was
+/// attached (`on-demand`) or with no hook (`next-firing`) read as a probe unanswered until the end.
+fn answer_before_end(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, times: &SockTimes) {
+    let Some(ep) = &conn.episode else { return };
+    let last_probe = ep.last_probe_ns();
+    let acked_at = ts.saturating_sub(times.since_ack_ms.saturating_mul(1_000_000));
+    if acked_at.saturating_add(ANSWER_SLACK_NS) < last_probe {
+        return;
+    }
+    answered(out, acked_at.clamp(last_probe, ts), conn, AckPrecision::AtEnd);
+}
+
 fn infer_answer(out: &mut Vec<Record>, ts: u64, conn: &mut Conn, t: &TimerFiring) {
     let Some(ep) = &conn.episode else { return };
     let last_probe = ep.last_probe_ns();
@@ -1251,6 +1285,8 @@ mod tests {
     const A: u64 = 0xffff_8880_0a00_0800;
     const B: u64 = 0xffff_8880_0a00_1000;
     const C: u64 = 0xffff_8880_0a00_1800;
+    const D: u64 = 0xffff_8880_0a00_2000;
+    const E: u64 = 0xffff_8880_0a00_2800;
     const NETNS: u32 = 4026531840;
     const S: u64 = 1_000_000_000;
     /// What a close event without socket times (the fixtures' default) reads as.
@@ -1330,6 +1366,21 @@ mod tests {
 
     fn close(ts: u64, sk: u64) -> Event {
         state(ts, sk, TcpState::Established, TcpState::Close, ka())
+    }
+
+    /// A close whose socket last received an acknowledgment `since_ack_ms` before it.
+    fn close_acked(ts: u64, sk: u64, since_ack_ms: u64) -> Event {
+        let mut e = close(ts, sk);
+        if let EventBody::State { times, .. } = &mut e.body {
+            times.since_ack_ms = since_ack_ms;
+        }
+        e
+    }
+
+    /// A reset received by a socket that last received an acknowledgment `since_ack_ms` before it.
+    fn reset_acked(ts: u64, sk: u64, since_ack_ms: u64) -> Event {
+        let times = SockTimes { since_ack_ms, since_data_ms: since_ack_ms, ..Default::default() };
+        ev(ts, sk, EventBody::ResetReceived { state: TcpState::Established, times })
     }
 
     fn firing(settings: SockSettings, before: u8, after: u8) -> TimerFiring {
@@ -1679,14 +1730,12 @@ mod tests {
     fn dead_peer_timeout_reset_error_close_in_order() {
         let mut e = engine();
         feed(&mut e, &[established(0, A, ka())]);
-        let out = feed(
-            &mut e,
-            &[
-                probe(S, A, 0, 1),
-                probe(2 * S, A, 1, 2),
-                probe(3 * S, A, 2, 3),
-            ],
-        );
+        let mut out = feed(&mut e, &[probe(S, A, 0, 1)]);
+        // One probe out: an answer may still come.
+        assert_eq!((e.awaiting_answer(), e.unanswered_probes()), (1, 0));
+        out.extend(feed(&mut e, &[probe(2 * S, A, 1, 2), probe(3 * S, A, 2, 3)]));
+        // The kernel probed again: the first went unanswered for a whole interval.
+        assert_eq!((e.awaiting_answer(), e.unanswered_probes()), (1, 1));
         assert_eq!(
             kinds(&out),
             vec![
@@ -1726,6 +1775,7 @@ mod tests {
             names(&out),
             ["timeout", "episode", "reset", "error", "close"]
         );
+        assert_eq!(e.unanswered_probes(), 0);
         assert_eq!(
             out[0].kind,
             RecordKind::Timeout {
@@ -1934,6 +1984,8 @@ mod tests {
         assert_eq!(out[1].ts_ns, 4 * S);
         assert_eq!(e.conns.get(&A).unwrap().episode.as_ref().unwrap().start_ns, 5 * S);
         assert_eq!(e.awaiting_answer(), 1);
+        // One probe out, its answer not known yet: waiting, not unanswered.
+        assert_eq!(e.unanswered_probes(), 0);
         let mut late = firing(ka(), 0, 0);
         late.idle_ms = 1_010; // a little longer than since the probe (jiffy rounding): clamped
         let out = feed(&mut e, &[probe(6 * S, A, 0, 1), timer(7 * S, A, late)]);
@@ -2579,6 +2631,26 @@ mod tests {
         assert_eq!(episode(&out[1]).outcome, EpisodeOutcome::Reset { by_peer: false });
     }
 
+    /// An answer no timer firing saw (it came before the on-demand hook attached, or with
+    /// `next-firing`), then the end: the socket's last acknowledgment, after the probe, is the
+    /// answer, dated from it; the episode is answered, not cut short by the close or the reset.
+    #[test]
+    fn answer_seen_only_at_the_end() {
+        let mut e = engine();
+        feed(&mut e, &[established(0, A, ka()), established(0, B, ka())]);
+        // Acknowledged 1.5 s before a close 2 s after the probe: 0.5 s after it.
+        let out = feed(&mut e, &[probe(S, A, 0, 1), close_acked(3 * S, A, 1500)]);
+        assert_eq!(names(&out), ["probe", "ack", "episode", "close"]);
+        assert_eq!(out[1].kind, RecordKind::Ack { probes: 1, precision: AckPrecision::AtEnd });
+        assert_eq!(out[1].ts_ns, S + S / 2);
+        let ep = episode(&out[2]);
+        assert_eq!((ep.outcome, ep.end_ns), (EpisodeOutcome::Answered(AckPrecision::AtEnd), S + S / 2));
+        // A reset after the answer: answered, then the reset.
+        let out = feed(&mut e, &[probe(S, B, 0, 1), reset_acked(2 * S, B, 999)]);
+        assert_eq!(names(&out), ["probe", "ack", "episode", "peer_reset"]);
+        assert_eq!(episode(&out[2]).outcome, EpisodeOutcome::Answered(AckPrecision::AtEnd));
+    }
+
     #[test]
     fn episode_ends_on_peer_reset_and_on_close() {
         let mut e = engine();
@@ -2587,16 +2659,10 @@ mod tests {
             &mut e,
             &[
                 probe(S, A, 0, 1),
-                ev(
-                    2 * S,
-                    A,
-                    EventBody::ResetReceived {
-                        state: TcpState::Established,
-                        times: Default::default(),
-                    },
-                ),
+                // Nothing received since before the probe (idle 1 s before it).
+                reset_acked(2 * S, A, 2000),
                 probe(S, B, 0, 1),
-                close(2 * S, B),
+                close_acked(2 * S, B, 2000),
             ],
         );
         assert_eq!(
@@ -2731,11 +2797,12 @@ mod tests {
             retransmits: 3,
             unacked: 100,
             retransmitting_ms: Some(7_000),
+            unread: None,
         }
     }
 
-    /// A keep-alive HTTP connection: response 1.3 s ago, the peer's FIN 0.3 s ago, 77 bytes
-    /// written 0.1 s ago.
+    /// A keep-alive HTTP connection: response 1.3 s ago, the peer's FIN 0.3 s ago (not read), 77
+    /// bytes written 0.1 s ago.
     fn raced() -> SockTimes {
         SockTimes {
             since_sent_ms: 100,
@@ -2744,6 +2811,7 @@ mod tests {
             retransmits: 0,
             unacked: 77,
             retransmitting_ms: None,
+            unread: Some(1),
         }
     }
 
@@ -2859,6 +2927,16 @@ mod tests {
         let nothing_written = SockTimes { unacked: 0, ..raced() };
         let out = feed(&mut e, &[closed_with(4 * S, C, TcpState::CloseWait, 32, defaults(), nothing_written)]);
         assert_eq!(names(&out), ["config", "peer_reset", "error", "close"]);
+
+        // The application read the end of stream, then wrote (a TLS server's close_notify to a
+        // client that went away): it knew the peer had closed, no race.
+        let knew = SockTimes { unread: Some(0), ..raced() };
+        let out = feed(&mut e, &[closed_with(5 * S, D, TcpState::CloseWait, 32, defaults(), knew)]);
+        assert_eq!(names(&out), ["config", "peer_reset", "error", "close"]);
+        // Without the fields (older kernels' BTF lacking them), as before: the race.
+        let unknown = SockTimes { unread: None, ..raced() };
+        let out = feed(&mut e, &[closed_with(6 * S, E, TcpState::CloseWait, 32, defaults(), unknown)]);
+        assert_eq!(names(&out), ["config", "reuse_race", "error", "close"]);
     }
 
     /// Issue 14: who sent the first FIN, from the state left for CLOSE, with the idle time at the

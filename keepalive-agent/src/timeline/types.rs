@@ -202,6 +202,9 @@ pub enum AckPrecision {
     Segment,
     /// Inferred at the next timer firing: the answer came at some time since the last probe.
     NextFiring,
+    /// Inferred at the connection's end (its close, or a reset received) before any timer firing
+    /// saw it: the socket's last acknowledgment (`rcv_tstamp`) came after the last probe.
+    AtEnd,
 }
 
 impl AckPrecision {
@@ -209,6 +212,7 @@ impl AckPrecision {
         match self {
             AckPrecision::Segment => "segment",
             AckPrecision::NextFiring => "next_firing",
+            AckPrecision::AtEnd => "at_end",
         }
     }
 }

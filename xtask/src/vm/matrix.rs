@@ -105,6 +105,7 @@ pub const SCENARIOS: &[Scenario] = &[
     keepalive("unacked_data_suppresses_probes", "suppressed", true),
     keepalive("snapshot_reports_existing_connection", "snapshot", true),
     keepalive("setsockopt_before_connect_is_attributed", "settings", true),
+    keepalive("peer_probes_are_not_answers", "one-way", true),
     keepalive("thousand_connections_no_lost_events", "scale", false),
     privilege("dead_peer_as_nobody_with_exactly_the_declared_capabilities", "priv-dead"),
     privilege("each_missing_capability_is_named", "priv-missing"),

@@ -112,7 +112,7 @@ pub struct VmTestArgs {
     methods: Vec<Method>,
 
     /// Matrix: scenarios to run, by short name (healthy, dead-v4, dead-v6, user-timeout,
-    /// suppressed, snapshot, settings, scale, priv-dead, priv-missing, priv-snapshot) or test
+    /// suppressed, snapshot, settings, one-way, scale, priv-dead, priv-missing, priv-snapshot) or test
     /// name, or `all` [default: all; scale runs on the host only unless named].
     #[arg(long = "scenario", value_name = "NAME", value_delimiter = ',')]
     scenarios: Vec<String>,

@@ -95,7 +95,8 @@ pub fn render(matrix: &Value) -> Result<String> {
     }
     out.push_str(
         "\nScenarios: healthy, dead peer (IPv4, IPv6), user timeout, suppressed by unacked data, \
-         start-up snapshot, settings capture (setsockopt before connect)",
+         start-up snapshot, settings capture (setsockopt before connect), one-way loss (both ends \
+         probe, the client's segments dropped: the server's probes are not answers)",
     );
     let scale_in_vm = matrix["scenarios"]
         .as_array()

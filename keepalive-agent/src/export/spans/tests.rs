@@ -1504,6 +1504,7 @@ fn deaths_of_connections_not_followed_are_spans_of_their_own() {
         retransmits: 3,
         unacked: 100,
         retransmitting_ms: Some(7_000),
+        unread: None,
     };
     let raced = SockTimes { since_sent_ms: 100, since_data_ms: 1_300, since_ack_ms: 300, unacked: 77, ..Default::default() };
     run.feed(&[
