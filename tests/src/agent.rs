@@ -231,7 +231,9 @@ impl<'env> Agent<'env> {
 
     /// `keepalive-agent --log-level info run --netns NS --cgroup CG [--attach M] <extra>`, with
     /// `envs` added to an environment cleared of every `OTEL_*` variable and of `RUST_LOG` (so that
-    /// a developer's settings cannot change what a test checks); waits for `ready`. Stdout is read
+    /// a developer's settings cannot change what a test checks); waits for `ready`. The level is
+    /// `KEEPALIVE_TEST_LOG_LEVEL` when set (a filter such as `info,keepalive_agent::runtime=trace`
+    /// logs every kernel event, to chase a failure). Stdout is read
     /// as [`Stdout::Spans`]: [`Agent::events`] and [`Agent::stop`] return the span objects printed
     /// in JSON-lines mode (none when exporting over OTLP).
     pub fn start_run(env: &'env Env, extra: &[&str], envs: &[(&str, &str)]) -> Agent<'env> {
@@ -243,7 +245,8 @@ impl<'env> Agent<'env> {
                 cmd.env_remove(k);
             }
         }
-        cmd.envs(envs.iter().copied()).args(["--log-level", "info", "run"]);
+        let level = std::env::var("KEEPALIVE_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned());
+        cmd.envs(envs.iter().copied()).args(["--log-level", &level, "run"]);
         scope(&mut cmd, env, extra);
         let process = AgentProcess::spawn_with(cmd, ready_timeout(), Stdout::Spans)
             .unwrap_or_else(|e| panic!("{e:#}"));

@@ -201,11 +201,12 @@ fn assert_otlp_metrics(receiver: &Receiver, temporality: &str, tag: Option<&str>
     let metrics = receiver.metrics();
     let names: Vec<&str> = metrics.iter().filter_map(|m| m["name"].as_str()).collect();
     let deaths_seen: Vec<String> = metrics.iter().filter(|m| m["name"] == "keepalive.connection.deaths").map(|m| m["points"].to_string()).collect();
+    // The facts last: a CI report keeps the head and the tail of a long message.
     assert!(
         got,
-        "no keepalive_timeout death of {exe:?} received within {WAIT:?}; death points received: {deaths_seen:?}; metrics received: {:?}\n{}",
+        "no keepalive_timeout death of {exe:?} received within {WAIT:?}\n{}\nmetrics received: {:?}\ndeath points received: {deaths_seen:?}",
+        context(),
         names.iter().collect::<std::collections::BTreeSet<_>>(),
-        context()
     );
     if temporality == "DELTA" {
         assert_eq!(death(&metrics).iter().sum::<f64>(), 1.0, "the deltas add up to one death");
@@ -241,9 +242,22 @@ fn otlp_metrics_to_receiver(protocol: Protocol) {
         Protocol::Grpc => (&[], "CUMULATIVE"),
         Protocol::HttpProtobuf => (&[("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")], "DELTA"),
     };
+    // The agent's own exposition too: on a failure, it tells whether the agent counted the death.
+    let listen = listen_addr();
+    let listen_flag = listen.to_string();
+    let flags = [&flags[..], &["--metrics-listen", &listen_flag]].concat();
     let agent = Agent::start_run(&env, &flags, envs);
-    dead_peer(&env);
-    assert_otlp_metrics(&receiver, temporality, Some(&tag), &|| format!("agent stderr:\n{}", agent.stderr_lines().join("\n")));
+    let (local, remote) = dead_peer(&env);
+    let died = Instant::now();
+    assert_otlp_metrics(&receiver, temporality, Some(&tag), &|| {
+        let own = http_get(listen, "/metrics", None).map(|r| r.body).unwrap_or_else(|e| format!("{e:#}"));
+        let counted: Vec<&str> = own.lines().filter(|l| l.starts_with("keepalive_connection_deaths") || l.starts_with("keepalive_agent_events_lost") || l.starts_with("keepalive_probes_total")).collect();
+        format!(
+            "agent stderr:\n{}\nthe connection {local} -> {remote} died {:?} ago; the agent's own /metrics now: {counted:?}",
+            agent.stderr_lines().join("\n"),
+            died.elapsed()
+        )
+    });
     let reqs = receiver.metric_requests();
     assert!(reqs.iter().all(|r| r["protocol"] == protocol.receiver_name()), "{reqs:?}");
     agent.stop();
