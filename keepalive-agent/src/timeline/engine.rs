@@ -33,7 +33,10 @@
 //! The kernel side emits the [`EventBody::Timer`] event of a timer run at timer exit, so the
 //! reset, error and close the run caused (flagged [`Event::in_timer`]) reach the engine first. The
 //! engine holds those back per socket and replays them after the timer event, so that a dead
-//! peer reads: timeout, reset, error, close.
+//! peer reads: timeout, reset, error, close. The owner, woken inside the run by its error, can
+//! close the socket on another CPU before the timer event is sent: events of that socket within
+//! 100 ms of the held ones are held behind them. A timer event that never comes (ring buffer full)
+//! is given up after about a second ([`Engine::release_stale_held`]), or at once by a later event.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -106,6 +109,14 @@ impl Default for EngineConfig {
 }
 
 // Which fields of a connection's settings were actually learned (not guessed).
+/// How long after the first held event of a timer run an event from outside the run is taken to
+/// have overtaken the run's timer event (a run lasts microseconds; a descheduled virtual CPU can
+/// stretch it to milliseconds) rather than to follow a timer event that was lost.
+const RUN_GRACE_NS: u64 = 100_000_000;
+
+/// Most events held for one socket's timer run (the run's own, and those that overtook it).
+const MAX_HELD_PER_SOCKET: usize = 64;
+
 const KNOWN_KEEPALIVE: u8 = 1 << 0;
 const KNOWN_IDLE: u8 = 1 << 1;
 const KNOWN_INTVL: u8 = 1 << 2;
@@ -542,6 +553,9 @@ impl Engine {
             }
             // No room to hold it back: handle it now, out of order rather than not at all.
         } else if !self.held.is_empty() {
+            if !is_timer && self.hold_behind_run(ev) {
+                return;
+            }
             if let Some(held) = self.held.remove(&ev.sk) {
                 if is_timer {
                     self.process(ev, out);
@@ -555,6 +569,21 @@ impl Engine {
             }
         }
         self.process(ev, out);
+    }
+
+    /// Holds `ev`, an event from outside the timer run whose events are held for `ev.sk`, behind
+    /// them when it came within [`RUN_GRACE_NS`] of the first (at most [`MAX_HELD_PER_SOCKET`]):
+    /// the owner, woken inside the run by the error it set, can close the socket on another CPU
+    /// before the run's timer event is sent, which its program does only after the run returned.
+    /// Later, the timer event was lost. Whether it was held.
+    fn hold_behind_run(&mut self, ev: &Event) -> bool {
+        let Some(held) = self.held.get_mut(&ev.sk) else { return false };
+        let recent = held.first().is_some_and(|h| ev.ts_ns.saturating_sub(h.ts_ns) < RUN_GRACE_NS);
+        if recent && held.len() < MAX_HELD_PER_SOCKET {
+            held.push(ev.clone());
+            return true;
+        }
+        false
     }
 
     fn process(&mut self, ev: &Event, out: &mut Vec<Record>) {
@@ -1418,6 +1447,23 @@ mod tests {
         ))
     }
 
+    /// An engine following `sk`, whose probes 1 to 3 (at 1, 2 and 3 s) went unanswered.
+    fn three_probes_unanswered(sk: u64) -> Engine {
+        let mut e = engine();
+        feed(&mut e, &[established(0, sk, ka())]);
+        feed(&mut e, &[probe(S, sk, 0, 1), probe(2 * S, sk, 1, 2), probe(3 * S, sk, 2, 3)]);
+        e
+    }
+
+    /// A change to CLOSE with the socket's error already set (`tcp_done_with_error`, 6.10+).
+    fn close_with_err(ts: u64, sk: u64, errno: i32) -> Event {
+        let mut closed = close(ts, sk);
+        if let EventBody::State { err, .. } = &mut closed.body {
+            *err = errno;
+        }
+        closed
+    }
+
     fn probe(ts: u64, sk: u64, before: u8, after: u8) -> Event {
         timer(ts, sk, firing(ka(), before, after))
     }
@@ -1590,19 +1636,49 @@ mod tests {
         assert_eq!(causes, [DeathCause::KeepaliveTimeout], "{:?}", names(&out));
     }
 
+    /// The owner learns of the keep-alive death inside the timer run (its `recv` wakes with
+    /// ETIMEDOUT) and closes the socket on another CPU: that destruction can reach the ring buffer
+    /// before the run's timer event, which its program sends only after the run returned. It is
+    /// held with the run's events, and the death is still the keep-alive timeout, reported once,
+    /// with no connection opened again by the late timer event.
+    #[test]
+    fn owner_close_before_the_killing_runs_timer_event() {
+        let mut e = three_probes_unanswered(A);
+        let t4 = 4 * S;
+        let death = TimerFiring { state_after: TcpState::Close, err_after: 110, ..firing(ka(), 3, 3) };
+        // Linux 6.10+ order: the close carries the error, reported after it.
+        let held = [
+            keepalive_reset(t4 + 10, A),
+            in_timer(close_with_err(t4 + 20, A, 110)),
+            in_timer(ev(t4 + 30, A, EventBody::Error { errno: 110, state: TcpState::Close })),
+        ];
+        assert!(feed(&mut e, &held).is_empty());
+        let destroyed = ev(t4 + 5_000, A, EventBody::Destroy);
+        assert!(feed(&mut e, &[destroyed]).is_empty(), "held with the run's events until its timer event");
+        let out = feed(&mut e, &[timer(t4, A, death)]);
+        assert_eq!(names(&out), ["timeout", "episode", "reset", "error", "close"]);
+        let causes: Vec<_> = out.iter().filter_map(|r| r.kind.death_cause()).collect();
+        assert_eq!(causes, [DeathCause::KeepaliveTimeout]);
+        assert_eq!((e.tracked(), e.held.len()), (0, 0));
+
+        // A timer event that never comes: the run's events and the destruction still come out, in
+        // order, once they are stale.
+        feed(&mut e, &[established(10 * S, B, ka()), probe(11 * S, B, 0, 1)]);
+        assert!(feed(&mut e, &[keepalive_reset(12 * S, B), ev(12 * S + 5_000, B, EventBody::Destroy)]).is_empty());
+        let mut out = Vec::new();
+        e.release_stale_held(14 * S, S, &mut out);
+        assert_eq!(names(&out)[0], "reset");
+        assert_eq!(e.tracked(), 0);
+    }
+
     /// Linux 6.10+ (`tcp_done_with_error`): the connection is closed with `sk_err` already set and
     /// the error is reported only after the close. The error is reported once, before the close.
     #[test]
     fn error_set_before_close_is_reported_once_before_the_close() {
-        let mut e = engine();
-        feed(&mut e, &[established(0, A, ka())]);
-        feed(&mut e, &[probe(S, A, 0, 1), probe(2 * S, A, 1, 2), probe(3 * S, A, 2, 3)]);
+        let mut e = three_probes_unanswered(A);
         let t4 = 4 * S;
         let reset = keepalive_reset(t4 + 10, A);
-        let mut closed = in_timer(close(t4 + 20, A));
-        if let EventBody::State { err, .. } = &mut closed.body {
-            *err = 110;
-        }
+        let closed = in_timer(close_with_err(t4 + 20, A, 110));
         let late_error = in_timer(ev(
             t4 + 30,
             A,
@@ -1620,10 +1696,7 @@ mod tests {
 
         // An error reported before the close (older kernels) is not repeated by the close.
         feed(&mut e, &[established(10 * S, B, ka())]);
-        let mut closed = close(10 * S + 20, B);
-        if let EventBody::State { err, .. } = &mut closed.body {
-            *err = 104;
-        }
+        let closed = close_with_err(10 * S + 20, B, 104);
         let out = feed(
             &mut e,
             &[ev(10 * S + 10, B, EventBody::Error { errno: 104, state: TcpState::Established }), closed],
