@@ -108,7 +108,6 @@ impl Default for EngineConfig {
     }
 }
 
-// Which fields of a connection's settings were actually learned (not guessed).
 /// How long after the first held event of a timer run an event from outside the run is taken to
 /// have overtaken the run's timer event (a run lasts microseconds; a descheduled virtual CPU can
 /// stretch it to milliseconds) rather than to follow a timer event that was lost.
@@ -117,6 +116,7 @@ const RUN_GRACE_NS: u64 = 100_000_000;
 /// Most events held for one socket's timer run (the run's own, and those that overtook it).
 const MAX_HELD_PER_SOCKET: usize = 64;
 
+// Which fields of a connection's settings were actually learned (not guessed).
 const KNOWN_KEEPALIVE: u8 = 1 << 0;
 const KNOWN_IDLE: u8 = 1 << 1;
 const KNOWN_INTVL: u8 = 1 << 2;
@@ -1667,7 +1667,7 @@ mod tests {
         assert!(feed(&mut e, &[keepalive_reset(12 * S, B), ev(12 * S + 5_000, B, EventBody::Destroy)]).is_empty());
         let mut out = Vec::new();
         e.release_stale_held(14 * S, S, &mut out);
-        assert_eq!(names(&out)[0], "reset");
+        assert_eq!(names(&out), ["reset", "episode", "untracked"]);
         assert_eq!(e.tracked(), 0);
     }
 
