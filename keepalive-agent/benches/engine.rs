@@ -526,7 +526,7 @@ fn fixed_passes(stream: &Stream, passes: usize, part: &str) {
 fn main() {
     let conns = conns_from_env();
     let stream = build_stream(conns);
-    if let Some(passes) = std::env::var("KEEPALIVE_BENCH_PASSES").ok() {
+    if let Ok(passes) = std::env::var("KEEPALIVE_BENCH_PASSES") {
         let passes = passes
             .parse()
             .unwrap_or_else(|_| panic!("KEEPALIVE_BENCH_PASSES={passes}: expected a number of passes"));

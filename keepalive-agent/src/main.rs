@@ -493,10 +493,7 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         warn!("lost {} kernel events in total: {}", summary.lost_total(), summary.loss_breakdown());
     }
     let stats = engine.stats();
-    let unreported = match stats.unreported_probes {
-        0 => String::new(),
-        n => format!("; {n} probes seen only by the kernel's probe counter (their timer runs reached no record)"),
-    };
+    let unreported = bound_notes(summary, &stats);
     info!(
         "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{unreported}{extra}",
         summary.events,
@@ -511,6 +508,19 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         stats.unfollowed_closes,
         stats.unfollowed_resets
     );
+}
+
+/// The stop line's notes on probes only the kernel counted and on the bounds hit (README, "Bounds"),
+/// each "; …" and only when not zero.
+fn bound_notes(summary: &keepalive_agent::runtime::LoopSummary, stats: &keepalive_agent::timeline::EngineStats) -> String {
+    let notes = [
+        (stats.unreported_probes, "probes seen only by the kernel's probe counter (their timer runs reached no record)"),
+        (stats.unordered, "events handled out of order (hold for timer runs full)"),
+        (summary.held_full, "times the records held for owner lookups were full"),
+        (summary.death_owners.dropped, "deaths not followed left without their owner (lookup bound)"),
+        (summary.death_owners_unawaited, "deaths not followed the kernel's owner table had no room for"),
+    ];
+    notes.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("; {n} {what}")).collect()
 }
 
 fn until(duration: Option<Duration>) -> Option<Instant> {
@@ -804,7 +814,7 @@ fn check(args: CheckArgs) -> Result<()> {
     for note in &facts.notes {
         println!("note: {note}");
     }
-    println!("\n{:<16} {:<10} {}", "HOOK", "METHOD", "ATTACHED TO / WHAT IS MISSING");
+    println!("\n{:<16} {:<10} ATTACHED TO / WHAT IS MISSING", "HOOK", "METHOD");
     for o in &probes.outcomes {
         println!("{}", o.summary());
     }

@@ -86,6 +86,9 @@ pub struct LoopSummary {
     /// Deaths not followed whose socket the kernel side could not remember for its owner's close
     /// (its bounded table full).
     pub death_owners_unawaited: u64,
+    /// Times the records held for deaths' owner lookups reached their bound ([`MAX_HELD`]) and
+    /// the loop waited for the lookup instead of draining the ring buffer.
+    pub held_full: u64,
     pub snapshot_sockets: u64,
     /// Lookups of the owners of deaths of connections not followed.
     pub death_owners: DeathOwnerStats,
@@ -269,6 +272,11 @@ struct Reported {
     skipped_unreadable: bool,
     /// Probes only the kernel's counter showed (engine), as last warned.
     unreported_probes: u64,
+    /// Times the held records for owner lookups filled, and deaths not looked up, as last warned.
+    held_full: u64,
+    owners_dropped: u64,
+    /// Events the engine handled out of order (its hold for timer runs was full), as last warned.
+    unordered: u64,
 }
 
 /// Buffers and counters of one [`EventLoop::run`].
@@ -493,6 +501,7 @@ impl<'a> EventLoop<'a> {
                 self.ingest_staged(st);
             }
             if st.held.len() >= MAX_HELD {
+                st.summary.held_full += 1;
                 self.release_held(st, true);
             }
         }
@@ -621,6 +630,18 @@ impl<'a> EventLoop<'a> {
         });
         warn_on_growth(self.engine.stats().unreported_probes, &mut st.reported.unreported_probes, |n, total| {
             format!("{n} keep-alive probes were seen only by the kernel's probe counter: the timer runs that sent them reached no record (total {total})")
+        });
+        warn_on_growth(self.engine.stats().unordered, &mut st.reported.unordered, |n, total| {
+            format!("{n} events handled out of order: holding them until their timer run's event would have passed a bound (64 per socket, --max-connections sockets; total {total})")
+        });
+        warn_on_growth(st.summary.held_full, &mut st.reported.held_full, |n, total| {
+            format!("{n} times the records held for deaths' owner lookups reached {MAX_HELD}: the loop waited for the lookup instead of draining the ring buffer (total {total})")
+        });
+        warn_on_growth(st.summary.death_owners.dropped, &mut st.reported.owners_dropped, |n, total| {
+            format!(
+                "{n} deaths not followed reported without their owner: more than {} sockets for one /proc scan (total {total})",
+                crate::owners::MAX_DEATH_INODES
+            )
         });
         let refused = self.engine.cap_hit_since_last_check();
         if refused > 0 {

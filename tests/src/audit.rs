@@ -48,7 +48,7 @@ pub fn run_audit(args: &[&str]) -> AuditRun {
 }
 
 /// The object of the socket `local` -> `remote` among `sockets`.
-pub fn find<'a>(sockets: &'a [Value], local: SocketAddr, remote: SocketAddr) -> Option<&'a Value> {
+pub fn find(sockets: &[Value], local: SocketAddr, remote: SocketAddr) -> Option<&Value> {
     let (l, r) = (fmt_addr(local), fmt_addr(remote));
     sockets.iter().find(|s| s["local"] == l.as_str() && s["remote"] == r.as_str())
 }

@@ -2,7 +2,7 @@
 //! keep-alive connections in the test's network namespace (loopback only), scraped by a real
 //! Prometheus server (PromQL through its HTTP API), checked by `promtool`, pushed over OTLP to
 //! tests/otlp/receiver.py and through rotel (neither built on the Rust OpenTelemetry crates), with
-//! the cardinality cap, `/readyz` and `/healthz`, the span volume policy and bad settings.
+//! the cardinality cap, the bound counters, `/readyz` and `/healthz`, the span volume policy and bad settings.
 //! Root, Debian's `prometheus` and the receiver venv (scripts/setup.sh) required.
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -373,6 +373,38 @@ fn cardinality_cap_gives_the_overflow_series() {
         child.wait().unwrap();
     }
     agent.stop();
+}
+
+/// `run --max-connections 2` while five keep-alive connections probe: the refused ones count in
+/// `keepalive_agent_bound_hits_total{keepalive_bound="max_connections"}`, every other bound is a
+/// series at 0 (so an alert on any increase works from the first scrape), the agent warns, and its
+/// stop line states the refusals.
+#[test]
+fn bound_hits_count_refused_connections() {
+    let env = Env::new();
+    let addr = listen_addr();
+    let agent = Agent::start_run(&env, &["--metrics-listen", &addr.to_string(), "--max-connections", "2"], &[]);
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let clients: Vec<Client> =
+        (0..5).map(|_| Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 1, 3)).unwrap()).collect();
+    let value = |body: &str, bound: &str| -> Option<f64> {
+        let key = format!("keepalive_agent_bound_hits_total{{keepalive_bound=\"{bound}\"");
+        let line = body.lines().find(|l| l.starts_with(&key))?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    let r = wait_http(addr, "/metrics", WAIT, |r| value(&r.body, "max_connections").is_some_and(|v| v >= 3.0))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.stderr_lines().join("\n")));
+    for bound in ["engine_hold", "owner_hold", "owner_lookups", "kernel_owner_table", "max_sockets"] {
+        assert_eq!(value(&r.body, bound), Some(0.0), "{bound}:\n{}", r.body);
+    }
+    let (ok, out) = promtool_check(&r.body).unwrap();
+    assert!(ok && out.trim().is_empty(), "promtool check metrics: {out}");
+    drop(clients);
+    let (_, stderr) = agent.stop_full();
+    assert!(stderr.iter().any(|l| l.contains("WARN") && l.contains("--max-connections")), "no warning:\n{}", stderr.join("\n"));
+    let stop = stderr.iter().find(|l| l.contains("stopped:")).unwrap_or_else(|| panic!("{}", stderr.join("\n")));
+    let refused: u64 = stop.split(" refused by the cap").next().and_then(|h| h.rsplit(' ').next()?.parse().ok()).unwrap_or(0);
+    assert!(refused >= 3, "{stop}");
 }
 
 /// `/readyz` answers 503 while the agent has not attached its programs (held back by the test

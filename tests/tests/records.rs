@@ -102,7 +102,7 @@ fn zero_window_probes_are_not_keepalive_answers() {
     assert_ends_once(&evs);
 }
 
-fn conn_spans<'a>(spans: &'a [Span], local: SocketAddr) -> Vec<&'a Span> {
+fn conn_spans(spans: &[Span], local: SocketAddr) -> Vec<&Span> {
     spans
         .iter()
         .filter(|s| s.name == "tcp.connection" && s.attr_i64("network.local.port") == Some(i64::from(local.port())))

@@ -36,6 +36,9 @@ pub struct AtRisk {
     pub duration: Duration,
 }
 
+/// A socket's owner as counted: its process name and cgroup id.
+type OwnerKey = Option<([u8; 16], u64)>;
+
 /// Sockets per diagnosis and workload (process name, container, pod: the workload attributes of
 /// the keep-alive metrics), for `keepalive.connections.at_risk`.
 pub fn at_risk_by_workload(
@@ -43,7 +46,7 @@ pub fn at_risk_by_workload(
     policy: &Policy,
     cgroups: &mut CgroupResolver,
 ) -> Vec<(DiagnosisId, Workload, u64)> {
-    let mut counts: HashMap<(DiagnosisId, Option<([u8; 16], u64)>), u64> = HashMap::new();
+    let mut counts: HashMap<(DiagnosisId, OwnerKey), u64> = HashMap::new();
     for s in sockets {
         for id in diagnose::findings(s, policy) {
             *counts.entry((id, s.owner.map(|o| (o.comm, o.cgroup_id)))).or_default() += 1;

@@ -27,7 +27,7 @@ use crate::runtime::{LoopObserver, LoopSummary};
 use crate::kernel::progstats::KindCounts;
 use crate::timeline::engine::Engine;
 use crate::timeline::Record;
-use store::Store;
+use store::{BoundHits, Store};
 
 /// How long `/healthz` accepts no heartbeat from the event loop (it beats at least every 100 ms
 /// while it drains the ring buffer).
@@ -128,6 +128,7 @@ impl Metrics {
     /// The result of a periodic audit (`keepalive.connections.at_risk`).
     pub fn set_at_risk(&self, at_risk: crate::audit::periodic::AtRisk) {
         let mut store = self.store();
+        store.agent.bounds.max_sockets += at_risk.over_limit;
         store.at_risk = Some(at_risk);
         store.audits += 1;
     }
@@ -190,12 +191,21 @@ impl LoopObserver for Recorder {
         a.connections = [on as u64, off as u64];
         a.outstanding = outstanding;
         a.cap_refused = stats.cap_rejected;
+        a.bounds = BoundHits {
+            max_connections: stats.cap_rejected,
+            engine_hold: stats.unordered,
+            owner_hold: summary.held_full,
+            owner_lookups: summary.death_owners.dropped,
+            kernel_owner_table: summary.death_owners_unawaited,
+            max_sockets: a.bounds.max_sockets,
+        };
         a.events = summary.events;
         a.decode_errors = summary.decode_errors;
         a.records = summary.records;
         a.lost.ringbuf_full = summary.lost;
         a.lost.skipped_run = summary.skipped.unwrap_or_default();
         a.lost.unpaired_timer_run = summary.timer_unpaired;
+        a.lost.inflight_map = summary.inflight_lost;
         a.programs = programs;
     }
 }
@@ -309,8 +319,16 @@ fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     let a = &store.agent;
     let mut unpaired: KindCounts = [0; EVENT_KINDS];
     unpaired[EventKind::Timer as usize] = a.lost.unpaired_timer_run;
+    let mut inflight: KindCounts = [0; EVENT_KINDS];
+    inflight[EventKind::Setsockopt as usize] = a.lost.inflight_map;
+    let causes = [
+        ("ringbuf_full", &a.lost.ringbuf_full),
+        ("skipped_run", &a.lost.skipped_run),
+        ("unpaired_timer_run", &unpaired),
+        ("inflight_map", &inflight),
+    ];
     let lost: Vec<Point> =
-        [("ringbuf_full", &a.lost.ringbuf_full), ("skipped_run", &a.lost.skipped_run), ("unpaired_timer_run", &unpaired)]
+        causes
             .into_iter()
             .flat_map(|(cause, counts)| {
                 counts.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(kind, n)| {
@@ -331,6 +349,11 @@ fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     sink(
         &desc("keepalive.agent.connections.refused", "{connection}", Kind::Counter, "Connections not followed because --max-connections was reached."),
         &[point(&[], a.cap_refused)],
+    );
+    let hits: Vec<Point> = a.bounds.points().iter().map(|(b, n)| point(&[("keepalive.bound", b)], *n)).collect();
+    sink(
+        &desc("keepalive.agent.bound.hits", "{hit}", Kind::Counter, "Times a bound on the agent's state was hit, by bound: what it then refused, reordered, waited for or left out (README, \"Bounds\")."),
+        &hits,
     );
     if a.exports_spans {
         let e = &a.export;
@@ -378,6 +401,41 @@ mod tests {
         for n in ["keepalive.probes", "keepalive.connection.deaths", "keepalive.connections", "keepalive.probes.outstanding", "keepalive.agent.events.lost"] {
             assert!(names.contains(&n), "{n} missing: {names:?}");
         }
+    }
+
+    /// Every bound is a series from the start (0 until hit), fed from the loop's summary, the
+    /// engine and the audits; the in-flight map's losses are a cause of lost events.
+    #[test]
+    fn bound_hits_and_inflight_losses_are_exposed() {
+        use crate::timeline::engine::EngineConfig;
+        let m = Metrics::new(10, false, None);
+        let mut summary = LoopSummary { held_full: 2, death_owners_unawaited: 4, inflight_lost: 5, ..LoopSummary::default() };
+        summary.death_owners.dropped = 3;
+        let engine = Engine::new(EngineConfig::default());
+        m.recorder(HashMap::new()).tick(&engine, &summary);
+        for _ in 0..2 {
+            m.set_at_risk(crate::audit::periodic::AtRisk { over_limit: 7, ..Default::default() });
+        }
+        let (mut hits, mut lost) = (Vec::new(), Vec::new());
+        m.visit(&mut |d, p| match d.name {
+            "keepalive.agent.bound.hits" => hits = p.iter().map(|p| (p.attrs[0].1.clone(), p.value)).collect(),
+            "keepalive.agent.events.lost" => lost = p.to_vec(),
+            _ => {}
+        });
+        let want = [
+            ("max_connections", 0.0),
+            ("engine_hold", 0.0),
+            ("owner_hold", 2.0),
+            ("owner_lookups", 3.0),
+            ("kernel_owner_table", 4.0),
+            ("max_sockets", 14.0),
+        ]
+        .map(|(b, n)| (b.to_string(), n));
+        assert_eq!(hits, want);
+        let attrs: Vec<(&str, String)> = [("keepalive.event.kind", "setsockopt"), ("keepalive.loss.cause", "inflight_map")]
+            .map(|(k, v)| (k, v.to_string()))
+            .to_vec();
+        assert_eq!(lost, [Point { attrs, value: 5.0 }]);
     }
 
     #[test]

@@ -265,6 +265,43 @@ pub struct Lost {
     pub skipped_run: KindCounts,
     /// Keep-alive timer runs seen at their entry or their exit only (timer events).
     pub unpaired_timer_run: u64,
+    /// Keep-alive settings the kprobe path's in-flight `setsockopt` map lost (setsockopt events).
+    pub inflight_map: u64,
+}
+
+/// How often each bound on the agent's state was hit (`keepalive.agent.bound.hits`): what was
+/// then refused, reordered, waited for or left out is in [`BoundHits::points`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundHits {
+    /// Connections refused by `--max-connections` (each refusal).
+    pub max_connections: u64,
+    /// Events the engine handled out of order: holding them behind their timer run's event
+    /// would have passed its bound (64 per socket, `--max-connections` sockets).
+    pub engine_hold: u64,
+    /// Times the records held for deaths' owner lookups filled their bound and the loop waited
+    /// for the lookup instead of draining the ring buffer.
+    pub owner_hold: u64,
+    /// Deaths reported without an owner: more sockets to look up at once than one scan takes.
+    pub owner_lookups: u64,
+    /// Deaths whose socket the kernel's owner table had no room to remember (looked up in
+    /// `/proc` only).
+    pub kernel_owner_table: u64,
+    /// Sockets a periodic audit left out (`--max-sockets`), summed over audits.
+    pub max_sockets: u64,
+}
+
+impl BoundHits {
+    /// (value of `keepalive.bound`, hits), every bound, hit or not.
+    pub fn points(&self) -> [(&'static str, u64); 6] {
+        [
+            ("max_connections", self.max_connections),
+            ("engine_hold", self.engine_hold),
+            ("owner_hold", self.owner_hold),
+            ("owner_lookups", self.owner_lookups),
+            ("kernel_owner_table", self.kernel_owner_table),
+            ("max_sockets", self.max_sockets),
+        ]
+    }
 }
 
 /// The agent's own health, set by the event loop (see [`super::Recorder`]).
@@ -274,6 +311,7 @@ pub struct AgentValues {
     pub decode_errors: u64,
     pub records: u64,
     pub cap_refused: u64,
+    pub bounds: BoundHits,
     pub lost: Lost,
     /// Followed connections with keep-alive on / off (only `TCP_USER_TIMEOUT`).
     pub connections: [u64; 2],

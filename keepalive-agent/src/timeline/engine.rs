@@ -513,7 +513,10 @@ impl Engine {
             .collect();
         gone.sort_unstable();
         for (_, sk) in gone {
-            self.held.remove(&sk);
+            // What its last timer run was held behind explains its end better than `gone`.
+            if let Some(evs) = self.held.remove(&sk) {
+                evs.iter().for_each(|e| self.process(e, out));
+            }
             self.untrack(sk, walk_start_ns, UntrackReason::Gone, out);
         }
     }
@@ -543,15 +546,11 @@ impl Engine {
         self.stats.events += 1;
         let is_timer = matches!(ev.body, EventBody::Timer(_));
         if ev.in_timer && !is_timer {
-            if let Some(held) = self.held.get_mut(&ev.sk) {
-                held.push(ev.clone());
-                return;
-            }
-            if self.held.len() < self.cap {
-                self.held.insert(ev.sk, vec![ev.clone()]);
+            if self.hold_in_run(ev) {
                 return;
             }
             // No room to hold it back: handle it now, out of order rather than not at all.
+            self.stats.unordered += 1;
         } else if !self.held.is_empty() {
             if !is_timer && self.hold_behind_run(ev) {
                 return;
@@ -579,8 +578,30 @@ impl Engine {
     fn hold_behind_run(&mut self, ev: &Event) -> bool {
         let Some(held) = self.held.get_mut(&ev.sk) else { return false };
         let recent = held.first().is_some_and(|h| ev.ts_ns.saturating_sub(h.ts_ns) < RUN_GRACE_NS);
-        if recent && held.len() < MAX_HELD_PER_SOCKET {
+        if !recent {
+            return false;
+        }
+        if held.len() < MAX_HELD_PER_SOCKET {
             held.push(ev.clone());
+            return true;
+        }
+        self.stats.unordered += 1;
+        false
+    }
+
+    /// Holds `ev`, an event sent from inside a timer run, until the run's timer event: with the
+    /// socket's other held events (at most [`MAX_HELD_PER_SOCKET`]), or as the first for its
+    /// socket while fewer sockets than the connection cap hold events. Whether it was held.
+    fn hold_in_run(&mut self, ev: &Event) -> bool {
+        if let Some(held) = self.held.get_mut(&ev.sk) {
+            if held.len() >= MAX_HELD_PER_SOCKET {
+                return false;
+            }
+            held.push(ev.clone());
+            return true;
+        }
+        if self.held.len() < self.cap {
+            self.held.insert(ev.sk, vec![ev.clone()]);
             return true;
         }
         false
@@ -1669,6 +1690,41 @@ mod tests {
         e.release_stale_held(14 * S, S, &mut out);
         assert_eq!(names(&out), ["reset", "episode", "untracked"]);
         assert_eq!(e.tracked(), 0);
+    }
+
+    /// Holding events behind a timer run is bounded (per socket, and in sockets by the connection
+    /// cap); an event past a bound is handled at once, out of order, and counted.
+    #[test]
+    fn holding_past_its_bounds_is_counted() {
+        let mut e = Engine::new(EngineConfig { max_connections: 1 });
+        feed(&mut e, &[established(0, A, ka())]);
+        let errors: Vec<Event> = (0..MAX_HELD_PER_SOCKET as u64 + 1)
+            .map(|i| in_timer(ev(S + i, A, EventBody::Error { errno: 104, state: TcpState::Established })))
+            .collect();
+        let out = feed(&mut e, &errors);
+        assert_eq!((names(&out), e.stats().unordered), (vec!["error"], 1), "the 65th of one run");
+        // One overtaking them: the held ones are replayed, then it.
+        let behind = ev(S + 1_000, A, EventBody::Error { errno: 32, state: TcpState::Established });
+        let n = MAX_HELD_PER_SOCKET + 1;
+        assert_eq!((feed(&mut e, &[behind]).len(), e.stats().unordered), (n, 2));
+        assert!(e.held.is_empty());
+
+        // A second socket holding events would pass the cap of one.
+        assert!(feed(&mut e, &[in_timer(ev(2 * S, A, EventBody::Error { errno: 104, state: TcpState::Established }))]).is_empty());
+        feed(&mut e, &[keepalive_reset(2 * S, B)]);
+        assert_eq!((e.held.len(), e.stats().unordered), (1, 3));
+    }
+
+    /// A connection the walk found gone while events of its last timer run were held: they are
+    /// replayed before its `untracked` record, so that its end keeps its cause.
+    #[test]
+    fn reconcile_replays_what_was_held() {
+        let mut e = three_probes_unanswered(A);
+        assert!(feed(&mut e, &[keepalive_reset(4 * S, A)]).is_empty());
+        let mut out = Vec::new();
+        e.reconcile(5 * S, |_| false, &mut out);
+        assert_eq!(names(&out), ["reset", "episode", "untracked"]);
+        assert!(e.held.is_empty());
     }
 
     /// Linux 6.10+ (`tcp_done_with_error`): the connection is closed with `sk_err` already set and

@@ -546,4 +546,8 @@ pub struct EngineStats {
     /// no record, whether or not the kernel side also counted the run as lost (unpaired). Later
     /// probes keep their true numbers.
     pub unreported_probes: u64,
+    /// Events handled at once, out of order, because holding them until their timer run's event
+    /// would have passed a bound (sockets holding events: the connection cap; events per socket:
+    /// 64): a death's records may then show its cause after it.
+    pub unordered: u64,
 }

@@ -17,8 +17,6 @@ use super::report::{print_table, print_tail, EXCERPT_LINES};
 use super::results::{command_output, Status};
 use super::BootRun;
 
-/// Console or log lines shown for a failure.
-
 /// Why the 1000-connection scenario is not run in the VMs by default.
 pub const SCALE_SKIPPED: &str =
     "host only by default (it once crashed a TCG guest during fentry patching); --scenario scale forces it";
