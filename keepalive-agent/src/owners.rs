@@ -312,7 +312,7 @@ impl DeathOwners {
 
     /// Names the owners of the deaths in `batch` (raw records in ring-buffer order) and returns the
     /// batch with an `Owner` record in front of each death whose owner is known: the process that
-    /// closed the socket later in the batch ([`closers`]), else one holding it now, found by one
+    /// closed the socket later in the batch (`closers`), else one holding it now, found by one
     /// scan at `now` of at most `max_inodes` sockets (no scan when none is left to look up).
     pub fn attribute(&mut self, batch: Vec<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
         let deaths: Vec<(usize, u64)> =

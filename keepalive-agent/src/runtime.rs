@@ -86,7 +86,7 @@ pub struct LoopSummary {
     /// Deaths not followed whose socket the kernel side could not remember for its owner's close
     /// (its bounded table full).
     pub death_owners_unawaited: u64,
-    /// Times the records held for deaths' owner lookups reached their bound ([`MAX_HELD`]) and
+    /// Times the records held for deaths' owner lookups reached their bound (`MAX_HELD`) and
     /// the loop waited for the lookup instead of draining the ring buffer.
     pub held_full: u64,
     pub snapshot_sockets: u64,

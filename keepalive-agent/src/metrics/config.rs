@@ -53,7 +53,7 @@ pub const EXPORTERS: [&str; 3] = ["otlp", "prometheus", "none"];
 #[command(next_help_heading = "Metrics and health")]
 pub struct MetricsArgs {
     /// Serve GET /metrics (Prometheus text, or OpenMetrics when asked), /healthz and /readyz on
-    /// this address, e.g. 127.0.0.1:9464 or [::]:9464.
+    /// this address, e.g. `127.0.0.1:9464` or `[::]:9464`.
     #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr)]
     pub metrics_listen: Option<SocketAddr>,
 

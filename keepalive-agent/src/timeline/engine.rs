@@ -38,7 +38,6 @@
 //! 100 ms of the held ones are held behind them. A timer event that never comes (ring buffer full)
 //! is given up after about a second ([`Engine::release_stale_held`]), or at once by a later event.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -92,6 +91,9 @@ impl Hasher for SkHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<SkHasher>>;
+
+/// Refused sockets remembered so that each counts once (about 1 MiB at most).
+const MAX_REFUSED: usize = 65_536;
 
 /// Engine limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,6 +261,10 @@ pub struct Engine {
     pending: FastMap<u64, Pending>,
     /// `in_timer` events waiting for their timer event, per socket.
     held: FastMap<u64, Vec<Event>>,
+    /// Sockets the cap refused, so that each counts once in `cap_rejected` however many of its
+    /// events come; forgotten when tracked or destroyed, all of it at [`MAX_REFUSED`] (then a
+    /// socket still refused counts again).
+    refused: FastMap<u64, ()>,
     stats: EngineStats,
     cap_rejected_reported: u64,
     /// Connections tracked since the engine started (ids also number unfollowed deaths).
@@ -423,6 +429,7 @@ impl Engine {
             conns: SkTable::new(),
             pending: FastMap::default(),
             held: FastMap::default(),
+            refused: FastMap::default(),
             stats: EngineStats::default(),
             cap_rejected_reported: 0,
             opened: 0,
@@ -532,6 +539,7 @@ impl Engine {
             self.untrack(sk, stop_ns, UntrackReason::Shutdown, out);
         }
         self.pending.clear();
+        self.refused.clear();
     }
 
     /// Asks for the state of the connection on socket `sk` to be brought into cache: called for
@@ -680,6 +688,9 @@ impl Engine {
             }
             EventBody::Destroy => {
                 self.drop_pending(ev.sk);
+                if !self.refused.is_empty() {
+                    self.refused.remove(&ev.sk);
+                }
                 self.untrack(ev.sk, ev.ts_ns, UntrackReason::Destroyed, out);
             }
             EventBody::Owner { process } => self.on_owner(ev, process),
@@ -734,17 +745,23 @@ impl Engine {
         p.connect_process
     }
 
+    /// Counts `sk` in `cap_rejected` unless it was refused already.
+    fn refuse(&mut self, sk: u64) {
+        if self.refused.len() >= MAX_REFUSED {
+            self.refused.clear();
+        }
+        if self.refused.insert(sk, ()).is_none() {
+            self.stats.cap_rejected += 1;
+        }
+    }
+
     /// The pending note for `sk`, created if there is room (a refusal counts against the cap).
     fn pending_slot(&mut self, sk: u64) -> Option<&mut Pending> {
-        let full = self.pending.len() >= self.cap;
-        match self.pending.entry(sk) {
-            Entry::Occupied(o) => Some(o.into_mut()),
-            Entry::Vacant(_) if full => {
-                self.stats.cap_rejected += 1;
-                None
-            }
-            Entry::Vacant(v) => Some(v.insert(Pending::default())),
+        if self.pending.len() >= self.cap && !self.pending.contains_key(&sk) {
+            self.refuse(sk);
+            return None;
         }
+        Some(self.pending.entry(sk).or_default())
     }
 
     /// Starts tracking `sk` (not tracked now) and emits `Opened`; `None` when the cap refuses it.
@@ -758,8 +775,11 @@ impl Engine {
         out: &mut Vec<Record>,
     ) -> Option<&mut Conn> {
         if self.conns.len() >= self.cap {
-            self.stats.cap_rejected += 1;
+            self.refuse(ev.sk);
             return None;
+        }
+        if !self.refused.is_empty() {
+            self.refused.remove(&ev.sk);
         }
         self.opened += 1;
         let view = self.new_view(ev, process);
@@ -2567,8 +2587,9 @@ mod tests {
         assert_eq!(e.stats().cap_rejected, 1);
         assert_eq!(e.cap_hit_since_last_check(), 1);
         assert_eq!(e.cap_hit_since_last_check(), 0);
-        // Events of the refused connection are ignored.
-        assert!(feed(&mut e, &[ev(S, C, EventBody::Ack { probes: 1 })]).is_empty());
+        // Events of the refused connection are ignored, and it counts once.
+        assert!(feed(&mut e, &[ev(S, C, EventBody::Ack { probes: 1 }), established(S, C, ka())]).is_empty());
+        assert_eq!(e.stats().cap_rejected, 1);
 
         // A close frees a slot.
         let out = feed(&mut e, &[close(S, A), established(2 * S, C, ka())]);

@@ -527,7 +527,7 @@ pub struct EngineStats {
     pub tracked: u64,
     /// Connections tracked since the engine started.
     pub opened: u64,
-    /// Connections not tracked because the cap was reached.
+    /// Connections not tracked because the cap was reached, each once (see `Engine::refuse`).
     pub cap_rejected: u64,
     /// Connections that ended with a `close` record.
     pub closed: u64,
