@@ -519,6 +519,7 @@ fn bound_notes(summary: &keepalive_agent::runtime::LoopSummary, stats: &keepaliv
         (summary.held_full, "times the records held for owner lookups were full"),
         (summary.death_owners.dropped, "deaths not followed left without their owner (lookup bound)"),
         (summary.death_owners_unawaited, "deaths not followed the kernel's owner table had no room for"),
+        (stats.pending_expired, "notes on sockets not tracked forgotten after ten minutes (their destruction missed)"),
     ];
     notes.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("; {n} {what}")).collect()
 }

@@ -251,7 +251,15 @@ struct Pending {
     connect_process: Option<Process>,
     /// The last keep-alive option set before `connect()`, and by whom.
     option: Option<(SockOpt, Process)>,
+    /// When the note was made (monotonic ns), for [`PENDING_MAX_AGE_NS`].
+    since_ns: u64,
 }
+
+/// How long a note about a socket not tracked is kept: longer than any `connect()` takes (the
+/// default SYN retries give up after about 127 s). Older notes are of sockets whose destruction
+/// was missed; they are forgotten when the table is full, at most once a second
+/// ([`Engine::pending_slot`]).
+const PENDING_MAX_AGE_NS: u64 = 600_000_000_000;
 
 /// The timeline state machine. See the module documentation.
 pub struct Engine {
@@ -265,6 +273,8 @@ pub struct Engine {
     /// events come; forgotten when tracked or destroyed, all of it at [`MAX_REFUSED`] (then a
     /// socket still refused counts again).
     refused: FastMap<u64, ()>,
+    /// When `pending` was last rid of notes older than [`PENDING_MAX_AGE_NS`].
+    pending_purged_ns: u64,
     stats: EngineStats,
     cap_rejected_reported: u64,
     /// Connections tracked since the engine started (ids also number unfollowed deaths).
@@ -430,6 +440,7 @@ impl Engine {
             pending: FastMap::default(),
             held: FastMap::default(),
             refused: FastMap::default(),
+            pending_purged_ns: 0,
             stats: EngineStats::default(),
             cap_rejected_reported: 0,
             opened: 0,
@@ -705,7 +716,7 @@ impl Engine {
         if let Some(conn) = self.conns.get_mut(&ev.sk) {
             note_addrs(conn, ev);
             conn.learn_process(Some(*process));
-        } else if let Some(p) = self.pending_slot(ev.sk) {
+        } else if let Some(p) = self.pending_slot(ev) {
             p.connect_process.get_or_insert(*process);
         }
     }
@@ -755,13 +766,20 @@ impl Engine {
         }
     }
 
-    /// The pending note for `sk`, created if there is room (a refusal counts against the cap).
-    fn pending_slot(&mut self, sk: u64) -> Option<&mut Pending> {
-        if self.pending.len() >= self.cap && !self.pending.contains_key(&sk) {
-            self.refuse(sk);
+    /// The pending note for `ev`'s socket, created if there is room (a refusal counts against the cap).
+    fn pending_slot(&mut self, ev: &Event) -> Option<&mut Pending> {
+        let full = |e: &Self| e.pending.len() >= e.cap && !e.pending.contains_key(&ev.sk);
+        if full(self) && ev.ts_ns.saturating_sub(self.pending_purged_ns) >= 1_000_000_000 {
+            self.pending_purged_ns = ev.ts_ns;
+            let (before, cutoff) = (self.pending.len(), ev.ts_ns.saturating_sub(PENDING_MAX_AGE_NS));
+            self.pending.retain(|_, p| p.since_ns >= cutoff);
+            self.stats.pending_expired += (before - self.pending.len()) as u64;
+        }
+        if full(self) {
+            self.refuse(ev.sk);
             return None;
         }
-        Some(self.pending.entry(sk).or_default())
+        Some(self.pending.entry(ev.sk).or_insert_with(|| Pending { since_ns: ev.ts_ns, ..Pending::default() }))
     }
 
     /// Starts tracking `sk` (not tracked now) and emits `Opened`; `None` when the cap refuses it.
@@ -903,7 +921,7 @@ impl Engine {
                 }
                 self.untrack(ev.sk, ev.ts_ns, UntrackReason::Reused, out);
                 if let Some(process) = process {
-                    if let Some(p) = self.pending_slot(ev.sk) {
+                    if let Some(p) = self.pending_slot(ev) {
                         p.connect_process = Some(process);
                     }
                 }
@@ -1029,7 +1047,7 @@ impl Engine {
         }
         if ev.addrs.is_none() || matches!(state, TcpState::Close | TcpState::SynSent) {
             // Before connect(): reported once the connection is established.
-            if let Some(p) = self.pending_slot(ev.sk) {
+            if let Some(p) = self.pending_slot(ev) {
                 p.option = Some((option, *process));
             }
             return;
@@ -1733,6 +1751,21 @@ mod tests {
         assert!(feed(&mut e, &[in_timer(ev(2 * S, A, EventBody::Error { errno: 104, state: TcpState::Established }))]).is_empty());
         feed(&mut e, &[keepalive_reset(2 * S, B)]);
         assert_eq!((e.held.len(), e.stats().unordered), (1, 3));
+    }
+
+    /// Notes about sockets not tracked (an option set before `connect()`) whose destruction was
+    /// missed do not fill the table for good: once full, notes older than ten minutes are
+    /// forgotten to make room; recent ones are kept.
+    #[test]
+    fn old_notes_of_sockets_not_tracked_make_room() {
+        let mut e = Engine::new(EngineConfig { max_connections: 2 });
+        let p = process(1, "p");
+        let note = |ts, sk| setsockopt(ts, sk, SockOpt::KeepAlive, 1, TcpState::Close, p);
+        feed(&mut e, &[note(S, 0x10), note(500 * S, 0x20), note(501 * S, 0x30)]);
+        assert_eq!((e.pending.len(), e.stats().cap_rejected, e.stats().pending_expired), (2, 1, 0));
+        feed(&mut e, &[note(602 * S, 0x40)]);
+        assert!(e.pending.contains_key(&0x20) && e.pending.contains_key(&0x40));
+        assert_eq!((e.pending.len(), e.stats().cap_rejected, e.stats().pending_expired), (2, 1, 1));
     }
 
     /// A connection the walk found gone while events of its last timer run were held: they are

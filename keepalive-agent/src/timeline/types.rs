@@ -529,6 +529,9 @@ pub struct EngineStats {
     pub opened: u64,
     /// Connections not tracked because the cap was reached, each once (see `Engine::refuse`).
     pub cap_rejected: u64,
+    /// Notes about sockets not tracked (an option set before `connect()`, an owner) forgotten
+    /// after ten minutes: their sockets' destruction was missed.
+    pub pending_expired: u64,
     /// Connections that ended with a `close` record.
     pub closed: u64,
     /// Connections that ended with an `untracked` record (close not seen, or no longer followed).
