@@ -421,10 +421,14 @@ fn preflight() -> Result<KernelFacts> {
     Ok(facts)
 }
 
-fn prepare(args: &AttachArgs) -> Result<(KernelFacts, Probes)> {
+fn prepare(args: &AttachArgs, only_netns: Option<u32>) -> Result<(KernelFacts, Probes)> {
     let mut facts = preflight()?;
     facts.offsets.snapshot_state_mask = snapshot_state_mask(&facts);
     facts.offsets.report_all_closes = u32::from(args.all_closes);
+    if let Some(ns) = only_netns {
+        facts.offsets.only_netns = ns;
+        info!("--netns: the kernel side sends only the events of network namespace {ns}");
+    }
     let opts = AttachOptions {
         ringbuf_bytes: args.ringbuf_size,
         cgroup: args.cgroup.clone(),
@@ -469,7 +473,8 @@ fn start(
     on_attached: &dyn Fn(&Probes),
 ) -> Result<Started> {
     let stop = stop_on_signals()?;
-    let (facts, mut probes) = prepare(args)?;
+    let only_netns = netns.map(netns_inode).transpose()?;
+    let (facts, mut probes) = prepare(args, only_netns)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
     // Start-up is over: keep only the capabilities later work needs (README.md, "Least privilege").
@@ -528,7 +533,7 @@ fn until(duration: Option<Duration>) -> Option<Instant> {
     duration.map(|d| Instant::now() + d)
 }
 
-fn netns_inode(path: &PathBuf) -> Result<u32> {
+fn netns_inode(path: &std::path::Path) -> Result<u32> {
     let md = std::fs::metadata(path).with_context(|| format!("--netns {}", path.display()))?;
     Ok(md.ino() as u32)
 }
@@ -537,7 +542,7 @@ fn trace(args: TraceArgs) -> Result<()> {
     let filter = Filter {
         pids: args.pid.clone(),
         ports: args.port.clone(),
-        netns: args.netns.as_ref().map(netns_inode).transpose()?,
+        netns: args.netns.as_deref().map(netns_inode).transpose()?,
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
         start(&args.attach, args.netns.as_deref(), args.max_connections, &|_| {})?;
@@ -581,7 +586,7 @@ const OUTPUT_BUFFER: usize = 1 << 20;
 
 fn run(args: RunArgs) -> Result<()> {
     let filter = Filter {
-        netns: args.netns.as_ref().map(netns_inode).transpose()?,
+        netns: args.netns.as_deref().map(netns_inode).transpose()?,
         ..Filter::default()
     };
     // TLS files are read here, before the capabilities that may be needed to read them are dropped.
@@ -796,7 +801,7 @@ fn audit(args: AuditArgs) -> Result<i32> {
 fn check(args: CheckArgs) -> Result<()> {
     println!("kernel: {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
     print_capabilities()?;
-    let (facts, probes) = match prepare(&args.attach) {
+    let (facts, probes) = match prepare(&args.attach, None) {
         Ok(v) => v,
         Err(e) => {
             println!("cannot run here: {e:#}");

@@ -235,6 +235,14 @@ pub struct Offsets {
     /// `tcp_sock.copied_seq`: the next sequence number the application reads (reading the end of
     /// stream counts the FIN).
     pub tp_copied_seq: Field,
+
+    // The namespace filter (`--netns`). Appended: the fields above keep their places.
+    /// Inode of the only network namespace whose events are sent (0: every namespace). Set by the
+    /// loader from `--netns`: events of other namespaces then cost no ring-buffer record and no
+    /// work in the agent.
+    pub only_netns: u32,
+    /// Explicit padding (keeps the layout free of implicit holes).
+    pub only_netns_pad: u32,
 }
 
 /// How long, in seconds, after a keep-alive-relevant socket was passively established (or the

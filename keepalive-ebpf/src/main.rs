@@ -211,6 +211,22 @@ macro_rules! off {
 }
 pub(crate) use off;
 
+/// Whether events of network namespace `netns` are sent: [`Offsets::only_netns`] (the agent's
+/// `--netns`) is 0 or `netns`.
+#[inline(always)]
+pub(crate) fn netns_wanted(netns: u32) -> bool {
+    let only = off!(only_netns);
+    only == 0 || only == netns
+}
+
+/// Whether the socket at `sk` is in a network namespace whose events are not sent (`--netns`);
+/// its namespace is read only while such a filter is set.
+#[inline(always)]
+pub(crate) fn netns_unwanted(sk: u64) -> bool {
+    let only = off!(only_netns);
+    only != 0 && read::rd(read::rd(sk, off!(skc_net)), off!(net_ns_inum)) as u32 != only
+}
+
 /// Submits a ring-buffer record, waking the agent when the pending data crosses a sixteenth of
 /// the ring, and again at each power of two above that (an eighth, a quarter, a half).
 ///

@@ -20,6 +20,9 @@ use crate::{
 /// Reserves a record, fills the socket part and lets `f` add the rest.
 #[inline(always)]
 pub fn emit(kind: EventKind, sk: u64, f: impl FnOnce(&mut RawEvent)) {
+    if crate::netns_unwanted(sk) {
+        return;
+    }
     let Some(mut entry) = reserve(kind) else { return };
     // SAFETY: a reserved RawEvent-sized ring buffer record.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
@@ -161,6 +164,9 @@ fn answers<M: Mem>(tp: u64, skb: u64) -> bool {
 /// while probes are out.
 #[inline(always)]
 fn emit_ack(sk: u64, probes: u8, netns: u32) {
+    if !crate::netns_wanted(netns) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<RawAck>(0) else {
         count_lost(EventKind::Ack as u8);
         return;
@@ -187,6 +193,9 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     let state = rd(sk, off!(skc_state)) as u32;
     if state == off!(tcp_time_wait) || state == off!(tcp_new_syn_recv) {
         // An inet_timewait_sock or a request_sock: only its sock_common part may be read.
+        if crate::netns_unwanted(sk) {
+            return 0;
+        }
         let Some(mut entry) = reserve(EventKind::ResetSent) else { return 0 };
         // SAFETY: a reserved RawEvent-sized ring buffer record.
         let ev = unsafe { &mut *entry.as_mut_ptr() };

@@ -66,6 +66,11 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     unsafe { core::ptr::write_volatile(&mut ev.sk, sk as u64) };
     let sk_addr = unsafe { core::ptr::read_volatile(&ev.sk) };
     fill_sockopt(ev, sk_addr, level, optname, value);
+    if !crate::netns_wanted(ev.netns) {
+        // `--netns`: another namespace (options are rare; the record is given back unsent).
+        entry.discard(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
+        return 1;
+    }
     crate::submit(entry);
     1
 }
@@ -86,6 +91,9 @@ pub fn fill_sockopt(ev: &mut RawEvent, sk: u64, level: i32, optname: i32, value:
 /// Sends a `Setsockopt` event for `sk`.
 #[inline(always)]
 pub fn emit_sockopt(sk: u64, level: i32, optname: i32, value: i32) {
+    if crate::netns_unwanted(sk) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(EventKind::Setsockopt as u8);
         return;

@@ -195,6 +195,9 @@ fn timer_leave_slot<M: Mem>(slot: &mut TimerScratch, timer: Option<u64>, timer_f
         }
     }
     slot.sk = 0;
+    if crate::netns_unwanted(sk) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(EventKind::Timer as u8);
         return;

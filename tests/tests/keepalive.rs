@@ -720,3 +720,33 @@ fn thousand_connections_no_lost_events() {
     let missing = counts.keys().filter(|k| !seen.contains_key(*k)).count();
     assert_eq!(missing, 0, "connections never reported");
 }
+
+/// `--netns` is applied in the kernel: forty keep-alive connections probing every second in another
+/// namespace (set up by this process, so the agent's setsockopt program sees their options too)
+/// reach neither the records nor the ring buffer (the stop line's count of kernel events stays far
+/// below their timer runs), while the connection in the agent's namespace is traced in full.
+#[test]
+fn other_namespaces_cost_no_kernel_events() {
+    use std::os::unix::fs::MetadataExt as _;
+    let env = Env::new();
+    let other = keepalive_tests::NetNs::new().unwrap();
+    let agent = Agent::start(&env, &[]);
+    let far = Server::start(&other, Family::V4, ServerMode::Echo).unwrap();
+    let far_clients: Vec<Client> =
+        (0..40).map(|_| Client::connect(&other, far.addr(), &Keepalive::new(1, 1, 3)).unwrap()).collect();
+    let server = Server::start(&env.ns, Family::V4, ServerMode::Echo).unwrap();
+    let client = Client::connect(&env.ns, server.addr(), &Keepalive::new(1, 1, 3)).unwrap();
+    std::thread::sleep(Duration::from_millis(4500));
+    let (events, stderr) = agent.stop_full();
+    drop(far_clients);
+    let own = of_conn(&events, client.local(), client.remote());
+    assert!(of_kind(&own, "probe").len() >= 2, "the own namespace's connection probed:\n{}", render(&own));
+    let inode = std::fs::metadata(env.ns.path()).unwrap().ino();
+    let foreign: Vec<&Value> = events.iter().filter(|e| u64_of(e, "netns").is_some_and(|n| n != inode)).collect();
+    assert!(foreign.is_empty(), "records of another namespace: {foreign:?}");
+    let stop = stderr.iter().find(|l| l.contains("stopped:")).unwrap_or_else(|| panic!("{}", stderr.join("\n")));
+    let kernel_events: u64 =
+        stop.split(" kernel events").next().and_then(|h| h.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("{stop}"));
+    // The other namespace alone: 40 options x 4, then 40 timer runs a second for 4 s, and their answers.
+    assert!(kernel_events < 80, "events of the other namespace reached the agent: {stop}");
+}
