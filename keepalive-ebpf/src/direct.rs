@@ -114,9 +114,9 @@ pub fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> i32 {
     let sk = func_arg(&ctx, 0);
     let arg = off!(active_reset_reason_arg);
-    let reason = (arg != 0).then(|| func_arg(&ctx, arg - 1) as u32);
+    let reason = if arg != 0 { func_arg(&ctx, arg - 1) as u32 } else { 0 };
     if sk != 0 {
-        emit_reset(sk, true, reason);
+        emit_reset(sk, true, arg != 0, reason);
     }
     0
 }
@@ -136,7 +136,7 @@ pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
         _ => 0,
     };
     if sk != 0 {
-        emit_reset(sk, true, has_reason.then_some(reason as u32));
+        emit_reset(sk, true, has_reason, reason as u32);
     }
     0
 }

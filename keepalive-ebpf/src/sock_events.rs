@@ -200,29 +200,31 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
         // SAFETY: a reserved RawEvent-sized ring buffer record.
         let ev = unsafe { &mut *entry.as_mut_ptr() };
         fill_common(ev, sk);
-        reset_fields(ev, false, has_reason.then_some(reason as u32));
+        reset_fields(ev, false, has_reason, reason as u32);
         crate::submit(entry);
         return 0;
     }
-    emit_reset(sk, skb == 0, has_reason.then_some(reason as u32));
+    emit_reset(sk, skb == 0, has_reason, reason as u32);
     0
 }
 
 #[inline(always)]
-fn reset_fields(ev: &mut RawEvent, active: bool, reason: Option<u32>) {
+fn reset_fields(ev: &mut RawEvent, active: bool, has_reason: bool, reason: u32) {
     if active {
         ev.flags |= FLAG_ACTIVE;
     }
-    if let Some(r) = reason {
+    if has_reason {
         ev.flags |= FLAG_HAS_REASON;
-        ev.reason = r;
+        ev.reason = reason;
     }
 }
 
-/// Sends a `ResetSent` event (shared by the tracepoint and the direct strategies).
+/// Sends a `ResetSent` event (shared by the tracepoint and the direct strategies); `reason` only
+/// when `has_reason`. (Not an `Option<u32>`: `None` leaves its payload undefined, and LLVM may
+/// spill that undefined register, which the verifier rejects: `R8 !read_ok`, seen on 6.1.)
 #[inline(always)]
-pub fn emit_reset(sk: u64, active: bool, reason: Option<u32>) {
-    emit(EventKind::ResetSent, sk, |ev| reset_fields(ev, active, reason));
+pub fn emit_reset(sk: u64, active: bool, has_reason: bool, reason: u32) {
+    emit(EventKind::ResetSent, sk, |ev| reset_fields(ev, active, has_reason, reason));
 }
 
 /// `tcp:tcp_receive_reset(sk)`: the peer reset the connection.
