@@ -469,12 +469,12 @@ struct Started {
 fn start(
     args: &AttachArgs,
     netns: Option<&std::path::Path>,
+    filter: &Filter,
     max_connections: usize,
     on_attached: &dyn Fn(&Probes),
 ) -> Result<Started> {
     let stop = stop_on_signals()?;
-    let only_netns = netns.map(netns_inode).transpose()?;
-    let (facts, mut probes) = prepare(args, only_netns)?;
+    let (facts, mut probes) = prepare(args, filter.netns)?;
     let snapshot = probes.snapshot(&attach::netns_paths(netns)).context("start-up snapshot")?;
     let snapshot = owners::attribute_snapshot(snapshot, std::path::Path::new("/proc"), attach::cgroup2_mount().as_deref());
     // Start-up is over: keep only the capabilities later work needs (README.md, "Least privilege").
@@ -498,7 +498,7 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
         warn!("lost {} kernel events in total: {}", summary.lost_total(), summary.loss_breakdown());
     }
     let stats = engine.stats();
-    let unreported = bound_notes(summary, &stats);
+    let unreported = stop_notes(summary, &stats);
     info!(
         "stopped: {} kernel events, {} records, {} lost ({}), {} decode errors; {} connections tracked ({} still open), {} refused by the cap; not followed: {} deaths, {} closes, {} resets{unreported}{extra}",
         summary.events,
@@ -517,7 +517,7 @@ fn report_stop(summary: &keepalive_agent::runtime::LoopSummary, engine: &Engine,
 
 /// The stop line's notes on probes only the kernel counted and on the bounds hit (README, "Bounds"),
 /// each "; …" and only when not zero.
-fn bound_notes(summary: &keepalive_agent::runtime::LoopSummary, stats: &keepalive_agent::timeline::EngineStats) -> String {
+fn stop_notes(summary: &keepalive_agent::runtime::LoopSummary, stats: &keepalive_agent::timeline::EngineStats) -> String {
     let notes = [
         (stats.unreported_probes, "probes seen only by the kernel's probe counter (their timer runs reached no record)"),
         (stats.unordered, "events handled out of order (hold for timer runs full)"),
@@ -545,7 +545,7 @@ fn trace(args: TraceArgs) -> Result<()> {
         netns: args.netns.as_deref().map(netns_inode).transpose()?,
     };
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections, &|_| {})?;
+        start(&args.attach, args.netns.as_deref(), &filter, args.max_connections, &|_| {})?;
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
@@ -616,7 +616,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     // Attaches, then drops this thread's capabilities to those later work needs.
     let Started { mut probes, decoder, mut engine, snapshot, stop } =
-        start(&args.attach, args.netns.as_deref(), args.max_connections, &attached)?;
+        start(&args.attach, args.netns.as_deref(), &filter, args.max_connections, &attached)?;
     let audit_thread = match &metrics {
         Some(m) if !args.audit_interval.is_zero() => start_periodic_audit(&args, m.clone(), stop.clone()),
         _ => None,

@@ -632,7 +632,10 @@ impl<'a> EventLoop<'a> {
             format!("{n} keep-alive probes were seen only by the kernel's probe counter: the timer runs that sent them reached no record (total {total})")
         });
         warn_on_growth(self.engine.stats().unordered, &mut st.reported.unordered, |n, total| {
-            format!("{n} events handled out of order: holding them until their timer run's event would have passed a bound (64 per socket, --max-connections sockets; total {total})")
+            format!(
+                "{n} events handled out of order: holding them until their timer run's event would have passed a bound ({} per socket, --max-connections sockets; total {total})",
+                crate::timeline::engine::MAX_HELD_PER_SOCKET
+            )
         });
         warn_on_growth(st.summary.held_full, &mut st.reported.held_full, |n, total| {
             format!("{n} times the records held for deaths' owner lookups reached {MAX_HELD}: the loop waited for the lookup instead of draining the ring buffer (total {total})")

@@ -190,7 +190,6 @@ impl LoopObserver for Recorder {
         let a = &mut store.agent;
         a.connections = [on as u64, off as u64];
         a.outstanding = outstanding;
-        a.cap_refused = stats.cap_rejected;
         a.bounds = BoundHits {
             max_connections: stats.cap_rejected,
             engine_hold: stats.unordered,
@@ -348,7 +347,7 @@ fn visit_agent(store: &Store, sink: &mut dyn FnMut(&Desc, &[Point])) {
     }
     sink(
         &desc("keepalive.agent.connections.refused", "{connection}", Kind::Counter, "Connections not followed because --max-connections was reached."),
-        &[point(&[], a.cap_refused)],
+        &[point(&[], a.bounds.max_connections)],
     );
     let hits: Vec<Point> = a.bounds.points().iter().map(|(b, n)| point(&[("keepalive.bound", b)], *n)).collect();
     sink(

@@ -273,7 +273,8 @@ pub struct Lost {
 /// then refused, reordered, waited for or left out is in [`BoundHits::points`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BoundHits {
-    /// Connections refused by `--max-connections` (each refusal).
+    /// Connections refused by `--max-connections`, each once (also
+    /// `keepalive.agent.connections.refused`).
     pub max_connections: u64,
     /// Events the engine handled out of order: holding them behind their timer run's event
     /// would have passed its bound (64 per socket, `--max-connections` sockets).
@@ -310,7 +311,6 @@ pub struct AgentValues {
     pub events: u64,
     pub decode_errors: u64,
     pub records: u64,
-    pub cap_refused: u64,
     pub bounds: BoundHits,
     pub lost: Lost,
     /// Followed connections with keep-alive on / off (only `TCP_USER_TIMEOUT`).

@@ -116,7 +116,7 @@ impl Default for EngineConfig {
 const RUN_GRACE_NS: u64 = 100_000_000;
 
 /// Most events held for one socket's timer run (the run's own, and those that overtook it).
-const MAX_HELD_PER_SOCKET: usize = 64;
+pub const MAX_HELD_PER_SOCKET: usize = 64;
 
 // Which fields of a connection's settings were actually learned (not guessed).
 const KNOWN_KEEPALIVE: u8 = 1 << 0;
@@ -699,9 +699,7 @@ impl Engine {
             }
             EventBody::Destroy => {
                 self.drop_pending(ev.sk);
-                if !self.refused.is_empty() {
-                    self.refused.remove(&ev.sk);
-                }
+                self.forget_refused(ev.sk);
                 self.untrack(ev.sk, ev.ts_ns, UntrackReason::Destroyed, out);
             }
             EventBody::Owner { process } => self.on_owner(ev, process),
@@ -766,6 +764,13 @@ impl Engine {
         }
     }
 
+    /// Forgets that `sk` was refused (it is tracked now, or destroyed).
+    fn forget_refused(&mut self, sk: u64) {
+        if !self.refused.is_empty() {
+            self.refused.remove(&sk);
+        }
+    }
+
     /// The pending note for `ev`'s socket, created if there is room (a refusal counts against the cap).
     fn pending_slot(&mut self, ev: &Event) -> Option<&mut Pending> {
         let full = |e: &Self| e.pending.len() >= e.cap && !e.pending.contains_key(&ev.sk);
@@ -796,9 +801,7 @@ impl Engine {
             self.refuse(ev.sk);
             return None;
         }
-        if !self.refused.is_empty() {
-            self.refused.remove(&ev.sk);
-        }
+        self.forget_refused(ev.sk);
         self.opened += 1;
         let view = self.new_view(ev, process);
         let conn = self.conns.insert(Conn {
